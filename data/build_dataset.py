@@ -1,0 +1,421 @@
+"""Build a challenge-format dataset (sentencepiece BPE tokenizer + token shards) from raw text.
+
+Input is JSON lines (plain .jsonl, or xz-compressed .jsonl.xz) with each document's text under
+"text". The output matches what the challenge publishes and what train_gpt.py reads:
+
+* a sentencepiece BPE tokenizer with the challenge's settings (byte fallback, split digits, nmt_nfkc,
+  no dummy prefix, ids pad 0 / bos 1 / eos 2 / unk 3, so byte b is id 4 + b), written as
+  <tokenizer-prefix>.model and <tokenizer-prefix>.vocab;
+* shards fineweb_val_000000.bin, ... and fineweb_train_000000.bin, ... (see data/shards.py), where
+  every document is BOS followed by its tokens, with no EOS.
+
+Validation is either the first --val-docs documents of --input, or the whole of --val-input.
+The tokenizer is trained on a bounded, seeded sample of the training documents only: the
+challenge forbids any use of validation data for training, and the tokenizer is part of the model.
+
+The whole input is held in memory; use --max-train-docs to cap very large inputs.
+
+Run:
+    python data/synthetic_text.py --docs 3000 --seed 0 --out /tmp/syn.jsonl
+    python data/build_dataset.py --input /tmp/syn.jsonl --val-docs 300 --vocab-size 1024 \\
+        --output-dir /tmp/ds --tokenizer-prefix /tmp/tok/test_1024_bpe
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import lzma
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+if __package__ in (None, ""):
+    # Run as a script (python data/build_dataset.py): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.shards import MAX_TOKEN_ID, shard_filename, write_shard  # noqa: E402
+
+DATA_DIR = Path(__file__).resolve().parent
+DEFAULT_VOCAB_SIZE = 1024
+DEFAULT_SHARD_TOKENS = 100_000_000
+# Enough text for a good 1024..8192-piece BPE while keeping the trainer's memory and time modest.
+DEFAULT_TOKENIZER_TRAIN_CHARS = 50_000_000
+DEFAULT_SEED = 1337
+# The trainer silently drops sentences longer than max_sentence_length bytes, so documents are cut
+# to this many characters and the limit is set to their worst-case UTF-8 size.
+TRAINER_MAX_DOC_CHARS = 16_384
+UTF8_MAX_BYTES_PER_CHAR = 4
+ENCODE_BATCH_DOCS = 1024
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+BYTE_FALLBACK_OFFSET = 4  # byte b is token id BYTE_FALLBACK_OFFSET + b
+TOKENIZER_SETTINGS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="nmt_nfkc",
+    add_dummy_prefix=False,
+    character_coverage=0.999,
+    pad_id=PAD_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    unk_id=UNK_ID,
+)
+SP_LOG_WARNINGS_ONLY = 1
+
+VOCAB_TOO_HIGH_RE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+VOCAB_TOO_SMALL_RE = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+def default_output_dir(vocab_size: int) -> Path:
+    return DATA_DIR / "datasets" / f"fineweb10B_sp{vocab_size}"
+
+
+def default_tokenizer_prefix(vocab_size: int) -> Path:
+    return DATA_DIR / "tokenizers" / f"fineweb_{vocab_size}_bpe"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading documents
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    return path.open("r", encoding="utf-8")
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: line is not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or "text" not in record:
+        raise ValueError(f'{path}:{lineno}: JSON object has no "text" field')
+    if not isinstance(record["text"], str):
+        raise ValueError(f'{path}:{lineno}: "text" is not a string')
+    return record["text"]
+
+
+def read_documents(path: str | os.PathLike, limit: int | None = None) -> list[str]:
+    """Texts of a .jsonl or .jsonl.xz file, in order; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    texts: list[str] = []
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, start=1):
+                if limit is not None and len(texts) >= limit:
+                    break
+                if line.strip():
+                    texts.append(_parse_line(path, lineno, line))
+    except lzma.LZMAError as e:
+        raise ValueError(f"{path}: not a valid xz file ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer_training_sample(train_texts: Sequence[str], max_chars: int, seed: int) -> list[str]:
+    """A seeded random sample of training documents holding at most max_chars characters."""
+    order = list(range(len(train_texts)))
+    random.Random(seed).shuffle(order)
+    sample, n_chars = [], 0
+    for i in order:
+        text = train_texts[i].replace("\x00", " ").strip()[:TRAINER_MAX_DOC_CHARS]
+        if not text:
+            continue
+        if n_chars + len(text) > max_chars:
+            text = text[: max_chars - n_chars]
+        if text:
+            sample.append(text)
+            n_chars += len(text)
+        if n_chars >= max_chars:
+            break
+    return sample
+
+
+def _explain_trainer_error(err: RuntimeError, vocab_size: int) -> ValueError:
+    message = str(err)
+    too_high = VOCAB_TOO_HIGH_RE.search(message)
+    if too_high:
+        return ValueError(
+            f"vocab_size {vocab_size} is too large for the tokenizer training text: sentencepiece "
+            f"can build at most {too_high.group(2)} pieces from it. Use a smaller --vocab-size, or "
+            f"give the trainer more text (more documents, a larger --tokenizer-train-chars)."
+        )
+    too_small = VOCAB_TOO_SMALL_RE.search(message)
+    if too_small:
+        return ValueError(
+            f"vocab_size {vocab_size} is too small: the training text needs {too_small.group(2)} "
+            f"pieces just for special tokens, byte fallback and its characters. Use a larger --vocab-size."
+        )
+    return ValueError(f"sentencepiece failed to train a vocab_size={vocab_size} tokenizer: {message}")
+
+
+def train_tokenizer(texts: Sequence[str], prefix: str | os.PathLike, vocab_size: int) -> Path:
+    """Train the challenge-style BPE tokenizer on texts; returns the .model path."""
+    if not texts:
+        raise ValueError("no training text for the tokenizer (all training documents are empty)")
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_prefix=str(prefix),
+            vocab_size=vocab_size,
+            max_sentence_length=TRAINER_MAX_DOC_CHARS * UTF8_MAX_BYTES_PER_CHAR,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=SP_LOG_WARNINGS_ONLY,
+            **TOKENIZER_SETTINGS,
+        )
+    except RuntimeError as e:
+        raise _explain_trainer_error(e, vocab_size) from None
+    return prefix.with_name(prefix.name + ".model")
+
+
+def check_tokenizer_layout(sp: spm.SentencePieceProcessor, vocab_size: int) -> None:
+    """Fail loudly if the trained model does not have the id layout train_gpt.py relies on."""
+    layout = (sp.vocab_size(), sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.piece_to_id("<0x00>"))
+    expected = (vocab_size, PAD_ID, BOS_ID, EOS_ID, UNK_ID, BYTE_FALLBACK_OFFSET)
+    if layout != expected:
+        raise RuntimeError(f"tokenizer layout (vocab, pad, bos, eos, unk, byte 0) is {layout}, expected {expected}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding and sharding
+
+
+class ShardWriter:
+    """Accumulates token arrays and writes them as fixed-size shards of one split.
+
+    Documents may straddle shard boundaries, as in the challenge's own export: the trainer reads
+    the shards as one continuous stream.
+    """
+
+    def __init__(self, output_dir: Path, split: str, shard_tokens: int):
+        self.output_dir, self.split, self.shard_tokens = output_dir, split, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+        self.files: list[Path] = []
+        self.n_tokens = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.n_pending += tokens.size
+        self.n_tokens += tokens.size
+        while self.n_pending >= self.shard_tokens:
+            self._write(self.shard_tokens)
+
+    def close(self) -> list[Path]:
+        if self.n_pending:
+            self._write(self.n_pending)
+        return self.files
+
+    def _write(self, n: int) -> None:
+        data = np.concatenate(self.pending)
+        path = self.output_dir / shard_filename(self.split, len(self.files))
+        write_shard(path, data[:n])
+        self.files.append(path)
+        rest = data[n:]
+        self.pending = [rest] if rest.size else []
+        self.n_pending = rest.size
+
+
+def _docs_to_tokens(encoded: list[list[int]]) -> np.ndarray:
+    total = sum(len(ids) + 1 for ids in encoded)
+    flat = itertools.chain.from_iterable(itertools.chain((BOS_ID,), ids) for ids in encoded)
+    return np.fromiter(flat, dtype=np.int64, count=total)
+
+
+def encode_split(
+    sp: spm.SentencePieceProcessor,
+    texts: Sequence[str],
+    writer: ShardWriter,
+    token_counts: np.ndarray,
+    progress: bool,
+) -> list[Path]:
+    """Encode texts (BOS + tokens per document) into writer's shards; updates token_counts."""
+    with tqdm(total=len(texts), unit="doc", desc=f"encode {writer.split}", disable=not progress) as bar:
+        for start in range(0, len(texts), ENCODE_BATCH_DOCS):
+            batch = list(texts[start : start + ENCODE_BATCH_DOCS])
+            encoded = sp.encode(batch, out_type=int, num_threads=os.cpu_count() or 1)
+            tokens = _docs_to_tokens(encoded)
+            token_counts += np.bincount(tokens, minlength=token_counts.size)
+            writer.add(tokens.astype(np.uint16))
+            bar.update(len(batch))
+    return writer.close()
+
+
+def _remove_stale_shards(output_dir: Path) -> list[Path]:
+    # Leftover shards from an earlier, larger build would silently join this one's stream.
+    stale = sorted(output_dir.glob("fineweb_train_*.bin")) + sorted(output_dir.glob("fineweb_val_*.bin"))
+    for path in stale:
+        path.unlink()
+    return stale
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def build_dataset(
+    train_texts: Sequence[str],
+    val_texts: Sequence[str],
+    output_dir: str | os.PathLike,
+    tokenizer_prefix: str | os.PathLike,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    tokenizer_train_chars: int = DEFAULT_TOKENIZER_TRAIN_CHARS,
+    seed: int = DEFAULT_SEED,
+    progress: bool = False,
+) -> dict:
+    """Train the tokenizer on a sample of train_texts, then shard both splits.
+
+    Returns a dict with the tokenizer paths, the shard paths per split, document and token counts
+    per split, and how many distinct token ids the shards use.
+    """
+    if not 0 < vocab_size <= MAX_TOKEN_ID + 1:
+        raise ValueError(f"vocab_size must be in [1, {MAX_TOKEN_ID + 1}] to fit uint16 shards, got {vocab_size}")
+    if shard_tokens <= 0 or tokenizer_train_chars <= 0:
+        raise ValueError("shard_tokens and tokenizer_train_chars must be positive")
+    if not train_texts:
+        raise ValueError("no training documents")
+    if not val_texts:
+        raise ValueError("no validation documents")
+    output_dir = Path(output_dir)
+
+    sample = tokenizer_training_sample(train_texts, tokenizer_train_chars, seed)
+    model_path = train_tokenizer(sample, tokenizer_prefix, vocab_size)
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    check_tokenizer_layout(sp, vocab_size)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    removed = _remove_stale_shards(output_dir)
+    token_counts = np.zeros(vocab_size, dtype=np.int64)
+    files = {}
+    for split, texts in (("val", val_texts), ("train", train_texts)):
+        writer = ShardWriter(output_dir, split, shard_tokens)
+        files[split] = encode_split(sp, texts, writer, token_counts, progress)
+        files[f"{split}_tokens"] = writer.n_tokens
+
+    return {
+        "tokenizer_model": model_path,
+        "tokenizer_vocab": model_path.with_suffix(".vocab"),
+        "output_dir": output_dir,
+        "vocab_size": vocab_size,
+        "train_files": files["train"],
+        "val_files": files["val"],
+        "train_docs": len(train_texts),
+        "val_docs": len(val_texts),
+        "train_tokens": files["train_tokens"],
+        "val_tokens": files["val_tokens"],
+        "tokenizer_train_docs": len(sample),
+        "tokenizer_train_chars": sum(len(t) for t in sample),
+        "distinct_tokens": int(np.count_nonzero(token_counts)),
+        "stale_files_removed": removed,
+    }
+
+
+def split_documents(
+    input_path: Path, val_docs: int | None, val_input: Path | None, max_train_docs: int | None
+) -> tuple[list[str], list[str]]:
+    """(train, val) texts: val is the first val_docs of input_path, or all of val_input."""
+    if val_input is not None:
+        val = read_documents(val_input)
+        train = read_documents(input_path, limit=max_train_docs)
+    else:
+        limit = None if max_train_docs is None else val_docs + max_train_docs
+        docs = read_documents(input_path, limit=limit)
+        if len(docs) <= val_docs:
+            raise ValueError(
+                f"{input_path} has {len(docs)} documents; --val-docs {val_docs} leaves none for training"
+            )
+        val, train = docs[:val_docs], docs[val_docs:]
+    return train, val
+
+
+def format_summary(result: dict, seconds: float) -> str:
+    lines = [
+        f"tokenizer: {result['tokenizer_model']} (+ .vocab), vocab {result['vocab_size']}, trained on "
+        f"{result['tokenizer_train_docs']:,} train docs / {result['tokenizer_train_chars']:,} chars",
+        f"val:   {result['val_docs']:,} docs, {result['val_tokens']:,} tokens, {len(result['val_files'])} file(s)",
+        f"train: {result['train_docs']:,} docs, {result['train_tokens']:,} tokens, {len(result['train_files'])} file(s)",
+        f"distinct token ids used: {result['distinct_tokens']} of {result['vocab_size']}",
+    ]
+    if result["stale_files_removed"]:
+        lines.append(f"removed {len(result['stale_files_removed'])} stale shard(s) from an earlier build")
+    lines.append("files written:")
+    for path in [result["tokenizer_model"], result["tokenizer_vocab"], *result["val_files"], *result["train_files"]]:
+        lines.append(f"  {path}")
+    lines.append(f"done in {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train a challenge-style sentencepiece BPE tokenizer and write challenge-format shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", type=Path, required=True, help="documents, .jsonl or .jsonl.xz, text under \"text\"")
+    val = parser.add_mutually_exclusive_group(required=True)
+    val.add_argument("--val-docs", type=int, help="use the first K documents of --input as validation")
+    val.add_argument("--val-input", type=Path, help="use this whole file as validation (all of --input is train)")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="shard directory (default data/datasets/fineweb10B_sp<V>)")
+    parser.add_argument("--tokenizer-prefix", type=Path, default=None,
+                        help="tokenizer path without extension (default data/tokenizers/fineweb_<V>_bpe)")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
+    parser.add_argument("--max-train-docs", type=int, default=None,
+                        help="use at most this many training documents (for shards and the tokenizer)")
+    parser.add_argument("--tokenizer-train-chars", type=int, default=DEFAULT_TOKENIZER_TRAIN_CHARS,
+                        help="cap on characters of training documents fed to the tokenizer trainer")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the tokenizer's document sample")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    if args.val_docs is not None and args.val_docs <= 0:
+        parser.error("--val-docs must be positive")
+    if args.max_train_docs is not None and args.max_train_docs <= 0:
+        parser.error("--max-train-docs must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.time()
+    try:
+        train, val = split_documents(args.input, args.val_docs, args.val_input, args.max_train_docs)
+        result = build_dataset(
+            train,
+            val,
+            output_dir=args.output_dir or default_output_dir(args.vocab_size),
+            tokenizer_prefix=args.tokenizer_prefix or default_tokenizer_prefix(args.vocab_size),
+            vocab_size=args.vocab_size,
+            shard_tokens=args.shard_tokens,
+            tokenizer_train_chars=args.tokenizer_train_chars,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(format_summary(result, time.time() - started))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole pipeline on a dataset made here, no download, no GPU needed: synthetic English-like
+# text -> 1024-piece sentencepiece BPE -> challenge-format shards -> train_gpt.py with a small model
+# (train, int8 quantize, compress, reload, sliding-window eval). About 2 minutes on 2 CPU cores.
+#
+#   bash scripts/quickstart.sh
+#
+# Any train_gpt.py variable set in the environment overrides the small configuration below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QS_DIR=${QS_DIR:-quickstart}
+QS_DOCS=${QS_DOCS:-3000}
+
+python3 data/synthetic_text.py --docs "$QS_DOCS" --seed 0 --out "$QS_DIR/synthetic.jsonl"
+python3 data/build_dataset.py --input "$QS_DIR/synthetic.jsonl" --val-docs 200 --vocab-size 1024 \
+    --output-dir "$QS_DIR/datasets/synthetic_sp1024" --tokenizer-prefix "$QS_DIR/tokenizers/synthetic_1024_bpe"
+
+export DATA_PATH=${DATA_PATH:-$QS_DIR/datasets/synthetic_sp1024}
+export TOKENIZER_PATH=${TOKENIZER_PATH:-$QS_DIR/tokenizers/synthetic_1024_bpe.model}
+export OUT_DIR=${OUT_DIR:-$QS_DIR/logs}
+export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2}
+export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-16384}
+export ITERATIONS=${ITERATIONS:-400} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-60} WARMUP_STEPS=${WARMUP_STEPS:-0}
+export VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0} TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25}
+export EVAL_SEQ_LEN=${EVAL_SEQ_LEN:-256} EVAL_STRIDE=${EVAL_STRIDE:-64} VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-16384}
+python3 train_gpt.py

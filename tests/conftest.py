@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny dataset the tests make themselves, and a tiny training configuration."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY_VOCAB = 384
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """Synthetic English-like text -> sentencepiece BPE (challenge settings) -> challenge shards.
+
+    Returns build_dataset's result plus the raw validation texts.
+    """
+    from data.build_dataset import build_dataset
+    from data.synthetic_text import generate_documents
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    docs = generate_documents(360, seed=0)
+    val, train = docs[:40], docs[40:]
+    result = build_dataset(train, val, root / "ds", root / "tok" / "tiny_bpe", vocab_size=TINY_VOCAB,
+                           shard_tokens=60_000)
+    result["val_texts"] = val
+    return result
+
+
+def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:
+    """Environment for a run of train_gpt.py that takes seconds on a CPU."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in _HPARAM_NAMES}
+    env.update(
+        DATA_PATH=str(data["output_dir"]), TOKENIZER_PATH=str(data["tokenizer_model"]),
+        VOCAB_SIZE=str(TINY_VOCAB), NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2",
+        MLP_MULT="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS=str(64 * 16), ITERATIONS="12",
+        MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="1", VAL_LOSS_EVERY="6", TRAIN_LOG_EVERY="1",
+        EVAL_SEQ_LEN="64", EVAL_STRIDE="16", VAL_BATCH_SIZE="1024", OUT_DIR=str(out_dir), RUN_ID="tiny",
+        SEED="1337", OMP_NUM_THREADS="1",
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def _hparam_names() -> set[str]:
+    import dataclasses
+
+    import train_gpt
+    return {f.name.upper() for f in dataclasses.fields(train_gpt.Hyperparameters)}
+
+
+_HPARAM_NAMES = _hparam_names()

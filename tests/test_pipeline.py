@@ -1,0 +1,95 @@
+"""The whole pipeline on CPU: train, quantize, compress, reload, sliding-window eval; same seed same
+run; one process and two gloo processes give the same losses for the same global batch."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import train_gpt as tg
+from conftest import ROOT, tiny_env
+
+FINAL = re.compile(r"^(final_\w+) val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})", re.M)
+TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\d+\.\d+)", re.M)
+VAL = re.compile(r"^step:(\d+)/\d+ val_loss:(\d+\.\d+) val_bpb:(\d+\.\d+)", re.M)
+
+
+def run_in_process(env: dict) -> str:
+    tg.main(env)
+    return open(os.path.join(env["OUT_DIR"], f"{env['RUN_ID']}.txt"), encoding="utf-8").read()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    env = tiny_env(tiny_data, out)
+    return env, run_in_process(env)
+
+
+def test_pipeline_runs_end_to_end(tiny_run):
+    env, log = tiny_run
+    finals = {m[0]: (float(m[1]), float(m[2])) for m in FINAL.findall(log)}
+    assert set(finals) == {"final_float_exact", "final_roundtrip_exact", "final_sliding_window_exact"}
+    artifact = os.path.join(env["OUT_DIR"], "tiny.ptz")
+    assert os.path.getsize(artifact) > 0
+    sizes = dict(re.findall(r"(bytes_\w+):(\d+)", log))
+    assert int(sizes["bytes_model"]) == os.path.getsize(artifact)
+    assert int(sizes["bytes_code"]) == len((ROOT / "train_gpt.py").read_bytes())
+    assert int(sizes["bytes_total"]) == int(sizes["bytes_code"]) + int(sizes["bytes_model"])
+    # The run learned something, and int8 costs little.
+    vals = VAL.findall(log)
+    assert float(vals[-1][2]) < float(vals[0][2]) - 0.5
+    assert abs(finals["final_roundtrip_exact"][1] - finals["final_float_exact"][1]) < 0.05
+
+
+def test_log_is_a_contract(tiny_run):
+    env, log = tiny_run
+    assert log.startswith("=" * 40 + " source: train_gpt.py")
+    assert (ROOT / "train_gpt.py").read_text() in log
+    for f in ("num_layers:2", "model_dim:32", "seed:1337", "run_id:tiny", "eval_stride:16"):
+        assert f"hparam {f}\n" in log
+    assert "attention_backend:sdpa" in log and "compile:off reason:cpu run" in log
+    assert re.search(r"^versions python:\S+ torch:\S+", log, re.M)
+    assert re.search(r"^step:12/12 train_loss:\S+ lr_mult:\S+ train_time:\d+ms step_avg:\S+ms$", log, re.M)
+
+
+def test_same_seed_same_run(tiny_data, tmp_path, tiny_run):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="again")
+    log = run_in_process(env)
+    assert TRAIN.findall(log) == TRAIN.findall(tiny_run[1])
+    assert FINAL.findall(log) == FINAL.findall(tiny_run[1])
+
+
+def test_other_seed_other_run(tiny_data, tmp_path, tiny_run):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="other", SEED="7", ITERATIONS="3", VAL_LOSS_EVERY="0")
+    log = run_in_process(env)
+    assert TRAIN.findall(log)[:3] != TRAIN.findall(tiny_run[1])[:3]
+
+
+def test_wallclock_cap_stops_the_run(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="capped", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="0.5",
+                   VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0")
+    log = run_in_process(env)
+    stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", log, re.M)
+    assert stop and int(stop[2]) < 100000 and int(stop[1]) >= 500
+    assert "final_sliding_window_exact" in log
+
+
+def test_two_gloo_processes_match_one(tiny_data, tmp_path, tiny_run):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_gpt.py")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "ddp.txt").read_text()
+    assert "runtime world_size:2 grad_accum_steps:4" in log
+    one, two = TRAIN.findall(tiny_run[1]), TRAIN.findall(log)
+    assert [s for s, _ in one] == [s for s, _ in two]
+    for (_, a), (_, b) in zip(one, two):
+        assert abs(float(a) - float(b)) <= 2e-4  # printed with 4 decimals
+    for (name, la, ba), (_, lb, bb) in zip(FINAL.findall(tiny_run[1]), FINAL.findall(log)):
+        assert abs(float(la) - float(lb)) < 1e-4 and abs(float(ba) - float(bb)) < 1e-4, name

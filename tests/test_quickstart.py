@@ -1,0 +1,21 @@
+"""The README's quick-start command runs the whole pipeline (here with an even smaller model)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from conftest import ROOT
+
+
+def test_quickstart_script_runs_the_pipeline(tmp_path):
+    env = dict(os.environ, QS_DIR=str(tmp_path), QS_DOCS="400", NUM_LAYERS="1", MODEL_DIM="32",
+               TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="3", EVAL_SEQ_LEN="64",
+               EVAL_STRIDE="32", RUN_ID="qs", OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (tmp_path / "logs" / "qs.txt").read_text()
+    assert re.search(r"^final_sliding_window_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}", log, re.M)
+    assert (tmp_path / "logs" / "qs.ptz").exists()

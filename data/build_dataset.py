@@ -333,21 +333,21 @@ def build_dataset(
 
 
 def split_documents(
-    input_path: Path, val_docs: int | None, val_input: Path | None, max_train_docs: int | None
+    input_paths: Sequence[Path], val_docs: int | None, val_input: Path | None, max_train_docs: int | None
 ) -> tuple[list[str], list[str]]:
-    """(train, val) texts: val is the first val_docs of input_path, or all of val_input."""
+    """(train, val) texts: the inputs are read in order as one document list; val is its first
+    val_docs documents, or all of val_input."""
+    docs: list[str] = []
+    for path in input_paths:
+        docs += read_documents(path)
     if val_input is not None:
-        val = read_documents(val_input)
-        train = read_documents(input_path, limit=max_train_docs)
+        val, train = read_documents(val_input), docs
     else:
-        limit = None if max_train_docs is None else val_docs + max_train_docs
-        docs = read_documents(input_path, limit=limit)
         if len(docs) <= val_docs:
-            raise ValueError(
-                f"{input_path} has {len(docs)} documents; --val-docs {val_docs} leaves none for training"
-            )
+            names = ", ".join(map(str, input_paths))
+            raise ValueError(f"{names} has {len(docs)} documents; --val-docs {val_docs} leaves none for training")
         val, train = docs[:val_docs], docs[val_docs:]
-    return train, val
+    return (train if max_train_docs is None else train[:max_train_docs]), val
 
 
 def format_summary(result: dict, seconds: float) -> str:
@@ -372,7 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train a challenge-style sentencepiece BPE tokenizer and write challenge-format shards.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--input", type=Path, required=True, help="documents, .jsonl or .jsonl.xz, text under \"text\"")
+    parser.add_argument("--input", type=Path, nargs="+", required=True,
+                        help="documents, .jsonl or .jsonl.xz, text under \"text\"; several files are read in order")
     val = parser.add_mutually_exclusive_group(required=True)
     val.add_argument("--val-docs", type=int, help="use the first K documents of --input as validation")
     val.add_argument("--val-input", type=Path, help="use this whole file as validation (all of --input is train)")

@@ -172,10 +172,19 @@ def test_cli_val_input_is_a_separate_whole_file(tmp_path):
     train_docs, val_docs = generate_documents(150, seed=1), generate_documents(15, seed=2)
     src = write_jsonl(tmp_path / "train.jsonl", train_docs)
     val_src = write_jsonl(tmp_path / "val.jsonl", val_docs)
-    train, val = bd.split_documents(src, None, val_src, None)
+    train, val = bd.split_documents([src], None, val_src, None)
     assert (train, val) == (train_docs, val_docs)
-    train, _ = bd.split_documents(src, None, val_src, max_train_docs=10)
+    train, _ = bd.split_documents([src], None, val_src, max_train_docs=10)
     assert train == train_docs[:10]
+
+
+def test_several_inputs_are_read_in_order(tmp_path):
+    first, second = generate_documents(30, seed=1), generate_documents(20, seed=2)
+    paths = [write_jsonl(tmp_path / "a.jsonl", first), write_jsonl(tmp_path / "b.jsonl", second)]
+    train, val = bd.split_documents(paths, 10, None, None)
+    assert val == first[:10] and train == first[10:] + second
+    train, _ = bd.split_documents(paths, 10, None, max_train_docs=25)
+    assert train == (first[10:] + second)[:25]
 
 
 def test_xz_input_is_read_like_plain_jsonl(tmp_path):
@@ -226,7 +235,7 @@ def test_error_when_vocab_is_too_large_for_the_text(tmp_path):
 def test_error_when_val_docs_leave_no_training_docs(tmp_path):
     src = write_jsonl(tmp_path / "few.jsonl", ["a", "b"])
     with pytest.raises(ValueError, match="leaves none for training"):
-        bd.split_documents(src, 2, None, None)
+        bd.split_documents([src], 2, None, None)
 
 
 def test_synthetic_text_is_learnable_beyond_unigram(built):

@@ -103,7 +103,7 @@ class Hyperparameters:
     quant_target_bytes: int = _hp(0, lo=0, hi=ARTIFACT_CAP_BYTES)  # 0: off; else demote tensors to fit
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
     compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli"))  # auto: smallest of all
-    byte_shuffle: bool = _hp(True)  # even-offset bytes, then odd-offset bytes, before compression
+    byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
     gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)
     gptq_calib_seqs: int = _hp(512, lo=1, hi=10**6)  # training sequences of TRAIN_SEQ_LEN, all ranks
     gptq_damp: float = _hp(0.01, lo=1e-6, hi=10.0)  # added to diag(H), as a fraction of its mean
@@ -658,8 +658,8 @@ def row_quantiles(a: Tensor, quantiles: tuple[float, ...]) -> Tensor:
     """[len(quantiles), rows] quantiles of each row of a, linearly interpolated (torch.quantile has a
     size limit that large embeddings exceed)."""
     s = a.sort(dim=1).values
-    pos = torch.tensor(quantiles, dtype=torch.float64) * (a.size(1) - 1)
-    lo, frac = pos.floor().long(), (pos - pos.floor()).to(a.dtype).to(a.device)
+    pos = torch.tensor(quantiles, dtype=torch.float64, device=a.device) * (a.size(1) - 1)
+    lo, frac = pos.floor().long(), (pos - pos.floor()).to(a.dtype)
     hi = (lo + 1).clamp_max(a.size(1) - 1)
     return s[:, lo].T * (1 - frac[:, None]) + s[:, hi].T * frac[:, None]
 
@@ -827,7 +827,8 @@ def collect_hessians(model: nn.Module, batches, names, autocast=contextlib.nullc
     def accumulate(h: Tensor):
         def hook(module, args, output):
             x = args[0].reshape(-1, args[0].size(-1)).float()
-            h.addmm_(x.T, x)
+            with torch.autocast(x.device.type, enabled=False):  # the sum stays fp32, whatever the forward
+                h.addmm_(x.T, x)
         return hook
 
     for mod_name, module in model.named_modules():
@@ -939,7 +940,8 @@ def unpack6(b: np.ndarray, count: int) -> np.ndarray:
 
 def byte_shuffle(b: bytes) -> bytes:
     """Even-offset bytes, then odd-offset bytes: the low and high bytes of fp16 values each end up
-    together, which the coders model better than the interleaved pairs."""
+    together, which the coders model better than the interleaved pairs. Applied to the 2-byte values
+    only (scales, fp16 tensors): on the 1-byte levels it just splits rows and costs zstd ~1%."""
     a = np.frombuffer(b, np.uint8)
     return np.concatenate([a[0::2], a[1::2]]).tobytes()
 
@@ -960,10 +962,11 @@ def tensor_from_bytes(b: bytes, dtype: torch.dtype, shape) -> Tensor:
     return torch.frombuffer(bytearray(b), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-def encode_payload(packed: dict[str, dict], storage: str) -> tuple[bytes, bytes]:
-    """(manifest JSON, tensor bytes). Parts are grouped by kind (all integer levels, then all fp16
-    scales, then passthrough data) so similar bytes sit together for the coder; the manifest records
-    each part's byte range, so the reader follows it and never relies on this order."""
+def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
+    """(manifest, tensor bytes). Parts are grouped by kind (all integer levels, then all fp16 scales,
+    then passthrough data) so similar bytes sit together for the coder; the manifest records each
+    part's byte range, so the reader follows it and never relies on this order, and where the levels
+    end ("levels_bytes"): the byte shuffle applies to what follows."""
     manifest, parts = [], {"q": [], "scale": [], "data": []}
     for name, e in packed.items():
         item = {"name": name, "kind": e["kind"], "shape": e["shape"], "dtype": e["dtype"], "parts": {}}
@@ -981,7 +984,8 @@ def encode_payload(packed: dict[str, dict], storage: str) -> tuple[bytes, bytes]
         item["parts"][role] = [offset, len(b)]
         offset += len(b)
         chunks.append(b)
-    return json.dumps({"format_version": ARTIFACT_FORMAT_VERSION, "tensors": manifest}).encode(), b"".join(chunks)
+    levels_bytes = sum(len(b) for _, _, b in parts["q"])
+    return {"format_version": ARTIFACT_FORMAT_VERSION, "levels_bytes": levels_bytes, "tensors": manifest}, b"".join(chunks)
 
 
 def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
@@ -1024,7 +1028,10 @@ def compress(raw: bytes, compressor: str, log=None) -> tuple[int, bytes]:
 def serialize_artifact(packed: dict[str, dict], compressor: str = "auto", shuffle: bool = True,
                        storage: str = "byte", log=None) -> bytes:
     manifest, data = encode_payload(packed, storage)
-    payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + (byte_shuffle(data) if shuffle else data)
+    if shuffle:
+        data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
+    manifest = json.dumps(manifest).encode()
+    payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + data
     codec_id, body = compress(payload, compressor, log)
     header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle), zlib.crc32(payload))
     return header + body
@@ -1051,7 +1058,9 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> dict[str, dict
     (size,) = _MANIFEST_LEN.unpack_from(payload)
     manifest = json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size])
     data = payload[_MANIFEST_LEN.size + size:]
-    return decode_payload(manifest, byte_unshuffle(data) if shuffle else data, source)
+    if shuffle:
+        data = data[:manifest["levels_bytes"]] + byte_unshuffle(data[manifest["levels_bytes"]:])
+    return decode_payload(manifest, data, source)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -1312,7 +1321,7 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
     log(f"runtime world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} "
         f"autocast:{'bf16' if rt.device.type == 'cuda' else 'off(fp32)'} ns_dtype:{rt.ns_dtype}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__}")
+        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)
     log("env " + " ".join(f"{k}:{env[k]}" for k in sorted(names) if k in env))
     if rt.device.type == "cuda":
@@ -1359,6 +1368,17 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
     return loss, bpb
 
 
+def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
+    """GPTQ Hessians of every quantized linear layer from GPTQ_CALIB_SEQS training sequences, split over
+    the ranks and all-reduced; {} when GPTQ=0. Forward batches have the evaluation's size."""
+    if not h.gptq:
+        return {}
+    batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
+                                  max(1, h.val_batch_size // h.train_seq_len), rt.rank, rt.world_size, rt.device)
+    quantized = {name for name, bits in plan.items() if bits != FP16_BITS}
+    return collect_hessians(base_model, batches, quantized, rt.autocast, rt.world_size)
+
+
 def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
                  log) -> bytes | None:
     """After training: GPTQ calibration on training shards (all ranks), then quantization, compression
@@ -1366,13 +1386,7 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
     rt.sync()
     t0 = time.perf_counter()
     with full_fp32_matmul():
-        hessians = {}
-        if h.gptq:
-            batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
-                                          max(1, h.val_batch_size // h.train_seq_len), rt.rank, rt.world_size,
-                                          rt.device)
-            quantized = {name for name, bits in plan.items() if bits != FP16_BITS}
-            hessians = collect_hessians(base_model, batches, quantized, rt.autocast, rt.world_size)
+        hessians = calibrate(base_model, plan, h, rt)
         rt.sync()
         t1 = time.perf_counter()
         if not rt.is_main:

@@ -70,7 +70,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output(bits):
     w, x, h = correlated_layer()
     rtn = output_error(w, *tg.quantize_rows_rtn(w, bits), x)
     gptq = output_error(w, *tg.quantize_rows_gptq(w, h, bits, 0.01, 32, "w", print), x)
-    assert gptq < 0.6 * rtn
+    assert gptq < 0.3 * rtn  # measured: about 0.13
 
 
 def gptq_reference(w, h, scale, bits):
@@ -90,11 +90,10 @@ def gptq_reference(w, h, scale, bits):
 
 def test_blocked_gptq_matches_the_reference():
     w, _, h = correlated_layer(rows=24, cols=40, tokens=500, seed=3)
-    h = h + 0.01 * h.diagonal().mean() * torch.eye(40)
     scale = tg.clip_scales(w, 6)[-1].double()
-    u = tg.damped_inverse_cholesky(h.double(), 0.0 + 1e-12, "w", print)
+    u = tg.damped_inverse_cholesky(h.double(), 0.01, "w", print)
     fast = tg.gptq_columns(w.double(), u, scale, 6, block=7)  # blocks that do not divide 40
-    ref = gptq_reference(w, h, scale, 6)
+    ref = gptq_reference(w, h + 0.01 * h.diagonal().mean() * torch.eye(40), scale, 6)
     assert (fast == ref).float().mean() > 0.99
 
 

@@ -616,8 +616,10 @@ def parse_quant_plan(text: str) -> list[tuple[str, int]]:
     return rules
 
 
-def build_quant_plan(state: dict[str, Tensor], fp16_names=frozenset(), bits: int = 6, embed_bits: int = 8,
-                     min_numel: int = 65_536, rules: list[tuple[str, int]] = ()) -> dict[str, int]:
+def build_quant_plan(state: dict[str, Tensor], fp16_names=frozenset(), bits: int = Hyperparameters.quant_bits,
+                     embed_bits: int = Hyperparameters.quant_embed_bits,
+                     min_numel: int = Hyperparameters.quant_min_numel,
+                     rules: list[tuple[str, int]] = ()) -> dict[str, int]:
     """Bits for every float tensor: matrices of at least min_numel elements get `bits` (the tied
     embedding `embed_bits`), everything else fp16; then the QUANT_PLAN rules; fp16_names always win."""
     plan = {}
@@ -730,7 +732,8 @@ def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> 
     return q
 
 
-def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int, name: str, log) -> tuple[Tensor, Tensor]:
+def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int, name: str,
+                       log) -> tuple[Tensor, Tensor]:
     """GPTQ with act-order (columns by decreasing diag H) combined with the clip search: GPTQ runs on
     all candidate scales at once (rows are independent given H, so the candidates are stacked as extra
     rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T."""
@@ -751,8 +754,8 @@ def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int,
 
 
 def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
-                        hessians: dict[str, Tensor] | None = None, damp: float = 0.01, block: int = 128,
-                        log=print) -> dict[str, dict]:
+                        hessians: dict[str, Tensor] | None = None, damp: float = Hyperparameters.gptq_damp,
+                        block: int = Hyperparameters.gptq_block, log=print) -> dict[str, dict]:
     """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
     tensors (GPTQ when `hessians` has the name, else round-to-nearest), {"kind": "fp16", "data"} for
     passthrough floats, {"kind": "raw", "data"} for anything else; every entry keeps "shape", "dtype".
@@ -985,7 +988,8 @@ def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
         offset += len(b)
         chunks.append(b)
     levels_bytes = sum(len(b) for _, _, b in parts["q"])
-    return {"format_version": ARTIFACT_FORMAT_VERSION, "levels_bytes": levels_bytes, "tensors": manifest}, b"".join(chunks)
+    manifest = {"format_version": ARTIFACT_FORMAT_VERSION, "levels_bytes": levels_bytes, "tensors": manifest}
+    return manifest, b"".join(chunks)
 
 
 def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
@@ -1025,15 +1029,17 @@ def compress(raw: bytes, compressor: str, log=None) -> tuple[int, bytes]:
     return CODEC_IDS[best], blobs[best]
 
 
-def serialize_artifact(packed: dict[str, dict], compressor: str = "auto", shuffle: bool = True,
-                       storage: str = "byte", log=None) -> bytes:
+def serialize_artifact(packed: dict[str, dict], compressor: str = Hyperparameters.compressor,
+                       shuffle: bool = Hyperparameters.byte_shuffle, storage: str = Hyperparameters.quant_storage,
+                       log=None) -> bytes:
     manifest, data = encode_payload(packed, storage)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
     manifest = json.dumps(manifest).encode()
     payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + data
     codec_id, body = compress(payload, compressor, log)
-    header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle), zlib.crc32(payload))
+    header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle),
+                                   zlib.crc32(payload))
     return header + body
 
 
@@ -1407,8 +1413,9 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
         if h.quant_target_bytes > 0:
             plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
                                          encode, hessians, log)
+    params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
-        f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / sum(t.numel() for t in state.values()):.4f}")
+        f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
     return blob
 
 

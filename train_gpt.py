@@ -962,6 +962,8 @@ def tensor_bytes(t: Tensor) -> bytes:
 
 
 def tensor_from_bytes(b: bytes, dtype: torch.dtype, shape) -> Tensor:
+    if not b:  # torch.frombuffer refuses an empty buffer; a 1-layer model has 0 x dim skip weights
+        return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(b), dtype=torch.uint8).view(dtype).reshape(shape)
 
 

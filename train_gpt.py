@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -72,6 +72,25 @@ class Hyperparameters:
     logit_softcap: float = _hp(30.0, lo=1.0, hi=1e4)
     qk_gain_init: float = _hp(1.5, lo=0.0, hi=100.0)
     tied_embed_init_std: float = _hp(0.005, lo=0.0, hi=1.0)
+    # Model: record architecture. Each part switches off to the baseline model (SPEC section 3).
+    mlp_activation: str = _hp("relu2", choices=("relu2", "leaky_relu2"))  # leaky: LeakyReLU(0.5)^2
+    rope_dims: int = _hp(16, lo=2, hi=4096)  # rotary on the first ROPE_DIMS dims of each head; head dim = full
+    block_input_scale: bool = _hp(True)  # the normalized input of layer l is multiplied by 1/sqrt(l+1)
+    unet_gates: bool = _hp(True)  # skip blend x = g*x + (1-g)*w*skip, g = sigmoid(gate); off: x + w*skip
+    xsa_layers: str = _hp("all")  # exclusive self attention: "all", "none" or effective layer ids "0,5,10"
+    smear_gate: bool = _hp(True)  # blend each token with the previous one, never across a BOS
+    bigram_buckets: int = _hp(2048, lo=0, hi=1 << 20)  # BigramHash table rows (last one: position 0); 0: off
+    bigram_dim: int = _hp(128, lo=1, hi=4096)
+    bigram_scale_init: float = _hp(0.05, lo=0.0, hi=10.0)
+    ortho_init: bool = _hp(True)  # orthogonal block matrices, MLP output projections x 1/sqrt(2 L)
+    recurrence: bool = _hp(False)  # RECUR_PRELUDE blocks, one shared block x RECUR_PASSES, RECUR_CODA blocks
+    recur_prelude: int = _hp(2, lo=0, hi=64)
+    recur_passes: int = _hp(7, lo=1, hi=64)
+    recur_coda: int = _hp(2, lo=0, hi=64)
+    mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
+    mini_recur_first: int = _hp(4, lo=0, hi=63)
+    mini_recur_last: int = _hp(5, lo=0, hi=63)
+    mini_recur_start_frac: float = _hp(0.0, lo=0.0, hi=0.999)  # repeats start at this share of training
     # Training length and batch.
     train_seq_len: int = _hp(2048, lo=2, hi=65536)
     train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)
@@ -114,8 +133,12 @@ class Hyperparameters:
         """Cross-field rules; each error names the variables involved."""
         if self.model_dim % self.num_heads:
             raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            raise ValueError(f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even (rotary)")
+        head_dim = self.model_dim // self.num_heads
+        if head_dim % 2:
+            raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (rotary)")
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim "
+                             f"MODEL_DIM/NUM_HEADS={head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         seqs = self.train_batch_tokens // self.train_seq_len
@@ -125,6 +148,21 @@ class Hyperparameters:
                 f"times a multiple of {MICRO_BATCHES_PER_STEP} sequences")
         if self.eval_stride > self.eval_seq_len:
             raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        parse_layer_set(self.xsa_layers, self.num_layers, "XSA_LAYERS")
+        if self.bigram_buckets == 1:
+            raise ValueError("BIGRAM_BUCKETS=1 is invalid: 0 (off) or at least 2 (one row is reserved)")
+        depth = self.recur_prelude + self.recur_passes + self.recur_coda
+        if self.recurrence and depth != self.num_layers:
+            raise ValueError(f"RECURRENCE=1 needs NUM_LAYERS={self.num_layers} to equal the effective depth "
+                             f"RECUR_PRELUDE + RECUR_PASSES + RECUR_CODA = {depth}")
+        if self.mini_recur_repeats and self.recurrence:
+            raise ValueError("MINI_RECUR_REPEATS and RECURRENCE=1 cannot be combined: choose one form")
+        if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
+            raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first} and MINI_RECUR_LAST={self.mini_recur_last} "
+                             f"must satisfy FIRST <= LAST < NUM_LAYERS={self.num_layers}")
 
 
 def _parse_env_value(key: str, raw: str, default, meta: dict):
@@ -145,6 +183,22 @@ def _parse_env_value(key: str, raw: str, default, meta: dict):
     if choices is not None and value not in choices:
         raise ValueError(f"{key}={raw!r} is invalid: accepted values are {', '.join(map(str, choices))}")
     return value
+
+
+def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
+    """'all', 'none' (or empty) or comma-separated layer ids in [0, num_layers)."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return frozenset(range(num_layers))
+    if spec in ("", "none"):
+        return frozenset()
+    try:
+        layers = frozenset(int(part) for part in spec.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={spec!r} is invalid: expected all, none or comma-separated layer ids") from None
+    if not all(0 <= layer < num_layers for layer in layers):
+        raise ValueError(f"{name}={spec!r} is out of range: layer ids are in [0, {num_layers - 1}]")
+    return layers
 
 
 def grad_accum_steps(world_size: int) -> int:
@@ -307,11 +361,31 @@ class ModelConfig:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    # Record architecture: the same names and defaults as the Hyperparameters group.
+    mlp_activation: str = "relu2"
+    rope_dims: int = 16
+    block_input_scale: bool = True
+    unet_gates: bool = True
+    xsa_layers: str = "all"
+    smear_gate: bool = True
+    bigram_buckets: int = 2048
+    bigram_dim: int = 128
+    bigram_scale_init: float = 0.05
+    ortho_init: bool = True
+    recurrence: bool = False
+    recur_prelude: int = 2
+    recur_passes: int = 7
+    recur_coda: int = 2
+    mini_recur_repeats: int = 0
+    mini_recur_first: int = 4
+    mini_recur_last: int = 5
+    mini_recur_start_frac: float = 0.0
+    bos_id: int = 1  # from the tokenizer, not from the environment: SmearGate stops at this token
 
     @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "ModelConfig":
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: getattr(h, n) for n in names})
+    def from_hparams(cls, h: Hyperparameters, bos_id: int) -> "ModelConfig":
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "bos_id"]
+        return cls(bos_id=bos_id, **{n: getattr(h, n) for n in names})
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -358,9 +432,12 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    """Rotary embedding on the first `dims` dims of each head (partial RoPE); the rest carry no position."""
+
+    def __init__(self, dims: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.dims = dims
+        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -368,8 +445,18 @@ class Rotary(nn.Module):
         t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., self.dims:]), dim=-1)
+
+
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output [B, T, H, D] its component along the token's own value
+    direction (v [B, T, Hkv, D], the head's key/value group), so attention carries only other tokens."""
+    B, T, H, D = y.shape
+    groups = y.reshape(B, T, v.size(2), H // v.size(2), D)  # query head h reads kv head h // (H / Hkv)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    groups = groups - (groups * v_hat).sum(-1, keepdim=True) * v_hat
+    return groups.reshape(B, T, H, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -377,16 +464,18 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
+        if cfg.rope_dims % 2 or cfg.rope_dims > self.head_dim:
+            raise ValueError(f"rope_dims={cfg.rope_dims} must be even and at most the head dim {self.head_dim}")
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_k = CastedLinear(cfg.model_dim, kv_dim)
         self.c_v = CastedLinear(cfg.model_dim, kv_dim)
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         self.attention = attention
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, xsa: bool) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -394,7 +483,16 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = self.attention(q, k, v)
+        if xsa:
+            y = exclude_self_value(y, v)
         return self.proj(y.reshape(B, T, C))
+
+
+LEAKY_RELU_SLOPE = 0.5
+MLP_ACTIVATIONS = {  # both squared: relu^2 is the record's; LeakyReLU(0.5)^2 keeps a gradient for x < 0
+    "relu2": lambda x: F.relu(x).square(),
+    "leaky_relu2": lambda x: F.leaky_relu(x, LEAKY_RELU_SLOPE).square(),
+}
 
 
 class MLP(nn.Module):
@@ -402,9 +500,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = CastedLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
         self.proj = CastedLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, zero_init=True)
+        self.activation = MLP_ACTIVATIONS[cfg.mlp_activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(self.activation(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -418,25 +517,132 @@ class Block(nn.Module):
         # Row 0 weighs the stream, row 1 the first-layer input x0: starts as the plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool) -> Tensor:
+        """input_scale and xsa are Python constants of the layer position (a shared block has several)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * input_scale)
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) x_t + g x_{t-1}, g = sigmoid(per-channel gate), except at a document's BOS and at
+    the window's first position, which keep x_t: the previous document must not leak into a new one."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))  # g = 0.5 at init
+        self.bos_id = bos_id
+
+    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        has_prev = input_ids != self.bos_id
+        has_prev[:, 0] = False
+        g = torch.sigmoid(self.gate).to(x.dtype) * has_prev[..., None].to(x.dtype)
+        return x + g * (prev - x)
+
+
+BIGRAM_HASH_CUR, BIGRAM_HASH_PREV = 36313, 27191  # odd multipliers: spread neighbouring ids over buckets
+
+
+def bigram_bucket_ids(input_ids: Tensor, buckets: int) -> Tensor:
+    """Bucket of (previous, current) input token at each position; position 0, which has no previous
+    token in the window, gets the reserved last row. Inputs only: the target never enters the key."""
+    prev, cur = input_ids[:, :-1], input_ids[:, 1:]
+    hashed = torch.bitwise_xor(BIGRAM_HASH_CUR * cur, BIGRAM_HASH_PREV * prev) % (buckets - 1)
+    return torch.cat((torch.full_like(input_ids[:, :1], buckets - 1), hashed), dim=1)
+
+
+class BigramHash(nn.Module):
+    """A hashed (previous, current) token embedding, projected to the model width and scaled."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.buckets = cfg.bigram_buckets
+        self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
+        # Unit-variance random rows: with the projection at zero, the rows must differ from the start,
+        # or neither table nor projection ever gets a gradient.
+        nn.init.normal_(self.table.weight, std=1.0)
+        self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        e = self.table(bigram_bucket_ids(input_ids, self.buckets))
+        return self.scale.to(e.dtype) * self.proj(e)
+
+
+class LayerPass(NamedTuple):
+    """One pass through a block in the layer plan; every field is a constant of the position."""
+    block: int  # index into GPT.blocks
+    input_scale: float  # multiplies the block's normalized inputs
+    xsa: bool
+    iteration: int  # shared-block pass: index of the iteration vector added first; -1: none
+    push: bool  # U-Net encoder: its output is pushed for a decoder layer
+    pop: int  # U-Net decoder: skip index it pops and blends in first; -1: none
+
+
+def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
+    """The passes of one forward. Depth recurrence: prelude blocks, the shared block RECUR_PASSES times,
+    coda blocks; layer position l (block input scale, XSA, U-Net role) counts effective layers. Mini
+    recurrence: passes FIRST..LAST run again right after LAST, each copy with its original's scale and
+    XSA but no U-Net role, so switching the repeats on changes nothing the other passes compute."""
+    if cfg.recurrence:
+        P, K, C = cfg.recur_prelude, cfg.recur_passes, cfg.recur_coda
+        blocks = [*range(P), *[P] * K, *range(P + 1, P + 1 + C)]
+        iterations = [-1] * P + list(range(K)) + [-1] * C
+    else:
+        blocks, iterations = list(range(cfg.num_layers)), [-1] * cfg.num_layers
+    xsa = parse_layer_set(cfg.xsa_layers, cfg.num_layers, "xsa_layers")
+    encoder = cfg.num_layers // 2  # the first half pushes, as many decoder layers pop in reverse order
+    plan = [LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
+                      l < encoder, l - encoder if encoder <= l < 2 * encoder else -1)
+            for l, (block, it) in enumerate(zip(blocks, iterations))]
+    if repeats_on and cfg.mini_recur_repeats:
+        first, last = cfg.mini_recur_first, cfg.mini_recur_last
+        copies = [p._replace(push=False, pop=-1) for p in plan[first:last + 1]] * cfg.mini_recur_repeats
+        plan[last + 1:last + 1] = copies
+    return tuple(plan)
 
 
 class GPT(nn.Module):
-    """Tied-embedding GPT with U-Net skips: the first half of the blocks push, the second half pop."""
+    """Tied-embedding GPT (SPEC section 3): BigramHash and SmearGate at the input, a plan of block
+    passes with U-Net skips, optional depth recurrence; soft-capped logits."""
 
     def __init__(self, cfg: ModelConfig, attention: Callable = _sdpa):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.num_layers))
-        self.num_encoder = cfg.num_layers // 2
-        self.num_decoder = cfg.num_layers - self.num_encoder
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), cfg.model_dim))
+        self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
+        self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
+        unique = cfg.recur_prelude + 1 + cfg.recur_coda if cfg.recurrence else cfg.num_layers
+        self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(unique))
+        if cfg.recurrence:  # tells the shared block which pass it is on; zero: starts as plain reuse
+            self.iteration_vectors = nn.Parameter(torch.zeros(cfg.recur_passes, cfg.model_dim))
+        num_skips = cfg.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        if cfg.unet_gates:  # sigmoid(0) = 0.5: the blend starts as (x + skip) / 2, see the README
+            self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
+        if cfg.ortho_init:
+            self._orthogonal_init()
+        self.set_mini_recurrence(True)  # the trained model runs its repeats; training switches them
+
+    def _orthogonal_init(self) -> None:
+        """Orthogonal block matrices; MLP output projections scaled by 1/sqrt(2 L) over the effective
+        depth L (two residual additions per layer). Attention output projections stay zero (SPEC)."""
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc, block.mlp.proj):
+                nn.init.orthogonal_(linear.weight)
+            with torch.no_grad():
+                block.mlp.proj.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
+
+    def set_mini_recurrence(self, on: bool) -> bool:
+        """Turn the mini-recurrence repeats on or off; True if the plan changed. torch.compile guards on
+        self.plan, so a compiled caller recompiles once per state (both stay cached)."""
+        plan = layer_plan(self.cfg, on)
+        changed = plan != getattr(self, "plan", None)
+        self.plan = plan
+        return changed
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Per-token negative log-likelihood [B, T] in fp32 (training takes its mean)."""
@@ -444,23 +650,52 @@ class GPT(nn.Module):
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
         return nll.view_as(target_ids)
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids).to(x.dtype)
+        x = rms_norm(x)
+        return x if self.smear is None else self.smear(x, input_ids)
+
+    def skip_blend(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
+        skip = self.skip_weights[i].to(x.dtype) * skip
+        if not self.cfg.unet_gates:
+            return x + skip
+        g = torch.sigmoid(self.skip_gates[i]).to(x.dtype)
+        return g * x + (1 - g) * skip
+
     def logits(self, input_ids: Tensor) -> Tensor:
-        x = rms_norm(self.tok_emb(input_ids))
-        x0 = x
+        x = x0 = self.embed(input_ids)
         skips = []
-        for block in self.blocks[:self.num_encoder]:
-            x = block(x, x0)
-            skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder:]):
-            if skips:
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+        for p in self.plan:
+            if p.pop >= 0:
+                x = self.skip_blend(x, skips.pop(), p.pop)
+            if p.iteration >= 0:
+                x = x + self.iteration_vectors[p.iteration].to(x.dtype)
+            x = self.blocks[p.block](x, x0, p.input_scale, p.xsa)
+            if p.push:
+                skips.append(x)
         logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
     def matrix_params(self) -> list[nn.Parameter]:
-        """The 2-D block weights that Muon trains (everything else goes to Adam)."""
-        return [m.weight for m in self.blocks.modules() if isinstance(m, CastedLinear)]
+        """The 2-D weights that Muon trains (everything else goes to Adam)."""
+        return [m.weight for m in self.modules() if isinstance(m, CastedLinear)]
+
+    def fp16_param_names(self) -> set[str]:
+        """Small control tensors (gains, gates, scales, mixes, skip weights, iteration vectors): the
+        quantizer stores them as fp16 whatever their size, since each one scales whole activations."""
+        tables = {id(self.tok_emb.weight)} | ({id(self.bigram.table.weight)} if self.bigram else set())
+        big = {id(p) for p in self.matrix_params()} | tables
+        return {name for name, p in self.named_parameters() if id(p) not in big}
+
+    def describe(self) -> str:
+        """One log line: what the model computes, beyond the hyperparameters."""
+        plan = self.plan
+        return (f"model params:{sum(p.numel() for p in self.parameters())} unique_blocks:{len(self.blocks)} "
+                f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
+                f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
+                f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -569,12 +804,12 @@ def dequantize_int8_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def quantize_state_dict(state: dict[str, Tensor]) -> dict:
-    """Large float matrices -> int8 per row; everything else -> fp16 passthrough."""
+def quantize_state_dict(state: dict[str, Tensor], fp16_names: frozenset[str] | set[str] = frozenset()) -> dict:
+    """Large float matrices -> int8 per row; everything else, and every name in fp16_names -> fp16."""
     tensors = {}
     for name, t in state.items():
         t = t.detach().cpu()
-        if t.is_floating_point() and t.ndim == 2 and t.numel() >= QUANT_MIN_NUMEL:
+        if name not in fp16_names and t.is_floating_point() and t.ndim == 2 and t.numel() >= QUANT_MIN_NUMEL:
             q, scale = quantize_int8_rows(t)
             tensors[name] = {"kind": "int8_row", "q": q, "scale": scale, "dtype": str(t.dtype)}
         else:
@@ -796,7 +1031,11 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
         if last:
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        lr_mult = lr_multiplier(training_progress(step, elapsed, h), h.warmdown_frac)
+        progress = training_progress(step, elapsed, h)
+        lr_mult = lr_multiplier(progress, h.warmdown_frac)
+        repeats_on = progress >= h.mini_recur_start_frac
+        if base_model.set_mini_recurrence(repeats_on):  # a compiled model recompiles once per state
+            log(f"mini_recurrence:{'on' if repeats_on else 'off'} step:{step} progress:{progress:.4f}")
         loss = train_step(model, optimizers, loader, h, rt, lr_mult)
         step += 1
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
@@ -890,12 +1129,14 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def build_model(h: Hyperparameters, rt: Runtime, log) -> tuple[GPT, nn.Module, nn.Module, Callable]:
+def build_model(h: Hyperparameters, rt: Runtime, log, bos_id: int) -> tuple[GPT, nn.Module, nn.Module, Callable]:
     """(base model, model to train, model to evaluate, orthogonalize fn), compiled on CUDA."""
     name, attention, why = select_attention(rt.device)
     log(f"attention_backend:{name} reason:{why}")
-    base = GPT(ModelConfig.from_hparams(h), attention).to(rt.device)
-    log(f"model params:{sum(p.numel() for p in base.parameters())}")
+    if h.smear_gate and bos_id < 0:
+        raise ValueError(f"SMEAR_GATE=1 needs the tokenizer's BOS id, but {h.tokenizer_path} has no BOS")
+    base = GPT(ModelConfig.from_hparams(h, bos_id), attention).to(rt.device)
+    log(base.describe())
     orthogonalize, compiled = newton_schulz5, base
     if rt.device.type == "cuda" and h.compile:
         compiled = torch.compile(base, dynamic=False)
@@ -924,7 +1165,7 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
 def save_artifact(base_model: GPT, path: Path, code_bytes: int, rt: Runtime, log) -> None:
     """Quantize, compress and write the artifact (rank 0), log byte counts, enforce the cap."""
     if rt.is_main:
-        blob = serialize_artifact(quantize_state_dict(base_model.state_dict()))
+        blob = serialize_artifact(quantize_state_dict(base_model.state_dict(), base_model.fp16_param_names()))
         write_atomic(path, blob)
         log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{len(blob)} "
             f"bytes_total:{code_bytes + len(blob)} cap:{ARTIFACT_CAP_BYTES}")
@@ -962,7 +1203,7 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
 
-    base, model, eval_model, orthogonalize = build_model(h, rt, log)
+    base, model, eval_model, orthogonalize = build_model(h, rt, log, sp.bos_id())
     optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
 
     def eval_fn():

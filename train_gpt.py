@@ -108,6 +108,28 @@ class Hyperparameters:
     beta2: float = _hp(0.95, lo=0.0, hi=0.99999)
     adam_eps: float = _hp(1e-8, lo=1e-12, hi=1e-2)
     grad_clip_norm: float = _hp(0.3, lo=0.0, hi=1e6)  # 0: no clipping
+    # Optimizer: record recipe.
+    muon_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # decoupled: W *= 1 - lr * wd every step
+    muon_momentum_warmup_start: float = _hp(0.92, lo=0.0, hi=0.9999)  # rises linearly to MUON_MOMENTUM
+    muon_momentum_warmup_steps: int = _hp(1500, lo=0, hi=10**9)  # 0: MUON_MOMENTUM from step 0
+    matrix_lr_late: float = _hp(0.030, lo=0.0, hi=10.0)  # Muon LR of the layers from MATRIX_LR_SPLIT_LAYER on
+    matrix_lr_split_layer: int = _hp(5, lo=0, hi=64)  # layers below it use MATRIX_LR
+    embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # untied embedding tables (the bigram table)
+    gate_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # non-matrix parameters with "gate" in their name
+    embed_weight_decay: float = _hp(0.01, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
+    # Schedule, weight averaging and QAT.
+    warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
+    gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
+    final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
+    ema_decay: float = _hp(0.997, lo=0.0, hi=0.999999)  # EMA of the weights, updated every step
+    swa_every: int = _hp(50, lo=1, hi=10**9)  # SWA checkpoint period (steps) during the warmdown
+    qat: str = _hp("hard", choices=("off", "hard", "soft"))  # fake int6: straight-through or soft-round
+    qat_lr_threshold: float = _hp(0.15, lo=0.0, hi=1.0)  # QAT switches on once the LR multiplier is below
+    qat_soft_alpha_start: float = _hp(1.0, lo=0.0, hi=1e4)  # soft-round sharpness when QAT switches on
+    qat_soft_alpha_end: float = _hp(16.0, lo=0.0, hi=1e4)  # ... reached QAT_SOFT_RAMP_STEPS later
+    qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)
+    # Data order.
+    train_loader: str = _hp("coprime", choices=("coprime", "sequential"))
     # Evaluation and logging.
     val_batch_size: int = _hp(65_536, lo=1, hi=2**31 - 1)  # tokens per eval forward on each rank
     val_loss_every: int = _hp(1000, lo=0, hi=10**9)  # 0: only at the end
@@ -148,6 +170,13 @@ class Hyperparameters:
                 f"times a multiple of {MICRO_BATCHES_PER_STEP} sequences")
         if self.eval_stride > self.eval_seq_len:
             raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+        if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
+            raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time out of "
+                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        if self.qat != "off" and (self.warmdown_frac == 0 or self.warmdown_floor >= self.qat_lr_threshold):
+            raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
+                             f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
+                             f"WARMDOWN_FLOOR={self.warmdown_floor}); set QAT=off or change them")
         self._check_architecture()
 
     def _check_architecture(self) -> None:
@@ -221,6 +250,15 @@ FETCH_HINT = ("fetch the challenge data with `python data/cached_challenge_finew
 
 def load_data_shard(path: str | Path) -> np.ndarray:
     """Tokens of one shard as uint16, after checking its header and size against each other."""
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_BYTES)
+
+
+def open_data_shard(path: str | Path) -> np.ndarray:
+    """The checked shard's tokens memory-mapped: random blocks of many large shards without reading them whole."""
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(shard_token_count(path),))
+
+
+def shard_token_count(path: str | Path) -> int:
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
@@ -234,7 +272,7 @@ def load_data_shard(path: str | Path) -> np.ndarray:
     expected = SHARD_HEADER_BYTES + 2 * count
     if count < 0 or size != expected:
         raise ValueError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
-    return np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    return count
 
 
 def find_shards(data_path: str, split: str) -> list[str]:
@@ -290,9 +328,95 @@ class DistributedTokenLoader:
         local = torch.from_numpy(chunk[start:start + seqs_per_rank * seq_len + 1].astype(np.int64))
         x = local[:-1].view(seqs_per_rank, seq_len)
         y = local[1:].view(seqs_per_rank, seq_len)
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+        return _to_device(x, self.device), _to_device(y, self.device)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def random_coprime(n: int, rng: np.random.Generator) -> int:
+    """A uniformly drawn stride in [1, n) sharing no factor with n (1 when n is 1)."""
+    while True:
+        stride = int(rng.integers(1, n)) if n > 1 else 1
+        if math.gcd(stride, n) == 1:
+            return stride
+
+
+class CoprimeBlockOrder:
+    """The global order of training blocks (SPEC section 4); a function of the seed only, so every rank
+    computes the same one.
+
+    Each pass gives shard j a random phase a_j and a stride s_j coprime with its block count n_j; the
+    k-th block the pass takes from shard j is (a_j + k * s_j) mod n_j, so the pass visits every block
+    exactly once in a scrambled order. Which shard serves each draw is a uniform shuffle of all the
+    pass's draws: at every point a shard is picked with probability proportional to its remaining blocks.
+    """
+
+    def __init__(self, block_counts: list[int], seed: int):
+        self.counts = np.asarray(block_counts, dtype=np.int64)
+        self.rng = np.random.default_rng(seed)
+        self.passes = 0
+        self._start_pass()
+
+    def _start_pass(self) -> None:
+        counts, rng = self.counts, self.rng
+        shards = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+        phase = rng.integers(0, counts)
+        stride = np.array([random_coprime(int(n), rng) for n in counts], dtype=np.int64)
+        # k = how many earlier draws of the pass went to the same shard.
+        by_shard = np.argsort(shards, kind="stable")
+        k = np.empty_like(shards)
+        k[by_shard] = np.arange(len(shards)) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.shards, self.blocks = shards, (phase[shards] + k * stride[shards]) % counts[shards]
+        self.pos = 0
+        self.passes += 1
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n draws as (shard index, block index) arrays; a new pass starts when one ends."""
+        shards, blocks = [], []
+        while n > 0:
+            if self.pos == len(self.shards):
+                self._start_pass()
+            k = min(n, len(self.shards) - self.pos)
+            shards.append(self.shards[self.pos:self.pos + k])
+            blocks.append(self.blocks[self.pos:self.pos + k])
+            self.pos += k
+            n -= k
+        return np.concatenate(shards), np.concatenate(blocks)
+
+
+class CoprimeLoader:
+    """Sequences are blocks of seq_len + 1 tokens at multiples of seq_len in any shard, in the seeded
+    CoprimeBlockOrder; each step's global batch is its next S blocks and rank r reads only its slice
+    [r*S/W, (r+1)*S/W), so the ranks are disjoint and the global batch is the same for every W."""
+
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seq_len: int,
+                 seed: int):
+        tokens = [open_data_shard(f) for f in files]
+        counts = [(len(t) - 1) // seq_len for t in tokens]  # a block also needs its last target
+        if not any(counts):
+            raise ValueError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens: {files[0]} ...")
+        self.tokens = [t for t, n in zip(tokens, counts) if n]
+        self.order = CoprimeBlockOrder([n for n in counts if n], seed)
+        self.rank, self.world_size, self.device, self.seq_len = rank, world_size, device, seq_len
+
+    def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        if seq_len != self.seq_len:
+            raise ValueError(f"this loader cuts blocks of {self.seq_len} tokens, not {seq_len}")
+        seqs_per_rank = global_tokens // seq_len // self.world_size
+        shards, blocks = self.order.take(seqs_per_rank * self.world_size)
+        mine = slice(self.rank * seqs_per_rank, (self.rank + 1) * seqs_per_rank)
+        rows = np.stack([self.tokens[s][b * seq_len:(b + 1) * seq_len + 1] for s, b in zip(shards[mine], blocks[mine])])
+        local = torch.from_numpy(rows.astype(np.int64))
+        return _to_device(local[:, :-1].contiguous(), self.device), _to_device(local[:, 1:].contiguous(), self.device)
+
+
+def make_train_loader(h: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    files = find_shards(h.data_path, "train")
+    if h.train_loader == "sequential":
+        return DistributedTokenLoader(files, rank, world_size, device)
+    return CoprimeLoader(files, rank, world_size, device, h.train_seq_len, h.seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,15 +540,29 @@ def select_attention(device: torch.device) -> tuple[str, Callable[[Tensor, Tenso
 
 
 class CastedLinear(nn.Linear):
-    """Linear layer with fp32 master weights, cast to the activation dtype at use (bf16 on GPU)."""
+    """Linear layer with fp32 master weights, cast to the activation dtype at use (bf16 on GPU).
+
+    QAT: with qat_mode "hard" or "soft" (fixed for a run, set before compiling) the forward uses the
+    int6 fake-quantized weight whenever the qat_on buffer is 1. On/off and the soft-round sharpness are
+    buffers, read by the compiled graph at run time. A Python flag is either frozen at compile time
+    (QAT never switches on: a known bug of public runs) or, where dynamo guards it, recompiles the
+    whole model in the middle of the timed run.
+    """
+    qat_mode = "off"
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         if zero_init:
             nn.init.zeros_(self.weight)
+        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.register_buffer("qat_alpha", torch.ones(()), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight
+        if self.qat_mode != "off":
+            q = fake_quant_int6(w, self.qat_alpha if self.qat_mode == "soft" else None)
+            w = torch.where(self.qat_on > 0, q, w)
+        return F.linear(x, w.to(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -721,30 +859,36 @@ def newton_schulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon: Nesterov momentum, then orthogonalization. Rank r orthogonalizes matrices i % W == r and
-    an all-reduce of one flat buffer gathers every update, so the work is shared across ranks."""
+    """Muon: Nesterov momentum, orthogonalization, then the group's LR and decoupled weight decay.
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int = 0,
-                 world_size: int = 1, ns_dtype: torch.dtype = torch.bfloat16, orthogonalize=newton_schulz5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+    The LR multiplies the update AFTER orthogonalization: Newton-Schulz normalizes the scale of its
+    input away, so a per-layer LR folded into the gradient would change nothing. Rank r orthogonalizes
+    the matrices i % W == r (i counts across all groups, so small groups still spread over the ranks)
+    and one all-reduce of a flat buffer, zero outside each rank's share, gathers every update.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
+                 rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.bfloat16,
+                 orthogonalize=newton_schulz5):
+        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    flat[offset:offset + p.numel()] = self._update(p, group).flatten()
-                offset += p.numel()
-            if self.world_size > 1:
-                dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+        pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not pairs:
+            return
+        flat = torch.zeros(sum(p.numel() for p, _ in pairs), device=pairs[0][0].device, dtype=self.ns_dtype)
+        views = flat.split([p.numel() for p, _ in pairs])
+        for i, ((p, group), view) in enumerate(zip(pairs, views)):
+            if i % self.world_size == self.rank:
+                view.copy_(self._update(p, group).flatten())
+        if self.world_size > 1:
+            dist.all_reduce(flat)
+        for (p, group), view in zip(pairs, views):
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.add_(view.view_as(p).to(p.dtype), alpha=-group["lr"])
 
     def _update(self, p: Tensor, group: dict) -> Tensor:
         state = self.state[p]
@@ -758,22 +902,79 @@ class Muon(torch.optim.Optimizer):
         return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
 
 
+def muon_groups(model: GPT, h: Hyperparameters) -> list[dict]:
+    """One Muon group per layer (MATRIX_LR below MATRIX_LR_SPLIT_LAYER, MATRIX_LR_LATE from it on), and
+    one at MATRIX_LR for any Muon matrix outside the blocks."""
+    layer_of = {id(p): i for i, block in enumerate(model.blocks) for p in block.parameters()}
+    by_name: dict[str, list] = {}
+    for p in model.matrix_params():
+        layer = layer_of.get(id(p))
+        by_name.setdefault("other" if layer is None else f"layer{layer}", []).append(p)
+    groups = []
+    for name, params in by_name.items():
+        late = name != "other" and int(name.removeprefix("layer")) >= h.matrix_lr_split_layer
+        groups.append(dict(name=name, params=params, lr=h.matrix_lr_late if late else h.matrix_lr))
+    return groups
+
+
+def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
+    """Every parameter Muon does not train, by role: the tied embedding, other embedding tables (the
+    bigram table), gates (name contains "gate") and the remaining scalars/vectors. Empty roles are left
+    out, so the rule holds whatever modules the model has."""
+    muon = {id(p) for p in model.matrix_params()}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    roles = {"tied_embed": [], "embed": [], "gate": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if id(p) in muon:
+            continue
+        if p is model.tok_emb.weight:
+            roles["tied_embed"].append(p)
+        elif id(p) in tables:
+            roles["embed"].append(p)
+        else:
+            roles["gate" if "gate" in name else "scalar"].append(p)
+    lr = {"tied_embed": h.tied_embed_lr, "embed": h.embed_lr, "gate": h.gate_lr, "scalar": h.scalar_lr}
+    decay = {"tied_embed": h.embed_weight_decay, "embed": h.embed_weight_decay}
+    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay.get(role, 0.0))
+            for role, params in roles.items() if params]
+
+
 def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
                      ns_dtype: torch.dtype, orthogonalize=newton_schulz5) -> list[torch.optim.Optimizer]:
-    """Muon for block matrices; Adam for the tied embedding and for every scalar/vector/gate."""
-    matrices = model.matrix_params()
-    matrix_ids = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
-    scalars = [p for p in model.parameters() if id(p) not in matrix_ids]
+    """AdamW for the embeddings, gates and scalars; Muon for the block matrices. Each group keeps its
+    configured LR as base_lr, which the schedule multiplies."""
     fused = next(model.parameters()).device.type == "cuda"
-    adam = torch.optim.Adam(
-        [dict(params=[model.tok_emb.weight], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr),
-         dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr)],
-        betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
-    muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-                rank=rank, world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize)
-    for group in muon.param_groups:
-        group["base_lr"] = h.matrix_lr
+    adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
+    muon = Muon(muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
+                backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay, rank=rank,
+                world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize)
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
     return [adam, muon]
+
+
+def describe_optimizers(optimizers: list[torch.optim.Optimizer]) -> list[str]:
+    """One log line per group: what it trains and with which settings."""
+    return [f"optimizer {type(opt).__name__.lower()} group:{g['name']} tensors:{len(g['params'])} "
+            f"params:{sum(p.numel() for p in g['params'])} lr:{g['base_lr']} weight_decay:{g['weight_decay']}"
+            for opt in optimizers for g in opt.param_groups]
+
+
+def muon_momentum_at(step: int, h: Hyperparameters) -> float:
+    """MUON_MOMENTUM_WARMUP_START rising linearly to MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS."""
+    if h.muon_momentum_warmup_steps == 0:
+        return h.muon_momentum
+    frac = min(1.0, step / h.muon_momentum_warmup_steps)
+    return h.muon_momentum_warmup_start + frac * (h.muon_momentum - h.muon_momentum_warmup_start)
+
+
+def set_step_hparams(optimizers: list[torch.optim.Optimizer], lr_mult: float, momentum: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -790,6 +991,24 @@ CODECS = {  # id -> (name, compress, decompress); the id is written in the artif
         lambda b: zstandard.ZstdDecompressor().decompress(b)),
 }
 _ARTIFACT_HEADER = struct.Struct("<5sBB")  # magic, format version, codec id
+
+
+FAKE_INT6_MAX = 31  # QAT grid: integers in [-31, 31] times a per-row scale
+
+
+def fake_quant_int6(w: Tensor, soft_alpha: Tensor | None = None) -> Tensor:
+    """w on the int6 per-row grid (scale = max|w_row| / 31) for QAT, same shape and dtype.
+
+    Hard (soft_alpha None): rounded values, straight-through gradient (identity). Soft: floor(x) +
+    sigmoid(alpha * (frac(x) - 1/2)) with x = w / scale, differentiable, round() as alpha grows.
+    The scale is held constant for the gradient.
+    """
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / FAKE_INT6_MAX).clamp_min(torch.finfo(w.dtype).tiny)
+    x = w / scale  # in [-31, 31] by construction
+    if soft_alpha is None:
+        return w + (x.round() * scale - w).detach()
+    q = x.floor() + torch.sigmoid(soft_alpha * (x - x.floor() - 0.5))
+    return q.clamp(-FAKE_INT6_MAX, FAKE_INT6_MAX) * scale  # the sigmoid may overshoot the end points
 
 
 def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -927,17 +1146,26 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int,
 # ----------------------------------------------------------------------------------------------------
 
 
-def lr_multiplier(progress: float, warmdown_frac: float) -> float:
-    """1 until the last warmdown_frac of the budget, then linear to 0 at its end."""
+def lr_multiplier(progress: float, warmdown_frac: float, floor: float = 0.0) -> float:
+    """1 until the last warmdown_frac of the budget, then linear down to floor at its end (and after)."""
     if warmdown_frac <= 0.0:
         return 1.0
-    return min(1.0, max(0.0, (1.0 - progress) / warmdown_frac))
+    down = min(1.0, max(0.0, (1.0 - progress) / warmdown_frac))
+    return floor + (1.0 - floor) * down
+
+
+def train_budget_ms(h: Hyperparameters) -> float:
+    """Time for the timed loop: the cap minus GPTQ_RESERVE_SECONDS, kept for the work after training that
+    counts as training (GPTQ calibration reads training data). 0 when there is no cap."""
+    if h.max_wallclock_seconds <= 0:
+        return 0.0
+    return 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds)
 
 
 def training_progress(step: int, elapsed_ms: float, h: Hyperparameters) -> float:
     """Share of the budget used: elapsed training time when there is a wallclock cap, else steps."""
     if h.max_wallclock_seconds > 0:
-        return elapsed_ms / (1000.0 * h.max_wallclock_seconds)
+        return elapsed_ms / train_budget_ms(h)
     return step / max(1, h.iterations)
 
 
@@ -960,8 +1188,7 @@ class Runtime:
             torch.cuda.synchronize()
 
 
-def train_step(model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
-               rt: Runtime, lr_mult: float) -> Tensor:
+def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime) -> Tensor:
     """One optimizer step over the global batch; returns the mean micro-batch loss on this rank."""
     x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
     total = torch.zeros((), device=rt.device)
@@ -972,9 +1199,6 @@ def train_step(model: nn.Module, optimizers: list, loader: DistributedTokenLoade
             loss = model(xm, ym).mean()
         (loss / rt.grad_accum).backward()
         total += loss.detach()
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_mult
     if h.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
     for opt in optimizers:
@@ -991,15 +1215,116 @@ def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Ru
         return
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt.rank, rt.world_size, rt.device)
+    loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
+    set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
     t0 = time.perf_counter()
     for _ in range(h.warmup_steps):
-        train_step(model, optimizers, loader, h, rt, lr_mult=1.0)
+        train_step(model, optimizers, loader, h, rt)
     rt.sync()
     base_model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
     log(f"warmup steps:{h.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+
+
+class WeightAverage:
+    """The averaged weights FINAL_WEIGHTS asks for, collected in fp32 during training: an EMA updated
+    every step, or SWA, the mean of checkpoints taken every SWA_EVERY steps while the LR warms down.
+    Nothing else is collected, so whatever is collected is used."""
+
+    def __init__(self, model: nn.Module, h: Hyperparameters):
+        self.kind, self.decay, self.every = h.final_weights, h.ema_decay, h.swa_every
+        self.params = list(model.parameters()) if self.kind != "raw" else []
+        self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.count = 0  # EMA updates or SWA checkpoints
+
+    @torch.no_grad()
+    def update(self, step: int, lr_mult: float) -> None:
+        """Called after optimizer step number `step` (1-based), which ran at `lr_mult`."""
+        weights = [p.float() for p in self.params]
+        if self.kind == "ema":
+            torch._foreach_lerp_(self.sums, weights, 1.0 - self.decay)
+            self.count += 1
+        elif self.kind == "swa" and lr_mult < 1.0 and step % self.every == 0:
+            torch._foreach_add_(self.sums, weights)
+            self.count += 1
+
+    @torch.no_grad()
+    def load_into_model(self) -> bool:
+        """Overwrite the model's weights with the average; False, leaving them alone, if none was collected."""
+        if self.count == 0:
+            return False
+        # The EMA starts at zero and is divided by 1 - decay^n, as Adam's moments are: it then averages
+        # trained weights only, never the random init, which matters in short runs; past a few thousand
+        # steps (0.997^3000 ~ 1e-4) it equals the plain EMA started from the initial weights.
+        scale = 1.0 / (1.0 - self.decay ** self.count) if self.kind == "ema" else 1.0 / self.count
+        for p, s in zip(self.params, self.sums):
+            p.copy_(s * scale)
+        return True
+
+
+def select_final_weights(average: WeightAverage, h: Hyperparameters, log) -> str:
+    """Load the FINAL_WEIGHTS average into the model (raw if nothing was collected); returns the source."""
+    source = h.final_weights
+    if source != "raw" and not average.load_into_model():
+        log(f"final_weights fallback:raw reason:no {source} weights were collected "
+            f"(swa needs a step in the warmdown that is a multiple of SWA_EVERY={h.swa_every})")
+        source = "raw"
+    log(f"final_weights source:{source} collected:{average.count}")
+    return source
+
+
+def configure_qat(model: nn.Module, mode: str) -> None:
+    """Fix the QAT mode of every CastedLinear; must run before torch.compile, which freezes it."""
+    for m in model.modules():
+        if isinstance(m, CastedLinear):
+            m.qat_mode = mode
+
+
+class QATSchedule:
+    """Switches fake int6 on in every CastedLinear (every matrix that will be quantized) from the first
+    step whose LR multiplier is under QAT_LR_THRESHOLD, for good; in soft mode alpha then ramps linearly
+    from QAT_SOFT_ALPHA_START to QAT_SOFT_ALPHA_END over QAT_SOFT_RAMP_STEPS."""
+
+    def __init__(self, model: nn.Module, h: Hyperparameters, log):
+        self.layers = [m for m in model.modules() if isinstance(m, CastedLinear)]
+        self.h, self.log = h, log
+        self.start_step: int | None = None
+        self.state = (False, 1.0)  # what the buffers hold: (on, alpha)
+
+    def update(self, step: int, lr_mult: float) -> None:
+        if self.h.qat == "off" or (self.start_step is None and lr_mult >= self.h.qat_lr_threshold):
+            return
+        if self.start_step is None:
+            self.start_step = step
+            self.log(f"qat_on step:{step} lr_mult:{lr_mult:.4f} mode:{self.h.qat} matrices:{len(self.layers)}")
+        self._set(True, self.alpha(step))
+
+    def alpha(self, step: int) -> float:
+        h = self.h
+        ramp = 1.0 if h.qat_soft_ramp_steps == 0 else min(1.0, (step - self.start_step) / h.qat_soft_ramp_steps)
+        return h.qat_soft_alpha_start + ramp * (h.qat_soft_alpha_end - h.qat_soft_alpha_start)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Plain weights inside (evaluations measure the float model); QAT as it was afterwards."""
+        before = self.state
+        self._set(False, 1.0)
+        try:
+            yield
+        finally:
+            self._set(*before)
+
+    def switch_off(self) -> None:
+        self._set(False, 1.0)
+
+    def _set(self, on: bool, alpha: float) -> None:
+        if (on, alpha) == self.state:
+            return  # each fill is a kernel launch per matrix on GPU: skip the steps that change nothing
+        self.state = (on, alpha)
+        for m in self.layers:
+            m.qat_on.fill_(float(on))
+            m.qat_alpha.fill_(alpha)
 
 
 def all_ranks_agree(flag: bool, rt: Runtime) -> bool:
@@ -1011,10 +1336,22 @@ def all_ranks_agree(flag: bool, rt: Runtime) -> bool:
     return bool(t.item())
 
 
-def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime, log):
-    """The timed loop. Returns the final (val_loss, val_bpb) of the float weights, steps and train ms."""
-    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt.rank, rt.world_size, rt.device)
-    cap_ms = 1000.0 * h.max_wallclock_seconds
+@dataclass
+class TrainResult:
+    val_loss: float  # the raw weights after the last step
+    val_bpb: float
+    steps: int
+    train_ms: float
+    average: WeightAverage
+
+
+def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime, log) -> TrainResult:
+    """The timed loop, stopped by ITERATIONS or the training budget (the cap minus the GPTQ reserve)."""
+    loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
+    average, qat = WeightAverage(base_model, h), QATSchedule(base_model, h, log)
+    budget_ms = train_budget_ms(h)
+    log(f"schedule train_budget:{budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
+        f"warmdown_frac:{h.warmdown_frac} warmdown_floor:{h.warmdown_floor}")
     train_ms, step, stop_at = 0.0, 0, None
     rt.sync()
     t0 = time.perf_counter()
@@ -1023,7 +1360,8 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.sync()
             train_ms += 1000 * (time.perf_counter() - t0)  # evaluation does not count as training
-            val_loss, val_bpb = eval_fn()
+            with qat.paused():
+                val_loss, val_bpb = eval_fn()
             log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             rt.sync()
@@ -1032,12 +1370,15 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         progress = training_progress(step, elapsed, h)
-        lr_mult = lr_multiplier(progress, h.warmdown_frac)
+        lr_mult = lr_multiplier(progress, h.warmdown_frac, h.warmdown_floor)
+        set_step_hparams(optimizers, lr_mult, muon_momentum_at(step, h))
+        qat.update(step, lr_mult)
         repeats_on = progress >= h.mini_recur_start_frac
         if base_model.set_mini_recurrence(repeats_on):  # a compiled model recompiles once per state
             log(f"mini_recurrence:{'on' if repeats_on else 'off'} step:{step} progress:{progress:.4f}")
-        loss = train_step(model, optimizers, loader, h, rt, lr_mult)
+        loss = train_step(model, optimizers, loader, h, rt)
         step += 1
+        average.update(step, lr_mult)
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         if h.train_log_every > 0 and (step % h.train_log_every == 0 or step <= 10):
             if rt.world_size > 1:  # gloo has no AVG reduction
@@ -1045,10 +1386,11 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        if stop_at is None and cap_ms > 0 and all_ranks_agree(elapsed >= cap_ms, rt):
+        if stop_at is None and budget_ms > 0 and all_ranks_agree(elapsed >= budget_ms, rt):
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
-    return val_loss, val_bpb, step, train_ms
+    qat.switch_off()  # the final evaluations and the artifact use the plain weights
+    return TrainResult(val_loss, val_bpb, step, train_ms, average)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1136,6 +1478,7 @@ def build_model(h: Hyperparameters, rt: Runtime, log, bos_id: int) -> tuple[GPT,
     if h.smear_gate and bos_id < 0:
         raise ValueError(f"SMEAR_GATE=1 needs the tokenizer's BOS id, but {h.tokenizer_path} has no BOS")
     base = GPT(ModelConfig.from_hparams(h, bos_id), attention).to(rt.device)
+    configure_qat(base, h.qat)
     log(base.describe())
     orthogonalize, compiled = newton_schulz5, base
     if rt.device.type == "cuda" and h.compile:
@@ -1205,6 +1548,8 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
 
     base, model, eval_model, orthogonalize = build_model(h, rt, log, sp.bos_id())
     optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
+    for line in describe_optimizers(optimizers):
+        log(line)
 
     def eval_fn():
         batch = max(1, h.val_batch_size // h.train_seq_len)
@@ -1212,8 +1557,12 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
                         rt.rank, rt.world_size, rt.autocast)
 
     prime_kernels(model, optimizers, base, h, rt, log)
-    val_loss, val_bpb, steps, train_ms = train(model, optimizers, base, eval_fn, h, rt, log)
-    log(f"final_float_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} steps:{steps} train_time:{train_ms:.0f}ms")
+    result = train(model, optimizers, base, eval_fn, h, rt, log)
+    log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
+        f"train_time:{result.train_ms:.0f}ms")
+    weights = select_final_weights(result.average, h, log)
+    val_loss, val_bpb = (result.val_loss, result.val_bpb) if weights == "raw" else eval_fn()
+    log(f"final_float_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} weights:{weights}")
     if rt.device.type == "cuda":
         log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() >> 20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")

@@ -217,7 +217,7 @@ def test_fp16_names_are_the_small_control_tensors():
     assert not {"tok_emb.weight", "bigram.table.weight", "bigram.proj.weight", "blocks.0.attn.c_q.weight"} & names
     big = torch.randn(512, 256)
     packed = tg.quantize_state_dict({"kept": big, "quantized": big}, fp16_names=frozenset({"kept"}))
-    assert packed["tensors"]["kept"]["kind"] == "fp16" and packed["tensors"]["quantized"]["kind"] == "int8_row"
+    assert packed["kept"]["kind"] == "fp16" and packed["quantized"]["kind"] == "int"
 
 
 # ---- depth recurrence ---------------------------------------------------------------------------

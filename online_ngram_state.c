@@ -371,12 +371,18 @@ int ngram_hints(const uint16_t *tokens, int64_t n, int32_t vocab, const uint8_t 
         int64_t count = n - t0 < CHUNK ? n - t0 : CHUNK;
         scan(&s, tokens, t0, count, kind, norm_id, ring);
         for (int64_t i = 0; i < count && status == NGRAM_OK; i++) {
+            int64_t t = t0 + i;
             if (i + PREFETCH_AHEAD < count) {
                 const Contexts *ahead = &ring[i + PREFETCH_AHEAD];
-                for (int e = 0; e < NGRAM_EXPERTS; e++)
-                    if (ahead->fp[e]) prefetch_slot(ex[e].ctx, ahead->fp[e] << 16);
+                uint64_t next = tokens[t + PREFETCH_AHEAD];
+                for (int e = 0; e < NGRAM_EXPERTS; e++) {
+                    if (!ahead->fp[e]) continue;
+                    prefetch_slot(ex[e].ctx, ahead->fp[e] << 16);
+                    /* The word experts' contexts see many continuations, so learning one usually
+                     * touches its pair slot; a 16-gram almost never has a second continuation. */
+                    if (e > 0 && expert_learns(e, ahead->cls)) prefetch_slot(ex[e].pairs, ahead->fp[e] << 16 | next);
+                }
             }
-            int64_t t = t0 + i;
             const Contexts *c = &ring[i];
             for (int e = 0; e < NGRAM_EXPERTS; e++) {
                 hint[e * n + t] = -1;

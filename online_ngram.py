@@ -40,15 +40,12 @@ CACHE_MAX_ORDER = 7  # the cache counts orders 2..7: contexts of 1..6 tokens
 MAX_VOCAB = 65536  # tokens are uint16
 # Piece kinds, as online_ngram_state.c numbers them.
 PIECE_CONTINUATION, PIECE_WORD_START, PIECE_BOUNDARY = 0, 1, 2
-# A table doubles whenever it is over half full (short linear probes), up to twice the most entries the
-# stream can create in it (one per position that learns), so with these sizes it cannot fill up.
-# Tables start small: one sized for the worst case from the start is mostly empty and turns every probe
-# into a cache miss (1.5-2x slower on 20 M tokens). Only the 16-gram and word-start context tables
-# start at their full size: in real text almost every such context is new (99% and 77% of the
-# learning positions), and doubling up to there would only add rehashing.
-SLOTS_PER_ENTRY = 2
+# The hint pass sizes each bucket's tables from its number of learning positions, at most half full
+# (short linear probes): with these sizes they cannot fill up. The cache's tables start small and double
+# whenever they are over half full, up to the same bound over the whole stream.
+SLOTS_PER_ENTRY = 2.0
 INITIAL_SLOTS = 1 << 16
-PRESIZED_TABLES = (0, 4)  # token_contexts, word_contexts
+TABLE_PARTS = ("singles", "contexts", "pairs")  # per expert, as online_ngram_state.c orders them
 SLOT_BYTES = 16
 _STATUS = {1: "full", 2: "no_memory", 3: "bad_token", 4: "bad_argument"}
 
@@ -106,8 +103,8 @@ def load_library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(lib_path))
     i64, i32 = ctypes.c_int64, ctypes.c_int32
     arr = lambda dtype: ndpointer(dtype, flags="C_CONTIGUOUS")  # noqa: E731
-    lib.ngram_hints.argtypes = [arr(np.uint16), i64, i32, arr(np.uint8), arr(np.int32), arr(np.int64),
-                                arr(np.int64), arr(np.int32), arr(np.float32), arr(np.int64), arr(np.int64),
+    lib.ngram_hints.argtypes = [arr(np.uint16), i64, i32, arr(np.uint8), arr(np.int32), ctypes.c_double,
+                                arr(np.int32), arr(np.float32), arr(np.int64), arr(np.int64), arr(np.int64),
                                 arr(np.int64)]
     lib.ngram_cache.argtypes = [arr(np.uint16), i64, i32, i32, arr(np.int64), arr(np.int64), arr(np.float64),
                                 arr(np.int64), arr(np.int64), arr(np.int64)]
@@ -128,19 +125,14 @@ def _library() -> ctypes.CDLL:
 @dataclass
 class TableStats:
     names: list[str]
-    slots: np.ndarray  # int64 [tables]: final size of each table
-    used: np.ndarray  # int64 [tables]: filled slots
-    max_slots: np.ndarray  # int64 [tables]: the size each table could have grown to
+    slots: np.ndarray  # int64 [tables]: the largest size of each table
+    used: np.ndarray  # int64 [tables]: entries made in it
+    memory_bytes: int  # peak bytes of the pass's tables (and buffers)
     seconds: float  # wall time of the pass
     cpu_seconds: float  # CPU time of the pass (its thread only)
 
-    @property
-    def memory_bytes(self) -> int:
-        return int(self.slots.sum()) * SLOT_BYTES
-
     def lines(self) -> list[str]:
-        return [f"name:{n} slots:{s} used:{u} load:{u / s:.4f} bytes:{s * SLOT_BYTES} max_slots:{m}"
-                for n, s, u, m in zip(self.names, self.slots.tolist(), self.used.tolist(), self.max_slots.tolist())]
+        return [f"name:{n} slots:{s} used:{u}" for n, s, u in zip(self.names, self.slots.tolist(), self.used.tolist())]
 
 
 @dataclass
@@ -164,50 +156,40 @@ def _check_tokens(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
     return tokens
 
 
-def _run(fn, names: list[str], initial: np.ndarray, max_slots: np.ndarray, tokens: np.ndarray, vocab: int,
-         inputs: tuple, outputs: tuple) -> TableStats:
-    """Call a pass of the C library: fn(tokens, N, V, *inputs, initial, max_slots, *outputs, slots, used,
-    err_info). Raises a clear error for a bad status."""
-    slots, used = np.zeros_like(max_slots), np.zeros_like(max_slots)
+def _run(fn, names: list[str], tokens: np.ndarray, vocab: int, inputs: tuple, outputs: tuple,
+         sizes: tuple = ()) -> tuple[np.ndarray, np.ndarray, int, float, float]:
+    """Call a pass of the C library: fn(tokens, N, V, *inputs, *outputs, slots, used, *sizes, err_info).
+    Returns (slots, used, wall s, CPU s); raises a clear error for a bad status."""
+    slots, used = np.zeros(len(names), dtype=np.int64), np.zeros(len(names), dtype=np.int64)
     err = np.zeros(1, dtype=np.int64)
     t0, c0 = time.perf_counter(), time.thread_time()  # ctypes runs the call on this thread
-    status = fn(tokens, len(tokens), vocab, *inputs, initial, max_slots, *outputs, slots, used, err)
-    stats = TableStats(names, slots, used, max_slots, time.perf_counter() - t0, time.thread_time() - c0)
+    status = fn(tokens, len(tokens), vocab, *inputs, *outputs, slots, used, *sizes, err)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.thread_time() - c0
     info = int(err[0])
     kind = _STATUS.get(status, f"status {status}")
     if kind in ("full", "no_memory"):
-        what = "is full" if kind == "full" else "could not grow"
-        raise RuntimeError(f"n-gram table {names[info]} {what} ({slots[info]} slots, "
-                           f"{slots[info] * SLOT_BYTES} bytes) on a stream of {len(tokens)} tokens")
+        what = "is full" if kind == "full" else "could not be allocated"
+        raise RuntimeError(f"n-gram table {names[info]} {what} ({slots[info]} slots) on a stream of "
+                           f"{len(tokens)} tokens")
     if kind == "bad_token":
         raise _bad_token(tokens, info, vocab)
     if status:
-        raise ValueError(f"online_ngram_state.c rejected its arguments ({kind}, table {names[info]}: "
-                         f"initial {initial[info]} slots, at most {max_slots[info]})")
-    return stats
+        raise ValueError(f"online_ngram_state.c rejected its arguments ({kind}, table {names[info]})")
+    return slots, used, seconds, cpu_seconds
 
 
-def hint_capacities(tokens: np.ndarray, tables: WordTables) -> np.ndarray:
-    """The most slots each table may need (contexts and pairs of each expert): from the number of
-    positions that learn in it."""
-    starts, continues = position_classes(tokens, tables.kind)
-    learners = (max(0, len(tokens) - TOKEN_CONTEXT), int(continues.sum()), int(starts.sum()))
-    return np.array([SLOTS_PER_ENTRY * n + 2 for n in learners for _ in range(2)], dtype=np.int64)
-
-
-def hint_pass(tokens: np.ndarray, tables: WordTables, max_slots: np.ndarray | None = None) -> Hints:
+def hint_pass(tokens: np.ndarray, tables: WordTables, slots_per_entry: float = SLOTS_PER_ENTRY) -> Hints:
     """Every expert's hint and confidence for every position of the stream, from the tokens before it."""
     vocab = len(tables.kind)
     tokens = _check_tokens(tokens, vocab)
-    max_slots = hint_capacities(tokens, tables) if max_slots is None else np.asarray(max_slots, dtype=np.int64)
-    initial = np.minimum(max_slots, INITIAL_SLOTS)
-    initial[list(PRESIZED_TABLES)] = max_slots[list(PRESIZED_TABLES)]
     hint = np.empty((len(EXPERTS), len(tokens)), dtype=np.int32)
     conf = np.empty((len(EXPERTS), len(tokens)), dtype=np.float32)
-    names = [f"{e}_{part}" for e in EXPERTS for part in ("contexts", "pairs")]
-    stats = _run(_library().ngram_hints, names, initial, max_slots, tokens, vocab,
-                 inputs=(tables.kind, tables.norm_id), outputs=(hint, conf))
-    return Hints(hint, conf, stats)
+    memory = np.zeros(1, dtype=np.int64)
+    names = [f"{e}_{part}" for e in EXPERTS for part in TABLE_PARTS]
+    slots, used, seconds, cpu = _run(_library().ngram_hints, names, tokens, vocab,
+                                     inputs=(tables.kind, tables.norm_id, slots_per_entry), outputs=(hint, conf),
+                                     sizes=(memory,))
+    return Hints(hint, conf, TableStats(names, slots, used, int(memory[0]), seconds, cpu))
 
 
 def cache_capacities(n: int, vocab_size: int, max_order: int) -> np.ndarray:
@@ -227,9 +209,10 @@ def cache_pass(tokens: np.ndarray, vocab_size: int, max_order: int = CACHE_MAX_O
     max_slots = cache_capacities(n, vocab_size, max_order) if max_slots is None else np.asarray(max_slots, np.int64)
     prob = np.empty(n, dtype=np.float64)
     names = [f"order{k + 1}_{part}" for k in range(1, max_order) for part in ("contexts", "pairs")]
-    stats = _run(_library().ngram_cache, names, np.minimum(max_slots, INITIAL_SLOTS), max_slots, tokens,
-                 vocab_size, inputs=(max_order - 1,), outputs=(prob,))
-    return prob, stats
+    slots, used, seconds, cpu = _run(_library().ngram_cache, names, tokens, vocab_size,
+                                     inputs=(max_order - 1, np.minimum(max_slots, INITIAL_SLOTS), max_slots),
+                                     outputs=(prob,))
+    return prob, TableStats(names, slots, used, int(slots.sum()) * SLOT_BYTES, seconds, cpu)
 
 
 # ---- reference implementation (plain Python, exact contexts instead of hashes) ----------------------

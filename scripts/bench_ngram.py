@@ -61,9 +61,12 @@ def main() -> None:
     tables = ng.build_word_tables(sp, sp.vocab_size())
     tokens = load_tokens(args.data, args.split, args.tokens)
     ng.load_library()  # build outside the timed runs
-    hints = [ng.hint_pass(tokens, tables) for _ in range(args.repeats)]
-    report("ngram_hints", len(tokens), [h.stats for h in hints])
-    conf = hints[-1].conf
+    runs = []
+    for _ in range(args.repeats):  # keep one run's hints at a time: they take 24 bytes per token
+        hints = ng.hint_pass(tokens, tables)
+        runs.append(hints.stats)
+    report("ngram_hints", len(tokens), runs)
+    conf = hints.conf
     print("ngram_gated " + " ".join(f"{e}:{(conf[i] >= th).mean():.6f}"
                                     for i, (e, th) in enumerate(zip(ng.EXPERTS, PUBLIC_THRESHOLDS))))
     if args.cache:

@@ -79,16 +79,19 @@ def test_hints_match_reference_on_real_text(real):
     assert continuation.any() and (tables.kind[tokens[np.flatnonzero(continuation) - 1]] == ng.PIECE_BOUNDARY).all()
 
 
-def test_tables_that_grow_give_the_same_hints(real, monkeypatch):
+def test_table_sizes_do_not_change_results(real, monkeypatch):
     tokens, tables = real
-    full = ng.hint_pass(tokens, tables)
-    monkeypatch.setattr(ng, "INITIAL_SLOTS", 4)
-    monkeypatch.setattr(ng, "PRESIZED_TABLES", ())
-    grown = ng.hint_pass(tokens, tables)
-    np.testing.assert_array_equal(grown.hint, full.hint)
-    np.testing.assert_array_equal(grown.conf, full.conf)
-    assert (grown.stats.slots < grown.stats.max_slots).any() and (grown.stats.used == full.stats.used).all()
-    assert grown.stats.memory_bytes == ng.SLOT_BYTES * grown.stats.slots.sum()
+    roomy = ng.hint_pass(tokens, tables)
+    tight = ng.hint_pass(tokens, tables, slots_per_entry=1.05)  # nearly full tables: long probes
+    np.testing.assert_array_equal(tight.hint, roomy.hint)
+    np.testing.assert_array_equal(tight.conf, roomy.conf)
+    assert (tight.stats.used == roomy.stats.used).all() and tight.stats.slots[0] < roomy.stats.slots[0]
+    assert (roomy.stats.slots[2::3] > 64).any()  # a pairs table grew beyond its first 64 slots
+    prob, stats = ng.cache_pass(tokens[:5000], TINY_VOCAB)
+    monkeypatch.setattr(ng, "INITIAL_SLOTS", 4)  # cache tables that start tiny and double many times
+    grown, grown_stats = ng.cache_pass(tokens[:5000], TINY_VOCAB)
+    np.testing.assert_array_equal(grown, prob)
+    assert (grown_stats.used == stats.used).all()
 
 
 def test_cache_matches_reference(real):
@@ -101,10 +104,12 @@ def test_cache_matches_reference(real):
 
 def test_full_table_and_bad_tokens_are_clear_errors(real):
     tokens, tables = real
-    tiny = ng.hint_capacities(tokens, tables)
-    tiny[3] = 8  # within_pairs
-    with pytest.raises(RuntimeError, match=r"n-gram table within_pairs is full \(8 slots"):
-        ng.hint_pass(tokens, tables, tiny)
+    with pytest.raises(RuntimeError, match=r"n-gram table token_singles is full \(\d+ slots\) on a stream of"):
+        ng.hint_pass(tokens, tables, slots_per_entry=0.5)
+    caps = ng.cache_capacities(len(tokens), TINY_VOCAB, ng.CACHE_MAX_ORDER)
+    caps[3] = 100  # order3_pairs
+    with pytest.raises(RuntimeError, match=r"n-gram table order3_pairs is full \(100 slots\)"):
+        ng.cache_pass(tokens, TINY_VOCAB, max_slots=caps)
     bad = tokens[:100].copy()
     bad[57] = TINY_VOCAB
     with pytest.raises(ValueError, match=f"token {TINY_VOCAB} at position 57 is outside the vocabulary"):
@@ -289,10 +294,12 @@ def test_plain_score_equals_train_gpt_sliding_window(trained):
     assert re.search(r"^ngram_timing prepare_ms:\d+ share_ms:\d+ eval_ms:\d+ total_ms:\d+$", log, re.M)
 
 
-def test_boosts_of_zero_leave_the_model_unchanged(trained):
+def test_zero_boosts_and_zero_cache_weight_leave_the_model_unchanged(trained):
     env, _ = trained
-    sums, _ = run_eval(env, NGRAM_TOKEN_BOOST=0, NGRAM_WITHIN_BOOST=0, NGRAM_WORD_BOOST=0)
+    sums, _ = run_eval(env, NGRAM_TOKEN_BOOST=0, NGRAM_WITHIN_BOOST=0, NGRAM_WORD_BOOST=0, NGRAM_CACHE=1,
+                       NGRAM_CACHE_WEIGHT=0)
     assert sums["tilted_nats"] == sums["plain_nats"] and sums["fired_token"] == 0
+    assert sums["cache_nats"] == pytest.approx(sums["plain_nats"], rel=1e-12)
 
 
 def test_two_ranks_share_the_hints_and_match_one(trained, tmp_path):

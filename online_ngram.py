@@ -70,16 +70,6 @@ def build_word_tables(sp, vocab_size: int) -> WordTables:
     return WordTables(kind.astype(np.uint8), norm_id.astype(np.int32))
 
 
-def position_classes(tokens: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, continues) [N] bool: does token t start a word / continue the current one."""
-    k = kind[tokens]
-    boundary = k == PIECE_BOUNDARY
-    after_boundary = np.ones(len(tokens), dtype=bool)  # the stream starts like a document
-    after_boundary[1:] = boundary[:-1]
-    starts = ~boundary & (after_boundary | (k == PIECE_WORD_START))
-    return starts, ~boundary & ~starts
-
-
 # ---- the C library -------------------------------------------------------------------------------
 
 

@@ -147,13 +147,13 @@ def _check_tokens(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 def _run(fn, names: list[str], tokens: np.ndarray, vocab: int, inputs: tuple, outputs: tuple,
-         sizes: tuple = ()) -> tuple[np.ndarray, np.ndarray, int, float, float]:
-    """Call a pass of the C library: fn(tokens, N, V, *inputs, *outputs, slots, used, *sizes, err_info).
-    Returns (slots, used, wall s, CPU s); raises a clear error for a bad status."""
+         more_outputs: tuple = ()) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Call a pass of the C library: fn(tokens, N, V, *inputs, *outputs, slots, used, *more_outputs,
+    err_info). Returns (slots, used, wall seconds, CPU seconds); raises a clear error for a bad status."""
     slots, used = np.zeros(len(names), dtype=np.int64), np.zeros(len(names), dtype=np.int64)
     err = np.zeros(1, dtype=np.int64)
     t0, c0 = time.perf_counter(), time.thread_time()  # ctypes runs the call on this thread
-    status = fn(tokens, len(tokens), vocab, *inputs, *outputs, slots, used, *sizes, err)
+    status = fn(tokens, len(tokens), vocab, *inputs, *outputs, slots, used, *more_outputs, err)
     seconds, cpu_seconds = time.perf_counter() - t0, time.thread_time() - c0
     info = int(err[0])
     kind = _STATUS.get(status, f"status {status}")
@@ -178,7 +178,7 @@ def hint_pass(tokens: np.ndarray, tables: WordTables, slots_per_entry: float = S
     names = [f"{e}_{part}" for e in EXPERTS for part in TABLE_PARTS]
     slots, used, seconds, cpu = _run(_library().ngram_hints, names, tokens, vocab,
                                      inputs=(tables.kind, tables.norm_id, slots_per_entry), outputs=(hint, conf),
-                                     sizes=(memory,))
+                                     more_outputs=(memory,))
     return Hints(hint, conf, TableStats(names, slots, used, int(memory[0]), seconds, cpu))
 
 

@@ -86,7 +86,7 @@ typedef struct {
 static unsigned char *slots_alloc(uint64_t cap, size_t slot_bytes) {
     size_t bytes = (size_t)cap * slot_bytes;
     /* Anonymous pages arrive zeroed (every slot empty) and only when touched; huge pages spare the
-     * TLB a miss on almost every probe of a multi-GB table. */
+     * TLB most of the misses of random probes. */
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return NULL;
 #ifdef MADV_HUGEPAGE

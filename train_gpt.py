@@ -1566,25 +1566,37 @@ def sliding_window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np
     return np.asarray(starts, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
-             batch_windows: int, rank: int = 0, world_size: int = 1,
-             autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+def eval_batches(val_tokens: Tensor, seq_len: int, stride: int, batch_windows: int, rank: int = 0,
+                 world_size: int = 1):
+    """This rank's share of the sliding windows, batch_windows at a time: (x, y, scored, target_pos).
+
+    x, y [B, seq_len] are inputs and targets; scored [B, seq_len] marks the targets this window scores
+    (over all ranks every target exactly once); target_pos [B, seq_len] is each target's index in
+    val_tokens (clamped on the padding rows, which score nothing).
+    """
     device = val_tokens.device
     starts, offsets = sliding_window_plan(len(val_tokens) - 1, seq_len, stride)
     mine = np.array_split(np.arange(len(starts)), world_size)[rank]
     positions = torch.arange(seq_len + 1, device=device)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # nats, tokens, bytes
     for b in range(0, len(mine), batch_windows):
         idx = mine[b:b + batch_windows]
         pad = batch_windows - len(idx)  # a fixed batch shape avoids recompiling for the last batch
         start = torch.from_numpy(np.pad(starts[idx], (0, pad))).to(device)
         first = torch.from_numpy(np.pad(offsets[idx], (0, pad), constant_values=seq_len)).to(device)
         token_pos = start[:, None] + positions[None, :]
-        window = val_tokens[token_pos.clamp_max(len(val_tokens) - 1)].long()
-        x, y = window[:, :-1], window[:, 1:]
+        clamped = token_pos.clamp_max(len(val_tokens) - 1)
+        window = val_tokens[clamped].long()
         scored = (positions[None, :-1] >= first[:, None]) & (token_pos[:, 1:] < len(val_tokens))
+        yield window[:, :-1], window[:, 1:], scored, clamped[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
+             batch_windows: int, rank: int = 0, world_size: int = 1,
+             autocast=contextlib.nullcontext) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+    sums = torch.zeros(3, device=val_tokens.device, dtype=torch.float64)  # nats, tokens, bytes
+    for x, y, scored, _ in eval_batches(val_tokens, seq_len, stride, batch_windows, rank, world_size):
         with autocast():
             nll = model(x, y)
         sums[0] += nll.double()[scored].sum()

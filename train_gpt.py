@@ -32,7 +32,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import brotli
 import numpy as np
@@ -78,6 +78,25 @@ class Hyperparameters:
     logit_softcap: float = _hp(30.0, lo=1.0, hi=1e4)
     qk_gain_init: float = _hp(1.5, lo=0.0, hi=100.0)
     tied_embed_init_std: float = _hp(0.005, lo=0.0, hi=1.0)
+    # Model: record architecture. Each part switches off to the baseline model (SPEC section 3).
+    mlp_activation: str = _hp("relu2", choices=("relu2", "leaky_relu2"))  # leaky: LeakyReLU(0.5)^2
+    rope_dims: int = _hp(16, lo=2, hi=4096)  # rotary on the first ROPE_DIMS dims of each head; head dim = full
+    block_input_scale: bool = _hp(True)  # the normalized input of layer l is multiplied by 1/sqrt(l+1)
+    unet_gates: bool = _hp(True)  # skip blend x = g*x + (1-g)*w*skip, g = sigmoid(gate); off: x + w*skip
+    xsa_layers: str = _hp("all")  # exclusive self attention: "all", "none" or effective layer ids "0,5,10"
+    smear_gate: bool = _hp(True)  # blend each token with the previous one, never across a BOS
+    bigram_buckets: int = _hp(2048, lo=0, hi=1 << 20)  # BigramHash table rows (last one: position 0); 0: off
+    bigram_dim: int = _hp(128, lo=1, hi=4096)
+    bigram_scale_init: float = _hp(0.05, lo=0.0, hi=10.0)
+    ortho_init: bool = _hp(True)  # orthogonal block matrices, MLP output projections x 1/sqrt(2 L)
+    recurrence: bool = _hp(False)  # RECUR_PRELUDE blocks, one shared block x RECUR_PASSES, RECUR_CODA blocks
+    recur_prelude: int = _hp(2, lo=0, hi=64)
+    recur_passes: int = _hp(7, lo=1, hi=64)
+    recur_coda: int = _hp(2, lo=0, hi=64)
+    mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
+    mini_recur_first: int = _hp(4, lo=0, hi=63)
+    mini_recur_last: int = _hp(5, lo=0, hi=63)
+    mini_recur_start_frac: float = _hp(0.0, lo=0.0, hi=0.999)  # repeats start at this share of training
     # Training length and batch.
     train_seq_len: int = _hp(2048, lo=2, hi=65536)
     train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)
@@ -95,6 +114,28 @@ class Hyperparameters:
     beta2: float = _hp(0.95, lo=0.0, hi=0.99999)
     adam_eps: float = _hp(1e-8, lo=1e-12, hi=1e-2)
     grad_clip_norm: float = _hp(0.3, lo=0.0, hi=1e6)  # 0: no clipping
+    # Optimizer: record recipe.
+    muon_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # decoupled: W *= 1 - lr * wd every step
+    muon_momentum_warmup_start: float = _hp(0.92, lo=0.0, hi=0.9999)  # rises linearly to MUON_MOMENTUM
+    muon_momentum_warmup_steps: int = _hp(1500, lo=0, hi=10**9)  # 0: MUON_MOMENTUM from step 0
+    matrix_lr_late: float = _hp(0.030, lo=0.0, hi=10.0)  # Muon LR of the layers from MATRIX_LR_SPLIT_LAYER on
+    matrix_lr_split_layer: int = _hp(5, lo=0, hi=64)  # layers below it use MATRIX_LR
+    embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # untied embedding tables (the bigram table)
+    gate_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # non-matrix parameters with "gate" in their name
+    embed_weight_decay: float = _hp(0.01, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
+    # Schedule, weight averaging and QAT.
+    warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
+    gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
+    final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
+    ema_decay: float = _hp(0.997, lo=0.0, hi=0.999999)  # EMA of the weights, updated every step
+    swa_every: int = _hp(50, lo=1, hi=10**9)  # SWA checkpoint period (steps) during the warmdown
+    qat: str = _hp("hard", choices=("off", "hard", "soft"))  # fake int6: straight-through or soft-round
+    qat_lr_threshold: float = _hp(0.15, lo=0.0, hi=1.0)  # QAT switches on once the LR multiplier is below
+    qat_soft_alpha_start: float = _hp(1.0, lo=0.0, hi=1e4)  # soft-round sharpness when QAT switches on
+    qat_soft_alpha_end: float = _hp(16.0, lo=0.0, hi=1e4)  # ... reached QAT_SOFT_RAMP_STEPS later
+    qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)
+    # Data order.
+    train_loader: str = _hp("coprime", choices=("coprime", "sequential"))
     # Quantization and compression.
     quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 8))  # block matrices: int6 per row
     quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
@@ -133,8 +174,12 @@ class Hyperparameters:
         """Cross-field rules; each error names the variables involved."""
         if self.model_dim % self.num_heads:
             raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            raise ValueError(f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even (rotary)")
+        head_dim = self.model_dim // self.num_heads
+        if head_dim % 2:
+            raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (rotary)")
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim "
+                             f"MODEL_DIM/NUM_HEADS={head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         seqs = self.train_batch_tokens // self.train_seq_len
@@ -144,6 +189,28 @@ class Hyperparameters:
                 f"times a multiple of {MICRO_BATCHES_PER_STEP} sequences")
         if self.eval_stride > self.eval_seq_len:
             raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+        if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
+            raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time out of "
+                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        if self.qat != "off" and (self.warmdown_frac == 0 or self.warmdown_floor >= self.qat_lr_threshold):
+            raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
+                             f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
+                             f"WARMDOWN_FLOOR={self.warmdown_floor}); set QAT=off or change them")
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        parse_layer_set(self.xsa_layers, self.num_layers, "XSA_LAYERS")
+        if self.bigram_buckets == 1:
+            raise ValueError("BIGRAM_BUCKETS=1 is invalid: 0 (off) or at least 2 (one row is reserved)")
+        depth = self.recur_prelude + self.recur_passes + self.recur_coda
+        if self.recurrence and depth != self.num_layers:
+            raise ValueError(f"RECURRENCE=1 needs NUM_LAYERS={self.num_layers} to equal the effective depth "
+                             f"RECUR_PRELUDE + RECUR_PASSES + RECUR_CODA = {depth}")
+        if self.mini_recur_repeats and self.recurrence:
+            raise ValueError("MINI_RECUR_REPEATS and RECURRENCE=1 cannot be combined: choose one form")
+        if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
+            raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first} and MINI_RECUR_LAST={self.mini_recur_last} "
+                             f"must satisfy FIRST <= LAST < NUM_LAYERS={self.num_layers}")
         parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
 
 
@@ -167,6 +234,22 @@ def _parse_env_value(key: str, raw: str, default, meta: dict):
     return value
 
 
+def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
+    """'all', 'none' (or empty) or comma-separated layer ids in [0, num_layers)."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return frozenset(range(num_layers))
+    if spec in ("", "none"):
+        return frozenset()
+    try:
+        layers = frozenset(int(part) for part in spec.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={spec!r} is invalid: expected all, none or comma-separated layer ids") from None
+    if not all(0 <= layer < num_layers for layer in layers):
+        raise ValueError(f"{name}={spec!r} is out of range: layer ids are in [0, {num_layers - 1}]")
+    return layers
+
+
 def grad_accum_steps(world_size: int) -> int:
     if world_size < 1 or MICRO_BATCHES_PER_STEP % world_size:
         raise ValueError(f"WORLD_SIZE={world_size} must divide {MICRO_BATCHES_PER_STEP} (1, 2, 4 or 8 processes)")
@@ -187,6 +270,15 @@ FETCH_HINT = ("fetch the challenge data with `python data/cached_challenge_finew
 
 def load_data_shard(path: str | Path) -> np.ndarray:
     """Tokens of one shard as uint16, after checking its header and size against each other."""
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_BYTES)
+
+
+def open_data_shard(path: str | Path) -> np.ndarray:
+    """The checked shard's tokens memory-mapped: random blocks of many large shards without reading them whole."""
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(shard_token_count(path),))
+
+
+def shard_token_count(path: str | Path) -> int:
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
@@ -200,7 +292,7 @@ def load_data_shard(path: str | Path) -> np.ndarray:
     expected = SHARD_HEADER_BYTES + 2 * count
     if count < 0 or size != expected:
         raise ValueError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
-    return np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    return count
 
 
 def find_shards(data_path: str, split: str) -> list[str]:
@@ -256,9 +348,95 @@ class DistributedTokenLoader:
         local = torch.from_numpy(chunk[start:start + seqs_per_rank * seq_len + 1].astype(np.int64))
         x = local[:-1].view(seqs_per_rank, seq_len)
         y = local[1:].view(seqs_per_rank, seq_len)
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+        return _to_device(x, self.device), _to_device(y, self.device)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def random_coprime(n: int, rng: np.random.Generator) -> int:
+    """A uniformly drawn stride in [1, n) sharing no factor with n (1 when n is 1)."""
+    while True:
+        stride = int(rng.integers(1, n)) if n > 1 else 1
+        if math.gcd(stride, n) == 1:
+            return stride
+
+
+class CoprimeBlockOrder:
+    """The global order of training blocks (SPEC section 4); a function of the seed only, so every rank
+    computes the same one.
+
+    Each pass gives shard j a random phase a_j and a stride s_j coprime with its block count n_j; the
+    k-th block the pass takes from shard j is (a_j + k * s_j) mod n_j, so the pass visits every block
+    exactly once in a scrambled order. Which shard serves each draw is a uniform shuffle of all the
+    pass's draws: at every point a shard is picked with probability proportional to its remaining blocks.
+    """
+
+    def __init__(self, block_counts: list[int], seed: int):
+        self.counts = np.asarray(block_counts, dtype=np.int64)
+        self.rng = np.random.default_rng(seed)
+        self.passes = 0
+        self._start_pass()
+
+    def _start_pass(self) -> None:
+        counts, rng = self.counts, self.rng
+        shards = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+        phase = rng.integers(0, counts)
+        stride = np.array([random_coprime(int(n), rng) for n in counts], dtype=np.int64)
+        # k = how many earlier draws of the pass went to the same shard.
+        by_shard = np.argsort(shards, kind="stable")
+        k = np.empty_like(shards)
+        k[by_shard] = np.arange(len(shards)) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.shards, self.blocks = shards, (phase[shards] + k * stride[shards]) % counts[shards]
+        self.pos = 0
+        self.passes += 1
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n draws as (shard index, block index) arrays; a new pass starts when one ends."""
+        shards, blocks = [], []
+        while n > 0:
+            if self.pos == len(self.shards):
+                self._start_pass()
+            k = min(n, len(self.shards) - self.pos)
+            shards.append(self.shards[self.pos:self.pos + k])
+            blocks.append(self.blocks[self.pos:self.pos + k])
+            self.pos += k
+            n -= k
+        return np.concatenate(shards), np.concatenate(blocks)
+
+
+class CoprimeLoader:
+    """Sequences are blocks of seq_len + 1 tokens at multiples of seq_len in any shard, in the seeded
+    CoprimeBlockOrder; each step's global batch is its next S blocks and rank r reads only its slice
+    [r*S/W, (r+1)*S/W), so the ranks are disjoint and the global batch is the same for every W."""
+
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seq_len: int,
+                 seed: int):
+        tokens = [open_data_shard(f) for f in files]
+        counts = [(len(t) - 1) // seq_len for t in tokens]  # a block also needs its last target
+        if not any(counts):
+            raise ValueError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens: {files[0]} ...")
+        self.tokens = [t for t, n in zip(tokens, counts) if n]
+        self.order = CoprimeBlockOrder([n for n in counts if n], seed)
+        self.rank, self.world_size, self.device, self.seq_len = rank, world_size, device, seq_len
+
+    def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        if seq_len != self.seq_len:
+            raise ValueError(f"this loader cuts blocks of {self.seq_len} tokens, not {seq_len}")
+        seqs_per_rank = global_tokens // seq_len // self.world_size
+        shards, blocks = self.order.take(seqs_per_rank * self.world_size)
+        mine = slice(self.rank * seqs_per_rank, (self.rank + 1) * seqs_per_rank)
+        rows = np.stack([self.tokens[s][b * seq_len:(b + 1) * seq_len + 1] for s, b in zip(shards[mine], blocks[mine])])
+        local = torch.from_numpy(rows.astype(np.int64))
+        return _to_device(local[:, :-1].contiguous(), self.device), _to_device(local[:, 1:].contiguous(), self.device)
+
+
+def make_train_loader(h: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    files = find_shards(h.data_path, "train")
+    if h.train_loader == "sequential":
+        return DistributedTokenLoader(files, rank, world_size, device)
+    return CoprimeLoader(files, rank, world_size, device, h.train_seq_len, h.seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,11 +505,31 @@ class ModelConfig:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    # Record architecture: the same names and defaults as the Hyperparameters group.
+    mlp_activation: str = "relu2"
+    rope_dims: int = 16
+    block_input_scale: bool = True
+    unet_gates: bool = True
+    xsa_layers: str = "all"
+    smear_gate: bool = True
+    bigram_buckets: int = 2048
+    bigram_dim: int = 128
+    bigram_scale_init: float = 0.05
+    ortho_init: bool = True
+    recurrence: bool = False
+    recur_prelude: int = 2
+    recur_passes: int = 7
+    recur_coda: int = 2
+    mini_recur_repeats: int = 0
+    mini_recur_first: int = 4
+    mini_recur_last: int = 5
+    mini_recur_start_frac: float = 0.0
+    bos_id: int = 1  # from the tokenizer, not from the environment: SmearGate stops at this token
 
     @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "ModelConfig":
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: getattr(h, n) for n in names})
+    def from_hparams(cls, h: Hyperparameters, bos_id: int) -> "ModelConfig":
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "bos_id"]
+        return cls(bos_id=bos_id, **{n: getattr(h, n) for n in names})
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -362,15 +560,29 @@ def select_attention(device: torch.device) -> tuple[str, Callable[[Tensor, Tenso
 
 
 class CastedLinear(nn.Linear):
-    """Linear layer with fp32 master weights, cast to the activation dtype at use (bf16 on GPU)."""
+    """Linear layer with fp32 master weights, cast to the activation dtype at use (bf16 on GPU).
+
+    QAT: with qat_mode "hard" or "soft" (fixed for a run, set before compiling) the forward uses the
+    int6 fake-quantized weight whenever the qat_on buffer is 1. On/off and the soft-round sharpness are
+    buffers, read by the compiled graph at run time. A Python flag is either frozen at compile time
+    (QAT never switches on: a known bug of public runs) or, where dynamo guards it, recompiles the
+    whole model in the middle of the timed run.
+    """
+    qat_mode = "off"
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         if zero_init:
             nn.init.zeros_(self.weight)
+        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.register_buffer("qat_alpha", torch.ones(()), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight
+        if self.qat_mode != "off":
+            q = fake_quant_int6(w, self.qat_alpha if self.qat_mode == "soft" else None)
+            w = torch.where(self.qat_on > 0, q, w)
+        return F.linear(x, w.to(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -378,9 +590,12 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    """Rotary embedding on the first `dims` dims of each head (partial RoPE); the rest carry no position."""
+
+    def __init__(self, dims: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.dims = dims
+        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -388,8 +603,18 @@ class Rotary(nn.Module):
         t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., self.dims:]), dim=-1)
+
+
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output [B, T, H, D] its component along the token's own value
+    direction (v [B, T, Hkv, D], the head's key/value group), so attention carries only other tokens."""
+    B, T, H, D = y.shape
+    groups = y.reshape(B, T, v.size(2), H // v.size(2), D)  # query head h reads kv head h // (H / Hkv)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    groups = groups - (groups * v_hat).sum(-1, keepdim=True) * v_hat
+    return groups.reshape(B, T, H, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -397,16 +622,18 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
+        if cfg.rope_dims % 2 or cfg.rope_dims > self.head_dim:
+            raise ValueError(f"rope_dims={cfg.rope_dims} must be even and at most the head dim {self.head_dim}")
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_k = CastedLinear(cfg.model_dim, kv_dim)
         self.c_v = CastedLinear(cfg.model_dim, kv_dim)
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         self.attention = attention
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, xsa: bool) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -414,7 +641,16 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = self.attention(q, k, v)
+        if xsa:
+            y = exclude_self_value(y, v)
         return self.proj(y.reshape(B, T, C))
+
+
+LEAKY_RELU_SLOPE = 0.5
+MLP_ACTIVATIONS = {  # both squared: relu^2 is the record's; LeakyReLU(0.5)^2 keeps a gradient for x < 0
+    "relu2": lambda x: F.relu(x).square(),
+    "leaky_relu2": lambda x: F.leaky_relu(x, LEAKY_RELU_SLOPE).square(),
+}
 
 
 class MLP(nn.Module):
@@ -422,9 +658,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = CastedLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
         self.proj = CastedLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, zero_init=True)
+        self.activation = MLP_ACTIVATIONS[cfg.mlp_activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(self.activation(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -438,25 +675,132 @@ class Block(nn.Module):
         # Row 0 weighs the stream, row 1 the first-layer input x0: starts as the plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool) -> Tensor:
+        """input_scale and xsa are Python constants of the layer position (a shared block has several)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * input_scale)
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) x_t + g x_{t-1}, g = sigmoid(per-channel gate), except at a document's BOS and at
+    the window's first position, which keep x_t: the previous document must not leak into a new one."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))  # g = 0.5 at init
+        self.bos_id = bos_id
+
+    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        has_prev = input_ids != self.bos_id
+        has_prev[:, 0] = False
+        g = torch.sigmoid(self.gate).to(x.dtype) * has_prev[..., None].to(x.dtype)
+        return x + g * (prev - x)
+
+
+BIGRAM_HASH_CUR, BIGRAM_HASH_PREV = 36313, 27191  # odd multipliers: spread neighbouring ids over buckets
+
+
+def bigram_bucket_ids(input_ids: Tensor, buckets: int) -> Tensor:
+    """Bucket of (previous, current) input token at each position; position 0, which has no previous
+    token in the window, gets the reserved last row. Inputs only: the target never enters the key."""
+    prev, cur = input_ids[:, :-1], input_ids[:, 1:]
+    hashed = torch.bitwise_xor(BIGRAM_HASH_CUR * cur, BIGRAM_HASH_PREV * prev) % (buckets - 1)
+    return torch.cat((torch.full_like(input_ids[:, :1], buckets - 1), hashed), dim=1)
+
+
+class BigramHash(nn.Module):
+    """A hashed (previous, current) token embedding, projected to the model width and scaled."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.buckets = cfg.bigram_buckets
+        self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
+        # Unit-variance random rows: with the projection at zero, the rows must differ from the start,
+        # or neither table nor projection ever gets a gradient.
+        nn.init.normal_(self.table.weight, std=1.0)
+        self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        e = self.table(bigram_bucket_ids(input_ids, self.buckets))
+        return self.scale.to(e.dtype) * self.proj(e)
+
+
+class LayerPass(NamedTuple):
+    """One pass through a block in the layer plan; every field is a constant of the position."""
+    block: int  # index into GPT.blocks
+    input_scale: float  # multiplies the block's normalized inputs
+    xsa: bool
+    iteration: int  # shared-block pass: index of the iteration vector added first; -1: none
+    push: bool  # U-Net encoder: its output is pushed for a decoder layer
+    pop: int  # U-Net decoder: skip index it pops and blends in first; -1: none
+
+
+def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
+    """The passes of one forward. Depth recurrence: prelude blocks, the shared block RECUR_PASSES times,
+    coda blocks; layer position l (block input scale, XSA, U-Net role) counts effective layers. Mini
+    recurrence: passes FIRST..LAST run again right after LAST, each copy with its original's scale and
+    XSA but no U-Net role, so switching the repeats on changes nothing the other passes compute."""
+    if cfg.recurrence:
+        P, K, C = cfg.recur_prelude, cfg.recur_passes, cfg.recur_coda
+        blocks = [*range(P), *[P] * K, *range(P + 1, P + 1 + C)]
+        iterations = [-1] * P + list(range(K)) + [-1] * C
+    else:
+        blocks, iterations = list(range(cfg.num_layers)), [-1] * cfg.num_layers
+    xsa = parse_layer_set(cfg.xsa_layers, cfg.num_layers, "xsa_layers")
+    encoder = cfg.num_layers // 2  # the first half pushes, as many decoder layers pop in reverse order
+    plan = [LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
+                      l < encoder, l - encoder if encoder <= l < 2 * encoder else -1)
+            for l, (block, it) in enumerate(zip(blocks, iterations))]
+    if repeats_on and cfg.mini_recur_repeats:
+        first, last = cfg.mini_recur_first, cfg.mini_recur_last
+        copies = [p._replace(push=False, pop=-1) for p in plan[first:last + 1]] * cfg.mini_recur_repeats
+        plan[last + 1:last + 1] = copies
+    return tuple(plan)
 
 
 class GPT(nn.Module):
-    """Tied-embedding GPT with U-Net skips: the first half of the blocks push, the second half pop."""
+    """Tied-embedding GPT (SPEC section 3): BigramHash and SmearGate at the input, a plan of block
+    passes with U-Net skips, optional depth recurrence; soft-capped logits."""
 
     def __init__(self, cfg: ModelConfig, attention: Callable = _sdpa):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.num_layers))
-        self.num_encoder = cfg.num_layers // 2
-        self.num_decoder = cfg.num_layers - self.num_encoder
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), cfg.model_dim))
+        self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
+        self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
+        unique = cfg.recur_prelude + 1 + cfg.recur_coda if cfg.recurrence else cfg.num_layers
+        self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(unique))
+        if cfg.recurrence:  # tells the shared block which pass it is on; zero: starts as plain reuse
+            self.iteration_vectors = nn.Parameter(torch.zeros(cfg.recur_passes, cfg.model_dim))
+        num_skips = cfg.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        if cfg.unet_gates:  # sigmoid(0) = 0.5: the blend starts as (x + skip) / 2, see the README
+            self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
+        if cfg.ortho_init:
+            self._orthogonal_init()
+        self.set_mini_recurrence(True)  # the trained model runs its repeats; training switches them
+
+    def _orthogonal_init(self) -> None:
+        """Orthogonal block matrices; MLP output projections scaled by 1/sqrt(2 L) over the effective
+        depth L (two residual additions per layer). Attention output projections stay zero (SPEC)."""
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc, block.mlp.proj):
+                nn.init.orthogonal_(linear.weight)
+            with torch.no_grad():
+                block.mlp.proj.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
+
+    def set_mini_recurrence(self, on: bool) -> bool:
+        """Turn the mini-recurrence repeats on or off; True if the plan changed. torch.compile guards on
+        self.plan, so a compiled caller recompiles once per state (both stay cached)."""
+        plan = layer_plan(self.cfg, on)
+        changed = plan != getattr(self, "plan", None)
+        self.plan = plan
+        return changed
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Per-token negative log-likelihood [B, T] in fp32 (training takes its mean)."""
@@ -464,23 +808,52 @@ class GPT(nn.Module):
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
         return nll.view_as(target_ids)
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids).to(x.dtype)
+        x = rms_norm(x)
+        return x if self.smear is None else self.smear(x, input_ids)
+
+    def skip_blend(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
+        skip = self.skip_weights[i].to(x.dtype) * skip
+        if not self.cfg.unet_gates:
+            return x + skip
+        g = torch.sigmoid(self.skip_gates[i]).to(x.dtype)
+        return g * x + (1 - g) * skip
+
     def logits(self, input_ids: Tensor) -> Tensor:
-        x = rms_norm(self.tok_emb(input_ids))
-        x0 = x
+        x = x0 = self.embed(input_ids)
         skips = []
-        for block in self.blocks[:self.num_encoder]:
-            x = block(x, x0)
-            skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder:]):
-            if skips:
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+        for p in self.plan:
+            if p.pop >= 0:
+                x = self.skip_blend(x, skips.pop(), p.pop)
+            if p.iteration >= 0:
+                x = x + self.iteration_vectors[p.iteration].to(x.dtype)
+            x = self.blocks[p.block](x, x0, p.input_scale, p.xsa)
+            if p.push:
+                skips.append(x)
         logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
     def matrix_params(self) -> list[nn.Parameter]:
-        """The 2-D block weights that Muon trains (everything else goes to Adam)."""
-        return [m.weight for m in self.blocks.modules() if isinstance(m, CastedLinear)]
+        """The 2-D weights that Muon trains (everything else goes to Adam)."""
+        return [m.weight for m in self.modules() if isinstance(m, CastedLinear)]
+
+    def fp16_param_names(self) -> set[str]:
+        """Small control tensors (gains, gates, scales, mixes, skip weights, iteration vectors): the
+        quantizer stores them as fp16 whatever their size, since each one scales whole activations."""
+        tables = {id(self.tok_emb.weight)} | ({id(self.bigram.table.weight)} if self.bigram else set())
+        big = {id(p) for p in self.matrix_params()} | tables
+        return {name for name, p in self.named_parameters() if id(p) not in big}
+
+    def describe(self) -> str:
+        """One log line: what the model computes, beyond the hyperparameters."""
+        plan = self.plan
+        return (f"model params:{sum(p.numel() for p in self.parameters())} unique_blocks:{len(self.blocks)} "
+                f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
+                f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
+                f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,30 +879,36 @@ def newton_schulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon: Nesterov momentum, then orthogonalization. Rank r orthogonalizes matrices i % W == r and
-    an all-reduce of one flat buffer gathers every update, so the work is shared across ranks."""
+    """Muon: Nesterov momentum, orthogonalization, then the group's LR and decoupled weight decay.
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int = 0,
-                 world_size: int = 1, ns_dtype: torch.dtype = torch.bfloat16, orthogonalize=newton_schulz5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+    The LR multiplies the update AFTER orthogonalization: Newton-Schulz normalizes the scale of its
+    input away, so a per-layer LR folded into the gradient would change nothing. Rank r orthogonalizes
+    the matrices i % W == r (i counts across all groups, so small groups still spread over the ranks)
+    and one all-reduce of a flat buffer, zero outside each rank's share, gathers every update.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
+                 rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.bfloat16,
+                 orthogonalize=newton_schulz5):
+        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    flat[offset:offset + p.numel()] = self._update(p, group).flatten()
-                offset += p.numel()
-            if self.world_size > 1:
-                dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+        pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not pairs:
+            return
+        flat = torch.zeros(sum(p.numel() for p, _ in pairs), device=pairs[0][0].device, dtype=self.ns_dtype)
+        views = flat.split([p.numel() for p, _ in pairs])
+        for i, ((p, group), view) in enumerate(zip(pairs, views)):
+            if i % self.world_size == self.rank:
+                view.copy_(self._update(p, group).flatten())
+        if self.world_size > 1:
+            dist.all_reduce(flat)
+        for (p, group), view in zip(pairs, views):
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.add_(view.view_as(p).to(p.dtype), alpha=-group["lr"])
 
     def _update(self, p: Tensor, group: dict) -> Tensor:
         state = self.state[p]
@@ -543,22 +922,79 @@ class Muon(torch.optim.Optimizer):
         return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
 
 
+def muon_groups(model: GPT, h: Hyperparameters) -> list[dict]:
+    """One Muon group per layer (MATRIX_LR below MATRIX_LR_SPLIT_LAYER, MATRIX_LR_LATE from it on), and
+    one at MATRIX_LR for any Muon matrix outside the blocks."""
+    layer_of = {id(p): i for i, block in enumerate(model.blocks) for p in block.parameters()}
+    by_name: dict[str, list] = {}
+    for p in model.matrix_params():
+        layer = layer_of.get(id(p))
+        by_name.setdefault("other" if layer is None else f"layer{layer}", []).append(p)
+    groups = []
+    for name, params in by_name.items():
+        late = name != "other" and int(name.removeprefix("layer")) >= h.matrix_lr_split_layer
+        groups.append(dict(name=name, params=params, lr=h.matrix_lr_late if late else h.matrix_lr))
+    return groups
+
+
+def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
+    """Every parameter Muon does not train, by role: the tied embedding, other embedding tables (the
+    bigram table), gates (name contains "gate") and the remaining scalars/vectors. Empty roles are left
+    out, so the rule holds whatever modules the model has."""
+    muon = {id(p) for p in model.matrix_params()}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    roles = {"tied_embed": [], "embed": [], "gate": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if id(p) in muon:
+            continue
+        if p is model.tok_emb.weight:
+            roles["tied_embed"].append(p)
+        elif id(p) in tables:
+            roles["embed"].append(p)
+        else:
+            roles["gate" if "gate" in name else "scalar"].append(p)
+    lr = {"tied_embed": h.tied_embed_lr, "embed": h.embed_lr, "gate": h.gate_lr, "scalar": h.scalar_lr}
+    decay = {"tied_embed": h.embed_weight_decay, "embed": h.embed_weight_decay}
+    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay.get(role, 0.0))
+            for role, params in roles.items() if params]
+
+
 def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
                      ns_dtype: torch.dtype, orthogonalize=newton_schulz5) -> list[torch.optim.Optimizer]:
-    """Muon for block matrices; Adam for the tied embedding and for every scalar/vector/gate."""
-    matrices = model.matrix_params()
-    matrix_ids = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
-    scalars = [p for p in model.parameters() if id(p) not in matrix_ids]
+    """AdamW for the embeddings, gates and scalars; Muon for the block matrices. Each group keeps its
+    configured LR as base_lr, which the schedule multiplies."""
     fused = next(model.parameters()).device.type == "cuda"
-    adam = torch.optim.Adam(
-        [dict(params=[model.tok_emb.weight], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr),
-         dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr)],
-        betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
-    muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-                rank=rank, world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize)
-    for group in muon.param_groups:
-        group["base_lr"] = h.matrix_lr
+    adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
+    muon = Muon(muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
+                backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay, rank=rank,
+                world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize)
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
     return [adam, muon]
+
+
+def describe_optimizers(optimizers: list[torch.optim.Optimizer]) -> list[str]:
+    """One log line per group: what it trains and with which settings."""
+    return [f"optimizer {type(opt).__name__.lower()} group:{g['name']} tensors:{len(g['params'])} "
+            f"params:{sum(p.numel() for p in g['params'])} lr:{g['base_lr']} weight_decay:{g['weight_decay']}"
+            for opt in optimizers for g in opt.param_groups]
+
+
+def muon_momentum_at(step: int, h: Hyperparameters) -> float:
+    """MUON_MOMENTUM_WARMUP_START rising linearly to MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS."""
+    if h.muon_momentum_warmup_steps == 0:
+        return h.muon_momentum
+    frac = min(1.0, step / h.muon_momentum_warmup_steps)
+    return h.muon_momentum_warmup_start + frac * (h.muon_momentum - h.muon_momentum_warmup_start)
+
+
+def set_step_hparams(optimizers: list[torch.optim.Optimizer], lr_mult: float, momentum: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -597,6 +1033,24 @@ _MANIFEST_LEN = struct.Struct("<I")
 def qmax(bits: int) -> int:
     """Largest level of a symmetric signed grid: values in [-qmax, qmax] (int6: 31)."""
     return 2 ** (bits - 1) - 1
+
+
+QAT_QMAX = qmax(6)  # QAT grid: integers in [-31, 31] times a per-row scale
+
+
+def fake_quant_int6(w: Tensor, soft_alpha: Tensor | None = None) -> Tensor:
+    """w on the int6 per-row grid (scale = max|w_row| / 31) for QAT, same shape and dtype.
+
+    Hard (soft_alpha None): rounded values, straight-through gradient (identity). Soft: floor(x) +
+    sigmoid(alpha * (frac(x) - 1/2)) with x = w / scale, differentiable, round() as alpha grows.
+    The scale is held constant for the gradient.
+    """
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / QAT_QMAX).clamp_min(torch.finfo(w.dtype).tiny)
+    x = w / scale  # in [-31, 31] by construction
+    if soft_alpha is None:
+        return w + (x.round() * scale - w).detach()
+    q = x.floor() + torch.sigmoid(soft_alpha * (x - x.floor() - 0.5))
+    return q.clamp(-QAT_QMAX, QAT_QMAX) * scale  # the sigmoid may overshoot the end points
 
 
 # ---- the plan -------------------------------------------------------------------------------------
@@ -962,7 +1416,7 @@ def tensor_bytes(t: Tensor) -> bytes:
 
 
 def tensor_from_bytes(b: bytes, dtype: torch.dtype, shape) -> Tensor:
-    if not b:  # torch.frombuffer refuses an empty buffer; a 1-layer model has 0 x dim skip weights
+    if not b:  # torch.frombuffer rejects an empty buffer (a 1-layer model has 0 skip weights)
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(b), dtype=torch.uint8).view(dtype).reshape(shape)
 
@@ -1112,25 +1566,37 @@ def sliding_window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np
     return np.asarray(starts, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
-             batch_windows: int, rank: int = 0, world_size: int = 1,
-             autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+def eval_batches(val_tokens: Tensor, seq_len: int, stride: int, batch_windows: int, rank: int = 0,
+                 world_size: int = 1):
+    """This rank's share of the sliding windows, batch_windows at a time: (x, y, scored, target_pos).
+
+    x, y [B, seq_len] are inputs and targets; scored [B, seq_len] marks the targets this window scores
+    (over all ranks every target exactly once); target_pos [B, seq_len] is each target's index in
+    val_tokens (clamped on the padding rows, which score nothing).
+    """
     device = val_tokens.device
     starts, offsets = sliding_window_plan(len(val_tokens) - 1, seq_len, stride)
     mine = np.array_split(np.arange(len(starts)), world_size)[rank]
     positions = torch.arange(seq_len + 1, device=device)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # nats, tokens, bytes
     for b in range(0, len(mine), batch_windows):
         idx = mine[b:b + batch_windows]
         pad = batch_windows - len(idx)  # a fixed batch shape avoids recompiling for the last batch
         start = torch.from_numpy(np.pad(starts[idx], (0, pad))).to(device)
         first = torch.from_numpy(np.pad(offsets[idx], (0, pad), constant_values=seq_len)).to(device)
         token_pos = start[:, None] + positions[None, :]
-        window = val_tokens[token_pos.clamp_max(len(val_tokens) - 1)].long()
-        x, y = window[:, :-1], window[:, 1:]
+        clamped = token_pos.clamp_max(len(val_tokens) - 1)
+        window = val_tokens[clamped].long()
         scored = (positions[None, :-1] >= first[:, None]) & (token_pos[:, 1:] < len(val_tokens))
+        yield window[:, :-1], window[:, 1:], scored, clamped[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
+             batch_windows: int, rank: int = 0, world_size: int = 1,
+             autocast=contextlib.nullcontext) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+    sums = torch.zeros(3, device=val_tokens.device, dtype=torch.float64)  # nats, tokens, bytes
+    for x, y, scored, _ in eval_batches(val_tokens, seq_len, stride, batch_windows, rank, world_size):
         with autocast():
             nll = model(x, y)
         sums[0] += nll.double()[scored].sum()
@@ -1147,17 +1613,26 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int,
 # ----------------------------------------------------------------------------------------------------
 
 
-def lr_multiplier(progress: float, warmdown_frac: float) -> float:
-    """1 until the last warmdown_frac of the budget, then linear to 0 at its end."""
+def lr_multiplier(progress: float, warmdown_frac: float, floor: float = 0.0) -> float:
+    """1 until the last warmdown_frac of the budget, then linear down to floor at its end (and after)."""
     if warmdown_frac <= 0.0:
         return 1.0
-    return min(1.0, max(0.0, (1.0 - progress) / warmdown_frac))
+    down = min(1.0, max(0.0, (1.0 - progress) / warmdown_frac))
+    return floor + (1.0 - floor) * down
+
+
+def train_budget_ms(h: Hyperparameters) -> float:
+    """Time for the timed loop: the cap minus GPTQ_RESERVE_SECONDS, kept for the work after training that
+    counts as training (GPTQ calibration reads training data). 0 when there is no cap."""
+    if h.max_wallclock_seconds <= 0:
+        return 0.0
+    return 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds)
 
 
 def training_progress(step: int, elapsed_ms: float, h: Hyperparameters) -> float:
     """Share of the budget used: elapsed training time when there is a wallclock cap, else steps."""
     if h.max_wallclock_seconds > 0:
-        return elapsed_ms / (1000.0 * h.max_wallclock_seconds)
+        return elapsed_ms / train_budget_ms(h)
     return step / max(1, h.iterations)
 
 
@@ -1180,8 +1655,7 @@ class Runtime:
             torch.cuda.synchronize()
 
 
-def train_step(model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
-               rt: Runtime, lr_mult: float) -> Tensor:
+def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime) -> Tensor:
     """One optimizer step over the global batch; returns the mean micro-batch loss on this rank."""
     x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
     total = torch.zeros((), device=rt.device)
@@ -1192,9 +1666,6 @@ def train_step(model: nn.Module, optimizers: list, loader: DistributedTokenLoade
             loss = model(xm, ym).mean()
         (loss / rt.grad_accum).backward()
         total += loss.detach()
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_mult
     if h.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
     for opt in optimizers:
@@ -1211,15 +1682,116 @@ def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Ru
         return
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt.rank, rt.world_size, rt.device)
+    loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
+    set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
     t0 = time.perf_counter()
     for _ in range(h.warmup_steps):
-        train_step(model, optimizers, loader, h, rt, lr_mult=1.0)
+        train_step(model, optimizers, loader, h, rt)
     rt.sync()
     base_model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
     log(f"warmup steps:{h.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+
+
+class WeightAverage:
+    """The averaged weights FINAL_WEIGHTS asks for, collected in fp32 during training: an EMA updated
+    every step, or SWA, the mean of checkpoints taken every SWA_EVERY steps while the LR warms down.
+    Nothing else is collected, so whatever is collected is used."""
+
+    def __init__(self, model: nn.Module, h: Hyperparameters):
+        self.kind, self.decay, self.every = h.final_weights, h.ema_decay, h.swa_every
+        self.params = list(model.parameters()) if self.kind != "raw" else []
+        self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.count = 0  # EMA updates or SWA checkpoints
+
+    @torch.no_grad()
+    def update(self, step: int, lr_mult: float) -> None:
+        """Called after optimizer step number `step` (1-based), which ran at `lr_mult`."""
+        weights = [p.float() for p in self.params]
+        if self.kind == "ema":
+            torch._foreach_lerp_(self.sums, weights, 1.0 - self.decay)
+            self.count += 1
+        elif self.kind == "swa" and lr_mult < 1.0 and step % self.every == 0:
+            torch._foreach_add_(self.sums, weights)
+            self.count += 1
+
+    @torch.no_grad()
+    def load_into_model(self) -> bool:
+        """Overwrite the model's weights with the average; False, leaving them alone, if none was collected."""
+        if self.count == 0:
+            return False
+        # The EMA starts at zero and is divided by 1 - decay^n, as Adam's moments are: it then averages
+        # trained weights only, never the random init, which matters in short runs; past a few thousand
+        # steps (0.997^3000 ~ 1e-4) it equals the plain EMA started from the initial weights.
+        scale = 1.0 / (1.0 - self.decay ** self.count) if self.kind == "ema" else 1.0 / self.count
+        for p, s in zip(self.params, self.sums):
+            p.copy_(s * scale)
+        return True
+
+
+def select_final_weights(average: WeightAverage, h: Hyperparameters, log) -> str:
+    """Load the FINAL_WEIGHTS average into the model (raw if nothing was collected); returns the source."""
+    source = h.final_weights
+    if source != "raw" and not average.load_into_model():
+        log(f"final_weights fallback:raw reason:no {source} weights were collected "
+            f"(swa needs a step in the warmdown that is a multiple of SWA_EVERY={h.swa_every})")
+        source = "raw"
+    log(f"final_weights source:{source} collected:{average.count}")
+    return source
+
+
+def configure_qat(model: nn.Module, mode: str) -> None:
+    """Fix the QAT mode of every CastedLinear; must run before torch.compile, which freezes it."""
+    for m in model.modules():
+        if isinstance(m, CastedLinear):
+            m.qat_mode = mode
+
+
+class QATSchedule:
+    """Switches fake int6 on in every CastedLinear (every matrix that will be quantized) from the first
+    step whose LR multiplier is under QAT_LR_THRESHOLD, for good; in soft mode alpha then ramps linearly
+    from QAT_SOFT_ALPHA_START to QAT_SOFT_ALPHA_END over QAT_SOFT_RAMP_STEPS."""
+
+    def __init__(self, model: nn.Module, h: Hyperparameters, log):
+        self.layers = [m for m in model.modules() if isinstance(m, CastedLinear)]
+        self.h, self.log = h, log
+        self.start_step: int | None = None
+        self.state = (False, 1.0)  # what the buffers hold: (on, alpha)
+
+    def update(self, step: int, lr_mult: float) -> None:
+        if self.h.qat == "off" or (self.start_step is None and lr_mult >= self.h.qat_lr_threshold):
+            return
+        if self.start_step is None:
+            self.start_step = step
+            self.log(f"qat_on step:{step} lr_mult:{lr_mult:.4f} mode:{self.h.qat} matrices:{len(self.layers)}")
+        self._set(True, self.alpha(step))
+
+    def alpha(self, step: int) -> float:
+        h = self.h
+        ramp = 1.0 if h.qat_soft_ramp_steps == 0 else min(1.0, (step - self.start_step) / h.qat_soft_ramp_steps)
+        return h.qat_soft_alpha_start + ramp * (h.qat_soft_alpha_end - h.qat_soft_alpha_start)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Plain weights inside (evaluations measure the float model); QAT as it was afterwards."""
+        before = self.state
+        self._set(False, 1.0)
+        try:
+            yield
+        finally:
+            self._set(*before)
+
+    def switch_off(self) -> None:
+        self._set(False, 1.0)
+
+    def _set(self, on: bool, alpha: float) -> None:
+        if (on, alpha) == self.state:
+            return  # each fill is a kernel launch per matrix on GPU: skip the steps that change nothing
+        self.state = (on, alpha)
+        for m in self.layers:
+            m.qat_on.fill_(float(on))
+            m.qat_alpha.fill_(alpha)
 
 
 def all_ranks_agree(flag: bool, rt: Runtime) -> bool:
@@ -1231,10 +1803,22 @@ def all_ranks_agree(flag: bool, rt: Runtime) -> bool:
     return bool(t.item())
 
 
-def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime, log):
-    """The timed loop. Returns the final (val_loss, val_bpb) of the float weights, steps and train ms."""
-    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt.rank, rt.world_size, rt.device)
-    cap_ms = 1000.0 * h.max_wallclock_seconds
+@dataclass
+class TrainResult:
+    val_loss: float  # the raw weights after the last step
+    val_bpb: float
+    steps: int
+    train_ms: float
+    average: WeightAverage
+
+
+def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime, log) -> TrainResult:
+    """The timed loop, stopped by ITERATIONS or the training budget (the cap minus the GPTQ reserve)."""
+    loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
+    average, qat = WeightAverage(base_model, h), QATSchedule(base_model, h, log)
+    budget_ms = train_budget_ms(h)
+    log(f"schedule train_budget:{budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
+        f"warmdown_frac:{h.warmdown_frac} warmdown_floor:{h.warmdown_floor}")
     train_ms, step, stop_at = 0.0, 0, None
     rt.sync()
     t0 = time.perf_counter()
@@ -1243,7 +1827,8 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.sync()
             train_ms += 1000 * (time.perf_counter() - t0)  # evaluation does not count as training
-            val_loss, val_bpb = eval_fn()
+            with qat.paused():
+                val_loss, val_bpb = eval_fn()
             log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             rt.sync()
@@ -1251,9 +1836,16 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
         if last:
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        lr_mult = lr_multiplier(training_progress(step, elapsed, h), h.warmdown_frac)
-        loss = train_step(model, optimizers, loader, h, rt, lr_mult)
+        progress = training_progress(step, elapsed, h)
+        lr_mult = lr_multiplier(progress, h.warmdown_frac, h.warmdown_floor)
+        set_step_hparams(optimizers, lr_mult, muon_momentum_at(step, h))
+        qat.update(step, lr_mult)
+        repeats_on = progress >= h.mini_recur_start_frac
+        if base_model.set_mini_recurrence(repeats_on):  # a compiled model recompiles once per state
+            log(f"mini_recurrence:{'on' if repeats_on else 'off'} step:{step} progress:{progress:.4f}")
+        loss = train_step(model, optimizers, loader, h, rt)
         step += 1
+        average.update(step, lr_mult)
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         if h.train_log_every > 0 and (step % h.train_log_every == 0 or step <= 10):
             if rt.world_size > 1:  # gloo has no AVG reduction
@@ -1261,10 +1853,11 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        if stop_at is None and cap_ms > 0 and all_ranks_agree(elapsed >= cap_ms, rt):
+        if stop_at is None and budget_ms > 0 and all_ranks_agree(elapsed >= budget_ms, rt):
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
-    return val_loss, val_bpb, step, train_ms
+    qat.switch_off()  # the final evaluations and the artifact use the plain weights
+    return TrainResult(val_loss, val_bpb, step, train_ms, average)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1345,12 +1938,15 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def build_model(h: Hyperparameters, rt: Runtime, log) -> tuple[GPT, nn.Module, nn.Module, Callable]:
+def build_model(h: Hyperparameters, rt: Runtime, log, bos_id: int) -> tuple[GPT, nn.Module, nn.Module, Callable]:
     """(base model, model to train, model to evaluate, orthogonalize fn), compiled on CUDA."""
     name, attention, why = select_attention(rt.device)
     log(f"attention_backend:{name} reason:{why}")
-    base = GPT(ModelConfig.from_hparams(h), attention).to(rt.device)
-    log(f"model params:{sum(p.numel() for p in base.parameters())}")
+    if h.smear_gate and bos_id < 0:
+        raise ValueError(f"SMEAR_GATE=1 needs the tokenizer's BOS id, but {h.tokenizer_path} has no BOS")
+    base = GPT(ModelConfig.from_hparams(h, bos_id), attention).to(rt.device)
+    configure_qat(base, h.qat)
+    log(base.describe())
     orthogonalize, compiled = newton_schulz5, base
     if rt.device.type == "cuda" and h.compile:
         compiled = torch.compile(base, dynamic=False)
@@ -1461,10 +2057,12 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
 
-    base, model, eval_model, orthogonalize = build_model(h, rt, log)
-    plan = plan_from_hparams(base.state_dict(), h)  # before training: a bad QUANT_PLAN fails fast
+    base, model, eval_model, orthogonalize = build_model(h, rt, log, sp.bos_id())
+    plan = plan_from_hparams(base.state_dict(), h, base.fp16_param_names())  # a bad QUANT_PLAN fails fast
     log_quant_plan(plan, base.state_dict(), log)
     optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
+    for line in describe_optimizers(optimizers):
+        log(line)
 
     def eval_fn():
         batch = max(1, h.val_batch_size // h.train_seq_len)
@@ -1472,8 +2070,12 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
                         rt.rank, rt.world_size, rt.autocast)
 
     prime_kernels(model, optimizers, base, h, rt, log)
-    val_loss, val_bpb, steps, train_ms = train(model, optimizers, base, eval_fn, h, rt, log)
-    log(f"final_float_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} steps:{steps} train_time:{train_ms:.0f}ms")
+    result = train(model, optimizers, base, eval_fn, h, rt, log)
+    log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
+        f"train_time:{result.train_ms:.0f}ms")
+    weights = select_final_weights(result.average, h, log)
+    val_loss, val_bpb = (result.val_loss, result.val_bpb) if weights == "raw" else eval_fn()
+    log(f"final_float_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} weights:{weights}")
     if rt.device.type == "cuda":
         log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() >> 20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")

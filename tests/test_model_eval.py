@@ -15,7 +15,7 @@ import train_gpt as tg
 def tiny_model(seed=0, vocab=64, layers=3) -> tg.GPT:
     torch.manual_seed(seed)
     cfg = tg.ModelConfig(vocab_size=vocab, num_layers=layers, model_dim=32, num_heads=4, num_kv_heads=2,
-                         mlp_mult=2)
+                         mlp_mult=2, rope_dims=4)
     model = tg.GPT(cfg)
     with torch.no_grad():  # zero-initialized projections would make every block a no-op
         for p in model.parameters():

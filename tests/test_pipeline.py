@@ -71,9 +71,10 @@ def test_other_seed_other_run(tiny_data, tmp_path, tiny_run):
 
 
 def test_wallclock_cap_stops_the_run(tiny_data, tmp_path):
-    env = tiny_env(tiny_data, tmp_path, RUN_ID="capped", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="0.5",
-                   VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0")
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="capped", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="1.5",
+                   GPTQ_RESERVE_SECONDS="1", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0")
     log = run_in_process(env)
+    assert "schedule train_budget:500ms gptq_reserve:1000ms" in log  # the reserve is not training time
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", log, re.M)
     assert stop and int(stop[2]) < 100000 and int(stop[1]) >= 500
     assert "final_sliding_window_exact" in log

@@ -330,9 +330,19 @@ def test_calibration_sees_training_tokens_only(disjoint_data, tmp_path, monkeypa
     tokens = torch.cat(seen)
     assert len(tokens) == 2 * 24 * 64
     assert int(tokens.max()) < VAL_IDS.start
-    assert re.search(r"^quantize gptq:1 hessians:12 calib_seqs:24 ", log, re.M)  # 6 linears x 2 layers
+    # 6 linears x 2 layers + the bigram projection
+    assert re.search(r"^quantize gptq:1 hessians:13 calib_seqs:24 ", log, re.M)
     assert re.search(r"^gptq_calibration_time:\d+ms$", log, re.M)
     assert re.search(r"^quant_plan int6_params:\d+ int8_params:12288 fp16_params:\d+", log, re.M)
     assert re.search(r"^compression raw_bytes:\d+ zstd:\d+ lzma:\d+ brotli:\d+ chosen:\w+$", log, re.M)
     floats = dict(re.findall(r"^(final_float_exact|final_roundtrip_exact) val_loss:\S+ val_bpb:(\S+)", log, re.M))
     assert abs(float(floats["final_roundtrip_exact"]) - float(floats["final_float_exact"])) < 0.02
+
+
+def test_empty_tensors_survive_the_artifact():
+    # A 1-layer model has a (0, dim) skip-weight tensor; the artifact must carry it.
+    state = {"empty": torch.zeros(0, 8), "w": torch.randn(4, 8)}
+    packed = tg.quantize_state_dict(state, plan={"empty": tg.FP16_BITS, "w": tg.FP16_BITS})
+    blob = tg.serialize_artifact(packed)
+    restored = tg.dequantize_state_dict(tg.deserialize_artifact(blob))
+    assert restored["empty"].shape == (0, 8) and torch.allclose(restored["w"], state["w"], atol=1e-2)

@@ -1,0 +1,374 @@
+"""The optimization recipe (SPEC section 4): split LR after orthogonalization, Muon weight decay and
+momentum warmup, Adam groups by role, the wallclock warmdown with the GPTQ reserve, EMA / SWA, QAT
+(also under torch.compile) and the coprime-stride loader."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo.testing
+from torch import nn
+
+import train_gpt as tg
+from conftest import tiny_env
+from test_config_and_data import _positional_shards
+from test_model_eval import tiny_model
+from test_pipeline import run_in_process
+
+
+def hparams(**env) -> tg.Hyperparameters:
+    return tg.Hyperparameters.from_env({k.upper(): str(v) for k, v in env.items()})
+
+
+@pytest.fixture
+def one_thread():
+    """What OMP_NUM_THREADS=1 in tiny_env does for a subprocess: on a loaded machine two threads
+    fighting for cores make a tiny in-process run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- schedule -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frac, floor", [(0.5, 0.0), (0.3, 0.1)])
+def test_lr_multiplier_at_its_boundaries(frac, floor):
+    knee = 1.0 - frac
+    assert tg.lr_multiplier(0.0, frac, floor) == 1.0
+    assert tg.lr_multiplier(knee, frac, floor) == 1.0
+    assert tg.lr_multiplier(knee + 1e-6, frac, floor) < 1.0
+    assert tg.lr_multiplier(knee + frac / 2, frac, floor) == pytest.approx((1.0 + floor) / 2)
+    assert tg.lr_multiplier(1.0, frac, floor) == pytest.approx(floor)
+    assert tg.lr_multiplier(1.5, frac, floor) == pytest.approx(floor)  # past the budget: stays at the floor
+    assert tg.lr_multiplier(0.99, 0.0, floor) == 1.0  # no warmdown
+
+
+def test_budget_excludes_the_gptq_reserve():
+    h = hparams(max_wallclock_seconds=600, gptq_reserve_seconds=10, warmdown_frac=0.5)
+    assert tg.train_budget_ms(h) == 590_000
+    assert tg.training_progress(0, 295_000, h) == pytest.approx(0.5)
+    assert tg.lr_multiplier(tg.training_progress(0, 295_000, h), h.warmdown_frac) == 1.0
+    assert tg.lr_multiplier(tg.training_progress(0, 590_000, h), h.warmdown_frac) == 0.0
+    uncapped = hparams(max_wallclock_seconds=0, iterations=200)
+    assert tg.train_budget_ms(uncapped) == 0 and tg.training_progress(50, 1e9, uncapped) == 0.25
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"MAX_WALLCLOCK_SECONDS": "10"}, ["GPTQ_RESERVE_SECONDS", "MAX_WALLCLOCK_SECONDS"]),
+    ({"WARMDOWN_FLOOR": "0.2"}, ["QAT=hard", "WARMDOWN_FLOOR", "QAT_LR_THRESHOLD"]),
+    ({"WARMDOWN_FRAC": "0", "QAT": "soft"}, ["QAT=soft", "WARMDOWN_FRAC"]),
+    ({"FINAL_WEIGHTS": "best"}, ["FINAL_WEIGHTS", "ema, swa, raw"]),
+])
+def test_contradictory_recipe_settings_are_errors(env, words):
+    with pytest.raises(ValueError) as err:
+        tg.Hyperparameters.from_env(env)
+    for word in words:
+        assert word in str(err.value)
+
+
+# ---- Muon ---------------------------------------------------------------------------------------
+
+
+def muon_step(model: tg.GPT, grads: dict, h: tg.Hyperparameters, lr_scale: dict | None = None) -> dict:
+    """Weight change of every Muon matrix after one step with the given grads (layer -> LR factor)."""
+    muon = tg.build_optimizers(model, h, 0, 1, torch.float32)[1]
+    for group in muon.param_groups:
+        group["base_lr"] *= (lr_scale or {}).get(group["name"], 1.0)
+    tg.set_step_hparams([muon], 1.0, tg.muon_momentum_at(0, h))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        if n in grads:
+            p.grad = grads[n].clone()
+    muon.step()
+    matrices = {id(p) for p in model.matrix_params()}
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if id(p) in matrices}
+
+
+def test_halving_a_layers_lr_halves_its_update_but_scaling_its_gradient_does_not():
+    h = hparams()
+    model = tiny_model(layers=2)
+    torch.manual_seed(1)
+    matrices = {id(p) for p in model.matrix_params()}  # block matrices and any outside (bigram projection)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters() if id(p) in matrices}
+    ref = muon_step(copy.deepcopy(model), grads, h)
+    halved = muon_step(copy.deepcopy(model), grads, h, {"layer1": 0.5})
+    scaled = muon_step(copy.deepcopy(model), {n: g * (0.1 if n.startswith("blocks.1.") else 1) for n, g in grads.items()}, h)
+    for name, delta in ref.items():
+        assert delta.abs().max() > 0
+        factor = 0.5 if name.startswith("blocks.1.") else 1.0
+        assert torch.allclose(halved[name], factor * delta, rtol=1e-4, atol=1e-7), name
+        # Orthogonalization ate the scale; atol is float32 rounding of weight - weight (ulp(0.5) = 6e-8).
+        assert torch.allclose(scaled[name], delta, rtol=1e-4, atol=1e-7), name
+
+
+def test_default_split_lr_is_per_layer():
+    model = tiny_model(layers=7)
+    muon = tg.build_optimizers(model, hparams(), 0, 1, torch.float32)[1]
+    lrs = {g["name"]: g["lr"] for g in muon.param_groups}
+    # The bigram projection is the one Muon matrix outside the blocks: group "other" at MATRIX_LR.
+    assert lrs == {**{f"layer{i}": 0.025 if i < 5 else 0.030 for i in range(7)}, "other": 0.025}
+    grouped = [p for g in muon.param_groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(model.matrix_params())
+    for i, block in enumerate(model.blocks):
+        group = next(g for g in muon.param_groups if g["name"] == f"layer{i}")
+        assert {id(p) for p in group["params"]} == {id(m.weight) for m in block.modules() if isinstance(m, tg.CastedLinear)}
+
+
+def test_muon_weight_decay_is_decoupled():
+    torch.manual_seed(0)
+    w0, grad = torch.randn(16, 24), torch.randn(16, 24)
+    out = []
+    for wd in (0.0, 0.5):
+        p = nn.Parameter(w0.clone())
+        p.grad = grad.clone()
+        tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=wd, ns_dtype=torch.float32).step()
+        out.append(p.detach())
+    # W <- W (1 - lr wd) - lr U: the decay is the only difference, and it does not go through Newton-Schulz.
+    assert torch.allclose(out[1], out[0] - 0.1 * 0.5 * w0, atol=1e-6)
+
+
+def test_momentum_warms_up_then_holds():
+    h = hparams()
+    assert [tg.muon_momentum_at(s, h) for s in (0, 750, 1500, 6000)] == pytest.approx([0.92, 0.955, 0.99, 0.99])
+    assert tg.muon_momentum_at(0, hparams(muon_momentum_warmup_steps=0)) == 0.99
+    adam, muon = tg.build_optimizers(tiny_model(), h, 0, 1, torch.float32)
+    tg.set_step_hparams([adam, muon], 0.5, 0.95)
+    assert all(g["momentum"] == 0.95 and g["lr"] == g["base_lr"] * 0.5 for g in muon.param_groups)
+    assert all("momentum" not in g and g["lr"] == g["base_lr"] * 0.5 for g in adam.param_groups)
+
+
+# ---- Adam groups --------------------------------------------------------------------------------
+
+
+def test_adam_groups_follow_parameter_roles():
+    model = tiny_model()  # the record model: a bigram table with projection and scale, and gates
+    h = hparams(embed_lr=0.02, gate_lr=0.01)
+    adam, muon = tg.build_optimizers(model, h, 0, 1, torch.float32)
+    groups = {g["name"]: g for g in adam.param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
+    assert members["tied_embed"] == ["tok_emb.weight"]
+    assert members["embed"] == ["bigram.table.weight"]
+    assert members["gate"] == ["skip_gates", "smear.gate"]
+    assert "bigram.scale" in members["scalar"] and "blocks.0.attn.q_gain" in members["scalar"]
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
+        "tied_embed": (0.035, 0.01), "embed": (0.02, 0.01), "gate": (0.01, 0.0), "scalar": (0.025, 0.0)}
+    every = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    table = model.bigram.table.weight.numel()
+    assert any(line.startswith(f"optimizer adamw group:embed tensors:1 params:{table} lr:0.02 weight_decay:0.01")
+               for line in tg.describe_optimizers([adam, muon]))
+
+
+# ---- EMA and SWA --------------------------------------------------------------------------------
+
+
+def averaged_after(kind: str, weights: list[float], lr_mults: list[float], **env) -> tuple[nn.Linear, tg.WeightAverage]:
+    """A 1-weight model that takes the given weights after steps 1, 2, ..."""
+    model = nn.Linear(1, 1, bias=False)
+    average = tg.WeightAverage(model, hparams(final_weights=kind, **env))
+    for step, (w, m) in enumerate(zip(weights, lr_mults), start=1):
+        model.weight.data.fill_(w)
+        average.update(step, m)
+    return model, average
+
+
+def test_ema_is_the_bias_corrected_exponential_average():
+    weights = [3.0, -1.0, 2.0, 5.0, 4.0]
+    model, average = averaged_after("ema", weights, [1.0] * 5, ema_decay=0.6)
+    assert average.load_into_model()
+    n = len(weights)
+    ref = sum(0.4 * 0.6 ** (n - i) * w for i, w in enumerate(weights, start=1)) / (1 - 0.6 ** n)
+    assert model.weight.item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_swa_averages_the_checkpoints_of_the_warmdown():
+    weights = [float(i) for i in range(1, 11)]
+    mults = [1.0] * 4 + [0.8, 0.6, 0.5, 0.4, 0.2, 0.1]  # warmdown from step 5 on
+    model, average = averaged_after("swa", weights, mults, swa_every=3)
+    assert average.count == 2 and average.load_into_model()
+    assert model.weight.item() == pytest.approx((6.0 + 9.0) / 2)  # steps 6 and 9; step 3 was before it
+
+
+def test_nothing_collected_falls_back_to_raw_and_says_so():
+    model, average = averaged_after("swa", [1.0, 2.0], [1.0, 1.0], swa_every=1)
+    logged = []
+    assert tg.select_final_weights(average, hparams(final_weights="swa"), logged.append) == "raw"
+    assert model.weight.item() == 2.0 and any("final_weights fallback:raw" in m for m in logged)
+    _, raw = averaged_after("raw", [1.0, 2.0], [0.5, 0.5])
+    assert raw.count == 0 and raw.sums == []  # raw collects nothing
+
+
+# ---- QAT ----------------------------------------------------------------------------------------
+
+
+def test_fake_quant_int6_lands_on_the_row_grid_with_a_straight_through_gradient():
+    torch.manual_seed(0)
+    w = (torch.randn(8, 40) * torch.linspace(0.01, 2, 8)[:, None]).requires_grad_()
+    q = tg.fake_quant_int6(w)
+    scale = w.detach().abs().amax(dim=1, keepdim=True) / 31
+    steps = q.detach() / scale
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 31 + 1e-4
+    assert ((q - w).abs() <= scale / 2 + 1e-6).all()
+    assert (steps.round().abs() == 31).any(dim=1).all()  # each row's largest weight is on the end point
+    upstream = torch.randn_like(w)
+    (q * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
+
+
+def test_soft_round_approaches_hard_rounding_as_alpha_grows():
+    torch.manual_seed(0)
+    w = torch.randn(4, 256)
+    hard = tg.fake_quant_int6(w)
+    scale = w.abs().amax(dim=1, keepdim=True) / 31
+    # Mean distance to hard rounding, in grid steps: about 2 ln 2 / alpha for evenly spread weights.
+    gaps = [((tg.fake_quant_int6(w, torch.tensor(a)) - hard).abs() / scale).mean().item() for a in (1.0, 16.0, 200.0)]
+    assert gaps[0] > 0.3 and gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.02
+    w.requires_grad_()
+    tg.fake_quant_int6(w, torch.tensor(16.0)).sum().backward()
+    assert w.grad.std() > 0  # a real, non-constant gradient, unlike the straight-through one
+
+
+def qat_on(model: nn.Module, mode: str, h: tg.Hyperparameters | None = None) -> tg.QATSchedule:
+    tg.configure_qat(model, mode)
+    return tg.QATSchedule(model, h or hparams(qat=mode), lambda msg: None)
+
+
+def test_qat_runs_every_quantized_matrix_through_the_grid():
+    model = tiny_model()
+    x = torch.randint(0, 64, (2, 12))
+    qat = qat_on(model, "hard")
+    qat.update(step=0, lr_mult=0.1)
+    with torch.no_grad():
+        out = model.logits(x)
+        snapped = copy.deepcopy(model)
+        tg.configure_qat(snapped, "off")
+        for m in snapped.modules():
+            if isinstance(m, tg.CastedLinear):
+                m.weight.copy_(tg.fake_quant_int6(m.weight))
+        assert len(qat.layers) >= 6 * len(model.blocks)
+        assert torch.allclose(out, snapped.logits(x), atol=1e-5)
+        qat.switch_off()
+        assert (model.logits(x) - out).abs().max() > 1e-4  # 10x the tolerance above: the grid mattered
+
+
+def test_qat_switches_on_inside_a_compiled_model(one_thread):
+    # aot_eager: the same dynamo capture and AOT autograd as inductor, where a Python flag is frozen
+    # or guarded, without inductor's C++ code generation (about a minute for any graph on this CPU).
+    model = tiny_model()
+    qat = qat_on(model, "hard")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    x, y = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        before = compiled(x, y)
+        qat.update(step=5, lr_mult=0.1)
+        after = compiled(x, y)
+        eager = model(x, y)
+        with qat.paused():
+            paused = compiled(x, y)
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert torch.allclose(after, eager, atol=1e-5) and torch.allclose(paused, before, atol=1e-6)
+    assert counter.frame_count == 1  # read at run time from the buffer: no recompilation needed
+
+
+def test_qat_schedule_switches_once_under_the_threshold_and_ramps_alpha():
+    h = hparams(qat="soft", qat_lr_threshold=0.15, qat_soft_ramp_steps=100)
+    model = tiny_model(layers=1)
+    logged = []
+    tg.configure_qat(model, "soft")
+    qat = tg.QATSchedule(model, h, logged.append)
+    qat.update(step=9, lr_mult=0.15)
+    assert qat.state == (False, 1.0) and not logged
+    qat.update(step=10, lr_mult=0.149)
+    assert logged == [f"qat_on step:10 lr_mult:0.1490 mode:soft matrices:{len(qat.layers)}"]
+    for step, alpha in ((10, 1.0), (60, 8.5), (110, 16.0), (400, 16.0)):
+        qat.update(step, lr_mult=0.5)  # stays on whatever the multiplier does afterwards
+        assert all(m.qat_on.item() == 1.0 and m.qat_alpha.item() == alpha for m in qat.layers)
+
+
+# ---- coprime-stride loader ----------------------------------------------------------------------
+
+
+def test_coprime_order_visits_every_block_once_per_pass():
+    counts = [7, 12, 1, 30, 9]
+    order = tg.CoprimeBlockOrder(counts, seed=3)
+    for _ in range(2):
+        shards, blocks = order.take(sum(counts))
+        for j, n in enumerate(counts):
+            mine = blocks[shards == j]
+            assert sorted(mine.tolist()) == list(range(n))
+        assert not all((np.diff(blocks[shards == 3]) == 1))  # scrambled, not sequential
+    shards, blocks = order.take(5)  # a third pass starts where the second ended
+    assert order.passes == 3 and len(shards) == 5
+
+
+def test_coprime_order_draws_shards_in_proportion_to_remaining_blocks():
+    order = tg.CoprimeBlockOrder([3000, 1000], seed=0)
+    shards, _ = order.take(4000)
+    first = shards[:800]
+    assert abs((first == 0).mean() - 0.75) < 0.06
+    # Proportional to what is left, not to the shard sizes: both shards run out near the end together.
+    for j in (0, 1):
+        assert np.flatnonzero(shards == j).max() > 0.98 * 4000
+
+
+def test_coprime_order_is_a_function_of_the_seed():
+    a, b, c = (tg.CoprimeBlockOrder([50, 70], seed=s).take(120) for s in (1, 1, 2))
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not np.array_equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_coprime_loader_ranks_slice_the_same_global_batch(tmp_path, world_size):
+    sizes = [1000, 1601, 300]
+    files = _positional_shards(tmp_path, sizes)
+    starts = np.cumsum([0] + sizes[:-1])
+    seq_len, global_tokens = 16, 16 * 16
+    cpu = torch.device("cpu")
+    single = tg.CoprimeLoader(files, 0, 1, cpu, seq_len, seed=5)
+    ranks = [tg.CoprimeLoader(files, r, world_size, cpu, seq_len, seed=5) for r in range(world_size)]
+    seen = []
+    for _ in range(6):
+        x1, y1 = single.next_batch(global_tokens, seq_len)
+        parts = [loader.next_batch(global_tokens, seq_len) for loader in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x1) and torch.equal(torch.cat([p[1] for p in parts]), y1)
+        assert torch.equal(x1[:, 1:], y1[:, :-1]) and torch.equal(y1[:, -1], x1[:, -1] + 1)
+        assert torch.equal(x1, x1[:, :1] + torch.arange(seq_len))  # one contiguous block of one shard
+        shard = np.searchsorted(starts, x1[:, 0].numpy(), side="right") - 1
+        assert ((x1[:, 0].numpy() - starts[shard]) % seq_len == 0).all()  # at a block boundary
+        seen += x1[:, 0].tolist()
+    assert len(set(seen)) == len(seen)  # 96 of the 180 blocks: no block twice within the pass
+
+
+def test_coprime_loader_skips_short_shards_and_fails_when_all_are(tmp_path):
+    files = _positional_shards(tmp_path, [16, 500])  # 16 tokens cannot hold a 16-token input + target
+    loader = tg.CoprimeLoader(files, 0, 1, torch.device("cpu"), 16, seed=0)
+    assert loader.order.counts.tolist() == [(500 - 1) // 16]
+    with pytest.raises(ValueError, match="TRAIN_SEQ_LEN"):
+        tg.CoprimeLoader(files[:1], 0, 1, torch.device("cpu"), 16, seed=0)
+
+
+# ---- the recipe in a run ------------------------------------------------------------------------
+
+
+def test_run_switches_qat_on_and_reports_raw_and_swa_weights(tiny_data, tmp_path, one_thread):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="recipe", FINAL_WEIGHTS="swa", SWA_EVERY="2",
+                   QAT_LR_THRESHOLD="0.5", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0", EVAL_STRIDE="64")
+    log = run_in_process(env)
+    # 12 steps, warmdown over the last half: the multiplier is (12 - s) / 6 before step s + 1.
+    assert re.search(r"^qat_on step:10 lr_mult:0\.3333 mode:hard matrices:\d+$", log, re.M)
+    assert "final_weights source:swa collected:3\n" in log  # after steps 8, 10 and 12
+    raw = re.search(r"^raw_float_exact val_loss:(\S+) val_bpb:(\d+\.\d{8}) steps:12 ", log, re.M)
+    final = re.search(r"^final_float_exact val_loss:(\S+) val_bpb:(\d+\.\d{8}) weights:swa$", log, re.M)
+    assert raw and final and raw[2] != final[2]
+    for group in ("adamw group:tied_embed", "muon group:layer0", "muon group:layer1"):
+        assert f"optimizer {group} " in log
+    assert math.isfinite(float(final[2]))

@@ -1075,21 +1075,20 @@ def build_quant_plan(state: dict[str, Tensor], fp16_names=frozenset(), bits: int
                      min_numel: int = Hyperparameters.quant_min_numel,
                      rules: list[tuple[str, int]] = ()) -> dict[str, int]:
     """Bits for every float tensor: matrices of at least min_numel elements get `bits` (the tied
-    embedding `embed_bits`), everything else fp16; then the QUANT_PLAN rules; fp16_names always win."""
-    plan = {}
-    for name, t in state.items():
-        if t.is_floating_point():
-            big_matrix = t.ndim >= 2 and t.numel() >= min_numel
-            plan[name] = (embed_bits if name == EMBEDDING_NAME else bits) if big_matrix else FP16_BITS
+    embedding `embed_bits`), everything else fp16; then the QUANT_PLAN rules, which set the bits of the
+    big matrices they match (a 5, 6 or 8 leaves the small and 1-D tensors of "blocks.0.*" in fp16) or
+    keep any tensor they match in fp16 (16); fp16_names always win."""
+    big = {name for name, t in state.items()
+           if t.is_floating_point() and t.ndim >= 2 and t.numel() >= min_numel and name not in fp16_names}
+    plan = {name: FP16_BITS for name, t in state.items() if t.is_floating_point()}
+    plan.update({name: embed_bits if name == EMBEDDING_NAME else bits for name in big})
     for pattern, rule_bits in rules:
-        names = fnmatch.filter(plan, pattern)
+        names = [n for n in fnmatch.filter(plan, pattern) if rule_bits == FP16_BITS or n in big]
         if not names:
-            raise ValueError(f"QUANT_PLAN pattern {pattern!r} matches no float tensor of the model")
-        for name in names:
-            if rule_bits != FP16_BITS and state[name].ndim < 2:
-                raise ValueError(f"QUANT_PLAN {pattern}={rule_bits}: {name} is {state[name].ndim}-D; "
-                                 f"only matrices can be quantized")
-            plan[name] = rule_bits
+            kind = ("float tensor" if rule_bits == FP16_BITS else
+                    f"matrix of at least QUANT_MIN_NUMEL={min_numel} elements")
+            raise ValueError(f"QUANT_PLAN {pattern}={rule_bits}: the pattern matches no {kind} of the model")
+        plan.update(dict.fromkeys(names, rule_bits))
     return {name: FP16_BITS if name in fp16_names else b for name, b in plan.items()}
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 PACK_BENCH_VALUES = 27_000_000  # about the record model's parameter count
+CHALLENGE_BOS_ID = 1  # the challenge tokenizer's BOS (SPEC section 2), for the model built without one
 
 
 def pack_bench(values: int) -> None:
@@ -51,6 +52,7 @@ def train(out: Path) -> None:
         if not captured:
             captured["state"] = {k: v.detach().cpu().clone() for k, v in state.items()}
             captured["hessians"] = {k: v.cpu() for k, v in (kwargs.get("hessians") or {}).items()}
+            captured["plan"] = dict(kwargs["plan"])
         return real(state, *args, **kwargs)
 
     tg.quantize_state_dict = keep_inputs
@@ -67,67 +69,90 @@ def load_checkpoint(path: Path) -> tuple[dict, tg.Hyperparameters]:
     return ckpt, tg.Hyperparameters.from_env(ckpt["env"])
 
 
-def val_bpb(state: dict, h: tg.Hyperparameters, val_tokens, luts) -> float:
+def build_model(h: tg.Hyperparameters, bos_id: int) -> tg.GPT:
+    return tg.GPT(tg.ModelConfig.from_hparams(h, bos_id)).eval()
+
+
+def val_bpb(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts) -> float:
     """Plain evaluation (non-overlapping windows of TRAIN_SEQ_LEN), the final_roundtrip_exact number."""
-    model = tg.GPT(tg.ModelConfig.from_hparams(h))
     model.load_state_dict(state)
-    _, bpb = tg.evaluate(model.eval(), val_tokens, luts, h.train_seq_len, h.train_seq_len,
+    _, bpb = tg.evaluate(model, val_tokens, luts, h.train_seq_len, h.train_seq_len,
                          max(1, h.val_batch_size // h.train_seq_len))
     return bpb
 
 
-def gptq_report(path: Path) -> None:
+def gptq_report(path: Path, breakdown_bits: int) -> None:
     """val_bpb of the float weights, of the embedding alone quantized, of the block matrices alone at
-    8, 6 and 5 bits (round-to-nearest, then GPTQ), and of the run's own plan (both together)."""
+    8, 6 and 5 bits (round-to-nearest, then GPTQ), of the run's own plan (both together), and of each
+    block's matrices alone at breakdown_bits."""
     ckpt, h = load_checkpoint(path)
     state, hessians = ckpt["state"], ckpt["hessians"]
+    sp = tg.load_tokenizer(h.tokenizer_path)
+    model = build_model(h, sp.bos_id())
     val_tokens = torch.from_numpy(tg.load_validation_tokens(h.data_path).astype(np.int32))
-    luts = tg.build_byte_luts(tg.load_tokenizer(h.tokenizer_path), h.vocab_size)
+    luts = tg.build_byte_luts(sp, h.vocab_size)
     print(f"model params:{sum(t.numel() for t in state.values())} layers:{h.num_layers} dim:{h.model_dim} "
           f"val_tokens:{len(val_tokens)} hessians:{len(hessians)} min_numel:{h.quant_min_numel}")
-    float_bpb = val_bpb(state, h, val_tokens, luts)
+    float_bpb = val_bpb(model, state, h, val_tokens, luts)
     print(f"| weights | val_bpb | gap to float |\n|---|---|---|\n| float | {float_bpb:.5f} | |", flush=True)
 
-    def row(label: str, bits: int, embed_bits: int, hs: dict | None) -> None:
-        plan = tg.build_quant_plan(state, bits=bits, embed_bits=embed_bits, min_numel=h.quant_min_numel)
+    def row(label: str, plan: dict[str, int], hs: dict | None) -> None:
         t0 = time.perf_counter()
         packed = tg.quantize_state_dict(state, plan=plan, hessians=hs, damp=h.gptq_damp, block=h.gptq_block)
         seconds = time.perf_counter() - t0
-        bpb = val_bpb(tg.dequantize_state_dict(packed), h, val_tokens, luts)
+        bpb = val_bpb(model, tg.dequantize_state_dict(packed), h, val_tokens, luts)
         print(f"| {label} ({seconds:.1f} s) | {bpb:.5f} | {bpb - float_bpb:+.5f} |", flush=True)
 
-    row(f"embedding int{h.quant_embed_bits} alone, round-to-nearest", tg.FP16_BITS, h.quant_embed_bits, None)
+    def plan(bits: int, embed_bits: int) -> dict[str, int]:
+        return tg.build_quant_plan(state, model.fp16_param_names(), bits, embed_bits, h.quant_min_numel)
+
+    row(f"embedding int{h.quant_embed_bits} alone, round-to-nearest", plan(tg.FP16_BITS, h.quant_embed_bits), None)
     for bits in (8, 6, 5):
-        row(f"blocks int{bits} alone, round-to-nearest", bits, tg.FP16_BITS, None)
-        row(f"blocks int{bits} alone, GPTQ", bits, tg.FP16_BITS, hessians)
-    row(f"run plan: embedding int{h.quant_embed_bits} + blocks int{h.quant_bits} GPTQ", h.quant_bits,
-        h.quant_embed_bits, hessians)
+        row(f"blocks int{bits} alone, round-to-nearest", plan(bits, tg.FP16_BITS), None)
+        row(f"blocks int{bits} alone, GPTQ", plan(bits, tg.FP16_BITS), hessians)
+    row("the run's plan and quantization", ckpt["plan"], hessians)
+    # Where the gap comes from: one group of matrices at a time (each block, then the rest).
+    blocks_plan = plan(breakdown_bits, tg.FP16_BITS)
+    for group in sorted({group_of(n) for n, b in blocks_plan.items() if b != tg.FP16_BITS}):
+        group_plan = {n: b if group_of(n) == group else tg.FP16_BITS for n, b in blocks_plan.items()}
+        row(f"{group} alone, int{breakdown_bits} round-to-nearest", group_plan, None)
+        row(f"{group} alone, int{breakdown_bits} GPTQ", group_plan, hessians)
 
 
-def random_default_state() -> tuple[dict, tg.Hyperparameters]:
-    """The default (record-size) model at random init. Its output projections start at zero, which
-    would compress to nothing, so every all-zero matrix is filled like its neighbours (N(0, 1/cols))."""
+def group_of(name: str) -> str:
+    """"blocks.3" for the tensors of block 3, "other matrices" for the rest (bigram projection, ...)."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blocks" else "other matrices"
+
+
+def random_default_state() -> tuple[dict, tg.Hyperparameters, dict[str, int]]:
+    """The default (record-size) model at random init and its plan. Its output projections start at
+    zero, which would compress to nothing, so every all-zero matrix is filled like its neighbours
+    (N(0, 1/cols))."""
     h = tg.Hyperparameters()
     torch.manual_seed(0)
-    model = tg.GPT(tg.ModelConfig.from_hparams(h))
+    model = build_model(h, CHALLENGE_BOS_ID)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2 and not p.any():
                 p.normal_(std=p.size(1) ** -0.5)
-    return model.state_dict(), h
+    state = model.state_dict()
+    return state, h, tg.plan_from_hparams(state, h, model.fp16_param_names())
 
 
 def sizes_report(checkpoint: Path | None) -> None:
     if checkpoint is None:
-        (state, h), hessians, what = random_default_state(), {}, "random init (zero-init matrices filled)"
+        (state, h, plan), hessians, what = random_default_state(), {}, "random init (zero-init matrices filled)"
     else:
         ckpt, h = load_checkpoint(checkpoint)
-        state, hessians, what = ckpt["state"], ckpt["hessians"], f"trained ({checkpoint})"
-    plan = tg.plan_from_hparams(state, h)
+        state, hessians, plan, what = ckpt["state"], ckpt["hessians"], ckpt["plan"], f"trained ({checkpoint})"
     packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block)
     params = sum(t.numel() for t in state.values())
+    bits = {}
+    for name, b in plan.items():
+        bits[b] = bits.get(b, 0) + state[name].numel()
     print(f"model {what} params:{params} quantization:{'GPTQ' if hessians else 'round-to-nearest'} "
-          f"plan:{sorted(set(plan.values()))}")
+          f"params_by_bits:{dict(sorted(bits.items()))}")
     print("| storage | byte shuffle | codec | bytes | bits/param | seconds |\n|---|---|---|---|---|---|")
     for storage in ("byte", "packed6"):
         for shuffle in (False, True):
@@ -145,7 +170,10 @@ def main() -> None:
     bench.add_argument("--values", type=int, default=PACK_BENCH_VALUES)
     sub.add_parser("train", help="train with train_gpt.py, keep float weights + Hessians").add_argument(
         "--out", type=Path, required=True)
-    sub.add_parser("gptq", help="float vs round-to-nearest vs GPTQ bpb").add_argument("checkpoint", type=Path)
+    gptq = sub.add_parser("gptq", help="float vs round-to-nearest vs GPTQ bpb")
+    gptq.add_argument("checkpoint", type=Path)
+    gptq.add_argument("--breakdown-bits", type=int, choices=(5, 6, 8), default=5,
+                      help="bits of the per-block rows (int5 shows the largest, clearest gaps)")
     sub.add_parser("sizes", help="bytes per storage, shuffle and codec").add_argument("--checkpoint", type=Path)
     args = parser.parse_args()
     if args.command == "pack-bench":
@@ -153,7 +181,7 @@ def main() -> None:
     elif args.command == "train":
         train(args.out)
     elif args.command == "gptq":
-        gptq_report(args.checkpoint)
+        gptq_report(args.checkpoint, args.breakdown_bits)
     else:
         sizes_report(args.checkpoint)
 

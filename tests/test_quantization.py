@@ -181,11 +181,22 @@ def test_plan_syntax_errors_name_the_variable(text, message):
         tg.Hyperparameters.from_env({"QUANT_PLAN": text})
 
 
-def test_plan_errors_name_the_variable_and_the_tensor():
-    with pytest.raises(ValueError, match="QUANT_PLAN pattern 'blocks.9.*' matches no float tensor"):
+def test_plan_rules_set_the_bits_of_big_matrices_only():
+    plan = tg.build_quant_plan(small_state(), rules=tg.parse_quant_plan("blocks.0.*=8"))
+    assert plan["blocks.0.mlp.fc.weight"] == plan["blocks.0.mlp.proj.weight"] == 8
+    assert plan["blocks.0.attn.c_k.weight"] == plan["blocks.0.attn_scale"] == 16  # small or 1-D: still fp16
+    plan = tg.build_quant_plan(small_state(), rules=tg.parse_quant_plan("blocks.0.attn*=16"))
+    assert plan["blocks.0.attn_scale"] == 16 and plan["blocks.0.mlp.fc.weight"] == 6
+
+
+def test_plan_errors_name_the_variable_and_what_was_missed():
+    with pytest.raises(ValueError, match="QUANT_PLAN blocks.9.\\*=5: the pattern matches no matrix"):
         tg.build_quant_plan(small_state(), rules=tg.parse_quant_plan("blocks.9.*=5"))
-    with pytest.raises(ValueError, match="QUANT_PLAN blocks.0.attn_scale=6: blocks.0.attn_scale is 1-D"):
+    with pytest.raises(ValueError, match="QUANT_PLAN blocks.0.attn_scale=6: .* no matrix of at least "
+                                         "QUANT_MIN_NUMEL=65536 elements"):
         tg.build_quant_plan(small_state(), rules=tg.parse_quant_plan("blocks.0.attn_scale=6"))
+    with pytest.raises(ValueError, match="QUANT_PLAN nothing=16: the pattern matches no float tensor"):
+        tg.build_quant_plan(small_state(), rules=tg.parse_quant_plan("nothing=16"))
 
 
 def test_byte_target_demotes_the_least_sensitive_tensor_first():

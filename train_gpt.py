@@ -376,7 +376,6 @@ class CoprimeBlockOrder:
     def __init__(self, block_counts: list[int], seed: int):
         self.counts = np.asarray(block_counts, dtype=np.int64)
         self.rng = np.random.default_rng(seed)
-        self.passes = 0
         self._start_pass()
 
     def _start_pass(self) -> None:
@@ -390,7 +389,6 @@ class CoprimeBlockOrder:
         k[by_shard] = np.arange(len(shards)) - np.repeat(np.cumsum(counts) - counts, counts)
         self.shards, self.blocks = shards, (phase[shards] + k * stride[shards]) % counts[shards]
         self.pos = 0
-        self.passes += 1
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next n draws as (shard index, block index) arrays; a new pass starts when one ends."""
@@ -416,7 +414,8 @@ class CoprimeLoader:
         tokens = [open_data_shard(f) for f in files]
         counts = [(len(t) - 1) // seq_len for t in tokens]  # a block also needs its last target
         if not any(counts):
-            raise ValueError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens: {files[0]} ...")
+            raise ValueError(f"no training shard in {Path(files[0]).parent} holds "
+                             f"TRAIN_SEQ_LEN+1={seq_len + 1} tokens")
         self.tokens = [t for t, n in zip(tokens, counts) if n]
         self.order = CoprimeBlockOrder([n for n in counts if n], seed)
         self.rank, self.world_size, self.device, self.seq_len = rank, world_size, device, seq_len
@@ -427,9 +426,10 @@ class CoprimeLoader:
         seqs_per_rank = global_tokens // seq_len // self.world_size
         shards, blocks = self.order.take(seqs_per_rank * self.world_size)
         mine = slice(self.rank * seqs_per_rank, (self.rank + 1) * seqs_per_rank)
-        rows = np.stack([self.tokens[s][b * seq_len:(b + 1) * seq_len + 1] for s, b in zip(shards[mine], blocks[mine])])
-        local = torch.from_numpy(rows.astype(np.int64))
-        return _to_device(local[:, :-1].contiguous(), self.device), _to_device(local[:, 1:].contiguous(), self.device)
+        rows = [self.tokens[s][b * seq_len:(b + 1) * seq_len + 1] for s, b in zip(shards[mine], blocks[mine])]
+        local = torch.from_numpy(np.stack(rows).astype(np.int64))
+        x, y = local[:, :-1].contiguous(), local[:, 1:].contiguous()
+        return _to_device(x, self.device), _to_device(y, self.device)
 
 
 def make_train_loader(h: Hyperparameters, rank: int, world_size: int, device: torch.device):
@@ -1812,7 +1812,8 @@ class TrainResult:
     average: WeightAverage
 
 
-def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime, log) -> TrainResult:
+def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
+          log) -> TrainResult:
     """The timed loop, stopped by ITERATIONS or the training budget (the cap minus the GPTQ reserve)."""
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     average, qat = WeightAverage(base_model, h), QATSchedule(base_model, h, log)

@@ -1812,6 +1812,12 @@ class TrainResult:
     average: WeightAverage
 
 
+def next_step_overruns(elapsed_ms: float, steps: int, budget_ms: float) -> bool:
+    """Whether one more step of average length would end past the budget. Stopping only after
+    crossing it would log a training time over the cap by up to a step."""
+    return elapsed_ms + elapsed_ms / steps > budget_ms
+
+
 def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
           log) -> TrainResult:
     """The timed loop, stopped by ITERATIONS or the training budget (the cap minus the GPTQ reserve)."""
@@ -1854,7 +1860,7 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        if stop_at is None and budget_ms > 0 and all_ranks_agree(elapsed >= budget_ms, rt):
+        if stop_at is None and budget_ms > 0 and all_ranks_agree(next_step_overruns(elapsed, step, budget_ms), rt):
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
@@ -1978,10 +1984,13 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
     the ranks and all-reduced; {} when GPTQ=0. Forward batches have the evaluation's size."""
     if not h.gptq:
         return {}
+    linears = {f"{n}.weight" for n, m in base_model.named_modules() if isinstance(m, nn.Linear)}
+    targets = {name for name, bits in plan.items() if bits != FP16_BITS} & linears
+    if not targets:  # nothing for GPTQ to do (e.g. only the embedding is quantized): skip the forwards
+        return {}
     batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
                                   max(1, h.val_batch_size // h.train_seq_len), rt.rank, rt.world_size, rt.device)
-    quantized = {name for name, bits in plan.items() if bits != FP16_BITS}
-    return collect_hessians(base_model, batches, quantized, rt.autocast, rt.world_size)
+    return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
 
 
 def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
@@ -2005,7 +2014,10 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
         log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
             f"hessian_time:{1000 * (t1 - t0):.0f}ms quantize_time:{1000 * (t2 - t1):.0f}ms")
         if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
-            log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms")
+            log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
+            if t2 - t0 > h.gptq_reserve_seconds:
+                log(f"warning: gptq_calibration_time exceeds GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: "
+                    f"training plus calibration ran over the training budget")
         encode = functools.partial(serialize_artifact, compressor=h.compressor, shuffle=h.byte_shuffle,
                                    storage=h.quant_storage, log=log)
         blob = encode(packed)

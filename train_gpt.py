@@ -11,11 +11,15 @@ serialization, evaluation, training, main.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import fnmatch
+import functools
 import glob
-import io
+import json
+import lzma
 import math
 import os
 import platform
@@ -25,10 +29,12 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import brotli
 import numpy as np
 import sentencepiece as spm
 import torch
@@ -72,6 +78,25 @@ class Hyperparameters:
     logit_softcap: float = _hp(30.0, lo=1.0, hi=1e4)
     qk_gain_init: float = _hp(1.5, lo=0.0, hi=100.0)
     tied_embed_init_std: float = _hp(0.005, lo=0.0, hi=1.0)
+    # Model: record architecture. Each part switches off to the baseline model (SPEC section 3).
+    mlp_activation: str = _hp("relu2", choices=("relu2", "leaky_relu2"))  # leaky: LeakyReLU(0.5)^2
+    rope_dims: int = _hp(16, lo=2, hi=4096)  # rotary on the first ROPE_DIMS dims of each head; head dim = full
+    block_input_scale: bool = _hp(True)  # the normalized input of layer l is multiplied by 1/sqrt(l+1)
+    unet_gates: bool = _hp(True)  # skip blend x = g*x + (1-g)*w*skip, g = sigmoid(gate); off: x + w*skip
+    xsa_layers: str = _hp("all")  # exclusive self attention: "all", "none" or effective layer ids "0,5,10"
+    smear_gate: bool = _hp(True)  # blend each token with the previous one, never across a BOS
+    bigram_buckets: int = _hp(2048, lo=0, hi=1 << 20)  # BigramHash table rows (last one: position 0); 0: off
+    bigram_dim: int = _hp(128, lo=1, hi=4096)
+    bigram_scale_init: float = _hp(0.05, lo=0.0, hi=10.0)
+    ortho_init: bool = _hp(True)  # orthogonal block matrices, MLP output projections x 1/sqrt(2 L)
+    recurrence: bool = _hp(False)  # RECUR_PRELUDE blocks, one shared block x RECUR_PASSES, RECUR_CODA blocks
+    recur_prelude: int = _hp(2, lo=0, hi=64)
+    recur_passes: int = _hp(7, lo=1, hi=64)
+    recur_coda: int = _hp(2, lo=0, hi=64)
+    mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
+    mini_recur_first: int = _hp(4, lo=0, hi=63)
+    mini_recur_last: int = _hp(5, lo=0, hi=63)
+    mini_recur_start_frac: float = _hp(0.0, lo=0.0, hi=0.999)  # repeats start at this share of training
     # Training length and batch.
     train_seq_len: int = _hp(2048, lo=2, hi=65536)
     train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)
@@ -111,6 +136,19 @@ class Hyperparameters:
     qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)
     # Data order.
     train_loader: str = _hp("coprime", choices=("coprime", "sequential"))
+    # Quantization and compression.
+    quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 8))  # block matrices: int6 per row
+    quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
+    quant_min_numel: int = _hp(65_536, lo=0, hi=2**31 - 1)  # smaller tensors stay fp16
+    quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 8 or 16); later ones win
+    quant_target_bytes: int = _hp(0, lo=0, hi=ARTIFACT_CAP_BYTES)  # 0: off; else demote tensors to fit
+    quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
+    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli"))  # auto: smallest of all
+    byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
+    gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)
+    gptq_calib_seqs: int = _hp(512, lo=1, hi=10**6)  # training sequences of TRAIN_SEQ_LEN, all ranks
+    gptq_damp: float = _hp(0.01, lo=1e-6, hi=10.0)  # added to diag(H), as a fraction of its mean
+    gptq_block: int = _hp(128, lo=1, hi=65536)  # columns per lazy-update block
     # Evaluation and logging.
     val_batch_size: int = _hp(65_536, lo=1, hi=2**31 - 1)  # tokens per eval forward on each rank
     val_loss_every: int = _hp(1000, lo=0, hi=10**9)  # 0: only at the end
@@ -136,8 +174,12 @@ class Hyperparameters:
         """Cross-field rules; each error names the variables involved."""
         if self.model_dim % self.num_heads:
             raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        if (self.model_dim // self.num_heads) % 2:
-            raise ValueError(f"MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even (rotary)")
+        head_dim = self.model_dim // self.num_heads
+        if head_dim % 2:
+            raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (rotary)")
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim "
+                             f"MODEL_DIM/NUM_HEADS={head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         seqs = self.train_batch_tokens // self.train_seq_len
@@ -154,6 +196,22 @@ class Hyperparameters:
             raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
                              f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
                              f"WARMDOWN_FLOOR={self.warmdown_floor}); set QAT=off or change them")
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        parse_layer_set(self.xsa_layers, self.num_layers, "XSA_LAYERS")
+        if self.bigram_buckets == 1:
+            raise ValueError("BIGRAM_BUCKETS=1 is invalid: 0 (off) or at least 2 (one row is reserved)")
+        depth = self.recur_prelude + self.recur_passes + self.recur_coda
+        if self.recurrence and depth != self.num_layers:
+            raise ValueError(f"RECURRENCE=1 needs NUM_LAYERS={self.num_layers} to equal the effective depth "
+                             f"RECUR_PRELUDE + RECUR_PASSES + RECUR_CODA = {depth}")
+        if self.mini_recur_repeats and self.recurrence:
+            raise ValueError("MINI_RECUR_REPEATS and RECURRENCE=1 cannot be combined: choose one form")
+        if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
+            raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first} and MINI_RECUR_LAST={self.mini_recur_last} "
+                             f"must satisfy FIRST <= LAST < NUM_LAYERS={self.num_layers}")
+        parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
 
 
 def _parse_env_value(key: str, raw: str, default, meta: dict):
@@ -174,6 +232,22 @@ def _parse_env_value(key: str, raw: str, default, meta: dict):
     if choices is not None and value not in choices:
         raise ValueError(f"{key}={raw!r} is invalid: accepted values are {', '.join(map(str, choices))}")
     return value
+
+
+def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
+    """'all', 'none' (or empty) or comma-separated layer ids in [0, num_layers)."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return frozenset(range(num_layers))
+    if spec in ("", "none"):
+        return frozenset()
+    try:
+        layers = frozenset(int(part) for part in spec.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={spec!r} is invalid: expected all, none or comma-separated layer ids") from None
+    if not all(0 <= layer < num_layers for layer in layers):
+        raise ValueError(f"{name}={spec!r} is out of range: layer ids are in [0, {num_layers - 1}]")
+    return layers
 
 
 def grad_accum_steps(world_size: int) -> int:
@@ -431,11 +505,31 @@ class ModelConfig:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    # Record architecture: the same names and defaults as the Hyperparameters group.
+    mlp_activation: str = "relu2"
+    rope_dims: int = 16
+    block_input_scale: bool = True
+    unet_gates: bool = True
+    xsa_layers: str = "all"
+    smear_gate: bool = True
+    bigram_buckets: int = 2048
+    bigram_dim: int = 128
+    bigram_scale_init: float = 0.05
+    ortho_init: bool = True
+    recurrence: bool = False
+    recur_prelude: int = 2
+    recur_passes: int = 7
+    recur_coda: int = 2
+    mini_recur_repeats: int = 0
+    mini_recur_first: int = 4
+    mini_recur_last: int = 5
+    mini_recur_start_frac: float = 0.0
+    bos_id: int = 1  # from the tokenizer, not from the environment: SmearGate stops at this token
 
     @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "ModelConfig":
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: getattr(h, n) for n in names})
+    def from_hparams(cls, h: Hyperparameters, bos_id: int) -> "ModelConfig":
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "bos_id"]
+        return cls(bos_id=bos_id, **{n: getattr(h, n) for n in names})
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -496,9 +590,12 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    """Rotary embedding on the first `dims` dims of each head (partial RoPE); the rest carry no position."""
+
+    def __init__(self, dims: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.dims = dims
+        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -506,8 +603,18 @@ class Rotary(nn.Module):
         t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., self.dims:]), dim=-1)
+
+
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output [B, T, H, D] its component along the token's own value
+    direction (v [B, T, Hkv, D], the head's key/value group), so attention carries only other tokens."""
+    B, T, H, D = y.shape
+    groups = y.reshape(B, T, v.size(2), H // v.size(2), D)  # query head h reads kv head h // (H / Hkv)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    groups = groups - (groups * v_hat).sum(-1, keepdim=True) * v_hat
+    return groups.reshape(B, T, H, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -515,16 +622,18 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
+        if cfg.rope_dims % 2 or cfg.rope_dims > self.head_dim:
+            raise ValueError(f"rope_dims={cfg.rope_dims} must be even and at most the head dim {self.head_dim}")
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_k = CastedLinear(cfg.model_dim, kv_dim)
         self.c_v = CastedLinear(cfg.model_dim, kv_dim)
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         self.attention = attention
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, xsa: bool) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -532,7 +641,16 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = self.attention(q, k, v)
+        if xsa:
+            y = exclude_self_value(y, v)
         return self.proj(y.reshape(B, T, C))
+
+
+LEAKY_RELU_SLOPE = 0.5
+MLP_ACTIVATIONS = {  # both squared: relu^2 is the record's; LeakyReLU(0.5)^2 keeps a gradient for x < 0
+    "relu2": lambda x: F.relu(x).square(),
+    "leaky_relu2": lambda x: F.leaky_relu(x, LEAKY_RELU_SLOPE).square(),
+}
 
 
 class MLP(nn.Module):
@@ -540,9 +658,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = CastedLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
         self.proj = CastedLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, zero_init=True)
+        self.activation = MLP_ACTIVATIONS[cfg.mlp_activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(self.activation(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -556,25 +675,132 @@ class Block(nn.Module):
         # Row 0 weighs the stream, row 1 the first-layer input x0: starts as the plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool) -> Tensor:
+        """input_scale and xsa are Python constants of the layer position (a shared block has several)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * input_scale)
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) x_t + g x_{t-1}, g = sigmoid(per-channel gate), except at a document's BOS and at
+    the window's first position, which keep x_t: the previous document must not leak into a new one."""
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))  # g = 0.5 at init
+        self.bos_id = bos_id
+
+    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        has_prev = input_ids != self.bos_id
+        has_prev[:, 0] = False
+        g = torch.sigmoid(self.gate).to(x.dtype) * has_prev[..., None].to(x.dtype)
+        return x + g * (prev - x)
+
+
+BIGRAM_HASH_CUR, BIGRAM_HASH_PREV = 36313, 27191  # odd multipliers: spread neighbouring ids over buckets
+
+
+def bigram_bucket_ids(input_ids: Tensor, buckets: int) -> Tensor:
+    """Bucket of (previous, current) input token at each position; position 0, which has no previous
+    token in the window, gets the reserved last row. Inputs only: the target never enters the key."""
+    prev, cur = input_ids[:, :-1], input_ids[:, 1:]
+    hashed = torch.bitwise_xor(BIGRAM_HASH_CUR * cur, BIGRAM_HASH_PREV * prev) % (buckets - 1)
+    return torch.cat((torch.full_like(input_ids[:, :1], buckets - 1), hashed), dim=1)
+
+
+class BigramHash(nn.Module):
+    """A hashed (previous, current) token embedding, projected to the model width and scaled."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.buckets = cfg.bigram_buckets
+        self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
+        # Unit-variance random rows: with the projection at zero, the rows must differ from the start,
+        # or neither table nor projection ever gets a gradient.
+        nn.init.normal_(self.table.weight, std=1.0)
+        self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        e = self.table(bigram_bucket_ids(input_ids, self.buckets))
+        return self.scale.to(e.dtype) * self.proj(e)
+
+
+class LayerPass(NamedTuple):
+    """One pass through a block in the layer plan; every field is a constant of the position."""
+    block: int  # index into GPT.blocks
+    input_scale: float  # multiplies the block's normalized inputs
+    xsa: bool
+    iteration: int  # shared-block pass: index of the iteration vector added first; -1: none
+    push: bool  # U-Net encoder: its output is pushed for a decoder layer
+    pop: int  # U-Net decoder: skip index it pops and blends in first; -1: none
+
+
+def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
+    """The passes of one forward. Depth recurrence: prelude blocks, the shared block RECUR_PASSES times,
+    coda blocks; layer position l (block input scale, XSA, U-Net role) counts effective layers. Mini
+    recurrence: passes FIRST..LAST run again right after LAST, each copy with its original's scale and
+    XSA but no U-Net role, so switching the repeats on changes nothing the other passes compute."""
+    if cfg.recurrence:
+        P, K, C = cfg.recur_prelude, cfg.recur_passes, cfg.recur_coda
+        blocks = [*range(P), *[P] * K, *range(P + 1, P + 1 + C)]
+        iterations = [-1] * P + list(range(K)) + [-1] * C
+    else:
+        blocks, iterations = list(range(cfg.num_layers)), [-1] * cfg.num_layers
+    xsa = parse_layer_set(cfg.xsa_layers, cfg.num_layers, "xsa_layers")
+    encoder = cfg.num_layers // 2  # the first half pushes, as many decoder layers pop in reverse order
+    plan = [LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
+                      l < encoder, l - encoder if encoder <= l < 2 * encoder else -1)
+            for l, (block, it) in enumerate(zip(blocks, iterations))]
+    if repeats_on and cfg.mini_recur_repeats:
+        first, last = cfg.mini_recur_first, cfg.mini_recur_last
+        copies = [p._replace(push=False, pop=-1) for p in plan[first:last + 1]] * cfg.mini_recur_repeats
+        plan[last + 1:last + 1] = copies
+    return tuple(plan)
 
 
 class GPT(nn.Module):
-    """Tied-embedding GPT with U-Net skips: the first half of the blocks push, the second half pop."""
+    """Tied-embedding GPT (SPEC section 3): BigramHash and SmearGate at the input, a plan of block
+    passes with U-Net skips, optional depth recurrence; soft-capped logits."""
 
     def __init__(self, cfg: ModelConfig, attention: Callable = _sdpa):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(cfg.num_layers))
-        self.num_encoder = cfg.num_layers // 2
-        self.num_decoder = cfg.num_layers - self.num_encoder
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), cfg.model_dim))
+        self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
+        self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
+        unique = cfg.recur_prelude + 1 + cfg.recur_coda if cfg.recurrence else cfg.num_layers
+        self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(unique))
+        if cfg.recurrence:  # tells the shared block which pass it is on; zero: starts as plain reuse
+            self.iteration_vectors = nn.Parameter(torch.zeros(cfg.recur_passes, cfg.model_dim))
+        num_skips = cfg.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        if cfg.unet_gates:  # sigmoid(0) = 0.5: the blend starts as (x + skip) / 2, see the README
+            self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
+        if cfg.ortho_init:
+            self._orthogonal_init()
+        self.set_mini_recurrence(True)  # the trained model runs its repeats; training switches them
+
+    def _orthogonal_init(self) -> None:
+        """Orthogonal block matrices; MLP output projections scaled by 1/sqrt(2 L) over the effective
+        depth L (two residual additions per layer). Attention output projections stay zero (SPEC)."""
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc, block.mlp.proj):
+                nn.init.orthogonal_(linear.weight)
+            with torch.no_grad():
+                block.mlp.proj.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
+
+    def set_mini_recurrence(self, on: bool) -> bool:
+        """Turn the mini-recurrence repeats on or off; True if the plan changed. torch.compile guards on
+        self.plan, so a compiled caller recompiles once per state (both stay cached)."""
+        plan = layer_plan(self.cfg, on)
+        changed = plan != getattr(self, "plan", None)
+        self.plan = plan
+        return changed
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Per-token negative log-likelihood [B, T] in fp32 (training takes its mean)."""
@@ -582,23 +808,52 @@ class GPT(nn.Module):
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
         return nll.view_as(target_ids)
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids).to(x.dtype)
+        x = rms_norm(x)
+        return x if self.smear is None else self.smear(x, input_ids)
+
+    def skip_blend(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
+        skip = self.skip_weights[i].to(x.dtype) * skip
+        if not self.cfg.unet_gates:
+            return x + skip
+        g = torch.sigmoid(self.skip_gates[i]).to(x.dtype)
+        return g * x + (1 - g) * skip
+
     def logits(self, input_ids: Tensor) -> Tensor:
-        x = rms_norm(self.tok_emb(input_ids))
-        x0 = x
+        x = x0 = self.embed(input_ids)
         skips = []
-        for block in self.blocks[:self.num_encoder]:
-            x = block(x, x0)
-            skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder:]):
-            if skips:
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+        for p in self.plan:
+            if p.pop >= 0:
+                x = self.skip_blend(x, skips.pop(), p.pop)
+            if p.iteration >= 0:
+                x = x + self.iteration_vectors[p.iteration].to(x.dtype)
+            x = self.blocks[p.block](x, x0, p.input_scale, p.xsa)
+            if p.push:
+                skips.append(x)
         logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
     def matrix_params(self) -> list[nn.Parameter]:
-        """The 2-D block weights that Muon trains (everything else goes to Adam)."""
-        return [m.weight for m in self.blocks.modules() if isinstance(m, CastedLinear)]
+        """The 2-D weights that Muon trains (everything else goes to Adam)."""
+        return [m.weight for m in self.modules() if isinstance(m, CastedLinear)]
+
+    def fp16_param_names(self) -> set[str]:
+        """Small control tensors (gains, gates, scales, mixes, skip weights, iteration vectors): the
+        quantizer stores them as fp16 whatever their size, since each one scales whole activations."""
+        tables = {id(self.tok_emb.weight)} | ({id(self.bigram.table.weight)} if self.bigram else set())
+        big = {id(p) for p in self.matrix_params()} | tables
+        return {name for name, p in self.named_parameters() if id(p) not in big}
+
+    def describe(self) -> str:
+        """One log line: what the model computes, beyond the hyperparameters."""
+        plan = self.plan
+        return (f"model params:{sum(p.numel() for p in self.parameters())} unique_blocks:{len(self.blocks)} "
+                f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
+                f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
+                f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -745,20 +1000,42 @@ def set_step_hparams(optimizers: list[torch.optim.Optimizer], lr_mult: float, mo
 # ----------------------------------------------------------------------------------------------------
 # Quantization and serialization
 # ----------------------------------------------------------------------------------------------------
+# A plan gives each float tensor its bits: 5, 6 or 8 (symmetric per-row integers with one fp16 scale
+# per row) or 16 (fp16 passthrough). Rows are quantized by round-to-nearest or, given the Hessian
+# H = X^T X of the layer's inputs, by GPTQ; either way each row's clip is the candidate percentile of
+# |w| with the least error. The artifact is a small header, then one compressed payload holding a JSON
+# manifest (every tensor's kind, bits, shape, dtype, storage and byte ranges) and the tensor bytes.
 
-INT8_MAX = 127
-QUANT_MIN_NUMEL = 65_536  # smaller tensors (gains, gates, scales) cost little as fp16 and are touchy
+FP16_BITS = 16  # in a plan: keep the tensor as fp16
+PLAN_BITS = (5, 6, 8, FP16_BITS)
+EMBEDDING_NAME = "tok_emb.weight"
+CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # candidate clips, as quantiles of |w| per row
+SCALE_FLOOR = torch.finfo(torch.float16).tiny  # an all-zero row still gets a positive, representable scale
+GPTQ_DAMP_RAISE = 10.0  # on a failed Cholesky factorization the damping is multiplied by this...
+GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
+DEMOTE_TO = {8: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_FORMAT_VERSION = 1
-ZSTD_LEVEL = 22
+ARTIFACT_FORMAT_VERSION = 2
+ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
 CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
-    1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(b),
+    1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
         lambda b: zstandard.ZstdDecompressor().decompress(b)),
+    2: ("lzma", lambda b: lzma.compress(b, preset=LZMA_PRESET), lzma.decompress),
+    3: ("brotli", lambda b: brotli.compress(b, quality=BROTLI_QUALITY), brotli.decompress),
 }
-_ARTIFACT_HEADER = struct.Struct("<5sBB")  # magic, format version, codec id
+CODEC_IDS = {name: cid for cid, (name, _, _) in CODECS.items()}
+# magic, format version, codec id, byte shuffle (0/1), CRC-32 of the decompressed payload (brotli has
+# no checksum of its own, and a flipped bit must not load as slightly different weights).
+_ARTIFACT_HEADER = struct.Struct("<5sBBBI")
+_MANIFEST_LEN = struct.Struct("<I")
 
 
-FAKE_INT6_MAX = 31  # QAT grid: integers in [-31, 31] times a per-row scale
+def qmax(bits: int) -> int:
+    """Largest level of a symmetric signed grid: values in [-qmax, qmax] (int6: 31)."""
+    return 2 ** (bits - 1) - 1
+
+
+QAT_QMAX = qmax(6)  # QAT grid: integers in [-31, 31] times a per-row scale
 
 
 def fake_quant_int6(w: Tensor, soft_alpha: Tensor | None = None) -> Tensor:
@@ -768,71 +1045,484 @@ def fake_quant_int6(w: Tensor, soft_alpha: Tensor | None = None) -> Tensor:
     sigmoid(alpha * (frac(x) - 1/2)) with x = w / scale, differentiable, round() as alpha grows.
     The scale is held constant for the gradient.
     """
-    scale = (w.detach().abs().amax(dim=1, keepdim=True) / FAKE_INT6_MAX).clamp_min(torch.finfo(w.dtype).tiny)
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / QAT_QMAX).clamp_min(torch.finfo(w.dtype).tiny)
     x = w / scale  # in [-31, 31] by construction
     if soft_alpha is None:
         return w + (x.round() * scale - w).detach()
     q = x.floor() + torch.sigmoid(soft_alpha * (x - x.floor() - 0.5))
-    return q.clamp(-FAKE_INT6_MAX, FAKE_INT6_MAX) * scale  # the sigmoid may overshoot the end points
+    return q.clamp(-QAT_QMAX, QAT_QMAX) * scale  # the sigmoid may overshoot the end points
 
 
-def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per output row: q in [-127, 127], scale = max|w_row| / 127 stored as fp16."""
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(torch.finfo(torch.float16).tiny).half()
-    q = torch.round(w / scale.float()[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+# ---- the plan -------------------------------------------------------------------------------------
 
 
-def dequantize_int8_rows(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.float()[:, None]
+def parse_quant_plan(text: str) -> list[tuple[str, int]]:
+    """QUANT_PLAN "glob=bits,glob=bits" -> [(glob, bits)]; globs match state-dict names (fnmatch)."""
+    rules = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        pattern, sep, bits = (part.strip() for part in item.partition("="))
+        if not sep or not pattern or bits not in {str(b) for b in PLAN_BITS}:
+            raise ValueError(f"QUANT_PLAN entry {item!r} is invalid: expected glob=bits with bits one of "
+                             f"{', '.join(map(str, PLAN_BITS))}")
+        rules.append((pattern, int(bits)))
+    return rules
 
 
-def quantize_state_dict(state: dict[str, Tensor]) -> dict:
-    """Large float matrices -> int8 per row; everything else -> fp16 passthrough."""
-    tensors = {}
+def build_quant_plan(state: dict[str, Tensor], fp16_names=frozenset(), bits: int = Hyperparameters.quant_bits,
+                     embed_bits: int = Hyperparameters.quant_embed_bits,
+                     min_numel: int = Hyperparameters.quant_min_numel,
+                     rules: list[tuple[str, int]] = ()) -> dict[str, int]:
+    """Bits for every float tensor: matrices of at least min_numel elements get `bits` (the tied
+    embedding `embed_bits`), everything else fp16; then the QUANT_PLAN rules; fp16_names always win."""
+    plan = {}
     for name, t in state.items():
-        t = t.detach().cpu()
-        if t.is_floating_point() and t.ndim == 2 and t.numel() >= QUANT_MIN_NUMEL:
-            q, scale = quantize_int8_rows(t)
-            tensors[name] = {"kind": "int8_row", "q": q, "scale": scale, "dtype": str(t.dtype)}
-        else:
-            tensors[name] = {"kind": "fp16", "data": t.half(), "dtype": str(t.dtype)}
-    return {"format_version": ARTIFACT_FORMAT_VERSION, "tensors": tensors}
+        if t.is_floating_point():
+            big_matrix = t.ndim >= 2 and t.numel() >= min_numel
+            plan[name] = (embed_bits if name == EMBEDDING_NAME else bits) if big_matrix else FP16_BITS
+    for pattern, rule_bits in rules:
+        names = fnmatch.filter(plan, pattern)
+        if not names:
+            raise ValueError(f"QUANT_PLAN pattern {pattern!r} matches no float tensor of the model")
+        for name in names:
+            if rule_bits != FP16_BITS and state[name].ndim < 2:
+                raise ValueError(f"QUANT_PLAN {pattern}={rule_bits}: {name} is {state[name].ndim}-D; "
+                                 f"only matrices can be quantized")
+            plan[name] = rule_bits
+    return {name: FP16_BITS if name in fp16_names else b for name, b in plan.items()}
 
 
-def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
+def plan_from_hparams(state: dict[str, Tensor], h: Hyperparameters, fp16_names=frozenset()) -> dict[str, int]:
+    return build_quant_plan(state, fp16_names, h.quant_bits, h.quant_embed_bits, h.quant_min_numel,
+                            parse_quant_plan(h.quant_plan))
+
+
+def log_quant_plan(plan: dict[str, int], state: dict[str, Tensor], log) -> None:
+    params = {}
+    for name, bits in plan.items():
+        log(f"quant_tensor name:{name} bits:{bits} shape:{'x'.join(map(str, state[name].shape))}", console=False)
+        params[bits] = params.get(bits, 0) + state[name].numel()
+    log("quant_plan " + " ".join(f"{'fp16' if b == FP16_BITS else f'int{b}'}_params:{n}"
+                                 for b, n in sorted(params.items())) + " (per tensor: quant_tensor lines)")
+
+
+# ---- round-to-nearest and GPTQ --------------------------------------------------------------------
+
+
+def row_quantiles(a: Tensor, quantiles: tuple[float, ...]) -> Tensor:
+    """[len(quantiles), rows] quantiles of each row of a, linearly interpolated (torch.quantile has a
+    size limit that large embeddings exceed)."""
+    s = a.sort(dim=1).values
+    pos = torch.tensor(quantiles, dtype=torch.float64, device=a.device) * (a.size(1) - 1)
+    lo, frac = pos.floor().long(), (pos - pos.floor()).to(a.dtype)
+    hi = (lo + 1).clamp_max(a.size(1) - 1)
+    return s[:, lo].T * (1 - frac[:, None]) + s[:, hi].T * frac[:, None]
+
+
+def clip_scales(w: Tensor, bits: int) -> Tensor:
+    """[P, rows] candidate scales, one per clip percentile, rounded to fp16 exactly as they are stored."""
+    clips = row_quantiles(w.abs(), CLIP_PERCENTILES)
+    return (clips / qmax(bits)).clamp_min(SCALE_FLOOR).half().float()
+
+
+def round_to_grid(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Integer levels (as floats) of w on the per-row grid `scale` [rows]."""
+    return torch.clamp(torch.round(w / scale[:, None]), -qmax(bits), qmax(bits))
+
+
+def pick_rows(err: Tensor, q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the candidate with the least error: err [P, R], q [P, R, C], scales [P, R]."""
+    best = err.argmin(dim=0)
+    rows = torch.arange(err.size(1), device=err.device)
+    return q[best, rows].to(torch.int8), scales[best, rows].half()
+
+
+def quantize_rows_rtn(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest per row, clip chosen per row by least squared error. -> (q int8, scale fp16)."""
+    w = w.float()
+    scales = clip_scales(w, bits)
+    q = torch.stack([round_to_grid(w, s, bits) for s in scales])
+    err = ((q * scales[:, :, None] - w) ** 2).sum(dim=2)
+    return pick_rows(err, q, scales)
+
+
+def damped_inverse_cholesky(h: Tensor, damp: float, name: str, log) -> Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, so that H^-1 = U^T U.
+
+    A factorization can fail when H is (numerically) singular; then the damping is multiplied by
+    GPTQ_DAMP_RAISE and the raise is logged; after GPTQ_MAX_DAMP_RAISES the run fails."""
+    eye = torch.eye(h.size(0), device=h.device, dtype=h.dtype)
+    mean_diag = h.diagonal().mean()
+    for attempt in range(GPTQ_MAX_DAMP_RAISES + 1):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info == 0 and torch.isfinite(u).all():
+                return u
+        if attempt == GPTQ_MAX_DAMP_RAISES:
+            break
+        log(f"gptq_damping_raised tensor:{name} damp:{damp:g} -> {damp * GPTQ_DAMP_RAISE:g} reason:cholesky_failed")
+        damp *= GPTQ_DAMP_RAISE
+    raise RuntimeError(f"GPTQ {name}: Cholesky factorization failed even with damping {damp:g} x mean diag(H)")
+
+
+def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> Tensor:
+    """GPTQ on columns already in quantization order: round column j, then spread its error over the
+    later columns through row j of U (upper Cholesky factor of H^-1). Within a block of columns the
+    updates are applied at once; later blocks get one matrix product per block (the lazy batch update
+    that keeps this fast). Returns the integer levels as floats."""
+    w = w.clone()
+    q = torch.zeros_like(w)
+    for i in range(0, w.size(1), block):
+        end = min(i + block, w.size(1))
+        wb, ub = w[:, i:end], u[i:end, i:end]
+        errs = torch.zeros_like(wb)
+        for j in range(end - i):
+            q[:, i + j] = round_to_grid(wb[:, j:j + 1], scale, bits)[:, 0]
+            errs[:, j] = (wb[:, j] - q[:, i + j] * scale) / ub[j, j]
+            wb[:, j:] -= errs[:, j:j + 1] * ub[j:j + 1, j:]
+        w[:, end:] -= errs @ u[i:end, end:]
+    return q
+
+
+def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int, name: str,
+                       log) -> tuple[Tensor, Tensor]:
+    """GPTQ with act-order (columns by decreasing diag H) combined with the clip search: GPTQ runs on
+    all candidate scales at once (rows are independent given H, so the candidates are stacked as extra
+    rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T."""
+    w, h = w.float().clone(), h.float().clone()
+    dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter, set them to 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(h.diagonal(), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    u = damped_inverse_cholesky(h, damp, name, log)
+    scales = clip_scales(w, bits)  # [P, R]
+    P, R = scales.shape
+    q = gptq_columns(w.repeat(P, 1), u, scales.reshape(-1), bits, block).view(P, R, -1)
+    e = q * scales[:, :, None] - w
+    err = ((e @ h) * e).sum(dim=2)
+    q, scale = pick_rows(err, q, scales)
+    return q[:, torch.argsort(order)], scale
+
+
+def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
+                        hessians: dict[str, Tensor] | None = None, damp: float = Hyperparameters.gptq_damp,
+                        block: int = Hyperparameters.gptq_block, log=print) -> dict[str, dict]:
+    """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
+    tensors (GPTQ when `hessians` has the name, else round-to-nearest), {"kind": "fp16", "data"} for
+    passthrough floats, {"kind": "raw", "data"} for anything else; every entry keeps "shape", "dtype".
+    plan defaults to build_quant_plan's; names in fp16_names are stored as fp16 whatever the plan."""
+    plan = build_quant_plan(state, fp16_names) if plan is None else plan
+    hessians = hessians or {}
     out = {}
-    for name, entry in packed["tensors"].items():
-        dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
-        if entry["kind"] == "int8_row":
-            out[name] = dequantize_int8_rows(entry["q"], entry["scale"]).to(dtype)
+    for name, t in state.items():
+        t = t.detach()
+        entry = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        bits = FP16_BITS if name in fp16_names else plan.get(name, FP16_BITS)
+        if not t.is_floating_point():
+            entry.update(kind="raw", data=t.cpu())
+        elif bits == FP16_BITS:
+            entry.update(kind="fp16", data=t.cpu().half())
         else:
-            out[name] = entry["data"].to(dtype)
+            w = t.reshape(t.size(0), -1)
+            if name in hessians:
+                q, scale = quantize_rows_gptq(w, hessians[name].to(w.device), bits, damp, block, name, log)
+            else:
+                q, scale = quantize_rows_rtn(w, bits)
+            entry.update(kind="int", bits=bits, q=q.cpu(), scale=scale.cpu())
+        out[name] = entry
     return out
 
 
-def serialize_artifact(packed: dict, codec_id: int = 1) -> bytes:
-    buf = io.BytesIO()
-    torch.save(packed, buf)
-    name, compress, _ = CODECS[codec_id]
-    return _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id) + compress(buf.getvalue())
+def dequantize_state_dict(packed: dict[str, dict]) -> dict[str, Tensor]:
+    out = {}
+    for name, entry in packed.items():
+        dtype = getattr(torch, entry["dtype"])
+        if entry["kind"] == "int":
+            w = entry["q"].float() * entry["scale"].float()[:, None]
+        else:
+            w = entry["data"]
+        out[name] = w.reshape(entry["shape"]).to(dtype)
+    return out
 
 
-def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> dict:
+# ---- calibration ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """TF32 keeps ~10 mantissa bits: enough for training, not for H = X^T X summed over a million
+    tokens and then inverted. Calibration and GPTQ run with exact fp32 products."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def calibration_batches(train_files: list[str], num_seqs: int, seq_len: int, batch_seqs: int, rank: int,
+                        world_size: int, device: torch.device):
+    """(inputs, targets) batches of this rank's share (every world_size-th sequence) of the first
+    num_seqs training sequences. Takes training shards only: validation never reaches calibration."""
+    tokens = TokenStream(train_files).take(num_seqs * (seq_len + 1))
+    seqs = torch.from_numpy(tokens.astype(np.int64)).view(num_seqs, seq_len + 1)[rank::world_size]
+    for b in range(0, len(seqs), batch_seqs):
+        chunk = seqs[b:b + batch_seqs].to(device)
+        yield chunk[:, :-1], chunk[:, 1:]
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, batches, names, autocast=contextlib.nullcontext,
+                     world_size: int = 1) -> dict[str, Tensor]:
+    """H = X^T X / tokens from the inputs X of every nn.Linear whose weight name is in `names`, over
+    the batches of every rank (summed with an all-reduce, so all ranks return the same H)."""
+    hessians, hooks = {}, []
+
+    def accumulate(h: Tensor):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, args[0].size(-1)).float()
+            with torch.autocast(x.device.type, enabled=False):  # the sum stays fp32, whatever the forward
+                h.addmm_(x.T, x)
+        return hook
+
+    for mod_name, module in model.named_modules():
+        key = f"{mod_name}.weight"
+        if isinstance(module, nn.Linear) and key in names:
+            hessians[key] = torch.zeros(module.in_features, module.in_features, device=module.weight.device)
+            hooks.append(module.register_forward_hook(accumulate(hessians[key])))
+    tokens = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    try:
+        for x, y in batches:
+            with autocast():
+                model(x, y)
+            tokens += x.numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if world_size > 1:
+        dist.all_reduce(tokens)
+        for h in hessians.values():
+            dist.all_reduce(h)
+    return {k: h / tokens.clamp_min(1).float() for k, h in hessians.items()}
+
+
+# ---- fitting a byte target ------------------------------------------------------------------------
+
+
+def entropy_bytes(q: Tensor) -> float:
+    """Bytes an ideal order-0 coder needs for these levels: what the int8 container compresses to."""
+    counts = torch.bincount(q.flatten().long() + 128, minlength=256).double()
+    p = counts[counts > 0] / q.numel()
+    return float(-(p * p.log2()).sum()) * q.numel() / 8
+
+
+def demotion(w: Tensor, bits: int, input_power: Tensor) -> tuple[float, float]:
+    """(added output noise, estimated bytes saved) when w goes from `bits` to DEMOTE_TO[bits].
+
+    Noise is the round-to-nearest error weighted by each input's mean square (diag H), i.e. the
+    expected squared error it adds to the layer's output per token."""
+    w = w.float().reshape(w.size(0), -1)
+    noise, size = [], []
+    for b in (bits, DEMOTE_TO[bits]):
+        q, s = quantize_rows_rtn(w, b)
+        noise.append(float((((q.float() * s.float()[:, None] - w) ** 2) * input_power).sum()))
+        size.append(entropy_bytes(q))
+    return noise[1] - noise[0], size[0] - size[1]
+
+
+def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log) -> list:
+    """[(noise per byte saved, name, new bits, bytes saved)] for every tensor that can still be demoted,
+    least harmful first. Without a Hessian the inputs count as unit power (the tied head's inputs are
+    RMS-normalized, so that is their true scale) and the log says so."""
+    ranked = []
+    for name, bits in plan.items():
+        if bits not in DEMOTE_TO:
+            continue
+        if name in hessians:
+            power = hessians[name].diagonal().float().cpu()
+        else:
+            log(f"quant_fit sensitivity:{name} input_power:unit reason:no_hessian")
+            power = torch.ones(state[name][0].numel())
+        noise, saved = demotion(state[name].detach().cpu(), bits, power)
+        ranked.append((noise / max(saved, 1.0), name, DEMOTE_TO[bits], saved))
+    return sorted(ranked)
+
+
+def fit_byte_target(state, plan: dict[str, int], packed: dict, blob: bytes, budget: int, quantize: Callable,
+                    encode: Callable, hessians: dict[str, Tensor], log) -> tuple[dict[str, int], bytes]:
+    """Demote the least sensitive tensors (8 -> 6 -> 5 bits) until the artifact fits in `budget` bytes.
+
+    Each round picks, by rank_demotions, enough demotions for the estimated savings to cover the
+    excess, re-quantizes only those tensors and compresses again; the estimate is checked, not trusted."""
+    plan, packed = dict(plan), dict(packed)
+    while len(blob) > budget:
+        excess, ranked = len(blob) - budget, rank_demotions(state, plan, hessians, log)
+        if not ranked:
+            raise RuntimeError(f"QUANT_TARGET_BYTES: the artifact needs {budget} bytes or fewer but is "
+                               f"{len(blob)} with every quantized tensor at int5")
+        saved, changed = 0.0, {}
+        for _, name, bits, est in ranked:
+            changed[name], saved = bits, saved + est
+            log(f"quant_fit demote:{name} bits:{plan[name]}->{bits} est_saved_bytes:{est:.0f}")
+            if saved >= excess:
+                break
+        plan.update(changed)
+        packed.update(quantize({n: state[n] for n in changed}, plan=plan))
+        blob = encode(packed)
+        log(f"quant_fit bytes_model:{len(blob)} budget:{budget}")
+    return plan, blob
+
+
+# ---- storage and compression ----------------------------------------------------------------------
+
+
+def pack6(q: np.ndarray) -> np.ndarray:
+    """Levels in [-32, 31] -> 6-bit codes, 4 codes in 3 bytes (little-endian 24-bit groups)."""
+    u = (q.astype(np.int16).ravel() + 32).astype(np.uint32)
+    u = np.concatenate([u, np.zeros(-len(u) % 4, np.uint32)]).reshape(-1, 4)
+    word = u[:, 0] | (u[:, 1] << 6) | (u[:, 2] << 12) | (u[:, 3] << 18)
+    return (word[:, None] >> np.array([0, 8, 16], np.uint32) & 0xFF).astype(np.uint8).ravel()
+
+
+def unpack6(b: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of pack6: the first `count` levels as int8."""
+    g = b.reshape(-1, 3).astype(np.uint32)
+    word = g[:, 0] | (g[:, 1] << 8) | (g[:, 2] << 16)
+    u = word[:, None] >> np.array([0, 6, 12, 18], np.uint32) & 0x3F
+    return (u.ravel()[:count].astype(np.int16) - 32).astype(np.int8)
+
+
+def byte_shuffle(b: bytes) -> bytes:
+    """Even-offset bytes, then odd-offset bytes: the low and high bytes of fp16 values each end up
+    together, which the coders model better than the interleaved pairs. Applied to the 2-byte values
+    only (scales, fp16 tensors): on the 1-byte levels it just splits rows and costs zstd ~1%."""
+    a = np.frombuffer(b, np.uint8)
+    return np.concatenate([a[0::2], a[1::2]]).tobytes()
+
+
+def byte_unshuffle(b: bytes) -> bytes:
+    a = np.frombuffer(b, np.uint8)
+    out = np.empty_like(a)
+    half = (len(a) + 1) // 2
+    out[0::2], out[1::2] = a[:half], a[half:]
+    return out.tobytes()
+
+
+def tensor_bytes(t: Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(b: bytes, dtype: torch.dtype, shape) -> Tensor:
+    if not b:  # torch.frombuffer rejects an empty buffer (a 1-layer model has 0 skip weights)
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
+    """(manifest, tensor bytes). Parts are grouped by kind (all integer levels, then all fp16 scales,
+    then passthrough data) so similar bytes sit together for the coder; the manifest records each
+    part's byte range, so the reader follows it and never relies on this order, and where the levels
+    end ("levels_bytes"): the byte shuffle applies to what follows."""
+    manifest, parts = [], {"q": [], "scale": [], "data": []}
+    for name, e in packed.items():
+        item = {"name": name, "kind": e["kind"], "shape": e["shape"], "dtype": e["dtype"], "parts": {}}
+        if e["kind"] == "int":
+            packed6 = storage == "packed6" and e["bits"] <= 6
+            item.update(bits=e["bits"], storage="packed6" if packed6 else "byte", rows=e["q"].size(0))
+            q = e["q"].numpy()
+            parts["q"].append((item, "q", pack6(q).tobytes() if packed6 else q.tobytes()))
+            parts["scale"].append((item, "scale", tensor_bytes(e["scale"])))
+        else:
+            parts["data"].append((item, "data", tensor_bytes(e["data"])))
+        manifest.append(item)
+    offset, chunks = 0, []
+    for item, role, b in (p for group in parts.values() for p in group):
+        item["parts"][role] = [offset, len(b)]
+        offset += len(b)
+        chunks.append(b)
+    levels_bytes = sum(len(b) for _, _, b in parts["q"])
+    manifest = {"format_version": ARTIFACT_FORMAT_VERSION, "levels_bytes": levels_bytes, "tensors": manifest}
+    return manifest, b"".join(chunks)
+
+
+def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
+    def part(item, role):
+        start, size = item["parts"][role]
+        if start + size > len(data):
+            raise ValueError(f"{source}: corrupt or truncated artifact: {item['name']} {role} ends past the data")
+        return data[start:start + size]
+
+    packed = {}
+    for item in manifest["tensors"]:
+        e = {"kind": item["kind"], "shape": item["shape"], "dtype": item["dtype"]}
+        if item["kind"] == "int":
+            rows = item["rows"]
+            cols = math.prod(item["shape"]) // rows
+            raw = np.frombuffer(part(item, "q"), np.uint8)
+            q = unpack6(raw, rows * cols) if item["storage"] == "packed6" else raw.view(np.int8)
+            e.update(bits=item["bits"], q=torch.from_numpy(q.copy()).view(rows, cols),
+                     scale=tensor_from_bytes(part(item, "scale"), torch.float16, [rows]))
+        else:
+            dtype = torch.float16 if item["kind"] == "fp16" else getattr(torch, item["dtype"])
+            e["data"] = tensor_from_bytes(part(item, "data"), dtype, item["shape"])
+        packed[item["name"]] = e
+    return packed
+
+
+def compress(raw: bytes, compressor: str, log=None) -> tuple[int, bytes]:
+    """(codec id, compressed bytes); "auto" runs every codec (in threads: they release the GIL) and
+    keeps the smallest, logging each size."""
+    names = list(CODEC_IDS) if compressor == "auto" else [compressor]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        blobs = dict(zip(names, pool.map(lambda n: CODECS[CODEC_IDS[n]][1](raw), names)))
+    best = min(blobs, key=lambda n: len(blobs[n]))
+    if log is not None:
+        log(f"compression raw_bytes:{len(raw)} " + " ".join(f"{n}:{len(b)}" for n, b in blobs.items())
+            + f" chosen:{best}")
+    return CODEC_IDS[best], blobs[best]
+
+
+def serialize_artifact(packed: dict[str, dict], compressor: str = Hyperparameters.compressor,
+                       shuffle: bool = Hyperparameters.byte_shuffle, storage: str = Hyperparameters.quant_storage,
+                       log=None) -> bytes:
+    manifest, data = encode_payload(packed, storage)
+    if shuffle:
+        data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
+    manifest = json.dumps(manifest).encode()
+    payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + data
+    codec_id, body = compress(payload, compressor, log)
+    header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle),
+                                   zlib.crc32(payload))
+    return header + body
+
+
+def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> dict[str, dict]:
     if len(blob) < _ARTIFACT_HEADER.size:
         raise ValueError(f"{source}: {len(blob)} bytes is too short for an artifact header")
-    magic, version, codec_id = _ARTIFACT_HEADER.unpack_from(blob)
+    magic, version, codec_id, shuffle, crc = _ARTIFACT_HEADER.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
         raise ValueError(f"{source}: not a train_gpt.py artifact (magic {magic!r})")
-    if version != ARTIFACT_FORMAT_VERSION or codec_id not in CODECS:
-        raise ValueError(f"{source}: unsupported artifact format {version} / codec {codec_id}")
+    if version != ARTIFACT_FORMAT_VERSION:
+        raise ValueError(f"{source}: artifact format {version}, but this train_gpt.py reads format "
+                         f"{ARTIFACT_FORMAT_VERSION}")
+    if codec_id not in CODECS or shuffle not in (0, 1):
+        raise ValueError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
     name, _, decompress = CODECS[codec_id]
     try:
         payload = decompress(blob[_ARTIFACT_HEADER.size:])
-        return torch.load(io.BytesIO(payload), weights_only=True)
-    except Exception as e:  # zstd and torch.load raise many types for a damaged payload
+    except Exception as e:  # each codec raises its own types for a damaged stream
         raise ValueError(f"{source}: corrupt or truncated artifact ({name} payload): {e}") from e
+    if zlib.crc32(payload) != crc:
+        raise ValueError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch after {name} decompression")
+    (size,) = _MANIFEST_LEN.unpack_from(payload)
+    manifest = json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size])
+    data = payload[_MANIFEST_LEN.size + size:]
+    if shuffle:
+        data = data[:manifest["levels_bytes"]] + byte_unshuffle(data[manifest["levels_bytes"]:])
+    return decode_payload(manifest, data, source)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -876,25 +1566,37 @@ def sliding_window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np
     return np.asarray(starts, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
-             batch_windows: int, rank: int = 0, world_size: int = 1,
-             autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+def eval_batches(val_tokens: Tensor, seq_len: int, stride: int, batch_windows: int, rank: int = 0,
+                 world_size: int = 1):
+    """This rank's share of the sliding windows, batch_windows at a time: (x, y, scored, target_pos).
+
+    x, y [B, seq_len] are inputs and targets; scored [B, seq_len] marks the targets this window scores
+    (over all ranks every target exactly once); target_pos [B, seq_len] is each target's index in
+    val_tokens (clamped on the padding rows, which score nothing).
+    """
     device = val_tokens.device
     starts, offsets = sliding_window_plan(len(val_tokens) - 1, seq_len, stride)
     mine = np.array_split(np.arange(len(starts)), world_size)[rank]
     positions = torch.arange(seq_len + 1, device=device)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # nats, tokens, bytes
     for b in range(0, len(mine), batch_windows):
         idx = mine[b:b + batch_windows]
         pad = batch_windows - len(idx)  # a fixed batch shape avoids recompiling for the last batch
         start = torch.from_numpy(np.pad(starts[idx], (0, pad))).to(device)
         first = torch.from_numpy(np.pad(offsets[idx], (0, pad), constant_values=seq_len)).to(device)
         token_pos = start[:, None] + positions[None, :]
-        window = val_tokens[token_pos.clamp_max(len(val_tokens) - 1)].long()
-        x, y = window[:, :-1], window[:, 1:]
+        clamped = token_pos.clamp_max(len(val_tokens) - 1)
+        window = val_tokens[clamped].long()
         scored = (positions[None, :-1] >= first[:, None]) & (token_pos[:, 1:] < len(val_tokens))
+        yield window[:, :-1], window[:, 1:], scored, clamped[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
+             batch_windows: int, rank: int = 0, world_size: int = 1,
+             autocast=contextlib.nullcontext) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+    sums = torch.zeros(3, device=val_tokens.device, dtype=torch.float64)  # nats, tokens, bytes
+    for x, y, scored, _ in eval_batches(val_tokens, seq_len, stride, batch_windows, rank, world_size):
         with autocast():
             nll = model(x, y)
         sums[0] += nll.double()[scored].sum()
@@ -1135,9 +1837,13 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
         if last:
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        lr_mult = lr_multiplier(training_progress(step, elapsed, h), h.warmdown_frac, h.warmdown_floor)
+        progress = training_progress(step, elapsed, h)
+        lr_mult = lr_multiplier(progress, h.warmdown_frac, h.warmdown_floor)
         set_step_hparams(optimizers, lr_mult, muon_momentum_at(step, h))
         qat.update(step, lr_mult)
+        repeats_on = progress >= h.mini_recur_start_frac
+        if base_model.set_mini_recurrence(repeats_on):  # a compiled model recompiles once per state
+            log(f"mini_recurrence:{'on' if repeats_on else 'off'} step:{step} progress:{progress:.4f}")
         loss = train_step(model, optimizers, loader, h, rt)
         step += 1
         average.update(step, lr_mult)
@@ -1217,7 +1923,7 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
     log(f"runtime world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} "
         f"autocast:{'bf16' if rt.device.type == 'cuda' else 'off(fp32)'} ns_dtype:{rt.ns_dtype}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__}")
+        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)
     log("env " + " ".join(f"{k}:{env[k]}" for k in sorted(names) if k in env))
     if rt.device.type == "cuda":
@@ -1233,13 +1939,15 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def build_model(h: Hyperparameters, rt: Runtime, log) -> tuple[GPT, nn.Module, nn.Module, Callable]:
+def build_model(h: Hyperparameters, rt: Runtime, log, bos_id: int) -> tuple[GPT, nn.Module, nn.Module, Callable]:
     """(base model, model to train, model to evaluate, orthogonalize fn), compiled on CUDA."""
     name, attention, why = select_attention(rt.device)
     log(f"attention_backend:{name} reason:{why}")
-    base = GPT(ModelConfig.from_hparams(h), attention).to(rt.device)
+    if h.smear_gate and bos_id < 0:
+        raise ValueError(f"SMEAR_GATE=1 needs the tokenizer's BOS id, but {h.tokenizer_path} has no BOS")
+    base = GPT(ModelConfig.from_hparams(h, bos_id), attention).to(rt.device)
     configure_qat(base, h.qat)
-    log(f"model params:{sum(p.numel() for p in base.parameters())}")
+    log(base.describe())
     orthogonalize, compiled = newton_schulz5, base
     if rt.device.type == "cuda" and h.compile:
         compiled = torch.compile(base, dynamic=False)
@@ -1265,10 +1973,54 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
     return loss, bpb
 
 
-def save_artifact(base_model: GPT, path: Path, code_bytes: int, rt: Runtime, log) -> None:
-    """Quantize, compress and write the artifact (rank 0), log byte counts, enforce the cap."""
+def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
+    """GPTQ Hessians of every quantized linear layer from GPTQ_CALIB_SEQS training sequences, split over
+    the ranks and all-reduced; {} when GPTQ=0. Forward batches have the evaluation's size."""
+    if not h.gptq:
+        return {}
+    batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
+                                  max(1, h.val_batch_size // h.train_seq_len), rt.rank, rt.world_size, rt.device)
+    quantized = {name for name, bits in plan.items() if bits != FP16_BITS}
+    return collect_hessians(base_model, batches, quantized, rt.autocast, rt.world_size)
+
+
+def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
+                 log) -> bytes | None:
+    """After training: GPTQ calibration on training shards (all ranks), then quantization, compression
+    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None)."""
+    rt.sync()
+    t0 = time.perf_counter()
+    with full_fp32_matmul():
+        hessians = calibrate(base_model, plan, h, rt)
+        rt.sync()
+        t1 = time.perf_counter()
+        if not rt.is_main:
+            return None
+        state = base_model.state_dict()
+        quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
+                                     log=log)
+        packed = quantize(state, plan=plan)
+        rt.sync()
+        t2 = time.perf_counter()
+        log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
+            f"hessian_time:{1000 * (t1 - t0):.0f}ms quantize_time:{1000 * (t2 - t1):.0f}ms")
+        if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
+            log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms")
+        encode = functools.partial(serialize_artifact, compressor=h.compressor, shuffle=h.byte_shuffle,
+                                   storage=h.quant_storage, log=log)
+        blob = encode(packed)
+        if h.quant_target_bytes > 0:
+            plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
+                                         encode, hessians, log)
+    params = sum(t.numel() for t in state.values())
+    log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
+        f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
+    return blob
+
+
+def save_artifact(blob: bytes | None, path: Path, code_bytes: int, rt: Runtime, log) -> None:
+    """Write the artifact (rank 0), log byte counts, enforce the cap."""
     if rt.is_main:
-        blob = serialize_artifact(quantize_state_dict(base_model.state_dict()))
         write_atomic(path, blob)
         log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{len(blob)} "
             f"bytes_total:{code_bytes + len(blob)} cap:{ARTIFACT_CAP_BYTES}")
@@ -1306,7 +2058,9 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
 
-    base, model, eval_model, orthogonalize = build_model(h, rt, log)
+    base, model, eval_model, orthogonalize = build_model(h, rt, log, sp.bos_id())
+    plan = plan_from_hparams(base.state_dict(), h, base.fp16_param_names())  # a bad QUANT_PLAN fails fast
+    log_quant_plan(plan, base.state_dict(), log)
     optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
     for line in describe_optimizers(optimizers):
         log(line)
@@ -1328,7 +2082,8 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
             f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")
 
     artifact = out_dir / f"{h.run_id}.ptz"
-    save_artifact(base, artifact, len(source.encode("utf-8")), rt, log)
+    code_bytes = len(source.encode("utf-8"))
+    save_artifact(export_model(base, plan, code_bytes, h, rt, log), artifact, code_bytes, rt, log)
     base.load_state_dict(load_artifact(artifact))
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, h.train_seq_len, h.train_seq_len, h, rt, log)
     timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, h.eval_seq_len, h.eval_stride, h, rt, log)

@@ -38,10 +38,10 @@ def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:
     env.update(
         DATA_PATH=str(data["output_dir"]), TOKENIZER_PATH=str(data["tokenizer_model"]),
         VOCAB_SIZE=str(TINY_VOCAB), NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2",
-        MLP_MULT="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS=str(64 * 16), ITERATIONS="12",
+        MLP_MULT="2", ROPE_DIMS="4", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS=str(64 * 16), ITERATIONS="12",
         MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="1", VAL_LOSS_EVERY="6", TRAIN_LOG_EVERY="1",
         EVAL_SEQ_LEN="64", EVAL_STRIDE="16", VAL_BATCH_SIZE="1024", OUT_DIR=str(out_dir), RUN_ID="tiny",
-        SEED="1337", OMP_NUM_THREADS="1",
+        SEED="1337", OMP_NUM_THREADS="1", QUANT_MIN_NUMEL="256", GPTQ_CALIB_SEQS="64",
     )
     env.update({k: str(v) for k, v in overrides.items()})
     return env

@@ -15,7 +15,7 @@ import train_gpt as tg
 def tiny_model(seed=0, vocab=64, layers=3) -> tg.GPT:
     torch.manual_seed(seed)
     cfg = tg.ModelConfig(vocab_size=vocab, num_layers=layers, model_dim=32, num_heads=4, num_kv_heads=2,
-                         mlp_mult=2)
+                         mlp_mult=2, rope_dims=4)
     model = tg.GPT(cfg)
     with torch.no_grad():  # zero-initialized projections would make every block a no-op
         for p in model.parameters():
@@ -164,12 +164,16 @@ def test_sliding_window_sees_more_context_than_chunks():
 # ---- quantization and artifact ------------------------------------------------------------------
 
 
-def test_int8_rows_roundtrip_within_half_a_step():
+@pytest.mark.parametrize("bits", [5, 6, 8])
+def test_rows_roundtrip_within_half_a_step_inside_the_clip(bits):
     w = torch.randn(64, 300) * torch.linspace(0.01, 3, 64)[:, None]
-    q, scale = tg.quantize_int8_rows(w)
-    err = (tg.dequantize_int8_rows(q, scale) - w).abs()
-    assert q.dtype == torch.int8 and q.abs().max() <= 127
-    assert (err <= scale.float()[:, None] * 0.5 + 1e-6).all()
+    q, scale = tg.quantize_rows_rtn(w, bits)
+    s = scale.float()[:, None]
+    err = (tg.dequantize_state_dict({"w": {"kind": "int", "q": q, "scale": scale, "shape": [64, 300],
+                                           "dtype": "float32"}})["w"] - w).abs()
+    assert q.dtype == torch.int8 and q.abs().max() <= tg.qmax(bits)
+    inside = w.abs() <= tg.qmax(bits) * s
+    assert (err[inside] <= (s * 0.5 + 1e-6).expand_as(w)[inside]).all()
 
 
 def test_artifact_roundtrip_restores_the_model(tmp_path):
@@ -179,9 +183,9 @@ def test_artifact_roundtrip_restores_the_model(tmp_path):
     with torch.no_grad():
         model.tok_emb.weight.normal_(std=0.5)
     packed = tg.quantize_state_dict(model.state_dict())
-    kinds = {name: entry["kind"] for name, entry in packed["tensors"].items()}
-    assert kinds["tok_emb.weight"] == "int8_row"  # 1024 x 64 elements: quantized
-    assert kinds["blocks.0.attn.q_gain"] == kinds["blocks.0.attn.c_q.weight"] == "fp16"  # small: passthrough
+    kinds = {name: (entry["kind"], entry.get("bits")) for name, entry in packed.items()}
+    assert kinds["tok_emb.weight"] == ("int", 8)  # 1024 x 64 elements: quantized, the embedding at int8
+    assert kinds["blocks.0.attn.q_gain"] == kinds["blocks.0.attn.c_q.weight"] == ("fp16", None)  # small
     path = tmp_path / "m.ptz"
     tg.write_atomic(path, tg.serialize_artifact(packed))
     restored = tg.GPT(cfg).eval()
@@ -219,6 +223,7 @@ def test_over_cap_run_keeps_the_artifact_and_fails(tmp_path, monkeypatch):
     rt = tg.Runtime(0, 1, torch.device("cpu"), 8, None, torch.float32)
     logged = []
     path = tmp_path / "big.ptz"
+    blob = tg.serialize_artifact(tg.quantize_state_dict(tiny_model().state_dict()), compressor="zstd")
     with pytest.raises(RuntimeError, match="over the cap"):
-        tg.save_artifact(tiny_model(), path, code_bytes=4000, rt=rt, log=logged.append)
+        tg.save_artifact(blob, path, code_bytes=4000, rt=rt, log=logged.append)
     assert path.exists() and any("bytes_total" in line for line in logged)

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 
 def test_quickstart_script_runs_the_pipeline(tmp_path):
-    env = dict(os.environ, QS_DIR=str(tmp_path), QS_DOCS="400", NUM_LAYERS="1", MODEL_DIM="32",
+    env = dict(os.environ, QS_DIR=str(tmp_path), QS_DOCS="400", NUM_LAYERS="1", MODEL_DIM="32", ROPE_DIMS="4",
                TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="3", EVAL_SEQ_LEN="64",
                EVAL_STRIDE="32", RUN_ID="qs", OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True,

@@ -1,0 +1,331 @@
+"""The record architecture (SPEC section 3): every switch keeps the model causal and changes what it
+computes, SmearGate stops at documents, BigramHash keys on context tokens only, depth recurrence
+reuses one block K times, the mini-recurrence switch works eagerly and under torch.compile, and the
+default model has the record's size."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import tiny_env
+
+VOCAB, DIM, HEADS, KV_HEADS, MLP_MULT, LAYERS, BOS = 64, 32, 4, 2, 2, 4, 1
+HEAD_DIM = DIM // HEADS
+# Every part off: the baseline model (full RoPE, plain additive skips, default init, ...).
+BASELINE = dict(rope_dims=HEAD_DIM, block_input_scale=False, unet_gates=False, xsa_layers="none",
+                smear_gate=False, bigram_buckets=0, ortho_init=False)
+PARTS = {  # each part alone, on top of the baseline
+    "leaky_relu2": dict(mlp_activation="leaky_relu2"),
+    "partial_rope": dict(rope_dims=4),
+    "block_input_scale": dict(block_input_scale=True),
+    "unet_gates": dict(unet_gates=True),
+    "xsa": dict(xsa_layers="all"),
+    "smear_gate": dict(smear_gate=True),
+    "bigram": dict(bigram_buckets=32, bigram_dim=8),
+    "ortho_init": dict(ortho_init=True),
+    "recurrence": dict(recurrence=True, recur_prelude=1, recur_passes=2, recur_coda=1),
+    "mini_recurrence": dict(mini_recur_repeats=2, mini_recur_first=1, mini_recur_last=2),
+}
+RECORD = dict(bigram_buckets=32, bigram_dim=8)  # the defaults (partial RoPE: 4 of 8 dims), shrunk
+
+
+def config(**overrides) -> tg.ModelConfig:
+    base = dict(vocab_size=VOCAB, num_layers=LAYERS, model_dim=DIM, num_heads=HEADS, num_kv_heads=KV_HEADS,
+                mlp_mult=MLP_MULT, rope_dims=4, bos_id=BOS)
+    return tg.ModelConfig(**{**base, **overrides})
+
+
+def model(cfg: tg.ModelConfig, seed: int = 0) -> tg.GPT:
+    """A model whose every parameter is nudged off its init, so that zero-initialized projections,
+    gates and iteration vectors all take part in the output."""
+    torch.manual_seed(seed)
+    m = tg.GPT(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def tokens(batch=2, length=24, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (batch, length), generator=g)
+    x[:, 9] = BOS  # a document boundary inside the window
+    return x
+
+
+CAUSALITY_CASES = {"baseline": BASELINE, **{k: {**BASELINE, **v} for k, v in PARTS.items()}, "record": RECORD,
+                   "record+recurrence": {**RECORD, **PARTS["recurrence"]},
+                   "record+mini_recurrence": {**RECORD, **PARTS["mini_recurrence"]}}
+
+
+@pytest.mark.parametrize("case", CAUSALITY_CASES)
+def test_changing_token_t_changes_no_earlier_logit(case):
+    m = model(config(**CAUSALITY_CASES[case]))
+    x = tokens()
+    with torch.no_grad():
+        base = m.logits(x)
+        for t in (0, 5, 9, 10, 23):
+            x2 = x.clone()
+            x2[:, t] = (x2[:, t] + 7) % VOCAB
+            out = m.logits(x2)
+            assert torch.equal(out[:, :t], base[:, :t]), f"{case}: position {t} leaks backwards"
+            assert not torch.allclose(out[:, t], base[:, t])  # input token t is context from position t on
+
+
+@pytest.mark.parametrize("part", [p for p in PARTS if p not in ("ortho_init", "recurrence")])
+def test_each_part_changes_the_output(part):
+    # The same weights with the part switched off: a dead flag would give the same logits.
+    on = model(config(**{**BASELINE, **PARTS[part]}))
+    off = tg.GPT(config(**BASELINE)).eval()
+    missing, _ = off.load_state_dict(on.state_dict(), strict=False)
+    assert not missing
+    if part == "mini_recurrence":
+        off.set_mini_recurrence(False)
+    with torch.no_grad():
+        assert not torch.allclose(on.logits(tokens()), off.logits(tokens()), atol=1e-4)
+
+
+def test_default_config_has_the_record_size():
+    h = tg.Hyperparameters.from_env({})
+    with torch.device("meta"):  # no memory: shapes only
+        m = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id=1))
+    params = sum(p.numel() for p in m.parameters())
+    assert 26_500_000 <= params <= 27_500_000
+    assert m.describe().startswith(f"model params:{params} unique_blocks:11 passes:11 ")
+
+
+# ---- parts --------------------------------------------------------------------------------------
+
+
+def test_smear_gate_never_mixes_across_a_document_start():
+    torch.manual_seed(0)
+    smear = tg.SmearGate(DIM, BOS)
+    with torch.no_grad():
+        smear.gate.normal_()
+    ids = tokens(batch=1)
+    x = torch.randn(1, ids.size(1), DIM)
+    out = smear(x, ids)
+    x2 = x.clone()
+    x2[:, :9] = torch.randn(1, 9, DIM)  # a different previous document
+    out2 = smear(x2, ids)
+    assert torch.equal(out2[:, 9:], out[:, 9:])  # the BOS and everything after it
+    assert torch.equal(out[:, 9], x[:, 9]) and torch.equal(out[:, 0], x[:, 0])
+    x3 = x.clone()
+    x3[:, 9] += 1.0  # inside the document the previous token is mixed in
+    assert not torch.allclose(smear(x3, ids)[:, 10], out[:, 10])
+
+
+def test_model_input_at_a_document_start_ignores_the_previous_document():
+    m = model(config(**{**BASELINE, "smear_gate": True}))
+    ids = tokens(batch=1)
+    ids2 = ids.clone()
+    ids2[:, :9] = (ids[:, :9] + 5) % VOCAB
+    ids2[:, :9][ids2[:, :9] == BOS] = 0  # a different previous document with no extra boundary
+    with torch.no_grad():
+        assert torch.equal(m.embed(ids)[:, 9:], m.embed(ids2)[:, 9:])
+
+
+def test_bigram_index_depends_on_previous_and_current_token_only():
+    buckets = 37
+    ids = torch.randint(0, 1024, (3, 40))
+    idx = tg.bigram_bucket_ids(ids, buckets)
+    assert (idx[:, 0] == buckets - 1).all() and (idx[:, 1:] < buckets - 1).all()
+    for b in range(3):
+        for t in range(1, 40):
+            prev, cur = int(ids[b, t - 1]), int(ids[b, t])
+            assert idx[b, t] == ((36313 * cur) ^ (27191 * prev)) % (buckets - 1)
+    # Every position t >= 1 gives the same bucket when the window is just (t-1, t).
+    pairs = torch.stack((ids[:, :-1], ids[:, 1:]), dim=-1).reshape(-1, 2)
+    assert torch.equal(tg.bigram_bucket_ids(pairs, buckets)[:, 1].view(3, 39), idx[:, 1:])
+
+
+def test_bigram_position_zero_reads_the_reserved_row():
+    torch.manual_seed(0)
+    bigram = tg.BigramHash(config(bigram_buckets=16, bigram_dim=4))
+    with torch.no_grad():
+        bigram.proj.weight.normal_()
+        ids = torch.randint(0, VOCAB, (2, 12))
+        before = bigram(ids)
+        bigram.table.weight[-1] += 1.0
+        after = bigram(ids)
+    assert not torch.allclose(after[:, 0], before[:, 0]) and torch.equal(after[:, 1:], before[:, 1:])
+
+
+def test_xsa_removes_the_own_value_component_per_kv_group():
+    torch.manual_seed(0)
+    y, v = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
+    out = tg.exclude_self_value(y, v)
+    for h in range(4):
+        own = v[:, :, h // 2]  # query heads 0, 1 read kv head 0; heads 2, 3 read kv head 1
+        assert (out[:, :, h] * own).sum(-1).abs().max() < 1e-5
+        residual = y[:, :, h] - out[:, :, h]  # what was removed lies along the own value
+        cos = torch.cosine_similarity(residual, own, dim=-1).abs()
+        assert torch.allclose(cos, torch.ones_like(cos), atol=1e-4)
+
+
+def test_partial_rope_rotates_only_the_first_dims():
+    rot = tg.Rotary(4, 10000.0)
+    x = torch.randn(1, 6, 2, HEAD_DIM)
+    out = rot(x)
+    assert torch.equal(out[..., 4:], x[..., 4:]) and torch.allclose(out[:, 0], x[:, 0])
+    assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert not torch.allclose(out[:, 1:, :, :4], x[:, 1:, :, :4])
+
+
+def test_layer_plan_scales_unet_and_xsa():
+    plan = tg.layer_plan(config(num_layers=5, xsa_layers="0,3"), repeats_on=True)
+    assert [p.block for p in plan] == [0, 1, 2, 3, 4]
+    assert [p.input_scale for p in plan] == [1 / math.sqrt(l + 1) for l in range(5)]
+    assert [p.xsa for p in plan] == [True, False, False, True, False]
+    assert [p.push for p in plan] == [True, True, False, False, False]
+    assert [p.pop for p in plan] == [-1, -1, 0, 1, -1]  # layer 2 pops layer 1's output, layer 3 layer 0's
+    off = tg.layer_plan(config(num_layers=5, block_input_scale=False), repeats_on=True)
+    assert all(p.input_scale == 1.0 for p in off)
+
+
+def test_gated_skip_starts_as_the_even_blend():
+    m = tg.GPT(config())
+    x, skip = torch.randn(2, 3, DIM), torch.randn(2, 3, DIM)
+    assert torch.allclose(m.skip_blend(x, skip, 0), (x + skip) / 2)
+
+
+def test_orthogonal_init_and_projection_scales():
+    torch.manual_seed(0)
+    m = tg.GPT(config(num_layers=3))
+    for block in m.blocks:
+        q = block.attn.c_q.weight
+        assert torch.allclose(q @ q.T, torch.eye(DIM), atol=1e-5)
+        s = torch.linalg.svdvals(block.mlp.proj.weight)
+        assert torch.allclose(s, torch.full_like(s, 1 / math.sqrt(2 * 3)), atol=1e-5)
+        assert not block.attn.proj.weight.any()
+    assert not m.bigram.proj.weight.any()
+    plain = tg.GPT(config(num_layers=3, ortho_init=False))
+    assert not plain.blocks[0].mlp.proj.weight.any()  # the baseline: zero output projections
+
+
+def test_fp16_names_are_the_small_control_tensors():
+    m = tg.GPT(config(recurrence=True, recur_prelude=1, recur_passes=2, recur_coda=1))
+    names = m.fp16_param_names()
+    for name in ("blocks.0.attn.q_gain", "blocks.0.attn_scale", "blocks.0.mlp_scale", "blocks.0.resid_mix",
+                 "skip_weights", "skip_gates", "smear.gate", "bigram.scale", "iteration_vectors"):
+        assert name in names
+    assert not {"tok_emb.weight", "bigram.table.weight", "bigram.proj.weight", "blocks.0.attn.c_q.weight"} & names
+    big = torch.randn(512, 256)
+    packed = tg.quantize_state_dict({"kept": big, "quantized": big}, fp16_names=frozenset({"kept"}))
+    assert packed["kept"]["kind"] == "fp16" and packed["quantized"]["kind"] == "int"
+
+
+# ---- depth recurrence ---------------------------------------------------------------------------
+
+
+def block_params(d: int, kv: int, heads: int, mult: int) -> int:
+    return 2 * d * d + 2 * d * kv + 2 * mult * d * d + 4 * d + heads  # q, proj, k, v, MLP, scales+mix, q_gain
+
+
+def test_recurrence_unique_parameters_match_the_formula():
+    P, K, C = 1, 3, 2
+    m = tg.GPT(config(num_layers=P + K + C, recurrence=True, recur_prelude=P, recur_passes=K, recur_coda=C,
+                      bigram_buckets=32, bigram_dim=8))
+    kv = KV_HEADS * HEAD_DIM
+    expected = (VOCAB * DIM + (32 * 8 + 8 * DIM + 1) + DIM  # embedding, bigram, smear gate
+                + (P + 1 + C) * block_params(DIM, kv, HEADS, MLP_MULT)
+                + K * DIM  # iteration vectors
+                + 2 * ((P + K + C) // 2) * DIM)  # skip weights and gates over the effective depth
+    assert sum(p.numel() for p in m.parameters()) == expected
+
+
+def count_calls(m: tg.GPT) -> list[int]:
+    calls = [0] * len(m.blocks)
+    for i, block in enumerate(m.blocks):
+        block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def test_shared_block_runs_k_times_with_its_iteration_vectors():
+    m = model(config(num_layers=6, recurrence=True, recur_prelude=2, recur_passes=3, recur_coda=1))
+    calls = count_calls(m)
+    x = tokens()
+    with torch.no_grad():
+        base = m.logits(x)
+        assert calls == [1, 1, 3, 1]
+        m.iteration_vectors.zero_()
+        assert not torch.allclose(m.logits(x), base)
+
+
+def test_mini_recurrence_repeats_layers_and_switches():
+    m = model(config(**PARTS["mini_recurrence"]))
+    calls = count_calls(m)
+    x = tokens()
+    with torch.no_grad():
+        on = m.logits(x)
+        assert calls == [1, 3, 3, 1]
+        assert m.set_mini_recurrence(False) and not m.set_mini_recurrence(False)
+        off = m.logits(x)
+        assert calls == [2, 4, 4, 2]
+        assert not torch.allclose(on, off)
+
+
+def test_mini_recurrence_switch_recompiles_under_torch_compile():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    m = model(config(**PARTS["mini_recurrence"]))
+    counter = CompileCounter()  # traces with dynamo, runs eagerly: checks the guards, not codegen
+    compiled = torch.compile(m, backend=counter)
+    x = tokens()
+    with torch.no_grad():
+        on = compiled(x, x)
+        m.set_mini_recurrence(False)
+        off, eager_off = compiled(x, x), m(x, x)
+        m.set_mini_recurrence(True)
+        again = compiled(x, x)
+    assert counter.frame_count == 2  # one graph per state, both cached
+    assert torch.allclose(off, eager_off) and torch.equal(on, again) and not torch.allclose(on, off)
+
+
+def test_training_switches_mini_recurrence_on_at_its_fraction(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="mini", ITERATIONS="4", VAL_LOSS_EVERY="0", MINI_RECUR_REPEATS="1",
+                   MINI_RECUR_FIRST="0", MINI_RECUR_LAST="1", MINI_RECUR_START_FRAC="0.5")
+    tg.main(env)
+    log = (tmp_path / "mini.txt").read_text()
+    assert re.findall(r"^mini_recurrence:(\w+) step:(\d+)", log, re.M) == [("off", "0"), ("on", "2")]
+    assert "hparam mini_recur_start_frac:0.5\n" in log
+    assert re.search(r"^model params:\d+ unique_blocks:2 passes:4 plan:0,1,0,1 ", log, re.M)
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"ROPE_DIMS": "80"}, ["ROPE_DIMS", "MODEL_DIM/NUM_HEADS=64"]),
+    ({"ROPE_DIMS": "15"}, ["ROPE_DIMS", "even"]),
+    ({"XSA_LAYERS": "0,11"}, ["XSA_LAYERS", "[0, 10]"]),
+    ({"XSA_LAYERS": "first"}, ["XSA_LAYERS", "comma-separated"]),
+    ({"BIGRAM_BUCKETS": "1"}, ["BIGRAM_BUCKETS"]),
+    ({"RECURRENCE": "1", "RECUR_PASSES": "5"}, ["RECURRENCE", "NUM_LAYERS=11", "= 9"]),
+    ({"RECURRENCE": "1", "MINI_RECUR_REPEATS": "1"}, ["MINI_RECUR_REPEATS", "RECURRENCE"]),
+    ({"MINI_RECUR_REPEATS": "1", "MINI_RECUR_FIRST": "6", "MINI_RECUR_LAST": "5"}, ["MINI_RECUR_FIRST"]),
+    ({"MLP_ACTIVATION": "gelu"}, ["MLP_ACTIVATION", "leaky_relu2"]),
+])
+def test_bad_architecture_values_name_the_variable(env, words):
+    with pytest.raises(ValueError) as err:
+        tg.Hyperparameters.from_env(env)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_model_config_follows_the_hyperparameters():
+    h = tg.Hyperparameters.from_env({"XSA_LAYERS": "1,2", "SMEAR_GATE": "0", "BIGRAM_DIM": "96"})
+    cfg = tg.ModelConfig.from_hparams(h, bos_id=5)
+    assert (cfg.xsa_layers, cfg.smear_gate, cfg.bigram_dim, cfg.bos_id) == ("1,2", False, 96, 5)
+
+
+def test_model_config_defaults_are_the_record_configuration():
+    h = tg.Hyperparameters.from_env({})
+    shape = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult")
+    assert tg.ModelConfig(**{f: getattr(h, f) for f in shape}) == tg.ModelConfig.from_hparams(h, bos_id=1)

@@ -1,0 +1,280 @@
+"""The last mile: a real 3-seed sweep of a tiny config (resumable), its summary, the record folder, the
+significance test against closed forms and scipy, and the clear refusals of broken or mixed logs.
+
+The tests read the logs with their own regular expressions, not with scripts/runlog.py, so that the
+numbers the tools print are checked against the logs independently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from scipy import stats
+
+from conftest import ROOT, tiny_env
+from scripts.make_record import Meta, RecordError, make_record
+from scripts.make_record import main as make_record_main
+from scripts.runlog import LogError, load_runs
+from scripts.summarize import welch_one_sided
+from scripts.summarize import main as summarize_main
+from scripts.sweep import DEFAULT_SEEDS, SweepError, launch_command, run_sweep
+
+SWEEP_SETTINGS = dict(ITERATIONS=4, VAL_LOSS_EVERY=4, WARMUP_STEPS=0, EVAL_STRIDE=32, VAL_BATCH_SIZE=4096)
+FINAL = re.compile(r"^(final_\w+) val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})", re.M)
+SLIDING = re.compile(r"^final_sliding_window_exact val_loss:(\S+) val_bpb:(\S+)", re.M)
+EVAL_TIME = re.compile(r"^final_\w+ .*eval_time:(\d+)ms$", re.M)
+ARTIFACT = re.compile(r"^artifact .*bytes_model:(\d+) bytes_total:(\d+)", re.M)
+STEP_TIME = re.compile(r"^step:(\d+)/\d+ .*train_time:(\d+)ms", re.M)
+META = Meta("Tiny test run", "Test Author", "tester", "Two layers, 32 wide, four steps.", "2026-01-02")
+
+
+def log_numbers(text: str) -> dict:
+    """The numbers a record reports, read straight from a log's text."""
+    steps, train_ms = STEP_TIME.findall(text)[-1]
+    bytes_model, bytes_total = ARTIFACT.search(text).groups()
+    loss, bpb = SLIDING.search(text).groups()
+    return {"steps": int(steps), "train_ms": int(train_ms), "eval_ms": sum(map(int, EVAL_TIME.findall(text))),
+            "bytes_model": int(bytes_model), "bytes_total": int(bytes_total), "val_loss": loss, "val_bpb": bpb,
+            "finals": FINAL.findall(text)}
+
+
+class Sweep(NamedTuple):
+    out: Path  # the sweep's folder
+    env: dict  # its configuration
+    done: dict  # run_sweep's answer
+    logs: dict  # seed -> log text
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    env = tiny_env(tiny_data, out, **SWEEP_SETTINGS)
+    done = run_sweep(list(DEFAULT_SEEDS), out, 1, env)
+    logs = {seed: (out / f"seed_{seed}.txt").read_text() for seed in DEFAULT_SEEDS}
+    return Sweep(out, env, done, logs)
+
+
+def copy_logs(sweep, dst, edit=None):
+    """The sweep's logs copied to dst, with edit(seed, text) -> text applied."""
+    dst.mkdir(exist_ok=True)
+    for seed, text in sweep.logs.items():
+        (dst / f"seed_{seed}.txt").write_text(edit(seed, text) if edit else text)
+    return dst
+
+
+def baseline_behind(sweep, nats: float) -> list[float]:
+    """A current record whose per-seed val_loss is ours plus `nats`, with some spread."""
+    ours = [float(log_numbers(sweep.logs[s])["val_loss"]) for s in DEFAULT_SEEDS]
+    return [v + nats + d for v, d in zip(ours, (0.004, -0.003, 0.001))]
+
+
+def test_sweep_runs_every_seed_apart(sweep):
+    assert sweep.done == {seed: "ran" for seed in DEFAULT_SEEDS}
+    for seed, text in sweep.logs.items():
+        assert f"\nhparam seed:{seed}\n" in text and f"\nhparam run_id:seed_{seed}\n" in text
+        assert (sweep.out / f"seed_{seed}.ptz").stat().st_size == log_numbers(text)["bytes_model"]
+    assert len({log_numbers(t)["val_loss"] for t in sweep.logs.values()}) == 3  # three seeds, three results
+
+
+def test_sweep_resumes_where_it_stopped(sweep, tmp_path):
+    out = copy_logs(sweep, tmp_path / "sweep")
+    cut = sweep.logs[42].rindex("final_roundtrip_exact")
+    (out / "seed_42.txt").write_text(sweep.logs[42][:cut])  # killed during the final evaluations
+    before = {s: (out / f"seed_{s}.txt").stat().st_mtime_ns for s in (1337, 2025)}
+    done = run_sweep(list(DEFAULT_SEEDS), out, 1, sweep.env)
+    assert done == {1337: "skipped", 42: "ran", 2025: "skipped"}
+    assert {s: (out / f"seed_{s}.txt").stat().st_mtime_ns for s in (1337, 2025)} == before
+    rerun = (out / "seed_42.txt").read_text()
+    assert log_numbers(rerun)["finals"] == log_numbers(sweep.logs[42])["finals"]  # same seed, same run
+    assert (out / "seed_42.ptz").exists() and not (out / "seed_1337.ptz").exists()
+
+
+def test_sweep_refuses_to_resume_another_experiment(sweep, tmp_path):
+    out = copy_logs(sweep, tmp_path / "sweep")
+    with pytest.raises(SweepError, match=r"hparam num_layers: 2 in the log, 3 now.*another --out-dir"):
+        run_sweep(list(DEFAULT_SEEDS), out, 1, dict(sweep.env, NUM_LAYERS="3"))
+    out = copy_logs(sweep, tmp_path / "edited", lambda s, t: t.replace("Parameter Golf", "Parameter Gulf", 1))
+    with pytest.raises(SweepError, match="train_gpt.py changed since it ran"):
+        run_sweep(list(DEFAULT_SEEDS), out, 1, sweep.env)
+    assert not list(out.glob("*.ptz"))  # refused before running anything
+
+
+def test_sweep_stops_at_a_failed_seed(sweep, tmp_path):
+    (tmp_path / "no_data").mkdir()
+    env = dict(sweep.env, DATA_PATH=str(tmp_path / "no_data"))
+    with pytest.raises(SweepError, match=r"seed 1337 failed with exit status 1; its log is .*seed_1337.txt"):
+        run_sweep(list(DEFAULT_SEEDS), tmp_path / "sweep", 1, env)
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["seed_1337.txt"]  # the later seeds never ran
+
+
+def test_launch_command():
+    assert launch_command(1) == [sys.executable, str(ROOT / "train_gpt.py")]
+    assert launch_command(8) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=8", str(ROOT / "train_gpt.py")]
+
+
+def test_summary_prints_the_logs_numbers_and_the_test(sweep, capsys):
+    baseline = baseline_behind(sweep, 0.2)
+    summarize_main([str(sweep.out), "--baseline-val-loss", *map(str, baseline)])
+    printed = capsys.readouterr().out
+    for seed, text in sweep.logs.items():
+        row = next(line for line in printed.splitlines() if line.startswith(f"| {seed} |"))
+        for _, loss, bpb in log_numbers(text)["finals"]:
+            assert f" {loss} | {bpb} " in row
+    ours = [float(log_numbers(t)["val_loss"]) for t in sweep.logs.values()]
+    assert "| mean | 4.0 |" in printed
+    mean_row = next(line for line in printed.splitlines() if line.startswith("| mean |"))
+    std_row = next(line for line in printed.splitlines() if line.startswith("| std |"))
+    assert table_cells(mean_row)[-2] == f"{statistics.fmean(ours):.8f}"
+    assert table_cells(std_row)[-2] == f"{statistics.stdev(ours):.8f}"
+    expected = stats.ttest_ind([b - 0.005 for b in baseline], ours, equal_var=False, alternative="greater")
+    assert f"p={expected.pvalue:.3g}: significant at p<0.01" in printed
+
+
+def test_record_folder(sweep, tmp_path, capsys):
+    baseline = baseline_behind(sweep, 0.2)
+    make_record_main([str(sweep.out), "--name", META.name, "--author", META.author, "--github-id", META.github_id,
+                      "--blurb", META.blurb, "--date", META.date, "--records-dir", str(tmp_path / "records"),
+                      "--baseline-val-loss", *map(str, baseline)])
+    folder = tmp_path / "records" / "2026-01-02_Tiny_test_run"
+    assert capsys.readouterr().out == f"make_record: wrote {folder}\n"
+    numbers = {seed: log_numbers(text) for seed, text in sweep.logs.items()}
+    for seed, text in sweep.logs.items():
+        assert (folder / f"train_seed{seed}.log").read_text() == text
+    assert (folder / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    assert re.search(r"^torch==\S+", (folder / "requirements.txt").read_text(), re.M)
+    assert (folder / "train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "train_curves.png").stat().st_size > 10_000  # curves drawn, not an empty canvas
+
+    sub = json.loads((folder / "submission.json").read_text())
+    for key in ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "seeds",
+                "seed_results", "val_loss_std", "val_bpb_std", "p_value"):
+        assert sub[key] not in (None, ""), key
+    assert (sub["author"], sub["github_id"], sub["date"]) == ("Test Author", "tester", "2026-01-02")
+    assert sorted(sub["seeds"]) == sorted(DEFAULT_SEEDS)
+    losses = [float(n["val_loss"]) for n in numbers.values()]
+    assert sub["val_loss"] == pytest.approx(statistics.fmean(losses), abs=1e-8)
+    assert sub["val_bpb"] == pytest.approx(statistics.fmean(float(n["val_bpb"]) for n in numbers.values()), abs=1e-8)
+    assert sub["val_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-8)
+    assert sub["bytes_total"] == max(n["bytes_total"] for n in numbers.values())
+    for seed, n in numbers.items():
+        got = sub["seed_results"][str(seed)]
+        assert (got["val_loss"], got["val_bpb"]) == (float(n["val_loss"]), float(n["val_bpb"]))
+        assert (got["bytes_total"], got["steps"], got["train_time_ms"]) == (n["bytes_total"], n["steps"], n["train_ms"])
+    expected = stats.ttest_ind([b - 0.005 for b in baseline], losses, equal_var=False, alternative="greater")
+    assert sub["p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
+
+    readme = (folder / "README.md").read_text()
+    header = table_cells(next(line for line in readme.splitlines() if line.startswith("| seed | steps |")))
+    for seed, n in numbers.items():
+        row = dict(zip(header, table_cells(next(l for l in readme.splitlines() if l.startswith(f"| {seed} | ")))))
+        assert int(row["steps"]) == n["steps"] and int(row["bytes_total"]) == n["bytes_total"]
+        assert round(float(row["train_s"]) * 1000) == n["train_ms"]
+        assert round(float(row["eval_s"]) * 1000) == n["eval_ms"]
+        for name, loss, bpb in n["finals"]:
+            short = name.removeprefix("final_")
+            assert (row[f"{short} val_loss"], row[f"{short} val_bpb"]) == (loss, bpb)
+    assert "ITERATIONS=4" in readme and "SEED=$SEED python train_gpt.py" in readme
+    assert readme.count(": pass: ") == 4
+
+    with pytest.raises(RecordError, match="already exists"):
+        make_record([sweep.out], META, baseline, tmp_path / "records")
+
+
+def table_cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def set_field(pattern: str, value: str):
+    """An edit that rewrites the last match of `pattern` (a regex with one group) to `value`."""
+    def edit(seed, text):
+        last = list(re.finditer(pattern, text, re.M))[-1]
+        return text[:last.start(1)] + value + text[last.end(1):]
+    return edit
+
+
+@pytest.mark.parametrize("edit, behind, failed", [
+    (set_field(r"^artifact .*bytes_model:(\d+)", "15990000"), 0.2, "artifact size: bytes_total must be under"),
+    (set_field(r"^step:\d+/\d+ val_loss.*train_time:(\d+)ms", "600001"), 0.2, "train time: .* 600.001 s"),
+    # Two final evaluations of 300.001 s each: each is under the limit, their sum is not.
+    (lambda s, t: re.sub(r"^(final_\w+ .*eval_time:)\d+ms$", r"\g<1>300001ms", t, flags=re.M), 0.2,
+     r"eval time: .* longest 600.002 s"),
+    (None, 0.0, "significance: .* p = 0.[5-9]"),
+])
+def test_record_refuses_failed_checks(sweep, tmp_path, edit, behind, failed):
+    logs = copy_logs(sweep, tmp_path / "logs", edit)
+    with pytest.raises(RecordError, match=f"failed checks:\n  {failed}"):
+        make_record([logs], META, baseline_behind(sweep, behind), tmp_path / "records")
+    assert not (tmp_path / "records").exists()
+
+
+def only_seed(seed: int, edit):
+    return lambda s, text: edit(text) if s == seed else text
+
+
+@pytest.mark.parametrize("edit, error", [
+    (only_seed(42, lambda t: t.replace("hparam num_layers:2\n", "hparam num_layers:3\n")),
+     r"not seeds of one experiment:\n  hparam num_layers: .*seed_1337.txt: 2; .*seed_42.txt: 3"),
+    (only_seed(42, lambda t: t.replace("Parameter Golf", "Parameter Gulf", 1)),
+     r"not seeds of one experiment:\n  the code \(sha256 of the embedded train_gpt.py\)"),
+    (only_seed(2025, lambda t: t[:t.rindex("final_sliding_window_exact")]),
+     r"seed_2025.txt: no `final_sliding_window_exact` line: the run did not finish"),
+    (only_seed(2025, lambda t: t[:t.rindex("artifact path:")]),
+     r"seed_2025.txt: no `artifact ... bytes_total:` or `final_sliding_window_exact` line"),
+    (only_seed(1337, lambda t: t[:len(t) // 20]), r"seed_1337.txt: the embedded source has no closing line"),
+    (only_seed(1337, lambda t: "hello\n" + t), r"seed_1337.txt: does not start with the `source: train_gpt.py`"),
+    (only_seed(1337, lambda t: t.replace("Parameter Golf", "Parameter Golf!", 1)),
+     r"seed_1337.txt: the embedded source has \d+ bytes but the artifact line says bytes_code"),
+    (only_seed(42, lambda t: t.replace("hparam seed:42\n", "hparam seed:1337\n")), "seed 1337 appears in more"),
+])
+def test_broken_or_mismatched_logs_are_refused(sweep, tmp_path, edit, error):
+    logs = copy_logs(sweep, tmp_path, edit)
+    with pytest.raises(LogError, match=error):
+        load_runs([logs])
+
+
+def test_summary_command_refuses_with_a_message(sweep, tmp_path):
+    wider = only_seed(42, lambda t: t.replace("hparam model_dim:32\n", "hparam model_dim:64\n"))
+    logs = copy_logs(sweep, tmp_path, wider)
+    with pytest.raises(SystemExit, match="^summarize: these logs are not seeds of one experiment:\n  hparam model_dim"):
+        summarize_main([str(logs)])
+
+
+def test_welch_against_closed_forms():
+    # Equal variances, two values each: Welch's df is 2, where P(T >= t) = 1/2 - t / (2 sqrt(2 + t^2)).
+    test = welch_one_sided([0.0, 2.0], [3.005, 5.005])
+    t = 3 / math.sqrt(2)
+    assert (test.t, test.df) == (pytest.approx(t), pytest.approx(2.0))
+    assert test.p_value == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), rel=1e-9)
+    # One side without spread: df is 1 (Cauchy), P(T >= t) = 1/2 - atan(t) / pi.
+    test = welch_one_sided([1.0, 1.0], [2.005, 4.005])
+    assert (test.t, test.df) == (pytest.approx(2.0), pytest.approx(1.0))
+    assert test.p_value == pytest.approx(0.5 - math.atan(2.0) / math.pi, rel=1e-9)
+
+
+@pytest.mark.parametrize("ours, baseline", [
+    ([1.1001, 1.1032, 1.0987], [1.1123, 1.1150, 1.1101]),  # clearly better: small p
+    ([1.1001, 1.1032, 1.0987, 1.1010, 1.0995], [1.1071, 1.1092, 1.1049]),  # near the margin, n differ
+    ([1.1201, 1.1232, 1.1187], [1.1123, 1.1150, 1.1101]),  # worse: p near 1
+])
+def test_welch_matches_scipy(ours, baseline):
+    test = welch_one_sided(ours, baseline)
+    # scipy's own Welch test of "baseline - 0.005 > ours" is the same hypothesis, computed independently.
+    ref = stats.ttest_ind([b - 0.005 for b in baseline], ours, equal_var=False, alternative="greater")
+    assert test.t == pytest.approx(ref.statistic, rel=1e-9)
+    assert test.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    assert test.df == pytest.approx(ref.df, rel=1e-9)
+
+
+def test_welch_refuses_degenerate_samples():
+    with pytest.raises(ValueError, match="at least 2 values per side, got 1 ours"):
+        welch_one_sided([1.0], [1.1, 1.2])
+    with pytest.raises(ValueError, match="zero variance"):
+        welch_one_sided([1.0, 1.0], [1.1, 1.1])

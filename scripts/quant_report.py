@@ -77,23 +77,31 @@ def val_bpb(state: dict, h: tg.Hyperparameters, val_tokens, luts) -> float:
 
 
 def gptq_report(path: Path) -> None:
+    """val_bpb of the float weights, of the embedding alone quantized, of the block matrices alone at
+    8, 6 and 5 bits (round-to-nearest, then GPTQ), and of the run's own plan (both together)."""
     ckpt, h = load_checkpoint(path)
     state, hessians = ckpt["state"], ckpt["hessians"]
     val_tokens = torch.from_numpy(tg.load_validation_tokens(h.data_path).astype(np.int32))
     luts = tg.build_byte_luts(tg.load_tokenizer(h.tokenizer_path), h.vocab_size)
-    params = sum(t.numel() for t in state.values())
-    print(f"model params:{params} layers:{h.num_layers} dim:{h.model_dim} val_tokens:{len(val_tokens)} "
-          f"hessians:{len(hessians)} embedding_bits:{h.quant_embed_bits} min_numel:{h.quant_min_numel}")
+    print(f"model params:{sum(t.numel() for t in state.values())} layers:{h.num_layers} dim:{h.model_dim} "
+          f"val_tokens:{len(val_tokens)} hessians:{len(hessians)} min_numel:{h.quant_min_numel}")
     float_bpb = val_bpb(state, h, val_tokens, luts)
     print(f"| weights | val_bpb | gap to float |\n|---|---|---|\n| float | {float_bpb:.5f} | |", flush=True)
+
+    def row(label: str, bits: int, embed_bits: int, hs: dict | None) -> None:
+        plan = tg.build_quant_plan(state, bits=bits, embed_bits=embed_bits, min_numel=h.quant_min_numel)
+        t0 = time.perf_counter()
+        packed = tg.quantize_state_dict(state, plan=plan, hessians=hs, damp=h.gptq_damp, block=h.gptq_block)
+        seconds = time.perf_counter() - t0
+        bpb = val_bpb(tg.dequantize_state_dict(packed), h, val_tokens, luts)
+        print(f"| {label} ({seconds:.1f} s) | {bpb:.5f} | {bpb - float_bpb:+.5f} |", flush=True)
+
+    row(f"embedding int{h.quant_embed_bits} alone, round-to-nearest", tg.FP16_BITS, h.quant_embed_bits, None)
     for bits in (8, 6, 5):
-        plan = tg.build_quant_plan(state, bits=bits, embed_bits=h.quant_embed_bits, min_numel=h.quant_min_numel)
-        for method, hs in (("round-to-nearest", None), ("GPTQ", hessians)):
-            t0 = time.perf_counter()
-            packed = tg.quantize_state_dict(state, plan=plan, hessians=hs, damp=h.gptq_damp, block=h.gptq_block)
-            seconds = time.perf_counter() - t0
-            bpb = val_bpb(tg.dequantize_state_dict(packed), h, val_tokens, luts)
-            print(f"| int{bits} {method} ({seconds:.1f} s) | {bpb:.5f} | {bpb - float_bpb:+.5f} |", flush=True)
+        row(f"blocks int{bits} alone, round-to-nearest", bits, tg.FP16_BITS, None)
+        row(f"blocks int{bits} alone, GPTQ", bits, tg.FP16_BITS, hessians)
+    row(f"run plan: embedding int{h.quant_embed_bits} + blocks int{h.quant_bits} GPTQ", h.quant_bits,
+        h.quant_embed_bits, hessians)
 
 
 def random_default_state() -> tuple[dict, tg.Hyperparameters]:

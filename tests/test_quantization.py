@@ -153,13 +153,13 @@ def small_state():
     torch.manual_seed(0)
     return {"tok_emb.weight": torch.randn(300, 256), "blocks.0.mlp.fc.weight": torch.randn(512, 128),
             "blocks.0.mlp.proj.weight": torch.randn(128, 512), "blocks.0.attn.c_k.weight": torch.randn(64, 64),
-            "blocks.0.attn_scale": torch.ones(65536), "step": torch.tensor(3)}
+            "blocks.0.attn_scale": torch.ones(65536), "step": torch.tensor(3), "skip_weights": torch.ones(0, 8)}
 
 
 def test_default_plan():
     plan = tg.build_quant_plan(small_state(), min_numel=65_536)
     assert plan == {"tok_emb.weight": 8, "blocks.0.mlp.fc.weight": 6, "blocks.0.mlp.proj.weight": 6,
-                    "blocks.0.attn.c_k.weight": 16, "blocks.0.attn_scale": 16}
+                    "blocks.0.attn.c_k.weight": 16, "blocks.0.attn_scale": 16, "skip_weights": 16}
 
 
 def test_plan_rules_apply_in_order_and_fp16_names_win():
@@ -262,6 +262,7 @@ def test_every_codec_and_storage_round_trips(compressor, shuffle, storage):
     assert_same_packed(restored, packed)
     state = tg.dequantize_state_dict(restored)
     assert state["blocks.0.mlp.proj.weight"].dtype == torch.bfloat16 and state["step"].item() == 3
+    assert state["skip_weights"].shape == (0, 8)
 
 
 def test_auto_keeps_the_smallest_codec():

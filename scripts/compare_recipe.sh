@@ -12,7 +12,8 @@
 #                  record's ~6,700 steps to the few hundred of this run (RECIPE_SCALED).
 #   recipe_record: (only when ARMS names it) every default unchanged, record step counts included
 #                  (momentum warmup 1500 steps, EMA 0.997), to show what they do to a short run.
-# All arms keep the warmdown (it predates the recipe) and GPTQ_RESERVE_SECONDS=0 (none runs GPTQ).
+# All arms keep the warmdown (it predates the recipe), the model and the quantization of train_gpt.py's
+# defaults, and GPTQ_RESERVE_SECONDS=0 (calibration then runs after the budget, alike in every arm).
 # Data: DATA_PATH / TOKENIZER_PATH, by default the corpus benchmark in /work/bench_data.
 # Logs go to $OUT_ROOT/<arm>.txt; the table is printed at the end.
 set -euo pipefail
@@ -49,7 +50,7 @@ done
 
 field() { grep -m1 "^$2 " "$OUT_ROOT/$1.txt" | grep -o "$3:[^ ]*" | cut -d: -f2; }
 echo "recipe: $RECIPE_SCALED; every arm: ${SECONDS_PER_ARM}s of training, OMP_NUM_THREADS=1, all run together"
-echo "| arm | steps | raw float val_bpb | final float val_bpb | final int8 roundtrip val_bpb | final sliding val_bpb |"
+echo "| arm | steps | raw float val_bpb | final float val_bpb | final roundtrip val_bpb | final sliding val_bpb |"
 echo "|---|---|---|---|---|---|"
 for arm in $ARMS; do
     echo "| $arm | $(field $arm raw_float_exact steps) | $(field $arm raw_float_exact val_bpb) |" \

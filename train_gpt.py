@@ -1666,13 +1666,18 @@ def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, r
             loss = model(xm, ym).mean()
         (loss / rt.grad_accum).backward()
         total += loss.detach()
+    optimizer_step(model, optimizers, h)
+    return total / rt.grad_accum
+
+
+def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters) -> None:
+    """Clip the gradients, step every optimizer, drop the gradients."""
     if h.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return total / rt.grad_accum
 
 
 def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Runtime, log) -> None:

@@ -376,7 +376,6 @@ class CoprimeBlockOrder:
     def __init__(self, block_counts: list[int], seed: int):
         self.counts = np.asarray(block_counts, dtype=np.int64)
         self.rng = np.random.default_rng(seed)
-        self.passes = 0
         self._start_pass()
 
     def _start_pass(self) -> None:
@@ -390,7 +389,6 @@ class CoprimeBlockOrder:
         k[by_shard] = np.arange(len(shards)) - np.repeat(np.cumsum(counts) - counts, counts)
         self.shards, self.blocks = shards, (phase[shards] + k * stride[shards]) % counts[shards]
         self.pos = 0
-        self.passes += 1
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next n draws as (shard index, block index) arrays; a new pass starts when one ends."""
@@ -416,7 +414,8 @@ class CoprimeLoader:
         tokens = [open_data_shard(f) for f in files]
         counts = [(len(t) - 1) // seq_len for t in tokens]  # a block also needs its last target
         if not any(counts):
-            raise ValueError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens: {files[0]} ...")
+            raise ValueError(f"no training shard in {Path(files[0]).parent} holds "
+                             f"TRAIN_SEQ_LEN+1={seq_len + 1} tokens")
         self.tokens = [t for t, n in zip(tokens, counts) if n]
         self.order = CoprimeBlockOrder([n for n in counts if n], seed)
         self.rank, self.world_size, self.device, self.seq_len = rank, world_size, device, seq_len
@@ -427,9 +426,10 @@ class CoprimeLoader:
         seqs_per_rank = global_tokens // seq_len // self.world_size
         shards, blocks = self.order.take(seqs_per_rank * self.world_size)
         mine = slice(self.rank * seqs_per_rank, (self.rank + 1) * seqs_per_rank)
-        rows = np.stack([self.tokens[s][b * seq_len:(b + 1) * seq_len + 1] for s, b in zip(shards[mine], blocks[mine])])
-        local = torch.from_numpy(rows.astype(np.int64))
-        return _to_device(local[:, :-1].contiguous(), self.device), _to_device(local[:, 1:].contiguous(), self.device)
+        rows = [self.tokens[s][b * seq_len:(b + 1) * seq_len + 1] for s, b in zip(shards[mine], blocks[mine])]
+        local = torch.from_numpy(np.stack(rows).astype(np.int64))
+        x, y = local[:, :-1].contiguous(), local[:, 1:].contiguous()
+        return _to_device(x, self.device), _to_device(y, self.device)
 
 
 def make_train_loader(h: Hyperparameters, rank: int, world_size: int, device: torch.device):
@@ -1665,13 +1665,18 @@ def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, r
             loss = model(xm, ym).mean()
         (loss / rt.grad_accum).backward()
         total += loss.detach()
+    optimizer_step(model, optimizers, h)
+    return total / rt.grad_accum
+
+
+def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters) -> None:
+    """Clip the gradients, step every optimizer, drop the gradients."""
     if h.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return total / rt.grad_accum
 
 
 def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Runtime, log) -> None:
@@ -1811,7 +1816,14 @@ class TrainResult:
     average: WeightAverage
 
 
-def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime, log) -> TrainResult:
+def next_step_overruns(elapsed_ms: float, steps: int, budget_ms: float) -> bool:
+    """Whether one more step of average length would end past the budget. Stopping only after
+    crossing it would log a training time over the cap by up to a step."""
+    return elapsed_ms + elapsed_ms / steps > budget_ms
+
+
+def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
+          log) -> TrainResult:
     """The timed loop, stopped by ITERATIONS or the training budget (the cap minus the GPTQ reserve)."""
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     average, qat = WeightAverage(base_model, h), QATSchedule(base_model, h, log)
@@ -1852,7 +1864,7 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        if stop_at is None and budget_ms > 0 and all_ranks_agree(elapsed >= budget_ms, rt):
+        if stop_at is None and budget_ms > 0 and all_ranks_agree(next_step_overruns(elapsed, step, budget_ms), rt):
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
@@ -1976,10 +1988,13 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
     the ranks and all-reduced; {} when GPTQ=0. Forward batches have the evaluation's size."""
     if not h.gptq:
         return {}
+    linears = {f"{n}.weight" for n, m in base_model.named_modules() if isinstance(m, nn.Linear)}
+    targets = {name for name, bits in plan.items() if bits != FP16_BITS} & linears
+    if not targets:  # nothing for GPTQ to do (e.g. only the embedding is quantized): skip the forwards
+        return {}
     batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
                                   max(1, h.val_batch_size // h.train_seq_len), rt.rank, rt.world_size, rt.device)
-    quantized = {name for name, bits in plan.items() if bits != FP16_BITS}
-    return collect_hessians(base_model, batches, quantized, rt.autocast, rt.world_size)
+    return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
 
 
 def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
@@ -2003,7 +2018,10 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
         log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
             f"hessian_time:{1000 * (t1 - t0):.0f}ms quantize_time:{1000 * (t2 - t1):.0f}ms")
         if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
-            log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms")
+            log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
+            if t2 - t0 > h.gptq_reserve_seconds:
+                log(f"warning: gptq_calibration_time exceeds GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: "
+                    f"training plus calibration ran over the training budget")
         encode = functools.partial(serialize_artifact, compressor=h.compressor, shuffle=h.byte_shuffle,
                                    storage=h.quant_storage, log=log)
         blob = encode(packed)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on a dataset made here, no download, no GPU needed: synthetic English-like
 # text -> 1024-piece sentencepiece BPE -> challenge-format shards -> train_gpt.py with a small model
-# (train, int8 quantize, compress, reload, sliding-window eval). About 2 minutes on 2 CPU cores.
+# (train, int6 + GPTQ quantize, compress, reload, sliding-window eval). About 2 minutes on 2 CPU cores.
 #
 #   bash scripts/quickstart.sh
 #
@@ -23,4 +23,9 @@ export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKE
 export ITERATIONS=${ITERATIONS:-400} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-60} WARMUP_STEPS=${WARMUP_STEPS:-0}
 export VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0} TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25}
 export EVAL_SEQ_LEN=${EVAL_SEQ_LEN:-256} EVAL_STRIDE=${EVAL_STRIDE:-64} VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-16384}
+# The recipe's step-counted settings, scaled from the record's ~6,700 steps to this run's few hundred.
+export EMA_DECAY=${EMA_DECAY:-0.99} MUON_MOMENTUM_WARMUP_STEPS=${MUON_MOMENTUM_WARMUP_STEPS:-100}
+# This model's matrices are small: quantize them anyway (int6 + GPTQ) so the quick start runs the real
+# path, with a short calibration and a reserve to match.
+export QUANT_MIN_NUMEL=${QUANT_MIN_NUMEL:-4096} GPTQ_CALIB_SEQS=${GPTQ_CALIB_SEQS:-64} GPTQ_RESERVE_SECONDS=${GPTQ_RESERVE_SECONDS:-5}
 python3 train_gpt.py

@@ -76,8 +76,17 @@ def test_wallclock_cap_stops_the_run(tiny_data, tmp_path):
     log = run_in_process(env)
     assert "schedule train_budget:500ms gptq_reserve:1000ms" in log  # the reserve is not training time
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", log, re.M)
-    assert stop and int(stop[2]) < 100000 and int(stop[1]) >= 500
+    assert stop and int(stop[2]) < 100000
+    # Stopped by the rule below: with less than one average step left (plus one slow step at most).
+    train_ms, steps = int(stop[1]), int(stop[2])
+    assert train_ms + train_ms / steps > 500 and train_ms < 500 + 2 * train_ms / steps
     assert "final_sliding_window_exact" in log
+
+
+def test_the_run_stops_before_a_step_would_cross_the_budget():
+    assert not tg.next_step_overruns(900.0, 9, 1000.0)  # next step ends at 1000: within the budget
+    assert tg.next_step_overruns(901.0, 9, 1000.0)
+    assert tg.next_step_overruns(950.0, 1, 1000.0)  # a first step of 950 ms: a second would not fit
 
 
 def test_two_gloo_processes_match_one(tiny_data, tmp_path, tiny_run):

@@ -343,7 +343,7 @@ def test_calibration_sees_training_tokens_only(disjoint_data, tmp_path, monkeypa
     assert int(tokens.max()) < VAL_IDS.start
     # 6 linears x 2 layers + the bigram projection
     assert re.search(r"^quantize gptq:1 hessians:13 calib_seqs:24 ", log, re.M)
-    assert re.search(r"^gptq_calibration_time:\d+ms$", log, re.M)
+    assert re.search(r"^gptq_calibration_time:\d+ms reserve:\d+ms$", log, re.M)
     assert re.search(r"^quant_plan int6_params:\d+ int8_params:12288 fp16_params:\d+", log, re.M)
     assert re.search(r"^compression raw_bytes:\d+ zstd:\d+ lzma:\d+ brotli:\d+ chosen:\w+$", log, re.M)
     floats = dict(re.findall(r"^(final_float_exact|final_roundtrip_exact) val_loss:\S+ val_bpb:(\S+)", log, re.M))
@@ -357,3 +357,15 @@ def test_empty_tensors_survive_the_artifact():
     blob = tg.serialize_artifact(packed)
     restored = tg.dequantize_state_dict(tg.deserialize_artifact(blob))
     assert restored["empty"].shape == (0, 8) and torch.allclose(restored["w"], state["w"], atol=1e-2)
+
+
+def test_no_calibration_when_no_linear_layer_is_quantized(monkeypatch):
+    # Only the embedding (not a linear layer) is quantized: GPTQ has nothing to do, so no forwards run
+    # (and no training data is read: DATA_PATH does not even exist here).
+    model = tg.GPT(tg.ModelConfig(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
+                                  mlp_mult=2, rope_dims=4))
+    plan = {name: tg.FP16_BITS for name in model.state_dict()} | {"tok_emb.weight": 8}
+    monkeypatch.setattr(tg, "collect_hessians", lambda *a, **k: pytest.fail("calibration ran"))
+    h = tg.Hyperparameters.from_env({"DATA_PATH": "/nonexistent"})
+    rt = tg.Runtime(0, 1, torch.device("cpu"), 8, None, torch.float32)
+    assert tg.calibrate(model, plan, h, rt) == {}

@@ -6,7 +6,7 @@ reader; the files written here are byte-for-byte what it (and the challenge's pu
 expect.
 
 This module is a library; it has no command line. Check a shard from a shell with:
-    python -c "from data.shards import read_shard; print(read_shard('data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin')[:20])"
+    python -c "import train_gpt; print(train_gpt.load_data_shard('data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin')[:20])"
 """
 
 from __future__ import annotations
@@ -77,16 +77,3 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> int:
         tmp.unlink(missing_ok=True)
         raise
     return int(data.size)
-
-
-def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """Read a shard back as a uint16 array, checking the header and the file size."""
-    path = Path(path)
-    header = np.fromfile(path, dtype=HEADER_DTYPE, count=HEADER_INTS)
-    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: not a shard (bad header)")
-    n_tokens = int(header[2])
-    expected_bytes = HEADER_BYTES + n_tokens * TOKEN_DTYPE.itemsize
-    if path.stat().st_size != expected_bytes:
-        raise ValueError(f"{path}: size {path.stat().st_size} bytes, header implies {expected_bytes}")
-    return np.fromfile(path, dtype=TOKEN_DTYPE, count=n_tokens, offset=HEADER_BYTES)

@@ -24,7 +24,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import data.build_dataset as bd  # noqa: E402
 import data.cached_challenge_fineweb as dl  # noqa: E402
-from data.shards import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_shard, write_shard  # noqa: E402
+from data.shards import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, write_shard  # noqa: E402
+from train_gpt import load_data_shard as read_shard  # noqa: E402  (the reader the runs use)
 from data.synthetic_text import generate_documents  # noqa: E402
 
 BOS, EOS = 1, 2

@@ -589,6 +589,14 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class RMSNorm(nn.Module):
+    """rms_norm as a module (no parameters) where a forward hook must read its output: the final norm,
+    whose output is the input of the tied output head (GPTQ's Hessian for the embedding)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
 class Rotary(nn.Module):
     """Rotary embedding on the first `dims` dims of each head (partial RoPE); the rest carry no position."""
 
@@ -777,6 +785,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(unique))
         if cfg.recurrence:  # tells the shared block which pass it is on; zero: starts as plain reuse
             self.iteration_vectors = nn.Parameter(torch.zeros(cfg.recur_passes, cfg.model_dim))
+        self.final_norm = RMSNorm()
         num_skips = cfg.num_layers // 2
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.unet_gates:  # sigmoid(0) = 0.5: the blend starts as (x + skip) / 2, see the README
@@ -833,7 +842,7 @@ class GPT(nn.Module):
             x = self.blocks[p.block](x, x0, p.input_scale, p.xsa)
             if p.push:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+        logits = F.linear(self.final_norm(x), self.tok_emb.weight.to(x.dtype)).float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
     def matrix_params(self) -> list[nn.Parameter]:
@@ -1273,26 +1282,40 @@ def calibration_batches(train_files: list[str], num_seqs: int, seq_len: int, bat
         yield chunk[:, :-1], chunk[:, 1:]
 
 
+def hessian_sites(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
+    """Weight name -> (module, reads_output): where a forward hook sees the inputs X that the weight
+    multiplies. Every nn.Linear sees them as its input; the tied embedding, as the output head, sees
+    them as the output of the model's final norm. Its other use, the input lookup, is followed by
+    rms_norm and is far less sensitive (README, Quantization: measurements)."""
+    sites = {f"{name}.weight": (module, False) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear)}
+    if isinstance(getattr(model, "final_norm", None), nn.Module):
+        sites[EMBEDDING_NAME] = (model.final_norm, True)
+    return sites
+
+
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches, names, autocast=contextlib.nullcontext,
                      world_size: int = 1) -> dict[str, Tensor]:
-    """H = X^T X / tokens from the inputs X of every nn.Linear whose weight name is in `names`, over
-    the batches of every rank (summed with an all-reduce, so all ranks return the same H)."""
+    """H = X^T X / tokens for every weight in `names` that has a site (hessian_sites), over the batches
+    of every rank (summed with an all-reduce, so all ranks return the same H)."""
     hessians, hooks = {}, []
 
-    def accumulate(h: Tensor):
+    def accumulate(h: Tensor, reads_output: bool):
         def hook(module, args, output):
-            x = args[0].reshape(-1, args[0].size(-1)).float()
+            x = output if reads_output else args[0]
+            x = x.reshape(-1, x.size(-1)).float()
             with torch.autocast(x.device.type, enabled=False):  # the sum stays fp32, whatever the forward
                 h.addmm_(x.T, x)
         return hook
 
-    for mod_name, module in model.named_modules():
-        key = f"{mod_name}.weight"
-        if isinstance(module, nn.Linear) and key in names:
-            hessians[key] = torch.zeros(module.in_features, module.in_features, device=module.weight.device)
-            hooks.append(module.register_forward_hook(accumulate(hessians[key])))
-    tokens = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    for key, (module, reads_output) in hessian_sites(model).items():
+        if key in names:
+            cols = model.get_parameter(key).size(1)  # every site's weight is [out, in]
+            hessians[key] = torch.zeros(cols, cols, device=device)
+            hooks.append(module.register_forward_hook(accumulate(hessians[key], reads_output)))
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for x, y in batches:
             with autocast():
@@ -1334,8 +1357,9 @@ def demotion(w: Tensor, bits: int, input_power: Tensor) -> tuple[float, float]:
 
 def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log) -> list:
     """[(noise per byte saved, name, new bits, bytes saved)] for every tensor that can still be demoted,
-    least harmful first. Without a Hessian the inputs count as unit power (the tied head's inputs are
-    RMS-normalized, so that is their true scale) and the log says so."""
+    least harmful first. Without a Hessian (GPTQ=0, or a lookup table such as the bigram table) the
+    inputs count as unit power (the tied head's inputs are RMS-normalized, so on average that is their
+    true scale) and the log says so."""
     ranked = []
     for name, bits in plan.items():
         if bits not in DEMOTE_TO:
@@ -1984,13 +2008,13 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
 
 
 def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
-    """GPTQ Hessians of every quantized linear layer from GPTQ_CALIB_SEQS training sequences, split over
-    the ranks and all-reduced; {} when GPTQ=0. Forward batches have the evaluation's size."""
+    """GPTQ Hessians of every quantized weight with a site (the linear layers and the tied embedding)
+    from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0.
+    Forward batches have the evaluation's size."""
     if not h.gptq:
         return {}
-    linears = {f"{n}.weight" for n, m in base_model.named_modules() if isinstance(m, nn.Linear)}
-    targets = {name for name, bits in plan.items() if bits != FP16_BITS} & linears
-    if not targets:  # nothing for GPTQ to do (e.g. only the embedding is quantized): skip the forwards
+    targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
+    if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
         return {}
     batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
                                   max(1, h.val_batch_size // h.train_seq_len), rt.rank, rt.world_size, rt.device)

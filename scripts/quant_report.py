@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -81,42 +82,78 @@ def val_bpb(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts)
     return bpb
 
 
+def complete_hessians(model: tg.GPT, state: dict, hessians: dict, plan: dict[str, int],
+                      h: tg.Hyperparameters) -> dict:
+    """The checkpoint's Hessians plus those of quantized weights it lacks (a checkpoint from before a
+    Hessian site existed, e.g. the tied embedding's), from the same training-data calibration."""
+    missing = {n for n, b in plan.items() if b != tg.FP16_BITS} & tg.hessian_sites(model).keys() - hessians.keys()
+    if not missing:
+        return hessians
+    model.load_state_dict(state)
+    batches = tg.calibration_batches(tg.find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
+                                     max(1, h.val_batch_size // h.train_seq_len), 0, 1, torch.device("cpu"))
+    print(f"hessians computed here (missing from the checkpoint): {', '.join(sorted(missing))}")
+    return hessians | tg.collect_hessians(model, batches, missing)
+
+
+def val_gradient(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts) -> dict[str, torch.Tensor]:
+    """d(val_bpb)/dw at the float weights, over the plain evaluation's windows. A model that is not at a
+    minimum of the validation loss has g != 0, so a quantization error e moves the bpb by about g.e
+    (first order, sign by luck) on top of the curvature term that GPTQ minimizes: reported apart."""
+    model.load_state_dict(state)
+    model.zero_grad()
+    total_bytes = 0.0
+    for x, y, scored, _ in tg.eval_batches(val_tokens, h.train_seq_len, h.train_seq_len,
+                                           max(1, h.val_batch_size // h.train_seq_len)):
+        model(x, y)[scored].sum().backward()
+        total_bytes += float(luts.token_bytes(x, y)[scored].sum())
+    grads = {n: p.grad.detach() / math.log(2) / total_bytes for n, p in model.named_parameters()
+             if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
 def gptq_report(path: Path, breakdown_bits: int) -> None:
-    """val_bpb of the float weights, of the embedding alone quantized, of the block matrices alone at
-    8, 6 and 5 bits (round-to-nearest, then GPTQ), of the run's own plan (both together), and of each
-    block's matrices alone at breakdown_bits."""
+    """val_bpb of the float weights, of the tied embedding alone quantized, of the block matrices alone
+    at 8, 6 and 5 bits, of the run's own plan (both together), each by round-to-nearest and by GPTQ,
+    then of each block's matrices alone at breakdown_bits. Every row also gives the first-order part of
+    its gap, g.e (val_gradient), and the rest, which is what GPTQ's objective stands for."""
     ckpt, h = load_checkpoint(path)
-    state, hessians = ckpt["state"], ckpt["hessians"]
+    state = ckpt["state"]
     sp = tg.load_tokenizer(h.tokenizer_path)
     model = build_model(h, sp.bos_id())
     val_tokens = torch.from_numpy(tg.load_validation_tokens(h.data_path).astype(np.int32))
     luts = tg.build_byte_luts(sp, h.vocab_size)
+    hessians = complete_hessians(model, state, ckpt["hessians"], ckpt["plan"], h)
     print(f"model params:{sum(t.numel() for t in state.values())} layers:{h.num_layers} dim:{h.model_dim} "
           f"val_tokens:{len(val_tokens)} hessians:{len(hessians)} min_numel:{h.quant_min_numel}")
+    grads = val_gradient(model, state, h, val_tokens, luts)
     float_bpb = val_bpb(model, state, h, val_tokens, luts)
-    print(f"| weights | val_bpb | gap to float |\n|---|---|---|\n| float | {float_bpb:.5f} | |", flush=True)
+    print("| weights | method | val_bpb | gap | first order g.e | gap - g.e |\n|---|---|---|---|---|---|\n"
+          f"| float | | {float_bpb:.5f} | | | |", flush=True)
 
-    def row(label: str, plan: dict[str, int], hs: dict | None) -> None:
-        t0 = time.perf_counter()
-        packed = tg.quantize_state_dict(state, plan=plan, hessians=hs, damp=h.gptq_damp, block=h.gptq_block)
-        seconds = time.perf_counter() - t0
-        bpb = val_bpb(model, tg.dequantize_state_dict(packed), h, val_tokens, luts)
-        print(f"| {label} ({seconds:.1f} s) | {bpb:.5f} | {bpb - float_bpb:+.5f} |", flush=True)
+    def row(label: str, plan: dict[str, int]) -> None:
+        for method, hs in (("round-to-nearest", None), ("GPTQ", hessians)):
+            packed = tg.quantize_state_dict(state, plan=plan, hessians=hs, damp=h.gptq_damp, block=h.gptq_block)
+            weights = tg.dequantize_state_dict(packed)
+            bpb = val_bpb(model, weights, h, val_tokens, luts)
+            first = sum(float((grads[n] * (weights[n].float() - state[n].float())).sum())
+                        for n, b in plan.items() if b != tg.FP16_BITS and n in grads)
+            gap = bpb - float_bpb
+            print(f"| {label} | {method} | {bpb:.5f} | {gap:+.5f} | {first:+.5f} | {gap - first:+.5f} |", flush=True)
 
     def plan(bits: int, embed_bits: int) -> dict[str, int]:
         return tg.build_quant_plan(state, model.fp16_param_names(), bits, embed_bits, h.quant_min_numel)
 
-    row(f"embedding int{h.quant_embed_bits} alone, round-to-nearest", plan(tg.FP16_BITS, h.quant_embed_bits), None)
+    row(f"embedding int{h.quant_embed_bits} alone", plan(tg.FP16_BITS, h.quant_embed_bits))
     for bits in (8, 6, 5):
-        row(f"blocks int{bits} alone, round-to-nearest", plan(bits, tg.FP16_BITS), None)
-        row(f"blocks int{bits} alone, GPTQ", plan(bits, tg.FP16_BITS), hessians)
-    row("the run's plan and quantization", ckpt["plan"], hessians)
+        row(f"blocks int{bits} alone", plan(bits, tg.FP16_BITS))
+    row("the run's plan", ckpt["plan"])
     # Where the gap comes from: one group of matrices at a time (each block, then the rest).
     blocks_plan = plan(breakdown_bits, tg.FP16_BITS)
     for group in sorted({group_of(n) for n, b in blocks_plan.items() if b != tg.FP16_BITS}):
-        group_plan = {n: b if group_of(n) == group else tg.FP16_BITS for n, b in blocks_plan.items()}
-        row(f"{group} alone, int{breakdown_bits} round-to-nearest", group_plan, None)
-        row(f"{group} alone, int{breakdown_bits} GPTQ", group_plan, hessians)
+        row(f"{group} alone, int{breakdown_bits}",
+            {n: b if group_of(n) == group else tg.FP16_BITS for n, b in blocks_plan.items()})
 
 
 def group_of(name: str) -> str:

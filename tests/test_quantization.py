@@ -341,8 +341,8 @@ def test_calibration_sees_training_tokens_only(disjoint_data, tmp_path, monkeypa
     tokens = torch.cat(seen)
     assert len(tokens) == 2 * 24 * 64
     assert int(tokens.max()) < VAL_IDS.start
-    # 6 linears x 2 layers + the bigram projection
-    assert re.search(r"^quantize gptq:1 hessians:13 calib_seqs:24 ", log, re.M)
+    # 6 linears x 2 layers + the bigram projection + the tied embedding (through the output head)
+    assert re.search(r"^quantize gptq:1 hessians:14 calib_seqs:24 ", log, re.M)
     assert re.search(r"^gptq_calibration_time:\d+ms reserve:\d+ms$", log, re.M)
     assert re.search(r"^quant_plan int6_params:\d+ int8_params:12288 fp16_params:\d+", log, re.M)
     assert re.search(r"^compression raw_bytes:\d+ zstd:\d+ lzma:\d+ brotli:\d+ chosen:\w+$", log, re.M)
@@ -359,13 +359,32 @@ def test_empty_tensors_survive_the_artifact():
     assert restored["empty"].shape == (0, 8) and torch.allclose(restored["w"], state["w"], atol=1e-2)
 
 
-def test_no_calibration_when_no_linear_layer_is_quantized(monkeypatch):
-    # Only the embedding (not a linear layer) is quantized: GPTQ has nothing to do, so no forwards run
-    # (and no training data is read: DATA_PATH does not even exist here).
+def test_no_calibration_when_no_quantized_weight_has_a_hessian(monkeypatch):
+    # Only the bigram table (a lookup, no Hessian site) is quantized: GPTQ has nothing to do, so no
+    # forwards run (and no training data is read: DATA_PATH does not even exist here).
     model = tg.GPT(tg.ModelConfig(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
-                                  mlp_mult=2, rope_dims=4))
-    plan = {name: tg.FP16_BITS for name in model.state_dict()} | {"tok_emb.weight": 8}
+                                  mlp_mult=2, rope_dims=4, bigram_buckets=32, bigram_dim=8))
+    plan = {name: tg.FP16_BITS for name in model.state_dict()} | {"bigram.table.weight": 8}
     monkeypatch.setattr(tg, "collect_hessians", lambda *a, **k: pytest.fail("calibration ran"))
     h = tg.Hyperparameters.from_env({"DATA_PATH": "/nonexistent"})
     rt = tg.Runtime(0, 1, torch.device("cpu"), 8, None, torch.float32)
     assert tg.calibrate(model, plan, h, rt) == {}
+
+
+def test_the_tied_embedding_hessian_comes_from_the_output_head_inputs():
+    # The embedding's GPTQ Hessian is X^T X of what the head multiplies by it: the final norm of the
+    # last block's output (one layer: no U-Net skips), not the lookup side.
+    torch.manual_seed(0)
+    model = tg.GPT(tg.ModelConfig(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
+                                  mlp_mult=2, rope_dims=4, bigram_buckets=32, bigram_dim=8)).eval()
+    for p in model.parameters():  # zero-initialized projections would hide a wrong site
+        torch.nn.init.normal_(p, std=0.3)
+    ids = torch.randint(0, 64, (3, 10))
+    hessians = tg.collect_hessians(model, [(ids, ids)], {"tok_emb.weight", "blocks.0.mlp.fc.weight"})
+    with torch.no_grad():
+        x0 = model.embed(ids)
+        p = model.plan[0]
+        x = tg.rms_norm(model.blocks[0](x0, x0, p.input_scale, p.xsa)).reshape(-1, 16)
+    assert hessians["tok_emb.weight"].shape == (16, 16)
+    assert torch.allclose(hessians["tok_emb.weight"], x.T @ x / 30, atol=1e-5)
+    assert not torch.allclose(hessians["tok_emb.weight"], hessians["blocks.0.mlp.fc.weight"], atol=1e-3)

@@ -182,7 +182,9 @@ def sizes_report(checkpoint: Path | None) -> None:
         (state, h, plan), hessians, what = random_default_state(), {}, "random init (zero-init matrices filled)"
     else:
         ckpt, h = load_checkpoint(checkpoint)
-        state, hessians, plan, what = ckpt["state"], ckpt["hessians"], ckpt["plan"], f"trained ({checkpoint})"
+        state, plan, what = ckpt["state"], ckpt["plan"], f"trained ({checkpoint})"
+        model = build_model(h, tg.load_tokenizer(h.tokenizer_path).bos_id())
+        hessians = complete_hessians(model, state, ckpt["hessians"], plan, h)
     packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block)
     params = sum(t.numel() for t in state.values())
     bits = {}

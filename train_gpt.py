@@ -2079,6 +2079,8 @@ def main(env=None) -> None:
     rt = setup_runtime(h, env)
     try:
         run(h, rt, env)
+        if dist.is_initialized():
+            dist.barrier()  # tear down together: a rank leaving gloo early sometimes aborted its peer at exit
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

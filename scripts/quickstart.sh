@@ -23,8 +23,10 @@ export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKE
 export ITERATIONS=${ITERATIONS:-400} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-60} WARMUP_STEPS=${WARMUP_STEPS:-0}
 export VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0} TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25}
 export EVAL_SEQ_LEN=${EVAL_SEQ_LEN:-256} EVAL_STRIDE=${EVAL_STRIDE:-64} VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-16384}
-# The recipe's step-counted settings, scaled from the record's ~6,700 steps to this run's few hundred.
-export EMA_DECAY=${EMA_DECAY:-0.99} MUON_MOMENTUM_WARMUP_STEPS=${MUON_MOMENTUM_WARMUP_STEPS:-100}
+# The recipe's step-counted settings for this run's ~40 steps (1.5 s each on 2 idle cores) instead of the
+# record's ~6,700. The EMA must span a few steps only: at 0.99 it averaged in the early, far worse weights
+# (final 1.110 bpb against raw 0.865); at 0.7, 0.843 against 0.835. Momentum stays low (warmup 100 steps).
+export EMA_DECAY=${EMA_DECAY:-0.7} MUON_MOMENTUM_WARMUP_STEPS=${MUON_MOMENTUM_WARMUP_STEPS:-100}
 # This model's matrices are small: quantize them anyway (int6 + GPTQ) so the quick start runs the real
 # path, with a short calibration and a reserve to match.
 export QUANT_MIN_NUMEL=${QUANT_MIN_NUMEL:-4096} GPTQ_CALIB_SEQS=${GPTQ_CALIB_SEQS:-64} GPTQ_RESERVE_SECONDS=${GPTQ_RESERVE_SECONDS:-5}

@@ -165,7 +165,7 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     val_tokens = torch.from_numpy(tokens.astype(np.int32)).to(rt.device)
     log(f"data val_tokens:{len(tokens)} tokenizer_pieces:{sp.vocab_size()}")
     logits_fn, compiled = load_model(h, s, rt, sp.bos_id(), log)
-    batch = max(1, h.val_batch_size // h.eval_seq_len)
+    batch = h.val_batch_seqs(h.eval_seq_len)
 
     # Rank 0 builds the hints (and the cache's probabilities) while the model compiles: the C call
     # releases the GIL. Every other rank receives them by broadcast instead of rebuilding them.

@@ -170,6 +170,10 @@ class Hyperparameters:
         hp.check()
         return hp
 
+    def val_batch_seqs(self, seq_len: int) -> int:
+        """Sequences of seq_len per forward for evaluation and calibration: VAL_BATCH_SIZE tokens."""
+        return max(1, self.val_batch_size // seq_len)
+
     def check(self) -> None:
         """Cross-field rules; each error names the variables involved."""
         if self.model_dim % self.num_heads:
@@ -1285,8 +1289,8 @@ def calibration_batches(train_files: list[str], num_seqs: int, seq_len: int, bat
 def hessian_sites(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
     """Weight name -> (module, reads_output): where a forward hook sees the inputs X that the weight
     multiplies. Every nn.Linear sees them as its input; the tied embedding, as the output head, sees
-    them as the output of the model's final norm. Its other use, the input lookup, is followed by
-    rms_norm and is far less sensitive (README, Quantization: measurements)."""
+    them as the output of the model's final norm; its lookup side has no Hessian and is not weighed
+    (measured: GPTQ through the head halves the embedding's bpb gap; README, Quantization)."""
     sites = {f"{name}.weight": (module, False) for name, module in model.named_modules()
              if isinstance(module, nn.Linear)}
     if isinstance(getattr(model, "final_norm", None), nn.Module):
@@ -1999,7 +2003,7 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
                stride: int, h: Hyperparameters, rt: Runtime, log) -> tuple[float, float]:
     rt.sync()
     t0 = time.perf_counter()
-    batch = max(1, h.val_batch_size // seq_len)
+    batch = h.val_batch_seqs(seq_len)
     loss, bpb = evaluate(eval_model, val_tokens, luts, seq_len, stride, batch, rt.rank, rt.world_size, rt.autocast)
     rt.sync()
     log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} seq_len:{seq_len} stride:{stride} "
@@ -2017,7 +2021,7 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
     if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
         return {}
     batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
-                                  max(1, h.val_batch_size // h.train_seq_len), rt.rank, rt.world_size, rt.device)
+                                  h.val_batch_seqs(h.train_seq_len), rt.rank, rt.world_size, rt.device)
     return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
 
 
@@ -2108,7 +2112,7 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
         log(line)
 
     def eval_fn():
-        batch = max(1, h.val_batch_size // h.train_seq_len)
+        batch = h.val_batch_seqs(h.train_seq_len)
         return evaluate(eval_model, val_tokens, luts, h.train_seq_len, h.train_seq_len, batch,
                         rt.rank, rt.world_size, rt.autocast)
 

@@ -113,7 +113,7 @@ def eval_speed(eval_model, h: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -
     ones = torch.ones(h.vocab_size, dtype=torch.int32)  # one byte per token: bpb is not measured here
     luts = tg.ByteLUTs(ones, torch.zeros_like(ones, dtype=torch.bool), torch.zeros_like(ones, dtype=torch.bool))
     luts = luts.to(rt.device)
-    batch = max(1, h.val_batch_size // h.eval_seq_len)
+    batch = h.val_batch_seqs(h.eval_seq_len)
 
     def run():
         tg.evaluate(eval_model, val, luts, h.eval_seq_len, h.eval_stride, batch, autocast=rt.autocast)

@@ -16,6 +16,7 @@ weights and the GPTQ Hessians of the training-data calibration. Run with OMP_NUM
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -78,22 +79,21 @@ def val_bpb(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts)
     """Plain evaluation (non-overlapping windows of TRAIN_SEQ_LEN), the final_roundtrip_exact number."""
     model.load_state_dict(state)
     _, bpb = tg.evaluate(model, val_tokens, luts, h.train_seq_len, h.train_seq_len,
-                         max(1, h.val_batch_size // h.train_seq_len))
+                         h.val_batch_seqs(h.train_seq_len))
     return bpb
 
 
 def complete_hessians(model: tg.GPT, state: dict, hessians: dict, plan: dict[str, int],
                       h: tg.Hyperparameters) -> dict:
     """The checkpoint's Hessians plus those of quantized weights it lacks (a checkpoint from before a
-    Hessian site existed, e.g. the tied embedding's), from the same training-data calibration."""
+    Hessian site existed, e.g. the tied embedding's), by the run's own calibration on training data."""
     missing = {n for n, b in plan.items() if b != tg.FP16_BITS} & tg.hessian_sites(model).keys() - hessians.keys()
     if not missing:
         return hessians
     model.load_state_dict(state)
-    batches = tg.calibration_batches(tg.find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
-                                     max(1, h.val_batch_size // h.train_seq_len), 0, 1, torch.device("cpu"))
+    rt = tg.Runtime(0, 1, torch.device("cpu"), tg.grad_accum_steps(1), contextlib.nullcontext, torch.float32)
     print(f"hessians computed here (missing from the checkpoint): {', '.join(sorted(missing))}")
-    return hessians | tg.collect_hessians(model, batches, missing)
+    return hessians | tg.calibrate(model, {n: plan[n] if n in missing else tg.FP16_BITS for n in plan}, h, rt)
 
 
 def val_gradient(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts) -> dict[str, torch.Tensor]:
@@ -104,7 +104,7 @@ def val_gradient(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, 
     model.zero_grad()
     total_bytes = 0.0
     for x, y, scored, _ in tg.eval_batches(val_tokens, h.train_seq_len, h.train_seq_len,
-                                           max(1, h.val_batch_size // h.train_seq_len)):
+                                           h.val_batch_seqs(h.train_seq_len)):
         model(x, y)[scored].sum().backward()
         total_bytes += float(luts.token_bytes(x, y)[scored].sum())
     grads = {n: p.grad.detach() / math.log(2) / total_bytes for n, p in model.named_parameters()

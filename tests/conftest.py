@@ -47,6 +47,15 @@ def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:
     return env
 
 
+def assert_env_error(env: dict, words: list[str]) -> None:
+    """Hyperparameters.from_env(env) fails with a ValueError whose message names every word."""
+    import train_gpt
+    with pytest.raises(ValueError) as err:
+        train_gpt.Hyperparameters.from_env(env)
+    for word in words:
+        assert word in str(err.value)
+
+
 def _hparam_names() -> set[str]:
     import dataclasses
 

@@ -15,7 +15,7 @@ import torch._dynamo.testing
 from torch import nn
 
 import train_gpt as tg
-from conftest import tiny_env
+from conftest import assert_env_error, tiny_env
 from test_config_and_data import _positional_shards
 from test_model_eval import tiny_model
 from test_pipeline import run_in_process
@@ -67,10 +67,7 @@ def test_budget_excludes_the_gptq_reserve():
     ({"FINAL_WEIGHTS": "best"}, ["FINAL_WEIGHTS", "ema, swa, raw"]),
 ])
 def test_contradictory_recipe_settings_are_errors(env, words):
-    with pytest.raises(ValueError) as err:
-        tg.Hyperparameters.from_env(env)
-    for word in words:
-        assert word in str(err.value)
+    assert_env_error(env, words)
 
 
 # ---- Muon ---------------------------------------------------------------------------------------

@@ -1568,6 +1568,75 @@ def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None
                            f"bytes_model:{bytes_model}, must be under {cap}")
 
 
+# ---- export: what runs after training -----------------------------------------------------------
+
+
+def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
+    """GPTQ Hessians of every quantized weight with a site (the linear layers and the tied embedding)
+    from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0.
+    Forward batches have the evaluation's size."""
+    if not h.gptq:
+        return {}
+    targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
+    if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
+        return {}
+    batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
+                                  h.val_batch_seqs(h.train_seq_len), rt.rank, rt.world_size, rt.device)
+    return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
+
+
+def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
+                 log) -> bytes | None:
+    """After training: GPTQ calibration on training shards (all ranks), then quantization, compression
+    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None)."""
+    rt.sync()
+    t0 = time.perf_counter()
+    with full_fp32_matmul():
+        hessians = calibrate(base_model, plan, h, rt)
+        rt.sync()
+        t1 = time.perf_counter()
+        if not rt.is_main:
+            return None
+        state = base_model.state_dict()
+        quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
+                                     log=log)
+        packed = quantize(state, plan=plan)
+        rt.sync()
+        t2 = time.perf_counter()
+        log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
+            f"hessian_time:{1000 * (t1 - t0):.0f}ms quantize_time:{1000 * (t2 - t1):.0f}ms")
+        if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
+            log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
+            if t2 - t0 > h.gptq_reserve_seconds:
+                log(f"warning: gptq_calibration_time exceeds GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: "
+                    f"training plus calibration ran over the training budget")
+        encode = functools.partial(serialize_artifact, compressor=h.compressor, shuffle=h.byte_shuffle,
+                                   storage=h.quant_storage, log=log)
+        blob = encode(packed)
+        if h.quant_target_bytes > 0:
+            plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
+                                         encode, hessians, log)
+    params = sum(t.numel() for t in state.values())
+    log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
+        f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
+    return blob
+
+
+def save_artifact(blob: bytes | None, path: Path, code_bytes: int, rt: Runtime, log) -> None:
+    """Write the artifact (rank 0), log byte counts, enforce the cap."""
+    if rt.is_main:
+        write_atomic(path, blob)
+        log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{len(blob)} "
+            f"bytes_total:{code_bytes + len(blob)} cap:{ARTIFACT_CAP_BYTES}")
+        check_artifact_cap(code_bytes, len(blob))
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+def load_artifact(path: Path) -> dict[str, Tensor]:
+    return dequantize_state_dict(deserialize_artifact(path.read_bytes(), str(path)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -2009,72 +2078,6 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
     log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} seq_len:{seq_len} stride:{stride} "
         f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     return loss, bpb
-
-
-def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
-    """GPTQ Hessians of every quantized weight with a site (the linear layers and the tied embedding)
-    from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0.
-    Forward batches have the evaluation's size."""
-    if not h.gptq:
-        return {}
-    targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
-    if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
-        return {}
-    batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
-                                  h.val_batch_seqs(h.train_seq_len), rt.rank, rt.world_size, rt.device)
-    return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
-
-
-def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
-                 log) -> bytes | None:
-    """After training: GPTQ calibration on training shards (all ranks), then quantization, compression
-    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None)."""
-    rt.sync()
-    t0 = time.perf_counter()
-    with full_fp32_matmul():
-        hessians = calibrate(base_model, plan, h, rt)
-        rt.sync()
-        t1 = time.perf_counter()
-        if not rt.is_main:
-            return None
-        state = base_model.state_dict()
-        quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
-                                     log=log)
-        packed = quantize(state, plan=plan)
-        rt.sync()
-        t2 = time.perf_counter()
-        log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
-            f"hessian_time:{1000 * (t1 - t0):.0f}ms quantize_time:{1000 * (t2 - t1):.0f}ms")
-        if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
-            log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
-            if t2 - t0 > h.gptq_reserve_seconds:
-                log(f"warning: gptq_calibration_time exceeds GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: "
-                    f"training plus calibration ran over the training budget")
-        encode = functools.partial(serialize_artifact, compressor=h.compressor, shuffle=h.byte_shuffle,
-                                   storage=h.quant_storage, log=log)
-        blob = encode(packed)
-        if h.quant_target_bytes > 0:
-            plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
-                                         encode, hessians, log)
-    params = sum(t.numel() for t in state.values())
-    log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
-        f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
-    return blob
-
-
-def save_artifact(blob: bytes | None, path: Path, code_bytes: int, rt: Runtime, log) -> None:
-    """Write the artifact (rank 0), log byte counts, enforce the cap."""
-    if rt.is_main:
-        write_atomic(path, blob)
-        log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{len(blob)} "
-            f"bytes_total:{code_bytes + len(blob)} cap:{ARTIFACT_CAP_BYTES}")
-        check_artifact_cap(code_bytes, len(blob))
-    if rt.world_size > 1:
-        dist.barrier()
-
-
-def load_artifact(path: Path) -> dict[str, Tensor]:
-    return dequantize_state_dict(deserialize_artifact(path.read_bytes(), str(path)))
 
 
 def main(env=None) -> None:

@@ -3,9 +3,9 @@
     ARTIFACT_PATH=logs/<RUN_ID>.ptz python3 eval_ngram_on_checkpoint.py
     ARTIFACT_PATH=logs/<RUN_ID>.ptz torchrun --standalone --nproc_per_node=8 eval_ngram_on_checkpoint.py
 
-The architecture comes from the same environment variables as the training run (train_gpt.py's
-Hyperparameters: NUM_LAYERS, MODEL_DIM, ...), the windows from EVAL_SEQ_LEN / EVAL_STRIDE, the n-gram
-settings from the NGRAM_* variables (NgramSettings). Rank 0 builds the hints once with
+The model is rebuilt from the config the artifact records (the architecture variables of the
+environment are not read); the data and tokenizer come from DATA_PATH / TOKENIZER_PATH, the windows from
+EVAL_SEQ_LEN / EVAL_STRIDE, the n-gram settings from the NGRAM_* variables (NgramSettings). Rank 0 builds the hints once with
 online_ngram_state.c while the model compiles, and broadcasts them; every rank scores its share of the
 sliding windows and applies the tilt on its own device. The log goes to stdout and to
 OUT_DIR/<artifact name>_ngram.txt.
@@ -68,20 +68,11 @@ SUMS = ("plain_nats", "tilted_nats", "cache_nats", "tokens", "bytes", *(f"fired_
         "agreed")
 
 
-def load_model(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, bos_id: int, log):
-    """(logits function, whether it is compiled) for the artifact, built as the environment describes."""
-    path = Path(s.artifact_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ARTIFACT_PATH={path}: no such file")
-    name, attention, why = tg.select_attention(rt.device)
-    log(f"attention_backend:{name} reason:{why}")
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id), attention)  # SmearGate needs the tokenizer's BOS
-    try:
-        model.load_state_dict(tg.load_artifact(path))
-    except RuntimeError as e:
-        raise ValueError(f"ARTIFACT_PATH={path} does not fit the architecture the environment describes "
-                         f"(NUM_LAYERS, MODEL_DIM, NUM_HEADS, ... must be the training run's): {e}") from e
-    model = model.to(rt.device).eval()
+def load_model(cfg: tg.ModelConfig, state: dict, h: tg.Hyperparameters, rt: tg.Runtime, log):
+    """(logits function, whether it is compiled) for the artifact's model."""
+    model = tg.build_model(cfg, rt.device, log)
+    model.load_state_dict(state)
+    model.eval()
     if rt.device.type == "cuda" and h.compile:
         return torch.compile(model.logits, dynamic=False), True
     return model.logits, False
@@ -158,13 +149,18 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     for f in dataclasses.fields(s):
         log(f"ngram_setting {f.name}:{getattr(s, f.name)}")
 
+    if not Path(s.artifact_path).is_file():
+        raise FileNotFoundError(f"ARTIFACT_PATH={s.artifact_path}: no such file")
+    cfg, state = tg.load_artifact(s.artifact_path)
+    log("model_from_artifact " + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(cfg).items()))
     sp = tg.load_tokenizer(h.tokenizer_path)
-    luts = tg.build_byte_luts(sp, h.vocab_size).to(rt.device)
-    tables = ng.build_word_tables(sp, h.vocab_size)
+    tg.check_tokenizer(sp, cfg, h.tokenizer_path)
+    luts = tg.build_byte_luts(sp, cfg.vocab_size).to(rt.device)
+    tables = ng.build_word_tables(sp, cfg.vocab_size)
     tokens = tg.load_validation_tokens(h.data_path)
     val_tokens = torch.from_numpy(tokens.astype(np.int32)).to(rt.device)
     log(f"data val_tokens:{len(tokens)} tokenizer_pieces:{sp.vocab_size()}")
-    logits_fn, compiled = load_model(h, s, rt, sp.bos_id(), log)
+    logits_fn, compiled = load_model(cfg, state, h, rt, log)
     batch = h.val_batch_seqs(h.eval_seq_len)
 
     # Rank 0 builds the hints (and the cache's probabilities) while the model compiles: the C call
@@ -172,7 +168,7 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
         hints_job = pool.submit(ng.hint_pass, tokens, tables) if rt.is_main else None
-        cache_job = pool.submit(ng.cache_pass, tokens, h.vocab_size) if rt.is_main and s.ngram_cache else None
+        cache_job = pool.submit(ng.cache_pass, tokens, cfg.vocab_size) if rt.is_main and s.ngram_cache else None
         if compiled:
             warm_up(logits_fn, h, batch, rt)
             log(f"compile warm_up_ms:{1000 * (time.perf_counter() - t0):.0f}")
@@ -201,8 +197,13 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     return sums
 
 
+MODEL_VARIABLES = frozenset(f.name.upper() for f in dataclasses.fields(tg.ModelConfig))
+
+
 def main(env=None) -> dict[str, float]:
     env = os.environ if env is None else env
+    # The model is the artifact's: its variables (NUM_LAYERS, ...) are neither read nor validated here.
+    env = {k: v for k, v in env.items() if k not in MODEL_VARIABLES}
     h = tg.Hyperparameters.from_env(env)
     s = NgramSettings.from_env(env)
     rt = tg.setup_runtime(h, env)

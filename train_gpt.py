@@ -60,15 +60,12 @@ def _hp(default, *, lo=None, hi=None, choices=None):
 
 
 @dataclass(frozen=True)
-class Hyperparameters:
-    # Data and run identity.
-    data_path: str = _hp("./data/datasets/fineweb10B_sp1024")
-    tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")
-    run_id: str = _hp("")  # empty: a fresh id, shared by all ranks
-    out_dir: str = _hp("logs")  # the log <RUN_ID>.txt and the artifact <RUN_ID>.ptz go here
-    seed: int = _hp(1337, lo=0, hi=2**31 - 1)
+class ModelConfig:
+    """What the model is. Every field is also a Hyperparameters field (an environment variable, NUM_LAYERS=11,
+    ...), and the artifact's manifest records them all, so an artifact is rebuilt and scored from its path."""
     # Model.
     vocab_size: int = _hp(1024, lo=2, hi=65536)  # shards store uint16 tokens
+    bos_id: int = _hp(1, lo=0, hi=65535)  # the tokenizer's BOS (checked at start-up): documents start here
     num_layers: int = _hp(11, lo=1, hi=64)
     model_dim: int = _hp(512, lo=8, hi=8192)
     num_heads: int = _hp(8, lo=1, hi=128)
@@ -96,7 +93,50 @@ class Hyperparameters:
     mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
     mini_recur_first: int = _hp(4, lo=0, hi=63)
     mini_recur_last: int = _hp(5, lo=0, hi=63)
-    mini_recur_start_frac: float = _hp(0.0, lo=0.0, hi=0.999)  # repeats start at this share of training
+
+    @classmethod
+    def from_hparams(cls, h: "ModelConfig") -> "ModelConfig":
+        """The model fields of a Hyperparameters (or of any ModelConfig subclass)."""
+        return cls(**{f.name: getattr(h, f.name) for f in dataclasses.fields(cls)})
+
+    def check(self) -> None:
+        """Cross-field rules of the architecture; each error names the variables involved."""
+        if self.model_dim % self.num_heads:
+            raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        head_dim = self.model_dim // self.num_heads
+        if head_dim % 2:
+            raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (rotary)")
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim "
+                             f"MODEL_DIM/NUM_HEADS={head_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        if self.bos_id >= self.vocab_size:
+            raise ValueError(f"BOS_ID={self.bos_id} must be below VOCAB_SIZE={self.vocab_size}")
+        parse_layer_set(self.xsa_layers, self.num_layers, "XSA_LAYERS")
+        if self.bigram_buckets == 1:
+            raise ValueError("BIGRAM_BUCKETS=1 is invalid: 0 (off) or at least 2 (one row is reserved)")
+        depth = self.recur_prelude + self.recur_passes + self.recur_coda
+        if self.recurrence and depth != self.num_layers:
+            raise ValueError(f"RECURRENCE=1 needs NUM_LAYERS={self.num_layers} to equal the effective depth "
+                             f"RECUR_PRELUDE + RECUR_PASSES + RECUR_CODA = {depth}")
+        if self.mini_recur_repeats and self.recurrence:
+            raise ValueError("MINI_RECUR_REPEATS and RECURRENCE=1 cannot be combined: choose one form")
+        if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
+            raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first} and MINI_RECUR_LAST={self.mini_recur_last} "
+                             f"must satisfy FIRST <= LAST < NUM_LAYERS={self.num_layers}")
+
+
+@dataclass(frozen=True)
+class Hyperparameters(ModelConfig):
+    """Everything a run reads from the environment: the model's fields (inherited from ModelConfig) and how
+    it is trained, quantized and evaluated."""
+    # Data and run identity.
+    data_path: str = _hp("./data/datasets/fineweb10B_sp1024")
+    tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")
+    run_id: str = _hp("")  # empty: a fresh id, shared by all ranks
+    out_dir: str = _hp("logs")  # the log <RUN_ID>.txt and the artifact <RUN_ID>.ptz go here
+    seed: int = _hp(1337, lo=0, hi=2**31 - 1)
     # Training length and batch.
     train_seq_len: int = _hp(2048, lo=2, hi=65536)
     train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)
@@ -104,6 +144,7 @@ class Hyperparameters:
     max_wallclock_seconds: float = _hp(600.0, lo=0.0, hi=1e7)  # 0: no cap, ITERATIONS decides
     warmup_steps: int = _hp(20, lo=0, hi=10**6)  # compile/kernel priming steps, then weights reset
     warmdown_frac: float = _hp(0.5, lo=0.0, hi=1.0)  # last fraction of the budget: LR falls to 0
+    mini_recur_start_frac: float = _hp(0.0, lo=0.0, hi=0.999)  # mini recurrence repeats start at this share of training
     # Optimizer.
     matrix_lr: float = _hp(0.025, lo=0.0, hi=10.0)
     scalar_lr: float = _hp(0.025, lo=0.0, hi=10.0)
@@ -175,17 +216,8 @@ class Hyperparameters:
         return max(1, self.val_batch_size // seq_len)
 
     def check(self) -> None:
-        """Cross-field rules; each error names the variables involved."""
-        if self.model_dim % self.num_heads:
-            raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        head_dim = self.model_dim // self.num_heads
-        if head_dim % 2:
-            raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (rotary)")
-        if self.rope_dims % 2 or self.rope_dims > head_dim:
-            raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim "
-                             f"MODEL_DIM/NUM_HEADS={head_dim}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        """Cross-field rules (the model's, then the run's); each error names the variables involved."""
+        super().check()
         seqs = self.train_batch_tokens // self.train_seq_len
         if self.train_batch_tokens % self.train_seq_len or seqs % MICRO_BATCHES_PER_STEP:
             raise ValueError(
@@ -200,21 +232,6 @@ class Hyperparameters:
             raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
                              f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
                              f"WARMDOWN_FLOOR={self.warmdown_floor}); set QAT=off or change them")
-        self._check_architecture()
-
-    def _check_architecture(self) -> None:
-        parse_layer_set(self.xsa_layers, self.num_layers, "XSA_LAYERS")
-        if self.bigram_buckets == 1:
-            raise ValueError("BIGRAM_BUCKETS=1 is invalid: 0 (off) or at least 2 (one row is reserved)")
-        depth = self.recur_prelude + self.recur_passes + self.recur_coda
-        if self.recurrence and depth != self.num_layers:
-            raise ValueError(f"RECURRENCE=1 needs NUM_LAYERS={self.num_layers} to equal the effective depth "
-                             f"RECUR_PRELUDE + RECUR_PASSES + RECUR_CODA = {depth}")
-        if self.mini_recur_repeats and self.recurrence:
-            raise ValueError("MINI_RECUR_REPEATS and RECURRENCE=1 cannot be combined: choose one form")
-        if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
-            raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first} and MINI_RECUR_LAST={self.mini_recur_last} "
-                             f"must satisfy FIRST <= LAST < NUM_LAYERS={self.num_layers}")
         parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
 
 
@@ -486,6 +503,14 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs
     return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
+def check_tokenizer(sp: spm.SentencePieceProcessor, cfg: ModelConfig, path: str) -> None:
+    """The model must know where documents start (SmearGate and BigramHash stop there): its BOS_ID is the
+    tokenizer's BOS, the token every shard puts before each document."""
+    if sp.bos_id() != cfg.bos_id:
+        found = "has no BOS" if sp.bos_id() < 0 else f"has BOS id {sp.bos_id()}: set BOS_ID={sp.bos_id()}"
+        raise ValueError(f"BOS_ID={cfg.bos_id} does not match the tokenizer {path}, which {found}")
+
+
 def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer {path} not found (TOKENIZER_PATH): {FETCH_HINT}")
@@ -495,45 +520,6 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 # ----------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    num_heads: int
-    num_kv_heads: int
-    mlp_mult: int
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-    # Record architecture: the same names and defaults as the Hyperparameters group.
-    mlp_activation: str = "relu2"
-    rope_dims: int = 16
-    block_input_scale: bool = True
-    unet_gates: bool = True
-    xsa_layers: str = "all"
-    smear_gate: bool = True
-    bigram_buckets: int = 2048
-    bigram_dim: int = 128
-    bigram_scale_init: float = 0.05
-    ortho_init: bool = True
-    recurrence: bool = False
-    recur_prelude: int = 2
-    recur_passes: int = 7
-    recur_coda: int = 2
-    mini_recur_repeats: int = 0
-    mini_recur_first: int = 4
-    mini_recur_last: int = 5
-    mini_recur_start_frac: float = 0.0
-    bos_id: int = 1  # from the tokenizer, not from the environment: SmearGate stops at this token
-
-    @classmethod
-    def from_hparams(cls, h: Hyperparameters, bos_id: int) -> "ModelConfig":
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "bos_id"]
-        return cls(bos_id=bos_id, **{n: getattr(h, n) for n in names})
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -634,8 +620,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
-        if cfg.rope_dims % 2 or cfg.rope_dims > self.head_dim:
-            raise ValueError(f"rope_dims={cfg.rope_dims} must be even and at most the head dim {self.head_dim}")
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_k = CastedLinear(cfg.model_dim, kv_dim)
@@ -715,11 +699,14 @@ class SmearGate(nn.Module):
 BIGRAM_HASH_CUR, BIGRAM_HASH_PREV = 36313, 27191  # odd multipliers: spread neighbouring ids over buckets
 
 
-def bigram_bucket_ids(input_ids: Tensor, buckets: int) -> Tensor:
-    """Bucket of (previous, current) input token at each position; position 0, which has no previous
-    token in the window, gets the reserved last row. Inputs only: the target never enters the key."""
+def bigram_bucket_ids(input_ids: Tensor, buckets: int, bos_id: int) -> Tensor:
+    """Bucket of (previous, current) input token at each position. Positions with no previous token of
+    their own document get the reserved last row: position 0 of the window and every BOS (hashing the
+    pair (last token of the previous document, BOS) would carry the previous document into the new one,
+    and SmearGate would pass it one step further). Inputs only: the target never enters the key."""
     prev, cur = input_ids[:, :-1], input_ids[:, 1:]
     hashed = torch.bitwise_xor(BIGRAM_HASH_CUR * cur, BIGRAM_HASH_PREV * prev) % (buckets - 1)
+    hashed = torch.where(cur == bos_id, buckets - 1, hashed)
     return torch.cat((torch.full_like(input_ids[:, :1], buckets - 1), hashed), dim=1)
 
 
@@ -728,7 +715,7 @@ class BigramHash(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.buckets = cfg.bigram_buckets
+        self.buckets, self.bos_id = cfg.bigram_buckets, cfg.bos_id
         self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
         # Unit-variance random rows: with the projection at zero, the rows must differ from the start,
         # or neither table nor projection ever gets a gradient.
@@ -737,7 +724,7 @@ class BigramHash(nn.Module):
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        e = self.table(bigram_bucket_ids(input_ids, self.buckets))
+        e = self.table(bigram_bucket_ids(input_ids, self.buckets, self.bos_id))
         return self.scale.to(e.dtype) * self.proj(e)
 
 
@@ -780,6 +767,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attention: Callable = _sdpa):
         super().__init__()
+        cfg.check()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
@@ -796,7 +784,9 @@ class GPT(nn.Module):
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
         if cfg.ortho_init:
             self._orthogonal_init()
-        self.set_mini_recurrence(True)  # the trained model runs its repeats; training switches them
+        # Both plans are made once here (XSA_LAYERS is parsed here, not per step); training switches them.
+        self.plans = {on: layer_plan(cfg, on) for on in (False, True)}
+        self.set_mini_recurrence(True)  # the trained model runs its repeats
 
     def _orthogonal_init(self) -> None:
         """Orthogonal block matrices; MLP output projections scaled by 1/sqrt(2 L) over the effective
@@ -810,7 +800,7 @@ class GPT(nn.Module):
     def set_mini_recurrence(self, on: bool) -> bool:
         """Turn the mini-recurrence repeats on or off; True if the plan changed. torch.compile guards on
         self.plan, so a compiled caller recompiles once per state (both stay cached)."""
-        plan = layer_plan(self.cfg, on)
+        plan = self.plans[on]
         changed = plan != getattr(self, "plan", None)
         self.plan = plan
         return changed
@@ -867,6 +857,17 @@ class GPT(nn.Module):
                 f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
                 f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
                 f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())}")
+
+
+def build_model(cfg: ModelConfig, device: torch.device, log=None) -> GPT:
+    """The one model builder (training, the n-gram evaluation, quant_report and the benchmark use it): the
+    attention backend for the device (logged, with why), the model on the device, its description logged."""
+    name, attention, why = select_attention(device)
+    model = GPT(cfg, attention).to(device)
+    if log is not None:
+        log(f"attention_backend:{name} reason:{why}")
+        log(model.describe())
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1028,7 +1029,7 @@ GPTQ_DAMP_RAISE = 10.0  # on a failed Cholesky factorization the damping is mult
 GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
 DEMOTE_TO = {8: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_FORMAT_VERSION = 2
+ARTIFACT_FORMAT_VERSION = 3  # 3: the CRC covers the header fields; the manifest records the model config
 ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
 CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
@@ -1037,8 +1038,10 @@ CODECS = {  # id -> (name, compress, decompress); the id is written in the artif
     3: ("brotli", lambda b: brotli.compress(b, quality=BROTLI_QUALITY), brotli.decompress),
 }
 CODEC_IDS = {name: cid for cid, (name, _, _) in CODECS.items()}
-# magic, format version, codec id, byte shuffle (0/1), CRC-32 of the decompressed payload (brotli has
-# no checksum of its own, and a flipped bit must not load as slightly different weights).
+# Header: magic, format version, codec id, byte shuffle (0/1), then a CRC-32 of those fields and the
+# decompressed payload together (brotli has no checksum of its own, a flipped bit must not load as
+# slightly different weights, and a flipped shuffle flag must not load as scrambled ones).
+_ARTIFACT_FIELDS = struct.Struct("<5sBBB")
 _ARTIFACT_HEADER = struct.Struct("<5sBBBI")
 _MANIFEST_LEN = struct.Struct("<I")
 
@@ -1512,21 +1515,24 @@ def compress(raw: bytes, compressor: str, log=None) -> tuple[int, bytes]:
     return CODEC_IDS[best], blobs[best]
 
 
-def serialize_artifact(packed: dict[str, dict], compressor: str = Hyperparameters.compressor,
-                       shuffle: bool = Hyperparameters.byte_shuffle, storage: str = Hyperparameters.quant_storage,
-                       log=None) -> bytes:
+def serialize_artifact(packed: dict[str, dict], config: ModelConfig | None = None,
+                       compressor: str = Hyperparameters.compressor, shuffle: bool = Hyperparameters.byte_shuffle,
+                       storage: str = Hyperparameters.quant_storage, log=None) -> bytes:
+    """The artifact: header, then the compressed manifest (with the model config, when given) and tensors."""
     manifest, data = encode_payload(packed, storage)
+    if config is not None:
+        manifest["model"] = dataclasses.asdict(config)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
     manifest = json.dumps(manifest).encode()
     payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + data
     codec_id, body = compress(payload, compressor, log)
-    header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle),
-                                   zlib.crc32(payload))
-    return header + body
+    fields = _ARTIFACT_FIELDS.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle))
+    return _ARTIFACT_HEADER.pack(*_ARTIFACT_FIELDS.unpack(fields), zlib.crc32(payload, zlib.crc32(fields))) + body
 
 
-def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> dict[str, dict]:
+def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | None, dict[str, dict]]:
+    """(the recorded model config as a dict, or None; the packed tensors). Errors name `source`."""
     if len(blob) < _ARTIFACT_HEADER.size:
         raise ValueError(f"{source}: {len(blob)} bytes is too short for an artifact header")
     magic, version, codec_id, shuffle, crc = _ARTIFACT_HEADER.unpack_from(blob)
@@ -1542,14 +1548,15 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> dict[str, dict
         payload = decompress(blob[_ARTIFACT_HEADER.size:])
     except Exception as e:  # each codec raises its own types for a damaged stream
         raise ValueError(f"{source}: corrupt or truncated artifact ({name} payload): {e}") from e
-    if zlib.crc32(payload) != crc:
-        raise ValueError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch after {name} decompression")
+    if zlib.crc32(payload, zlib.crc32(blob[:_ARTIFACT_FIELDS.size])) != crc:
+        raise ValueError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch (header fields and {name} "
+                         f"payload)")
     (size,) = _MANIFEST_LEN.unpack_from(payload)
     manifest = json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size])
     data = payload[_MANIFEST_LEN.size + size:]
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_unshuffle(data[manifest["levels_bytes"]:])
-    return decode_payload(manifest, data, source)
+    return manifest.get("model"), decode_payload(manifest, data, source)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -1585,10 +1592,19 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
     return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
 
 
+class ExportInputs(NamedTuple):
+    """What quantization receives after training: given to an export hook (scripts/quant_report.py keeps
+    it to measure quantizers on the trained weights without retraining)."""
+    state: dict[str, Tensor]
+    plan: dict[str, int]
+    hessians: dict[str, Tensor]
+
+
 def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
-                 log) -> bytes | None:
+                 log, hook: Callable[[ExportInputs], None] | None = None) -> bytes | None:
     """After training: GPTQ calibration on training shards (all ranks), then quantization, compression
-    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None)."""
+    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None).
+    `hook`, if given, sees the quantizer's inputs on rank 0 first."""
     rt.sync()
     t0 = time.perf_counter()
     with full_fp32_matmul():
@@ -1598,6 +1614,8 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
         if not rt.is_main:
             return None
         state = base_model.state_dict()
+        if hook is not None:
+            hook(ExportInputs(state, dict(plan), hessians))
         quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
                                      log=log)
         packed = quantize(state, plan=plan)
@@ -1610,8 +1628,8 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
             if t2 - t0 > h.gptq_reserve_seconds:
                 log(f"warning: gptq_calibration_time exceeds GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: "
                     f"training plus calibration ran over the training budget")
-        encode = functools.partial(serialize_artifact, compressor=h.compressor, shuffle=h.byte_shuffle,
-                                   storage=h.quant_storage, log=log)
+        encode = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
+                                   shuffle=h.byte_shuffle, storage=h.quant_storage, log=log)
         blob = encode(packed)
         if h.quant_target_bytes > 0:
             plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
@@ -1633,8 +1651,19 @@ def save_artifact(blob: bytes | None, path: Path, code_bytes: int, rt: Runtime, 
         dist.barrier()
 
 
-def load_artifact(path: Path) -> dict[str, Tensor]:
-    return dequantize_state_dict(deserialize_artifact(path.read_bytes(), str(path)))
+def load_artifact(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """(the model config the artifact records, its dequantized weights): all it takes to rebuild the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact {path}: no such file")
+    recorded, packed = deserialize_artifact(path.read_bytes(), str(path))
+    if recorded is None:
+        raise ValueError(f"{path}: the artifact records no model config (it was serialized without one)")
+    unknown = set(recorded) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"{path}: the artifact's model config has fields this train_gpt.py does not know: "
+                         f"{', '.join(sorted(unknown))}")
+    return ModelConfig(**recorded), dequantize_state_dict(packed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2046,15 +2075,9 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def build_model(h: Hyperparameters, rt: Runtime, log, bos_id: int) -> tuple[GPT, nn.Module, nn.Module, Callable]:
-    """(base model, model to train, model to evaluate, orthogonalize fn), compiled on CUDA."""
-    name, attention, why = select_attention(rt.device)
-    log(f"attention_backend:{name} reason:{why}")
-    if h.smear_gate and bos_id < 0:
-        raise ValueError(f"SMEAR_GATE=1 needs the tokenizer's BOS id, but {h.tokenizer_path} has no BOS")
-    base = GPT(ModelConfig.from_hparams(h, bos_id), attention).to(rt.device)
+def compile_for_training(base: GPT, h: Hyperparameters, rt: Runtime, log) -> tuple[nn.Module, nn.Module, Callable]:
+    """(model to train, model to evaluate, orthogonalize fn): compiled on CUDA, DDP across processes."""
     configure_qat(base, h.qat)
-    log(base.describe())
     orthogonalize, compiled = newton_schulz5, base
     if rt.device.type == "cuda" and h.compile:
         compiled = torch.compile(base, dynamic=False)
@@ -2065,7 +2088,7 @@ def build_model(h: Hyperparameters, rt: Runtime, log, bos_id: int) -> tuple[GPT,
     trained = compiled
     if rt.world_size > 1:
         trained = DistributedDataParallel(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return base, trained, compiled, orthogonalize
+    return trained, compiled, orthogonalize
 
 
 def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int,
@@ -2080,12 +2103,13 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
     return loss, bpb
 
 
-def main(env=None) -> None:
+def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) -> None:
+    """A whole run: settings from `env` (os.environ by default); export_hook: see export_model."""
     env = os.environ if env is None else env
     h = Hyperparameters.from_env(env)
     rt = setup_runtime(h, env)
     try:
-        run(h, rt, env)
+        run(h, rt, env, export_hook)
         if dist.is_initialized():
             dist.barrier()  # tear down together: a rank leaving gloo early sometimes aborted its peer at exit
     finally:
@@ -2093,7 +2117,7 @@ def main(env=None) -> None:
             dist.destroy_process_group()
 
 
-def run(h: Hyperparameters, rt: Runtime, env) -> None:
+def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
     h = shared_run_id(h, rt)
     out_dir = Path(h.out_dir)
     log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None)
@@ -2107,7 +2131,9 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
 
-    base, model, eval_model, orthogonalize = build_model(h, rt, log, sp.bos_id())
+    check_tokenizer(sp, h, h.tokenizer_path)
+    base = build_model(ModelConfig.from_hparams(h), rt.device, log)
+    model, eval_model, orthogonalize = compile_for_training(base, h, rt, log)
     plan = plan_from_hparams(base.state_dict(), h, base.fp16_param_names())  # a bad QUANT_PLAN fails fast
     log_quant_plan(plan, base.state_dict(), log)
     optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
@@ -2132,8 +2158,9 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
 
     artifact = out_dir / f"{h.run_id}.ptz"
     code_bytes = len(source.encode("utf-8"))
-    save_artifact(export_model(base, plan, code_bytes, h, rt, log), artifact, code_bytes, rt, log)
-    base.load_state_dict(load_artifact(artifact))
+    save_artifact(export_model(base, plan, code_bytes, h, rt, log, export_hook), artifact, code_bytes, rt, log)
+    _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
+    base.load_state_dict(state)
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, h.train_seq_len, h.train_seq_len, h, rt, log)
     timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, h.eval_seq_len, h.eval_stride, h, rt, log)
 

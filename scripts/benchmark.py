@@ -130,7 +130,8 @@ def peak_memory_gib(device: torch.device) -> float:
 def benchmark(h: tg.Hyperparameters, steps: int, warmup: int, eval_tokens: int) -> dict:
     rt = dataclasses.replace(tg.setup_runtime(h, {}), grad_accum=1)
     tg.seed_everything(h.seed)
-    base, model, eval_model, orthogonalize = tg.build_model(h, rt, log_nothing, bos_id=1)
+    base = tg.build_model(tg.ModelConfig.from_hparams(h), rt.device)
+    model, eval_model, orthogonalize = tg.compile_for_training(base, h, rt, log_nothing)
     optimizers = tg.build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
     loader = RandomLoader(h.vocab_size, rt.device, h.seed)
     compiles = rt.device.type == "cuda" and h.compile

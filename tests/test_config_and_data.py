@@ -119,3 +119,11 @@ def test_ranks_split_the_same_global_batch(tmp_path, world_size):
         # Disjoint: no input position is read by two ranks.
         seen = torch.cat([p[0].flatten() for p in parts])
         assert len(torch.unique(seen)) == len(seen)
+
+
+def test_bos_id_must_be_the_tokenizers(tiny_data):
+    sp = tg.load_tokenizer(str(tiny_data["tokenizer_model"]))
+    tg.check_tokenizer(sp, tg.ModelConfig(bos_id=sp.bos_id()), "tok.model")
+    with pytest.raises(ValueError, match=f"BOS_ID=2 does not match the tokenizer tok.model, which has BOS id "
+                                         f"{sp.bos_id()}: set BOS_ID={sp.bos_id()}"):
+        tg.check_tokenizer(sp, tg.ModelConfig(bos_id=2), "tok.model")

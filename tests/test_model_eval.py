@@ -187,9 +187,11 @@ def test_artifact_roundtrip_restores_the_model(tmp_path):
     assert kinds["tok_emb.weight"] == ("int", 8)  # 1024 x 64 elements: quantized, the embedding at int8
     assert kinds["blocks.0.attn.q_gain"] == kinds["blocks.0.attn.c_q.weight"] == ("fp16", None)  # small
     path = tmp_path / "m.ptz"
-    tg.write_atomic(path, tg.serialize_artifact(packed))
-    restored = tg.GPT(cfg).eval()
-    restored.load_state_dict(tg.load_artifact(path))
+    tg.write_atomic(path, tg.serialize_artifact(packed, config=cfg))
+    loaded_cfg, state = tg.load_artifact(path)
+    assert loaded_cfg == cfg  # the artifact alone rebuilds the model
+    restored = tg.GPT(loaded_cfg).eval()
+    restored.load_state_dict(state)
     assert all(p.dtype == torch.float32 for p in restored.parameters())
     x = torch.randint(0, 1024, (2, 16))
     ref, out = model.logits(x), restored.logits(x)

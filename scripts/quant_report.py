@@ -74,8 +74,7 @@ def build_model(h: tg.Hyperparameters) -> tg.GPT:
 def val_bpb(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts) -> float:
     """Plain evaluation (non-overlapping windows of TRAIN_SEQ_LEN), the final_roundtrip_exact number."""
     model.load_state_dict(state)
-    _, bpb = tg.evaluate(model, val_tokens, luts, h.train_seq_len, h.train_seq_len,
-                         h.val_batch_seqs(h.train_seq_len))
+    _, bpb = tg.evaluate(model, val_tokens, luts, tg.EvalSpec.plain(h))
     return bpb
 
 
@@ -99,8 +98,7 @@ def val_gradient(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, 
     model.load_state_dict(state)
     model.zero_grad()
     total_bytes = 0.0
-    for x, y, scored, _ in tg.eval_batches(val_tokens, h.train_seq_len, h.train_seq_len,
-                                           h.val_batch_seqs(h.train_seq_len)):
+    for x, y, scored, _ in tg.eval_batches(val_tokens, tg.EvalSpec.plain(h)):
         model(x, y)[scored].sum().backward()
         total_bytes += float(luts.token_bytes(x, y)[scored].sum())
     grads = {n: p.grad.detach() / math.log(2) / total_bytes for n, p in model.named_parameters()

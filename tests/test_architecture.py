@@ -1,4 +1,4 @@
-"""The record architecture (SPEC section 3): every switch keeps the model causal and changes what it
+"""The record architecture (docs/architecture.md): every switch keeps the model causal and changes what it
 computes, SmearGate stops at documents, BigramHash keys on context tokens only, depth recurrence
 reuses one block K times, the mini-recurrence switch works eagerly and under torch.compile, and the
 default model has the record's size."""

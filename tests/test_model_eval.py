@@ -140,7 +140,7 @@ def test_batched_eval_matches_the_reference(n, seq_len, stride, batch):
     with torch.no_grad():
         ref_loss, ref_bpb, count = reference_eval(model, tokens, seq_len, stride, luts)
     assert count == n
-    loss, bpb = tg.evaluate(model, tokens, luts, seq_len, stride, batch)
+    loss, bpb = tg.evaluate(model, tokens, luts, tg.EvalSpec("sliding", seq_len, stride, batch))
     assert abs(loss - ref_loss) < 1e-5 and abs(bpb - ref_bpb) < 1e-5
 
 
@@ -156,8 +156,8 @@ def test_sliding_window_sees_more_context_than_chunks():
     pattern = torch.randint(0, 64, (20,))
     tokens = pattern.repeat(40).to(torch.int32)
     luts = _luts(64)
-    plain, _ = tg.evaluate(CopyBack(), tokens, luts, 32, 32, 4)
-    sliding, _ = tg.evaluate(CopyBack(), tokens, luts, 32, 4, 4)
+    plain, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("plain", 32, 32, 4))
+    sliding, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("sliding", 32, 4, 4))
     assert sliding < plain / 5
 
 

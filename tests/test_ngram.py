@@ -117,6 +117,12 @@ def test_full_table_and_bad_tokens_are_clear_errors(real):
         ng.hint_pass(bad, tables)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         ng.cache_pass(bad, TINY_VOCAB)
+    wide = tokens[:100].astype(np.int64)
+    for value in (65536 + 7, -1):  # in range once narrowed to uint16 (7, 65535 -> caught only as a wide id)
+        wide[40] = value
+        for run in (lambda: ng.hint_pass(wide, tables), lambda: ng.cache_pass(wide, TINY_VOCAB)):
+            with pytest.raises(ValueError, match=f"token {value} at position 40 is outside the vocabulary"):
+                run()
 
 
 def test_library_rebuilds_when_the_source_is_newer_and_needs_a_compiler(tmp_path, monkeypatch):
@@ -337,3 +343,18 @@ def test_missing_artifact_and_wrong_tokenizer_are_clear_errors(trained, tmp_path
         ev.main({**env, "ARTIFACT_PATH": str(tmp_path / "none.ptz")})
     with pytest.raises(ValueError, match="ARTIFACT_PATH is not set"):
         ev.main({k: v for k, v in env.items() if k != "ARTIFACT_PATH"})
+
+
+def test_the_tilted_score_counts_the_evaluation_code_bytes(trained, tmp_path, monkeypatch):
+    env, _ = trained
+    artifact = Path(env["ARTIFACT_PATH"])
+    code = sum((ROOT / f).stat().st_size for f in ("train_gpt.py", "eval_ngram_on_checkpoint.py", "online_ngram.py",
+                                                  "online_ngram_state.c"))
+    _, log = run_eval({**env, "OUT_DIR": str(tmp_path)})
+    line = re.search(r"^ngram_artifact .* bytes_code:(\d+) bytes_model:(\d+) bytes_total:(\d+) cap:16000000$", log, re.M)
+    assert line and int(line[1]) == code and int(line[2]) == artifact.stat().st_size
+    assert int(line[3]) == code + artifact.stat().st_size
+    # Under a cap that the training script plus model would fit but the whole submission does not: refused.
+    monkeypatch.setattr(tg, "ARTIFACT_CAP_BYTES", (ROOT / "train_gpt.py").stat().st_size + artifact.stat().st_size + 1)
+    with pytest.raises(RuntimeError, match=f"bytes_code:{code} \\+ bytes_model"):
+        run_eval({**env, "OUT_DIR": str(tmp_path)})

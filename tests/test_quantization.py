@@ -288,12 +288,27 @@ def test_auto_keeps_the_smallest_codec():
     assert [int(line[i]) + header for i in (1, 2, 3)] == [sizes["zstd"], sizes["lzma"], sizes["brotli"]]
 
 
-def test_a_flipped_byte_is_caught_even_by_brotli(tmp_path):
-    blob = bytearray(tg.serialize_artifact(packed_model(), compressor="brotli"))
+def flip_a_payload_bit(blob: bytearray) -> None:
     blob[len(blob) // 2] ^= 0x10
+
+
+def flip_shuffle_flag(blob: bytearray) -> None:
+    # The flag says how to read the payload: flipped, the fp16 bytes would load as scrambled weights
+    # without any error unless the checksum covers the header fields too.
+    assert blob[7] == 1  # header: magic (5 bytes), format version, codec id, shuffle flag, CRC-32
+    blob[7] = 0
+
+
+@pytest.mark.parametrize("codec, damage, message", [
+    ("brotli", flip_a_payload_bit, "corrupt or truncated"),  # brotli has no checksum of its own
+    ("zstd", flip_shuffle_flag, "CRC-32 mismatch"),
+])
+def test_a_flipped_bit_is_caught(tmp_path, codec, damage, message):
+    blob = bytearray(tg.serialize_artifact(packed_model(), compressor=codec, shuffle=True))
+    damage(blob)
     path = tmp_path / "flipped.ptz"
     path.write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match="corrupt or truncated") as err:
+    with pytest.raises(ValueError, match=message) as err:
         tg.load_artifact(path)
     assert str(path) in str(err.value)
 
@@ -305,20 +320,6 @@ def test_another_format_version_is_refused_by_name(tmp_path):
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match=f"{path}: artifact format {tg.ARTIFACT_FORMAT_VERSION + 1}"):
         tg.load_artifact(path)
-
-
-
-def test_a_flipped_shuffle_flag_is_caught(tmp_path):
-    # The flag says how to read the payload: flipped, the fp16 bytes would load as scrambled weights
-    # without any error unless the checksum covers the header fields too.
-    blob = bytearray(tg.serialize_artifact(packed_model(), compressor="zstd", shuffle=True))
-    assert blob[7] == 1  # header: magic (5 bytes), format version, codec id, shuffle flag, CRC-32
-    blob[7] = 0
-    path = tmp_path / "flag.ptz"
-    path.write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match="CRC-32 mismatch") as err:
-        tg.load_artifact(path)
-    assert str(path) in str(err.value)
 
 
 def test_an_artifact_without_its_model_config_is_refused(tmp_path):

@@ -278,7 +278,8 @@ def _parse_env_value(key: str, raw: str, default, meta: dict):
         raise ValueError(f"{key}={raw!r} is invalid: expected {accepted}") from None
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if kind in (int, float) and not (lo <= value <= hi) or (kind is float and not math.isfinite(value)):
-        raise ValueError(f"{key}={raw!r} is out of range: accepted values are {kind.__name__}s in [{lo}, {hi}]")
+        raise ValueError(f"{key}={raw!r} is out of range: accepted values are "
+                         f"{'integers' if kind is int else 'numbers'} in [{lo}, {hi}]")
     if choices is not None and value not in choices:
         raise ValueError(f"{key}={raw!r} is invalid: accepted values are {', '.join(map(str, choices))}")
     return value

@@ -51,5 +51,6 @@ def test_no_machine_paths_and_no_missing_spec(doc):
 def test_code_cites_the_docs_not_a_missing_spec():
     files = subprocess.run(["git", "ls-files", "*.py", "*.sh", "*.c"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
-    cited = [f for f in files if "SPEC section" in (ROOT / f).read_text(errors="replace")]
+    needle = "SPEC" + " section"  # spelled apart so that this file does not cite it
+    cited = [f for f in files if needle in (ROOT / f).read_text(errors="replace")]
     assert not cited, f"these cite a spec the repository does not have: {cited}"

@@ -103,6 +103,12 @@ class ModelConfig:
     mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
     mini_recur_first: int = _hp(4, lo=0, hi=63)  # first layer the mini recurrence repeats
     mini_recur_last: int = _hp(5, lo=0, hi=63)  # last layer the mini recurrence repeats
+    # Model: April parts (docs/april.md). Each is off in the seed stack; PRESET=april switches them on.
+    parallel_start_layer: int = _hp(0, lo=0, hi=63)  # two residual lanes from this layer on (attention reads lane 0, the MLP lane 1); 0: off
+    attn_out_gate: bool = _hp(False)  # each head's output x sigmoid(ATTN_GATE_SCALE * W x[:GATE_WINDOW]), W zero at init
+    attn_gate_scale: float = _hp(1.0, lo=0.0, hi=100.0)  # ATTN_OUT_GATE=1: multiplies the gate's logit
+    smear_gate_form: str = _hp("channel", choices=("channel", "input"))  # SMEAR_GATE=1: channel: per-channel g after the norm; input: x_t += lambda sigmoid(W x_t[:GATE_WINDOW]) x_{t-1} before it
+    gate_window: int = _hp(12, lo=1, hi=8192)  # leading dims of its input that ATTN_OUT_GATE and SMEAR_GATE_FORM=input read
 
     @classmethod
     def from_hparams(cls, h: "ModelConfig") -> "ModelConfig":
@@ -135,12 +141,45 @@ class ModelConfig:
         if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
             raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first} and MINI_RECUR_LAST={self.mini_recur_last} "
                              f"must satisfy FIRST <= LAST < NUM_LAYERS={self.num_layers}")
+        start = self.parallel_start_layer
+        if start and start >= self.num_layers:
+            raise ValueError(f"PARALLEL_START_LAYER={start} must be below NUM_LAYERS={self.num_layers} (0: off)")
+        if start and self.mini_recur_repeats and self.mini_recur_first < start <= self.mini_recur_last:
+            raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first}..MINI_RECUR_LAST={self.mini_recur_last} must "
+                             f"lie wholly before or from PARALLEL_START_LAYER={start}: a repeated serial layer "
+                             f"cannot follow the lanes")
+        if self.smear_gate_form != "channel" and not self.smear_gate:
+            raise ValueError(f"SMEAR_GATE_FORM={self.smear_gate_form} needs SMEAR_GATE=1")
+        gated = self.attn_out_gate or (self.smear_gate and self.smear_gate_form == "input")
+        if gated and self.gate_window > self.model_dim:
+            raise ValueError(f"GATE_WINDOW={self.gate_window} must be at most MODEL_DIM={self.model_dim}")
+
+
+# Presets: named settings under the explicit ones. PRESET=april sets these variables unless the environment
+# sets them itself (it wins); the log's `preset` line says which ones the preset set. The values are
+# written as the environment would give them, and parsed and validated like it.
+PRESETS: dict[str, dict[str, str]] = {
+    "seed": {},  # the defaults: the 2026-03-29 stack
+    "april": {  # the 2026-04-27 record's training configuration at sp8192, with what we have (docs/april.md)
+        "VOCAB_SIZE": "8192", "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+        "MLP_MULT": "4", "MLP_ACTIVATION": "leaky_relu2", "QK_GAIN_INIT": "5.0", "BIGRAM_BUCKETS": "0",
+        "SMEAR_GATE_FORM": "input", "ATTN_OUT_GATE": "1", "ATTN_GATE_SCALE": "0.5", "PARALLEL_START_LAYER": "8",
+        "MINI_RECUR_REPEATS": "2", "MINI_RECUR_FIRST": "3", "MINI_RECUR_LAST": "5", "MINI_RECUR_START_FRAC": "0.35",
+        "MATRIX_LR": "0.026", "MATRIX_LR_LATE": "0.026", "SCALAR_LR": "0.02", "GATE_LR": "0.02",
+        "TIED_EMBED_LR": "0.03", "MUON_MOMENTUM": "0.97", "MUON_WEIGHT_DECAY": "0.095",
+        "EMBED_WEIGHT_DECAY": "0.085", "SCALAR_WEIGHT_DECAY": "0.02", "BETA2": "0.99", "EMA_DECAY": "0.9965",
+        "WARMDOWN_FRAC": "0.85", "WARMDOWN_FLOOR": "0.1", "QAT": "off",
+    },
+}
 
 
 @dataclass(frozen=True)
 class Hyperparameters(ModelConfig):
     """Everything a run reads from the environment: the model's fields (inherited from ModelConfig) and how
     it is trained, quantized and evaluated."""
+    # Preset.
+    preset: str = _hp("seed", choices=tuple(PRESETS))  # named settings under the explicit ones: seed (these defaults) or april
     # Data and run identity.
     data_path: str = _hp("./data/datasets/fineweb10B_sp1024")  # folder of fineweb_train_*.bin and fineweb_val_*.bin
     tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")  # sentencepiece model (bpb bytes, BOS check)
@@ -174,6 +213,7 @@ class Hyperparameters(ModelConfig):
     embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # untied embedding tables (the bigram table)
     gate_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # non-matrix parameters with "gate" in their name
     embed_weight_decay: float = _hp(0.01, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
+    scalar_weight_decay: float = _hp(0.0, lo=0.0, hi=1.0)  # AdamW decay on the gates, scales and other vectors
     # Schedule, weight averaging and QAT.
     warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
     gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
@@ -211,12 +251,17 @@ class Hyperparameters(ModelConfig):
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
-        """Every field from its upper-case variable (the default where unset), validated; SettingError else."""
+        """Every field from its upper-case variable, else from the PRESET, else its default; validated;
+        SettingError else."""
         env = os.environ if env is None else env
-        check_unknown_settings(env, {f.name.upper() for f in dataclasses.fields(cls)})
+        fields = dataclasses.fields(cls)
+        check_unknown_settings(env, {f.name.upper() for f in fields})
         try:
-            values = {f.name: _parse_env_value(f.name.upper(), env[f.name.upper()], f.default, f.metadata)
-                      for f in dataclasses.fields(cls) if f.name.upper() in env}
+            preset = _parse_env_value("PRESET", env.get("PRESET", cls.preset), cls.preset,
+                                      cls.__dataclass_fields__["preset"].metadata)
+            settings = {**PRESETS[preset], **env}  # a variable set explicitly wins over the preset
+            values = {f.name: _parse_env_value(f.name.upper(), settings[f.name.upper()], f.default, f.metadata)
+                      for f in fields if f.name.upper() in settings}
             hp = cls(**values)
             hp.check()
         except SettingError:
@@ -660,6 +705,10 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         self.attention = attention
+        # Attention output gate ("SparseAttnGate"): per head, from the first GATE_WINDOW dims of the block's
+        # normalized input. W at zero gives sigmoid(0) = 1/2 on every head at init, as in the public run.
+        self.gate_window, self.gate_scale = cfg.gate_window, cfg.attn_gate_scale
+        self.out_gate = nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window)) if cfg.attn_out_gate else None
 
     def forward(self, x: Tensor, xsa: bool) -> Tensor:
         B, T, C = x.shape
@@ -671,6 +720,9 @@ class CausalSelfAttention(nn.Module):
         y = self.attention(q, k, v)
         if xsa:
             y = exclude_self_value(y, v)
+        if self.out_gate is not None:
+            logit = F.linear(x[..., :self.gate_window], self.out_gate.to(x.dtype))  # [B, T, H]
+            y = y * torch.sigmoid(self.gate_scale * logit)[..., None]
         return self.proj(y.reshape(B, T, C))
 
 
@@ -710,10 +762,23 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * input_scale)
 
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, input_scale: float, xsa: bool,
+                      resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+        """Parallel residuals: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both from the
+        lanes as they entered the block; lane_i = resid[i] * lane_i + post[0, i] * attn + post[1, i] * mlp."""
+        mix = self.resid_mix.to(lane0.dtype)
+        attn_in = mix[0] * lane0 + mix[1] * x0
+        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * input_scale, xsa)
+        m = self.mlp_scale.to(lane1.dtype) * self.mlp(rms_norm(lane1) * input_scale)
+        resid, post = resid.to(lane0.dtype), post.to(lane0.dtype)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
 
 class SmearGate(nn.Module):
     """x_t <- (1 - g) x_t + g x_{t-1}, g = sigmoid(per-channel gate), except at a document's BOS and at
     the window's first position, which keep x_t: the previous document must not leak into a new one."""
+    pre_norm = False  # applied to the normalized embedding
 
     def __init__(self, dim: int, bos_id: int):
         super().__init__()
@@ -726,6 +791,26 @@ class SmearGate(nn.Module):
         has_prev[:, 0] = False
         g = torch.sigmoid(self.gate).to(x.dtype) * has_prev[..., None].to(x.dtype)
         return x + g * (prev - x)
+
+
+class InputSmearGate(nn.Module):
+    """x_t <- x_t + lambda * sigmoid(W x_t[:window]) * x_{t-1} on the embedding before its norm: how much of
+    the previous token each token takes depends on the token itself. W and lambda start at zero (the
+    identity). Masked like SmearGate: a BOS and the window's first position take nothing."""
+    pre_norm = True
+
+    def __init__(self, window: int, bos_id: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(window))  # W
+        self.scale = nn.Parameter(torch.zeros(()))  # lambda
+        self.window, self.bos_id = window, bos_id
+
+    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        has_prev = input_ids != self.bos_id
+        has_prev[:, 0] = False
+        g = torch.sigmoid(x[..., :self.window] @ self.gate.to(x.dtype))[..., None]
+        return x + self.scale.to(x.dtype) * g * has_prev[..., None].to(x.dtype) * prev
 
 
 BIGRAM_HASH_CUR, BIGRAM_HASH_PREV = 36313, 27191  # odd multipliers: spread neighbouring ids over buckets
@@ -760,6 +845,9 @@ class BigramHash(nn.Module):
         return self.scale.to(e.dtype) * self.proj(e)
 
 
+LANE_RESID_INIT = 1.1  # parallel residuals: each lane's own weight starts a little above 1, as in the public run
+
+
 class LayerPass(NamedTuple):
     """One pass through a block in the layer plan; every field is a constant of the position."""
     block: int  # index into GPT.blocks
@@ -768,13 +856,16 @@ class LayerPass(NamedTuple):
     iteration: int  # shared-block pass: index of the iteration vector added first; -1: none
     push: bool  # U-Net encoder: its output is pushed for a decoder layer
     pop: int  # U-Net decoder: skip index it pops and blends in first; -1: none
+    lanes: int  # parallel residuals: row of the lane weights this pass uses; -1: a plain (serial) pass
 
 
 def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
     """The passes of one forward. Depth recurrence: prelude blocks, the shared block RECUR_PASSES times,
     coda blocks; layer position l (block input scale, XSA, U-Net role) counts effective layers. Mini
     recurrence: passes FIRST..LAST run again right after LAST, each copy with its original's scale and
-    XSA but no U-Net role, so switching the repeats on changes nothing the other passes compute."""
+    XSA but no U-Net role, so switching the repeats on changes nothing the other passes compute.
+    Parallel residuals: layers from PARALLEL_START_LAYER on run on two lanes, each with its own row of lane
+    weights (a repeated layer shares its original's)."""
     if cfg.recurrence:
         P, K, C = cfg.recur_prelude, cfg.recur_passes, cfg.recur_coda
         blocks = [*range(P), *[P] * K, *range(P + 1, P + 1 + C)]
@@ -783,8 +874,10 @@ def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
         blocks, iterations = list(range(cfg.num_layers)), [-1] * cfg.num_layers
     xsa = parse_layer_set(cfg.xsa_layers, cfg.num_layers, "xsa_layers")
     encoder = cfg.num_layers // 2  # the first half pushes, as many decoder layers pop in reverse order
+    start = cfg.parallel_start_layer
     plan = [LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
-                      l < encoder, l - encoder if encoder <= l < 2 * encoder else -1)
+                      l < encoder, l - encoder if encoder <= l < 2 * encoder else -1,
+                      l - start if start and l >= start else -1)
             for l, (block, it) in enumerate(zip(blocks, iterations))]
     if repeats_on and cfg.mini_recur_repeats:
         first, last = cfg.mini_recur_first, cfg.mini_recur_last
@@ -804,7 +897,10 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
-        self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
+        self.smear = None
+        if cfg.smear_gate:
+            self.smear = (InputSmearGate(cfg.gate_window, cfg.bos_id) if cfg.smear_gate_form == "input"
+                          else SmearGate(cfg.model_dim, cfg.bos_id))
         unique = cfg.recur_prelude + 1 + cfg.recur_coda if cfg.recurrence else cfg.num_layers
         self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(unique))
         if cfg.recurrence:  # tells the shared block which pass it is on; zero: starts as plain reuse
@@ -814,6 +910,10 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.unet_gates:  # sigmoid(0) = 0.5: the blend starts as (x + skip) / 2, see the README
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
+        if cfg.parallel_start_layer:  # one row per parallel layer: resid (lane 0, lane 1), post [attn|mlp, lane]
+            lanes = cfg.num_layers - cfg.parallel_start_layer
+            self.lane_resid = nn.Parameter(torch.full((lanes, 2), LANE_RESID_INIT))
+            self.lane_post = nn.Parameter(torch.ones(lanes, 2, 2))
         if cfg.ortho_init:
             self._orthogonal_init()
         # Both plans are made once here (XSA_LAYERS is parsed here, not per step); training switches them.
@@ -847,8 +947,10 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)
+        if self.smear is not None and self.smear.pre_norm:
+            x = self.smear(x, input_ids)
         x = rms_norm(x)
-        return x if self.smear is None else self.smear(x, input_ids)
+        return x if self.smear is None or self.smear.pre_norm else self.smear(x, input_ids)
 
     def skip_blend(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
         skip = self.skip_weights[i].to(x.dtype) * skip
@@ -859,15 +961,24 @@ class GPT(nn.Module):
 
     def logits(self, input_ids: Tensor) -> Tensor:
         x = x0 = self.embed(input_ids)
+        lane1 = None  # with parallel residuals x is lane 0, which U-Net skips feed, and lane1 the MLP's lane
         skips = []
         for p in self.plan:
             if p.pop >= 0:
                 x = self.skip_blend(x, skips.pop(), p.pop)
             if p.iteration >= 0:
                 x = x + self.iteration_vectors[p.iteration].to(x.dtype)
-            x = self.blocks[p.block](x, x0, p.input_scale, p.xsa)
+                lane1 = None if lane1 is None else lane1 + self.iteration_vectors[p.iteration].to(x.dtype)
+            block = self.blocks[p.block]
+            if p.lanes < 0:
+                x = block(x, x0, p.input_scale, p.xsa)
+            else:
+                x, lane1 = block.forward_lanes(x, x if lane1 is None else lane1, x0, p.input_scale, p.xsa,
+                                               self.lane_resid[p.lanes], self.lane_post[p.lanes])
             if p.push:
-                skips.append(x)
+                skips.append(x if lane1 is None else (x + lane1) / 2)
+        if lane1 is not None:
+            x = (x + lane1) / 2  # the output is the mean of the two lanes
         logits = F.linear(self.final_norm(x), self.tok_emb.weight.to(x.dtype)).float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
@@ -888,7 +999,8 @@ class GPT(nn.Module):
         return (f"model params:{sum(p.numel() for p in self.parameters())} unique_blocks:{len(self.blocks)} "
                 f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
                 f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
-                f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())}")
+                f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())} "
+                f"parallel_passes:{','.join(str(i) for i, p in enumerate(plan) if p.lanes >= 0) or 'none'}")
 
 
 def build_model(cfg: ModelConfig, device: torch.device, log=None) -> GPT:
@@ -1000,8 +1112,9 @@ def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
         else:
             roles["gate" if "gate" in name else "scalar"].append(p)
     lr = {"tied_embed": h.tied_embed_lr, "embed": h.embed_lr, "gate": h.gate_lr, "scalar": h.scalar_lr}
-    decay = {"tied_embed": h.embed_weight_decay, "embed": h.embed_weight_decay}
-    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay.get(role, 0.0))
+    decay = {"tied_embed": h.embed_weight_decay, "embed": h.embed_weight_decay, "gate": h.scalar_weight_decay,
+             "scalar": h.scalar_weight_decay}
+    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay[role])
             for role, params in roles.items() if params]
 
 
@@ -2156,6 +2269,7 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
     log("=" * 100, console=False)
     for f in dataclasses.fields(h):
         log(f"hparam {f.name}:{getattr(h, f.name)}")
+    log(describe_preset(h.preset, env))
     log(f"runtime world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} "
         f"autocast:{'bf16' if rt.device.type == 'cuda' else 'off(fp32)'} ns_dtype:{rt.ns_dtype}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
@@ -2166,6 +2280,13 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
         log(f"gpu name:{torch.cuda.get_device_name(rt.device)}")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout, console=False)
+
+
+def describe_preset(name: str, env) -> str:
+    """One log line: the preset, the variables it set, and those of its variables the environment set instead."""
+    preset = PRESETS[name]
+    applied = ",".join(f"{k}={v}" for k, v in preset.items() if k not in env) or "none"
+    return f"preset name:{name} set:{applied} overridden:{','.join(k for k in preset if k in env) or 'none'}"
 
 
 def seed_everything(seed: int) -> None:

@@ -103,6 +103,7 @@ class ModelConfig:
     mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
     mini_recur_first: int = _hp(4, lo=0, hi=63)  # first layer the mini recurrence repeats
     mini_recur_last: int = _hp(5, lo=0, hi=63)  # last layer the mini recurrence repeats
+    mini_recur_unet: bool = _hp(False)  # with the repeats on, the U-Net spans every pass (the public run's form); off: repeats take no part
     # Model: April parts (docs/april.md). Each is off in the seed stack; PRESET=april switches them on.
     parallel_start_layer: int = _hp(0, lo=0, hi=63)  # two residual lanes from this layer on (attention reads lane 0, the MLP lane 1); 0: off
     attn_out_gate: bool = _hp(False)  # each head's output x sigmoid(ATTN_GATE_SCALE * W x[:GATE_WINDOW]), W zero at init
@@ -136,6 +137,8 @@ class ModelConfig:
         if self.recurrence and depth != self.num_layers:
             raise ValueError(f"RECURRENCE=1 needs NUM_LAYERS={self.num_layers} to equal the effective depth "
                              f"RECUR_PRELUDE + RECUR_PASSES + RECUR_CODA = {depth}")
+        if self.mini_recur_unet and not self.mini_recur_repeats:
+            raise ValueError("MINI_RECUR_UNET=1 needs MINI_RECUR_REPEATS > 0")
         if self.mini_recur_repeats and self.recurrence:
             raise ValueError("MINI_RECUR_REPEATS and RECURRENCE=1 cannot be combined: choose one form")
         if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
@@ -165,7 +168,8 @@ PRESETS: dict[str, dict[str, str]] = {
         "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
         "MLP_MULT": "4", "MLP_ACTIVATION": "leaky_relu2", "QK_GAIN_INIT": "5.0", "BIGRAM_BUCKETS": "0",
         "SMEAR_GATE_FORM": "input", "ATTN_OUT_GATE": "1", "ATTN_GATE_SCALE": "0.5", "PARALLEL_START_LAYER": "8",
-        "MINI_RECUR_REPEATS": "2", "MINI_RECUR_FIRST": "3", "MINI_RECUR_LAST": "5", "MINI_RECUR_START_FRAC": "0.35",
+        "MINI_RECUR_REPEATS": "2", "MINI_RECUR_FIRST": "3", "MINI_RECUR_LAST": "5", "MINI_RECUR_UNET": "1",
+        "MINI_RECUR_START_FRAC": "0.35",
         "MATRIX_LR": "0.026", "MATRIX_LR_LATE": "0.026", "SCALAR_LR": "0.02", "GATE_LR": "0.02",
         "TIED_EMBED_LR": "0.03", "MUON_MOMENTUM": "0.97", "MUON_WEIGHT_DECAY": "0.095",
         "EMBED_WEIGHT_DECAY": "0.085", "SCALAR_WEIGHT_DECAY": "0.02", "BETA2": "0.99", "EMA_DECAY": "0.9965",
@@ -873,17 +877,24 @@ def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
     else:
         blocks, iterations = list(range(cfg.num_layers)), [-1] * cfg.num_layers
     xsa = parse_layer_set(cfg.xsa_layers, cfg.num_layers, "xsa_layers")
-    encoder = cfg.num_layers // 2  # the first half pushes, as many decoder layers pop in reverse order
     start = cfg.parallel_start_layer
-    plan = [LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
-                      l < encoder, l - encoder if encoder <= l < 2 * encoder else -1,
-                      l - start if start and l >= start else -1)
-            for l, (block, it) in enumerate(zip(blocks, iterations))]
+    plan = unet_roles([LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
+                                 False, -1, l - start if start and l >= start else -1)
+                       for l, (block, it) in enumerate(zip(blocks, iterations))])
     if repeats_on and cfg.mini_recur_repeats:
         first, last = cfg.mini_recur_first, cfg.mini_recur_last
         copies = [p._replace(push=False, pop=-1) for p in plan[first:last + 1]] * cfg.mini_recur_repeats
         plan[last + 1:last + 1] = copies
+        if cfg.mini_recur_unet:  # the public run's form: the skips pair the passes of the longer plan
+            plan = unet_roles(plan)
     return tuple(plan)
+
+
+def unet_roles(plan: list[LayerPass]) -> list[LayerPass]:
+    """U-Net roles over a sequence of passes: the first half pushes, as many later passes pop in reverse order."""
+    encoder = len(plan) // 2
+    return [p._replace(push=k < encoder, pop=k - encoder if encoder <= k < 2 * encoder else -1)
+            for k, p in enumerate(plan)]
 
 
 class GPT(nn.Module):
@@ -906,7 +917,9 @@ class GPT(nn.Module):
         if cfg.recurrence:  # tells the shared block which pass it is on; zero: starts as plain reuse
             self.iteration_vectors = nn.Parameter(torch.zeros(cfg.recur_passes, cfg.model_dim))
         self.final_norm = RMSNorm()
-        num_skips = cfg.num_layers // 2
+        # Both plans are made once here (XSA_LAYERS is parsed here, not per step); training switches them.
+        self.plans = {on: layer_plan(cfg, on) for on in (False, True)}
+        num_skips = max(1 + p.pop for plan in self.plans.values() for p in plan)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.unet_gates:  # sigmoid(0) = 0.5: the blend starts as (x + skip) / 2, see the README
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
@@ -916,8 +929,6 @@ class GPT(nn.Module):
             self.lane_post = nn.Parameter(torch.ones(lanes, 2, 2))
         if cfg.ortho_init:
             self._orthogonal_init()
-        # Both plans are made once here (XSA_LAYERS is parsed here, not per step); training switches them.
-        self.plans = {on: layer_plan(cfg, on) for on in (False, True)}
         self.set_mini_recurrence(True)  # the trained model runs its repeats
 
     def _orthogonal_init(self) -> None:

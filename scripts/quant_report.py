@@ -7,6 +7,7 @@ bytes per compressor, byte shuffle and storage, and the speed of the 6-bit packi
     python3 scripts/quant_report.py gptq DIR/float.pt            # float / round-to-nearest / GPTQ bpb
     python3 scripts/quant_report.py sizes --checkpoint DIR/float.pt
     python3 scripts/quant_report.py sizes                        # the default 27 M model, random init
+    PRESET=april python3 scripts/quant_report.py sizes           # the April model (36 M), random init
 
 `train` runs train_gpt.main() unchanged (model and data come from the usual variables: DATA_PATH,
 TOKENIZER_PATH, NUM_LAYERS, ...) and saves what its quantization step receives: the trained float
@@ -158,10 +159,10 @@ def group_of(name: str) -> str:
 
 
 def random_default_state() -> tuple[dict, tg.Hyperparameters, dict[str, int]]:
-    """The default (record-size) model at random init and its plan. Its output projections start at
-    zero, which would compress to nothing, so every all-zero matrix is filled like its neighbours
-    (N(0, 1/cols))."""
-    h = tg.Hyperparameters()
+    """The model of the environment's settings (the default, record-size one when none is set; PRESET=april
+    for the April model) at random init and its plan. Its output projections start at zero, which would
+    compress to nothing, so every all-zero matrix is filled like its neighbours (N(0, 1/cols))."""
+    h = tg.Hyperparameters.from_env()
     torch.manual_seed(0)
     model = build_model(h)
     with torch.no_grad():

@@ -25,7 +25,7 @@ APRIL_PARTS = {  # each part alone, on top of the baseline
 APRIL_SMALL = dict(  # the April model's shape on 4 layers: lanes from layer 3, layers 1..2 three times
     parallel_start_layer=3, attn_out_gate=True, attn_gate_scale=0.5, smear_gate_form="input",
     gate_window=WINDOW, bigram_buckets=0, mlp_activation="leaky_relu2", qk_gain_init=5.0,
-    mini_recur_repeats=2, mini_recur_first=1, mini_recur_last=2)
+    mini_recur_repeats=2, mini_recur_first=1, mini_recur_last=2, mini_recur_unet=True)
 CASES = {**{k: {**BASELINE, **v} for k, v in APRIL_PARTS.items()},
          "parallel_from_layer_1": {**BASELINE, "parallel_start_layer": 1},  # lanes in the U-Net's encoder half
          "record+parallel+recurrence": {**RECORD, "parallel_start_layer": 2, "recurrence": True,
@@ -85,9 +85,11 @@ def test_each_part_adds_exactly_its_parameters():
     assert count(config(**{**BASELINE, **APRIL_PARTS["input_smear_gate"]})) - base == WINDOW + 1  # W, lambda
     # The channel SmearGate has one gate per channel; the input form replaces it.
     assert count(config(**{**BASELINE, "smear_gate": True})) - base == DIM
-    # Mini recurrence adds no parameter; the lanes of a repeated layer share its row.
-    april = config(**APRIL_SMALL)
-    assert count(april) == count(config(**{**APRIL_SMALL, "mini_recur_repeats": 0}))
+    # The loop adds no parameter (a repeated layer shares its lane row too) unless its U-Net pairs the 8 passes
+    # of the looped model: 2 more skips than the 4 layers' 2, each a weight and a gate per channel.
+    plain_loop = {**APRIL_SMALL, "mini_recur_unet": False}
+    assert count(config(**plain_loop)) == count(config(**{**plain_loop, "mini_recur_repeats": 0}))
+    assert count(config(**APRIL_SMALL)) - count(config(**plain_loop)) == 2 * 2 * DIM
 
 
 def test_april_preset_size_is_the_record_model_less_what_we_build_differently():
@@ -98,11 +100,11 @@ def test_april_preset_size_is_the_record_model_less_what_we_build_differently():
     d, layers, heads, vocab = 512, 11, 8, 8192
     blocks = layers * (2 * d * d + 2 * d * 256 + 2 * 4 * d * d  # q, proj, k, v, MLP 4x
                        + 4 * d + heads + heads * 12)  # scales, resid mix, q gain, attention output gate
-    expected = vocab * d + blocks + 2 * (layers // 2) * d + 6 * (layers - 8) + 12 + 1
+    skips = (11 + 2 * 3) // 2  # the U-Net spans the 17 passes of the looped model: 8 skips
+    expected = vocab * d + blocks + 2 * skips * d + 6 * (layers - 8) + 12 + 1
     assert params == expected
-    # The public run (35,945,671) also has skip weights and gates for the looped encoder's 8 skips (ours
-    # keeps the 5 of the unlooped U-Net: 3 x 2 x 512 fewer) and lane weights for the 8 serial layers (48).
-    assert params == 35_945_671 - 3 * 2 * d - 8 * 6
+    # The public run (35,945,671) also has lane weights for its 8 serial layers, which never uses them.
+    assert params == 35_945_671 - 8 * 6
     assert m.describe().startswith(f"model params:{params} unique_blocks:11 passes:17 "
                                    "plan:0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10 ")
     assert m.describe().endswith(" parallel_passes:14,15,16")
@@ -183,6 +185,31 @@ def test_parallel_lane_weights_start_as_in_the_public_run():
     assert [p.block for p in plan] == [0, 1, 2, 1, 2, 1, 2, 3]
     assert [p.lanes for p in plan] == [-1] * 7 + [0]
     assert {"lane_resid", "lane_post"} <= m.fp16_param_names()
+
+
+# ---- the loop's U-Net ---------------------------------------------------------------------------
+
+
+def test_loop_unet_spans_the_passes_of_the_looped_model():
+    on, off = (tg.layer_plan(config(**APRIL_SMALL), repeats_on=r) for r in (True, False))
+    assert [p.push for p in on] == [True] * 4 + [False] * 4  # blocks 0, 1, 2, 1 push ...
+    assert [p.pop for p in on] == [-1] * 4 + [0, 1, 2, 3]  # ... blocks 2, 1, 2, 3 pop, in reverse order
+    assert [(p.block, p.push, p.pop) for p in off] == [(0, True, -1), (1, True, -1), (2, False, 0), (3, False, 1)]
+    plain = tg.layer_plan(config(**{**APRIL_SMALL, "mini_recur_unet": False}), repeats_on=True)
+    assert [(p.push, p.pop) for p in plain] == [(True, -1), (True, -1), (False, 0), (False, -1), (False, -1),
+                                                (False, -1), (False, -1), (False, 1)]  # repeats take no part
+    m = tg.GPT(config(**APRIL_SMALL))
+    assert m.skip_weights.shape[0] == 4 and m.skip_gates.shape[0] == 4  # the longer plan's skips
+
+
+def test_loop_unet_changes_the_output_and_needs_the_loop():
+    on = model(config(**APRIL_SMALL))
+    off = tg.GPT(config(**{**APRIL_SMALL, "mini_recur_unet": False})).eval()
+    state = {k: (v[:2] if k.startswith("skip_") else v) for k, v in on.state_dict().items()}
+    off.load_state_dict(state)
+    with torch.no_grad():
+        assert not torch.allclose(on.logits(tokens()), off.logits(tokens()), atol=1e-4)
+    assert_env_error({"MINI_RECUR_UNET": "1"}, ["MINI_RECUR_UNET", "MINI_RECUR_REPEATS"])
 
 
 # ---- gates --------------------------------------------------------------------------------------

@@ -562,6 +562,10 @@ class ByteLUTs:
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
+    """Every piece type: control, unknown and unused ids (and ids past the tokenizer) are boundaries; a
+    byte-fallback piece is 1 byte; a normal or user-defined piece is the UTF-8 length of the text it decodes
+    to: a leading space mark counts only after a non-boundary, any other space mark is a space (1 byte,
+    where the mark itself takes 3: a tokenizer trained without splitting at whitespace has such pieces)."""
     if sp.vocab_size() > vocab_size:
         raise SettingError(f"the tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}: raise VOCAB_SIZE")
     base = np.zeros(vocab_size, dtype=np.int32)
@@ -578,7 +582,7 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs
         if piece.startswith(SPACE_MARK):
             space[i] = True
             piece = piece[len(SPACE_MARK):]
-        base[i] = len(piece.encode("utf-8"))
+        base[i] = len(piece.replace(SPACE_MARK, " ").encode("utf-8"))
     return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 

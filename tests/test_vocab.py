@@ -1,11 +1,19 @@
-"""Larger vocabularies: the byte tables count every piece type right, whatever the tokenizer's settings."""
+"""Data for larger vocabularies: the byte tables count every piece type right, whatever the tokenizer's
+settings; no validation document reaches the training shards (data/check_disjoint.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import sentencepiece as spm
 import torch
 
 import train_gpt as tg
+from conftest import ROOT
+from data import check_disjoint
+from data.shards import shard_filename, write_shard
 from data.synthetic_text import generate_documents
 
 USER_SYMBOLS = ["<sep>", "\u2581caf\u00e9\u2581au\u2581lait", "\U0001F642"]
@@ -40,3 +48,47 @@ def test_byte_tables_count_every_piece_type(tmp_path):
     inner = [t for t in stream if tg.SPACE_MARK in sp.id_to_piece(t)[1:]]
     user = [t for t in stream if sp.id_to_piece(t) in USER_SYMBOLS]
     assert inner and user and any(sp.is_byte(t) for t in stream)  # the cases occurred
+
+
+# ---- no validation document in the training data ------------------------------------------------
+
+
+def write_split(folder, split, docs, shard_tokens):
+    """docs (token lists) as BOS + tokens each, cut into shards of shard_tokens: documents straddle shards."""
+    stream = np.concatenate([np.array([1] + list(d), dtype=np.uint16) for d in docs])
+    for i in range(0, len(stream), shard_tokens):
+        write_shard(folder / shard_filename(split, i // shard_tokens), stream[i:i + shard_tokens])
+
+
+def random_docs(n, seed, vocab=300):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, vocab, rng.integers(5, 60)).tolist() for _ in range(n)]
+
+
+def test_documents_are_read_whole_across_shards(tmp_path):
+    docs = random_docs(40, 0)
+    write_split(tmp_path, "train", docs, shard_tokens=97)
+    read = list(check_disjoint.documents(sorted(tmp_path.glob("fineweb_train_*.bin"))))
+    assert len(sorted(tmp_path.glob("*.bin"))) > 5 and [d.tolist() for d in read] == docs
+
+
+def test_a_validation_document_in_the_training_shards_is_found(tmp_path):
+    val, train = random_docs(20, 1), random_docs(60, 2)
+    leaked = train[:17] + [val[4]] + train[17:40] + [val[11], val[4]] + train[40:]
+    write_split(tmp_path, "val", val, shard_tokens=10_000)
+    write_split(tmp_path, "train", leaked, shard_tokens=113)  # the leaked documents straddle shards too
+    result = check_disjoint.check_dataset(tmp_path)
+    assert result["train_docs_in_val"] == [17, 41, 42] and result["val_docs_in_train"] == 2
+    assert (result["val_docs"], result["train_docs"]) == (20, 63)
+    proc = subprocess.run([sys.executable, str(ROOT / "data" / "check_disjoint.py"), str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "train_docs_in_val:3 val_docs_in_train:2 first_train_docs:17,41,42" in proc.stdout
+    assert "3 training documents are validation documents" in proc.stderr
+
+
+def test_disjoint_splits_pass(tmp_path, tiny_data):
+    write_split(tmp_path, "val", random_docs(20, 1), shard_tokens=10_000)
+    write_split(tmp_path, "train", random_docs(60, 2), shard_tokens=113)
+    assert check_disjoint.check_dataset(tmp_path)["train_docs_in_val"] == []
+    result = check_disjoint.check_dataset(tiny_data["output_dir"])
+    assert result["train_docs_in_val"] == [] and result["val_docs"] == 40

@@ -39,7 +39,8 @@ ARCHITECTURE = {"VOCAB_SIZE", "DATA_PATH", "TOKENIZER_PATH", "MLP_MULT", "BIGRAM
                 "MINI_RECUR_LAST", "MINI_RECUR_START_FRAC", "MUON_ROW_NORM", "MUON_NS"}
 PARTS = {  # each on top of the seed stack
     "+parallel residuals (layers 4-5)": dict(PARALLEL_START_LAYER=4),
-    "+loop layers 2-3 x3 from 35%": dict(MINI_RECUR_REPEATS=2, MINI_RECUR_START_FRAC=0.35, **LAYER_IDS),
+    "+loop layers 2-3 x3 from 35%": dict(MINI_RECUR_REPEATS=2, MINI_RECUR_FIRST=2, MINI_RECUR_LAST=3,
+                                         MINI_RECUR_START_FRAC=0.35, MINI_RECUR_UNET=1),
     "+attention output gate": dict(ATTN_OUT_GATE=1, ATTN_GATE_SCALE=0.5),
     "+input SmearGate": dict(SMEAR_GATE_FORM="input"),
     "+MLP 4x, no BigramHash": dict(MLP_MULT=4, BIGRAM_BUCKETS=0),

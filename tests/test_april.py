@@ -311,7 +311,7 @@ def april_tiny_env(data, out, **overrides):
     """PRESET=april at the tiny test size: the sizes and data come from tiny_env (explicit, so they win),
     the layer ids of the parts shrink with the depth."""
     return tiny_env(data, out, PRESET="april", NUM_LAYERS="4", PARALLEL_START_LAYER="3", MINI_RECUR_FIRST="1",
-                    MINI_RECUR_LAST="2", GATE_WINDOW="8", **overrides)
+                    MINI_RECUR_LAST="2", GATE_WINDOW="8", VAL_LOSS_EVERY="0", EVAL_STRIDE="32", **overrides)
 
 
 FINAL = re.compile(r"^(final_\w+) val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})", re.M)

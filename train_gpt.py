@@ -590,7 +590,10 @@ class CastedLinear(nn.Linear):
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """RMS norm with fp32 statistics, returned in x's dtype. Under CUDA autocast F.rms_norm alone returns
+    fp32 (an fp32 op since torch 2.12): q and k would reach FlashAttention as fp32 beside a bf16 v, which
+    FA2 and FA3 reject (tests/test_cuda_path.py)."""
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -1687,17 +1690,26 @@ def eval_batches(val_tokens: Tensor, seq_len: int, stride: int, batch_windows: i
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
-             batch_windows: int, rank: int = 0, world_size: int = 1,
-             autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+def evaluation_sums(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
+                    batch_windows: int, rank: int = 0, world_size: int = 1,
+                    autocast=contextlib.nullcontext) -> Tensor:
+    """[nats, tokens, bytes] over this rank's scored targets, float64 on the device. No host sync per
+    batch: the scored mask multiplies rather than indexes (a boolean index has a data-dependent size,
+    which the host must wait for)."""
     sums = torch.zeros(3, device=val_tokens.device, dtype=torch.float64)  # nats, tokens, bytes
     for x, y, scored, _ in eval_batches(val_tokens, seq_len, stride, batch_windows, rank, world_size):
         with autocast():
             nll = model(x, y)
-        sums[0] += nll.double()[scored].sum()
-        sums[1] += scored.sum()
-        sums[2] += luts.token_bytes(x, y)[scored].sum()
+        mask = scored.double()
+        sums += torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y) * mask).sum()))
+    return sums
+
+
+def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
+             batch_windows: int, rank: int = 0, world_size: int = 1,
+             autocast=contextlib.nullcontext) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+    sums = evaluation_sums(model, val_tokens, luts, seq_len, stride, batch_windows, rank, world_size, autocast)
     if world_size > 1:
         dist.all_reduce(sums)
     nats, tokens, nbytes = sums.tolist()

@@ -495,6 +495,31 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 # ----------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------
+# Dtype plan. On CUDA the forward runs under torch.autocast(bf16); a CPU run has no autocast and is fp32
+# throughout. tests/test_cuda_path.py checks this table under torch's CUDA autocast rules.
+#
+#   tensor                                         dtype  how
+#   every parameter (master weights)               fp32   never cast in place; CastedLinear casts at use
+#   optimizer state (Adam moments, Muon momentum)  fp32   created like the parameter
+#   Newton-Schulz iteration                        bf16   Runtime.ns_dtype; the update lands on fp32 weights
+#   matrix products (linear layers, tied head)     bf16   autocast
+#   residual stream, x0, skips, block outputs      bf16   embed() casts to activation_dtype once
+#   attention q, k, v and its output               bf16   FlashAttention takes one 16-bit dtype
+#   MLP hidden activation (relu^2)                 bf16   r * r: autocast runs pow in fp32
+#   norm statistics (rms_norm, XSA's |v|)          fp32   computed on x.float(), result in x's dtype
+#   embedding + bigram sum, before its norm        fp32   the tables are fp32; cast after the norm
+#   logits after the head, softcap, loss           fp32   .float() before the softcap; autocast runs
+#                                                         cross_entropy in fp32
+#   QAT fake-quant grid (scales, rounding)         fp32   from the fp32 master weight
+#   EMA / SWA sums                                 fp32   WeightAverage
+#   GPTQ Hessians X^T X                            fp32   summed with autocast and TF32 off
+#   evaluation sums (nats, tokens, bytes)          fp64   evaluation_sums
+
+
+def activation_dtype(t: Tensor) -> torch.dtype:
+    """The dtype activations run in: autocast's (bf16 on CUDA) when it is on for t's device, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
 @dataclass(frozen=True)
@@ -627,8 +652,9 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     direction (v [B, T, Hkv, D], the head's key/value group), so attention carries only other tokens."""
     B, T, H, D = y.shape
     groups = y.reshape(B, T, v.size(2), H // v.size(2), D)  # query head h reads kv head h // (H / Hkv)
-    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
-    groups = groups - (groups * v_hat).sum(-1, keepdim=True) * v_hat
+    # |v| in fp32; autocast would also return the sum below in fp32 and turn the whole output fp32.
+    v_hat = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+    groups = groups - (groups * v_hat).sum(-1, keepdim=True).to(y.dtype) * v_hat
     return groups.reshape(B, T, H, D)
 
 
@@ -662,9 +688,15 @@ class CausalSelfAttention(nn.Module):
 
 
 LEAKY_RELU_SLOPE = 0.5
+
+
+def _squared(r: Tensor) -> Tensor:
+    return r * r  # not r.square(): CUDA autocast runs pow in fp32, a 3x-width fp32 tensor per layer
+
+
 MLP_ACTIVATIONS = {  # both squared: relu^2 is the record's; LeakyReLU(0.5)^2 keeps a gradient for x < 0
-    "relu2": lambda x: F.relu(x).square(),
-    "leaky_relu2": lambda x: F.leaky_relu(x, LEAKY_RELU_SLOPE).square(),
+    "relu2": lambda x: _squared(F.relu(x)),
+    "leaky_relu2": lambda x: _squared(F.leaky_relu(x, LEAKY_RELU_SLOPE)),
 }
 
 
@@ -741,6 +773,7 @@ class BigramHash(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         e = self.table(bigram_bucket_ids(input_ids, self.buckets))
+        e = e.to(activation_dtype(e))  # the fp32 table's rows, in the dtype the projection runs in
         return self.scale.to(e.dtype) * self.proj(e)
 
 
@@ -825,10 +858,11 @@ class GPT(nn.Module):
         return nll.view_as(target_ids)
 
     def embed(self, input_ids: Tensor) -> Tensor:
+        """The residual stream's start, in the activation dtype (the tables are fp32 master weights)."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)
-        x = rms_norm(x)
+        x = rms_norm(x).to(activation_dtype(x))
         return x if self.smear is None else self.smear(x, input_ids)
 
     def skip_blend(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
@@ -2039,8 +2073,10 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
     log("=" * 100, console=False)
     for f in dataclasses.fields(h):
         log(f"hparam {f.name}:{getattr(h, f.name)}")
+    with rt.autocast():
+        activations = str(activation_dtype(torch.zeros((), device=rt.device))).removeprefix("torch.")
     log(f"runtime world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} "
-        f"autocast:{'bf16' if rt.device.type == 'cuda' else 'off(fp32)'} ns_dtype:{rt.ns_dtype}")
+        f"activations:{activations} ns_dtype:{rt.ns_dtype}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
         f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)

@@ -24,6 +24,7 @@ scripts/benchmark.py (activation memory from the saved tensors of the joint grap
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
@@ -173,6 +174,46 @@ def _backward(ctx, grad):
 flash_attention_standin.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- dtypes at module boundaries -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dtype_probe(model: tg.GPT):
+    """Yields {role: set of dtypes} filled by hooks while the model runs: the residual stream entering
+    (x, x0) and leaving each block, the attention and MLP outputs, every linear layer's input, and the
+    final norm's output (the tied head's input)."""
+    seen: dict[str, set] = collections.defaultdict(set)
+
+    def note(role: str, t) -> None:
+        if isinstance(t, Tensor) and t.is_floating_point():
+            seen[role].add(t.dtype)
+
+    def on_input(*roles):
+        return lambda module, args: [note(role, a) for role, a in zip(roles, args)] and None
+
+    def on_output(role):
+        return lambda module, args, out: note(role, out)
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, tg.Block):
+            hooks += [m.register_forward_pre_hook(on_input("stream", "x0")),
+                      m.register_forward_hook(on_output("stream"))]
+        elif isinstance(m, tg.CausalSelfAttention):
+            hooks.append(m.register_forward_hook(on_output("attention_output")))
+        elif isinstance(m, tg.MLP):
+            hooks.append(m.register_forward_hook(on_output("mlp_output")))
+        elif isinstance(m, tg.CastedLinear):
+            hooks.append(m.register_forward_pre_hook(on_input("linear_input")))
+        elif isinstance(m, tg.RMSNorm):
+            hooks.append(m.register_forward_hook(on_output("head_input")))
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 # ---- tracing --------------------------------------------------------------------------------------
 
 
@@ -190,7 +231,7 @@ def trace_forward(model: nn.Module, x: Tensor, y: Tensor, autocast=cuda_autocast
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     with cuda_autocast_allowed():
-        return make_fx(functional_loss(model, autocast))(params, buffers, x, y)
+        return make_fx(functional_loss(model, autocast), record_stack_traces=True)(params, buffers, x, y)
 
 
 def retarget(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:

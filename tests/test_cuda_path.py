@@ -80,6 +80,14 @@ def assert_attention_checked(calls: int) -> None:
     assert all(c[:3] == (BF16, BF16, BF16) for c in ct.attention_calls)
 
 
+STREAM_ROLES = {"stream", "x0", "attention_output", "mlp_output", "linear_input", "head_input"}
+
+
+def assert_activations_bf16(seen: dict) -> None:
+    """The dtype plan's bf16 rows: the residual stream, block outputs, every linear layer's input."""
+    assert seen.keys() == STREAM_ROLES and all(d == {BF16} for d in seen.values()), dict(seen)
+
+
 def outputs(gm: torch.fx.GraphModule) -> list:
     """The values a traced graph returns, flattened."""
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
@@ -93,10 +101,12 @@ def _flatten(arg) -> list:
 
 
 def check_training_step(model: tg.GPT, x: torch.Tensor) -> None:
-    """Forward and backward of the training loss: the contract at every attention call, both ways; every
-    matrix product in bf16; the loss and every parameter gradient in fp32."""
+    """Forward and backward of the training loss: the contract at every attention call, both ways; the
+    stream and activations in bf16; every matrix product in bf16; the loss and every gradient in fp32."""
     passes = plan_passes(model)
-    forward = ct.trace_forward(model, x, x)
+    with ct.dtype_probe(model) as seen:
+        forward = ct.trace_forward(model, x, x)
+    assert_activations_bf16(seen)
     assert_attention_checked(passes)
     joint = ct.trace_joint(model, forward, x, x)
     assert len(ct.attention_backward_calls) == passes
@@ -152,8 +162,9 @@ def test_gptq_calibration_meets_the_contract_and_sums_in_fp32(device_mode):
     model = small_model(device_mode)
     names = set(tg.hessian_sites(model))
     batches = [(x, x) for x in (tokens(64, 2, 64), tokens(64, 2, 64))]
-    with ct.cuda_autocast_allowed():
+    with ct.cuda_autocast_allowed(), ct.dtype_probe(model) as seen:
         hessians = tg.collect_hessians(model, batches, names, ct.cuda_autocast)
+    assert_activations_bf16(seen)
     assert_attention_checked(2 * plan_passes(model))
     assert hessians.keys() == names
     for name, h in hessians.items():
@@ -166,10 +177,11 @@ def test_evaluation_meets_the_contract_without_host_syncs(device_mode):
     val = torch.randint(0, 64, (300,), dtype=torch.int32, device=ct.CUDA)
     ones = torch.ones(64, dtype=torch.int32)
     luts = tg.ByteLUTs(ones, ones == 0, ones == 0).to(ct.CUDA)
-    with ct.cuda_autocast_allowed():
+    with ct.cuda_autocast_allowed(), ct.dtype_probe(model) as seen:
         sums = tg.evaluation_sums(model, val, luts, seq_len=64, stride=32, batch_windows=4, autocast=ct.cuda_autocast)
     windows = len(tg.sliding_window_plan(len(val) - 1, 64, 32)[0])
     assert_attention_checked(-(-windows // 4) * plan_passes(model))  # padded to whole batches
+    assert_activations_bf16(seen)
     assert sums.shape == (3,) and sums.dtype == torch.float64 and sums.device.type == "cuda"
 
 
@@ -189,9 +201,10 @@ def test_ngram_evaluation_model_meets_the_contract(device_mode, tmp_path, monkey
     rt = tg.Runtime(0, 1, ct.CUDA, 1, ct.cuda_autocast, BF16)
     if not REAL:
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
-    with ct.cuda_autocast_allowed(), torch.no_grad(), rt.autocast():
+    with ct.cuda_autocast_allowed(), torch.no_grad(), ct.dtype_probe(model) as seen, rt.autocast():
         logits = model.logits(torch.zeros((3, h.eval_seq_len), dtype=torch.long, device=ct.CUDA))
     assert logits.dtype == FP32 and logits.shape == (3, 64, 64)
+    assert_activations_bf16(seen)
     assert_attention_checked(plan_passes(model))
     with ct.cuda_autocast_allowed():
         ngram_eval.warm_up(model.logits, h, 3, rt)

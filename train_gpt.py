@@ -42,7 +42,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 # ----------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -591,11 +590,13 @@ def select_attention(device: torch.device) -> tuple[str, Callable[[Tensor, Tenso
 class CastedLinear(nn.Linear):
     """Linear layer with fp32 master weights, cast to the activation dtype at use (bf16 on GPU).
 
-    QAT: with qat_mode "hard" or "soft" (fixed for a run, set before compiling) the forward uses the
-    int6 fake-quantized weight whenever the qat_on buffer is 1. On/off and the soft-round sharpness are
-    buffers, read by the compiled graph at run time. A Python flag is either frozen at compile time
-    (QAT never switches on: a known bug of public runs) or, where dynamo guards it, recompiles the
-    whole model in the middle of the timed run.
+    QAT: with qat_mode "hard" or "soft" (fixed for a run, set before compiling) the forward runs through
+    the int6 fake-quantized weight while qat_active is True. qat_active is a Python attribute, which
+    torch.compile guards: the graph without QAT carries no fake-quant work, and switching recompiles
+    once (tests/test_recipe.py counts it); prime_kernels compiles both graphs before the timed run, and
+    both stay cached. (An unguarded flag would be frozen at compile time, QAT never switching on: a
+    known bug of public runs.) The soft-round sharpness changes every step, so it is a buffer, read by
+    the graph at run time.
     """
     qat_mode = "off"
 
@@ -603,14 +604,13 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         if zero_init:
             nn.init.zeros_(self.weight)
-        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.qat_active = False  # an instance attribute from the start: dynamo guards it the same way on and off
         self.register_buffer("qat_alpha", torch.ones(()), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat_mode != "off":
-            q = fake_quant_int6(w, self.qat_alpha if self.qat_mode == "soft" else None)
-            w = torch.where(self.qat_on > 0, q, w)
+        if self.qat_active and self.qat_mode != "off":
+            w = fake_quant_int6(w, self.qat_alpha if self.qat_mode == "soft" else None)
         return F.linear(x, w.to(x.dtype))
 
 
@@ -915,26 +915,54 @@ NS_EPS = 1e-7
 
 
 def newton_schulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
-    """Approximately orthogonalize g (the U V^T of its SVD) with a quintic Newton-Schulz iteration."""
+    """Approximately orthogonalize g (the U V^T of its SVD) with a quintic Newton-Schulz iteration; g is
+    one matrix [rows, cols] or a stack [n, rows, cols], each matrix orthogonalized on its own."""
     a, b, c = NS_COEFFS
     x = g.to(dtype)
-    x = x / (x.norm() + NS_EPS)
-    transposed = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the short side: X X^T is then the small Gram matrix
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
+
+
+# torch 2.13 renamed these two collectives (the old names warn); earlier versions have only the old ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+@dataclass
+class MatrixStack:
+    """Muon matrices of one shape (and Newton-Schulz step count), orthogonalized as one batch. The stack
+    is padded with zero matrices to world_size equal slices; rank r owns slice r."""
+    params: list[Tensor]
+    group_ids: list[int]  # each matrix's index into Muon.param_groups (LR, weight decay, momentum)
+    per_rank: int
+    grads: Tensor  # [per_rank * W, rows, cols] fp32: every rank's local gradients, reduce-scatter input
+    shard: Tensor  # [per_rank, rows, cols] fp32: this rank's slice of the averaged gradients
+    mine: Tensor  # [per_rank, rows, cols] ns_dtype: the updates of this rank's slice
+    updates: Tensor  # [per_rank * W, rows, cols] ns_dtype: every update, all-gather output
+
+    def owned(self, rank: int) -> range:
+        """Indices into params of the matrices in this rank's slice (padding excluded)."""
+        return range(rank * self.per_rank, min((rank + 1) * self.per_rank, len(self.params)))
 
 
 class Muon(torch.optim.Optimizer):
     """Muon: Nesterov momentum, orthogonalization, then the group's LR and decoupled weight decay.
 
     The LR multiplies the update AFTER orthogonalization: Newton-Schulz normalizes the scale of its
-    input away, so a per-layer LR folded into the gradient would change nothing. Rank r orthogonalizes
-    the matrices i % W == r (i counts across all groups, so small groups still spread over the ranks)
-    and one all-reduce of a flat buffer, zero outside each rank's share, gathers every update.
+    input away, so a per-layer LR folded into the gradient would change nothing.
+
+    Matrices of one shape form a MatrixStack. Each rank receives the averaged gradients of its slice of
+    every stack by a reduce-scatter (launch_reduce_scatter), keeps their momentum, orthogonalizes the
+    slice as one batched Newton-Schulz and all-gathers the updates (launch_all_gather), which land on
+    every rank's weights in finish(). optimizer_step runs the Adam work while these collectives are in
+    flight; step() runs the three phases back to back. One process is the same code with world size 1.
+    A matrix without a gradient counts as a zero gradient (its momentum and weight decay still apply).
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
@@ -943,33 +971,105 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
+        self.stacks: list[MatrixStack] = []
+        self._works: list = []
+
+    def _build_stacks(self) -> list[MatrixStack]:
+        by_key: dict[tuple, list] = {}
+        for gid, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                by_key.setdefault((tuple(p.shape), group["backend_steps"]), []).append((p, gid))
+        stacks = []
+        for (shape, _), members in sorted(by_key.items(), key=lambda kv: -math.prod(kv[0][0]) * len(kv[1])):
+            per_rank = -(-len(members) // self.world_size)
+            ref = members[0][0]
+            zeros = functools.partial(torch.zeros, device=ref.device)
+            stacks.append(MatrixStack(
+                [p for p, _ in members], [gid for _, gid in members], per_rank,
+                grads=zeros(per_rank * self.world_size, *shape, dtype=torch.float32),
+                shard=zeros(per_rank, *shape, dtype=torch.float32),
+                mine=zeros(per_rank, *shape, dtype=self.ns_dtype),
+                updates=zeros(per_rank * self.world_size, *shape, dtype=self.ns_dtype)))
+        return stacks
+
+    @torch.no_grad()
+    def launch_reduce_scatter(self) -> None:
+        """Stack the local gradients and start averaging each rank's slice onto it (asynchronous)."""
+        if not self.stacks:
+            self.stacks = self._build_stacks()
+        for st in self.stacks:
+            for i, p in enumerate(st.params):
+                if p.grad is None:
+                    st.grads[i].zero_()
+                else:
+                    st.grads[i].copy_(p.grad)
+            if self.world_size == 1:
+                st.shard.copy_(st.grads)
+            else:
+                self._works.append(_reduce_scatter(st.shard, st.grads, async_op=True))
+
+    @torch.no_grad()
+    def wait_reduce_scatter(self) -> list[Tensor]:
+        """This rank's slices of the averaged gradients (one tensor per stack)."""
+        self._wait()
+        shards = [st.shard for st in self.stacks]
+        if self.world_size > 1:
+            torch._foreach_div_(shards, float(self.world_size))
+        return shards
+
+    @torch.no_grad()
+    def launch_all_gather(self) -> None:
+        """Momentum and Newton-Schulz on this rank's slices; start gathering every update (asynchronous)."""
+        for st in self.stacks:
+            owned = st.owned(self.rank)
+            first = self.rank * st.per_rank
+            groups = [self.param_groups[gid] for gid in st.group_ids]  # load_state_dict replaces the dicts
+            grads = [st.shard[i - first] for i in owned]
+            if grads:
+                bufs = [self._momentum_buffer(st.params[i]) for i in owned]
+                moms = [groups[i]["momentum"] for i in owned]
+                torch._foreach_mul_(bufs, moms)
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch._foreach_mul(bufs, moms)
+                torch._foreach_add_(nesterov, grads)
+                g = self.orthogonalize(torch.stack(nesterov), groups[first]["backend_steps"], self.ns_dtype)
+                # An orthogonal update has unit singular values; tall matrices get sqrt(rows/cols) more.
+                st.mine[:len(grads)].copy_(g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5)
+            if self.world_size == 1:
+                st.updates.copy_(st.mine)
+            else:
+                self._works.append(_all_gather(st.updates, st.mine, async_op=True))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Wait for the updates, then decoupled weight decay and the LR-scaled update on every matrix."""
+        self._wait()
+        for st in self.stacks:
+            n = len(st.params)
+            groups = [self.param_groups[gid] for gid in st.group_ids]
+            lrs = [g["lr"] for g in groups]
+            torch._foreach_mul_(st.params, [1.0 - lr * g["weight_decay"] for lr, g in zip(lrs, groups)])
+            updates = list(st.updates[:n].float().unbind(0))
+            torch._foreach_mul_(updates, [-lr for lr in lrs])
+            torch._foreach_add_(st.params, updates)
 
     @torch.no_grad()
     def step(self, closure=None):
-        pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not pairs:
-            return
-        flat = torch.zeros(sum(p.numel() for p, _ in pairs), device=pairs[0][0].device, dtype=self.ns_dtype)
-        views = flat.split([p.numel() for p, _ in pairs])
-        for i, ((p, group), view) in enumerate(zip(pairs, views)):
-            if i % self.world_size == self.rank:
-                view.copy_(self._update(p, group).flatten())
-        if self.world_size > 1:
-            dist.all_reduce(flat)
-        for (p, group), view in zip(pairs, views):
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.add_(view.view_as(p).to(p.dtype), alpha=-group["lr"])
+        self.launch_reduce_scatter()
+        self.wait_reduce_scatter()
+        self.launch_all_gather()
+        self.finish()
 
-    def _update(self, p: Tensor, group: dict) -> Tensor:
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
-        g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-        g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype)
-        # An orthogonal update has unit singular values; tall matrices get sqrt(rows/cols) more.
-        return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+        return state["momentum_buffer"]
+
+    def _wait(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works.clear()
 
 
 def muon_groups(model: GPT, h: Hyperparameters) -> list[dict]:
@@ -1013,8 +1113,9 @@ def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
                      ns_dtype: torch.dtype, orthogonalize=newton_schulz5) -> list[torch.optim.Optimizer]:
     """AdamW for the embeddings, gates and scalars; Muon for the block matrices. Each group keeps its
     configured LR as base_lr, which the schedule multiplies."""
-    fused = next(model.parameters()).device.type == "cuda"
-    adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
+    # fused: one kernel for all tensors, and its step counter stays a tensor (the default implementation
+    # reads it with .item() every step: a host sync on CUDA).
+    adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=True)
     muon = Muon(muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
                 backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay, rank=rank,
                 world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize)
@@ -1705,17 +1806,18 @@ def eval_batches(val_tokens: Tensor, seq_len: int, stride: int, batch_windows: i
 
     x, y [B, seq_len] are inputs and targets; scored [B, seq_len] marks the targets this window scores
     (over all ranks every target exactly once); target_pos [B, seq_len] is each target's index in
-    val_tokens (clamped on the padding rows, which score nothing).
+    val_tokens (clamped on the padding rows, which score nothing). The window plan reaches the device
+    once, in one pinned, non-blocking copy; each batch is then sliced on the device, with no host sync.
     """
     device = val_tokens.device
     starts, offsets = sliding_window_plan(len(val_tokens) - 1, seq_len, stride)
     mine = np.array_split(np.arange(len(starts)), world_size)[rank]
+    pad = -len(mine) % batch_windows  # a fixed batch shape avoids recompiling for the last batch
+    windows = np.stack((np.pad(starts[mine], (0, pad)), np.pad(offsets[mine], (0, pad), constant_values=seq_len)))
+    windows = _to_device(torch.from_numpy(windows), device)
     positions = torch.arange(seq_len + 1, device=device)
-    for b in range(0, len(mine), batch_windows):
-        idx = mine[b:b + batch_windows]
-        pad = batch_windows - len(idx)  # a fixed batch shape avoids recompiling for the last batch
-        start = torch.from_numpy(np.pad(starts[idx], (0, pad))).to(device)
-        first = torch.from_numpy(np.pad(offsets[idx], (0, pad), constant_values=seq_len)).to(device)
+    for b in range(0, windows.size(1), batch_windows):
+        start, first = windows[0, b:b + batch_windows], windows[1, b:b + batch_windows]
         token_pos = start[:, None] + positions[None, :]
         clamped = token_pos.clamp_max(len(val_tokens) - 1)
         window = val_tokens[clamped].long()
@@ -1797,48 +1899,114 @@ class Runtime:
             torch.cuda.synchronize()
 
 
+GRAD_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+
+
 def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime) -> Tensor:
     """One optimizer step over the global batch; returns the mean micro-batch loss on this rank."""
     x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
     total = torch.zeros((), device=rt.device)
-    for i, (xm, ym) in enumerate(zip(x.chunk(rt.grad_accum), y.chunk(rt.grad_accum))):
-        if isinstance(model, DistributedDataParallel):
-            model.require_backward_grad_sync = i == rt.grad_accum - 1  # all-reduce once per step
+    for xm, ym in zip(x.chunk(rt.grad_accum), y.chunk(rt.grad_accum)):
         with rt.autocast():
             loss = model(xm, ym).mean()
         (loss / rt.grad_accum).backward()
         total += loss.detach()
-    optimizer_step(model, optimizers, h)
+    optimizer_step(optimizers, h, rt.world_size)
     return total / rt.grad_accum
 
 
-def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters) -> None:
-    """Clip the gradients, step every optimizer, drop the gradients."""
+def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) -> None:
+    """Average the gradients over the ranks, clip their global norm, step every optimizer, drop the
+    gradients. Muon's reduce-scatter is in flight while the other gradients are all-reduced, its
+    all-gather while Adam steps. Nothing here waits for the device."""
+    muons = [opt for opt in optimizers if isinstance(opt, Muon)]
+    others = [opt for opt in optimizers if not isinstance(opt, Muon)]
+    for opt in muons:
+        opt.launch_reduce_scatter()
+    params = [p for opt in others for group in opt.param_groups for p in group["params"]]
+    if world_size > 1:
+        average_gradients(params, world_size)
+    grads = [p.grad for p in params if p.grad is not None]
+    shards = [shard for opt in muons for shard in opt.wait_reduce_scatter()]
     if h.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-    for opt in optimizers:
+        clip_global_norm(grads, shards, h.grad_clip_norm, world_size)
+    for opt in muons:
+        opt.launch_all_gather()
+    for opt in others:
         opt.step()
+    for opt in muons:
+        opt.finish()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
 
 
+def average_gradients(params: list[Tensor], world_size: int) -> None:
+    """Replace every gradient by its mean over the ranks: one all-reduce of one flat buffer. A missing
+    gradient counts as zero, so every rank reduces the same layout."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world_size
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g
+
+
+def clip_global_norm(full: list[Tensor], shards: list[Tensor], max_norm: float, world_size: int) -> None:
+    """torch.nn.utils.clip_grad_norm_ of the whole averaged gradient, where `full` gradients are whole on
+    every rank and `shards` are disjoint slices, one per rank (Muon's): the slices' squares are summed
+    over the ranks. The coefficient stays on the device."""
+    device = (full or shards)[0].device
+    sq = torch.zeros((), device=device)
+    if shards:
+        sq = torch.stack(torch._foreach_norm(shards)).square().sum()
+    if world_size > 1:
+        dist.all_reduce(sq)
+    if full:
+        sq = sq + torch.stack(torch._foreach_norm(full)).square().sum()
+    coef = (max_norm / (sq.sqrt() + GRAD_CLIP_EPS)).clamp(max=1.0)
+    torch._foreach_mul_(full, coef)
+    torch._foreach_mul_(shards, coef)
+
+
+def graph_states(h: Hyperparameters) -> list[tuple[bool, bool]]:
+    """(QAT on, mini-recurrence repeats on) of every training graph the timed run will use: each is a
+    separate compiled graph, so prime_kernels visits them all."""
+    qat = (False, True) if h.qat != "off" else (False,)
+    repeats = (False, True) if h.mini_recur_repeats and h.mini_recur_start_frac > 0 else (True,)
+    return [(q, r) for q in qat for r in repeats]
+
+
 def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Runtime, log) -> None:
-    """Run WARMUP_STEPS real steps to compile and warm kernels, then restore the initial weights and
-    optimizer state so the timed run starts from step 0 exactly as without priming."""
+    """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every graph_states state
+    so that no switch in the timed run compiles, then restore the initial weights, optimizer state and
+    switches, so the timed run starts from step 0 exactly as without priming."""
     if h.warmup_steps == 0:
         return
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    plan, layers = base_model.plan, [m for m in base_model.modules() if isinstance(m, CastedLinear)]
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
+    states = graph_states(h)
     t0 = time.perf_counter()
-    for _ in range(h.warmup_steps):
+    for i in range(h.warmup_steps):
+        qat_on, repeats_on = states[i * len(states) // h.warmup_steps]
+        set_qat(layers, qat_on)
+        base_model.set_mini_recurrence(repeats_on)
         train_step(model, optimizers, loader, h, rt)
     rt.sync()
+    set_qat(layers, False)
+    base_model.plan = plan
     base_model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
-    log(f"warmup steps:{h.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+    primed = {i * len(states) // h.warmup_steps for i in range(h.warmup_steps)}
+    names = [f"qat{int(q)}_repeats{int(r)}" for q, r in states]
+    log(f"warmup steps:{h.warmup_steps} graphs:{','.join(names[i] for i in sorted(primed))} "
+        f"time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+    if len(primed) < len(states):
+        log(f"warning: WARMUP_STEPS={h.warmup_steps} leaves graphs unprimed: "
+            f"{','.join(n for i, n in enumerate(names) if i not in primed)} compile during the timed run")
 
 
 class WeightAverage:
@@ -1936,18 +2104,52 @@ class QATSchedule:
         if (on, alpha) == self.state:
             return  # each fill is a kernel launch per matrix on GPU: skip the steps that change nothing
         self.state = (on, alpha)
-        for m in self.layers:
-            m.qat_on.fill_(float(on))
-            m.qat_alpha.fill_(alpha)
+        set_qat(self.layers, on, alpha)
 
 
-def all_ranks_agree(flag: bool, rt: Runtime) -> bool:
-    """True if any rank says True: ranks must stop on the same step or the collectives deadlock."""
-    if rt.world_size == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def set_qat(layers, on: bool, alpha: float = 1.0) -> None:
+    """Switch fake int6 on or off in these CastedLinear layers (a compiled model recompiles once per
+    state, see CastedLinear) and set the soft-round sharpness."""
+    for m in layers:
+        m.qat_active = on
+        m.qat_alpha.fill_(alpha)
+
+
+class StopVote:
+    """Whether every rank stops after this step, decided alike on all of them without stalling the
+    device. Each step's local vote (from host time) is max-reduced over the ranks on the device, copied
+    to pinned host memory without blocking, and read one step later, after waiting for that copy only:
+    the host waits for step s-1 while the device runs step s, which costs the device nothing and keeps
+    the host's clock within a step of the device's (with no wait at all the host runs several steps
+    ahead and stops late). A vote therefore looks STOP_LOOKAHEAD steps ahead."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.cuda = rt.device.type == "cuda"
+        # Two pinned slots, alternating: the one being read is never the one being written.
+        self.host = [torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda) for _ in range(2)]
+        self.pending: tuple[Tensor, object] | None = None
+        self.step = 0
+
+    def __call__(self, vote: bool) -> bool:
+        t = torch.full((1,), int(vote), dtype=torch.int32, device=self.rt.device)
+        if self.rt.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        host, done = self.host[self.step % 2], None
+        self.step += 1
+        host.copy_(t, non_blocking=self.cuda)
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        previous, self.pending = self.pending, (host, done)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return bool(previous[0].item())  # a host tensor: no device sync
+
+
+STOP_LOOKAHEAD = 2  # a vote read one step late stops one step later: it must see two steps ahead
 
 
 @dataclass
@@ -1959,10 +2161,10 @@ class TrainResult:
     average: WeightAverage
 
 
-def next_step_overruns(elapsed_ms: float, steps: int, budget_ms: float) -> bool:
-    """Whether one more step of average length would end past the budget. Stopping only after
+def next_step_overruns(elapsed_ms: float, steps: int, budget_ms: float, lookahead: int = 1) -> bool:
+    """Whether `lookahead` more steps of average length would end past the budget. Stopping only after
     crossing it would log a training time over the cap by up to a step."""
-    return elapsed_ms + elapsed_ms / steps > budget_ms
+    return elapsed_ms + lookahead * elapsed_ms / steps > budget_ms
 
 
 def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
@@ -1973,7 +2175,7 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
     budget_ms = train_budget_ms(h)
     log(f"schedule train_budget:{budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
         f"warmdown_frac:{h.warmdown_frac} warmdown_floor:{h.warmdown_floor}")
-    train_ms, step, stop_at = 0.0, 0, None
+    train_ms, step, stop_at, stop_vote = 0.0, 0, None, StopVote(rt)
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -2007,7 +2209,8 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        if stop_at is None and budget_ms > 0 and all_ranks_agree(next_step_overruns(elapsed, step, budget_ms), rt):
+        overrun = budget_ms > 0 and next_step_overruns(elapsed, step, budget_ms, STOP_LOOKAHEAD)
+        if stop_at is None and budget_ms > 0 and stop_vote(overrun):
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
@@ -2105,15 +2308,15 @@ def build_model(h: Hyperparameters, rt: Runtime, log, bos_id: int) -> tuple[GPT,
     log(base.describe())
     orthogonalize, compiled = newton_schulz5, base
     if rt.device.type == "cuda" and h.compile:
-        compiled = torch.compile(base, dynamic=False)
-        orthogonalize = torch.compile(newton_schulz5)
+        # fullgraph: a graph break is an error, not a silent split. No DDP wrapper: its hooks split the
+        # graph (21 pieces with QAT) and it broadcasts every buffer each forward; optimizer_step
+        # averages the gradients instead.
+        compiled = torch.compile(base, dynamic=False, fullgraph=True)
+        orthogonalize = torch.compile(newton_schulz5, dynamic=False, fullgraph=True)
         log("compile:on")
     else:
         log(f"compile:off reason:{'COMPILE=0' if rt.device.type == 'cuda' else 'cpu run'}")
-    trained = compiled
-    if rt.world_size > 1:
-        trained = DistributedDataParallel(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return base, trained, compiled, orthogonalize
+    return base, compiled, compiled, orthogonalize
 
 
 def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int,

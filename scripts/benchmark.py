@@ -104,7 +104,7 @@ def step_phases(model, optimizers, loader, h: tg.Hyperparameters, rt: tg.Runtime
             loss = model(x, y).mean()
         loss.backward()
 
-    return timed(forward_backward, rt), timed(lambda: tg.optimizer_step(model, optimizers, h), rt)
+    return timed(forward_backward, rt), timed(lambda: tg.optimizer_step(optimizers, h, rt.world_size), rt)
 
 
 def eval_speed(eval_model, h: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -> float:

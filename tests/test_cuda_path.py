@@ -51,9 +51,7 @@ def build(cfg: tg.ModelConfig, qat: str, mode) -> tg.GPT:
     with _outside(mode):
         model = tg.GPT(cfg, ct.flash_attention_standin)
         tg.configure_qat(model, qat)
-        for m in model.modules():
-            if isinstance(m, tg.CastedLinear):
-                m.qat_on.fill_(1.0)
+        tg.set_qat([m for m in model.modules() if isinstance(m, tg.CastedLinear)], True)
     return ct.to_device(model, mode)
 
 
@@ -172,7 +170,14 @@ def test_gptq_calibration_meets_the_contract_and_sums_in_fp32(device_mode):
         assert h.dtype == FP32 and h.shape == (cols, cols), name
 
 
-def test_evaluation_meets_the_contract_without_host_syncs(device_mode):
+def test_evaluation_meets_the_contract_without_host_syncs(device_mode, monkeypatch):
+    copies = []  # host-to-device copies (fake tensors cannot be pinned: count them, copy plainly)
+
+    def to_device(t, device):
+        copies.append(tuple(t.shape))
+        return t.to(device)
+
+    monkeypatch.setattr(tg, "_to_device", to_device)
     model = small_model(device_mode).eval()
     val = torch.randint(0, 64, (300,), dtype=torch.int32, device=ct.CUDA)
     ones = torch.ones(64, dtype=torch.int32)
@@ -183,6 +188,7 @@ def test_evaluation_meets_the_contract_without_host_syncs(device_mode):
     assert_attention_checked(-(-windows // 4) * plan_passes(model))  # padded to whole batches
     assert_activations_bf16(seen)
     assert sums.shape == (3,) and sums.dtype == torch.float64 and sums.device.type == "cuda"
+    assert copies == [(2, -(-windows // 4) * 4)]  # the padded window plan, once; nothing per batch
 
 
 def test_ngram_evaluation_model_meets_the_contract(device_mode, tmp_path, monkeypatch):
@@ -242,3 +248,31 @@ def test_real_gpu_training_step_runs_with_the_selected_attention(backend):
     assert loss.dtype == FP32 and torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == FP32 and torch.isfinite(g).all() for g in grads), name
+
+
+@pytest.mark.skipif(not REAL, reason="needs a CUDA GPU: tests/test_step_speed.py covers the CPU")
+def test_real_gpu_training_step_has_no_host_sync():
+    """torch.cuda's sync debug mode turns any host sync inside a training step into an error."""
+    h = tg.Hyperparameters(qat="hard", train_seq_len=256, train_batch_tokens=256 * 8 * 4)
+    model = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id=1)).to(ct.CUDA)
+    tg.configure_qat(model, h.qat)
+    optimizers = tg.build_optimizers(model, h, 0, 1, BF16)
+    rt = tg.Runtime(0, 1, ct.CUDA, 1, ct.cuda_autocast, BF16)
+
+    class Loader:
+        def next_batch(self, global_tokens, seq_len):
+            x = tokens(h.vocab_size, 4, seq_len)
+            return x, x
+
+    tg.set_step_hparams(optimizers, 1.0, 0.95)
+    tg.train_step(model, optimizers, Loader(), h, rt)  # creates the optimizer state
+    vote = tg.StopVote(rt)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for qat_on in (False, True):
+            tg.set_qat([m for m in model.modules() if isinstance(m, tg.CastedLinear)], qat_on)
+            tg.train_step(model, optimizers, Loader(), h, rt)
+            vote(False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

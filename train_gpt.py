@@ -937,10 +937,15 @@ _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 @dataclass
 class MatrixStack:
-    """Muon matrices of one shape (and Newton-Schulz step count), orthogonalized as one batch. The stack
-    is padded with zero matrices to world_size equal slices; rank r owns slice r."""
+    """Muon matrices of one shape up to a transpose (and one Newton-Schulz step count), orthogonalized as
+    one batch: a wide matrix joins the stack of its tall transpose, since Newton-Schulz of W^T is exactly
+    the transpose of Newton-Schulz of W (it iterates on the short side either way), which halves the
+    padding of the MLP's two stacks. The stack is padded with zero matrices to world_size equal slices;
+    rank r owns slice r."""
     params: list[Tensor]
     group_ids: list[int]  # each matrix's index into Muon.param_groups (LR, weight decay, momentum)
+    transposed: list[bool]  # the stack holds this matrix's transpose
+    scales: list[float]  # sqrt(max(1, rows / cols)) of the matrix as it is: tall matrices step further
     per_rank: int
     grads: Tensor  # [per_rank * W, rows, cols] fp32: every rank's local gradients, reduce-scatter input
     shard: Tensor  # [per_rank, rows, cols] fp32: this rank's slice of the averaged gradients
@@ -979,14 +984,17 @@ class Muon(torch.optim.Optimizer):
         by_key: dict[tuple, list] = {}
         for gid, group in enumerate(self.param_groups):
             for p in group["params"]:
-                by_key.setdefault((tuple(p.shape), group["backend_steps"]), []).append((p, gid))
+                tall = (max(p.shape), min(p.shape))
+                by_key.setdefault((tall, group["backend_steps"]), []).append((p, gid))
         stacks = []
         for (shape, _), members in sorted(by_key.items(), key=lambda kv: -math.prod(kv[0][0]) * len(kv[1])):
             per_rank = -(-len(members) // self.world_size)
             ref = members[0][0]
             zeros = functools.partial(torch.zeros, device=ref.device)
             stacks.append(MatrixStack(
-                [p for p, _ in members], [gid for _, gid in members], per_rank,
+                [p for p, _ in members], [gid for _, gid in members],
+                [p.size(0) < p.size(1) for p, _ in members],
+                [max(1.0, p.size(0) / p.size(1)) ** 0.5 for p, _ in members], per_rank,
                 grads=zeros(per_rank * self.world_size, *shape, dtype=torch.float32),
                 shard=zeros(per_rank, *shape, dtype=torch.float32),
                 mine=zeros(per_rank, *shape, dtype=self.ns_dtype),
@@ -999,11 +1007,11 @@ class Muon(torch.optim.Optimizer):
         if not self.stacks:
             self.stacks = self._build_stacks()
         for st in self.stacks:
-            for i, p in enumerate(st.params):
+            for i, (p, transposed) in enumerate(zip(st.params, st.transposed)):
                 if p.grad is None:
                     st.grads[i].zero_()
                 else:
-                    st.grads[i].copy_(p.grad)
+                    st.grads[i].copy_(p.grad.mT if transposed else p.grad)
             if self.world_size == 1:
                 st.shard.copy_(st.grads)
             else:
@@ -1027,15 +1035,17 @@ class Muon(torch.optim.Optimizer):
             groups = [self.param_groups[gid] for gid in st.group_ids]  # load_state_dict replaces the dicts
             grads = [st.shard[i - first] for i in owned]
             if grads:
-                bufs = [self._momentum_buffer(st.params[i]) for i in owned]
+                bufs = [self._momentum_buffer(st.params[i]) for i in owned]  # as the matrices lie in the stack
+                bufs = [b.mT if st.transposed[i] else b for b, i in zip(bufs, owned)]
                 moms = [groups[i]["momentum"] for i in owned]
                 torch._foreach_mul_(bufs, moms)
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch._foreach_mul(bufs, moms)
                 torch._foreach_add_(nesterov, grads)
                 g = self.orthogonalize(torch.stack(nesterov), groups[first]["backend_steps"], self.ns_dtype)
+                st.mine[:len(grads)].copy_(g)
                 # An orthogonal update has unit singular values; tall matrices get sqrt(rows/cols) more.
-                st.mine[:len(grads)].copy_(g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5)
+                torch._foreach_mul_(list(st.mine[:len(grads)].unbind(0)), [st.scales[i] for i in owned])
             if self.world_size == 1:
                 st.updates.copy_(st.mine)
             else:
@@ -1050,7 +1060,7 @@ class Muon(torch.optim.Optimizer):
             groups = [self.param_groups[gid] for gid in st.group_ids]
             lrs = [g["lr"] for g in groups]
             torch._foreach_mul_(st.params, [1.0 - lr * g["weight_decay"] for lr, g in zip(lrs, groups)])
-            updates = list(st.updates[:n].float().unbind(0))
+            updates = [u.mT if t else u for u, t in zip(st.updates[:n].float().unbind(0), st.transposed)]
             torch._foreach_mul_(updates, [-lr for lr in lrs])
             torch._foreach_add_(st.params, updates)
 

@@ -46,7 +46,7 @@ RECORD_WORLD_SIZE = 8
 # H100 SXM peaks the roofline assumes (NVIDIA datasheet): dense bf16 matmul, HBM3 bandwidth, NVLink 4
 # bandwidth per direction per GPU.
 H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, H100_NVLINK_BYTES_PER_S = 989e12, 3.35e12, 450e9
-RECORD_MS_PER_STEP, RECORD_TOKENS_PER_STEP = 87.4, 786_432  # the public record (SPEC section 7)
+RECORD_MS_PER_STEP, RECORD_TOKENS_PER_STEP = 87.4, 786_432  # the 2026-03-29 record (docs/challenge.md)
 EVAL_TOKENS = 32_768  # random validation tokens for the sliding-window evaluation timing
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 GIB = 2**30
@@ -122,7 +122,7 @@ def saved_activation_bytes(h: tg.Hyperparameters, seqs: int) -> dict[str, float]
     from torch._functorch.aot_autograd import aot_function
     from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
     from torch._subclasses.fake_tensor import FakeTensorMode
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id=1), ct.flash_attention_standin)
+    model = tg.GPT(tg.ModelConfig.from_hparams(h), ct.flash_attention_standin)
     tg.configure_qat(model, h.qat)
     mode = ct.fake_cuda_mode()
     ct.to_device(model, mode)
@@ -184,7 +184,7 @@ def graph_count(h: tg.Hyperparameters) -> int:
     each when nothing breaks), compiled as build_model does and traced by dynamo on the CPU with a
     backend that runs the graphs eagerly (the shapes do not change the count)."""
     torch._dynamo.reset()
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id=1))
+    model = tg.GPT(tg.ModelConfig.from_hparams(h))
     tg.configure_qat(model, h.qat)
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(model, backend=counter, dynamic=False, fullgraph=True)
@@ -214,7 +214,7 @@ def gptq_column_steps(model: tg.GPT, h: tg.Hyperparameters, world_size: int) -> 
 
 def predict(h: tg.Hyperparameters) -> dict:
     """Everything the 8 x H100 run should cost, from shapes and traced graphs: no GPU needed."""
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id=1))
+    model = tg.GPT(tg.ModelConfig.from_hparams(h))
     seqs = h.train_batch_tokens // RECORD_WORLD_SIZE // h.train_seq_len  # one GPU's micro-batch
     tokens = seqs * h.train_seq_len
     flops, counted = flops_per_token(model, h.train_seq_len), counted_flops_per_token(model, h.train_seq_len)
@@ -282,10 +282,8 @@ def eval_speed(eval_model, h: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -
     ones = torch.ones(h.vocab_size, dtype=torch.int32)  # one byte per token: bpb is not measured here
     luts = tg.ByteLUTs(ones, torch.zeros_like(ones, dtype=torch.bool), torch.zeros_like(ones, dtype=torch.bool))
     luts = luts.to(rt.device)
-    batch = h.val_batch_seqs(h.eval_seq_len)
-
     def run():
-        tg.evaluate(eval_model, val, luts, h.eval_seq_len, h.eval_stride, batch, autocast=rt.autocast)
+        tg.evaluate(eval_model, val, luts, tg.EvalSpec.sliding(h), autocast=rt.autocast)
     run()
     return (tokens - 1) / timed(run, rt)
 
@@ -300,7 +298,9 @@ def benchmark(h: tg.Hyperparameters, steps: int, warmup: int, eval_tokens: int) 
     rt = dataclasses.replace(tg.setup_runtime(h, {}), grad_accum=1)
     tg.seed_everything(h.seed)
     torch._dynamo.utils.counters.clear()
-    base, model, eval_model, orthogonalize = tg.build_model(h, rt, log_nothing, bos_id=1)
+    base = tg.build_model(tg.ModelConfig.from_hparams(h), rt.device)
+    plan = tg.plan_from_hparams(base.state_dict(), h, base.fp16_param_names())
+    model, eval_model, orthogonalize = tg.compile_for_training(base, plan, h, rt, log_nothing)
     optimizers = tg.build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
     loader = RandomLoader(h.vocab_size, rt.device, h.seed)
     compiles = rt.device.type == "cuda" and h.compile

@@ -4,7 +4,7 @@ torch's real CUDA bf16 autocast rules, and tensors have the dtypes train_gpt.py'
 On a CPU the model runs on fake CUDA tensors (scripts/cuda_trace.py says how); on a machine with a GPU
 the same tests run on real CUDA tensors. Covered: the default (record) model's training forward and
 backward, both recurrence modes and every QAT mode on a small model, GPTQ calibration, and both
-evaluation entries (train_gpt.evaluation_sums and the model eval_ngram_on_checkpoint.py loads).
+evaluation entries (train_gpt.evaluate's loop and the model eval_ngram_on_checkpoint.py loads).
 
 Run:
     python3 -m pytest -q tests/test_cuda_path.py
@@ -118,7 +118,7 @@ def check_training_step(model: tg.GPT, x: torch.Tensor) -> None:
 
 
 def test_default_model_training_step_meets_the_flash_attention_contract(device_mode):
-    cfg = tg.ModelConfig.from_hparams(tg.Hyperparameters(), bos_id=1)
+    cfg = tg.ModelConfig.from_hparams(tg.Hyperparameters())
     model = build(cfg, tg.Hyperparameters.qat, device_mode)
     assert plan_passes(model) == 11 and cfg.model_dim // cfg.num_heads == 64
     check_training_step(model, tokens(cfg.vocab_size))
@@ -183,7 +183,8 @@ def test_evaluation_meets_the_contract_without_host_syncs(device_mode, monkeypat
     ones = torch.ones(64, dtype=torch.int32)
     luts = tg.ByteLUTs(ones, ones == 0, ones == 0).to(ct.CUDA)
     with ct.cuda_autocast_allowed(), ct.dtype_probe(model) as seen:
-        sums = tg.evaluation_sums(model, val, luts, seq_len=64, stride=32, batch_windows=4, autocast=ct.cuda_autocast)
+        sums = tg.score_windows(model, tg.bpb_sums(luts), val, tg.EvalSpec("sliding", 64, 32, 4),
+                                autocast=ct.cuda_autocast)
     windows = len(tg.sliding_window_plan(len(val) - 1, 64, 32)[0])
     assert_attention_checked(-(-windows // 4) * plan_passes(model))  # padded to whole batches
     assert_activations_bf16(seen)
@@ -192,16 +193,15 @@ def test_evaluation_meets_the_contract_without_host_syncs(device_mode, monkeypat
 
 
 def test_ngram_evaluation_model_meets_the_contract(device_mode, tmp_path, monkeypatch):
-    h = tg.Hyperparameters(**{k: v for k, v in SMALL.items()}, eval_seq_len=64, compile=False, qat="off")
+    h = tg.Hyperparameters(**SMALL, eval_seq_len=64, compile=False, qat="off")
     with _outside(device_mode):
-        state = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id=1)).state_dict()
-        blob = tg.serialize_artifact(tg.quantize_state_dict(state), compressor="zstd")
+        cfg = tg.ModelConfig.from_hparams(h)
+        blob = tg.serialize_artifact(tg.quantize_state_dict(tg.GPT(cfg).state_dict()), config=cfg, compressor="zstd")
         path = tmp_path / "small.ptz"
         path.write_bytes(blob)
         monkeypatch.setattr(tg, "select_attention", lambda device: ("standin", ct.flash_attention_standin, "test"))
         cpu = tg.Runtime(0, 1, torch.device("cpu"), 1, contextlib.nullcontext, FP32)
-        settings = ngram_eval.NgramSettings(artifact_path=str(path))
-        logits_fn, compiled = ngram_eval.load_model(h, settings, cpu, 1, lambda msg: None)
+        logits_fn, compiled = ngram_eval.load_model(*tg.load_artifact(path), h, cpu, lambda msg: None)
     assert not compiled
     model = ct.to_device(logits_fn.__self__, device_mode)
     rt = tg.Runtime(0, 1, ct.CUDA, 1, ct.cuda_autocast, BF16)
@@ -213,7 +213,7 @@ def test_ngram_evaluation_model_meets_the_contract(device_mode, tmp_path, monkey
     assert_activations_bf16(seen)
     assert_attention_checked(plan_passes(model))
     with ct.cuda_autocast_allowed():
-        ngram_eval.warm_up(model.logits, h, 3, rt)
+        ngram_eval.warm_up(model.logits, tg.EvalSpec("sliding", h.eval_seq_len, 32, 3), rt)
     assert_attention_checked(2 * plan_passes(model))
 
 
@@ -237,7 +237,7 @@ def test_the_runtime_autocasts_cuda_to_bf16(monkeypatch):
 def test_real_gpu_training_step_runs_with_the_selected_attention(backend):
     """On a GPU: a real forward and backward, with the stand-in or with the backend train_gpt selects
     (FlashAttention 3 or 2 where installed, else SDPA); fp32 gradients, finite."""
-    cfg = tg.ModelConfig.from_hparams(tg.Hyperparameters(), bos_id=1)
+    cfg = tg.ModelConfig.from_hparams(tg.Hyperparameters())
     name, attention, _ = tg.select_attention(ct.CUDA)
     model = tg.GPT(cfg, ct.flash_attention_standin if backend == "standin" else attention).to(ct.CUDA)
     tg.configure_qat(model, "hard")
@@ -254,7 +254,7 @@ def test_real_gpu_training_step_runs_with_the_selected_attention(backend):
 def test_real_gpu_training_step_has_no_host_sync():
     """torch.cuda's sync debug mode turns any host sync inside a training step into an error."""
     h = tg.Hyperparameters(qat="hard", train_seq_len=256, train_batch_tokens=256 * 8 * 4)
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id=1)).to(ct.CUDA)
+    model = tg.GPT(tg.ModelConfig.from_hparams(h)).to(ct.CUDA)
     tg.configure_qat(model, h.qat)
     optimizers = tg.build_optimizers(model, h, 0, 1, BF16)
     rt = tg.Runtime(0, 1, ct.CUDA, 1, ct.cuda_autocast, BF16)

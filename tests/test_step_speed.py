@@ -236,16 +236,19 @@ def test_an_evaluation_reads_the_device_once_at_the_end():
     val = torch.randint(0, 64, (200,), dtype=torch.int32)
     ones = torch.ones(64, dtype=torch.int32)
     luts = tg.ByteLUTs(ones, ones == 0, ones == 0)
+    spec = tg.EvalSpec("sliding", 32, 8, 3)
     with HostReads() as reads:
-        sums = tg.evaluation_sums(model, val, luts, seq_len=32, stride=8, batch_windows=3)
+        sums = tg.score_windows(model, tg.bpb_sums(luts), val, spec)
     assert reads.ops == [] and sums.shape == (3,)
     with HostReads() as reads:
-        tg.evaluate(model, val, luts, seq_len=32, stride=8, batch_windows=3)
+        tg.evaluate(model, val, luts, spec)
     assert reads.ops == [], reads.ops  # .tolist() of the sums: one copy, no per-element reads
 
 
 def test_the_stop_vote_is_read_one_step_late_and_agreed():
     vote = tg.StopVote(runtime())
     assert [vote(v) for v in (False, True, False, False)] == [False, False, True, False]
-    assert tg.next_step_overruns(801.0, 8, 1000.0, lookahead=2)  # two more steps would end past 1000
-    assert not tg.next_step_overruns(799.0, 8, 1000.0, lookahead=2)
+    schedule = tg.Schedule(tg.Hyperparameters(max_wallclock_seconds=1.5, gptq_reserve_seconds=0.5))
+    assert schedule.budget_ms == 1000.0
+    assert schedule.next_step_overruns(801.0, 8, lookahead=2)  # two more steps would end past 1000
+    assert not schedule.next_step_overruns(799.0, 8, lookahead=2)

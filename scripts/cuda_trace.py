@@ -231,7 +231,7 @@ def trace_forward(model: nn.Module, x: Tensor, y: Tensor, autocast=cuda_autocast
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     with cuda_autocast_allowed():
-        return make_fx(functional_loss(model, autocast), record_stack_traces=True)(params, buffers, x, y)
+        return make_fx(functional_loss(model, autocast))(params, buffers, x, y)
 
 
 def retarget(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:

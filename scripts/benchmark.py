@@ -119,7 +119,7 @@ def saved_activation_bytes(h: tg.Hyperparameters, seqs: int) -> dict[str, float]
     from the joint graph traced on fake CUDA tensors under bf16 autocast (scripts/cuda_trace.py) and
     split by AOT autograd's partitioners: "compiled" is torch.compile's (min-cut, recomputing cheap ops),
     "eager" saves what plain autograd would. Parameters the backward reads are not counted."""
-    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.aot_autograd import aot_function, make_boxed_func
     from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
     from torch._subclasses.fake_tensor import FakeTensorMode
     model = tg.GPT(tg.ModelConfig.from_hparams(h), ct.flash_attention_standin)
@@ -135,7 +135,7 @@ def saved_activation_bytes(h: tg.Hyperparameters, seqs: int) -> dict[str, float]
 
         def keep(gm, example_inputs):
             graphs.append(gm)
-            return gm
+            return make_boxed_func(gm)
 
         with FakeTensorMode(allow_non_fake_inputs=True):
             params = {n: torch.empty(p.shape, dtype=p.dtype, requires_grad=True) for n, p in model.named_parameters()}

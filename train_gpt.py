@@ -1914,7 +1914,7 @@ def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], h: Hyperparamete
         f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds:g})")
     if reserve >= h.max_wallclock_seconds:
         raise SettingError(f"the measured GPTQ reserve {reserve:.1f}s leaves no training time out of "
-                         f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: lower GPTQ_CALIB_SEQS or set GPTQ=0")
+                           f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: lower GPTQ_CALIB_SEQS or set GPTQ=0")
     return dataclasses.replace(h, gptq_reserve_seconds=reserve)
 
 

@@ -43,7 +43,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 # ----------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -177,6 +176,7 @@ class Hyperparameters(ModelConfig):
     # Schedule, weight averaging and QAT.
     warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
     gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
+    gptq_reserve_measure: bool = _hp(True)  # warm-up times calibration + GPTQ and reserves 1.5x that + 1 s
     final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
     ema_decay: float = _hp(0.997, lo=0.0, hi=0.999999)  # EMA of the weights, updated every step
     swa_every: int = _hp(50, lo=1, hi=10**9)  # SWA checkpoint period (steps) during the warmdown
@@ -550,6 +550,31 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 # ----------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------
+# Dtype plan. On CUDA the forward runs under torch.autocast(bf16); a CPU run has no autocast and is fp32
+# throughout. tests/test_cuda_path.py checks this table under torch's CUDA autocast rules.
+#
+#   tensor                                         dtype  how
+#   every parameter (master weights)               fp32   never cast in place; CastedLinear casts at use
+#   optimizer state (Adam moments, Muon momentum)  fp32   created like the parameter
+#   Newton-Schulz iteration                        bf16   Runtime.ns_dtype; the update lands on fp32 weights
+#   matrix products (linear layers, tied head)     bf16   autocast
+#   residual stream, x0, skips, block outputs      bf16   embed() casts to activation_dtype once
+#   attention q, k, v and its output               bf16   FlashAttention takes one 16-bit dtype
+#   MLP hidden activation (relu^2)                 bf16   r * r: autocast runs pow in fp32
+#   norm statistics (rms_norm, XSA's |v|)          fp32   computed on x.float(), result in x's dtype
+#   embedding + bigram sum, before its norm        fp32   the tables are fp32; cast after the norm
+#   logits after the head, softcap, loss           fp32   .float() before the softcap; autocast runs
+#                                                         cross_entropy in fp32
+#   QAT fake-quant grid (scales, rounding)         fp32   from the fp32 master weight
+#   EMA / SWA sums                                 fp32   WeightAverage
+#   GPTQ Hessians X^T X                            fp32   summed with autocast and TF32 off
+#   evaluation sums (nats, tokens, bytes)          fp64   bpb_sums
+
+
+def activation_dtype(t: Tensor) -> torch.dtype:
+    """The dtype activations run in: autocast's (bf16 on CUDA) when it is on for t's device, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -583,11 +608,12 @@ class CastedLinear(nn.Linear):
     """Linear layer with fp32 master weights, cast to the activation dtype at use (bf16 on GPU).
 
     QAT: with qat_mode "hard" or "soft" (fixed for a run, set before compiling, like the grid qat_qmax, which
-    follows the bits the quantization plan gives this weight) the forward uses the fake-quantized weight
-    whenever the qat_on buffer is 1. On/off and the soft-round sharpness are
-    buffers, read by the compiled graph at run time. A Python flag is either frozen at compile time
-    (QAT never switches on: a known bug of public runs) or, where dynamo guards it, recompiles the
-    whole model in the middle of the timed run.
+    follows the bits the quantization plan gives this weight) the forward runs through the fake-quantized
+    weight while qat_active is True. qat_active is a Python attribute, which torch.compile guards: the
+    graph without QAT carries no fake-quant work, and switching recompiles once (tests/test_recipe.py
+    counts it); prime_kernels compiles both graphs before the timed run, and both stay cached. (An
+    unguarded flag would be frozen at compile time, QAT never switching on: a known bug of public runs.)
+    The soft-round sharpness changes every step, so it is a buffer, read by the graph at run time.
     """
     qat_mode = "off"
     qat_qmax = 31  # int6 unless configure_qat says otherwise
@@ -596,19 +622,21 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         if zero_init:
             nn.init.zeros_(self.weight)
-        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.qat_active = False  # an instance attribute from the start: dynamo guards it the same way on and off
         self.register_buffer("qat_alpha", torch.ones(()), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat_mode != "off":
-            q = fake_quant(w, self.qat_qmax, self.qat_alpha if self.qat_mode == "soft" else None)
-            w = torch.where(self.qat_on > 0, q, w)
+        if self.qat_active and self.qat_mode != "off":
+            w = fake_quant(w, self.qat_qmax, self.qat_alpha if self.qat_mode == "soft" else None)
         return F.linear(x, w.to(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """RMS norm with fp32 statistics, returned in x's dtype. Under CUDA autocast F.rms_norm alone returns
+    fp32 (an fp32 op since torch 2.12): q and k would reach FlashAttention as fp32 beside a bf16 v, which
+    FA2 and FA3 reject (tests/test_cuda_path.py)."""
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -642,8 +670,9 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     direction (v [B, T, Hkv, D], the head's key/value group), so attention carries only other tokens."""
     B, T, H, D = y.shape
     groups = y.reshape(B, T, v.size(2), H // v.size(2), D)  # query head h reads kv head h // (H / Hkv)
-    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
-    groups = groups - (groups * v_hat).sum(-1, keepdim=True) * v_hat
+    # |v| in fp32; autocast would also return the sum below in fp32 and turn the whole output fp32.
+    v_hat = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+    groups = groups - (groups * v_hat).sum(-1, keepdim=True).to(y.dtype) * v_hat
     return groups.reshape(B, T, H, D)
 
 
@@ -675,9 +704,15 @@ class CausalSelfAttention(nn.Module):
 
 
 LEAKY_RELU_SLOPE = 0.5
+
+
+def _squared(r: Tensor) -> Tensor:
+    return r * r  # not r.square(): CUDA autocast runs pow in fp32, a 3x-width fp32 tensor per layer
+
+
 MLP_ACTIVATIONS = {  # both squared: relu^2 is the record's; LeakyReLU(0.5)^2 keeps a gradient for x < 0
-    "relu2": lambda x: F.relu(x).square(),
-    "leaky_relu2": lambda x: F.leaky_relu(x, LEAKY_RELU_SLOPE).square(),
+    "relu2": lambda x: _squared(F.relu(x)),
+    "leaky_relu2": lambda x: _squared(F.leaky_relu(x, LEAKY_RELU_SLOPE)),
 }
 
 
@@ -757,6 +792,7 @@ class BigramHash(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         e = self.table(bigram_bucket_ids(input_ids, self.buckets, self.bos_id))
+        e = e.to(activation_dtype(e))  # the fp32 table's rows, in the dtype the projection runs in
         return self.scale.to(e.dtype) * self.proj(e)
 
 
@@ -844,10 +880,11 @@ class GPT(nn.Module):
         return nll.view_as(target_ids)
 
     def embed(self, input_ids: Tensor) -> Tensor:
+        """The residual stream's start, in the activation dtype (the tables are fp32 master weights)."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)
-        x = rms_norm(x)
+        x = rms_norm(x).to(activation_dtype(x))
         return x if self.smear is None else self.smear(x, input_ids)
 
     def skip_blend(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
@@ -911,26 +948,59 @@ NS_EPS = 1e-7
 
 
 def newton_schulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
-    """Approximately orthogonalize g (the U V^T of its SVD) with a quintic Newton-Schulz iteration."""
+    """Approximately orthogonalize g (the U V^T of its SVD) with a quintic Newton-Schulz iteration; g is
+    one matrix [rows, cols] or a stack [n, rows, cols], each matrix orthogonalized on its own."""
     a, b, c = NS_COEFFS
     x = g.to(dtype)
-    x = x / (x.norm() + NS_EPS)
-    transposed = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the short side: X X^T is then the small Gram matrix
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
+
+
+# torch 2.13 renamed these two collectives (the old names warn); earlier versions have only the old ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+@dataclass
+class MatrixStack:
+    """Muon matrices of one shape up to a transpose (and one Newton-Schulz step count), orthogonalized as
+    one batch: a wide matrix joins the stack of its tall transpose, since Newton-Schulz of W^T is exactly
+    the transpose of Newton-Schulz of W (it iterates on the short side either way), which halves the
+    padding of the MLP's two stacks. The stack is padded with zero matrices to world_size equal slices;
+    rank r owns slice r."""
+    params: list[Tensor]
+    group_ids: list[int]  # each matrix's index into Muon.param_groups (LR, weight decay, momentum)
+    transposed: list[bool]  # the stack holds this matrix's transpose
+    scales: list[float]  # sqrt(max(1, rows / cols)) of the matrix as it is: tall matrices step further
+    per_rank: int
+    grads: Tensor  # [per_rank * W, rows, cols] fp32: every rank's local gradients, reduce-scatter input
+    shard: Tensor  # [per_rank, rows, cols] fp32: this rank's slice of the averaged gradients
+    mine: Tensor  # [per_rank, rows, cols] ns_dtype: the updates of this rank's slice
+    updates: Tensor  # [per_rank * W, rows, cols] ns_dtype: every update, all-gather output
+
+    def owned(self, rank: int) -> range:
+        """Indices into params of the matrices in this rank's slice (padding excluded)."""
+        return range(rank * self.per_rank, min((rank + 1) * self.per_rank, len(self.params)))
 
 
 class Muon(torch.optim.Optimizer):
     """Muon: Nesterov momentum, orthogonalization, then the group's LR and decoupled weight decay.
 
     The LR multiplies the update AFTER orthogonalization: Newton-Schulz normalizes the scale of its
-    input away, so a per-layer LR folded into the gradient would change nothing. Rank r orthogonalizes
-    the matrices i % W == r (i counts across all groups, so small groups still spread over the ranks)
-    and one all-reduce of a flat buffer, zero outside each rank's share, gathers every update.
+    input away, so a per-layer LR folded into the gradient would change nothing.
+
+    Matrices of one shape form a MatrixStack. Each rank receives the averaged gradients of its slice of
+    every stack by a reduce-scatter (launch_reduce_scatter), keeps their momentum, orthogonalizes the
+    slice as one batched Newton-Schulz and all-gathers the updates (launch_all_gather), which land on
+    every rank's weights in finish(). optimizer_step runs the Adam work while these collectives are in
+    flight; step() runs the three phases back to back. One process is the same code with world size 1.
+    A matrix without a gradient counts as a zero gradient (its momentum and weight decay still apply).
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
@@ -939,33 +1009,110 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
+        self.stacks: list[MatrixStack] = []
+        self._works: list = []
+
+    def _build_stacks(self) -> list[MatrixStack]:
+        by_key: dict[tuple, list] = {}
+        for gid, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                tall = (max(p.shape), min(p.shape))
+                by_key.setdefault((tall, group["backend_steps"]), []).append((p, gid))
+        stacks = []
+        for (shape, _), members in sorted(by_key.items(), key=lambda kv: -math.prod(kv[0][0]) * len(kv[1])):
+            per_rank = -(-len(members) // self.world_size)
+            ref = members[0][0]
+            zeros = functools.partial(torch.zeros, device=ref.device)
+            stacks.append(MatrixStack(
+                [p for p, _ in members], [gid for _, gid in members],
+                [p.size(0) < p.size(1) for p, _ in members],
+                [max(1.0, p.size(0) / p.size(1)) ** 0.5 for p, _ in members], per_rank,
+                grads=zeros(per_rank * self.world_size, *shape, dtype=torch.float32),
+                shard=zeros(per_rank, *shape, dtype=torch.float32),
+                mine=zeros(per_rank, *shape, dtype=self.ns_dtype),
+                updates=zeros(per_rank * self.world_size, *shape, dtype=self.ns_dtype)))
+        return stacks
+
+    @torch.no_grad()
+    def launch_reduce_scatter(self) -> None:
+        """Stack the local gradients and start averaging each rank's slice onto it (asynchronous)."""
+        if not self.stacks:
+            self.stacks = self._build_stacks()
+        for st in self.stacks:
+            for i, (p, transposed) in enumerate(zip(st.params, st.transposed)):
+                if p.grad is None:
+                    st.grads[i].zero_()
+                else:
+                    st.grads[i].copy_(p.grad.mT if transposed else p.grad)
+            if self.world_size == 1:
+                st.shard.copy_(st.grads)
+            else:
+                self._works.append(_reduce_scatter(st.shard, st.grads, async_op=True))
+
+    @torch.no_grad()
+    def wait_reduce_scatter(self) -> list[Tensor]:
+        """This rank's slices of the averaged gradients (one tensor per stack)."""
+        self._wait()
+        shards = [st.shard for st in self.stacks]
+        if self.world_size > 1:
+            torch._foreach_div_(shards, float(self.world_size))
+        return shards
+
+    @torch.no_grad()
+    def launch_all_gather(self) -> None:
+        """Momentum and Newton-Schulz on this rank's slices; start gathering every update (asynchronous)."""
+        for st in self.stacks:
+            owned = st.owned(self.rank)
+            first = self.rank * st.per_rank
+            groups = [self.param_groups[gid] for gid in st.group_ids]  # load_state_dict replaces the dicts
+            grads = [st.shard[i - first] for i in owned]
+            if grads:
+                bufs = [self._momentum_buffer(st.params[i]) for i in owned]  # as the matrices lie in the stack
+                bufs = [b.mT if st.transposed[i] else b for b, i in zip(bufs, owned)]
+                moms = [groups[i]["momentum"] for i in owned]
+                torch._foreach_mul_(bufs, moms)
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch._foreach_mul(bufs, moms)
+                torch._foreach_add_(nesterov, grads)
+                g = self.orthogonalize(torch.stack(nesterov), groups[first]["backend_steps"], self.ns_dtype)
+                st.mine[:len(grads)].copy_(g)
+                # An orthogonal update has unit singular values; tall matrices get sqrt(rows/cols) more.
+                torch._foreach_mul_(list(st.mine[:len(grads)].unbind(0)), [st.scales[i] for i in owned])
+            if self.world_size == 1:
+                st.updates.copy_(st.mine)
+            else:
+                self._works.append(_all_gather(st.updates, st.mine, async_op=True))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Wait for the updates, then decoupled weight decay and the LR-scaled update on every matrix."""
+        self._wait()
+        for st in self.stacks:
+            n = len(st.params)
+            groups = [self.param_groups[gid] for gid in st.group_ids]
+            lrs = [g["lr"] for g in groups]
+            torch._foreach_mul_(st.params, [1.0 - lr * g["weight_decay"] for lr, g in zip(lrs, groups)])
+            updates = [u.mT if t else u for u, t in zip(st.updates[:n].float().unbind(0), st.transposed)]
+            torch._foreach_mul_(updates, [-lr for lr in lrs])
+            torch._foreach_add_(st.params, updates)
 
     @torch.no_grad()
     def step(self, closure=None):
-        pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not pairs:
-            return
-        flat = torch.zeros(sum(p.numel() for p, _ in pairs), device=pairs[0][0].device, dtype=self.ns_dtype)
-        views = flat.split([p.numel() for p, _ in pairs])
-        for i, ((p, group), view) in enumerate(zip(pairs, views)):
-            if i % self.world_size == self.rank:
-                view.copy_(self._update(p, group).flatten())
-        if self.world_size > 1:
-            dist.all_reduce(flat)
-        for (p, group), view in zip(pairs, views):
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.add_(view.view_as(p).to(p.dtype), alpha=-group["lr"])
+        self.launch_reduce_scatter()
+        self.wait_reduce_scatter()
+        self.launch_all_gather()
+        self.finish()
 
-    def _update(self, p: Tensor, group: dict) -> Tensor:
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
-        g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-        g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype)
-        # An orthogonal update has unit singular values; tall matrices get sqrt(rows/cols) more.
-        return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+        return state["momentum_buffer"]
+
+    def _wait(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works.clear()
 
 
 def muon_groups(model: GPT, h: Hyperparameters) -> list[dict]:
@@ -1009,8 +1156,9 @@ def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
                      ns_dtype: torch.dtype, orthogonalize=newton_schulz5) -> list[torch.optim.Optimizer]:
     """AdamW for the embeddings, gates and scalars; Muon for the block matrices. Each group keeps its
     configured LR as base_lr, which the schedule multiplies."""
-    fused = next(model.parameters()).device.type == "cuda"
-    adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
+    # fused: one kernel for all tensors, and its step counter stays a tensor (the default implementation
+    # reads it with .item() every step: a host sync on CUDA).
+    adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=True)
     muon = Muon(muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
                 backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay, rank=rank,
                 world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize)
@@ -1216,18 +1364,21 @@ def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> 
     """GPTQ on columns already in quantization order: round column j, then spread its error over the
     later columns through row j of U (upper Cholesky factor of H^-1). Within a block of columns the
     updates are applied at once; later blocks get one matrix product per block (the lazy batch update
-    that keeps this fast). Returns the integer levels as floats."""
+    that keeps this fast). Returns the integer levels as floats. w [..., rows, cols], u [..., cols, cols]
+    and scale [..., rows]: leading dims batch independent matrices through the same column loop, which
+    on a GPU is launch-bound (a handful of small kernels per column, whatever the batch)."""
     w = w.clone()
     q = torch.zeros_like(w)
-    for i in range(0, w.size(1), block):
-        end = min(i + block, w.size(1))
-        wb, ub = w[:, i:end], u[i:end, i:end]
+    cols = w.size(-1)
+    for i in range(0, cols, block):
+        end = min(i + block, cols)
+        wb, ub = w[..., i:end], u[..., i:end, i:end]
         errs = torch.zeros_like(wb)
         for j in range(end - i):
-            q[:, i + j] = round_to_grid(wb[:, j:j + 1], scale, bits)[:, 0]
-            errs[:, j] = (wb[:, j] - q[:, i + j] * scale) / ub[j, j]
-            wb[:, j:] -= errs[:, j:j + 1] * ub[j:j + 1, j:]
-        w[:, end:] -= errs @ u[i:end, end:]
+            q[..., i + j] = torch.clamp(torch.round(wb[..., j] / scale), -qmax(bits), qmax(bits))
+            errs[..., j] = (wb[..., j] - q[..., i + j] * scale) / ub[..., j, j, None]
+            wb[..., j:] -= errs[..., j:j + 1] * ub[..., j:j + 1, j:]
+        w[..., end:] -= errs @ u[..., i:end, end:]
     return q
 
 
@@ -1236,49 +1387,137 @@ def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int,
     """GPTQ with act-order (columns by decreasing diag H) combined with the clip search: GPTQ runs on
     all candidate scales at once (rows are independent given H, so the candidates are stacked as extra
     rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T."""
-    w, h = w.float().clone(), h.float().clone()
-    dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter, set them to 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    order = torch.argsort(h.diagonal(), descending=True)
-    w, h = w[:, order], h[order][:, order]
-    u = damped_inverse_cholesky(h, damp, name, log)
-    scales = clip_scales(w, bits)  # [P, R]
-    P, R = scales.shape
-    q = gptq_columns(w.repeat(P, 1), u, scales.reshape(-1), bits, block).view(P, R, -1)
-    e = q * scales[:, :, None] - w
-    err = ((e @ h) * e).sum(dim=2)
-    q, scale = pick_rows(err, q, scales)
-    return q[:, torch.argsort(order)], scale
+    return quantize_gptq_batch([w], [h], bits, damp, block, [name], log)[0]
+
+
+def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, damp: float, block: int,
+                        names: list[str], log) -> list[tuple[Tensor, Tensor]]:
+    """quantize_rows_gptq of several same-shape matrices, each with its own Hessian and column order,
+    through one batched column loop."""
+    prepared = []
+    for w, h, name in zip(ws, hs, names):
+        w, h = w.float().clone(), h.float().clone()
+        dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter, set them to 0
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        order = torch.argsort(h.diagonal(), descending=True)
+        w, h = w[:, order], h[order][:, order]
+        prepared.append((w, h, order, damped_inverse_cholesky(h, damp, name, log), clip_scales(w, bits)))
+    P, R = prepared[0][4].shape
+    q = gptq_columns(torch.stack([w.repeat(P, 1) for w, *_ in prepared]), torch.stack([u for *_, u, _ in prepared]),
+                     torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, block)
+    out = []
+    for (w, h, order, _, scales), qi in zip(prepared, q.view(len(prepared), P, R, -1)):
+        e = qi * scales[:, :, None] - w
+        err = ((e @ h) * e).sum(dim=2)
+        qi, scale = pick_rows(err, qi, scales)
+        out.append((qi[:, torch.argsort(order)], scale))
+    return out
+
+
+GPTQ_BATCH = 8  # same-shape matrices per batched GPTQ column loop (a fixed size: the bytes never depend
+#                 on how many ranks share the work)
+
+
+def quant_chunks(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor],
+                 fp16_names=frozenset()) -> list[list[str]]:
+    """The integer-quantized tensors in units of work: GPTQ matrices of one shape and bits in chunks of
+    up to GPTQ_BATCH (state order), every round-to-nearest tensor alone."""
+    groups: dict[tuple, list[str]] = {}
+    chunks = []
+    for name, t in state.items():
+        if not t.is_floating_point() or name in fp16_names or plan.get(name, FP16_BITS) == FP16_BITS:
+            continue
+        if name in hessians:
+            groups.setdefault((tuple(t.shape), plan[name]), []).append(name)
+        else:
+            chunks.append([name])
+    for names in groups.values():
+        chunks += [names[i:i + GPTQ_BATCH] for i in range(0, len(names), GPTQ_BATCH)]
+    return chunks
+
+
+def quantize_chunk(state: dict[str, Tensor], names: list[str], plan: dict[str, int],
+                   hessians: dict[str, Tensor], damp: float, block: int, log) -> dict[str, dict]:
+    """Entries (quantize_state_dict's) of one quant_chunks chunk."""
+    bits = plan[names[0]]
+    ws = [state[n].detach().reshape(state[n].size(0), -1) for n in names]
+    if names[0] in hessians:
+        results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, damp, block,
+                                      names, log)
+    else:
+        results = [quantize_rows_rtn(w, bits) for w in ws]
+    return {n: {"shape": list(state[n].shape), "dtype": str(state[n].dtype).removeprefix("torch."), "kind": "int",
+                "bits": bits, "q": q.cpu(), "scale": scale.cpu()} for n, (q, scale) in zip(names, results)}
 
 
 def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
                         hessians: dict[str, Tensor] | None = None, damp: float = Hyperparameters.gptq_damp,
                         block: int = Hyperparameters.gptq_block, log=print) -> dict[str, dict]:
     """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
-    tensors (GPTQ when `hessians` has the name, else round-to-nearest), {"kind": "fp16", "data"} for
-    passthrough floats, {"kind": "raw", "data"} for anything else; every entry keeps "shape", "dtype".
-    plan defaults to build_quant_plan's; names in fp16_names are stored as fp16 whatever the plan."""
+    tensors (GPTQ when `hessians` has the name, batched by shape, else round-to-nearest), {"kind":
+    "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for anything else; every entry keeps
+    "shape", "dtype". plan defaults to build_quant_plan's; names in fp16_names are stored as fp16
+    whatever the plan."""
     plan = build_quant_plan(state, fp16_names) if plan is None else plan
     hessians = hessians or {}
+    ints = {}
+    for chunk in quant_chunks(state, plan, hessians, fp16_names):
+        ints.update(quantize_chunk(state, chunk, plan, hessians, damp, block, log))
+    return assemble_entries(state, ints)
+
+
+def assemble_entries(state: dict[str, Tensor], ints: dict[str, dict]) -> dict[str, dict]:
+    """Every tensor's entry in state order: the quantized ones from `ints`, the others passed through."""
     out = {}
     for name, t in state.items():
+        if name in ints:
+            out[name] = ints[name]
+            continue
         t = t.detach()
         entry = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-        bits = FP16_BITS if name in fp16_names else plan.get(name, FP16_BITS)
-        if not t.is_floating_point():
-            entry.update(kind="raw", data=t.cpu())
-        elif bits == FP16_BITS:
+        if t.is_floating_point():
             entry.update(kind="fp16", data=t.cpu().half())
         else:
-            w = t.reshape(t.size(0), -1)
-            if name in hessians:
-                q, scale = quantize_rows_gptq(w, hessians[name].to(w.device), bits, damp, block, name, log)
-            else:
-                q, scale = quantize_rows_rtn(w, bits)
-            entry.update(kind="int", bits=bits, q=q.cpu(), scale=scale.cpu())
+            entry.update(kind="raw", data=t.cpu())
         out[name] = entry
     return out
+
+
+def assign_chunks(chunks: list[list[str]], state: dict[str, Tensor], world_size: int) -> list[int]:
+    """The rank that quantizes each chunk: largest first, each to the least loaded rank, by the column
+    loop's work (rows x cols^2 per matrix; a chunk's matrices share one loop)."""
+    def cost(chunk):
+        rows, cols = state[chunk[0]].size(0), state[chunk[0]][0].numel()
+        return len(chunk) * rows * cols * cols
+    load, owner = [0] * world_size, [0] * len(chunks)
+    for i in sorted(range(len(chunks)), key=lambda i: -cost(chunks[i])):
+        owner[i] = min(range(world_size), key=lambda r: load[r])
+        load[owner[i]] += cost(chunks[i])
+    return owner
+
+
+def quantize_distributed(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor],
+                         h: Hyperparameters, rt: Runtime, log) -> tuple[dict[str, dict] | None, list[float]]:
+    """quantize_state_dict with its chunks spread over the ranks and gathered on rank 0, which gets the
+    entries (the same bytes as one process: chunks are fixed, whoever computes them); other ranks get
+    None. Also returns every rank's seconds of quantization (rank order)."""
+    chunks = quant_chunks(state, plan, hessians)
+    owners = assign_chunks(chunks, state, rt.world_size)
+    t0 = time.perf_counter()
+    ints = {}
+    for chunk, owner in zip(chunks, owners):
+        if owner == rt.rank:
+            ints.update(quantize_chunk(state, chunk, plan, hessians, h.gptq_damp, h.gptq_block, log))
+    rt.sync()
+    mine = (ints, time.perf_counter() - t0)
+    if rt.world_size == 1:
+        return assemble_entries(state, ints), [mine[1]]
+    gathered = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object(mine, gathered, dst=0)
+    if not rt.is_main:
+        return None, []
+    return assemble_entries(state, {n: e for part, _ in gathered for n, e in part.items()}), [t for _, t in gathered]
 
 
 def dequantize_state_dict(packed: dict[str, dict]) -> dict[str, Tensor]:
@@ -1630,44 +1869,100 @@ class ExportInputs(NamedTuple):
     hessians: dict[str, Tensor]
 
 
-def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
-                 log, hook: Callable[[ExportInputs], None] | None = None) -> bytes | None:
-    """After training: GPTQ calibration on training shards (all ranks), then quantization, compression
-    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None).
-    `hook`, if given, sees the quantizer's inputs on rank 0 first."""
+GPTQ_RESERVE_MARGIN = 1.5  # a measured reserve: this many times the warm-up's calibration + GPTQ time...
+GPTQ_RESERVE_SLACK_SECONDS = 1.0  # ...plus this, for jitter and damping retries
+
+
+def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
+              log) -> tuple[dict[str, dict] | None, dict[str, Tensor], dict[str, float]]:
+    """What counts as training time after training: GPTQ calibration on training shards (all ranks)
+    and quantization (chunks spread over the ranks, gathered on rank 0). Returns (rank 0's entries,
+    None elsewhere; the Hessians; timings in ms: hessian, quantize, total, and the slowest and fastest
+    rank's own quantization)."""
     rt.sync()
     t0 = time.perf_counter()
     with full_fp32_matmul():
         hessians = calibrate(base_model, plan, h, rt)
         rt.sync()
         t1 = time.perf_counter()
-        if not rt.is_main:
-            return None
-        state = base_model.state_dict()
-        if hook is not None:
-            hook(ExportInputs(state, dict(plan), hessians))
-        quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
-                                     log=log)
-        packed = quantize(state, plan=plan)
-        rt.sync()
-        t2 = time.perf_counter()
-        log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
-            f"hessian_time:{1000 * (t1 - t0):.0f}ms quantize_time:{1000 * (t2 - t1):.0f}ms")
-        if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
-            log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
-            if t2 - t0 > h.gptq_reserve_seconds:
-                log(f"warning: gptq_calibration_time exceeds GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: "
-                    f"training plus calibration ran over the training budget")
-        encode = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
-                                   shuffle=h.byte_shuffle, storage=h.quant_storage, log=log)
-        blob = encode(packed)
-        if h.quant_target_bytes > 0:
+        packed, rank_seconds = quantize_distributed(base_model.state_dict(), plan, hessians, h, rt, log)
+    rt.sync()
+    t2 = time.perf_counter()
+    times = dict(hessian=1000 * (t1 - t0), quantize=1000 * (t2 - t1), total=1000 * (t2 - t0),
+                 rank_max=1000 * max(rank_seconds, default=0.0), rank_min=1000 * min(rank_seconds, default=0.0))
+    return packed, hessians, times
+
+
+def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
+                         log) -> Hyperparameters:
+    """GPTQ_RESERVE_MEASURE=1 (with GPTQ and a wallclock cap): run gptq_work once on the initial weights,
+    before the timed run (its result is discarded; only its time matters, which does not depend on the
+    weights), and reserve GPTQ_RESERVE_MARGIN x that time + GPTQ_RESERVE_SLACK_SECONDS instead of
+    GPTQ_RESERVE_SECONDS. The slowest rank's time counts."""
+    if not (h.gptq and h.gptq_reserve_measure and h.max_wallclock_seconds > 0):
+        return h
+    _, hessians, times = gptq_work(base_model, plan, h, rt, log)
+    if not hessians:
+        return h  # nothing to calibrate: no reserve needed beyond the fixed one
+    total = torch.tensor([times["total"]], device=rt.device)
+    if rt.world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    measured = total.item() / 1000
+    reserve = GPTQ_RESERVE_MARGIN * measured + GPTQ_RESERVE_SLACK_SECONDS
+    log(f"gptq_reserve measured:{1000 * measured:.0f}ms reserve:{1000 * reserve:.0f}ms "
+        f"(x{GPTQ_RESERVE_MARGIN} + {GPTQ_RESERVE_SLACK_SECONDS:g}s; GPTQ_RESERVE_MEASURE=0 keeps "
+        f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds:g})")
+    if reserve >= h.max_wallclock_seconds:
+        raise SettingError(f"the measured GPTQ reserve {reserve:.1f}s leaves no training time out of "
+                           f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: lower GPTQ_CALIB_SEQS or set GPTQ=0")
+    return dataclasses.replace(h, gptq_reserve_seconds=reserve)
+
+
+def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
+                 log, hook: Callable[[ExportInputs], None] | None = None, train_ms: float = 0.0) -> bytes | None:
+    """After training: gptq_work (calibration and quantization, all ranks), then compression and
+    QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None). `hook`,
+    if given, sees the quantizer's inputs on rank 0. Logs whether training (train_ms) plus calibration
+    stayed inside the wallclock cap: a `legality` line."""
+    packed, hessians, times = gptq_work(base_model, plan, h, rt, log)
+    if not rt.is_main:
+        return None
+    t2 = time.perf_counter()
+    state = base_model.state_dict()
+    if hook is not None:
+        hook(ExportInputs(state, dict(plan), hessians))
+    log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
+        f"hessian_time:{times['hessian']:.0f}ms quantize_time:{times['quantize']:.0f}ms ranks:{rt.world_size} "
+        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f}")
+    if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
+        log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
+        log_calibration_legality(times["total"], train_ms, h, log)
+    quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
+                                 log=log)
+    encode = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
+                               shuffle=h.byte_shuffle, storage=h.quant_storage, log=log)
+    blob = encode(packed)
+    if h.quant_target_bytes > 0:
+        with full_fp32_matmul():
             plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
                                          encode, hessians, log)
     params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
         f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
     return blob
+
+
+def log_calibration_legality(calibration_ms: float, train_ms: float, h: Hyperparameters, log) -> None:
+    """The rule: work after training that reads training data counts as training time. With a cap, a
+    `legality` line says whether calibration fit its reserve and training plus calibration the cap."""
+    if h.max_wallclock_seconds <= 0:
+        log(f"legality gptq_calibration:no_cap calibration_time:{calibration_ms:.0f}ms")
+        return
+    cap_ms, reserve_ms = 1000 * h.max_wallclock_seconds, 1000 * h.gptq_reserve_seconds
+    within = "within_reserve" if calibration_ms <= reserve_ms else "over_reserve"
+    total = train_ms + calibration_ms
+    log(f"legality gptq_calibration:{within} calibration_time:{calibration_ms:.0f}ms reserve:{reserve_ms:.0f}ms "
+        f"train_plus_calibration:{total:.0f}ms cap:{cap_ms:.0f}ms {'within_cap' if total <= cap_ms else 'over_cap'}")
 
 
 def save_artifact(blob: bytes | None, path: Path, code_bytes: int, rt: Runtime, log) -> None:
@@ -1745,17 +2040,18 @@ def eval_batches(val_tokens: Tensor, spec: EvalSpec, rank: int = 0, world_size: 
 
     x, y [B, seq_len] are inputs and targets; scored [B, seq_len] marks the targets this window scores
     (over all ranks every target exactly once); target_pos [B, seq_len] is each target's index in
-    val_tokens (clamped on the padding rows, which score nothing).
+    val_tokens (clamped on the padding rows, which score nothing). The window plan reaches the device
+    once, in one pinned, non-blocking copy; each batch is then sliced on the device, with no host sync.
     """
     device, seq_len, batch_windows = val_tokens.device, spec.seq_len, spec.batch_windows
     starts, offsets = sliding_window_plan(len(val_tokens) - 1, seq_len, spec.stride)
     mine = np.array_split(np.arange(len(starts)), world_size)[rank]
+    pad = -len(mine) % batch_windows  # a fixed batch shape avoids recompiling for the last batch
+    windows = np.stack((np.pad(starts[mine], (0, pad)), np.pad(offsets[mine], (0, pad), constant_values=seq_len)))
+    windows = _to_device(torch.from_numpy(windows), device)
     positions = torch.arange(seq_len + 1, device=device)
-    for b in range(0, len(mine), batch_windows):
-        idx = mine[b:b + batch_windows]
-        pad = batch_windows - len(idx)  # a fixed batch shape avoids recompiling for the last batch
-        start = torch.from_numpy(np.pad(starts[idx], (0, pad))).to(device)
-        first = torch.from_numpy(np.pad(offsets[idx], (0, pad), constant_values=seq_len)).to(device)
+    for b in range(0, windows.size(1), batch_windows):
+        start, first = windows[0, b:b + batch_windows], windows[1, b:b + batch_windows]
         token_pos = start[:, None] + positions[None, :]
         clamped = token_pos.clamp_max(len(val_tokens) - 1)
         window = val_tokens[clamped].long()
@@ -1779,13 +2075,20 @@ def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: 
     return total
 
 
+def bpb_sums(luts: ByteLUTs) -> Callable:
+    """score_windows' score for evaluate: [nats, tokens, bytes] of the scored targets. The scored mask
+    multiplies rather than indexes: a boolean index has a data-dependent size, which the host must wait
+    for, every batch."""
+    def nats_tokens_bytes(nll, x, y, scored, _):
+        mask = scored.double()
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y) * mask).sum()))
+    return nats_tokens_bytes
+
+
 def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rank: int = 0,
              world_size: int = 1, autocast=contextlib.nullcontext) -> tuple[float, float]:
     """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
-    def nats_tokens_bytes(nll, x, y, scored, _):
-        return torch.stack((nll.double()[scored].sum(), scored.sum().double(),
-                            luts.token_bytes(x, y)[scored].sum().double()))
-    nats, tokens, nbytes = score_windows(model, nats_tokens_bytes, val_tokens, spec, rank, world_size,
+    nats, tokens, nbytes = score_windows(model, bpb_sums(luts), val_tokens, spec, rank, world_size,
                                          autocast).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
@@ -1860,10 +2163,10 @@ class Schedule:
         ramp = 1.0 if h.qat_soft_ramp_steps == 0 else min(1.0, (step - self.qat_start) / h.qat_soft_ramp_steps)
         return h.qat_soft_alpha_start + ramp * (h.qat_soft_alpha_end - h.qat_soft_alpha_start)
 
-    def next_step_overruns(self, elapsed_ms: float, steps: int) -> bool:
-        """Whether one more step of average length would end past the budget. Stopping only after
-        crossing it would log a training time over the cap by up to a step."""
-        return self.budget_ms > 0 and elapsed_ms + elapsed_ms / steps > self.budget_ms
+    def next_step_overruns(self, elapsed_ms: float, steps: int, lookahead: int = 1) -> bool:
+        """Whether `lookahead` more steps of average length would end past the budget. Stopping only
+        after crossing it would log a training time over the cap by up to a step."""
+        return self.budget_ms > 0 and elapsed_ms + lookahead * elapsed_ms / steps > self.budget_ms
 
     def describe(self) -> str:
         h = self.h
@@ -1895,48 +2198,114 @@ class Runtime:
             torch.cuda.synchronize()
 
 
+GRAD_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+
+
 def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime) -> Tensor:
     """One optimizer step over the global batch; returns the mean micro-batch loss on this rank."""
     x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
     total = torch.zeros((), device=rt.device)
-    for i, (xm, ym) in enumerate(zip(x.chunk(rt.grad_accum), y.chunk(rt.grad_accum))):
-        if isinstance(model, DistributedDataParallel):
-            model.require_backward_grad_sync = i == rt.grad_accum - 1  # all-reduce once per step
+    for xm, ym in zip(x.chunk(rt.grad_accum), y.chunk(rt.grad_accum)):
         with rt.autocast():
             loss = model(xm, ym).mean()
         (loss / rt.grad_accum).backward()
         total += loss.detach()
-    optimizer_step(model, optimizers, h)
+    optimizer_step(optimizers, h, rt.world_size)
     return total / rt.grad_accum
 
 
-def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters) -> None:
-    """Clip the gradients, step every optimizer, drop the gradients."""
+def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) -> None:
+    """Average the gradients over the ranks, clip their global norm, step every optimizer, drop the
+    gradients. Muon's reduce-scatter is in flight while the other gradients are all-reduced, its
+    all-gather while Adam steps. Nothing here waits for the device."""
+    muons = [opt for opt in optimizers if isinstance(opt, Muon)]
+    others = [opt for opt in optimizers if not isinstance(opt, Muon)]
+    for opt in muons:
+        opt.launch_reduce_scatter()
+    params = [p for opt in others for group in opt.param_groups for p in group["params"]]
+    if world_size > 1:
+        average_gradients(params, world_size)
+    grads = [p.grad for p in params if p.grad is not None]
+    shards = [shard for opt in muons for shard in opt.wait_reduce_scatter()]
     if h.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-    for opt in optimizers:
+        clip_global_norm(grads, shards, h.grad_clip_norm, world_size)
+    for opt in muons:
+        opt.launch_all_gather()
+    for opt in others:
         opt.step()
+    for opt in muons:
+        opt.finish()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
 
 
+def average_gradients(params: list[Tensor], world_size: int) -> None:
+    """Replace every gradient by its mean over the ranks: one all-reduce of one flat buffer. A missing
+    gradient counts as zero, so every rank reduces the same layout."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world_size
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g
+
+
+def clip_global_norm(full: list[Tensor], shards: list[Tensor], max_norm: float, world_size: int) -> None:
+    """torch.nn.utils.clip_grad_norm_ of the whole averaged gradient, where `full` gradients are whole on
+    every rank and `shards` are disjoint slices, one per rank (Muon's): the slices' squares are summed
+    over the ranks. The coefficient stays on the device."""
+    device = (full or shards)[0].device
+    sq = torch.zeros((), device=device)
+    if shards:
+        sq = torch.stack(torch._foreach_norm(shards)).square().sum()
+    if world_size > 1:
+        dist.all_reduce(sq)
+    if full:
+        sq = sq + torch.stack(torch._foreach_norm(full)).square().sum()
+    coef = (max_norm / (sq.sqrt() + GRAD_CLIP_EPS)).clamp(max=1.0)
+    torch._foreach_mul_(full, coef)
+    torch._foreach_mul_(shards, coef)
+
+
+def graph_states(h: Hyperparameters) -> list[tuple[bool, bool]]:
+    """(QAT on, mini-recurrence repeats on) of every training graph the timed run will use: each is a
+    separate compiled graph, so prime_kernels visits them all."""
+    qat = (False, True) if h.qat != "off" else (False,)
+    repeats = (False, True) if h.mini_recur_repeats and h.mini_recur_start_frac > 0 else (True,)
+    return [(q, r) for q in qat for r in repeats]
+
+
 def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Runtime, log) -> None:
-    """Run WARMUP_STEPS real steps to compile and warm kernels, then restore the initial weights and
-    optimizer state so the timed run starts from step 0 exactly as without priming."""
+    """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every graph_states state
+    so that no switch in the timed run compiles, then restore the initial weights, optimizer state and
+    switches, so the timed run starts from step 0 exactly as without priming."""
     if h.warmup_steps == 0:
         return
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    plan, layers = base_model.plan, [m for m in base_model.modules() if isinstance(m, CastedLinear)]
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
+    states = graph_states(h)
     t0 = time.perf_counter()
-    for _ in range(h.warmup_steps):
+    for i in range(h.warmup_steps):
+        qat_on, repeats_on = states[i * len(states) // h.warmup_steps]
+        set_qat(layers, qat_on)
+        base_model.set_mini_recurrence(repeats_on)
         train_step(model, optimizers, loader, h, rt)
     rt.sync()
+    set_qat(layers, False)
+    base_model.plan = plan
     base_model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
-    log(f"warmup steps:{h.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+    primed = {i * len(states) // h.warmup_steps for i in range(h.warmup_steps)}
+    names = [f"qat{int(q)}_repeats{int(r)}" for q, r in states]
+    log(f"warmup steps:{h.warmup_steps} graphs:{','.join(names[i] for i in sorted(primed))} "
+        f"time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+    if len(primed) < len(states):
+        log(f"warning: WARMUP_STEPS={h.warmup_steps} leaves graphs unprimed: "
+            f"{','.join(n for i, n in enumerate(names) if i not in primed)} compile during the timed run")
 
 
 class WeightAverage:
@@ -1998,8 +2367,8 @@ def configure_qat(model: nn.Module, mode: str, plan: dict[str, int] | None = Non
 
 class QATSwitch:
     """Applies the Schedule's QAT decision to every CastedLinear that configure_qat armed (the matrices the
-    plan quantizes):
-    fake quantization on or off, and the soft-round sharpness, through buffers the compiled graph reads."""
+    plan quantizes): fake quantization on or off (a flag the compiled graph is guarded on, see
+    CastedLinear) and the soft-round sharpness (a buffer it reads)."""
 
     def __init__(self, model: nn.Module, log):
         self.layers = [m for m in model.modules() if isinstance(m, CastedLinear) and m.qat_mode != "off"]
@@ -2029,18 +2398,52 @@ class QATSwitch:
         if (on, alpha) == self.state:
             return  # each fill is a kernel launch per matrix on GPU: skip the steps that change nothing
         self.state = (on, alpha)
-        for m in self.layers:
-            m.qat_on.fill_(float(on))
-            m.qat_alpha.fill_(alpha)
+        set_qat(self.layers, on, alpha)
 
 
-def all_ranks_agree(flag: bool, rt: Runtime) -> bool:
-    """True if any rank says True: ranks must stop on the same step or the collectives deadlock."""
-    if rt.world_size == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def set_qat(layers, on: bool, alpha: float = 1.0) -> None:
+    """Switch fake int6 on or off in these CastedLinear layers (a compiled model recompiles once per
+    state, see CastedLinear) and set the soft-round sharpness."""
+    for m in layers:
+        m.qat_active = on
+        m.qat_alpha.fill_(alpha)
+
+
+class StopVote:
+    """Whether every rank stops after this step, decided alike on all of them without stalling the
+    device. Each step's local vote (from host time) is max-reduced over the ranks on the device, copied
+    to pinned host memory without blocking, and read one step later, after waiting for that copy only:
+    the host waits for step s-1 while the device runs step s, which costs the device nothing and keeps
+    the host's clock within a step of the device's (with no wait at all the host runs several steps
+    ahead and stops late). A vote therefore looks STOP_LOOKAHEAD steps ahead."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.cuda = rt.device.type == "cuda"
+        # Two pinned slots, alternating: the one being read is never the one being written.
+        self.host = [torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda) for _ in range(2)]
+        self.pending: tuple[Tensor, object] | None = None
+        self.step = 0
+
+    def __call__(self, vote: bool) -> bool:
+        t = torch.full((1,), int(vote), dtype=torch.int32, device=self.rt.device)
+        if self.rt.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        host, done = self.host[self.step % 2], None
+        self.step += 1
+        host.copy_(t, non_blocking=self.cuda)
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        previous, self.pending = self.pending, (host, done)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return bool(previous[0].item())  # a host tensor: no device sync
+
+
+STOP_LOOKAHEAD = 2  # a vote read one step late stops one step later: it must see two steps ahead
 
 
 @dataclass
@@ -2058,7 +2461,7 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     schedule, average, qat = Schedule(h), WeightAverage(base_model, h), QATSwitch(base_model, log)
     log(schedule.describe())
-    train_ms, step, stop_at = 0.0, 0, None
+    train_ms, step, stop_at, stop_vote = 0.0, 0, None, StopVote(rt)
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -2089,7 +2492,7 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{s.lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        overruns = schedule.budget_ms > 0 and all_ranks_agree(schedule.next_step_overruns(elapsed, step), rt)
+        overruns = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD))
         if stop_at is None and overruns:
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
@@ -2156,8 +2559,10 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
     log("=" * 100, console=False)
     for f in dataclasses.fields(h):
         log(f"hparam {f.name}:{getattr(h, f.name)}")
+    with rt.autocast():
+        activations = str(activation_dtype(torch.zeros((), device=rt.device))).removeprefix("torch.")
     log(f"runtime world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} "
-        f"autocast:{'bf16' if rt.device.type == 'cuda' else 'off(fp32)'} ns_dtype:{rt.ns_dtype}")
+        f"activations:{activations} ns_dtype:{rt.ns_dtype}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
         f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)
@@ -2177,19 +2582,20 @@ def seed_everything(seed: int) -> None:
 
 def compile_for_training(base: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
                          log) -> tuple[nn.Module, nn.Module, Callable]:
-    """(model to train, model to evaluate, orthogonalize fn): compiled on CUDA, DDP across processes."""
+    """(model to train, model to evaluate, orthogonalize fn): compiled on CUDA; across processes
+    optimizer_step averages the gradients."""
     configure_qat(base, h.qat, plan)
     orthogonalize, compiled = newton_schulz5, base
     if rt.device.type == "cuda" and h.compile:
-        compiled = torch.compile(base, dynamic=False)
-        orthogonalize = torch.compile(newton_schulz5)
+        # fullgraph: a graph break is an error, not a silent split. No DDP wrapper: its hooks split the
+        # graph (21 pieces with QAT) and it broadcasts every buffer each forward; optimizer_step
+        # averages the gradients instead.
+        compiled = torch.compile(base, dynamic=False, fullgraph=True)
+        orthogonalize = torch.compile(newton_schulz5, dynamic=False, fullgraph=True)
         log("compile:on")
     else:
         log(f"compile:off reason:{'COMPILE=0' if rt.device.type == 'cuda' else 'cpu run'}")
-    trained = compiled
-    if rt.world_size > 1:
-        trained = DistributedDataParallel(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return trained, compiled, orthogonalize
+    return compiled, compiled, orthogonalize
 
 
 def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec,
@@ -2244,6 +2650,7 @@ def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
         return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt.rank, rt.world_size, rt.autocast)
 
     prime_kernels(model, optimizers, base, h, rt, log)
+    h = measure_gptq_reserve(base, plan, h, rt, log)
     result = train(model, optimizers, base, eval_fn, h, rt, log)
     log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
         f"train_time:{result.train_ms:.0f}ms")
@@ -2256,7 +2663,8 @@ def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
 
     artifact = out_dir / f"{h.run_id}.ptz"
     code_bytes = len(source.encode("utf-8"))
-    save_artifact(export_model(base, plan, code_bytes, h, rt, log, export_hook), artifact, code_bytes, rt, log)
+    blob = export_model(base, plan, code_bytes, h, rt, log, export_hook, result.train_ms)
+    save_artifact(blob, artifact, code_bytes, rt, log)
     _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
     base.load_state_dict(state)
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), rt, log)

@@ -118,8 +118,9 @@ def score(logits_fn, val_tokens, luts: tg.ByteLUTs, hint, conf, cache_p, masks, 
     """Sliding-window scoring of this rank's windows: plain, tilted (and cache-mixed) nats, summed."""
     tilt = s.tilt()
     sums = torch.zeros(len(SUMS), dtype=torch.float64, device=rt.device)
-    for x, y, scored, pos in tg.eval_batches(val_tokens, h.eval_seq_len, h.eval_stride, batch, rt.rank,
-                                             rt.world_size):
+    batches = tg.eval_batches(val_tokens, h.eval_seq_len, h.eval_stride, batch, rt.rank, rt.world_size)
+    total = tg.num_eval_batches(len(val_tokens), h.eval_seq_len, h.eval_stride, batch, rt.rank, rt.world_size)
+    for x, y, scored, pos in tg.Progress("ngram_score", total, rt.is_main).wrap(batches):
         with rt.autocast():
             logits = logits_fn(x)
         logp = torch.log_softmax(logits.float()[scored], dim=-1)  # [S, V]: only the scored rows

@@ -11,6 +11,7 @@ serialization, evaluation, training, main.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
 import copy
@@ -18,12 +19,14 @@ import dataclasses
 import fnmatch
 import functools
 import glob
+import hashlib
 import json
 import lzma
 import math
 import os
 import platform
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -141,7 +145,9 @@ class Hyperparameters:
     quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
     quant_min_numel: int = _hp(65_536, lo=0, hi=2**31 - 1)  # smaller tensors stay fp16
     quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 8 or 16); later ones win
-    quant_target_bytes: int = _hp(0, lo=0, hi=ARTIFACT_CAP_BYTES)  # 0: off; else demote tensors to fit
+    # After quantization the fitter demotes the least sensitive tensors until bytes_total (the shipped code
+    # plus the model) is at most this: a finished run never fails on bytes. 0: off (an over-cap run fails).
+    quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
     compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli"))  # auto: smallest of all
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
@@ -157,6 +163,7 @@ class Hyperparameters:
     eval_stride: int = _hp(64, lo=1, hi=65536)
     # Runtime.
     compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
+    cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -260,6 +267,66 @@ def grad_accum_steps(world_size: int) -> int:
     return MICRO_BATCHES_PER_STEP // world_size
 
 
+# ---- progress of long phases ------------------------------------------------------------------------
+
+PROGRESS_EVERY_S = 30.0  # without a terminal, a long phase prints a line at least this often
+
+
+class Progress:
+    """done/total of a long phase (warm-up, an evaluation, calibration, the n-gram pass, a data build),
+    shown by the main process only: a tqdm bar when stderr is a terminal, else a `progress` line on
+    stdout every PROGRESS_EVERY_S seconds with the time left, so that output never goes silent for
+    minutes. A phase shorter than that prints nothing; the lines stay out of the run's log file."""
+
+    def __init__(self, phase: str, total: int, enabled: bool = True, unit: str = "batch",
+                 every_s: float | None = None, bar: bool | None = None, out=None, clock=time.perf_counter):
+        self.phase, self.total, self.unit, self.clock = phase, total, unit, clock
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.enabled, self.done, self.out = enabled and total > 0, 0, out
+        self.t0 = self.last = clock()
+        bar = sys.stderr.isatty() if bar is None else bar
+        self.bar = (tqdm(total=total, desc=phase, unit=unit, leave=False, dynamic_ncols=True)
+                    if self.enabled and bar else None)
+
+    def update(self, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = self.clock()
+        if now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            print(self.line(now), file=self.out or sys.stdout, flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.t0
+        left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        return (f"progress phase:{self.phase} done:{self.done}/{self.total} unit:{self.unit} "
+                f"percent:{100 * self.done / self.total:.1f} elapsed:{elapsed:.0f}s eta:{left:.0f}s")
+
+    def wrap(self, items):
+        """Yield the items, counting each one as done; closes at the end."""
+        try:
+            for item in items:
+                yield item
+                self.update()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------
@@ -309,6 +376,47 @@ def find_shards(data_path: str, split: str) -> list[str]:
 
 def load_validation_tokens(data_path: str) -> np.ndarray:
     return np.concatenate([load_data_shard(f) for f in find_shards(data_path, "val")])
+
+
+# Written beside the shards by data/cached_challenge_fineweb.py (source "challenge": checked against
+# the challenge's manifest) and by data/build_dataset.py (source "custom"); it records the sha256 of the
+# validation shards and of the tokenizer, which every run recomputes and logs.
+DATASET_MANIFEST = "dataset_manifest.json"
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def sha256_files(paths) -> str:
+    """sha256 of the files' bytes, concatenated in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_provenance(data_path: str, tokenizer_path: str) -> dict[str, str]:
+    """The `dataset` log line's fields: name, source (challenge, custom; unknown without a manifest;
+    modified when the files are not the ones the manifest recorded), the repository the data came from,
+    and the sha256 of the validation shards and of the tokenizer as they are now."""
+    info = {"name": Path(data_path).resolve().name, "source": "unknown",
+            "val_sha256": sha256_files(find_shards(data_path, "val")), "tokenizer_sha256": sha256_files([tokenizer_path])}
+    path = Path(data_path) / DATASET_MANIFEST
+    if not path.is_file():
+        return info | {"reason": f"no_{DATASET_MANIFEST}"}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        recorded = {"val_sha256": manifest["val"]["sha256"], "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
+        source, repo = str(manifest["source"]), manifest.get("repo_id")
+    except (ValueError, KeyError, TypeError) as e:
+        return info | {"reason": f"unreadable_{DATASET_MANIFEST}:{type(e).__name__}"}
+    differs = [k.removesuffix("_sha256") for k, v in recorded.items() if info[k] != v]
+    info["source"] = "modified" if differs else source
+    if repo:
+        info["repo"] = str(repo)
+    if differs:
+        info["reason"] = "differs_from_manifest:" + ",".join(differs)
+    return info
 
 
 class TokenStream:
@@ -1345,6 +1453,41 @@ def entropy_bytes(q: Tensor) -> float:
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
 
+@torch.no_grad()
+def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
+    """What the compressed model would weigh if these weights were saved under this plan: per quantized
+    tensor the order-0 entropy of its round-to-nearest levels plus its fp16 row scales, 2 bytes per
+    fp16 value, the raw bytes of anything else. At start-up the weights are the initial ones, so this
+    is an estimate of the plan's size, not of the trained artifact's."""
+    total = 0.0
+    for name, t in state.items():
+        bits = plan.get(name, FP16_BITS)
+        if not t.is_floating_point():
+            total += t.numel() * t.element_size()
+        elif bits == FP16_BITS:
+            total += 2 * t.numel()
+        else:
+            q, scale = quantize_rows_rtn(t.detach().reshape(t.size(0), -1), bits)
+            total += entropy_bytes(q) + 2 * scale.numel()
+    return int(total)
+
+
+def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: CodeForm, h: Hyperparameters,
+                          log) -> int:
+    """The start-up estimate of bytes_total, with a warning when it is over the cap or the fit target."""
+    total = code.bytes_code + estimate_model_bytes(state, plan)
+    log(f"artifact_estimate bytes_total:{total} bytes_code:{code.bytes_code} cap:{ARTIFACT_CAP_BYTES} "
+        f"target:{h.quant_target_bytes} basis:initial_weights")
+    if h.quant_target_bytes == 0 and total >= ARTIFACT_CAP_BYTES:
+        log(f"warning: the artifact is likely over the {ARTIFACT_CAP_BYTES}-byte cap (estimate {total} from the "
+            f"initial weights) and QUANT_TARGET_BYTES=0 turns the fitter off: the run may fail after training")
+    elif h.quant_target_bytes and total > h.quant_target_bytes:
+        log(f"warning: the artifact is likely over QUANT_TARGET_BYTES={h.quant_target_bytes} (estimate {total} "
+            f"from the initial weights): after training the fitter will demote the least sensitive tensors "
+            f"to fit, logging each one and the estimated bpb cost")
+    return total
+
+
 def demotion(w: Tensor, bits: int, input_power: Tensor) -> tuple[float, float]:
     """(added output noise, estimated bytes saved) when w goes from `bits` to DEMOTE_TO[bits].
 
@@ -1560,6 +1703,41 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# ---- the shipped code ------------------------------------------------------------------------------
+# The code's bytes count against the cap, so a record folder ships this file as a two-line wrapper that
+# decompresses (brotli, base85) and execs it under the name train_gpt.py (scripts/compact_train_gpt.py
+# writes it; tests/test_compact.py proves it runs the same code). bytes_code is always that shipped size,
+# whichever form ran, so the log, the fitter and the record folder count one number.
+
+COMPACT_BROTLI_QUALITY, COMPACT_BROTLI_WINDOW_BITS = 11, 24  # the largest window: the source is one context
+COMPACT_WRAPPER = ('import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("{blob}")),'
+                   '"train_gpt.py","exec"))\n')
+_COMPACT_RE = re.compile(re.escape(COMPACT_WRAPPER).replace(re.escape("{blob}"), '([^"]*)'))
+
+
+def compact_code(source: bytes) -> str:
+    blob = brotli.compress(source, quality=COMPACT_BROTLI_QUALITY, lgwin=COMPACT_BROTLI_WINDOW_BITS)
+    return COMPACT_WRAPPER.format(blob=base64.b85encode(blob).decode("ascii"))  # base85 has no quote or backslash
+
+
+@dataclass(frozen=True)
+class CodeForm:
+    """The code that runs: its readable source (embedded in the log) and the bytes it ships as."""
+    source: str
+    form: str  # "readable" or "compact": which file ran
+    bytes_code: int  # the compact wrapper's size: what a record folder ships and the cap counts
+
+
+def code_form(text: str) -> CodeForm:
+    """From the text of the file that runs: the compact wrapper counts as itself, a readable file as the
+    wrapper it would ship as."""
+    match = _COMPACT_RE.fullmatch(text)
+    if match:
+        source = brotli.decompress(base64.b85decode(match[1])).decode("utf-8")
+        return CodeForm(source, "compact", len(text.encode("utf-8")))
+    return CodeForm(text, "readable", len(compact_code(text.encode("utf-8"))))
+
+
 def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None) -> None:
     cap = ARTIFACT_CAP_BYTES if cap is None else cap
     total = bytes_code + bytes_model
@@ -1580,15 +1758,52 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
     targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
     if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
         return {}
+    batch_seqs = h.val_batch_seqs(h.train_seq_len)
     batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
-                                  h.val_batch_seqs(h.train_seq_len), rt.rank, rt.world_size, rt.device)
-    return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
+                                  batch_seqs, rt.rank, rt.world_size, rt.device)
+    mine = len(range(rt.rank, h.gptq_calib_seqs, rt.world_size))
+    progress = Progress("calibration", -(-mine // batch_seqs), rt.is_main)
+    return collect_hessians(base_model, progress.wrap(batches), targets, rt.autocast, rt.world_size)
+
+
+FIT_PROBE_SEQS = 32  # training sequences on which the fitter's cost is estimated
+
+
+@torch.no_grad()
+def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, autocast) -> float:
+    """bpb of `model` with `weights` loaded, on these (inputs, targets) batches; the model's own weights
+    are put back afterwards. For estimates only (what a change of the weights costs), never a score."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    try:
+        nats = nbytes = 0.0
+        for x, y in batches:
+            with autocast():
+                nats += model(x, y).double().sum().item()
+            nbytes += luts.token_bytes(x, y).sum().item()
+    finally:
+        model.load_state_dict(saved)
+    return nats / math.log(2) / nbytes
+
+
+def log_fit_cost(base_model: GPT, packed: dict, blob: bytes, h: Hyperparameters, rt: Runtime, luts: ByteLUTs,
+                 log) -> None:
+    """What the fitter's demotions cost: bpb of the unfitted and of the fitted quantized weights on the
+    first FIT_PROBE_SEQS training sequences (which the model trained on: a relative estimate; the
+    final evaluations measure the fitted artifact itself)."""
+    batches = list(calibration_batches(find_shards(h.data_path, "train"), FIT_PROBE_SEQS, h.train_seq_len,
+                                       h.val_batch_seqs(h.train_seq_len), 0, 1, rt.device))
+    before = probe_bpb(base_model, dequantize_state_dict(packed), batches, luts, rt.autocast)
+    after = probe_bpb(base_model, dequantize_state_dict(deserialize_artifact(blob)), batches, luts, rt.autocast)
+    log(f"quant_fit cost_est_bpb:{after - before:+.6f} probe_bpb_unfitted:{before:.6f} probe_bpb_fitted:{after:.6f} "
+        f"probe:{FIT_PROBE_SEQS}_training_seqs")
 
 
 def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
-                 log) -> bytes | None:
+                 log, luts: ByteLUTs | None = None) -> bytes | None:
     """After training: GPTQ calibration on training shards (all ranks), then quantization, compression
-    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None)."""
+    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None). With
+    luts, a fit that demoted tensors logs its estimated bpb cost."""
     rt.sync()
     t0 = time.perf_counter()
     with full_fp32_matmul():
@@ -1614,8 +1829,13 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
                                    storage=h.quant_storage, log=log)
         blob = encode(packed)
         if h.quant_target_bytes > 0:
-            plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
-                                         encode, hessians, log)
+            log(f"quant_fit bytes_total:{code_bytes + len(blob)} target:{h.quant_target_bytes} "
+                f"fit_needed:{int(code_bytes + len(blob) > h.quant_target_bytes)}")
+            fitted_plan, fitted = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes,
+                                                  quantize, encode, hessians, log)
+            if fitted_plan != plan and luts is not None:
+                log_fit_cost(base_model, packed, fitted, h, rt, luts, log)
+            blob = fitted
     params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
         f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
@@ -1662,6 +1882,15 @@ def sliding_window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np
     return np.asarray(starts, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
 
 
+def num_eval_batches(num_tokens: int, seq_len: int, stride: int, batch_windows: int, rank: int = 0,
+                     world_size: int = 1) -> int:
+    """How many batches eval_batches yields on this rank, without building the window plan."""
+    targets = num_tokens - 1
+    windows = 1 + max(0, -(-(targets - seq_len) // stride))  # the first window, then one per stride
+    mine = windows // world_size + (rank < windows % world_size)  # np.array_split's share
+    return -(-mine // batch_windows)
+
+
 def eval_batches(val_tokens: Tensor, seq_len: int, stride: int, batch_windows: int, rank: int = 0,
                  world_size: int = 1):
     """This rank's share of the sliding windows, batch_windows at a time: (x, y, scored, target_pos).
@@ -1689,10 +1918,14 @@ def eval_batches(val_tokens: Tensor, seq_len: int, stride: int, batch_windows: i
 @torch.no_grad()
 def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
              batch_windows: int, rank: int = 0, world_size: int = 1,
-             autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+             autocast=contextlib.nullcontext, phase: str = "eval") -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once. Rank 0
+    shows its progress under the name `phase`."""
     sums = torch.zeros(3, device=val_tokens.device, dtype=torch.float64)  # nats, tokens, bytes
-    for x, y, scored, _ in eval_batches(val_tokens, seq_len, stride, batch_windows, rank, world_size):
+    progress = Progress(phase, num_eval_batches(len(val_tokens), seq_len, stride, batch_windows, rank, world_size),
+                        rank == 0)
+    batches = eval_batches(val_tokens, seq_len, stride, batch_windows, rank, world_size)
+    for x, y, scored, _ in progress.wrap(batches):
         with autocast():
             nll = model(x, y)
         sums[0] += nll.double()[scored].sum()
@@ -1741,6 +1974,7 @@ class Runtime:
     grad_accum: int
     autocast: Callable
     ns_dtype: torch.dtype
+    threads_from: str = ""  # how torch's CPU thread count was chosen (choose_cpu_threads)
 
     @property
     def is_main(self) -> bool:
@@ -1766,6 +2000,12 @@ def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, r
     return total / rt.grad_accum
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether model (or the module DDP wraps) went through torch.compile."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return isinstance(inner, torch._dynamo.eval_frame.OptimizedModule)
+
+
 def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters) -> None:
     """Clip the gradients, step every optimizer, drop the gradients."""
     if h.grad_clip_norm > 0:
@@ -1778,15 +2018,20 @@ def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters) -> No
 
 def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Runtime, log) -> None:
     """Run WARMUP_STEPS real steps to compile and warm kernels, then restore the initial weights and
-    optimizer state so the timed run starts from step 0 exactly as without priming."""
+    optimizer state so the timed run starts from step 0 exactly as without priming. Where nothing
+    compiles (CPU, COMPILE=0) there is nothing to prime: the steps would only cost time."""
     if h.warmup_steps == 0:
+        return
+    if not is_compiled(model):
+        log(f"warmup steps:0 skipped:WARMUP_STEPS={h.warmup_steps} reason:nothing compiles "
+            f"({'cpu run' if rt.device.type != 'cuda' else 'COMPILE=0'})")
         return
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
     t0 = time.perf_counter()
-    for _ in range(h.warmup_steps):
+    for _ in Progress("warmup", h.warmup_steps, rt.is_main, unit="step").wrap(range(h.warmup_steps)):
         train_step(model, optimizers, loader, h, rt)
     rt.sync()
     base_model.load_state_dict(model_state)
@@ -1973,7 +2218,7 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
 # ----------------------------------------------------------------------------------------------------
 
 
-LOGGED_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+LOGGED_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 
 class Logger:
@@ -1994,6 +2239,22 @@ class Logger:
             f.write(msg + "\n")
 
 
+def choose_cpu_threads(h: Hyperparameters, env, local_procs: int = 1) -> tuple[int, str]:
+    """(torch threads per process, why) for a CPU run: CPU_THREADS, else OMP_NUM_THREADS, else the cores
+    that are idle now (cores minus the 1-minute load average, rounded), shared among this machine's
+    processes. More threads than idle cores is the trap: threads that wait for each other on busy cores
+    made one step 44x slower (51.9 s against 1.2 s with one thread) on a loaded 2-core machine."""
+    if h.cpu_threads > 0:
+        return h.cpu_threads, "CPU_THREADS"
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = min(cores, int(cores - load + 0.5))
+    return max(1, idle // max(1, local_procs)), f"auto(cores={cores},load_1min={load:.2f},processes={local_procs})"
+
+
 def setup_runtime(h: Hyperparameters, env) -> Runtime:
     world_size = int(env.get("WORLD_SIZE", "1"))
     rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
@@ -2004,12 +2265,16 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        threads_from = "untouched(cuda)"
+    else:
+        threads, threads_from = choose_cpu_threads(h, env, int(env.get("LOCAL_WORLD_SIZE", world_size)))
+        torch.set_num_threads(threads)
     if world_size > 1:
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     # CPU has no fast bf16 matmul; Newton-Schulz there runs in fp32, which also keeps it reproducible.
     ns_dtype = torch.bfloat16 if cuda else torch.float32
-    return Runtime(rank, world_size, device, accum, autocast, ns_dtype)
+    return Runtime(rank, world_size, device, accum, autocast, ns_dtype, threads_from)
 
 
 def shared_run_id(h: Hyperparameters, rt: Runtime) -> Hyperparameters:
@@ -2028,7 +2293,8 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
     for f in dataclasses.fields(h):
         log(f"hparam {f.name}:{getattr(h, f.name)}")
     log(f"runtime world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} "
-        f"autocast:{'bf16' if rt.device.type == 'cuda' else 'off(fp32)'} ns_dtype:{rt.ns_dtype}")
+        f"autocast:{'bf16' if rt.device.type == 'cuda' else 'off(fp32)'} ns_dtype:{rt.ns_dtype} "
+        f"cpu_threads:{torch.get_num_threads()} cpu_threads_from:{rt.threads_from}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
         f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)
@@ -2037,6 +2303,16 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
         log(f"gpu name:{torch.cuda.get_device_name(rt.device)}")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout, console=False)
+
+
+def log_dataset(info: dict[str, str], log) -> None:
+    """The `dataset` line (dataset_provenance), and a note when the run's score is not comparable to
+    the leaderboard's: only the challenge's published validation data and tokenizer are."""
+    log("dataset " + " ".join(f"{k}:{v}" for k, v in info.items()))
+    if info["source"] != "challenge":
+        log(f"note: dataset source:{info['source']}: not the challenge's published data "
+            f"({info.get('reason', 'built by data/build_dataset.py')}); the score is not comparable to the "
+            f"leaderboard and scripts/make_record.py writes such runs as non-record folders only")
 
 
 def seed_everything(seed: int) -> None:
@@ -2073,7 +2349,8 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
     rt.sync()
     t0 = time.perf_counter()
     batch = h.val_batch_seqs(seq_len)
-    loss, bpb = evaluate(eval_model, val_tokens, luts, seq_len, stride, batch, rt.rank, rt.world_size, rt.autocast)
+    loss, bpb = evaluate(eval_model, val_tokens, luts, seq_len, stride, batch, rt.rank, rt.world_size, rt.autocast,
+                         phase=label)
     rt.sync()
     log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} seq_len:{seq_len} stride:{stride} "
         f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -2097,8 +2374,9 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
     h = shared_run_id(h, rt)
     out_dir = Path(h.out_dir)
     log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None)
-    source = Path(__file__).read_text(encoding="utf-8")
-    log_preamble(log, h, rt, source, env)
+    code = code_form(Path(__file__).read_text(encoding="utf-8"))  # the readable source, whichever form ran
+    log_preamble(log, h, rt, code.source, env)
+    log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))}")
     seed_everything(h.seed)
 
     sp = load_tokenizer(h.tokenizer_path)
@@ -2106,10 +2384,14 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
     val_tokens = torch.from_numpy(load_validation_tokens(h.data_path).astype(np.int32)).to(rt.device)
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
+    if rt.is_main:
+        log_dataset(dataset_provenance(h.data_path, h.tokenizer_path), log)
 
     base, model, eval_model, orthogonalize = build_model(h, rt, log, sp.bos_id())
     plan = plan_from_hparams(base.state_dict(), h, base.fp16_param_names())  # a bad QUANT_PLAN fails fast
     log_quant_plan(plan, base.state_dict(), log)
+    if rt.is_main:
+        log_artifact_estimate(base.state_dict(), plan, code, h, log)
     optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
     for line in describe_optimizers(optimizers):
         log(line)
@@ -2117,7 +2399,7 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
     def eval_fn():
         batch = h.val_batch_seqs(h.train_seq_len)
         return evaluate(eval_model, val_tokens, luts, h.train_seq_len, h.train_seq_len, batch,
-                        rt.rank, rt.world_size, rt.autocast)
+                        rt.rank, rt.world_size, rt.autocast, phase="val")
 
     prime_kernels(model, optimizers, base, h, rt, log)
     result = train(model, optimizers, base, eval_fn, h, rt, log)
@@ -2131,8 +2413,8 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
             f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")
 
     artifact = out_dir / f"{h.run_id}.ptz"
-    code_bytes = len(source.encode("utf-8"))
-    save_artifact(export_model(base, plan, code_bytes, h, rt, log), artifact, code_bytes, rt, log)
+    blob = export_model(base, plan, code.bytes_code, h, rt, log, luts)
+    save_artifact(blob, artifact, code.bytes_code, rt, log)
     base.load_state_dict(load_artifact(artifact))
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, h.train_seq_len, h.train_seq_len, h, rt, log)
     timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, h.eval_seq_len, h.eval_stride, h, rt, log)

@@ -27,9 +27,12 @@ import os
 import platform
 import random
 import re
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -164,6 +167,7 @@ class Hyperparameters:
     # Runtime.
     compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
     cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
+    resume_from: str = _hp("")  # a checkpoint a stopped run wrote (<OUT_DIR>/<RUN_ID>.ckpt): continue that run
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -428,6 +432,13 @@ class TokenStream:
         self.tokens = load_data_shard(files[0])
         self.pos = 0
 
+    def state_dict(self) -> dict:
+        return {"file_index": self.file_index, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.file_index, self.pos = state["file_index"], state["pos"]
+        self.tokens = load_data_shard(self.files[self.file_index])
+
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
@@ -452,6 +463,12 @@ class DistributedTokenLoader:
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
         self.stream = TokenStream(files)
         self.rank, self.world_size, self.device = rank, world_size, device
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
 
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         seqs_per_rank = global_tokens // seq_len // self.world_size
@@ -502,6 +519,15 @@ class CoprimeBlockOrder:
         self.shards, self.blocks = shards, (phase[shards] + k * stride[shards]) % counts[shards]
         self.pos = 0
 
+    def state_dict(self) -> dict:
+        """Where the order stands: the current pass and the generator that draws the next ones."""
+        return {"rng": self.rng.bit_generator.state, "shards": torch.from_numpy(self.shards),
+                "blocks": torch.from_numpy(self.blocks), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.shards, self.blocks, self.pos = state["shards"].numpy(), state["blocks"].numpy(), state["pos"]
+
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next n draws as (shard index, block index) arrays; a new pass starts when one ends."""
         shards, blocks = [], []
@@ -531,6 +557,12 @@ class CoprimeLoader:
         self.tokens = [t for t, n in zip(tokens, counts) if n]
         self.order = CoprimeBlockOrder([n for n in counts if n], seed)
         self.rank, self.world_size, self.device, self.seq_len = rank, world_size, device, seq_len
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
 
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         if seq_len != self.seq_len:
@@ -2062,6 +2094,15 @@ class WeightAverage:
             torch._foreach_add_(self.sums, weights)
             self.count += 1
 
+    def state_dict(self) -> dict:
+        return {"sums": [t.detach().clone() for t in self.sums], "count": self.count}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for t, saved in zip(self.sums, state["sums"], strict=True):
+            t.copy_(saved)
+        self.count = state["count"]
+
     @torch.no_grad()
     def load_into_model(self) -> bool:
         """Overwrite the model's weights with the average; False, leaving them alone, if none was collected."""
@@ -2113,6 +2154,12 @@ class QATSchedule:
             self.log(f"qat_on step:{step} lr_mult:{lr_mult:.4f} mode:{self.h.qat} matrices:{len(self.layers)}")
         self._set(True, self.alpha(step))
 
+    def state_dict(self) -> dict:
+        return {"start_step": self.start_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_step = state["start_step"]  # the buffers follow at the next update
+
     def alpha(self, step: int) -> float:
         h = self.h
         ramp = 1.0 if h.qat_soft_ramp_steps == 0 else min(1.0, (step - self.start_step) / h.qat_soft_ramp_steps)
@@ -2140,15 +2187,6 @@ class QATSchedule:
             m.qat_alpha.fill_(alpha)
 
 
-def all_ranks_agree(flag: bool, rt: Runtime) -> bool:
-    """True if any rank says True: ranks must stop on the same step or the collectives deadlock."""
-    if rt.world_size == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 @dataclass
 class TrainResult:
     val_loss: float  # the raw weights after the last step
@@ -2164,15 +2202,209 @@ def next_step_overruns(elapsed_ms: float, steps: int, budget_ms: float) -> bool:
     return elapsed_ms + elapsed_ms / steps > budget_ms
 
 
+# ---- interrupts, checkpoints and resume -------------------------------------------------------------
+# SIGINT (Ctrl-C) or SIGTERM (a scheduler; torchrun passes its own on to the workers) during training
+# stops the run after the current step, once all ranks agree, and writes a checkpoint from which
+# RESUME_FROM continues the run exactly; outside the training loop they end the run at once. Either way
+# the run says what was kept.
+
+SIGNAL_REPEAT_GRACE_S = 2.0  # Ctrl-C under torchrun reaches a worker twice (terminal, then torchrun)
+INTERRUPT_CHECK_STEPS = 10  # without a wallclock cap, ranks compare their flags every this many steps
+CHECKPOINT_VERSION = 1
+
+
+class RunInterrupted(Exception):
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+
+class Interrupts:
+    """The SIGINT/SIGTERM handler. While `deferring` (the training loop) a signal only sets `received`,
+    read between steps; elsewhere it raises RunInterrupted at once. A signal repeated after
+    SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a checkpoint being written).
+    `kept` lists what the run has written so far, for the message when it stops."""
+
+    def __init__(self, verbose: bool = True):
+        self.received: int | None = None
+        self.first_at = 0.0
+        self.deferring, self.verbose, self.kept, self.previous = False, verbose, [], {}
+        self.log = None  # the run's Logger, once it has one
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.received is not None and now - self.first_at < SIGNAL_REPEAT_GRACE_S:
+            return  # the same stop request, delivered twice
+        first = self.received is None
+        self.received, self.first_at = signum, now if first else self.first_at
+        if self.deferring and first:
+            if self.verbose:
+                print(f"{signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+                      f"(send it again to stop at once)", flush=True)
+            return
+        raise RunInterrupted(signum)
+
+
+def agree_any(flags: list[bool], rt: Runtime) -> list[bool]:
+    """Each flag, true if any rank says so, in one all-reduce: ranks must stop on the same step or the
+    collectives deadlock."""
+    if rt.world_size == 1:
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def checkpoint_path(h: Hyperparameters) -> Path:
+    return Path(h.out_dir) / f"{h.run_id}.ckpt"
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": numpy_state, "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    random.setstate(state["python"])
+
+
+def write_checkpoint(path: Path, shared: dict, own: dict, rt: Runtime) -> None:
+    """shared.pt (rank 0: everything all ranks hold alike) and rank<r>.pt (each rank's optimizer state:
+    Muon keeps momentum only for the matrices a rank orthogonalizes; RNG), written into a temporary
+    folder that replaces `path` whole, so a stop during the write never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if rt.world_size > 1:
+        dist.barrier()
+    torch.save(own, tmp / f"rank{rt.rank}.pt")
+    if rt.is_main:
+        torch.save(shared, tmp / "shared.pt")
+    if rt.world_size > 1:
+        dist.barrier()
+    if rt.is_main:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+def read_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict, dict]:
+    """(shared part, this rank's part); a missing or foreign checkpoint is a clear error."""
+    path = Path(path)
+    try:
+        shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
+        own = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ValueError(f"RESUME_FROM={path}: not a checkpoint ({Path(e.filename).name} is missing)") from None
+    if shared.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"RESUME_FROM={path}: checkpoint format {shared.get('version')}, this train_gpt.py reads "
+                         f"{CHECKPOINT_VERSION}")
+    return shared, own
+
+
+# Settings that may differ on resume: they do not change what the run computes.
+RESUME_FREE_SETTINGS = ("resume_from", "cpu_threads")
+
+
+def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_size: int) -> Hyperparameters:
+    """The checkpoint's settings; a setting the environment gives another value, other code or another
+    number of processes would not continue the same run, and is refused."""
+    saved = shared["hparams"]
+    differ = [f"{f.name.upper()}={getattr(h, f.name)!r} (the run: {saved[f.name]!r})"
+              for f in dataclasses.fields(h) if f.name.upper() in env and f.name not in RESUME_FREE_SETTINGS
+              and getattr(h, f.name) != saved[f.name]]
+    if differ:
+        raise ValueError(f"RESUME_FROM={h.resume_from}: the checkpoint's run has other settings: {', '.join(differ)}; "
+                         f"unset them (the checkpoint's are used)")
+    if shared["code_sha256"] != hashlib.sha256(source.encode("utf-8")).hexdigest():
+        raise ValueError(f"RESUME_FROM={h.resume_from}: train_gpt.py changed since the checkpoint was written; "
+                         f"a run resumes with its own code")
+    if shared["world_size"] != world_size:
+        raise ValueError(f"RESUME_FROM={h.resume_from}: the run had {shared['world_size']} processes, this one "
+                         f"{world_size}: resume with --nproc_per_node={shared['world_size']}")
+    return dataclasses.replace(Hyperparameters(**saved), **{k: getattr(h, k) for k in RESUME_FREE_SETTINGS})
+
+
+@dataclass
+class RunControl:
+    """What the training loop needs to stop cleanly and to resume: the signal handler, where the
+    checkpoint goes, the code's sha256 and the log file (both saved in it), the checkpoint to resume."""
+    interrupts: Interrupts
+    path: Path
+    code_sha256: str
+    log_path: Path | None
+    resume: tuple[dict, dict] | None = None
+
+
+def restore_training(resume: tuple[dict, dict], base_model: GPT, optimizers: list, parts: dict) -> tuple:
+    """Load a checkpoint into the model, optimizers and the loop's parts; (step, train_ms, stop_at)."""
+    shared, own = resume
+    base_model.load_state_dict(shared["model"])
+    for opt, state in zip(optimizers, own["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    for name, part in parts.items():
+        part.load_state_dict(shared["parts"][name])
+    set_rng_state(own["rng"])
+    return shared["step"], shared["train_ms"], shared["stop_at"]
+
+
+def stop_with_checkpoint(signum: int, step: int, train_ms: float, stop_at: int | None, base_model: GPT,
+                         optimizers: list, parts: dict, control: RunControl, h: Hyperparameters, rt: Runtime, log):
+    """Write the checkpoint of the state after `step` and end the run, saying how to resume it."""
+    name = signal.Signals(signum).name
+    log(f"interrupted signal:{name} step:{step}/{h.iterations} train_time:{train_ms:.0f}ms checkpoint:{control.path}")
+    shared = {"version": CHECKPOINT_VERSION, "hparams": dataclasses.asdict(h), "world_size": rt.world_size,
+              "code_sha256": control.code_sha256, "step": step, "train_ms": train_ms, "stop_at": stop_at,
+              "signal": name, "model": base_model.state_dict(),
+              "parts": {k: part.state_dict() for k, part in parts.items()},
+              "log": control.log_path.read_text(encoding="utf-8") if control.log_path else ""}
+    own = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state()}
+    write_checkpoint(control.path, shared, own, rt)
+    control.interrupts.kept.append(f"the checkpoint {control.path} (weights, optimizer state, averages, schedule, "
+                                   f"data position, RNG, after step {step}/{h.iterations})")
+    raise RunInterrupted(signum, f"resume with: {resume_command(control.path, rt.world_size)}")
+
+
+def resume_command(path: Path, world_size: int) -> str:
+    launcher = "python train_gpt.py" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size} train_gpt.py"
+    return f"RESUME_FROM={path} {launcher}"
+
+
 def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
-          log) -> TrainResult:
-    """The timed loop, stopped by ITERATIONS or the training budget (the cap minus the GPTQ reserve)."""
+          log, control: RunControl | None = None) -> TrainResult:
+    """The timed loop, stopped by ITERATIONS or the training budget (the cap minus the GPTQ reserve), or
+    by a signal (after the step it interrupts: a checkpoint, then RunInterrupted); continues
+    control.resume when given."""
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     average, qat = WeightAverage(base_model, h), QATSchedule(base_model, h, log)
     budget_ms = train_budget_ms(h)
     log(f"schedule train_budget:{budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
         f"warmdown_frac:{h.warmdown_frac} warmdown_floor:{h.warmdown_floor}")
     train_ms, step, stop_at = 0.0, 0, None
+    parts = {"loader": loader, "average": average, "schedule": qat}  # a checkpoint holds their state
+    control = control or RunControl(Interrupts(verbose=False), checkpoint_path(h), "", None)
+    if control.resume is not None:
+        step, train_ms, stop_at = restore_training(control.resume, base_model, optimizers, parts)
+    control.interrupts.deferring = True  # a signal now stops the run after the current step
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -2206,9 +2438,21 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        if stop_at is None and budget_ms > 0 and all_ranks_agree(next_step_overruns(elapsed, step, budget_ms), rt):
-            stop_at = step
-            log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
+        # One all-reduce carries both stop reasons: every step under a wallclock cap, else every
+        # INTERRUPT_CHECK_STEPS steps (a single process reads its own flag every step, for free).
+        check_budget = stop_at is None and budget_ms > 0
+        if check_budget or rt.world_size == 1 or step % INTERRUPT_CHECK_STEPS == 0:
+            overruns, interrupted = agree_any([check_budget and next_step_overruns(elapsed, step, budget_ms),
+                                               control.interrupts.received is not None], rt)
+            if overruns:
+                stop_at = step
+                log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
+            if interrupted:
+                rt.sync()
+                stop_with_checkpoint(control.interrupts.received or signal.SIGTERM, step,
+                                     train_ms + 1000 * (time.perf_counter() - t0), stop_at, base_model, optimizers,
+                                     parts, control, h, rt, log)
+    control.interrupts.deferring = False
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
     return TrainResult(val_loss, val_bpb, step, train_ms, average)
 
@@ -2224,11 +2468,11 @@ LOGGED_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_T
 class Logger:
     """Rank 0 writes to stdout and to <out_dir>/<run_id>.txt; other ranks stay silent."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, text: str = ""):
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            path.write_text(text, encoding="utf-8")
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if self.path is None:
@@ -2361,21 +2605,43 @@ def main(env=None) -> None:
     env = os.environ if env is None else env
     h = Hyperparameters.from_env(env)
     rt = setup_runtime(h, env)
+    interrupts = Interrupts(verbose=rt.is_main)
+    interrupts.install()
     try:
-        run(h, rt, env)
+        run(h, rt, env, interrupts)
         if dist.is_initialized():
             dist.barrier()  # tear down together: a rank leaving gloo early sometimes aborted its peer at exit
+    except RunInterrupted as e:  # a clean stop: say what was kept, no traceback
+        kept = "; ".join(interrupts.kept) or "nothing"
+        message = f"stopped by {signal.Signals(e.signum).name}: kept {kept}" + (f"; {e.message}" if e.message else "")
+        if getattr(interrupts, "log", None) is not None:
+            interrupts.log(message)
+        elif rt.is_main:
+            print(message, flush=True)
+        raise SystemExit(128 + e.signum) from None
     finally:
+        interrupts.uninstall()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(h: Hyperparameters, rt: Runtime, env) -> None:
+def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = None) -> None:
+    interrupts = interrupts or Interrupts(verbose=False)
+    code = code_form(Path(__file__).read_text(encoding="utf-8"))  # the readable source, whichever form ran
+    resume = read_checkpoint(h.resume_from, rt.rank) if h.resume_from else None
+    if resume is not None:
+        h = resumed_hparams(h, env, resume[0], code.source, rt.world_size)
     h = shared_run_id(h, rt)
     out_dir = Path(h.out_dir)
-    log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None)
-    code = code_form(Path(__file__).read_text(encoding="utf-8"))  # the readable source, whichever form ran
-    log_preamble(log, h, rt, code.source, env)
+    log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None, resume[0]["log"] if resume else "")
+    interrupts.log = log
+    if log.path is not None:
+        interrupts.kept.append(f"the log {log.path}")
+    if resume is None:
+        log_preamble(log, h, rt, code.source, env)
+    else:  # the log so far came with the checkpoint: it goes on as one run's log, saying where it resumed
+        log(f"resume from:{h.resume_from} step:{resume[0]['step']} train_time:{resume[0]['train_ms']:.0f}ms "
+            f"signal:{resume[0]['signal']} world_size:{rt.world_size} cpu_threads:{torch.get_num_threads()}")
     log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))}")
     seed_everything(h.seed)
 
@@ -2402,7 +2668,9 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
                         rt.rank, rt.world_size, rt.autocast, phase="val")
 
     prime_kernels(model, optimizers, base, h, rt, log)
-    result = train(model, optimizers, base, eval_fn, h, rt, log)
+    control = RunControl(interrupts, checkpoint_path(h), hashlib.sha256(code.source.encode("utf-8")).hexdigest(),
+                         log.path, resume)
+    result = train(model, optimizers, base, eval_fn, h, rt, log, control)
     log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
         f"train_time:{result.train_ms:.0f}ms")
     weights = select_final_weights(result.average, h, log)
@@ -2415,6 +2683,7 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
     artifact = out_dir / f"{h.run_id}.ptz"
     blob = export_model(base, plan, code.bytes_code, h, rt, log, luts)
     save_artifact(blob, artifact, code.bytes_code, rt, log)
+    interrupts.kept.append(f"the artifact {artifact} (score it: ARTIFACT_PATH={artifact} python eval_ngram_on_checkpoint.py)")
     base.load_state_dict(load_artifact(artifact))
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, h.train_seq_len, h.train_seq_len, h, rt, log)
     timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, h.eval_seq_len, h.eval_stride, h, rt, log)

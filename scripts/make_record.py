@@ -211,7 +211,7 @@ def submission_json(rec: Record) -> dict:
     per_seed = {str(r.seed): {"val_loss": r.submission.val_loss, "val_bpb": r.submission.val_bpb,
                               "artifact_bytes": rec.totals[r.seed], "bytes_model": r.artifact["bytes_model"],
                               "steps": r.steps, "train_time_s": round(r.train_time_ms / 1000, 3),
-                              "eval_time_s": round(r.eval_time_ms / 1000, 3)}
+                              "eval_time_s": round(r.eval_time_ms / 1000, 3), "resumed_at_steps": r.resumed_at}
                 for r in runs}
     sub = {
         "author": rec.meta.author, "github_id": rec.meta.github_id, "name": rec.meta.name,
@@ -261,6 +261,16 @@ The record checks this run does not pass:
 """
 
 
+def resumed_text(runs: list[RunLog]) -> str:
+    """Whether any seed was stopped by a signal and resumed from its checkpoint (the logs' `resume` lines)."""
+    resumed = [f"seed {r.seed} at step{'s' if len(r.resumed_at) > 1 else ''} {', '.join(map(str, r.resumed_at))}"
+               for r in runs if r.resumed_at]
+    if not resumed:
+        return "Every seed ran in one piece (no log has a `resume` line)."
+    return (f"Resumed from a checkpoint after a stop (RESUME_FROM; the log's `resume` line): {'; '.join(resumed)}. "
+            f"A resumed run continues the same computation; its train_time is the sum of the pieces.")
+
+
 def readme_text(rec: Record) -> str:
     runs, meta, sub = rec.runs, rec.meta, submission_json(rec)
     seeds = " ".join(str(r.seed) for r in runs)
@@ -286,6 +296,8 @@ shipped code plus the seed's model), and val_loss / val_bpb of every final evalu
 sample std.
 
 {markdown_table(*seed_table(runs, rec.totals))}
+
+{resumed_text(runs)}
 
 ## Significance
 

@@ -10,6 +10,7 @@ The log contract (train_gpt.py's Logger and log_preamble; README "Reading the lo
     code form:.. bytes_code:.. bytes_source:..  the shipped (compact) size and the embedded source's size
     dataset name:.. source:.. val_sha256:.. tokenizer_sha256:..     which data the run trained and scored on
     artifact path:.. bytes_code:.. bytes_model:.. bytes_total:..
+    resume from:.. step:N train_time:..ms signal:..  where a run stopped by a signal went on from its checkpoint
 
 Final evaluations are read generically (every `final_<name>` line with val_loss and val_bpb), so new
 evaluations need no change here. A log is complete (its run finished) when it has a step line, the
@@ -64,6 +65,7 @@ class RunLog:
     artifact: dict[str, int] = field(default_factory=dict)  # bytes_code, bytes_model, bytes_total
     code: dict[str, str] = field(default_factory=dict)  # the `code` line: form, bytes_code, bytes_source
     dataset: dict[str, str] = field(default_factory=dict)  # the `dataset` line: name, source, sha256s
+    resumed_at: list[int] = field(default_factory=list)  # the steps the run resumed from a checkpoint at
 
     @property
     def code_hash(self) -> str:
@@ -154,6 +156,8 @@ def parse_line(run: RunLog, line: str) -> None:
         run.code = key_values(rest)
     elif head == "dataset":
         run.dataset = key_values(rest)
+    elif head == "resume":
+        run.resumed_at.append(int(key_values(rest)["step"]))
     elif head == "artifact":
         run.artifact = {k: int(v) for k, v in key_values(rest).items() if k.startswith("bytes_")}
     elif m := STEP_LINE.match(line):

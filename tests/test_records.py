@@ -119,6 +119,27 @@ def test_sweep_resumes_where_it_stopped(sweep, tmp_path):
     assert (out / "seed_42.ptz").exists() and not (out / "seed_1337.ptz").exists()
 
 
+def test_sweep_resumes_a_stopped_seed_from_its_checkpoint(sweep, tmp_path, monkeypatch):
+    import scripts.sweep as sweep_module
+
+    out = copy_logs(sweep, tmp_path / "sweep")
+    text = sweep.logs[42]
+    (out / "seed_42.txt").write_text(text[:text.index("\nstep:3/")])  # stopped by a signal at step 2...
+    (out / "seed_42.ckpt").mkdir()
+    (out / "seed_42.ckpt" / "shared.pt").write_bytes(b"")  # ...with its checkpoint
+    launched = []
+
+    def stopped_again(cmd, env):  # the resumed seed is stopped once more
+        launched.append(env)
+        return 130
+    monkeypatch.setattr(sweep_module, "run_child", stopped_again)
+    with pytest.raises(SweepError, match=r"seed 42 was stopped by a signal and wrote its checkpoint .*seed_42.ckpt; "
+                                         r"rerun the same command to resume it"):
+        run_sweep(list(DEFAULT_SEEDS), out, 1, sweep.env)
+    assert [env["RESUME_FROM"] for env in launched] == [str((out / "seed_42.ckpt").resolve())]
+    assert all(env["SEED"] == "42" for env in launched)
+
+
 def test_sweep_refuses_to_resume_another_experiment(sweep, tmp_path):
     out = copy_logs(sweep, tmp_path / "sweep")
     with pytest.raises(SweepError, match=r"hparam num_layers: 2 in the log, 3 now.*another --out-dir"):
@@ -219,7 +240,7 @@ def test_record_folder(sweep, tmp_path, capsys):
             short = name.removeprefix("final_")
             assert (row[f"{short} val_loss"], row[f"{short} val_bpb"]) == (loss, bpb)
     assert "ITERATIONS=4" in readme and "SEED=$SEED torchrun --standalone --nproc_per_node=8 train_gpt.py" in readme
-    assert readme.count(": pass: ") == 6
+    assert readme.count(": pass: ") == 6 and "Every seed ran in one piece (no log has a `resume` line)." in readme
     assert f"`train_gpt.py` ({len(shipped):,} bytes) is the file that runs and the one whose bytes count" in readme
     # The README's own check that the two files are the same code, run as a reader would.
     check = re.search(r"^(python3 -c .*)$", readme, re.M)[1]
@@ -241,7 +262,13 @@ def test_a_cpu_run_on_built_data_is_refused_as_a_record_and_written_as_a_non_rec
     assert "--non-record writes it to records/track_non_record_16mb/" in message
     assert not (tmp_path / "records").exists()
 
-    folder = make_record([sweep.out], META, None, tmp_path / "records", non_record=True)
+    def resumed(seed, text):  # seed 42 stopped after step 2 and went on from its checkpoint
+        if seed != 42:
+            return text
+        cut = text.index("\nstep:3/")
+        return text[:cut] + "\nresume from:runs/x/seed_42.ckpt step:2 train_time:300ms signal:SIGINT world_size:1" + text[cut:]
+    logs = copy_logs(sweep, tmp_path / "logs", resumed)
+    folder = make_record([logs], META, None, tmp_path / "records", non_record=True)
     assert folder == tmp_path / "records" / "track_non_record_16mb" / "2026-01-02_Tiny_test_run"
     sub = json.loads((folder / "submission.json").read_text())
     assert sub["track"] == "non_record_16mb" and "p_value" not in sub
@@ -251,6 +278,8 @@ def test_a_cpu_run_on_built_data_is_refused_as_a_record_and_written_as_a_non_rec
     assert "## Why this is a non-record submission" in readme
     assert "- data: validation data and tokenizer must be the challenge's published ones" in readme
     assert "No baseline was given: no significance test." in readme
+    assert "Resumed from a checkpoint after a stop (RESUME_FROM; the log's `resume` line): seed 42 at step 2." in readme
+    assert [sub["seed_results"][str(s)]["resumed_at_steps"] for s in (42, 1337)] == [[2], []]
 
 
 def test_a_non_record_must_still_fit_the_cap(sweep, tmp_path):

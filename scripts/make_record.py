@@ -3,9 +3,9 @@
     python scripts/make_record.py runs/my_idea --name "11L XSA GPTQ" --author "Ada Lovelace" \\
         --github-id ada --blurb "one line on what changed" --baseline-val-loss 1.8911 1.8935 1.8902
 
-writes records/track_10min_16mb/<date>_<Name>/ (the challenge's layout) with README.md (results,
-checks, significance, the exact command, timings, byte counts), submission.json (the fields the
-challenge's records use), train_gpt.py (the compact self-extracting form of the code the logs ran:
+writes records/track_10min_16mb/<date>_<Name>/ (docs/challenge.md; records/README.md) with README.md
+(results, checks, significance, the exact command, timings, byte counts), submission.json (the fields
+the challenge's records use), train_gpt.py (the compact self-extracting form of the code the logs ran:
 the file whose bytes count), train_gpt_readable.py (the same code, readable: not counted), every
 seed's log as train_seed<S>.log, requirements.txt (the package versions the logs name) and
 train_curves.png. Every number comes from the logs; every byte count is the shipped files'.
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECORDS_ROOT = ROOT / "records"
 # track -> (folder under records/, the `track` field of submission.json)
 TRACKS = {"record": ("track_10min_16mb", "10min_16mb"), "non-record": ("track_non_record_16mb", "non_record_16mb")}
-# The challenge's limits (SPEC section 1), checked here whatever train_gpt.py was told.
+# The challenge's limits (docs/challenge.md), checked here whatever train_gpt.py was told.
 ARTIFACT_CAP_BYTES = 16_000_000
 TRAIN_LIMIT_S = 600.0
 EVAL_LIMIT_S = 600.0

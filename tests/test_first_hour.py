@@ -52,8 +52,9 @@ def test_progress_is_silent_when_disabled_and_counts_wrapped_items():
 def test_eval_batch_count_matches_the_batches(tokens, seq_len, stride, batch, world):
     val = torch.arange(tokens) % 50
     for rank in range(world):
-        expected = len(list(tg.eval_batches(val, seq_len, stride, batch, rank, world)))
-        assert tg.num_eval_batches(tokens, seq_len, stride, batch, rank, world) == expected
+        spec = tg.EvalSpec("sliding", seq_len, stride, batch)
+        expected = len(list(tg.eval_batches(val, spec, rank, world)))
+        assert tg.num_eval_batches(tokens, spec, rank, world) == expected
 
 
 class Uniform(torch.nn.Module):
@@ -70,13 +71,14 @@ def test_evaluation_reports_progress_on_rank_0_only(monkeypatch, capsys):
     monkeypatch.setattr(tg, "PROGRESS_EVERY_S", 0.0)
     monkeypatch.setattr(tg.sys.stderr, "isatty", lambda: False)
     val = torch.arange(600) % 50
-    tg.evaluate(Uniform(), val, luts_for(50), 32, 8, 4, phase="sliding_eval")
+    spec = tg.EvalSpec("sliding", 32, 8, 4)
+    tg.evaluate(Uniform(), val, luts_for(50), spec, phase="sliding_eval")
     lines = capsys.readouterr().out.splitlines()
-    total = tg.num_eval_batches(600, 32, 8, 4)
+    total = tg.num_eval_batches(600, spec)
     assert lines[0].startswith(f"progress phase:sliding_eval done:1/{total} unit:batch")
     assert len(lines) == total - 1
     monkeypatch.setattr(tg.dist, "all_reduce", lambda t: None)  # rank 1's share, without a process group
-    tg.evaluate(Uniform(), val, luts_for(50), 32, 8, 4, rank=1, world_size=2)
+    tg.evaluate(Uniform(), val, luts_for(50), spec, rank=1, world_size=2)
     assert capsys.readouterr().out == ""
 
 
@@ -109,7 +111,7 @@ def test_priming_restores_the_initial_state_when_it_runs(tiny_data, monkeypatch)
     env = tiny_env(tiny_data, tiny_data["output_dir"].parent / "unused", WARMUP_STEPS="2")
     h = tg.Hyperparameters.from_env(env)
     rt = tg.setup_runtime(h, env)
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, 1))
+    model = tg.GPT(tg.ModelConfig.from_hparams(h))
     optimizers = tg.build_optimizers(model, h, 0, 1, torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     logged = []

@@ -322,10 +322,8 @@ PROGRESS_EVERY_S = 30.0  # without a terminal, a long phase prints a line at lea
 
 
 class Progress:
-    """done/total of a long phase (warm-up, an evaluation, calibration, the n-gram pass, a data build),
-    shown by the main process only: a tqdm bar when stderr is a terminal, else a `progress` line on
-    stdout every PROGRESS_EVERY_S seconds with the time left, so that output never goes silent for
-    minutes. A phase shorter than that prints nothing; the lines stay out of the run's log file."""
+    """done/total of a long phase on the main process: a tqdm bar when stderr is a terminal, else a
+    `progress` line on stdout every PROGRESS_EVERY_S seconds with the time left (not in the log file)."""
 
     def __init__(self, phase: str, total: int, enabled: bool = True, unit: str = "batch",
                  every_s: float | None = None, bar: bool | None = None, out=None, clock=time.perf_counter):
@@ -427,9 +425,8 @@ def load_validation_tokens(data_path: str) -> np.ndarray:
     return np.concatenate([load_data_shard(f) for f in find_shards(data_path, "val")])
 
 
-# Written beside the shards by data/cached_challenge_fineweb.py (source "challenge": checked against
-# the challenge's manifest) and by data/build_dataset.py (source "custom"); it records the sha256 of the
-# validation shards and of the tokenizer, which every run recomputes and logs.
+# Beside the shards, by data/cached_challenge_fineweb.py (source "challenge") or data/build_dataset.py
+# (source "custom"): the sha256 of the validation shards and tokenizer, which every run checks and logs.
 DATASET_MANIFEST = "dataset_manifest.json"
 HASH_CHUNK_BYTES = 1 << 20
 
@@ -445,9 +442,8 @@ def sha256_files(paths) -> str:
 
 
 def dataset_provenance(data_path: str, tokenizer_path: str) -> dict[str, str]:
-    """The `dataset` log line's fields: name, source (challenge, custom; unknown without a manifest;
-    modified when the files are not the ones the manifest recorded), the repository the data came from,
-    and the sha256 of the validation shards and of the tokenizer as they are now."""
+    """The `dataset` line: name, source (challenge, custom; unknown without a manifest; modified if the
+    files differ from it), repo, and the sha256 of the validation shards and tokenizer as they are."""
     info = {"name": Path(data_path).resolve().name, "source": "unknown",
             "val_sha256": sha256_files(find_shards(data_path, "val")), "tokenizer_sha256": sha256_files([tokenizer_path])}
     path = Path(data_path) / DATASET_MANIFEST
@@ -1518,10 +1514,8 @@ def entropy_bytes(q: Tensor) -> float:
 
 @torch.no_grad()
 def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
-    """What the compressed model would weigh if these weights were saved under this plan: per quantized
-    tensor the order-0 entropy of its round-to-nearest levels plus its fp16 row scales, 2 bytes per
-    fp16 value, the raw bytes of anything else. At start-up the weights are the initial ones, so this
-    is an estimate of the plan's size, not of the trained artifact's."""
+    """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
+    of its round-to-nearest levels plus fp16 row scales, 2 bytes per fp16 value, raw bytes otherwise."""
     total = 0.0
     for name, t in state.items():
         bits = plan.get(name, FP16_BITS)
@@ -1537,17 +1531,15 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
 
 def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: CodeForm, h: Hyperparameters,
                           log) -> int:
-    """The start-up estimate of bytes_total, with a warning when it is over the cap or the fit target."""
+    """bytes_total estimated at start-up (initial weights), with a warning when over the target."""
     total = code.bytes_code + estimate_model_bytes(state, plan)
     log(f"artifact_estimate bytes_total:{total} bytes_code:{code.bytes_code} cap:{ARTIFACT_CAP_BYTES} "
         f"target:{h.quant_target_bytes} basis:initial_weights")
     if h.quant_target_bytes == 0 and total >= ARTIFACT_CAP_BYTES:
-        log(f"warning: the artifact is likely over the {ARTIFACT_CAP_BYTES}-byte cap (estimate {total} from the "
-            f"initial weights) and QUANT_TARGET_BYTES=0 turns the fitter off: the run may fail after training")
+        log(f"warning: the artifact is likely over the cap and QUANT_TARGET_BYTES=0: the run may fail at its end")
     elif h.quant_target_bytes and total > h.quant_target_bytes:
-        log(f"warning: the artifact is likely over QUANT_TARGET_BYTES={h.quant_target_bytes} (estimate {total} "
-            f"from the initial weights): after training the fitter will demote the least sensitive tensors "
-            f"to fit, logging each one and the estimated bpb cost")
+        log(f"warning: the artifact is likely over QUANT_TARGET_BYTES={h.quant_target_bytes}: the fitter "
+            f"will demote tensors after training, logging each and the bpb cost")
     return total
 
 
@@ -1771,10 +1763,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 # ---- the shipped code ------------------------------------------------------------------------------
-# The code's bytes count against the cap, so a record folder ships this file as a two-line wrapper that
-# decompresses (brotli, base85) and execs it under the name train_gpt.py (scripts/compact_train_gpt.py
-# writes it; tests/test_compact.py proves it runs the same code). bytes_code is always that shipped size,
-# whichever form ran, so the log, the fitter and the record folder count one number.
+# A record ships this file as a two-line wrapper that decompresses (brotli, base85) and execs it
+# (scripts/compact_train_gpt.py; tests/test_compact.py). bytes_code is always that shipped size, whichever
+# form ran: the log, the fitter and the record folder count one number.
 
 COMPACT_BROTLI_QUALITY, COMPACT_BROTLI_WINDOW_BITS = 11, 24  # the largest window: the source is one context
 COMPACT_WRAPPER = ('import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("{blob}")),'
@@ -1796,8 +1787,7 @@ class CodeForm:
 
 
 def code_form(text: str) -> CodeForm:
-    """From the text of the file that runs: the compact wrapper counts as itself, a readable file as the
-    wrapper it would ship as."""
+    """The compact wrapper counts as itself, a readable file as the wrapper it would ship as."""
     match = _COMPACT_RE.fullmatch(text)
     if match:
         source = brotli.decompress(base64.b85decode(match[1])).decode("utf-8")
@@ -1838,8 +1828,7 @@ FIT_PROBE_SEQS = 32  # training sequences on which the fitter's cost is estimate
 
 @torch.no_grad()
 def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, autocast) -> float:
-    """bpb of `model` with `weights` loaded, on these (inputs, targets) batches; the model's own weights
-    are put back afterwards. For estimates only (what a change of the weights costs), never a score."""
+    """bpb of `model` with `weights` on these batches (its own weights put back): an estimate, not a score."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(weights)
     try:
@@ -1855,9 +1844,8 @@ def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, a
 
 def log_fit_cost(base_model: GPT, packed: dict, blob: bytes, h: Hyperparameters, rt: Runtime, luts: ByteLUTs,
                  log) -> None:
-    """What the fitter's demotions cost: bpb of the unfitted and of the fitted quantized weights on the
-    first FIT_PROBE_SEQS training sequences (which the model trained on: a relative estimate; the
-    final evaluations measure the fitted artifact itself)."""
+    """The fit's cost: bpb of the unfitted and fitted weights on the first FIT_PROBE_SEQS training
+    sequences (seen in training: a relative estimate; the final evaluations measure the artifact)."""
     batches = list(calibration_batches(find_shards(h.data_path, "train"), FIT_PROBE_SEQS, h.train_seq_len,
                                        h.val_batch_seqs(h.train_seq_len), 0, 1, rt.device))
     before = probe_bpb(base_model, dequantize_state_dict(packed), batches, luts, rt.autocast)

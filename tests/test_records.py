@@ -140,6 +140,35 @@ def test_sweep_resumes_a_stopped_seed_from_its_checkpoint(sweep, tmp_path, monke
     assert all(env["SEED"] == "42" for env in launched)
 
 
+def test_sweep_lets_a_seed_stopped_by_ctrl_c_finish_its_checkpoint(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from scripts.sweep import run_child
+
+    # A stand-in for train_gpt.py: on SIGINT it takes a while to "write its checkpoint", then exits 130.
+    child = ("import os, signal, sys, time\n"
+             f"open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\n"
+             "def stop(*_):\n"
+             "    time.sleep(1.0)\n"
+             f"    open({str(tmp_path / 'checkpoint')!r}, 'w').write('written')\n"
+             "    sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             "time.sleep(60)\n")
+
+    def ctrl_c():  # what the terminal does: SIGINT to the sweep and to its child
+        while not (tmp_path / "pid").exists():
+            time.sleep(0.02)
+        time.sleep(0.1)
+        os.kill(int((tmp_path / "pid").read_text()), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    assert run_child([sys.executable, "-c", child], dict(os.environ)) == 130
+    assert (tmp_path / "checkpoint").read_text() == "written"  # not killed while writing it
+
+
 def test_sweep_refuses_to_resume_another_experiment(sweep, tmp_path):
     out = copy_logs(sweep, tmp_path / "sweep")
     with pytest.raises(SweepError, match=r"hparam num_layers: 2 in the log, 3 now.*another --out-dir"):

@@ -199,7 +199,7 @@ class Hyperparameters(ModelConfig):
     quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
     quant_min_numel: int = _hp(65_536, lo=0, hi=2**31 - 1)  # smaller tensors stay fp16
     quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 8 or 16); later ones win
-    quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit bytes_total to it; 0: off
+    quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
     compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli"))  # auto: smallest of all
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
@@ -445,7 +445,8 @@ def dataset_provenance(data_path: str, tokenizer_path: str) -> dict[str, str]:
     """The `dataset` line: name, source (challenge, custom; unknown without a manifest; modified if the
     files differ from it), repo, and the sha256 of the validation shards and tokenizer as they are."""
     info = {"name": Path(data_path).resolve().name, "source": "unknown",
-            "val_sha256": sha256_files(find_shards(data_path, "val")), "tokenizer_sha256": sha256_files([tokenizer_path])}
+            "val_sha256": sha256_files(find_shards(data_path, "val")),
+            "tokenizer_sha256": sha256_files([tokenizer_path])}
     path = Path(data_path) / DATASET_MANIFEST
     if not path.is_file():
         return info | {"reason": f"no_{DATASET_MANIFEST}"}
@@ -2438,7 +2439,7 @@ def read_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict, dict]:
         raise SettingError(f"RESUME_FROM={path}: not a checkpoint ({Path(e.filename).name} is missing)") from None
     if shared.get("version") != CHECKPOINT_VERSION:
         raise SettingError(f"RESUME_FROM={path}: checkpoint format {shared.get('version')}, this train_gpt.py reads "
-                         f"{CHECKPOINT_VERSION}")
+                          f"{CHECKPOINT_VERSION}")
     return shared, own
 
 
@@ -2454,14 +2455,14 @@ def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_si
               for f in dataclasses.fields(h) if f.name.upper() in env and f.name not in RESUME_FREE_SETTINGS
               and getattr(h, f.name) != saved[f.name]]
     if differ:
-        raise SettingError(f"RESUME_FROM={h.resume_from}: the checkpoint's run has other settings: {', '.join(differ)}; "
-                         f"unset them (the checkpoint's are used)")
+        raise SettingError(f"RESUME_FROM={h.resume_from}: the checkpoint's run has other settings: "
+                          f"{', '.join(differ)}; unset them (the checkpoint's are used)")
     if shared["code_sha256"] != hashlib.sha256(source.encode("utf-8")).hexdigest():
         raise SettingError(f"RESUME_FROM={h.resume_from}: train_gpt.py changed since the checkpoint was written; "
-                         f"a run resumes with its own code")
+                          f"a run resumes with its own code")
     if shared["world_size"] != world_size:
         raise SettingError(f"RESUME_FROM={h.resume_from}: the run had {shared['world_size']} processes, this one "
-                         f"{world_size}: resume with --nproc_per_node={shared['world_size']}")
+                          f"{world_size}: resume with --nproc_per_node={shared['world_size']}")
     return dataclasses.replace(Hyperparameters(**saved), **{k: getattr(h, k) for k in RESUME_FREE_SETTINGS})
 
 
@@ -2506,7 +2507,8 @@ def stop_with_checkpoint(signum: int, step: int, train_ms: float, stop_at: int |
 
 
 def resume_command(path: Path, world_size: int) -> str:
-    launcher = "python train_gpt.py" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size} train_gpt.py"
+    launcher = ("python train_gpt.py" if world_size == 1 else
+                f"torchrun --standalone --nproc_per_node={world_size} train_gpt.py")
     return f"RESUME_FROM={path} {launcher}"
 
 
@@ -2793,7 +2795,8 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     artifact = out_dir / f"{h.run_id}.ptz"
     blob = export_model(base, plan, code.bytes_code, h, rt, log, export_hook, luts)
     save_artifact(blob, artifact, code.bytes_code, rt, log)
-    interrupts.kept.append(f"the artifact {artifact} (score it: ARTIFACT_PATH={artifact} python eval_ngram_on_checkpoint.py)")
+    interrupts.kept.append(f"the artifact {artifact} (score it: ARTIFACT_PATH={artifact} "
+                           f"python eval_ngram_on_checkpoint.py)")
     _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
     base.load_state_dict(state)
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), rt, log)

@@ -123,7 +123,8 @@ def data_check(runs: list[RunLog]) -> Check:
     if len(hashes) > 1:
         return Check("data", False, "the seeds ran on different validation data or tokenizers (sha256 differ)")
     val, tok = hashes.pop()
-    return Check("data", True, f"the challenge's published data, val sha256 {val[:16]}..., tokenizer sha256 {tok[:16]}...")
+    return Check("data", True, f"the challenge's published data, val sha256 {val[:16]}..., "
+                               f"tokenizer sha256 {tok[:16]}...")
 
 
 def hardware_check(runs: list[RunLog]) -> Check:

@@ -329,7 +329,8 @@ class FakeRepo:
         if self.fail_on and self.fail_on in remote:
             raise OSError("Connection refused")
         destination.write_bytes(self.body(remote))
-        return hashlib.sha256(self.body(remote)).hexdigest() if self.lfs and remote.endswith((".bin", ".model")) else None
+        lfs = self.lfs and remote.endswith((".bin", ".model"))
+        return hashlib.sha256(self.body(remote)).hexdigest() if lfs else None
 
     def hashes(self, remotes: list[str]) -> dict[str, str]:
         return {r: hashlib.sha256(self.body(r)).hexdigest() for r in remotes} if self.lfs else {}
@@ -417,13 +418,16 @@ def shard_bytes(tokens: np.ndarray, tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
+SIZED_DIR = "datasets/datasets/fineweb10B_sp1024"
+
+
 def sized_export(tmp_path) -> FakeRepo:
     """A fake export whose manifest gives token counts (shards of 50 tokens: val 50 + 20, train 50 + 50
     + 20), serving real shards of those sizes with LFS hashes."""
     manifest = {"shard_size": 50, "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": {
         "files_train": 3, "files_val": 2, "tokens_train": 120, "tokens_val": 70, "docs_val": 7, "docs_train": 9}}],
         "tokenizers": FAKE_MANIFEST["tokenizers"][:1]}
-    d = "datasets/datasets/fineweb10B_sp1024"
+    d = SIZED_DIR
     sizes = {"val_000000": 50, "val_000001": 20, "train_000000": 50, "train_000001": 50, "train_000002": 20}
     bodies = {f"{d}/fineweb_{k}.bin": shard_bytes(np.arange(n) % 7, tmp_path) for k, n in sizes.items()}
     bodies["datasets/tokenizers/fineweb_1024_bpe.model"] = b"a tokenizer model"
@@ -437,7 +441,7 @@ def test_download_checks_sizes_against_the_manifest_and_writes_the_dataset_manif
     local = tmp_path / "datasets" / "fineweb10B_sp1024"
     local.mkdir(parents=True)
     (local / "fineweb_val_000001.bin").write_bytes(b"x" * 100)  # a leftover of another size: fetched again
-    (local / "fineweb_train_000000.bin").write_bytes(repo.body("datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"))
+    (local / "fineweb_train_000000.bin").write_bytes(repo.body(f"{SIZED_DIR}/fineweb_train_000000.bin"))
     result = fetch_variant(tmp_path, repo, 2, logs)
     assert [p.name for p in result["skipped"]] == ["fineweb_train_000000.bin"]
     assert any(line.startswith("refetch") and "fineweb_val_000001.bin: 100 bytes but the manifest implies 1064" in line

@@ -295,7 +295,8 @@ def test_a_cpu_run_on_built_data_is_refused_as_a_record_and_written_as_a_non_rec
         if seed != 42:
             return text
         cut = text.index("\nstep:3/")
-        return text[:cut] + "\nresume from:runs/x/seed_42.ckpt step:2 train_time:300ms signal:SIGINT world_size:1" + text[cut:]
+        resume = "\nresume from:runs/x/seed_42.ckpt step:2 train_time:300ms signal:SIGINT world_size:1"
+        return text[:cut] + resume + text[cut:]
     logs = copy_logs(sweep, tmp_path / "logs", resumed)
     folder = make_record([logs], META, None, tmp_path / "records", non_record=True)
     assert folder == tmp_path / "records" / "track_non_record_16mb" / "2026-01-02_Tiny_test_run"

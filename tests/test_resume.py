@@ -175,9 +175,11 @@ def test_two_processes_stop_on_the_same_step_and_resume(tiny_data, tmp_path):
     tg.main(tiny_env(tiny_data, tmp_path / "one", RUN_ID="one", **settings))
     reference = (tmp_path / "one" / "one.txt").read_text()
     env = tiny_env(tiny_data, tmp_path, RUN_ID="two", **settings)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_gpt.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_gpt.py")]
     log = tmp_path / "two.txt"
-    with subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
         deadline = time.monotonic() + 180
         while not (log.exists() and "\nstep:3/10 train_loss" in log.read_text()):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]

@@ -11,6 +11,7 @@ serialization, evaluation, training, main.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
 import copy
@@ -19,15 +20,20 @@ import difflib
 import fnmatch
 import functools
 import glob
+import hashlib
 import json
 import lzma
 import math
 import os
 import platform
 import random
+import re
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -43,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -192,7 +199,7 @@ class Hyperparameters(ModelConfig):
     quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
     quant_min_numel: int = _hp(65_536, lo=0, hi=2**31 - 1)  # smaller tensors stay fp16
     quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 8 or 16); later ones win
-    quant_target_bytes: int = _hp(0, lo=0, hi=ARTIFACT_CAP_BYTES)  # 0: off; else demote tensors to fit
+    quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
     compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli"))  # auto: smallest of all
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
@@ -208,6 +215,8 @@ class Hyperparameters(ModelConfig):
     eval_stride: int = _hp(64, lo=1, hi=65536)  # sliding-window evaluation: a new window every this many targets
     # Runtime.
     compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
+    cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
+    resume_from: str = _hp("")  # a checkpoint a stopped run wrote (<OUT_DIR>/<RUN_ID>.ckpt): continue that run
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -307,6 +316,64 @@ def grad_accum_steps(world_size: int) -> int:
     return MICRO_BATCHES_PER_STEP // world_size
 
 
+# ---- progress of long phases ------------------------------------------------------------------------
+
+PROGRESS_EVERY_S = 30.0  # without a terminal, a long phase prints a line at least this often
+
+
+class Progress:
+    """done/total of a long phase on the main process: a tqdm bar when stderr is a terminal, else a
+    `progress` line on stdout every PROGRESS_EVERY_S seconds with the time left (not in the log file)."""
+
+    def __init__(self, phase: str, total: int, enabled: bool = True, unit: str = "batch",
+                 every_s: float | None = None, bar: bool | None = None, out=None, clock=time.perf_counter):
+        self.phase, self.total, self.unit, self.clock = phase, total, unit, clock
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.enabled, self.done, self.out = enabled and total > 0, 0, out
+        self.t0 = self.last = clock()
+        bar = sys.stderr.isatty() if bar is None else bar
+        self.bar = (tqdm(total=total, desc=phase, unit=unit, leave=False, dynamic_ncols=True)
+                    if self.enabled and bar else None)
+
+    def update(self, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = self.clock()
+        if now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            print(self.line(now), file=self.out or sys.stdout, flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.t0
+        left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        return (f"progress phase:{self.phase} done:{self.done}/{self.total} unit:{self.unit} "
+                f"percent:{100 * self.done / self.total:.1f} elapsed:{elapsed:.0f}s eta:{left:.0f}s")
+
+    def wrap(self, items):
+        """Yield the items, counting each one as done; closes at the end."""
+        try:
+            for item in items:
+                yield item
+                self.update()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------
@@ -358,6 +425,46 @@ def load_validation_tokens(data_path: str) -> np.ndarray:
     return np.concatenate([load_data_shard(f) for f in find_shards(data_path, "val")])
 
 
+# Beside the shards, by data/cached_challenge_fineweb.py (source "challenge") or data/build_dataset.py
+# (source "custom"): the sha256 of the validation shards and tokenizer, which every run checks and logs.
+DATASET_MANIFEST = "dataset_manifest.json"
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def sha256_files(paths) -> str:
+    """sha256 of the files' bytes, concatenated in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_provenance(data_path: str, tokenizer_path: str) -> dict[str, str]:
+    """The `dataset` line: name, source (challenge, custom; unknown without a manifest; modified if the
+    files differ from it), repo, and the sha256 of the validation shards and tokenizer as they are."""
+    info = {"name": Path(data_path).resolve().name, "source": "unknown",
+            "val_sha256": sha256_files(find_shards(data_path, "val")),
+            "tokenizer_sha256": sha256_files([tokenizer_path])}
+    path = Path(data_path) / DATASET_MANIFEST
+    if not path.is_file():
+        return info | {"reason": f"no_{DATASET_MANIFEST}"}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        recorded = {"val_sha256": manifest["val"]["sha256"], "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
+        source, repo = str(manifest["source"]), manifest.get("repo_id")
+    except (ValueError, KeyError, TypeError) as e:
+        return info | {"reason": f"unreadable_{DATASET_MANIFEST}:{type(e).__name__}"}
+    differs = [k.removesuffix("_sha256") for k, v in recorded.items() if info[k] != v]
+    info["source"] = "modified" if differs else source
+    if repo:
+        info["repo"] = str(repo)
+    if differs:
+        info["reason"] = "differs_from_manifest:" + ",".join(differs)
+    return info
+
+
 class TokenStream:
     """Reads shards in order, wrapping around, and hands out contiguous runs of tokens."""
 
@@ -366,6 +473,13 @@ class TokenStream:
         self.file_index = 0
         self.tokens = load_data_shard(files[0])
         self.pos = 0
+
+    def state_dict(self) -> dict:
+        return {"file_index": self.file_index, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.file_index, self.pos = state["file_index"], state["pos"]
+        self.tokens = load_data_shard(self.files[self.file_index])
 
     def take(self, n: int) -> np.ndarray:
         parts = []
@@ -391,6 +505,12 @@ class DistributedTokenLoader:
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
         self.stream = TokenStream(files)
         self.rank, self.world_size, self.device = rank, world_size, device
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
 
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         seqs_per_rank = global_tokens // seq_len // self.world_size
@@ -441,6 +561,15 @@ class CoprimeBlockOrder:
         self.shards, self.blocks = shards, (phase[shards] + k * stride[shards]) % counts[shards]
         self.pos = 0
 
+    def state_dict(self) -> dict:
+        """Where the order stands: the current pass and the generator that draws the next ones."""
+        return {"rng": self.rng.bit_generator.state, "shards": torch.from_numpy(self.shards),
+                "blocks": torch.from_numpy(self.blocks), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.shards, self.blocks, self.pos = state["shards"].numpy(), state["blocks"].numpy(), state["pos"]
+
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next n draws as (shard index, block index) arrays; a new pass starts when one ends."""
         shards, blocks = [], []
@@ -470,6 +599,12 @@ class CoprimeLoader:
         self.tokens = [t for t, n in zip(tokens, counts) if n]
         self.order = CoprimeBlockOrder([n for n in counts if n], seed)
         self.rank, self.world_size, self.device, self.seq_len = rank, world_size, device, seq_len
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
 
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         if seq_len != self.seq_len:
@@ -1617,6 +1752,37 @@ def entropy_bytes(q: Tensor) -> float:
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
 
+@torch.no_grad()
+def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
+    """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
+    of its round-to-nearest levels plus fp16 row scales, 2 bytes per fp16 value, raw bytes otherwise."""
+    total = 0.0
+    for name, t in state.items():
+        bits = plan.get(name, FP16_BITS)
+        if not t.is_floating_point():
+            total += t.numel() * t.element_size()
+        elif bits == FP16_BITS:
+            total += 2 * t.numel()
+        else:
+            q, scale = quantize_rows_rtn(t.detach().reshape(t.size(0), -1), bits)
+            total += entropy_bytes(q) + 2 * scale.numel()
+    return int(total)
+
+
+def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: CodeForm, h: Hyperparameters,
+                          log) -> int:
+    """bytes_total estimated at start-up (initial weights), with a warning when over the target."""
+    total = code.bytes_code + estimate_model_bytes(state, plan)
+    log(f"artifact_estimate bytes_total:{total} bytes_code:{code.bytes_code} cap:{ARTIFACT_CAP_BYTES} "
+        f"target:{h.quant_target_bytes} basis:initial_weights")
+    if h.quant_target_bytes == 0 and total >= ARTIFACT_CAP_BYTES:
+        log("warning: the artifact is likely over the cap and QUANT_TARGET_BYTES=0: the run may fail at its end")
+    elif h.quant_target_bytes and total > h.quant_target_bytes:
+        log(f"warning: the artifact is likely over QUANT_TARGET_BYTES={h.quant_target_bytes}: the fitter "
+            f"will demote tensors after training, logging each and the bpb cost")
+    return total
+
+
 def demotion(w: Tensor, bits: int, input_power: Tensor) -> tuple[float, float]:
     """(added output noise, estimated bytes saved) when w goes from `bits` to DEMOTE_TO[bits].
 
@@ -1836,6 +2002,39 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# ---- the shipped code ------------------------------------------------------------------------------
+# A record ships this file as a two-line wrapper that decompresses (brotli, base85) and execs it
+# (scripts/compact_train_gpt.py; tests/test_compact.py). bytes_code is always that shipped size, whichever
+# form ran: the log, the fitter and the record folder count one number.
+
+COMPACT_BROTLI_QUALITY, COMPACT_BROTLI_WINDOW_BITS = 11, 24  # the largest window: the source is one context
+COMPACT_WRAPPER = ('import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("{blob}")),'
+                   '"train_gpt.py","exec"))\n')
+_COMPACT_RE = re.compile(re.escape(COMPACT_WRAPPER).replace(re.escape("{blob}"), '([^"]*)'))
+
+
+def compact_code(source: bytes) -> str:
+    blob = brotli.compress(source, quality=COMPACT_BROTLI_QUALITY, lgwin=COMPACT_BROTLI_WINDOW_BITS)
+    return COMPACT_WRAPPER.format(blob=base64.b85encode(blob).decode("ascii"))  # base85 has no quote or backslash
+
+
+@dataclass(frozen=True)
+class CodeForm:
+    """The code that runs: its readable source (embedded in the log) and the bytes it ships as."""
+    source: str
+    form: str  # "readable" or "compact": which file ran
+    bytes_code: int  # the compact wrapper's size: what a record folder ships and the cap counts
+
+
+def code_form(text: str) -> CodeForm:
+    """The compact wrapper counts as itself, a readable file as the wrapper it would ship as."""
+    match = _COMPACT_RE.fullmatch(text)
+    if match:
+        source = brotli.decompress(base64.b85decode(match[1])).decode("utf-8")
+        return CodeForm(source, "compact", len(text.encode("utf-8")))
+    return CodeForm(text, "readable", len(compact_code(text.encode("utf-8"))))
+
+
 def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None) -> None:
     cap = ARTIFACT_CAP_BYTES if cap is None else cap
     total = bytes_code + bytes_model
@@ -1856,9 +2055,43 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
     targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
     if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
         return {}
+    batch_seqs = h.val_batch_seqs(h.train_seq_len)
     batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
-                                  h.val_batch_seqs(h.train_seq_len), rt.rank, rt.world_size, rt.device)
-    return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
+                                  batch_seqs, rt.rank, rt.world_size, rt.device)
+    mine = len(range(rt.rank, h.gptq_calib_seqs, rt.world_size))
+    progress = Progress("calibration", -(-mine // batch_seqs), rt.is_main)
+    return collect_hessians(base_model, progress.wrap(batches), targets, rt.autocast, rt.world_size)
+
+
+FIT_PROBE_SEQS = 32  # training sequences on which the fitter's cost is estimated
+
+
+@torch.no_grad()
+def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, autocast) -> float:
+    """bpb of `model` with `weights` on these batches (its own weights put back): an estimate, not a score."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    try:
+        nats = nbytes = 0.0
+        for x, y in batches:
+            with autocast():
+                nats += model(x, y).double().sum().item()
+            nbytes += luts.token_bytes(x, y).sum().item()
+    finally:
+        model.load_state_dict(saved)
+    return nats / math.log(2) / nbytes
+
+
+def log_fit_cost(base_model: GPT, packed: dict, blob: bytes, h: Hyperparameters, rt: Runtime, luts: ByteLUTs,
+                 log) -> None:
+    """The fit's cost: bpb of the unfitted and fitted weights on the first FIT_PROBE_SEQS training
+    sequences (seen in training: a relative estimate; the final evaluations measure the artifact)."""
+    batches = list(calibration_batches(find_shards(h.data_path, "train"), FIT_PROBE_SEQS, h.train_seq_len,
+                                       h.val_batch_seqs(h.train_seq_len), 0, 1, rt.device))
+    before = probe_bpb(base_model, dequantize_state_dict(packed), batches, luts, rt.autocast)
+    after = probe_bpb(base_model, dequantize_state_dict(deserialize_artifact(blob)[1]), batches, luts, rt.autocast)
+    log(f"quant_fit cost_est_bpb:{after - before:+.6f} probe_bpb_unfitted:{before:.6f} probe_bpb_fitted:{after:.6f} "
+        f"probe:{FIT_PROBE_SEQS}_training_seqs")
 
 
 class ExportInputs(NamedTuple):
@@ -1919,11 +2152,12 @@ def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], h: Hyperparamete
 
 
 def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
-                 log, hook: Callable[[ExportInputs], None] | None = None, train_ms: float = 0.0) -> bytes | None:
+                 log, hook: Callable[[ExportInputs], None] | None = None, train_ms: float = 0.0,
+                 luts: ByteLUTs | None = None) -> bytes | None:
     """After training: gptq_work (calibration and quantization, all ranks), then compression and
     QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None). `hook`,
     if given, sees the quantizer's inputs on rank 0. Logs whether training (train_ms) plus calibration
-    stayed inside the wallclock cap: a `legality` line."""
+    stayed inside the wallclock cap (a `legality` line) and, with luts, a fit's estimated bpb cost."""
     packed, hessians, times = gptq_work(base_model, plan, h, rt, log)
     if not rt.is_main:
         return None
@@ -1943,9 +2177,14 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
                                shuffle=h.byte_shuffle, storage=h.quant_storage, log=log)
     blob = encode(packed)
     if h.quant_target_bytes > 0:
+        log(f"quant_fit bytes_total:{code_bytes + len(blob)} target:{h.quant_target_bytes} "
+            f"fit_needed:{int(code_bytes + len(blob) > h.quant_target_bytes)}")
         with full_fp32_matmul():
-            plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
-                                         encode, hessians, log)
+            fitted_plan, fitted = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes,
+                                                  quantize, encode, hessians, log)
+        if fitted_plan != plan and luts is not None:
+            log_fit_cost(base_model, packed, fitted, h, rt, luts, log)
+        blob = fitted
     params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
         f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
@@ -2035,6 +2274,13 @@ class EvalSpec(NamedTuple):
         return cls("sliding", h.eval_seq_len, h.eval_stride, h.val_batch_seqs(h.eval_seq_len))
 
 
+def num_eval_batches(num_tokens: int, spec: EvalSpec, rank: int = 0, world_size: int = 1) -> int:
+    """How many batches eval_batches yields on this rank, without building the window plan."""
+    windows = 1 + max(0, -(-(num_tokens - 1 - spec.seq_len) // spec.stride))  # the first, then one per stride
+    mine = windows // world_size + (rank < windows % world_size)  # np.array_split's share
+    return -(-mine // spec.batch_windows)
+
+
 def eval_batches(val_tokens: Tensor, spec: EvalSpec, rank: int = 0, world_size: int = 1):
     """This rank's share of the spec's windows, spec.batch_windows at a time: (x, y, scored, target_pos).
 
@@ -2061,11 +2307,13 @@ def eval_batches(val_tokens: Tensor, spec: EvalSpec, rank: int = 0, world_size: 
 
 @torch.no_grad()
 def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: EvalSpec, rank: int = 0,
-                  world_size: int = 1, autocast=contextlib.nullcontext) -> Tensor:
+                  world_size: int = 1, autocast=contextlib.nullcontext, phase: str | None = None) -> Tensor:
     """The one evaluation loop: out = forward(x, y) on each of this rank's batches (under autocast), then
-    score(out, x, y, scored, target_pos), a 1-D float64 tensor of sums, added over batches and ranks."""
+    score(out, x, y, scored, target_pos), a 1-D float64 tensor of sums, added over batches and ranks.
+    Rank 0 shows its progress under the name `phase` (default: the spec's)."""
     total = None
-    for x, y, scored, pos in eval_batches(val_tokens, spec, rank, world_size):
+    progress = Progress(phase or spec.name, num_eval_batches(len(val_tokens), spec, rank, world_size), rank == 0)
+    for x, y, scored, pos in progress.wrap(eval_batches(val_tokens, spec, rank, world_size)):
         with autocast():
             out = forward(x, y)
         sums = score(out, x, y, scored, pos)
@@ -2086,10 +2334,10 @@ def bpb_sums(luts: ByteLUTs) -> Callable:
 
 
 def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rank: int = 0,
-             world_size: int = 1, autocast=contextlib.nullcontext) -> tuple[float, float]:
+             world_size: int = 1, autocast=contextlib.nullcontext, phase: str | None = None) -> tuple[float, float]:
     """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
     nats, tokens, nbytes = score_windows(model, bpb_sums(luts), val_tokens, spec, rank, world_size,
-                                         autocast).tolist()
+                                         autocast, phase).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
@@ -2136,6 +2384,12 @@ class Schedule:
         capped = h.max_wallclock_seconds > 0
         self.budget_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if capped else 0.0
         self.qat_start: int | None = None  # the step QAT switched on
+
+    def state_dict(self) -> dict:
+        return {"qat_start": self.qat_start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.qat_start = state["qat_start"]
 
     def progress(self, step: int, elapsed_ms: float) -> float:
         """Steps of ITERATIONS or time of the budget, whichever is further along (ends the run first)."""
@@ -2188,6 +2442,7 @@ class Runtime:
     grad_accum: int
     autocast: Callable
     ns_dtype: torch.dtype
+    threads_from: str = ""  # how torch's CPU thread count was chosen (choose_cpu_threads)
 
     @property
     def is_main(self) -> bool:
@@ -2212,6 +2467,11 @@ def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, r
         total += loss.detach()
     optimizer_step(optimizers, h, rt.world_size)
     return total / rt.grad_accum
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether model went through torch.compile."""
+    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) -> None:
@@ -2278,8 +2538,13 @@ def graph_states(h: Hyperparameters) -> list[tuple[bool, bool]]:
 def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Runtime, log) -> None:
     """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every graph_states state
     so that no switch in the timed run compiles, then restore the initial weights, optimizer state and
-    switches, so the timed run starts from step 0 exactly as without priming."""
+    switches, so the timed run starts from step 0 exactly as without priming. Where nothing compiles
+    (CPU, COMPILE=0) there is nothing to prime: the steps would only cost time."""
     if h.warmup_steps == 0:
+        return
+    if not is_compiled(model):
+        log(f"warmup steps:0 skipped:WARMUP_STEPS={h.warmup_steps} reason:nothing compiles "
+            f"({'cpu run' if rt.device.type != 'cuda' else 'COMPILE=0'})")
         return
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
@@ -2288,7 +2553,7 @@ def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Ru
     set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
     states = graph_states(h)
     t0 = time.perf_counter()
-    for i in range(h.warmup_steps):
+    for i in Progress("warmup", h.warmup_steps, rt.is_main, unit="step").wrap(range(h.warmup_steps)):
         qat_on, repeats_on = states[i * len(states) // h.warmup_steps]
         set_qat(layers, qat_on)
         base_model.set_mini_recurrence(repeats_on)
@@ -2330,6 +2595,15 @@ class WeightAverage:
         elif self.kind == "swa" and s.swa_take:
             torch._foreach_add_(self.sums, [p.float() for p in self.params])
             self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"sums": [t.detach().clone() for t in self.sums], "count": self.count, "zero_weight": self.zero_weight}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for t, saved in zip(self.sums, state["sums"], strict=True):
+            t.copy_(saved)
+        self.count, self.zero_weight = state["count"], state["zero_weight"]
 
     @torch.no_grad()
     def load_into_model(self) -> bool:
@@ -2381,6 +2655,12 @@ class QATSwitch:
             self.log(f"qat_on step:{step} lr_mult:{s.lr_mult:.4f} mode:{mode} matrices:{len(self.layers)}")
         self._set(s.qat_on, s.qat_alpha)
 
+    def state_dict(self) -> dict:
+        return {"on": self.state[0], "alpha": self.state[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._set(state["on"], state["alpha"])  # as the interrupted run left the buffers: no second qat_on line
+
     @contextlib.contextmanager
     def paused(self):
         """Plain weights inside (evaluations measure the float model); QAT as it was afterwards."""
@@ -2410,23 +2690,27 @@ def set_qat(layers, on: bool, alpha: float = 1.0) -> None:
 
 
 class StopVote:
-    """Whether every rank stops after this step, decided alike on all of them without stalling the
-    device. Each step's local vote (from host time) is max-reduced over the ranks on the device, copied
-    to pinned host memory without blocking, and read one step later, after waiting for that copy only:
-    the host waits for step s-1 while the device runs step s, which costs the device nothing and keeps
-    the host's clock within a step of the device's (with no wait at all the host runs several steps
-    ahead and stops late). A vote therefore looks STOP_LOOKAHEAD steps ahead."""
+    """Whether every rank stops after this step, for each reason (the wallclock budget, a signal),
+    decided alike on all of them without stalling the device. Each step's local votes (from host time
+    and the signal handler) are max-reduced over the ranks on the device, copied to pinned host memory
+    without blocking, and read one step later, after waiting for that copy only: the host waits for
+    step s-1 while the device runs step s, which costs the device nothing and keeps the host's clock
+    within a step of the device's (with no wait at all the host runs several steps ahead and stops
+    late). A budget vote therefore looks STOP_LOOKAHEAD steps ahead; a signal stops one step late."""
 
-    def __init__(self, rt: Runtime):
-        self.rt = rt
+    def __init__(self, rt: Runtime, reasons: int = 2):
+        self.rt, self.reasons = rt, reasons
         self.cuda = rt.device.type == "cuda"
         # Two pinned slots, alternating: the one being read is never the one being written.
-        self.host = [torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda) for _ in range(2)]
+        self.host = [torch.zeros(reasons, dtype=torch.int32, pin_memory=self.cuda) for _ in range(2)]
         self.pending: tuple[Tensor, object] | None = None
         self.step = 0
 
-    def __call__(self, vote: bool) -> bool:
-        t = torch.full((1,), int(vote), dtype=torch.int32, device=self.rt.device)
+    def __call__(self, *votes: bool) -> tuple[bool, ...]:
+        t = torch.zeros(self.reasons, dtype=torch.int32, device=self.rt.device)
+        for i, vote in enumerate(votes):
+            if vote:
+                t[i].fill_(1)  # a kernel, not a copy from pageable host memory (which would wait)
         if self.rt.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         host, done = self.host[self.step % 2], None
@@ -2437,10 +2721,10 @@ class StopVote:
             done.record()
         previous, self.pending = self.pending, (host, done)
         if previous is None:
-            return False
+            return (False,) * self.reasons
         if previous[1] is not None:
             previous[1].synchronize()
-        return bool(previous[0].item())  # a host tensor: no device sync
+        return tuple(bool(v) for v in previous[0].tolist())  # a host tensor: no device sync
 
 
 STOP_LOOKAHEAD = 2  # a vote read one step late stops one step later: it must see two steps ahead
@@ -2455,13 +2739,196 @@ class TrainResult:
     average: WeightAverage
 
 
+# ---- interrupts, checkpoints and resume -------------------------------------------------------------
+# SIGINT (Ctrl-C) or SIGTERM (a scheduler; torchrun passes its own on to the workers) during training
+# stops the run after the current step, once all ranks agree, and writes a checkpoint from which
+# RESUME_FROM continues the run exactly; outside the training loop they end the run at once. Either way
+# the run says what was kept.
+
+SIGNAL_REPEAT_GRACE_S = 2.0  # Ctrl-C under torchrun reaches a worker twice (terminal, then torchrun)
+CHECKPOINT_VERSION = 1
+
+
+class RunInterrupted(Exception):
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+
+class Interrupts:
+    """The SIGINT/SIGTERM handler. While `deferring` (the training loop) a signal only sets `received`,
+    read between steps; elsewhere it raises RunInterrupted at once. A signal repeated after
+    SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a checkpoint being written).
+    `kept` lists what the run has written so far, for the message when it stops."""
+
+    def __init__(self, verbose: bool = True):
+        self.received: int | None = None
+        self.first_at = 0.0
+        self.deferring, self.verbose, self.kept, self.previous = False, verbose, [], {}
+        self.log = None  # the run's Logger, once it has one
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.received is not None and now - self.first_at < SIGNAL_REPEAT_GRACE_S:
+            return  # the same stop request, delivered twice
+        first = self.received is None
+        self.received, self.first_at = signum, now if first else self.first_at
+        if self.deferring and first:
+            if self.verbose:
+                print(f"{signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+                      f"(send it again to stop at once)", flush=True)
+            return
+        raise RunInterrupted(signum)
+
+
+def checkpoint_path(h: Hyperparameters) -> Path:
+    return Path(h.out_dir) / f"{h.run_id}.ckpt"
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": numpy_state, "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    random.setstate(state["python"])
+
+
+def write_checkpoint(path: Path, shared: dict, own: dict, rt: Runtime) -> None:
+    """shared.pt (rank 0: everything all ranks hold alike) and rank<r>.pt (each rank's optimizer state:
+    Muon keeps momentum only for the matrices a rank orthogonalizes; RNG), written into a temporary
+    folder that replaces `path` whole, so a stop during the write never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if rt.world_size > 1:
+        dist.barrier()
+    torch.save(own, tmp / f"rank{rt.rank}.pt")
+    if rt.is_main:
+        torch.save(shared, tmp / "shared.pt")
+    if rt.world_size > 1:
+        dist.barrier()
+    if rt.is_main:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+def read_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict, dict]:
+    """(shared part, this rank's part); a missing or foreign checkpoint is a clear error."""
+    path = Path(path)
+    try:
+        shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
+        own = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise SettingError(f"RESUME_FROM={path}: not a checkpoint ({Path(e.filename).name} is missing)") from None
+    if shared.get("version") != CHECKPOINT_VERSION:
+        raise SettingError(f"RESUME_FROM={path}: checkpoint format {shared.get('version')}, this train_gpt.py reads "
+                          f"{CHECKPOINT_VERSION}")
+    return shared, own
+
+
+# Settings that may differ on resume: they do not change what the run computes.
+RESUME_FREE_SETTINGS = ("resume_from", "cpu_threads")
+
+
+def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_size: int) -> Hyperparameters:
+    """The checkpoint's settings; a setting the environment gives another value, other code or another
+    number of processes would not continue the same run, and is refused."""
+    saved = shared["hparams"]
+    differ = [f"{f.name.upper()}={getattr(h, f.name)!r} (the run: {saved[f.name]!r})"
+              for f in dataclasses.fields(h) if f.name.upper() in env and f.name not in RESUME_FREE_SETTINGS
+              and getattr(h, f.name) != saved[f.name]]
+    if differ:
+        raise SettingError(f"RESUME_FROM={h.resume_from}: the checkpoint's run has other settings: "
+                          f"{', '.join(differ)}; unset them (the checkpoint's are used)")
+    if shared["code_sha256"] != hashlib.sha256(source.encode("utf-8")).hexdigest():
+        raise SettingError(f"RESUME_FROM={h.resume_from}: train_gpt.py changed since the checkpoint was written; "
+                          f"a run resumes with its own code")
+    if shared["world_size"] != world_size:
+        raise SettingError(f"RESUME_FROM={h.resume_from}: the run had {shared['world_size']} processes, this one "
+                          f"{world_size}: resume with --nproc_per_node={shared['world_size']}")
+    return dataclasses.replace(Hyperparameters(**saved), **{k: getattr(h, k) for k in RESUME_FREE_SETTINGS})
+
+
+@dataclass
+class RunControl:
+    """What the training loop needs to stop cleanly and to resume: the signal handler, where the
+    checkpoint goes, the code's sha256 and the log file (both saved in it), the checkpoint to resume."""
+    interrupts: Interrupts
+    path: Path
+    code_sha256: str
+    log_path: Path | None
+    resume: tuple[dict, dict] | None = None
+
+
+def restore_training(resume: tuple[dict, dict], base_model: GPT, optimizers: list, parts: dict) -> tuple:
+    """Load a checkpoint into the model, optimizers and the loop's parts; (step, train_ms, stop_at)."""
+    shared, own = resume
+    base_model.load_state_dict(shared["model"])
+    for opt, state in zip(optimizers, own["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    for name, part in parts.items():
+        part.load_state_dict(shared["parts"][name])
+    set_rng_state(own["rng"])
+    return shared["step"], shared["train_ms"], shared["stop_at"]
+
+
+def stop_with_checkpoint(signum: int, step: int, train_ms: float, stop_at: int | None, base_model: GPT,
+                         optimizers: list, parts: dict, control: RunControl, h: Hyperparameters, rt: Runtime, log):
+    """Write the checkpoint of the state after `step` and end the run, saying how to resume it."""
+    name = signal.Signals(signum).name
+    log(f"interrupted signal:{name} step:{step}/{h.iterations} train_time:{train_ms:.0f}ms checkpoint:{control.path}")
+    shared = {"version": CHECKPOINT_VERSION, "hparams": dataclasses.asdict(h), "world_size": rt.world_size,
+              "code_sha256": control.code_sha256, "step": step, "train_ms": train_ms, "stop_at": stop_at,
+              "signal": name, "model": base_model.state_dict(),
+              "parts": {k: part.state_dict() for k, part in parts.items()},
+              "log": control.log_path.read_text(encoding="utf-8") if control.log_path else ""}
+    own = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state()}
+    write_checkpoint(control.path, shared, own, rt)
+    control.interrupts.kept.append(f"the checkpoint {control.path} (weights, optimizer state, averages, schedule, "
+                                   f"data position, RNG, after step {step}/{h.iterations})")
+    raise RunInterrupted(signum, f"resume with: {resume_command(control.path, rt.world_size)}")
+
+
+def resume_command(path: Path, world_size: int) -> str:
+    launcher = ("python train_gpt.py" if world_size == 1 else
+                f"torchrun --standalone --nproc_per_node={world_size} train_gpt.py")
+    return f"RESUME_FROM={path} {launcher}"
+
+
 def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
-          log) -> TrainResult:
-    """The timed loop; the Schedule decides every step's settings and when to stop."""
+          log, control: RunControl | None = None) -> TrainResult:
+    """The timed loop; the Schedule decides every step's settings and when to stop. A signal stops it after
+    the step it interrupts (a checkpoint, then RunInterrupted); control.resume continues a stopped run."""
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     schedule, average, qat = Schedule(h), WeightAverage(base_model, h), QATSwitch(base_model, log)
     log(schedule.describe())
     train_ms, step, stop_at, stop_vote = 0.0, 0, None, StopVote(rt)
+    parts = {"loader": loader, "average": average, "schedule": schedule, "qat": qat}  # a checkpoint holds their state
+    control = control or RunControl(Interrupts(verbose=False), checkpoint_path(h), "", None)
+    if control.resume is not None:
+        step, train_ms, stop_at = restore_training(control.resume, base_model, optimizers, parts)
+    control.interrupts.deferring = True  # a signal now stops the run after the current step
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -2492,10 +2959,17 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{s.lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        overruns = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD))
+        overruns, interrupted = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
+                                          control.interrupts.received is not None)
         if stop_at is None and overruns:
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
+        if interrupted:
+            rt.sync()
+            stop_with_checkpoint(control.interrupts.received or signal.SIGTERM, step,
+                                 train_ms + 1000 * (time.perf_counter() - t0), stop_at, base_model, optimizers,
+                                 parts, control, h, rt, log)
+    control.interrupts.deferring = False
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
     return TrainResult(val_loss, val_bpb, step, train_ms, average)
 
@@ -2505,17 +2979,17 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
 # ----------------------------------------------------------------------------------------------------
 
 
-LOGGED_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+LOGGED_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 
 class Logger:
     """Rank 0 writes to stdout and to <out_dir>/<run_id>.txt; other ranks stay silent."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, text: str = ""):
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            path.write_text(text, encoding="utf-8")
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if self.path is None:
@@ -2524,6 +2998,22 @@ class Logger:
             print(msg, flush=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(msg + "\n")
+
+
+def choose_cpu_threads(h: Hyperparameters, env, local_procs: int = 1) -> tuple[int, str]:
+    """(torch threads per process, why) for a CPU run: CPU_THREADS, else OMP_NUM_THREADS, else the cores
+    that are idle now (cores minus the 1-minute load average, rounded), shared among this machine's
+    processes. More threads than idle cores is the trap: threads that wait for each other on busy cores
+    made one step 44x slower (51.9 s against 1.2 s with one thread) on a loaded 2-core machine."""
+    if h.cpu_threads > 0:
+        return h.cpu_threads, "CPU_THREADS"
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = min(cores, int(cores - load + 0.5))
+    return max(1, idle // max(1, local_procs)), f"auto(cores={cores},load_1min={load:.2f},processes={local_procs})"
 
 
 def setup_runtime(h: Hyperparameters, env) -> Runtime:
@@ -2536,12 +3026,16 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        threads_from = "untouched(cuda)"
+    else:
+        threads, threads_from = choose_cpu_threads(h, env, int(env.get("LOCAL_WORLD_SIZE", world_size)))
+        torch.set_num_threads(threads)
     if world_size > 1:
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     # CPU has no fast bf16 matmul; Newton-Schulz there runs in fp32, which also keeps it reproducible.
     ns_dtype = torch.bfloat16 if cuda else torch.float32
-    return Runtime(rank, world_size, device, accum, autocast, ns_dtype)
+    return Runtime(rank, world_size, device, accum, autocast, ns_dtype, threads_from)
 
 
 def shared_run_id(h: Hyperparameters, rt: Runtime) -> Hyperparameters:
@@ -2562,7 +3056,8 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
     with rt.autocast():
         activations = str(activation_dtype(torch.zeros((), device=rt.device))).removeprefix("torch.")
     log(f"runtime world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} "
-        f"activations:{activations} ns_dtype:{rt.ns_dtype}")
+        f"activations:{activations} ns_dtype:{rt.ns_dtype} cpu_threads:{torch.get_num_threads()} "
+        f"cpu_threads_from:{rt.threads_from}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
         f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)
@@ -2571,6 +3066,16 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
         log(f"gpu name:{torch.cuda.get_device_name(rt.device)}")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout, console=False)
+
+
+def log_dataset(info: dict[str, str], log) -> None:
+    """The `dataset` line (dataset_provenance), and a note when the run's score is not comparable to
+    the leaderboard's: only the challenge's published validation data and tokenizer are."""
+    log("dataset " + " ".join(f"{k}:{v}" for k, v in info.items()))
+    if info["source"] != "challenge":
+        log(f"note: dataset source:{info['source']}: not the challenge's published data "
+            f"({info.get('reason', 'built by data/build_dataset.py')}); the score is not comparable to the "
+            f"leaderboard and scripts/make_record.py writes such runs as non-record folders only")
 
 
 def seed_everything(seed: int) -> None:
@@ -2602,7 +3107,7 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
                rt: Runtime, log) -> tuple[float, float]:
     rt.sync()
     t0 = time.perf_counter()
-    loss, bpb = evaluate(eval_model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast)
+    loss, bpb = evaluate(eval_model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast, phase=label)
     rt.sync()
     log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval:{spec.name} seq_len:{spec.seq_len} "
         f"stride:{spec.stride} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -2614,21 +3119,44 @@ def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) ->
     env = os.environ if env is None else env
     h = Hyperparameters.from_env(env)
     rt = setup_runtime(h, env)
+    interrupts = Interrupts(verbose=rt.is_main)
+    interrupts.install()
     try:
-        run(h, rt, env, export_hook)
+        run(h, rt, env, interrupts, export_hook)
         if dist.is_initialized():
             dist.barrier()  # tear down together: a rank leaving gloo early sometimes aborted its peer at exit
+    except RunInterrupted as e:  # a clean stop: say what was kept, no traceback
+        kept = "; ".join(interrupts.kept) or "nothing"
+        message = f"stopped by {signal.Signals(e.signum).name}: kept {kept}" + (f"; {e.message}" if e.message else "")
+        if getattr(interrupts, "log", None) is not None:
+            interrupts.log(message)
+        elif rt.is_main:
+            print(message, flush=True)
+        raise SystemExit(128 + e.signum) from None
     finally:
+        interrupts.uninstall()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
+def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = None, export_hook=None) -> None:
+    interrupts = interrupts or Interrupts(verbose=False)
+    code = code_form(Path(__file__).read_text(encoding="utf-8"))  # the readable source, whichever form ran
+    resume = read_checkpoint(h.resume_from, rt.rank) if h.resume_from else None
+    if resume is not None:
+        h = resumed_hparams(h, env, resume[0], code.source, rt.world_size)
     h = shared_run_id(h, rt)
     out_dir = Path(h.out_dir)
-    log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None)
-    source = Path(__file__).read_text(encoding="utf-8")
-    log_preamble(log, h, rt, source, env)
+    log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None, resume[0]["log"] if resume else "")
+    interrupts.log = log
+    if log.path is not None:
+        interrupts.kept.append(f"the log {log.path}")
+    if resume is None:
+        log_preamble(log, h, rt, code.source, env)
+    else:  # the log so far came with the checkpoint: it goes on as one run's log, saying where it resumed
+        log(f"resume from:{h.resume_from} step:{resume[0]['step']} train_time:{resume[0]['train_ms']:.0f}ms "
+            f"signal:{resume[0]['signal']} world_size:{rt.world_size} cpu_threads:{torch.get_num_threads()}")
+    log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))}")
     seed_everything(h.seed)
 
     sp = load_tokenizer(h.tokenizer_path)
@@ -2636,22 +3164,30 @@ def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
     val_tokens = torch.from_numpy(load_validation_tokens(h.data_path).astype(np.int32)).to(rt.device)
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
+    if rt.is_main:
+        log_dataset(dataset_provenance(h.data_path, h.tokenizer_path), log)
 
     check_tokenizer(sp, h, h.tokenizer_path)
     base = build_model(ModelConfig.from_hparams(h), rt.device, log)
     plan = plan_from_hparams(base.state_dict(), h, base.fp16_param_names())  # a bad QUANT_PLAN fails fast
     log_quant_plan(plan, base.state_dict(), log)
+    if rt.is_main:
+        log_artifact_estimate(base.state_dict(), plan, code, h, log)
     model, eval_model, orthogonalize = compile_for_training(base, plan, h, rt, log)
     optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
     for line in describe_optimizers(optimizers):
         log(line)
 
     def eval_fn():
-        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt.rank, rt.world_size, rt.autocast)
+        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt.rank, rt.world_size, rt.autocast,
+                        phase="val")
 
     prime_kernels(model, optimizers, base, h, rt, log)
-    h = measure_gptq_reserve(base, plan, h, rt, log)
-    result = train(model, optimizers, base, eval_fn, h, rt, log)
+    if resume is None:  # a resumed run's settings already hold the reserve its first start measured
+        h = measure_gptq_reserve(base, plan, h, rt, log)
+    control = RunControl(interrupts, checkpoint_path(h), hashlib.sha256(code.source.encode("utf-8")).hexdigest(),
+                         log.path, resume)
+    result = train(model, optimizers, base, eval_fn, h, rt, log, control)
     log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
         f"train_time:{result.train_ms:.0f}ms")
     weights = select_final_weights(result.average, h, log)
@@ -2662,9 +3198,10 @@ def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
             f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")
 
     artifact = out_dir / f"{h.run_id}.ptz"
-    code_bytes = len(source.encode("utf-8"))
-    blob = export_model(base, plan, code_bytes, h, rt, log, export_hook, result.train_ms)
-    save_artifact(blob, artifact, code_bytes, rt, log)
+    blob = export_model(base, plan, code.bytes_code, h, rt, log, export_hook, result.train_ms, luts)
+    save_artifact(blob, artifact, code.bytes_code, rt, log)
+    interrupts.kept.append(f"the artifact {artifact} (score it: ARTIFACT_PATH={artifact} "
+                           f"python eval_ngram_on_checkpoint.py)")
     _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
     base.load_state_dict(state)
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), rt, log)

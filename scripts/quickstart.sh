@@ -11,6 +11,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}  # the interpreter to run with (a venv's python, say): python3 from PATH by default
 QS_DIR=${QS_DIR:-quickstart}
 QS_DOCS=${QS_DOCS:-3000}
+# Torch's CPU threads, chosen now, before this script's own data build loads the cores: the idle cores
+# (or CPU_THREADS / OMP_NUM_THREADS when set; train_gpt.choose_cpu_threads). More threads than idle
+# cores is the trap: on a loaded 2-core machine one step took 51.9 s with 2 threads, 1.2 s with 1.
+export CPU_THREADS=${CPU_THREADS:-$("$PYTHON" -c 'import os, train_gpt as t; print(t.choose_cpu_threads(t.Hyperparameters(), os.environ)[0])')}
 
 "$PYTHON" data/synthetic_text.py --docs "$QS_DOCS" --seed 0 --out "$QS_DIR/synthetic.jsonl"
 "$PYTHON" data/build_dataset.py --input "$QS_DIR/synthetic.jsonl" --val-docs 200 --vocab-size 1024 \

@@ -2730,6 +2730,15 @@ class StopVote:
 STOP_LOOKAHEAD = 2  # a vote read one step late stops one step later: it must see two steps ahead
 
 
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if it is true on any (a blocking all-reduce: for once-per-run decisions)."""
+    if rt.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 @dataclass
 class TrainResult:
     val_loss: float  # the raw weights after the last step
@@ -2757,7 +2766,7 @@ class RunInterrupted(Exception):
 
 class Interrupts:
     """The SIGINT/SIGTERM handler. While `deferring` (the training loop) a signal only sets `received`,
-    read between steps; elsewhere it raises RunInterrupted at once. A signal repeated after
+    which the ranks' StopVote carries (read one step late: the run stops after the next step); elsewhere it raises RunInterrupted at once. A signal repeated after
     SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a checkpoint being written).
     `kept` lists what the run has written so far, for the message when it stops."""
 
@@ -2784,7 +2793,7 @@ class Interrupts:
         self.received, self.first_at = signum, now if first else self.first_at
         if self.deferring and first:
             if self.verbose:
-                print(f"{signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+                print(f"{signal.Signals(signum).name}: stopping after the next step to write a checkpoint "
                       f"(send it again to stop at once)", flush=True)
             return
         raise RunInterrupted(signum)
@@ -2933,6 +2942,10 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
     t0 = time.perf_counter()
     while True:
         last = step == h.iterations or step == stop_at
+        if last and any_rank(control.interrupts.received is not None, rt):  # a signal whose vote was not read
+            stop_with_checkpoint(control.interrupts.received or signal.SIGTERM, step,
+                                 train_ms + 1000 * (time.perf_counter() - t0), stop_at, base_model, optimizers,
+                                 parts, control, h, rt, log)
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.sync()
             train_ms += 1000 * (time.perf_counter() - t0)  # evaluation does not count as training

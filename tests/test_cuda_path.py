@@ -273,6 +273,6 @@ def test_real_gpu_training_step_has_no_host_sync():
         for qat_on in (False, True):
             tg.set_qat([m for m in model.modules() if isinstance(m, tg.CastedLinear)], qat_on)
             tg.train_step(model, optimizers, Loader(), h, rt)
-            vote(False)
+            vote(False, False)
     finally:
         torch.cuda.set_sync_debug_mode(0)

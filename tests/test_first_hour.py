@@ -119,7 +119,7 @@ def test_priming_restores_the_initial_state_when_it_runs(tiny_data, monkeypatch)
     assert logged == ["warmup steps:0 skipped:WARMUP_STEPS=2 reason:nothing compiles (cpu run)"]
     monkeypatch.setattr(tg, "is_compiled", lambda m: True)  # as if compiled: the steps run, then are undone
     tg.prime_kernels(model, optimizers, model, h, rt, logged.append)
-    assert re.fullmatch(r"warmup steps:2 time:\d+ms \(weights reset\)", logged[-1])
+    assert re.fullmatch(r"warmup steps:2 graphs:\S+ time:\d+ms \(weights reset\)", logged[-1])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not opt.state for opt in optimizers)
 

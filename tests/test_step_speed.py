@@ -247,7 +247,8 @@ def test_an_evaluation_reads_the_device_once_at_the_end():
 
 def test_the_stop_vote_is_read_one_step_late_and_agreed():
     vote = tg.StopVote(runtime())
-    assert [vote(v) for v in (False, True, False, False)] == [False, False, True, False]
+    votes = [(False, False), (True, False), (False, True), (False, False), (False, False)]
+    assert [vote(*v) for v in votes] == [(False, False), (False, False), (True, False), (False, True), (False, False)]
     schedule = tg.Schedule(tg.Hyperparameters(max_wallclock_seconds=1.5, gptq_reserve_seconds=0.5))
     assert schedule.budget_ms == 1000.0
     assert schedule.next_step_overruns(801.0, 8, lookahead=2)  # two more steps would end past 1000

@@ -178,8 +178,9 @@ PRESETS: dict[str, dict[str, str]] = {
         "MINI_RECUR_START_FRAC": "0.35",
         "MATRIX_LR": "0.026", "MATRIX_LR_LATE": "0.026", "SCALAR_LR": "0.02", "GATE_LR": "0.02",
         "TIED_EMBED_LR": "0.03", "MUON_MOMENTUM": "0.97", "MUON_WEIGHT_DECAY": "0.095",
+        "MUON_NS_COEFFS": "polar_express", "MUON_ROW_NORMALIZE": "1",
         "EMBED_WEIGHT_DECAY": "0.085", "SCALAR_WEIGHT_DECAY": "0.02", "BETA2": "0.99", "EMA_DECAY": "0.9965",
-        "WARMDOWN_FRAC": "0.85", "WARMDOWN_FLOOR": "0.1", "QAT": "off",
+        "WARMDOWN_FRAC": "0.85", "MIN_LR": "0.1", "QAT": "off",
     },
 }
 
@@ -210,6 +211,8 @@ class Hyperparameters(ModelConfig):
     tied_embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # AdamW LR of the tied embedding
     muon_momentum: float = _hp(0.99, lo=0.0, hi=0.9999)  # Muon momentum after its warmup
     muon_backend_steps: int = _hp(5, lo=1, hi=20)  # Newton-Schulz iterations
+    muon_ns_coeffs: str = _hp("quintic", choices=("quintic", "polar_express"))  # quintic: one fixed triple; polar_express: one per iteration
+    muon_row_normalize: bool = _hp(False)  # MuonEq-R: each row of the update at unit norm before Newton-Schulz
     beta1: float = _hp(0.9, lo=0.0, hi=0.9999)  # AdamW beta1
     beta2: float = _hp(0.95, lo=0.0, hi=0.99999)  # AdamW beta2
     adam_eps: float = _hp(1e-8, lo=1e-12, hi=1e-2)  # AdamW epsilon
@@ -226,6 +229,7 @@ class Hyperparameters(ModelConfig):
     scalar_weight_decay: float = _hp(0.0, lo=0.0, hi=1.0)  # AdamW decay on the gates, scales and other vectors
     # Schedule, weight averaging and QAT.
     warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
+    min_lr: float = _hp(0.0, lo=0.0, hi=1.0)  # the LR multiplier never falls below it (the public MIN_LR: a clamp)
     gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
     gptq_reserve_measure: bool = _hp(True)  # warm-up times calibration + GPTQ and reserves 1.5x that + 1 s
     final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
@@ -300,10 +304,12 @@ class Hyperparameters(ModelConfig):
         if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time out of "
                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        if self.qat != "off" and (self.warmdown_frac == 0 or self.warmdown_floor >= self.qat_lr_threshold):
+        lowest = max(self.warmdown_floor, self.min_lr)
+        if self.qat != "off" and (self.warmdown_frac == 0 or lowest >= self.qat_lr_threshold):
             raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
                              f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
-                             f"WARMDOWN_FLOOR={self.warmdown_floor}); set QAT=off or change them")
+                             f"WARMDOWN_FLOOR={self.warmdown_floor}, MIN_LR={self.min_lr}); set QAT=off or "
+                             f"change them")
         parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
 
 
@@ -1206,22 +1212,43 @@ def build_model(cfg: ModelConfig, device: torch.device, log=None) -> GPT:
 # ----------------------------------------------------------------------------------------------------
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients tuned for fast convergence
+# Polar Express (Amsel et al. 2025; public record 2026-04-23): one minimax-optimal (a, b, c) per iteration,
+# wide-range first, then converging: after 5 iterations the singular values lie closer to 1 than with the
+# fixed triple. Steps beyond the fifth repeat the last triple.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NS_COEFF_SETS = {"quintic": (NS_COEFFS,), "polar_express": POLAR_EXPRESS_COEFFS}
 NS_EPS = 1e-7
+ROW_NORM_EPS = 1e-7  # MuonEq-R: a zero row stays zero instead of dividing by zero
 
 
-def newton_schulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
+def newton_schulz5(g: Tensor, steps: int, dtype: torch.dtype, coeffs: tuple = (NS_COEFFS,)) -> Tensor:
     """Approximately orthogonalize g (the U V^T of its SVD) with a quintic Newton-Schulz iteration; g is
-    one matrix [rows, cols] or a stack [n, rows, cols], each matrix orthogonalized on its own."""
-    a, b, c = NS_COEFFS
+    one matrix [rows, cols] or a stack [n, rows, cols], each matrix orthogonalized on its own. Iteration i
+    uses coeffs[i] (the last one once they run out): one triple is classic Muon, five are Polar Express."""
     x = g.to(dtype)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
     transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the short side: X X^T is then the small Gram matrix
         x = x.mT
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
+
+
+def normalize_rows(updates: list[Tensor], transposed: list[bool]) -> list[Tensor]:
+    """MuonEq-R: each row of each parameter's update (the momentum's Nesterov step) scaled to unit norm
+    before Newton-Schulz, so that no row's gradient scale dominates the orthogonalized step. A matrix held
+    transposed in its stack has its parameter's rows as columns."""
+    return [u / u.norm(dim=-2 if t else -1, keepdim=True).clamp_min(ROW_NORM_EPS)
+            for u, t in zip(updates, transposed)]
 
 
 # torch 2.13 renamed these two collectives (the old names warn); earlier versions have only the old ones.
@@ -1267,10 +1294,11 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
                  rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.bfloat16,
-                 orthogonalize=newton_schulz5):
+                 orthogonalize=newton_schulz5, ns_coeffs: str = "quintic", row_normalize: bool = False):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
+        self.ns_coeffs, self.row_normalize = NS_COEFF_SETS[ns_coeffs], row_normalize
         self.stacks: list[MatrixStack] = []
         self._works: list = []
 
@@ -1336,7 +1364,10 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch._foreach_mul(bufs, moms)
                 torch._foreach_add_(nesterov, grads)
-                g = self.orthogonalize(torch.stack(nesterov), groups[first]["backend_steps"], self.ns_dtype)
+                if self.row_normalize:
+                    nesterov = normalize_rows(nesterov, [st.transposed[i] for i in owned])
+                g = self.orthogonalize(torch.stack(nesterov), groups[first]["backend_steps"], self.ns_dtype,
+                                       self.ns_coeffs)
                 st.mine[:len(grads)].copy_(g)
                 # An orthogonal update has unit singular values; tall matrices get sqrt(rows/cols) more.
                 torch._foreach_mul_(list(st.mine[:len(grads)].unbind(0)), [st.scales[i] for i in owned])
@@ -1424,7 +1455,8 @@ def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
     adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=True)
     muon = Muon(muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
                 backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay, rank=rank,
-                world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize)
+                world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize, ns_coeffs=h.muon_ns_coeffs,
+                row_normalize=h.muon_row_normalize)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -2474,12 +2506,14 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpe
 # ----------------------------------------------------------------------------------------------------
 
 
-def lr_multiplier(progress: float, warmdown_frac: float, floor: float = 0.0) -> float:
-    """1 until the last warmdown_frac of the budget, then linear down to floor at its end (and after)."""
+def lr_multiplier(progress: float, warmdown_frac: float, floor: float = 0.0, min_lr: float = 0.0) -> float:
+    """1 until the last warmdown_frac of the budget, then linear down to floor at its end (and after);
+    never below min_lr, which (floor 0) makes the public run's max((1 - p) / f, MIN_LR): a linear fall
+    that stops at MIN_LR for the run's last min_lr * f."""
     if warmdown_frac <= 0.0:
         return 1.0
     down = min(1.0, max(0.0, (1.0 - progress) / warmdown_frac))
-    return floor + (1.0 - floor) * down
+    return max(min_lr, floor + (1.0 - floor) * down)
 
 
 EMA_WARMUP_STEPS = 10  # the EMA's decay after step t is at most (1 + t) / (EMA_WARMUP_STEPS + t)
@@ -2528,7 +2562,7 @@ class Schedule:
         """The settings of step `step` (0-based), which starts after elapsed_ms of training."""
         h = self.h
         progress = self.progress(step, elapsed_ms)
-        lr_mult = lr_multiplier(progress, h.warmdown_frac, h.warmdown_floor)
+        lr_mult = lr_multiplier(progress, h.warmdown_frac, h.warmdown_floor, h.min_lr)
         if h.qat != "off" and self.qat_start is None and lr_mult < h.qat_lr_threshold:
             self.qat_start = step
         qat_on = self.qat_start is not None
@@ -2554,7 +2588,7 @@ class Schedule:
         h = self.h
         return (f"schedule train_budget:{self.budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
                 f"iterations:{h.iterations} ends:first_of_iterations_and_budget warmdown_frac:{h.warmdown_frac} "
-                f"warmdown_floor:{h.warmdown_floor} momentum:{h.muon_momentum_warmup_start}->{h.muon_momentum} "
+                f"warmdown_floor:{h.warmdown_floor} min_lr:{h.min_lr} momentum:{h.muon_momentum_warmup_start}->{h.muon_momentum} "
                 f"momentum_warmup_steps:{h.muon_momentum_warmup_steps} qat:{h.qat} "
                 f"qat_below_lr_mult:{h.qat_lr_threshold} final_weights:{h.final_weights} ema_decay:{h.ema_decay} "
                 f"ema_warmup:(1+t)/({EMA_WARMUP_STEPS}+t) swa_every:{h.swa_every} "

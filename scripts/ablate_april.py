@@ -36,7 +36,7 @@ SMALL_APRIL = {**SMALL, "NUM_LAYERS": 6, "TRAIN_LOG_EVERY": 100}
 LAYER_IDS = dict(PARALLEL_START_LAYER=4, MINI_RECUR_FIRST=2, MINI_RECUR_LAST=3)
 ARCHITECTURE = {"VOCAB_SIZE", "DATA_PATH", "TOKENIZER_PATH", "MLP_MULT", "BIGRAM_BUCKETS", "SMEAR_GATE_FORM",
                 "ATTN_OUT_GATE", "ATTN_GATE_SCALE", "PARALLEL_START_LAYER", "MINI_RECUR_REPEATS", "MINI_RECUR_FIRST",
-                "MINI_RECUR_LAST", "MINI_RECUR_START_FRAC", "MUON_ROW_NORM", "MUON_NS"}
+                "MINI_RECUR_LAST", "MINI_RECUR_START_FRAC", "MUON_ROW_NORMALIZE", "MUON_NS_COEFFS"}  # and the Muon parts
 PARTS = {  # each on top of the seed stack
     "+parallel residuals (layers 4-5)": dict(PARALLEL_START_LAYER=4),
     "+loop layers 2-3 x3 from 35%": dict(MINI_RECUR_REPEATS=2, MINI_RECUR_FIRST=2, MINI_RECUR_LAST=3,
@@ -47,10 +47,9 @@ PARTS = {  # each on top of the seed stack
     # The preset's optimizer and schedule values (QK gain, LeakyReLU^2 and QAT off with them): every preset
     # variable that is not the architecture or the data.
     "+April settings": {k: v for k, v in PRESETS["april"].items() if k not in ARCHITECTURE},
+    "+MuonEq-R": dict(MUON_ROW_NORMALIZE=1),
+    "+Polar Express NS": dict(MUON_NS_COEFFS="polar_express"),
 }
-for name, env in (("+MuonEq-R", dict(MUON_ROW_NORM=1)), ("+Polar Express NS", dict(MUON_NS="polar"))):
-    if next(iter(env)) in {k for p in PRESETS.values() for k in p}:  # once the optimizer has them
-        PARTS[name] = env
 SEEDS = (1337, 42)
 STEP_AVG = re.compile(r"^step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:\d+ms step_avg:(\S+)ms", re.M)
 

@@ -289,8 +289,9 @@ def test_seed_preset_is_the_defaults():
 def test_april_preset_sets_its_values_and_explicit_settings_win():
     h = tg.Hyperparameters.from_env({"PRESET": "april", "MATRIX_LR": "0.03", "SEED": "7"})
     assert (h.vocab_size, h.mlp_mult, h.parallel_start_layer, h.mini_recur_start_frac) == (8192, 4, 8, 0.35)
-    assert (h.muon_momentum, h.muon_weight_decay, h.beta2, h.ema_decay, h.warmdown_floor) == (
-        0.97, 0.095, 0.99, 0.9965, 0.1)
+    assert (h.muon_momentum, h.muon_weight_decay, h.beta2, h.ema_decay, h.min_lr, h.warmdown_floor) == (
+        0.97, 0.095, 0.99, 0.9965, 0.1, 0.0)
+    assert (h.muon_ns_coeffs, h.muon_row_normalize) == ("polar_express", True)
     assert (h.matrix_lr, h.matrix_lr_late, h.seed) == (0.03, 0.026, 7)
     # Every variable of the preset is a setting, parses and lands in the config.
     fields = {f.name.upper(): f for f in tg.dataclasses.fields(tg.Hyperparameters)}

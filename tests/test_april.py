@@ -5,6 +5,7 @@ record's values under the explicit ones, logs what it set, and runs end to end o
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -356,3 +357,28 @@ def test_april_preset_on_two_gloo_processes_matches_one(tiny_data, tmp_path, apr
         assert abs(float(a) - float(b)) <= 2e-4
     for (name, la, ba), (_, lb, bb) in zip(FINAL.findall(april_run[1]), FINAL.findall(log)):
         assert abs(float(la) - float(lb)) < 1e-4 and abs(float(ba) - float(bb)) < 1e-4, name
+
+
+def test_april_loop_graphs_are_both_compiled_in_warm_up(tiny_data, tmp_path):
+    """The loop switches on at 35% of training: warm-up traces the model with and without the repeats
+    (torch.compile keeps one graph per plan), so the switch in the timed run compiles nothing."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    h = tg.Hyperparameters.from_env(april_tiny_env(tiny_data, tmp_path, WARMUP_STEPS="2"))
+    base = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+    counter = CompileCounter()  # traces with dynamo, runs eagerly: checks the guards, not codegen
+    compiled = torch.compile(base, backend=counter, dynamic=False, fullgraph=True)
+    optimizers = tg.build_optimizers(base, h, 0, 1, torch.float32)
+    rt = tg.Runtime(0, 1, torch.device("cpu"), tg.grad_accum_steps(1), contextlib.nullcontext, torch.float32)
+    logs = []
+    tg.prime_kernels(compiled, optimizers, base, h, rt, logs.append)
+    assert counter.frame_count == 2 and "graphs:qat0_repeats0,qat0_repeats1 " in logs[0]
+    schedule, loader = tg.Schedule(h), tg.make_train_loader(h, 0, 1, rt.device)
+    states = []
+    for step in range(h.iterations):
+        states.append(schedule.at(step, 0.0).repeats_on)
+        base.set_mini_recurrence(states[-1])
+        assert torch.isfinite(tg.train_step(compiled, optimizers, loader, h, rt))
+    assert states[0] is False and states[-1] is True  # the run crossed the switch
+    assert counter.frame_count == 2  # and compiled nothing more

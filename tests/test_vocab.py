@@ -92,3 +92,25 @@ def test_disjoint_splits_pass(tmp_path, tiny_data):
     assert check_disjoint.check_dataset(tmp_path)["train_docs_in_val"] == []
     result = check_disjoint.check_dataset(tiny_data["output_dir"])
     assert result["train_docs_in_val"] == [] and result["val_docs"] == 40
+
+
+def test_the_builder_leaves_validation_documents_out_of_training(tmp_path):
+    """A training document with a validation document's text, and one that only the tokenizer's
+    normalization makes equal (NFKC: the ligature U+FB01 is "fi"), never reach the training shards; the
+    builder's own check of the written shards agrees, and the manifest says what was left out."""
+    import json
+
+    from data.build_dataset import build_dataset
+    docs = generate_documents(120, seed=3)
+    val, train = docs[:20], docs[20:]
+    target = next(d for d in val if "fi" in d)
+    ligature = target.replace("fi", "\ufb01")
+    train = train[:30] + [val[5], ligature] + train[30:] + [val[5]]
+    result = build_dataset(train, val, tmp_path / "ds", tmp_path / "tok" / "t_bpe", vocab_size=384,
+                           shard_tokens=2_000)
+    disjoint = result["disjoint"]
+    assert disjoint["train_docs_dropped_same_text"] == 2 and disjoint["train_docs_dropped_same_tokens"] == 1
+    assert disjoint["train_docs_in_val"] == [] and result["train_docs"] == len(train) - 3
+    assert check_disjoint.check_dataset(tmp_path / "ds")["train_docs"] == result["train_docs"]
+    manifest = json.loads(result["manifest"].read_text())
+    assert manifest["disjoint"]["train_docs_dropped_same_tokens"] == 1 and manifest["train"]["docs"] == len(train) - 3

@@ -109,13 +109,13 @@ class ModelConfig:
     mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
     mini_recur_first: int = _hp(4, lo=0, hi=63)  # first layer the mini recurrence repeats
     mini_recur_last: int = _hp(5, lo=0, hi=63)  # last layer the mini recurrence repeats
-    mini_recur_unet: bool = _hp(False)  # with the repeats on, the U-Net spans every pass (the public run's form); off: repeats take no part
+    mini_recur_unet: bool = _hp(False)  # repeats on: the U-Net spans every pass (public form); 0: no part
     # Model: April parts (docs/april.md). Each is off in the seed stack; PRESET=april switches them on.
-    parallel_start_layer: int = _hp(0, lo=0, hi=63)  # two residual lanes from this layer on (attention reads lane 0, the MLP lane 1); 0: off
-    attn_out_gate: bool = _hp(False)  # each head's output x sigmoid(ATTN_GATE_SCALE * W x[:GATE_WINDOW]), W zero at init
+    parallel_start_layer: int = _hp(0, lo=0, hi=63)  # two residual lanes (attention, MLP) from this layer; 0: off
+    attn_out_gate: bool = _hp(False)  # head output x sigmoid(ATTN_GATE_SCALE * W x[:GATE_WINDOW])
     attn_gate_scale: float = _hp(1.0, lo=0.0, hi=100.0)  # ATTN_OUT_GATE=1: multiplies the gate's logit
-    smear_gate_form: str = _hp("channel", choices=("channel", "input"))  # SMEAR_GATE=1: channel: per-channel g after the norm; input: x_t += lambda sigmoid(W x_t[:GATE_WINDOW]) x_{t-1} before it
-    gate_window: int = _hp(12, lo=1, hi=8192)  # leading dims of its input that ATTN_OUT_GATE and SMEAR_GATE_FORM=input read
+    smear_gate_form: str = _hp("channel", choices=("channel", "input"))  # channel: g per channel; input: by x_t[:12]
+    gate_window: int = _hp(12, lo=1, hi=8192)  # input dims the input-dependent gates read
 
     @classmethod
     def from_hparams(cls, h: "ModelConfig") -> "ModelConfig":
@@ -190,7 +190,7 @@ class Hyperparameters(ModelConfig):
     """Everything a run reads from the environment: the model's fields (inherited from ModelConfig) and how
     it is trained, quantized and evaluated."""
     # Preset.
-    preset: str = _hp("seed", choices=tuple(PRESETS))  # named settings under the explicit ones: seed (these defaults) or april
+    preset: str = _hp("seed", choices=tuple(PRESETS))  # seed (the defaults) or april; explicit variables win
     # Data and run identity.
     data_path: str = _hp("./data/datasets/fineweb10B_sp1024")  # folder of fineweb_train_*.bin and fineweb_val_*.bin
     tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")  # sentencepiece model (bpb bytes, BOS check)
@@ -211,7 +211,7 @@ class Hyperparameters(ModelConfig):
     tied_embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # AdamW LR of the tied embedding
     muon_momentum: float = _hp(0.99, lo=0.0, hi=0.9999)  # Muon momentum after its warmup
     muon_backend_steps: int = _hp(5, lo=1, hi=20)  # Newton-Schulz iterations
-    muon_ns_coeffs: str = _hp("quintic", choices=("quintic", "polar_express"))  # quintic: one fixed triple; polar_express: one per iteration
+    muon_ns_coeffs: str = _hp("quintic", choices=("quintic", "polar_express"))  # Newton-Schulz: fixed or per-step
     muon_row_normalize: bool = _hp(False)  # MuonEq-R: each row of the update at unit norm before Newton-Schulz
     beta1: float = _hp(0.9, lo=0.0, hi=0.9999)  # AdamW beta1
     beta2: float = _hp(0.95, lo=0.0, hi=0.99999)  # AdamW beta2
@@ -2588,7 +2588,8 @@ class Schedule:
         h = self.h
         return (f"schedule train_budget:{self.budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
                 f"iterations:{h.iterations} ends:first_of_iterations_and_budget warmdown_frac:{h.warmdown_frac} "
-                f"warmdown_floor:{h.warmdown_floor} min_lr:{h.min_lr} momentum:{h.muon_momentum_warmup_start}->{h.muon_momentum} "
+                f"warmdown_floor:{h.warmdown_floor} min_lr:{h.min_lr} "
+                f"momentum:{h.muon_momentum_warmup_start}->{h.muon_momentum} "
                 f"momentum_warmup_steps:{h.muon_momentum_warmup_steps} qat:{h.qat} "
                 f"qat_below_lr_mult:{h.qat_lr_threshold} final_weights:{h.final_weights} ema_decay:{h.ema_decay} "
                 f"ema_warmup:(1+t)/({EMA_WARMUP_STEPS}+t) swa_every:{h.swa_every} "

@@ -8,6 +8,7 @@ bytes per compressor, byte shuffle and storage, and the speed of the 6-bit packi
     python3 scripts/quant_report.py sizes --checkpoint DIR/float.pt
     python3 scripts/quant_report.py sizes                        # the default 27 M model, random init
     PRESET=april python3 scripts/quant_report.py sizes           # the April model (36 M), random init
+    PRESET=april python3 scripts/quant_report.py sizes --sdclip  # ... and on SDClip's grid (an estimate)
 
 `train` runs train_gpt.main() unchanged (model and data come from the usual variables: DATA_PATH,
 TOKENIZER_PATH, NUM_LAYERS, ...) and saves what its quantization step receives: the trained float
@@ -173,7 +174,27 @@ def random_default_state() -> tuple[dict, tg.Hyperparameters, dict[str, int]]:
     return state, h, tg.plan_from_hparams(state, h, model.fp16_param_names())
 
 
-def sizes_report(checkpoint: Path | None) -> None:
+# SPEC section 8's SDClip: a row's scale is k * std(row) / qmax, k per class (the public April runs: int6
+# matrices k = 12.85, an int7 embedding k = 20). Here for a size estimate only (issue 16 brings it to the
+# quantizer, with GPTQ); round-to-nearest on that grid.
+SDCLIP = {"matrix": (6, 12.85), "embedding": (7, 20.0)}
+
+
+def sdclip_entries(packed: dict[str, dict], state: dict) -> dict[str, dict]:
+    """packed with every integer tensor re-rounded on SDClip's grid: int6 blocks, an int7 embedding."""
+    out = dict(packed)
+    for name, e in packed.items():
+        if e["kind"] != "int":
+            continue
+        bits, k = SDCLIP["embedding" if name == tg.EMBEDDING_NAME else "matrix"]
+        w = state[name].detach().float()
+        scale = (k * w.std(dim=1) / tg.qmax(bits)).clamp_min(tg.SCALE_FLOOR).half().float()
+        q = tg.round_to_grid(w, scale, bits).to(torch.int8)
+        out[name] = {**e, "bits": bits, "q": q, "scale": scale.half()}
+    return out
+
+
+def sizes_report(checkpoint: Path | None, sdclip: bool = False) -> None:
     if checkpoint is None:
         (state, h, plan), hessians, what = random_default_state(), {}, "random init (zero-init matrices filled)"
     else:
@@ -188,6 +209,14 @@ def sizes_report(checkpoint: Path | None) -> None:
         bits[b] = bits.get(b, 0) + state[name].numel()
     print(f"model {what} params:{params} quantization:{'GPTQ' if hessians else 'round-to-nearest'} "
           f"params_by_bits:{dict(sorted(bits.items()))}")
+    if sdclip:  # only the smallest-known layout, on SDClip's grid
+        print("| rounding | storage | byte shuffle | codec | bytes | bits/param |\n|---|---|---|---|---|---|")
+        for label, entries in (("ours (percentile clip)", packed), ("SDClip int6 k=12.85, int7 emb k=20",
+                                                                   sdclip_entries(packed, state))):
+            for codec in ("brotli", "zstd"):
+                blob = tg.serialize_artifact(entries, compressor=codec, shuffle=True, storage="byte")
+                print(f"| {label} | byte | 1 | {codec} | {len(blob):,} | {8 * len(blob) / params:.4f} |", flush=True)
+        return
     print("| storage | byte shuffle | codec | bytes | bits/param | seconds |\n|---|---|---|---|---|---|")
     for storage in ("byte", "packed6"):
         for shuffle in (False, True):
@@ -209,7 +238,10 @@ def main() -> None:
     gptq.add_argument("checkpoint", type=Path)
     gptq.add_argument("--breakdown-bits", type=int, choices=(5, 6, 8), default=5,
                       help="bits of the per-block rows (int5 shows the largest, clearest gaps)")
-    sub.add_parser("sizes", help="bytes per storage, shuffle and codec").add_argument("--checkpoint", type=Path)
+    sizes = sub.add_parser("sizes", help="bytes per storage, shuffle and codec")
+    sizes.add_argument("--checkpoint", type=Path)
+    sizes.add_argument("--sdclip", action="store_true", help="only byte+shuffle, brotli/zstd: ours against an "
+                       "SDClip grid (int6 k=12.85, int7 embedding k=20), an estimate of issue 16's sizes")
     args = parser.parse_args()
     if args.command == "pack-bench":
         pack_bench(args.values)
@@ -218,7 +250,7 @@ def main() -> None:
     elif args.command == "gptq":
         gptq_report(args.checkpoint, args.breakdown_bits)
     else:
-        sizes_report(args.checkpoint)
+        sizes_report(args.checkpoint, args.sdclip)
 
 
 if __name__ == "__main__":

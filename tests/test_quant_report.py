@@ -33,3 +33,21 @@ def test_val_gradient_predicts_a_small_weight_change(tiny_data, tmp_path):
     predicted = float((grads[name] * eps * direction).sum())
     assert abs(predicted) > 1e-6
     assert abs(measured - predicted) < 0.05 * abs(predicted)  # measured: within 1.3%
+
+
+def test_sdclip_estimate_rounds_on_k_standard_deviations_and_loads_back():
+    """The April size estimate (quant_report sizes --sdclip): int6 rows on k = 12.85 std, the embedding
+    int7 on k = 20; the artifact it serializes loads back to those levels."""
+    torch.manual_seed(0)
+    state = {tg.EMBEDDING_NAME: torch.randn(64, 32), "blocks.0.mlp.fc.weight": torch.randn(48, 32) * 0.1}
+    packed = quant_report.sdclip_entries(tg.quantize_state_dict(state, plan={n: 8 if "emb" in n else 6
+                                                                              for n in state}, log=None), state)
+    for name, (bits, k) in ((tg.EMBEDDING_NAME, (7, 20.0)), ("blocks.0.mlp.fc.weight", (6, 12.85))):
+        e, w = packed[name], state[name]
+        assert e["bits"] == bits and int(e["q"].abs().max()) <= tg.qmax(bits)
+        assert torch.allclose(e["scale"].float(), k * w.std(dim=1) / tg.qmax(bits), rtol=1e-3)
+    _, loaded = tg.deserialize_artifact(tg.serialize_artifact(packed, compressor="zstd"))
+    weights = tg.dequantize_state_dict(loaded)
+    for name, w in state.items():
+        step = packed[name]["scale"].float()[:, None]
+        assert ((weights[name].float() - w).abs() <= step / 2 + 1e-6).all()  # no row clipped at these k

@@ -174,7 +174,7 @@ def random_default_state() -> tuple[dict, tg.Hyperparameters, dict[str, int]]:
     return state, h, tg.plan_from_hparams(state, h, model.fp16_param_names())
 
 
-# SPEC section 8's SDClip: a row's scale is k * std(row) / qmax, k per class (the public April runs: int6
+# SDClip (docs/challenge.md): a row's scale is k * std(row) / qmax, k per class (the public April runs: int6
 # matrices k = 12.85, an int7 embedding k = 20). Here for a size estimate only (issue 16 brings it to the
 # quantizer, with GPTQ); round-to-nearest on that grid.
 SDCLIP = {"matrix": (6, 12.85), "embedding": (7, 20.0)}

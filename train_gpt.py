@@ -137,14 +137,30 @@ class Hyperparameters:
     # Data order.
     train_loader: str = _hp("coprime", choices=("coprime", "sequential"))
     # Quantization and compression.
-    quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 8))  # block matrices: int6 per row
-    quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
+    quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 7, 8))  # block matrices: int6 per row
+    quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 7, 8, 16))  # tied embedding; 16 = fp16
     quant_min_numel: int = _hp(65_536, lo=0, hi=2**31 - 1)  # smaller tensors stay fp16
-    quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 8 or 16); later ones win
+    quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 7, 8 or 16); later ones win
+    # Row scales: least-error percentile of |w| per row, or SDClip (clip = k * std(row), k per tensor
+    # class; sdclip_hessian also widens the clip of rows that meet strong inputs, see clip_scales).
+    clip_method: str = _hp("percentile", choices=("percentile", "sdclip", "sdclip_hessian"))
+    sdclip_k_mlp: float = _hp(11.5, lo=0.1, hi=1000.0)  # blocks.*.mlp.* matrices
+    sdclip_k_attn: float = _hp(13.0, lo=0.1, hi=1000.0)  # blocks.*.attn.* matrices
+    sdclip_k_embed: float = _hp(14.0, lo=0.1, hi=1000.0)  # the tied embedding
+    sdclip_k_other: float = _hp(12.85, lo=0.1, hi=1000.0)  # any other quantized matrix (bigram table, ...)
+    sdclip_hessian_lambda: float = _hp(0.175, lo=0.0, hi=1.0)  # row clip x (1 + lambda * (r_i - 1))
+    # LQER: a low-rank correction A B of the quantization error of the LQER_TOP tensors with the largest
+    # ||W - W_q||_F; A [rows, rank] with one scale, B [rank, cols] with one scale per LQER_GROUP values.
+    lqer_top: int = _hp(0, lo=0, hi=10_000)  # 0: off
+    lqer_rank: int = _hp(4, lo=1, hi=1024)
+    lqer_a_bits: int = _hp(2, lo=2, hi=8)  # signed levels [-2^(b-1), 2^(b-1) - 1]
+    lqer_b_bits: int = _hp(4, lo=2, hi=8)
+    lqer_group: int = _hp(64, lo=1, hi=2**20)
     quant_target_bytes: int = _hp(0, lo=0, hi=ARTIFACT_CAP_BYTES)  # 0: off; else demote tensors to fit
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
-    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli"))  # auto: smallest of all
+    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli", "pergroup"))  # auto: smallest
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
+    pergroup_sort: str = _hp("tok_emb.weight,attn.c_q.weight,mlp.fc.weight")  # roles whose rows are sorted
     gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)
     gptq_calib_seqs: int = _hp(512, lo=1, hi=10**6)  # training sequences of TRAIN_SEQ_LEN, all ranks
     gptq_damp: float = _hp(0.01, lo=1e-6, hi=10.0)  # added to diag(H), as a fraction of its mean
@@ -1013,22 +1029,24 @@ def set_step_hparams(optimizers: list[torch.optim.Optimizer], lr_mult: float, mo
 # ----------------------------------------------------------------------------------------------------
 # Quantization and serialization
 # ----------------------------------------------------------------------------------------------------
-# A plan gives each float tensor its bits: 5, 6 or 8 (symmetric per-row integers with one fp16 scale
-# per row) or 16 (fp16 passthrough). Rows are quantized by round-to-nearest or, given the Hessian
+# A plan gives each float tensor its bits: 5, 6, 7 or 8 (symmetric per-row integers with one fp16
+# scale per row) or 16 (fp16 passthrough). Rows are quantized by round-to-nearest or, given the Hessian
 # H = X^T X of the layer's inputs, by GPTQ; either way each row's clip is the candidate percentile of
-# |w| with the least error. The artifact is a small header, then one compressed payload holding a JSON
-# manifest (every tensor's kind, bits, shape, dtype, storage and byte ranges) and the tensor bytes.
+# |w| with the least error, or SDClip's k * std(row) (CLIP_METHOD). LQER optionally adds a low-rank
+# correction of the largest quantization errors. The artifact is a small header, then one compressed
+# payload holding a JSON manifest (every tensor's kind, bits, shape, dtype, storage and byte ranges)
+# and the tensor bytes.
 
 FP16_BITS = 16  # in a plan: keep the tensor as fp16
-PLAN_BITS = (5, 6, 8, FP16_BITS)
+PLAN_BITS = (5, 6, 7, 8, FP16_BITS)
 EMBEDDING_NAME = "tok_emb.weight"
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # candidate clips, as quantiles of |w| per row
 SCALE_FLOOR = torch.finfo(torch.float16).tiny  # an all-zero row still gets a positive, representable scale
 GPTQ_DAMP_RAISE = 10.0  # on a failed Cholesky factorization the damping is multiplied by this...
 GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
-DEMOTE_TO = {8: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
+DEMOTE_TO = {8: 7, 7: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_FORMAT_VERSION = 2
+ARTIFACT_FORMAT_VERSION = 3  # 3: LQER factors
 ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
 CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
@@ -1132,9 +1150,52 @@ def row_quantiles(a: Tensor, quantiles: tuple[float, ...]) -> Tensor:
     return s[:, lo].T * (1 - frac[:, None]) + s[:, hi].T * frac[:, None]
 
 
-def clip_scales(w: Tensor, bits: int) -> Tensor:
-    """[P, rows] candidate scales, one per clip percentile, rounded to fp16 exactly as they are stored."""
-    clips = row_quantiles(w.abs(), CLIP_PERCENTILES)
+@dataclass(frozen=True)
+class ClipConfig:
+    """How each row's clip is chosen: CLIP_METHOD and the SDCLIP_* values."""
+    method: str = "percentile"
+    k_mlp: float = Hyperparameters.sdclip_k_mlp
+    k_attn: float = Hyperparameters.sdclip_k_attn
+    k_embed: float = Hyperparameters.sdclip_k_embed
+    k_other: float = Hyperparameters.sdclip_k_other
+    hessian_lambda: float = Hyperparameters.sdclip_hessian_lambda
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "ClipConfig":
+        return cls(h.clip_method, h.sdclip_k_mlp, h.sdclip_k_attn, h.sdclip_k_embed, h.sdclip_k_other,
+                   h.sdclip_hessian_lambda)
+
+    def row_kwargs(self, name: str) -> dict:
+        """clip_scales' keyword arguments for tensor `name` ({} for the percentile search)."""
+        if self.method == "percentile":
+            return {}
+        k = (self.k_embed if name == EMBEDDING_NAME else self.k_mlp if ".mlp." in name
+             else self.k_attn if ".attn." in name else self.k_other)
+        return {"sd_k": k, "hessian_lambda": self.hessian_lambda if self.method == "sdclip_hessian" else 0.0}
+
+
+def row_importance(w: Tensor, input_power: Tensor) -> Tensor:
+    """r_i = mean_j |w_ij| p_j / mean(p), normalized to mean 1 over the rows (p = diag H, each input's
+    mean square): how much of the layer's output row i carries."""
+    tiny = torch.finfo(torch.float32).tiny
+    r = (w.abs() * (input_power.float() / input_power.float().mean().clamp_min(tiny))).mean(dim=1)
+    return r / r.mean().clamp_min(tiny)
+
+
+def clip_scales(w: Tensor, bits: int, sd_k: float | None = None, input_power: Tensor | None = None,
+                hessian_lambda: float = 0.0) -> Tensor:
+    """[P, rows] candidate scales, rounded to fp16 exactly as they are stored. Percentile search (sd_k
+    None): one candidate per CLIP_PERCENTILES entry, the quantizer keeps the least-error one. SDClip:
+    the single candidate sd_k * std(row) / qmax, a clip set by the row's spread rather than its
+    outliers, so that every row's levels have the same spread and compress alike; Hessian-aware when
+    hessian_lambda > 0 and input_power (diag H) is given: row i's clip is multiplied by
+    1 + hessian_lambda * (r_i - 1), r_i = row_importance (the 2026-04-06 record's 0.175)."""
+    if sd_k is None:
+        clips = row_quantiles(w.abs(), CLIP_PERCENTILES)
+    else:  # population std: defined for a single column too
+        clips = sd_k * w.std(dim=1, correction=0)[None]
+        if hessian_lambda > 0 and input_power is not None:
+            clips = clips * (1 + hessian_lambda * (row_importance(w, input_power) - 1))
     return (clips / qmax(bits)).clamp_min(SCALE_FLOOR).half().float()
 
 
@@ -1150,10 +1211,11 @@ def pick_rows(err: Tensor, q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
     return q[best, rows].to(torch.int8), scales[best, rows].half()
 
 
-def quantize_rows_rtn(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Round-to-nearest per row, clip chosen per row by least squared error. -> (q int8, scale fp16)."""
+def quantize_rows_rtn(w: Tensor, bits: int, **clip) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest per row, clip chosen per row by least squared error among clip_scales'
+    candidates (`clip`: its keyword arguments). -> (q int8, scale fp16)."""
     w = w.float()
-    scales = clip_scales(w, bits)
+    scales = clip_scales(w, bits, **clip)
     q = torch.stack([round_to_grid(w, s, bits) for s in scales])
     err = ((q * scales[:, :, None] - w) ** 2).sum(dim=2)
     return pick_rows(err, q, scales)
@@ -1199,18 +1261,20 @@ def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> 
 
 
 def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int, name: str,
-                       log) -> tuple[Tensor, Tensor]:
+                       log, sd_k: float | None = None, hessian_lambda: float = 0.0) -> tuple[Tensor, Tensor]:
     """GPTQ with act-order (columns by decreasing diag H) combined with the clip search: GPTQ runs on
     all candidate scales at once (rows are independent given H, so the candidates are stacked as extra
-    rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T."""
+    rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T. With
+    SDClip (sd_k) there is one candidate; its Hessian-aware form weighs rows by diag H."""
     w, h = w.float().clone(), h.float().clone()
-    dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter, set them to 0
+    power = h.diagonal().clone()
+    dead = power == 0  # inputs that were always zero: their weights cannot matter, set them to 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     order = torch.argsort(h.diagonal(), descending=True)
-    w, h = w[:, order], h[order][:, order]
+    w, h, power = w[:, order], h[order][:, order], power[order]
     u = damped_inverse_cholesky(h, damp, name, log)
-    scales = clip_scales(w, bits)  # [P, R]
+    scales = clip_scales(w, bits, sd_k, power, hessian_lambda)  # [P, R]
     P, R = scales.shape
     q = gptq_columns(w.repeat(P, 1), u, scales.reshape(-1), bits, block).view(P, R, -1)
     e = q * scales[:, :, None] - w
@@ -1221,11 +1285,13 @@ def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int,
 
 def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
                         hessians: dict[str, Tensor] | None = None, damp: float = Hyperparameters.gptq_damp,
-                        block: int = Hyperparameters.gptq_block, log=print) -> dict[str, dict]:
+                        block: int = Hyperparameters.gptq_block, log=print, clip: ClipConfig = ClipConfig(),
+                        gptq: bool = True) -> dict[str, dict]:
     """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
-    tensors (GPTQ when `hessians` has the name, else round-to-nearest), {"kind": "fp16", "data"} for
-    passthrough floats, {"kind": "raw", "data"} for anything else; every entry keeps "shape", "dtype".
-    plan defaults to build_quant_plan's; names in fp16_names are stored as fp16 whatever the plan."""
+    tensors (GPTQ when `gptq` and `hessians` has the name, else round-to-nearest; the row clips by
+    `clip`), {"kind": "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for anything else;
+    every entry keeps "shape", "dtype". plan defaults to build_quant_plan's; names in fp16_names are
+    stored as fp16 whatever the plan. Hessians given with gptq=False serve the Hessian-aware clip only."""
     plan = build_quant_plan(state, fp16_names) if plan is None else plan
     hessians = hessians or {}
     out = {}
@@ -1239,12 +1305,123 @@ def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: 
             entry.update(kind="fp16", data=t.cpu().half())
         else:
             w = t.reshape(t.size(0), -1)
-            if name in hessians:
-                q, scale = quantize_rows_gptq(w, hessians[name].to(w.device), bits, damp, block, name, log)
+            kw = clip.row_kwargs(name)
+            if kw.get("hessian_lambda") and name not in hessians:  # e.g. a lookup table: no inputs to weigh
+                log(f"clip_fallback tensor:{name} method:sdclip reason:no_hessian")
+            if gptq and name in hessians:
+                q, scale = quantize_rows_gptq(w, hessians[name].to(w.device), bits, damp, block, name, log, **kw)
             else:
-                q, scale = quantize_rows_rtn(w, bits)
+                power = hessians[name].diagonal().to(w.device) if name in hessians else None
+                q, scale = quantize_rows_rtn(w, bits, input_power=power, **kw)
             entry.update(kind="int", bits=bits, q=q.cpu(), scale=scale.cpu())
         out[name] = entry
+    return out
+
+
+# ---- LQER: a low-rank correction of the largest quantization errors -----------------------------
+
+LQER_SCALE_STEPS = 21  # candidate scales per factor group, searched for the least squared error
+
+
+@dataclass(frozen=True)
+class LQERConfig:
+    top: int = Hyperparameters.lqer_top  # 0: off
+    rank: int = Hyperparameters.lqer_rank
+    a_bits: int = Hyperparameters.lqer_a_bits
+    b_bits: int = Hyperparameters.lqer_b_bits
+    group: int = Hyperparameters.lqer_group
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "LQERConfig":
+        return cls(h.lqer_top, h.lqer_rank, h.lqer_a_bits, h.lqer_b_bits, h.lqer_group)
+
+
+def signed_levels(bits: int) -> tuple[int, int]:
+    """Two's-complement range of a factor: [-2^(b-1), 2^(b-1) - 1] (2 bits: -2..1; 4 bits: -8..7)."""
+    return -2 ** (bits - 1), 2 ** (bits - 1) - 1
+
+
+def quantize_factor(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
+    """x, flattened, in groups of `group` values (the last may be shorter), on the signed_levels grid
+    with one fp16 scale per group; each group's scale is the best of LQER_SCALE_STEPS candidates
+    max|x| / c by squared error (an asymmetric 2-bit range has no obvious clip). -> (levels int8
+    shaped like x, scales fp16 [groups])."""
+    lo, hi = signed_levels(bits)
+    flat = x.detach().double().reshape(-1)
+    groups = -(-flat.numel() // group)
+    g = F.pad(flat, (0, groups * group - flat.numel())).view(groups, group)
+    divisors = torch.linspace(0.25, 1.25, LQER_SCALE_STEPS, dtype=torch.float64) * -lo
+    scales = (g.abs().amax(dim=1)[None] / divisors[:, None]).clamp_min(SCALE_FLOOR).half().double()  # [C, G]
+    q = torch.clamp(torch.round(g[None] / scales[:, :, None]), lo, hi)
+    best = ((q * scales[:, :, None] - g[None]) ** 2).sum(dim=2).argmin(dim=0)
+    idx = torch.arange(groups)
+    levels = q[best, idx].reshape(-1)[:flat.numel()].to(torch.int8).reshape(x.shape)
+    return levels, scales[best, idx].half()
+
+
+def dequantize_factor(q: Tensor, scale: Tensor, group: int) -> Tensor:
+    flat = q.reshape(-1).double()
+    groups = scale.numel()
+    g = F.pad(flat, (0, groups * group - flat.numel())).view(groups, group) * scale.double()[:, None]
+    return g.reshape(-1)[:flat.numel()].reshape(q.shape)
+
+
+def lqer_factors(err: Tensor, cfg: LQERConfig) -> dict:
+    """Quantized rank-r factors of err ~ A B: B = V_r^T on LQER_B_BITS levels with a scale per
+    LQER_GROUP values, then A fitted to the stored B by least squares (it starts as U_r S_r and absorbs
+    B's rounding) on LQER_A_BITS levels with one scale for the tensor."""
+    err = err.detach().cpu().double()
+    _, _, vh = torch.linalg.svd(err, full_matrices=False)
+    r = min(cfg.rank, vh.size(0))
+    b, b_scale = quantize_factor(vh[:r], cfg.b_bits, cfg.group)
+    b_hat = dequantize_factor(b, b_scale, cfg.group)
+    a_fit = torch.linalg.lstsq(b_hat.T, err.T).solution.T  # [rows, r]: min ||err - A b_hat||_F
+    a, a_scale = quantize_factor(a_fit, cfg.a_bits, a_fit.numel())
+    return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "group": cfg.group,
+            "a_bits": cfg.a_bits, "b_bits": cfg.b_bits}
+
+
+def lqer_product(f: dict) -> Tensor:
+    """A B of stored factors, [rows, cols] float64."""
+    a = dequantize_factor(f["a"], f["a_scale"], f["a"].numel())
+    return a @ dequantize_factor(f["b"], f["b_scale"], f["group"])
+
+
+def int_weights(entry: dict) -> Tensor:
+    """[rows, cols] float32 weights of an "int" entry: levels times row scales, plus LQER's A B."""
+    w = entry["q"].float() * entry["scale"].float()[:, None]
+    if "lqer" in entry:
+        w = w + lqer_product(entry["lqer"]).float()
+    return w
+
+
+def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig, log=print) -> dict[str, dict]:
+    """packed with LQER factors on the cfg.top quantized tensors of largest ||W - W_q||_F (a new dict;
+    entries it does not touch are shared). A correction that would not lower the error is dropped."""
+    if cfg.top == 0:
+        return packed
+    errors = {}
+    for name, e in packed.items():
+        if e["kind"] == "int":
+            w = state[name].detach().float().cpu().reshape(e["q"].shape)
+            errors[name] = float((w - int_weights(e)).norm())
+    out, total_raw, total_entropy = dict(packed), 0, 0.0
+    for name in sorted(errors, key=errors.get, reverse=True)[:cfg.top]:
+        e = packed[name]
+        err = state[name].detach().double().cpu().reshape(e["q"].shape) - int_weights(e).double()
+        f = lqer_factors(err, cfg)
+        after = float((err - lqer_product(f)).norm())
+        raw = f["a"].numel() + f["b"].numel() + 2 * (f["a_scale"].numel() + f["b_scale"].numel())
+        entropy = entropy_bytes(f["a"]) + entropy_bytes(f["b"]) + 2 * (f["a_scale"].numel() + f["b_scale"].numel())
+        if after >= errors[name]:
+            log(f"lqer tensor:{name} skipped reason:no_gain err_frob:{errors[name]:.6g}->{after:.6g}")
+            continue
+        out[name] = {**e, "lqer": f}
+        total_raw, total_entropy = total_raw + raw, total_entropy + entropy
+        log(f"lqer tensor:{name} rank:{f['a'].size(1)} err_frob:{errors[name]:.6g}->{after:.6g} "
+            f"bytes_raw:{raw} bytes_entropy:{entropy:.0f}")
+    log(f"lqer tensors:{sum('lqer' in e for e in out.values())} rank:{cfg.rank} a_bits:{cfg.a_bits} "
+        f"b_bits:{cfg.b_bits} group:{cfg.group} bytes_raw:{total_raw} bytes_entropy:{total_entropy:.0f}")
     return out
 
 
@@ -1253,7 +1430,7 @@ def dequantize_state_dict(packed: dict[str, dict]) -> dict[str, Tensor]:
     for name, entry in packed.items():
         dtype = getattr(torch, entry["dtype"])
         if entry["kind"] == "int":
-            w = entry["q"].float() * entry["scale"].float()[:, None]
+            w = int_weights(entry)
         else:
             w = entry["data"]
         out[name] = w.reshape(entry["shape"]).to(dtype)
@@ -1345,21 +1522,23 @@ def entropy_bytes(q: Tensor) -> float:
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
 
-def demotion(w: Tensor, bits: int, input_power: Tensor) -> tuple[float, float]:
+def demotion(w: Tensor, bits: int, input_power: Tensor, **clip) -> tuple[float, float]:
     """(added output noise, estimated bytes saved) when w goes from `bits` to DEMOTE_TO[bits].
 
-    Noise is the round-to-nearest error weighted by each input's mean square (diag H), i.e. the
-    expected squared error it adds to the layer's output per token."""
+    Noise is the round-to-nearest error (row clips by `clip`, clip_scales' keyword arguments) weighted
+    by each input's mean square (diag H), i.e. the expected squared error it adds to the layer's
+    output per token."""
     w = w.float().reshape(w.size(0), -1)
     noise, size = [], []
     for b in (bits, DEMOTE_TO[bits]):
-        q, s = quantize_rows_rtn(w, b)
+        q, s = quantize_rows_rtn(w, b, input_power=input_power, **clip)
         noise.append(float((((q.float() * s.float()[:, None] - w) ** 2) * input_power).sum()))
         size.append(entropy_bytes(q))
     return noise[1] - noise[0], size[0] - size[1]
 
 
-def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log) -> list:
+def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log,
+                   clip: ClipConfig = ClipConfig()) -> list:
     """[(noise per byte saved, name, new bits, bytes saved)] for every tensor that can still be demoted,
     least harmful first. Without a Hessian (GPTQ=0, or a lookup table such as the bigram table) the
     inputs count as unit power (the tied head's inputs are RMS-normalized, so on average that is their
@@ -1373,20 +1552,21 @@ def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dic
         else:
             log(f"quant_fit sensitivity:{name} input_power:unit reason:no_hessian")
             power = torch.ones(state[name][0].numel())
-        noise, saved = demotion(state[name].detach().cpu(), bits, power)
+        noise, saved = demotion(state[name].detach().cpu(), bits, power, **clip.row_kwargs(name))
         ranked.append((noise / max(saved, 1.0), name, DEMOTE_TO[bits], saved))
     return sorted(ranked)
 
 
 def fit_byte_target(state, plan: dict[str, int], packed: dict, blob: bytes, budget: int, quantize: Callable,
-                    encode: Callable, hessians: dict[str, Tensor], log) -> tuple[dict[str, int], bytes]:
-    """Demote the least sensitive tensors (8 -> 6 -> 5 bits) until the artifact fits in `budget` bytes.
+                    encode: Callable, hessians: dict[str, Tensor], log,
+                    clip: ClipConfig = ClipConfig()) -> tuple[dict[str, int], bytes]:
+    """Demote the least sensitive tensors (8 -> 7 -> 6 -> 5 bits) until the artifact fits in `budget` bytes.
 
     Each round picks, by rank_demotions, enough demotions for the estimated savings to cover the
     excess, re-quantizes only those tensors and compresses again; the estimate is checked, not trusted."""
     plan, packed = dict(plan), dict(packed)
     while len(blob) > budget:
-        excess, ranked = len(blob) - budget, rank_demotions(state, plan, hessians, log)
+        excess, ranked = len(blob) - budget, rank_demotions(state, plan, hessians, log, clip)
         if not ranked:
             raise RuntimeError(f"QUANT_TARGET_BYTES: the artifact needs {budget} bytes or fewer but is "
                                f"{len(blob)} with every quantized tensor at int5")
@@ -1462,6 +1642,13 @@ def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
             q = e["q"].numpy()
             parts["q"].append((item, "q", pack6(q).tobytes() if packed6 else q.tobytes()))
             parts["scale"].append((item, "scale", tensor_bytes(e["scale"])))
+            if "lqer" in e:  # factor levels with the levels, factor scales with the scales
+                f = e["lqer"]
+                item["lqer"] = {"rank": f["a"].size(1), "a_bits": f["a_bits"], "b_bits": f["b_bits"],
+                                "group": f["group"]}
+                parts["q"] += [(item, "lqer_a", tensor_bytes(f["a"])), (item, "lqer_b", tensor_bytes(f["b"]))]
+                parts["scale"] += [(item, "lqer_a_scale", tensor_bytes(f["a_scale"])),
+                                   (item, "lqer_b_scale", tensor_bytes(f["b_scale"]))]
         else:
             parts["data"].append((item, "data", tensor_bytes(e["data"])))
         manifest.append(item)
@@ -1492,6 +1679,14 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
             q = unpack6(raw, rows * cols) if item["storage"] == "packed6" else raw.view(np.int8)
             e.update(bits=item["bits"], q=torch.from_numpy(q.copy()).view(rows, cols),
                      scale=tensor_from_bytes(part(item, "scale"), torch.float16, [rows]))
+            if "lqer" in item:
+                lq, r = item["lqer"], item["lqer"]["rank"]
+                e["lqer"] = {"a": tensor_from_bytes(part(item, "lqer_a"), torch.int8, [rows, r]),
+                             "a_scale": tensor_from_bytes(part(item, "lqer_a_scale"), torch.float16, [1]),
+                             "b": tensor_from_bytes(part(item, "lqer_b"), torch.int8, [r, cols]),
+                             "b_scale": tensor_from_bytes(part(item, "lqer_b_scale"), torch.float16,
+                                                          [-(-r * cols // lq["group"])]),
+                             "group": lq["group"], "a_bits": lq["a_bits"], "b_bits": lq["b_bits"]}
         else:
             dtype = torch.float16 if item["kind"] == "fp16" else getattr(torch, item["dtype"])
             e["data"] = tensor_from_bytes(part(item, "data"), dtype, item["shape"])
@@ -1499,31 +1694,198 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
     return packed
 
 
-def compress(raw: bytes, compressor: str, log=None) -> tuple[int, bytes]:
-    """(codec id, compressed bytes); "auto" runs every codec (in threads: they release the GIL) and
-    keeps the smallest, logging each size."""
-    names = list(CODEC_IDS) if compressor == "auto" else [compressor]
+def compress_all(raw: bytes, names: list[str]) -> dict[str, bytes]:
+    """raw compressed by each named codec, in threads (the codecs release the GIL)."""
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
-        blobs = dict(zip(names, pool.map(lambda n: CODECS[CODEC_IDS[n]][1](raw), names)))
-    best = min(blobs, key=lambda n: len(blobs[n]))
+        return dict(zip(names, pool.map(lambda n: CODECS[CODEC_IDS[n]][1](raw), names)))
+
+
+def decompress_stream(codec_id: int, body: bytes, source: str, what: str) -> bytes:
+    if codec_id not in CODECS:
+        raise ValueError(f"{source}: corrupt or truncated artifact: codec id {codec_id} ({what})")
+    name, _, decompress = CODECS[codec_id]
+    try:
+        return decompress(body)
+    except Exception as e:  # each codec raises its own types for a damaged stream
+        raise ValueError(f"{source}: corrupt or truncated artifact ({name} {what}): {e}") from e
+
+
+# Per-group compression (COMPRESSOR=pergroup, or chosen by auto): the integer levels of the tensors
+# that play one role in every block (all attn.c_q.weight, all mlp.fc.weight, ...) form one stream, so
+# the coder sees similar bytes together and each stream gets whichever codec compresses it best. In
+# the roles of PERGROUP_SORT, each tensor's rows are reordered by a greedy nearest-neighbour tour so
+# that neighbouring rows look alike, and stored column by column; the permutations (uint16) are a
+# stream of their own. Everything else (manifest, scales, fp16 tensors, LQER factors) is one more.
+PERGROUP_ID = 0  # header codec id of a per-group artifact: a table of streams, each with its own codec
+PERGROUP_MAX_SORT_ROWS = 1 << 16  # permutations are stored as uint16
+_STREAM_COUNT = struct.Struct("<H")
+_STREAM_ENTRY = struct.Struct("<BI")  # codec id, compressed length
+
+
+def tensor_role(name: str) -> str:
+    """What a tensor does, the same in every block: blocks.3.attn.c_q.weight -> attn.c_q.weight; names
+    outside the blocks are their own role."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else name
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    return frozenset(r.strip() for r in text.split(",") if r.strip())
+
+
+def nearest_neighbour_order(levels: np.ndarray) -> np.ndarray:
+    """A greedy L1 tour through the rows of levels [rows, cols]: from row 0, always on to the closest
+    row not yet visited (ties: the lowest index). -> uint16 permutation."""
+    m = torch.from_numpy(levels.astype(np.int16))
+    left = torch.arange(1, m.size(0))
+    order, cur = [0], m[0]
+    while len(left):
+        i = int((m[left] - cur).abs().sum(dim=1, dtype=torch.int32).argmin())
+        order.append(int(left[i]))
+        cur, left = m[left[i]], torch.cat([left[:i], left[i + 1:]])
+    return np.array(order, dtype=np.uint16)
+
+
+def split_groups(manifest: dict, data: bytes, sort_roles: frozenset[str]) -> tuple[dict, list[bytes]]:
+    """(manifest with "groups", [rest, permutations, one stream per role]) from the payload's manifest
+    and data; rest is every byte of data outside the grouped levels, in order."""
+    items = [it for it in manifest["tensors"] if it["kind"] == "int"]
+    roles: dict[str, list[dict]] = {}
+    for it in items:
+        roles.setdefault(tensor_role(it["name"]), []).append(it)
+    groups, streams, perms = [], [], []
+    for role, members in roles.items():
+        sort = role in sort_roles and all(it["storage"] == "byte" and it["rows"] <= PERGROUP_MAX_SORT_ROWS
+                                          for it in members)
+        chunks = []
+        for it in members:
+            start, size = it["parts"]["q"]
+            if sort:
+                levels = np.frombuffer(data, np.int8, size, start).reshape(it["rows"], -1)
+                order = nearest_neighbour_order(levels)
+                perms.append(order.astype("<u2").tobytes())
+                chunks.append(np.ascontiguousarray(levels[order].T).tobytes())
+            else:
+                chunks.append(data[start:start + size])
+        groups.append({"role": role, "tensors": [it["name"] for it in members], "sorted": sort})
+        streams.append(b"".join(chunks))
+    taken = sorted(it["parts"]["q"] for it in items)
+    edges = [0] + [x for start, size in taken for x in (start, start + size)] + [len(data)]
+    rest = b"".join(data[a:b] for a, b in zip(edges[0::2], edges[1::2]))
+    manifest = dict(manifest, groups=groups, data_bytes=len(data))
+    return manifest, [rest, b"".join(perms)] + streams
+
+
+def join_groups(manifest: dict, rest: bytes, perms: bytes, streams: list[bytes], source: str) -> bytes:
+    """Inverse of split_groups: the payload's data."""
+    def corrupt(what):
+        return ValueError(f"{source}: corrupt or truncated artifact: {what}")
+
+    items = {it["name"]: it for it in manifest["tensors"]}
+    data = bytearray(manifest["data_bytes"])
+    if len(streams) != len(manifest["groups"]):
+        raise corrupt(f"{len(streams)} level streams for {len(manifest['groups'])} groups")
+    taken, p = [], 0
+    for group, stream in zip(manifest["groups"], streams):
+        offset = 0
+        for name in group["tensors"]:
+            it = items[name]
+            start, size = it["parts"]["q"]
+            chunk = stream[offset:offset + size]
+            if len(chunk) != size or start + size > len(data):
+                raise corrupt(f"{name} levels end past their stream")
+            offset += size
+            if group["sorted"]:
+                rows = it["rows"]
+                order = np.frombuffer(perms, "<u2", rows, p) if p + 2 * rows <= len(perms) else None
+                if order is None or sorted(order.tolist()) != list(range(rows)):
+                    raise corrupt(f"{name} row permutation")
+                p += 2 * rows
+                unsorted = np.empty((rows, size // rows), np.int8)
+                unsorted[order] = np.frombuffer(chunk, np.int8).reshape(-1, rows).T
+                chunk = unsorted.tobytes()
+            data[start:start + size] = chunk
+            taken.append((start, size))
+        if offset != len(stream):
+            raise corrupt(f"group {group['role']} has {len(stream) - offset} extra bytes")
+    taken.sort()
+    edges = [0] + [x for start, size in taken for x in (start, start + size)] + [len(data)]
+    pos = 0
+    for a, b in zip(edges[0::2], edges[1::2]):
+        data[a:b] = rest[pos:pos + b - a]
+        pos += b - a
+    if pos != len(rest) or p != len(perms):
+        raise corrupt("the grouped streams do not add up to the payload")
+    return bytes(data)
+
+
+def pack_streams(streams: list[bytes], log=None) -> tuple[bytes, int]:
+    """(stream table + each stream compressed by its best codec, CRC-32 of the raw streams)."""
+    bodies = [min(compress_all(s, list(CODEC_IDS)).items(), key=lambda kv: len(kv[1])) for s in streams]
+    table = _STREAM_COUNT.pack(len(streams)) + b"".join(_STREAM_ENTRY.pack(CODEC_IDS[n], len(b)) for n, b in bodies)
+    crc = 0
+    for s in streams:
+        crc = zlib.crc32(s, crc)
     if log is not None:
-        log(f"compression raw_bytes:{len(raw)} " + " ".join(f"{n}:{len(b)}" for n, b in blobs.items())
-            + f" chosen:{best}")
-    return CODEC_IDS[best], blobs[best]
+        log("compression_pergroup " + " ".join(f"{i}:{n}:{len(s)}->{len(b)}" for i, (s, (n, b))
+                                               in enumerate(zip(streams, bodies))))
+    return table + b"".join(b for _, b in bodies), crc
+
+
+def unpack_streams(body: bytes, source: str) -> list[bytes]:
+    if len(body) < _STREAM_COUNT.size:
+        raise ValueError(f"{source}: corrupt or truncated artifact: no stream table")
+    (count,) = _STREAM_COUNT.unpack_from(body)
+    pos = _STREAM_COUNT.size + count * _STREAM_ENTRY.size
+    if pos > len(body):
+        raise ValueError(f"{source}: corrupt or truncated artifact: stream table past the end")
+    streams = []
+    for i in range(count):
+        codec_id, size = _STREAM_ENTRY.unpack_from(body, _STREAM_COUNT.size + i * _STREAM_ENTRY.size)
+        if pos + size > len(body):
+            raise ValueError(f"{source}: corrupt or truncated artifact: stream {i} ends past the data")
+        streams.append(decompress_stream(codec_id, body[pos:pos + size], source, f"stream {i}"))
+        pos += size
+    return streams
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    text = json.dumps(manifest).encode()
+    return _MANIFEST_LEN.pack(len(text)) + text
+
+
+def read_manifest(payload: bytes, source: str) -> tuple[dict, bytes]:
+    """(manifest, the bytes after it) from a payload that starts with manifest_bytes."""
+    try:
+        (size,) = _MANIFEST_LEN.unpack_from(payload)
+        return json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size]), payload[_MANIFEST_LEN.size + size:]
+    except (struct.error, ValueError) as e:
+        raise ValueError(f"{source}: corrupt or truncated artifact: unreadable manifest ({e})") from e
 
 
 def serialize_artifact(packed: dict[str, dict], compressor: str = Hyperparameters.compressor,
                        shuffle: bool = Hyperparameters.byte_shuffle, storage: str = Hyperparameters.quant_storage,
-                       log=None) -> bytes:
+                       log=None, sort_roles: frozenset[str] | str = Hyperparameters.pergroup_sort) -> bytes:
+    """Header + body. COMPRESSOR zstd, lzma or brotli: one stream; pergroup: the per-group streams;
+    auto: every one of them, the smallest kept and every size logged."""
     manifest, data = encode_payload(packed, storage)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
-    manifest = json.dumps(manifest).encode()
-    payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + data
-    codec_id, body = compress(payload, compressor, log)
-    header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle),
-                                   zlib.crc32(payload))
-    return header + body
+    options = {}  # name -> (codec id, body, CRC-32 of what the body decompresses to)
+    if compressor != "pergroup":
+        payload = manifest_bytes(manifest) + data
+        names = list(CODEC_IDS) if compressor == "auto" else [compressor]
+        options.update({n: (CODEC_IDS[n], b, zlib.crc32(payload)) for n, b in compress_all(payload, names).items()})
+    if compressor in ("pergroup", "auto"):
+        roles = parse_roles(sort_roles) if isinstance(sort_roles, str) else sort_roles
+        grouped, streams = split_groups(manifest, data, roles)
+        options["pergroup"] = (PERGROUP_ID, *pack_streams([manifest_bytes(grouped) + streams[0]] + streams[1:], log))
+    best = min(options, key=lambda n: len(options[n][1]))
+    if log is not None:
+        log(f"compression raw_bytes:{len(data)} " + " ".join(f"{n}:{len(b)}" for n, (_, b, _) in options.items())
+            + f" chosen:{best}")
+    codec_id, body, crc = options[best]
+    return _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle), crc) + body
 
 
 def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> dict[str, dict]:
@@ -1535,18 +1897,21 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> dict[str, dict
     if version != ARTIFACT_FORMAT_VERSION:
         raise ValueError(f"{source}: artifact format {version}, but this train_gpt.py reads format "
                          f"{ARTIFACT_FORMAT_VERSION}")
-    if codec_id not in CODECS or shuffle not in (0, 1):
+    if (codec_id not in CODECS and codec_id != PERGROUP_ID) or shuffle not in (0, 1):
         raise ValueError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
-    name, _, decompress = CODECS[codec_id]
-    try:
-        payload = decompress(blob[_ARTIFACT_HEADER.size:])
-    except Exception as e:  # each codec raises its own types for a damaged stream
-        raise ValueError(f"{source}: corrupt or truncated artifact ({name} payload): {e}") from e
-    if zlib.crc32(payload) != crc:
-        raise ValueError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch after {name} decompression")
-    (size,) = _MANIFEST_LEN.unpack_from(payload)
-    manifest = json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size])
-    data = payload[_MANIFEST_LEN.size + size:]
+    body = blob[_ARTIFACT_HEADER.size:]
+    streams = (unpack_streams(body, source) if codec_id == PERGROUP_ID
+               else [decompress_stream(codec_id, body, source, "payload")])
+    check = 0
+    for s in streams:
+        check = zlib.crc32(s, check)
+    if check != crc:
+        raise ValueError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch after decompression")
+    manifest, data = read_manifest(streams[0], source)
+    if codec_id == PERGROUP_ID:
+        if len(streams) < 2:
+            raise ValueError(f"{source}: corrupt or truncated artifact: {len(streams)} streams")
+        data = join_groups(manifest, data, streams[1], streams[2:], source)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_unshuffle(data[manifest["levels_bytes"]:])
     return decode_payload(manifest, data, source)
@@ -1573,9 +1938,9 @@ def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None
 
 def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
     """GPTQ Hessians of every quantized weight with a site (the linear layers and the tied embedding)
-    from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0.
-    Forward batches have the evaluation's size."""
-    if not h.gptq:
+    from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0
+    (unless CLIP_METHOD=sdclip_hessian needs their diagonals). Forward batches have the evaluation's size."""
+    if not h.gptq and h.clip_method != "sdclip_hessian":
         return {}
     targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
     if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
@@ -1598,24 +1963,30 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
         if not rt.is_main:
             return None
         state = base_model.state_dict()
+        clip = ClipConfig.from_hparams(h)
         quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
-                                     log=log)
+                                     log=log, clip=clip, gptq=h.gptq)
         packed = quantize(state, plan=plan)
         rt.sync()
         t2 = time.perf_counter()
-        log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
-            f"hessian_time:{1000 * (t1 - t0):.0f}ms quantize_time:{1000 * (t2 - t1):.0f}ms")
-        if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
+        log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if hessians else 0} "
+            f"hessian_time:{1000 * (t1 - t0):.0f}ms quantize_time:{1000 * (t2 - t1):.0f}ms clip:{clip.method}")
+        if hessians:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
             log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
             if t2 - t0 > h.gptq_reserve_seconds:
                 log(f"warning: gptq_calibration_time exceeds GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: "
                     f"training plus calibration ran over the training budget")
-        encode = functools.partial(serialize_artifact, compressor=h.compressor, shuffle=h.byte_shuffle,
-                                   storage=h.quant_storage, log=log)
+        serialize = functools.partial(serialize_artifact, compressor=h.compressor, shuffle=h.byte_shuffle,
+                                      storage=h.quant_storage, log=log)
+        lqer = LQERConfig.from_hparams(h)
+
+        def encode(packed: dict) -> bytes:  # LQER is recomputed whenever fitting changes the tensors
+            return serialize(add_lqer(packed, state, lqer, log))
+
         blob = encode(packed)
         if h.quant_target_bytes > 0:
             plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
-                                         encode, hessians, log)
+                                         encode, hessians, log, clip)
     params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
         f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")

@@ -149,13 +149,14 @@ class Hyperparameters:
     sdclip_k_embed: float = _hp(14.0, lo=0.1, hi=1000.0)  # the tied embedding
     sdclip_k_other: float = _hp(12.85, lo=0.1, hi=1000.0)  # any other quantized matrix (bigram table, ...)
     sdclip_hessian_lambda: float = _hp(0.175, lo=0.0, hi=1.0)  # row clip x (1 + lambda * (r_i - 1))
-    # LQER: a low-rank correction A B of the quantization error of the LQER_TOP tensors with the largest
-    # ||W - W_q||_F; A [rows, rank] with one scale, B [rank, cols] with one scale per LQER_GROUP values.
+    # LQER: a low-rank correction A B of the quantization error of LQER_TOP tensors (LQER_SELECT);
+    # A [rows, rank] with one scale, B [rank, cols] with one scale per LQER_GROUP values.
     lqer_top: int = _hp(0, lo=0, hi=10_000)  # 0: off
     lqer_rank: int = _hp(4, lo=1, hi=1024)
     lqer_a_bits: int = _hp(2, lo=2, hi=8)  # signed levels [-2^(b-1), 2^(b-1) - 1]
     lqer_b_bits: int = _hp(4, lo=2, hi=8)
     lqer_group: int = _hp(64, lo=1, hi=2**20)
+    lqer_select: str = _hp("error", choices=("error", "hessian"))  # largest ||E||_F, or most output error removed
     quant_target_bytes: int = _hp(0, lo=0, hi=ARTIFACT_CAP_BYTES)  # 0: off; else demote tensors to fit
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
     compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli", "pergroup"))  # auto: smallest
@@ -1330,10 +1331,11 @@ class LQERConfig:
     a_bits: int = Hyperparameters.lqer_a_bits
     b_bits: int = Hyperparameters.lqer_b_bits
     group: int = Hyperparameters.lqer_group
+    select: str = Hyperparameters.lqer_select
 
     @classmethod
     def from_hparams(cls, h: Hyperparameters) -> "LQERConfig":
-        return cls(h.lqer_top, h.lqer_rank, h.lqer_a_bits, h.lqer_b_bits, h.lqer_group)
+        return cls(h.lqer_top, h.lqer_rank, h.lqer_a_bits, h.lqer_b_bits, h.lqer_group, h.lqer_select)
 
 
 def signed_levels(bits: int) -> tuple[int, int]:
@@ -1367,16 +1369,13 @@ def dequantize_factor(q: Tensor, scale: Tensor, group: int) -> Tensor:
 
 
 def lqer_factors(err: Tensor, cfg: LQERConfig) -> dict:
-    """Quantized rank-r factors of err ~ A B: B = V_r^T on LQER_B_BITS levels with a scale per
-    LQER_GROUP values, then A fitted to the stored B by least squares (it starts as U_r S_r and absorbs
-    B's rounding) on LQER_A_BITS levels with one scale for the tensor."""
-    err = err.detach().cpu().double()
-    _, _, vh = torch.linalg.svd(err, full_matrices=False)
-    r = min(cfg.rank, vh.size(0))
+    """Quantized rank-r factors of err ~ A B from its SVD U S V^T: A = U_r S_r on LQER_A_BITS levels
+    with one scale for the tensor, B = V_r^T on LQER_B_BITS levels with a scale per LQER_GROUP values.
+    (Fitting A to the rounded B by least squares was measured: 0.1% less error, not worth it.)"""
+    u, sv, vh = torch.linalg.svd(err.detach().cpu().double(), full_matrices=False)
+    r = min(cfg.rank, sv.numel())
+    a, a_scale = quantize_factor(u[:, :r] * sv[:r], cfg.a_bits, u.size(0) * r)
     b, b_scale = quantize_factor(vh[:r], cfg.b_bits, cfg.group)
-    b_hat = dequantize_factor(b, b_scale, cfg.group)
-    a_fit = torch.linalg.lstsq(b_hat.T, err.T).solution.T  # [rows, r]: min ||err - A b_hat||_F
-    a, a_scale = quantize_factor(a_fit, cfg.a_bits, a_fit.numel())
     return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "group": cfg.group,
             "a_bits": cfg.a_bits, "b_bits": cfg.b_bits}
 
@@ -1395,30 +1394,46 @@ def int_weights(entry: dict) -> Tensor:
     return w
 
 
-def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig, log=print) -> dict[str, dict]:
-    """packed with LQER factors on the cfg.top quantized tensors of largest ||W - W_q||_F (a new dict;
-    entries it does not touch are shared). A correction that would not lower the error is dropped."""
+def output_error(err: Tensor, h: Tensor) -> float:
+    """tr(E H E^T): the squared error E adds to the layer's outputs per token (H = X^T X / tokens)."""
+    return float(((err @ h) * err).sum())
+
+
+def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig, log=print,
+             hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
+    """packed with LQER factors on cfg.top quantized tensors (a new dict; entries it does not touch are
+    shared). LQER_SELECT=error takes those of largest ||E||_F, E = W - W_q (the record's rule);
+    hessian computes the factors of every tensor with a Hessian and takes those that remove the most
+    output error tr(E H E^T) - tr(R H R^T), R = E - A B: the largest ||E||_F is often a lookup table's
+    error with no low-rank structure. A correction that would not lower ||E||_F is dropped."""
     if cfg.top == 0:
         return packed
-    errors = {}
-    for name, e in packed.items():
-        if e["kind"] == "int":
-            w = state[name].detach().float().cpu().reshape(e["q"].shape)
-            errors[name] = float((w - int_weights(e)).norm())
+    errors = {name: state[name].detach().double().cpu().reshape(e["q"].shape) - int_weights(e).double()
+              for name, e in packed.items() if e["kind"] == "int"}
+    norms = {name: float(err.norm()) for name, err in errors.items()}
+    weighed = {name: hessians[name].detach().double().cpu() for name in errors if name in (hessians or {})}
+    if cfg.select == "hessian" and weighed:
+        factors = {name: lqer_factors(errors[name], cfg) for name in weighed}
+        gain = {name: output_error(errors[name], h) - output_error(errors[name] - lqer_product(factors[name]), h)
+                for name, h in weighed.items()}
+        chosen = sorted(gain, key=gain.get, reverse=True)[:cfg.top]
+    else:
+        if cfg.select == "hessian":
+            log("lqer_fallback select:error reason:no_hessians")
+        chosen = sorted(norms, key=norms.get, reverse=True)[:cfg.top]
+        factors = {name: lqer_factors(errors[name], cfg) for name in chosen}
     out, total_raw, total_entropy = dict(packed), 0, 0.0
-    for name in sorted(errors, key=errors.get, reverse=True)[:cfg.top]:
-        e = packed[name]
-        err = state[name].detach().double().cpu().reshape(e["q"].shape) - int_weights(e).double()
-        f = lqer_factors(err, cfg)
-        after = float((err - lqer_product(f)).norm())
+    for name in chosen:
+        f = factors[name]
+        after = float((errors[name] - lqer_product(f)).norm())
         raw = f["a"].numel() + f["b"].numel() + 2 * (f["a_scale"].numel() + f["b_scale"].numel())
         entropy = entropy_bytes(f["a"]) + entropy_bytes(f["b"]) + 2 * (f["a_scale"].numel() + f["b_scale"].numel())
-        if after >= errors[name]:
-            log(f"lqer tensor:{name} skipped reason:no_gain err_frob:{errors[name]:.6g}->{after:.6g}")
+        if after >= norms[name]:
+            log(f"lqer tensor:{name} skipped reason:no_gain err_frob:{norms[name]:.6g}->{after:.6g}")
             continue
-        out[name] = {**e, "lqer": f}
+        out[name] = {**packed[name], "lqer": f}
         total_raw, total_entropy = total_raw + raw, total_entropy + entropy
-        log(f"lqer tensor:{name} rank:{f['a'].size(1)} err_frob:{errors[name]:.6g}->{after:.6g} "
+        log(f"lqer tensor:{name} rank:{f['a'].size(1)} err_frob:{norms[name]:.6g}->{after:.6g} "
             f"bytes_raw:{raw} bytes_entropy:{entropy:.0f}")
     log(f"lqer tensors:{sum('lqer' in e for e in out.values())} rank:{cfg.rank} a_bits:{cfg.a_bits} "
         f"b_bits:{cfg.b_bits} group:{cfg.group} bytes_raw:{total_raw} bytes_entropy:{total_entropy:.0f}")
@@ -1711,11 +1726,11 @@ def decompress_stream(codec_id: int, body: bytes, source: str, what: str) -> byt
 
 
 # Per-group compression (COMPRESSOR=pergroup, or chosen by auto): the integer levels of the tensors
-# that play one role in every block (all attn.c_q.weight, all mlp.fc.weight, ...) form one stream, so
-# the coder sees similar bytes together and each stream gets whichever codec compresses it best. In
-# the roles of PERGROUP_SORT, each tensor's rows are reordered by a greedy nearest-neighbour tour so
-# that neighbouring rows look alike, and stored column by column; the permutations (uint16) are a
-# stream of their own. Everything else (manifest, scales, fp16 tensors, LQER factors) is one more.
+# that play one role in every block (all attn.c_q.weight, all mlp.fc.weight, ...) form one group,
+# stored in whichever layout and codec make it smallest: rows as stored, every tensor transposed
+# (column by column), or, for the roles in PERGROUP_SORT, rows reordered by a greedy nearest-neighbour
+# tour (similar rows side by side) and transposed, with the permutations (uint16) in a stream of their
+# own. Everything else (manifest, scales, fp16 tensors, LQER factors) is one more stream.
 PERGROUP_ID = 0  # header codec id of a per-group artifact: a table of streams, each with its own codec
 PERGROUP_MAX_SORT_ROWS = 1 << 16  # permutations are stored as uint16
 _STREAM_COUNT = struct.Struct("<H")
@@ -1737,99 +1752,146 @@ def nearest_neighbour_order(levels: np.ndarray) -> np.ndarray:
     """A greedy L1 tour through the rows of levels [rows, cols]: from row 0, always on to the closest
     row not yet visited (ties: the lowest index). -> uint16 permutation."""
     m = torch.from_numpy(levels.astype(np.int16))
-    left = torch.arange(1, m.size(0))
-    order, cur = [0], m[0]
-    while len(left):
-        i = int((m[left] - cur).abs().sum(dim=1, dtype=torch.int32).argmin())
-        order.append(int(left[i]))
-        cur, left = m[left[i]], torch.cat([left[:i], left[i + 1:]])
+    visited = torch.zeros(m.size(0), dtype=torch.bool)
+    visited[0] = True
+    order = [0]
+    for _ in range(m.size(0) - 1):
+        dist = (m - m[order[-1]]).abs().sum(dim=1, dtype=torch.int32).masked_fill_(visited, 2**31 - 1)
+        order.append(int(dist.argmin()))
+        visited[order[-1]] = True
     return np.array(order, dtype=np.uint16)
 
 
-def split_groups(manifest: dict, data: bytes, sort_roles: frozenset[str]) -> tuple[dict, list[bytes]]:
-    """(manifest with "groups", [rest, permutations, one stream per role]) from the payload's manifest
-    and data; rest is every byte of data outside the grouped levels, in order."""
-    items = [it for it in manifest["tensors"] if it["kind"] == "int"]
-    roles: dict[str, list[dict]] = {}
+def group_layouts(levels: list[np.ndarray], sortable: bool) -> dict[str, list[bytes]]:
+    """layout -> the streams that store these level matrices one after another: "rows" as they are,
+    "cols" each one transposed, and if sortable "sorted": rows in nearest_neighbour_order, transposed,
+    then a second stream with the permutations."""
+    layouts = {"rows": [b"".join(m.tobytes() for m in levels)],
+               "cols": [b"".join(np.ascontiguousarray(m.T).tobytes() for m in levels)]}
+    if sortable:
+        orders = [nearest_neighbour_order(m) for m in levels]
+        layouts["sorted"] = [b"".join(np.ascontiguousarray(m[o].T).tobytes() for m, o in zip(levels, orders)),
+                             b"".join(o.astype("<u2").tobytes() for o in orders)]
+    return layouts
+
+
+def ungroup_levels(layout: str, streams: list[bytes], items: list[dict]) -> list[bytes]:
+    """Inverse of group_layouts: each item's level bytes as the payload stores them. Raises
+    ValueError when the streams do not hold exactly these items."""
+    out, pos, ppos = [], 0, 0
     for it in items:
-        roles.setdefault(tensor_role(it["name"]), []).append(it)
-    groups, streams, perms = [], [], []
-    for role, members in roles.items():
-        sort = role in sort_roles and all(it["storage"] == "byte" and it["rows"] <= PERGROUP_MAX_SORT_ROWS
-                                          for it in members)
-        chunks = []
-        for it in members:
-            start, size = it["parts"]["q"]
-            if sort:
-                levels = np.frombuffer(data, np.int8, size, start).reshape(it["rows"], -1)
-                order = nearest_neighbour_order(levels)
-                perms.append(order.astype("<u2").tobytes())
-                chunks.append(np.ascontiguousarray(levels[order].T).tobytes())
-            else:
-                chunks.append(data[start:start + size])
-        groups.append({"role": role, "tensors": [it["name"] for it in members], "sorted": sort})
-        streams.append(b"".join(chunks))
+        start, size = it["parts"]["q"]
+        chunk = streams[0][pos:pos + size]
+        pos += size
+        if len(chunk) != size:
+            raise ValueError(f"{it['name']} levels end past their stream")
+        if layout != "rows":
+            rows = it["rows"]
+            m = np.frombuffer(chunk, np.int8).reshape(-1, rows).T
+            if layout == "sorted":
+                order = np.frombuffer(streams[1][ppos:ppos + 2 * rows], "<u2")
+                ppos += 2 * rows
+                if not np.array_equal(np.sort(order), np.arange(rows)):
+                    raise ValueError(f"{it['name']} row permutation")
+                m, unsorted = np.empty_like(m), m
+                m[order] = unsorted
+            chunk = np.ascontiguousarray(m).tobytes()
+        out.append(chunk)
+    if pos != len(streams[0]) or (layout == "sorted" and ppos != len(streams[1])):
+        raise ValueError(f"extra bytes after the levels of {items[-1]['name']}")
+    return out
+
+
+LAYOUT_STREAMS = {"rows": 1, "cols": 1, "sorted": 2}
+
+
+def level_groups(manifest: dict) -> dict[str, list[dict]]:
+    """role -> the manifest items of its integer tensors, in manifest order."""
+    roles: dict[str, list[dict]] = {}
+    for it in manifest["tensors"]:
+        if it["kind"] == "int":
+            roles.setdefault(tensor_role(it["name"]), []).append(it)
+    return roles
+
+
+def outside_levels(data_len: int, items: list[dict]) -> list[tuple[int, int]]:
+    """The (start, end) ranges of the payload data not taken by these items' levels, in order."""
     taken = sorted(it["parts"]["q"] for it in items)
-    edges = [0] + [x for start, size in taken for x in (start, start + size)] + [len(data)]
-    rest = b"".join(data[a:b] for a, b in zip(edges[0::2], edges[1::2]))
-    manifest = dict(manifest, groups=groups, data_bytes=len(data))
-    return manifest, [rest, b"".join(perms)] + streams
+    edges = [0] + [x for start, size in taken for x in (start, start + size)] + [data_len]
+    return list(zip(edges[0::2], edges[1::2]))
 
 
-def join_groups(manifest: dict, rest: bytes, perms: bytes, streams: list[bytes], source: str) -> bytes:
-    """Inverse of split_groups: the payload's data."""
-    def corrupt(what):
-        return ValueError(f"{source}: corrupt or truncated artifact: {what}")
+def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None) -> tuple[bytes, int]:
+    """(stream table + streams, CRC-32 of the uncompressed streams) of the per-group form: stream 0 is
+    the manifest (with each group's role, tensors and layout) and the data outside the grouped levels;
+    then each group's one or two streams. Every stream of every layout is compressed by every codec
+    (one thread pool); each group keeps its smallest layout, each stream its smallest codec."""
+    groups = level_groups(manifest)
+    candidates = {}
+    for role, items in groups.items():
+        if all(it["storage"] == "byte" for it in items):
+            levels = [np.frombuffer(data, np.int8, math.prod(it["shape"]), it["parts"]["q"][0]).reshape(it["rows"], -1)
+                      for it in items]
+            sortable = role in sort_roles and all(it["rows"] <= PERGROUP_MAX_SORT_ROWS for it in items)
+            candidates[role] = group_layouts(levels, sortable)
+        else:  # bit-packed levels: kept as they are
+            candidates[role] = {"rows": [b"".join(data[a:a + n] for a, n in (it["parts"]["q"] for it in items))]}
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        jobs = {(role, layout, i, codec): pool.submit(CODECS[CODEC_IDS[codec]][1], raw)
+                for role, layouts in candidates.items() for layout, raws in layouts.items()
+                for i, raw in enumerate(raws) for codec in CODEC_IDS}
+        best = {}  # (role, layout, i) -> (codec, body)
+        for (role, layout, i, codec), job in jobs.items():
+            body = job.result()
+            if (role, layout, i) not in best or len(body) < len(best[role, layout, i][1]):
+                best[role, layout, i] = (codec, body)
+    meta, streams = [], []
+    for role, layouts in candidates.items():
+        sizes = {layout: sum(len(best[role, layout, i][1]) for i in range(len(raws))) for layout, raws in layouts.items()}
+        layout = min(sizes, key=sizes.get)
+        meta.append({"role": role, "tensors": [it["name"] for it in groups[role]], "layout": layout})
+        streams += [(*best[role, layout, i], raw) for i, raw in enumerate(layouts[layout])]
+        if log is not None:
+            log(f"compression_group role:{role} tensors:{len(groups[role])} layout:{layout} "
+                + " ".join(f"{k}:{v}" for k, v in sizes.items()))
+    items = [it for its in groups.values() for it in its]
+    rest = b"".join(data[a:b] for a, b in outside_levels(len(data), items))
+    head = manifest_bytes(dict(manifest, groups=meta, data_bytes=len(data))) + rest
+    codec, body = min(compress_all(head, list(CODEC_IDS)).items(), key=lambda kv: len(kv[1]))
+    streams.insert(0, (codec, body, head))
+    crc = 0
+    for *_, raw in streams:
+        crc = zlib.crc32(raw, crc)
+    table = _STREAM_COUNT.pack(len(streams)) + b"".join(_STREAM_ENTRY.pack(CODEC_IDS[c], len(b)) for c, b, _ in streams)
+    return table + b"".join(b for _, b, _ in streams), crc
 
+
+def join_groups(manifest: dict, rest: bytes, streams: list[bytes], source: str) -> bytes:
+    """The payload data from the per-group form (rest: stream 0 after the manifest)."""
     items = {it["name"]: it for it in manifest["tensors"]}
     data = bytearray(manifest["data_bytes"])
-    if len(streams) != len(manifest["groups"]):
-        raise corrupt(f"{len(streams)} level streams for {len(manifest['groups'])} groups")
-    taken, p = [], 0
-    for group, stream in zip(manifest["groups"], streams):
+    pos, grouped = 0, []
+    try:
+        for group in manifest["groups"]:
+            members = [items[name] for name in group["tensors"]]
+            n = LAYOUT_STREAMS[group["layout"]]
+            if pos + n > len(streams):
+                raise ValueError(f"group {group['role']} has no stream")
+            for it, chunk in zip(members, ungroup_levels(group["layout"], streams[pos:pos + n], members)):
+                start, size = it["parts"]["q"]
+                data[start:start + size] = chunk
+            pos, grouped = pos + n, grouped + members
+        if pos != len(streams):
+            raise ValueError(f"{len(streams) - pos} streams left over")
         offset = 0
-        for name in group["tensors"]:
-            it = items[name]
-            start, size = it["parts"]["q"]
-            chunk = stream[offset:offset + size]
-            if len(chunk) != size or start + size > len(data):
-                raise corrupt(f"{name} levels end past their stream")
-            offset += size
-            if group["sorted"]:
-                rows = it["rows"]
-                order = np.frombuffer(perms, "<u2", rows, p) if p + 2 * rows <= len(perms) else None
-                if order is None or sorted(order.tolist()) != list(range(rows)):
-                    raise corrupt(f"{name} row permutation")
-                p += 2 * rows
-                unsorted = np.empty((rows, size // rows), np.int8)
-                unsorted[order] = np.frombuffer(chunk, np.int8).reshape(-1, rows).T
-                chunk = unsorted.tobytes()
-            data[start:start + size] = chunk
-            taken.append((start, size))
-        if offset != len(stream):
-            raise corrupt(f"group {group['role']} has {len(stream) - offset} extra bytes")
-    taken.sort()
-    edges = [0] + [x for start, size in taken for x in (start, start + size)] + [len(data)]
-    pos = 0
-    for a, b in zip(edges[0::2], edges[1::2]):
-        data[a:b] = rest[pos:pos + b - a]
-        pos += b - a
-    if pos != len(rest) or p != len(perms):
-        raise corrupt("the grouped streams do not add up to the payload")
+        for a, b in outside_levels(len(data), grouped):
+            data[a:b] = rest[offset:offset + b - a]
+            offset += b - a
+        if offset != len(rest) or len(data) != manifest["data_bytes"]:
+            raise ValueError("the streams do not add up to the payload")
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{source}: corrupt or truncated artifact: {e}") from e
     return bytes(data)
-
-
-def pack_streams(streams: list[bytes], log=None) -> tuple[bytes, int]:
-    """(stream table + each stream compressed by its best codec, CRC-32 of the raw streams)."""
-    bodies = [min(compress_all(s, list(CODEC_IDS)).items(), key=lambda kv: len(kv[1])) for s in streams]
-    table = _STREAM_COUNT.pack(len(streams)) + b"".join(_STREAM_ENTRY.pack(CODEC_IDS[n], len(b)) for n, b in bodies)
-    crc = 0
-    for s in streams:
-        crc = zlib.crc32(s, crc)
-    if log is not None:
-        log("compression_pergroup " + " ".join(f"{i}:{n}:{len(s)}->{len(b)}" for i, (s, (n, b))
-                                               in enumerate(zip(streams, bodies))))
-    return table + b"".join(b for _, b in bodies), crc
 
 
 def unpack_streams(body: bytes, source: str) -> list[bytes]:
@@ -1837,8 +1899,8 @@ def unpack_streams(body: bytes, source: str) -> list[bytes]:
         raise ValueError(f"{source}: corrupt or truncated artifact: no stream table")
     (count,) = _STREAM_COUNT.unpack_from(body)
     pos = _STREAM_COUNT.size + count * _STREAM_ENTRY.size
-    if pos > len(body):
-        raise ValueError(f"{source}: corrupt or truncated artifact: stream table past the end")
+    if pos > len(body) or count == 0:
+        raise ValueError(f"{source}: corrupt or truncated artifact: stream table of {count} streams")
     streams = []
     for i in range(count):
         codec_id, size = _STREAM_ENTRY.unpack_from(body, _STREAM_COUNT.size + i * _STREAM_ENTRY.size)
@@ -1878,8 +1940,7 @@ def serialize_artifact(packed: dict[str, dict], compressor: str = Hyperparameter
         options.update({n: (CODEC_IDS[n], b, zlib.crc32(payload)) for n, b in compress_all(payload, names).items()})
     if compressor in ("pergroup", "auto"):
         roles = parse_roles(sort_roles) if isinstance(sort_roles, str) else sort_roles
-        grouped, streams = split_groups(manifest, data, roles)
-        options["pergroup"] = (PERGROUP_ID, *pack_streams([manifest_bytes(grouped) + streams[0]] + streams[1:], log))
+        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log))
     best = min(options, key=lambda n: len(options[n][1]))
     if log is not None:
         log(f"compression raw_bytes:{len(data)} " + " ".join(f"{n}:{len(b)}" for n, (_, b, _) in options.items())
@@ -1909,9 +1970,7 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> dict[str, dict
         raise ValueError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch after decompression")
     manifest, data = read_manifest(streams[0], source)
     if codec_id == PERGROUP_ID:
-        if len(streams) < 2:
-            raise ValueError(f"{source}: corrupt or truncated artifact: {len(streams)} streams")
-        data = join_groups(manifest, data, streams[1], streams[2:], source)
+        data = join_groups(manifest, data, streams[1:], source)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_unshuffle(data[manifest["levels_bytes"]:])
     return decode_payload(manifest, data, source)
@@ -1981,7 +2040,7 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
         lqer = LQERConfig.from_hparams(h)
 
         def encode(packed: dict) -> bytes:  # LQER is recomputed whenever fitting changes the tensors
-            return serialize(add_lqer(packed, state, lqer, log))
+            return serialize(add_lqer(packed, state, lqer, log, hessians))
 
         blob = encode(packed)
         if h.quant_target_bytes > 0:

@@ -211,9 +211,12 @@ FRONTIER_VARIANTS = {
     "SDClip": {"clip_method": "sdclip"},
     "SDClip, Hessian-aware": {"clip_method": "sdclip_hessian"},
     "int7 embedding": {"quant_embed_bits": 7},
-    "LQER": {"lqer_top": 3},
-    "SDClip + int7 + LQER": {"clip_method": "sdclip", "quant_embed_bits": 7, "lqer_top": 3},
-    "SDClip-H + int7 + LQER": {"clip_method": "sdclip_hessian", "quant_embed_bits": 7, "lqer_top": 3},
+    "LQER, largest error": {"lqer_top": 3, "lqer_select": "error"},
+    "LQER, largest output gain": {"lqer_top": 3, "lqer_select": "hessian"},
+    "SDClip + int7 + LQER-H": {"clip_method": "sdclip", "quant_embed_bits": 7, "lqer_top": 3, "lqer_select": "hessian"},
+    "SDClip-H + int7 + LQER-H": {"clip_method": "sdclip_hessian", "quant_embed_bits": 7, "lqer_top": 3,
+                                    "lqer_select": "hessian"},
+    "int7 + LQER-H": {"quant_embed_bits": 7, "lqer_top": 3, "lqer_select": "hessian"},
 }
 
 
@@ -238,7 +241,7 @@ def quantize_like_a_run(state: dict, hessians: dict, fp16_names, h: tg.Hyperpara
     packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians if (h.gptq or h.clip_method ==
                                     "sdclip_hessian") else {}, damp=h.gptq_damp, block=h.gptq_block, log=quiet,
                                     clip=tg.ClipConfig.from_hparams(h), gptq=h.gptq)
-    return tg.add_lqer(packed, state, tg.LQERConfig.from_hparams(h), quiet)
+    return tg.add_lqer(packed, state, tg.LQERConfig.from_hparams(h), quiet, hessians)
 
 
 def frontier_report(path: Path, extra: list[str], only: list[str]) -> None:

@@ -165,6 +165,32 @@ def test_lqer_lowers_the_error_within_the_rank_bound_and_picks_the_largest_error
     assert torch.equal(weights["blocks.0.mlp.fc.weight"], plain["blocks.0.mlp.fc.weight"])
 
 
+def test_lqer_hessian_selection_prefers_a_correctable_error_to_a_larger_noisy_one():
+    g = torch.Generator().manual_seed(9)
+    packed, state = {}, {}
+    errors = {"noisy.weight": 0.2 * torch.randn(64, 64, generator=g),  # large error, no structure
+              "low_rank.weight": torch.randn(64, 1, generator=g) @ torch.randn(1, 64, generator=g) / 8,
+              "table.weight": 0.5 * torch.randn(64, 64, generator=g)}  # the largest error, no Hessian
+    for name, err in errors.items():
+        q = torch.randint(-15, 16, (64, 64), generator=g, dtype=torch.int8)
+        packed[name] = {"kind": "int", "bits": 5, "q": q, "scale": torch.full((64,), 0.5).half(), "shape": [64, 64],
+                        "dtype": "float32"}
+        state[name] = tg.int_weights(packed[name]) + err
+    hessians = {"noisy.weight": torch.eye(64), "low_rank.weight": torch.eye(64)}
+    assert errors["table.weight"].norm() > errors["noisy.weight"].norm() > errors["low_rank.weight"].norm()
+    logged = []
+    by_error = tg.add_lqer(packed, state, tg.LQERConfig(top=1, rank=1, select="error"), logged.append, hessians)
+    by_output = tg.add_lqer(packed, state, tg.LQERConfig(top=1, rank=1, select="hessian"), logged.append, hessians)
+    assert [n for n, e in by_error.items() if "lqer" in e] == ["table.weight"]
+    assert [n for n, e in by_output.items() if "lqer" in e] == ["low_rank.weight"]
+    left = {n: (state[n] - tg.int_weights(e)).norm() / errors[n].norm()
+            for d in (by_error, by_output) for n, e in d.items() if "lqer" in e}
+    assert left["low_rank.weight"] < 0.5 and left["table.weight"] > 0.9
+    assert not any("fallback" in x for x in logged)
+    fallback = tg.add_lqer(packed, state, tg.LQERConfig(top=1, rank=1, select="hessian"), logged.append)
+    assert "lqer" in fallback["table.weight"] and "lqer_fallback select:error reason:no_hessians" in logged
+
+
 @pytest.mark.parametrize("compressor", ["zstd", "pergroup"])
 def test_lqer_round_trips_exactly_through_the_artifact(compressor, tmp_path):
     state = lqer_state()
@@ -187,6 +213,7 @@ def test_lqer_variables_are_validated():
     assert_env_error({"LQER_A_BITS": "1"}, ["LQER_A_BITS", "[2, 8]"])
     assert_env_error({"LQER_RANK": "0"}, ["LQER_RANK"])
     assert_env_error({"LQER_GROUP": "0"}, ["LQER_GROUP"])
+    assert_env_error({"LQER_SELECT": "size"}, ["LQER_SELECT", "error, hessian"])
 
 
 # ---- per-group compression ----------------------------------------------------------------------
@@ -238,24 +265,37 @@ def test_pergroup_round_trips_exactly(shuffle, storage):
     assert re.search(r"^compression raw_bytes:\d+ pergroup:\d+ chosen:pergroup$", logged[-1])
 
 
-def test_sorted_groups_store_rows_in_tour_order_column_by_column():
+def test_every_layout_inverts_and_the_sorted_one_follows_the_tour():
+    levels = [np.random.default_rng(8).integers(-5, 6, (rows, 12)).astype(np.int8) for rows in (30, 20)]
+    items = [{"name": f"t{i}", "rows": m.shape[0], "parts": {"q": [0, m.size]}} for i, m in enumerate(levels)]
+    layouts = tg.group_layouts(levels, sortable=True)
+    assert set(layouts) == {"rows", "cols", "sorted"} and set(tg.group_layouts(levels, False)) == {"rows", "cols"}
+    orders = [tg.nearest_neighbour_order(m) for m in levels]
+    assert layouts["sorted"] == [b"".join(np.ascontiguousarray(m[o].T).tobytes() for m, o in zip(levels, orders)),
+                                 b"".join(o.astype("<u2").tobytes() for o in orders)]
+    assert layouts["cols"] == [levels[0].T.tobytes() + levels[1].T.tobytes()]
+    for layout, streams in layouts.items():
+        assert tg.ungroup_levels(layout, streams, items) == [m.tobytes() for m in levels]
+    bad = bytearray(layouts["sorted"][1])
+    bad[0:2] = bad[2:4]  # a permutation with a repeated row
+    with pytest.raises(ValueError, match="t0 row permutation"):
+        tg.ungroup_levels("sorted", [layouts["sorted"][0], bytes(bad)], items)
+
+
+def test_each_group_keeps_its_smallest_layout():
     packed = grouped_model()
-    manifest, data = tg.encode_payload(packed, "byte")
-    grouped, streams = tg.split_groups(manifest, data, frozenset({"mlp.fc.weight"}))
-    roles = [g["role"] for g in grouped["groups"]]
-    fc = grouped["groups"][roles.index("mlp.fc.weight")]
-    assert fc == {"role": "mlp.fc.weight", "tensors": ["blocks.0.mlp.fc.weight", "blocks.1.mlp.fc.weight"],
-                  "sorted": True}
-    expected, perms = b"", b""
-    for name in fc["tensors"]:
-        levels = packed[name]["q"].numpy()
-        order = tg.nearest_neighbour_order(levels)
-        expected += np.ascontiguousarray(levels[order].T).tobytes()
-        perms += order.astype("<u2").tobytes()
-    assert streams[2 + roles.index("mlp.fc.weight")] == expected and streams[1] == perms
-    assert not grouped["groups"][roles.index("attn.c_q.weight")]["sorted"]
-    rest, perm_stream, levels = streams[0], streams[1], streams[2:]
-    assert tg.join_groups(grouped, rest, perm_stream, levels, "x") == data
+    # make block 0's fc rows two interleaved families: sorting brings each family together
+    q = packed["blocks.0.mlp.fc.weight"]["q"]
+    q[0::2] = torch.randint(-2, 3, (1, q.size(1)), dtype=torch.int8)
+    q[1::2] = torch.randint(-20, 21, (1, q.size(1)), dtype=torch.int8)
+    logged = []
+    tg.serialize_artifact(packed, compressor="pergroup", log=logged.append, sort_roles="mlp.fc.weight")
+    lines = {m[1]: m for m in (re.fullmatch(r"compression_group role:(\S+) tensors:(\d+) layout:(\w+) (.*)", x)
+                               for x in logged) if m}
+    assert set(lines) == {"attn.c_q.weight", "mlp.fc.weight", "tok_emb.weight"}
+    for role, m in lines.items():
+        sizes = {k: int(v) for k, v in (kv.split(":") for kv in m[4].split())}
+        assert m[3] == min(sizes, key=sizes.get) and ("sorted" in sizes) == (role == "mlp.fc.weight")
 
 
 @pytest.mark.parametrize("damage", [

@@ -8,6 +8,7 @@ bytes per compressor, byte shuffle and storage, and the speed of the 6-bit packi
     python3 scripts/quant_report.py sizes --checkpoint DIR/float.pt
     python3 scripts/quant_report.py sizes                        # the default 27 M model, random init
     python3 scripts/quant_report.py frontier DIR/float.pt        # SDClip, int7, LQER, per-group: bpb, bytes
+    python3 scripts/quant_report.py sizes --frontier             # their bytes on the default 27 M model
 
 `train` runs train_gpt.main() unchanged (model and data come from the usual variables: DATA_PATH,
 TOKENIZER_PATH, NUM_LAYERS, ...) and saves what its quantization step receives: the trained float
@@ -33,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 PACK_BENCH_VALUES = 27_000_000  # about the record model's parameter count
-CHALLENGE_BOS_ID = 1  # the challenge tokenizer's BOS (SPEC section 2), for the model built without one
 
 
 def pack_bench(values: int) -> None:
@@ -49,19 +49,16 @@ def pack_bench(values: int) -> None:
 
 
 def train(out: Path) -> None:
-    """train_gpt.main() with the current environment; keeps the first quantization call's inputs."""
-    captured, real = {}, tg.quantize_state_dict
+    """train_gpt.main() with the current environment; keeps what its quantization step receives."""
+    captured = {}
 
-    def keep_inputs(state, *args, **kwargs):
-        if not captured:
-            captured["state"] = {k: v.detach().cpu().clone() for k, v in state.items()}
-            captured["hessians"] = {k: v.cpu() for k, v in (kwargs.get("hessians") or {}).items()}
-            captured["plan"] = dict(kwargs["plan"])
-        return real(state, *args, **kwargs)
+    def keep_inputs(inputs: tg.ExportInputs) -> None:
+        captured["state"] = {k: v.detach().cpu().clone() for k, v in inputs.state.items()}
+        captured["hessians"] = {k: v.cpu() for k, v in inputs.hessians.items()}
+        captured["plan"] = dict(inputs.plan)
 
-    tg.quantize_state_dict = keep_inputs
     env = dict(os.environ, OUT_DIR=str(out), RUN_ID=os.environ.get("RUN_ID", "quant_report"))
-    tg.main(env)
+    tg.main(env, export_hook=keep_inputs)
     names = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
     captured["env"] = {k: v for k, v in env.items() if k in names}
     torch.save(captured, out / "float.pt")
@@ -73,15 +70,14 @@ def load_checkpoint(path: Path) -> tuple[dict, tg.Hyperparameters]:
     return ckpt, tg.Hyperparameters.from_env(ckpt["env"])
 
 
-def build_model(h: tg.Hyperparameters, bos_id: int) -> tg.GPT:
-    return tg.GPT(tg.ModelConfig.from_hparams(h, bos_id)).eval()
+def build_model(h: tg.Hyperparameters) -> tg.GPT:
+    return tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu")).eval()
 
 
 def val_bpb(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts) -> float:
     """Plain evaluation (non-overlapping windows of TRAIN_SEQ_LEN), the final_roundtrip_exact number."""
     model.load_state_dict(state)
-    _, bpb = tg.evaluate(model, val_tokens, luts, h.train_seq_len, h.train_seq_len,
-                         h.val_batch_seqs(h.train_seq_len))
+    _, bpb = tg.evaluate(model, val_tokens, luts, tg.EvalSpec.plain(h))
     return bpb
 
 
@@ -105,8 +101,7 @@ def val_gradient(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, 
     model.load_state_dict(state)
     model.zero_grad()
     total_bytes = 0.0
-    for x, y, scored, _ in tg.eval_batches(val_tokens, h.train_seq_len, h.train_seq_len,
-                                           h.val_batch_seqs(h.train_seq_len)):
+    for x, y, scored, _ in tg.eval_batches(val_tokens, tg.EvalSpec.plain(h)):
         model(x, y)[scored].sum().backward()
         total_bytes += float(luts.token_bytes(x, y)[scored].sum())
     grads = {n: p.grad.detach() / math.log(2) / total_bytes for n, p in model.named_parameters()
@@ -123,7 +118,8 @@ def gptq_report(path: Path, breakdown_bits: int) -> None:
     ckpt, h = load_checkpoint(path)
     state = ckpt["state"]
     sp = tg.load_tokenizer(h.tokenizer_path)
-    model = build_model(h, sp.bos_id())
+    tg.check_tokenizer(sp, h, h.tokenizer_path)
+    model = build_model(h)
     val_tokens = torch.from_numpy(tg.load_validation_tokens(h.data_path).astype(np.int32))
     luts = tg.build_byte_luts(sp, h.vocab_size)
     hessians = complete_hessians(model, state, ckpt["hessians"], ckpt["plan"], h)
@@ -170,7 +166,7 @@ def random_default_state() -> tuple[dict, tg.Hyperparameters, dict[str, int]]:
     (N(0, 1/cols))."""
     h = tg.Hyperparameters()
     torch.manual_seed(0)
-    model = build_model(h, CHALLENGE_BOS_ID)
+    model = build_model(h)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2 and not p.any():
@@ -185,7 +181,7 @@ def sizes_report(checkpoint: Path | None) -> None:
     else:
         ckpt, h = load_checkpoint(checkpoint)
         state, plan, what = ckpt["state"], ckpt["plan"], f"trained ({checkpoint})"
-        model = build_model(h, tg.load_tokenizer(h.tokenizer_path).bos_id())
+        model = build_model(h)
         hessians = complete_hessians(model, state, ckpt["hessians"], plan, h)
     packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block)
     params = sum(t.numel() for t in state.values())
@@ -251,7 +247,7 @@ def frontier_report(path: Path, extra: list[str], only: list[str]) -> None:
     ckpt, h = load_checkpoint(path)
     state = ckpt["state"]
     sp = tg.load_tokenizer(h.tokenizer_path)
-    model = build_model(h, sp.bos_id())
+    model = build_model(h)
     fp16_names = model.fp16_param_names()
     val_tokens = torch.from_numpy(tg.load_validation_tokens(h.data_path).astype(np.int32))
     luts = tg.build_byte_luts(sp, h.vocab_size)
@@ -275,15 +271,43 @@ def frontier_report(path: Path, extra: list[str], only: list[str]) -> None:
                                    sort_roles=hv.pergroup_sort)
         single = min((encode(compressor=c) for c in tg.CODEC_IDS), key=len)
         grouped = encode(compressor="pergroup")
-        weights = tg.dequantize_state_dict(tg.deserialize_artifact(single))
+        weights = tg.dequantize_state_dict(tg.deserialize_artifact(single)[1])
         assert all(torch.equal(weights[n], w) for n, w in tg.dequantize_state_dict(
-            tg.deserialize_artifact(grouped)).items())
+            tg.deserialize_artifact(grouped)[1]).items())
         bpb = val_bpb(model, weights, h, val_tokens, luts)
         first = sum(float((grads[n] * (weights[n].float() - state[n].float())).sum()) for n in grads)
         gap = bpb - float_bpb
         print(f"| {label} | {bpb:.5f} | {gap:+.5f} | {first:+.5f} | {gap - first:+.5f} | {len(single):,} | "
               f"{len(grouped):,} | {8 * min(len(single), len(grouped)) / params:.4f} |", flush=True)
         print(f"  ({label}: {overrides} {time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+
+
+def frontier_sizes(checkpoint: Path | None, only: list[str]) -> None:
+    """Bytes of each FRONTIER_VARIANTS entry on the default 27 M model at random init (round-to-nearest:
+    no Hessians, so sdclip_hessian and LQER's hessian selection fall back as a run without them
+    would) or on a checkpoint: brotli (the smallest single-stream codec throughout here) and per-group."""
+    if checkpoint is None:
+        state, h, _ = random_default_state()
+        hessians, fp16_names = {}, build_model(h).fp16_param_names()
+    else:
+        ckpt, h = load_checkpoint(checkpoint)
+        state, model = ckpt["state"], build_model(h)
+        fp16_names = model.fp16_param_names()
+        hessians = complete_hessians(model, state, ckpt["hessians"], ckpt["plan"], h)
+    params = sum(t.numel() for t in state.values())
+    print(f"model {'random init' if checkpoint is None else checkpoint} params:{params}")
+    print("| variant | bytes, brotli | bytes, per-group | bits/param | seconds |\n|---|---|---|---|---|", flush=True)
+    for label, overrides in FRONTIER_VARIANTS.items():
+        if only and not any(label.startswith(o) for o in only):
+            continue
+        hv = dataclasses.replace(h, **overrides)
+        t0 = time.perf_counter()
+        packed = quantize_like_a_run(state, hessians, fp16_names, hv)
+        encode = functools.partial(tg.serialize_artifact, packed, shuffle=hv.byte_shuffle, storage=hv.quant_storage,
+                                   sort_roles=hv.pergroup_sort)
+        single, grouped = len(encode(compressor="brotli")), len(encode(compressor="pergroup"))
+        print(f"| {label} | {single:,} | {grouped:,} | {8 * min(single, grouped) / params:.4f} | "
+              f"{time.perf_counter() - t0:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -297,7 +321,10 @@ def main() -> None:
     gptq.add_argument("checkpoint", type=Path)
     gptq.add_argument("--breakdown-bits", type=int, choices=(5, 6, 8), default=5,
                       help="bits of the per-block rows (int5 shows the largest, clearest gaps)")
-    sub.add_parser("sizes", help="bytes per storage, shuffle and codec").add_argument("--checkpoint", type=Path)
+    sizes = sub.add_parser("sizes", help="bytes per storage, shuffle and codec")
+    sizes.add_argument("--checkpoint", type=Path)
+    sizes.add_argument("--frontier", action="store_true", help="bytes of the frontier variants instead")
+    sizes.add_argument("--only", action="append", default=[], help="with --frontier: these variants only")
     front = sub.add_parser("frontier", help="SDClip, int7, LQER, per-group compression: bpb and bytes")
     front.add_argument("checkpoint", type=Path)
     front.add_argument("--variant", action="append", default=[],
@@ -312,6 +339,8 @@ def main() -> None:
         gptq_report(args.checkpoint, args.breakdown_bits)
     elif args.command == "frontier":
         frontier_report(args.checkpoint, args.variant, args.only)
+    elif args.frontier:
+        frontier_sizes(args.checkpoint, args.only)
     else:
         sizes_report(args.checkpoint)
 

@@ -1,4 +1,4 @@
-"""The quantization frontier (SPEC section 8): SDClip and its Hessian-aware form, int7, LQER and
+"""The quantization frontier (docs/quantization.md): SDClip and its Hessian-aware form, int7, LQER and
 per-group compression, each checked against a plain reference, with exact artifact round trips."""
 
 from __future__ import annotations

@@ -1443,8 +1443,9 @@ def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig,
     errors = {name: state[name].detach().double().cpu().reshape(e["q"].shape) - int_weights(e).double()
               for name, e in packed.items() if e["kind"] == "int"}
     norms = {name: float(err.norm()) for name, err in errors.items()}
-    weighed = {name: hessians[name].detach().double().cpu() for name in errors if name in (hessians or {})}
-    if cfg.select == "hessian" and weighed:
+    weighed = {name: hessians[name].detach().double().cpu() for name in errors
+               if cfg.select == "hessian" and name in (hessians or {})}
+    if weighed:
         factors = {name: lqer_factors(errors[name], cfg) for name in weighed}
         gain = {name: output_error(errors[name], h) - output_error(errors[name] - lqer_product(factors[name]), h)
                 for name, h in weighed.items()}
@@ -1859,6 +1860,8 @@ def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=N
     then each group's one or two streams. Every stream of every layout is compressed by every codec
     (one thread pool); each group keeps its smallest layout, each stream its smallest codec."""
     groups = level_groups(manifest)
+    if log is not None and sort_roles - groups.keys():
+        log(f"compression_pergroup sort_roles_absent:{','.join(sorted(sort_roles - groups.keys()))}")
     candidates = {}
     for role, items in groups.items():
         if all(it["storage"] == "byte" for it in items):

@@ -127,7 +127,8 @@ def score(logits_fn, val_tokens, luts: tg.ByteLUTs, hint, conf, cache_p, masks, 
                   luts.token_bytes(xs, ys).sum(), *fired, agreed.sum()]
         return torch.stack([v.double() for v in values])
 
-    total = tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt.rank, rt.world_size, rt.autocast)
+    total = tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt.rank, rt.world_size, rt.autocast,
+                             phase="ngram_score")
     return dict(zip(SUMS, total.tolist()))
 
 

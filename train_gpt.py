@@ -208,7 +208,7 @@ class Hyperparameters(ModelConfig):
     gptq_calib_seqs: int = _hp(512, lo=1, hi=10**6)  # training sequences of TRAIN_SEQ_LEN, all ranks
     gptq_damp: float = _hp(0.01, lo=1e-6, hi=10.0)  # added to diag(H), as a fraction of its mean
     gptq_block: int = _hp(128, lo=1, hi=65536)  # columns per lazy-update block
-    # Row clips: percentile search or SDClip (docs/quantization.md, "The frontier").
+    # Row clips: percentile search (measured best) or SDClip (docs/quantization.md, "The frontier").
     clip_method: str = _hp("percentile", choices=("percentile", "sdclip", "sdclip_hessian"))  # per-row clip rule
     sdclip_k_mlp: float = _hp(11.5, lo=0.1, hi=1000.0)  # SDClip clip = k * std(row): blocks.*.mlp.* matrices
     sdclip_k_attn: float = _hp(13.0, lo=0.1, hi=1000.0)  # ... blocks.*.attn.* matrices
@@ -216,7 +216,7 @@ class Hyperparameters(ModelConfig):
     sdclip_k_other: float = _hp(12.85, lo=0.1, hi=1000.0)  # ... any other quantized matrix (bigram table, ...)
     sdclip_hessian_lambda: float = _hp(0.175, lo=0.0, hi=1.0)  # sdclip_hessian: row clip x (1 + lambda (r_i - 1))
     # LQER: a low-rank correction A B of the quantization error of a few tensors.
-    lqer_top: int = _hp(0, lo=0, hi=10_000)  # how many tensors get one; 0: off
+    lqer_top: int = _hp(3, lo=0, hi=10_000)  # how many tensors get one (3: measured, docs/quantization.md); 0: off
     lqer_rank: int = _hp(4, lo=1, hi=1024)  # rank of A [rows, rank] B [rank, cols]
     lqer_a_bits: int = _hp(2, lo=2, hi=8)  # A's levels [-2^(b-1), 2^(b-1) - 1], one scale per tensor
     lqer_b_bits: int = _hp(4, lo=2, hi=8)  # B's levels, one scale per LQER_GROUP values

@@ -200,7 +200,9 @@ def sizes_report(checkpoint: Path | None) -> None:
                       f"{time.perf_counter() - t0:.1f} |", flush=True)
 
 
-# Each variant: Hyperparameters fields changed from the checkpoint's run (its quantization settings).
+# Each variant: Hyperparameters fields changed from TODAY, the checkpoint's run with the frontier's
+# additions off (whatever the defaults), so that each row measures its additions alone.
+TODAY = {"clip_method": "percentile", "quant_embed_bits": 8, "lqer_top": 0}
 FRONTIER_VARIANTS = {
     "GPTQ + percentile clip (today)": {},
     "blocks int5 (bytes reference)": {"quant_bits": 5},
@@ -213,6 +215,8 @@ FRONTIER_VARIANTS = {
     "SDClip-H + int7 + LQER-H": {"clip_method": "sdclip_hessian", "quant_embed_bits": 7, "lqer_top": 3,
                                     "lqer_select": "hessian"},
     "int7 + LQER-H": {"quant_embed_bits": 7, "lqer_top": 3, "lqer_select": "hessian"},
+    "int7 + LQER, largest error": {"quant_embed_bits": 7, "lqer_top": 3, "lqer_select": "error"},
+    "blocks int7 + SDClip": {"quant_bits": 7, "clip_method": "sdclip"},
 }
 
 
@@ -264,7 +268,7 @@ def frontier_report(path: Path, extra: list[str], only: list[str]) -> None:
     for label, overrides in variants.items():
         if only and label not in only and not any(label.startswith(o) for o in only):
             continue
-        hv = dataclasses.replace(h, **overrides)
+        hv = dataclasses.replace(h, **(TODAY | overrides))
         t0 = time.perf_counter()
         packed = quantize_like_a_run(state, hessians, fp16_names, hv)
         encode = functools.partial(tg.serialize_artifact, packed, shuffle=hv.byte_shuffle, storage=hv.quant_storage,
@@ -300,7 +304,7 @@ def frontier_sizes(checkpoint: Path | None, only: list[str]) -> None:
     for label, overrides in FRONTIER_VARIANTS.items():
         if only and not any(label.startswith(o) for o in only):
             continue
-        hv = dataclasses.replace(h, **overrides)
+        hv = dataclasses.replace(h, **(TODAY | overrides))
         t0 = time.perf_counter()
         packed = quantize_like_a_run(state, hessians, fp16_names, hv)
         encode = functools.partial(tg.serialize_artifact, packed, shuffle=hv.byte_shuffle, storage=hv.quant_storage,

@@ -1,8 +1,12 @@
-"""scripts/quant_report.py's first-order column: g.e must be the bpb's actual first-order change."""
+"""scripts/quant_report.py: the first-order column g.e must be the bpb's actual first-order change;
+frontier variants are read like the environment."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 
 import train_gpt as tg
@@ -35,19 +39,12 @@ def test_val_gradient_predicts_a_small_weight_change(tiny_data, tmp_path):
     assert abs(measured - predicted) < 0.05 * abs(predicted)  # measured: within 1.3%
 
 
-def test_sdclip_estimate_rounds_on_k_standard_deviations_and_loads_back():
-    """The April size estimate (quant_report sizes --sdclip): int6 rows on k = 12.85 std, the embedding
-    int7 on k = 20; the artifact it serializes loads back to those levels."""
-    torch.manual_seed(0)
-    state = {tg.EMBEDDING_NAME: torch.randn(64, 32), "blocks.0.mlp.fc.weight": torch.randn(48, 32) * 0.1}
-    packed = quant_report.sdclip_entries(tg.quantize_state_dict(state, plan={n: 8 if "emb" in n else 6
-                                                                              for n in state}, log=None), state)
-    for name, (bits, k) in ((tg.EMBEDDING_NAME, (7, 20.0)), ("blocks.0.mlp.fc.weight", (6, 12.85))):
-        e, w = packed[name], state[name]
-        assert e["bits"] == bits and int(e["q"].abs().max()) <= tg.qmax(bits)
-        assert torch.allclose(e["scale"].float(), k * w.std(dim=1) / tg.qmax(bits), rtol=1e-3)
-    _, loaded = tg.deserialize_artifact(tg.serialize_artifact(packed, compressor="zstd"))
-    weights = tg.dequantize_state_dict(loaded)
-    for name, w in state.items():
-        step = packed[name]["scale"].float()[:, None]
-        assert ((weights[name].float() - w).abs() <= step / 2 + 1e-6).all()  # no row clipped at these k
+def test_frontier_variants_are_read_like_the_environment():
+    label, overrides = quant_report.parse_variant("k x1.5:clip_method=sdclip,SDCLIP_K_MLP=17")
+    assert label == "k x1.5" and overrides == {"clip_method": "sdclip", "sdclip_k_mlp": 17.0}
+    with pytest.raises(ValueError, match="CLIP_METHOD"):
+        quant_report.parse_variant("x:clip_method=nope")
+    with pytest.raises(ValueError, match="NOPE is not a train_gpt.py hyperparameter"):
+        quant_report.parse_variant("x:NOPE=1")
+    for overrides in quant_report.FRONTIER_VARIANTS.values():
+        dataclasses.replace(tg.Hyperparameters(), **overrides).check()

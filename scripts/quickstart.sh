@@ -31,4 +31,6 @@ export EMA_DECAY=${EMA_DECAY:-0.7} MUON_MOMENTUM_WARMUP_STEPS=${MUON_MOMENTUM_WA
 # This model's matrices are small: quantize them anyway (int6 + GPTQ) so the quick start runs the real
 # path, with a short calibration and a reserve to match.
 export QUANT_MIN_NUMEL=${QUANT_MIN_NUMEL:-4096} GPTQ_CALIB_SEQS=${GPTQ_CALIB_SEQS:-64} GPTQ_RESERVE_SECONDS=${GPTQ_RESERVE_SECONDS:-5}
+# Test-time training (the record's final score, docs/ttt.md) takes minutes on a CPU: TTT=1 to see it.
+export TTT=${TTT:-0}
 "$PYTHON" train_gpt.py

@@ -629,8 +629,9 @@ def flash_attention(dense: Callable, varlen: Callable) -> Callable:
         if docs is None:
             return first(dense(q, k, v, causal=True))
         B, T = q.shape[:2]
-        y = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), docs.cu_seqlens, docs.cu_seqlens,
-                         docs.max_seqlen, docs.max_seqlen, causal=True))
+        y = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens_q=docs.cu_seqlens,
+                         cu_seqlens_k=docs.cu_seqlens, max_seqlen_q=docs.max_seqlen, max_seqlen_k=docs.max_seqlen,
+                         causal=True))
         return y.view(B, T, *y.shape[1:])
     attention.varlen = True
     return attention

@@ -122,14 +122,16 @@ def test_masked_model_stays_causal():
             assert torch.equal(out[:, :t], base[:, :t]), t
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
-    """FlashAttention's varlen contract on CPU: packed [N, H, D] documents between consecutive offsets."""
-    assert causal and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
+def _reference_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """FlashAttention's varlen contract (FA2's and FA3's keywords) on CPU: packed [N, H, D] documents
+    between consecutive offsets."""
+    assert causal and cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    assert max_seqlen_q == max_seqlen_k
     out = torch.empty_like(q)
-    cu = cu_q.tolist()
+    cu = cu_seqlens_q.tolist()
     for lo, hi in zip(cu, cu[1:]):
         if hi > lo:
-            assert hi - lo <= max_q
+            assert hi - lo <= max_seqlen_q
             out[lo:hi] = tg._sdpa(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi])[0]
     return out
 

@@ -47,7 +47,13 @@ def ttt_run(tiny_data, tmp_path_factory):
     return env, log, seen
 
 
-def test_final_ttt_line_follows_the_sliding_window_line(ttt_run, tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(tiny_data, tmp_path_factory):
+    """The same run without TTT."""
+    return run(tiny_env(tiny_data, tmp_path_factory.mktemp("plain"), RUN_ID="plain", **{**TTT_SETTINGS, "TTT": "0"}))
+
+
+def test_final_ttt_line_follows_the_sliding_window_line(ttt_run, plain_run):
     env, log, _ = ttt_run
     names = [m[0] for m in FINAL.findall(log)]
     assert names == ["final_float_exact", "final_roundtrip_exact", "final_sliding_window_exact", "final_ttt_exact"]
@@ -59,9 +65,8 @@ def test_final_ttt_line_follows_the_sliding_window_line(ttt_run, tiny_data, tmp_
     for line in ("hparam ttt:True", "hparam ttt_lora_rank:4", "hparam phased_ttt_prefix_docs:12"):
         assert line in log
     # TTT changes none of the lines before it: the same run without it logs the same numbers.
-    plain = run(tiny_env(tiny_data, tmp_path, RUN_ID="plain", **{**TTT_SETTINGS, "TTT": "0"}))
-    assert FINAL.findall(plain) == FINAL.findall(log)[:3]
-    assert not re.search(r"^(ttt_budget|final_ttt_exact) ", plain, re.M)
+    assert FINAL.findall(plain_run) == FINAL.findall(log)[:3]
+    assert not re.search(r"^(ttt_budget|final_ttt_exact) ", plain_run, re.M)
 
 
 def test_what_adapts_is_the_artifact(ttt_run):
@@ -101,11 +106,11 @@ def test_ngram_tilt_on_top_of_ttt(ttt_run):
     assert "ngram_setting ngram_ttt:True" in ng_log and "ttt_budget docs:40" in ng_log
 
 
-def test_document_masked_training_is_recorded_and_logged(tiny_data, tmp_path):
-    env = tiny_env(tiny_data, tmp_path, RUN_ID="masked", DOC_MASKED_ATTENTION="1", ITERATIONS="3", VAL_LOSS_EVERY="0")
+def test_document_masked_training_is_recorded_and_logged(tiny_data, tmp_path, plain_run):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="masked", DOC_MASKED_ATTENTION="1", **{**TTT_SETTINGS, "TTT": "0"})
     log = run(env)
     assert "hparam doc_masked_attention:True" in log and " doc_masked_attention:sdpa_mask" in log
+    assert " doc_masked_attention:off" in plain_run
     cfg, _ = tg.load_artifact(tmp_path / "masked.ptz")
     assert cfg.doc_masked_attention
-    plain = run(tiny_env(tiny_data, tmp_path, RUN_ID="unmasked", ITERATIONS="3", VAL_LOSS_EVERY="0"))
-    assert FINAL.findall(plain)[0] != FINAL.findall(log)[0]  # the mask changes what the model learns and scores
+    assert FINAL.findall(plain_run)[0] != FINAL.findall(log)[0]  # the mask changes what the model learns

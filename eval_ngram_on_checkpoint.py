@@ -139,7 +139,7 @@ def score(logits_fn, val_tokens, luts: tg.ByteLUTs, hint, conf, cache_p, masks, 
         total = tg.ttt_score(model, sums, val_tokens, ttt_spec, rt.rank, rt.world_size, rt.autocast, forward, log)
     else:
         total = tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt.rank, rt.world_size,
-                                 rt.autocast)
+                                 rt.autocast, phase="ngram_score")
     return dict(zip(SUMS, total.tolist()))
 
 

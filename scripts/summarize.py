@@ -4,7 +4,8 @@
     python scripts/summarize.py runs/my_idea --baseline-val-loss 1.8911 1.8935 1.8902
 
 Reads the logs, never the console. Refuses logs that are not seeds of one experiment (different
-code or settings) or that did not finish. The submission number is final_sliding_window_exact.
+code or settings) or that did not finish. The submission number is final_ttt_exact when the runs have TTT on, else
+final_sliding_window_exact.
 
 The test (docs/challenge.md): a new record must beat the current one by at least 0.005 nats of val_loss
 at p < 0.01. H0: mean(baseline) - mean(ours) <= 0.005; H1: it is larger. One-sided Welch t-test
@@ -28,7 +29,7 @@ if __package__ in (None, ""):
     # Run as a script (python scripts/summarize.py): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.runlog import SUBMISSION_METRIC, RunLog, load_runs  # noqa: E402
+from scripts.runlog import RunLog, load_runs  # noqa: E402
 
 MIN_IMPROVEMENT_NATS = 0.005  # a record must beat the current one by this much val_loss ...
 SIGNIFICANCE_P = 0.01  # ... at this significance level
@@ -70,12 +71,13 @@ class Column:
     decimals: int
 
 
-def columns(run: RunLog) -> list[Column]:
-    """The table's columns: one val_loss and one val_bpb column for each final evaluation of the log."""
+def columns(run: RunLog, totals: dict[int, int] | None = None) -> list[Column]:
+    """The table's columns: one val_loss and one val_bpb column for each final evaluation of the log.
+    bytes_total is the log's unless `totals` (seed -> bytes) gives the shipped count."""
     cols = [Column("steps", lambda r: r.steps, 0),
             Column("train_s", lambda r: r.train_time_ms / 1000, 3),
             Column("eval_s", lambda r: r.eval_time_ms / 1000, 3),
-            Column("bytes_total", lambda r: r.artifact["bytes_total"], 0)]
+            Column("bytes_total", lambda r: (totals or {}).get(r.seed, r.artifact["bytes_total"]), 0)]
     for name in run.finals:
         label = name.removeprefix("final_")
         cols.append(Column(f"{label} val_loss", lambda r, n=name: r.finals[n].val_loss, 8))
@@ -83,9 +85,9 @@ def columns(run: RunLog) -> list[Column]:
     return cols
 
 
-def seed_table(runs: list[RunLog]) -> tuple[list[str], list[list[str]]]:
+def seed_table(runs: list[RunLog], totals: dict[int, int] | None = None) -> tuple[list[str], list[list[str]]]:
     """(header, rows): one row per seed with the logs' numbers as logged, then mean and sample std."""
-    cols = columns(runs[0])
+    cols = columns(runs[0], totals)
     rows = [[str(r.seed)] + [f"{c.get(r):.{c.decimals}f}" for c in cols] for r in runs]
     summaries = [mean_std([c.get(r) for r in runs]) for c in cols]
     # Whole-number columns get one decimal in the summary rows: a mean of steps is not whole.
@@ -108,7 +110,7 @@ def describe_test(ours: list[float], baseline: list[float], test: WelchTest) -> 
 
 
 def summary_text(runs: list[RunLog], baseline: list[float] | None) -> str:
-    lines = [f"{len(runs)} logs, code sha256 {runs[0].code_hash[:16]}, submission metric {SUBMISSION_METRIC}",
+    lines = [f"{len(runs)} logs, code sha256 {runs[0].code_hash[:16]}, submission metric {runs[0].submission_metric}",
              markdown_table(*seed_table(runs))]
     if baseline:
         ours = [r.submission.val_loss for r in runs]

@@ -302,6 +302,17 @@ def test_plain_score_equals_train_gpt_sliding_window(trained):
     assert re.search(r"^ngram_timing prepare_ms:\d+ share_ms:\d+ eval_ms:\d+ total_ms:\d+$", log, re.M)
 
 
+def test_scoring_reports_progress(trained, monkeypatch, capsys):
+    monkeypatch.setattr(tg, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(tg.sys.stderr, "isatty", lambda: False)
+    env, _ = trained
+    h = tg.Hyperparameters.from_env(env)
+    total = tg.num_eval_batches(len(tg.load_validation_tokens(h.data_path)), tg.EvalSpec.sliding(h))
+    run_eval(env)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("progress phase:ngram_score")]
+    assert total > 2 and len(lines) == total - 1 and f" done:1/{total} " in lines[0]
+
+
 def test_zero_boosts_and_zero_cache_weight_leave_the_model_unchanged(trained):
     env, _ = trained
     sums, _ = run_eval(env, NGRAM_TOKEN_BOOST=0, NGRAM_WITHIN_BOOST=0, NGRAM_WORD_BOOST=0, NGRAM_CACHE=1,

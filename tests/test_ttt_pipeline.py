@@ -114,3 +114,16 @@ def test_document_masked_training_is_recorded_and_logged(tiny_data, tmp_path, pl
     cfg, _ = tg.load_artifact(tmp_path / "masked.ptz")
     assert cfg.doc_masked_attention
     assert FINAL.findall(plain_run)[0] != FINAL.findall(log)[0]  # the mask changes what the model learns
+
+
+def test_the_logs_readers_submit_ttts_line_when_ttt_is_on(ttt_run, plain_run):
+    from scripts.runlog import parse_log
+    env, log, _ = ttt_run
+    with_ttt = parse_log(os.path.join(env["OUT_DIR"], "ttt.txt"))
+    finals = {m[0]: float(m[2]) for m in FINAL.findall(log)}
+    assert with_ttt.submission_metric == "final_ttt_exact"
+    assert with_ttt.submission.val_bpb == finals["final_ttt_exact"] != finals["final_sliding_window_exact"]
+    times = re.search(r"^final_ttt_exact .*eval_time:(\d+)ms compile_time:(\d+)ms", log, re.M)
+    assert with_ttt.finals["final_ttt_exact"].eval_time_ms == float(times[1]) + float(times[2])  # the warm-up counts
+    without = parse_log(os.path.join(re.search(r"^hparam out_dir:(\S+)", plain_run, re.M)[1], "plain.txt"))
+    assert without.submission_metric == "final_sliding_window_exact"

@@ -6,16 +6,19 @@ TTT: every target is scored exactly once, with a full normalized distribution; c
 distribution at any position <= t, through the LoRAs and the global SGD; the global SGD learns only from
 scored tokens; a document's result does not depend on its batch; with nothing to learn, TTT is the model
 scoring each document alone; the warm-up uses random tokens and leaves the model as it was; the FLOP
-count is what torch counts."""
+count is what torch counts; two gloo processes under torchrun score as one."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train_gpt as tg
 
@@ -267,6 +270,36 @@ def test_learning_lowers_the_loss_of_a_repeated_document():
         sums = tg.ttt_score(m, tg.logit_sums(_unit_bytes()), val, spec(lr=lr, prefix_docs=0, seq_len=32, chunk=8))
         nll[lr] = float(sums[0] / sums[1])
     assert nll[3e-2] < nll[0.0] - 0.05
+
+
+WORKER = """
+import sys
+sys.path[:0] = [{tests!r}, {root!r}]
+import torch.distributed as dist
+import test_ttt as t
+import train_gpt as tg
+dist.init_process_group("gloo")
+sums = tg.ttt_score(t.model(), tg.logit_sums(t._unit_bytes()), t.stream(), t.spec(), dist.get_rank(), dist.get_world_size())
+if dist.get_rank() == 0:
+    open({out!r}, "w").write(repr(sums.tolist()))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_score_like_one(tmp_path):
+    """Under torchrun: the batches split over 2 ranks, the global SGD's gradients summed over them."""
+    tests = Path(__file__).resolve().parent
+    script, out = tmp_path / "worker.py", tmp_path / "sums.txt"
+    script.write_text(WORKER.format(tests=str(tests), root=str(tests.parent), out=str(out)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                                            "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = tg.ttt_score(model(), tg.logit_sums(_unit_bytes()), stream(), spec()).tolist()
+    two = eval(out.read_text())
+    assert two[1:] == one[1:] == [len(stream()) - 1, len(stream()) - 1]  # every target once, over both ranks
+    assert two[0] == pytest.approx(one[0], rel=1e-6)
 
 
 def test_global_sgd_changes_the_model_and_ranks_agree_on_steps():

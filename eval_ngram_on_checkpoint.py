@@ -175,7 +175,7 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     model, logits_fn, compiled = load_model(cfg, state, h, rt, log)
     spec, ttt_spec = tg.EvalSpec.sliding(h), tg.TTTSpec.from_hparams(h)
     if s.ngram_ttt:
-        tg.log_ttt_budget(cfg, tokens, h, log)
+        tg.log_ttt_budget(cfg, tokens, h, log, windows=False)  # no window pass runs here
 
     # Rank 0 builds the hints (and the cache's probabilities) while the model compiles: the C call
     # releases the GIL. Every other rank receives them by broadcast instead of rebuilding them.

@@ -401,3 +401,30 @@ def test_prediction_is_the_busiest_rank_at_the_calibrated_throughput():
     assert flops == pytest.approx(one * 100e12, rel=1e-9)  # one rank does everything
     assert one / 8 <= seconds < one / 8 * 1.1  # equal documents: 8 ranks share it almost evenly
     assert tg.predict_ttt_seconds(cfg, spans, s, world_size=8, tflops=200.0)[0] == pytest.approx(seconds / 2)
+
+
+def test_window_passes_are_predicted_by_their_windows():
+    h = tg.Hyperparameters()
+    cfg, n = tg.ModelConfig.from_hparams(h), 1_000_000
+    plain, sliding = tg.EvalSpec.plain(h), tg.EvalSpec.sliding(h)
+    one = tg.predict_window_eval_seconds(cfg, n, plain, world_size=1)
+    assert tg.predict_window_eval_seconds(cfg, n, sliding, world_size=1) == pytest.approx(
+        one * h.eval_seq_len / h.eval_stride, rel=0.01)  # a window every stride targets instead of every seq_len
+    assert tg.predict_window_eval_seconds(cfg, n, plain, world_size=8) == pytest.approx(one / 8, rel=0.02)
+    assert tg.predict_window_eval_seconds(cfg, n, plain, world_size=1, tflops=2 * tg.TTT_H100_TFLOPS) == \
+        pytest.approx(one / 2)
+
+
+def test_budget_line_says_when_the_evaluation_would_not_fit(monkeypatch):
+    h = tg.Hyperparameters(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                           rope_dims=4, bos_id=BOS, bigram_buckets=32, bigram_dim=8)
+    cfg, val = tg.ModelConfig.from_hparams(h), stream().numpy()
+    ttt = tg.predict_ttt_seconds(cfg, tg.document_spans(val, BOS), tg.TTTSpec.from_hparams(h))[0]
+    windows = sum(tg.predict_window_eval_seconds(cfg, len(val), s) for s in (tg.EvalSpec.plain(h), tg.EvalSpec.sliding(h)))
+    lines = []
+    tg.log_ttt_budget(cfg, val, h, lines.append)
+    monkeypatch.setattr(tg, "EVAL_CAP_SECONDS", ttt + windows / 2)  # TTT fits, TTT after the window passes does not
+    tg.log_ttt_budget(cfg, val, h, lines.append)
+    tg.log_ttt_budget(cfg, val, h, lines.append, windows=False)  # the n-gram evaluation: TTT alone
+    verdicts = [line.split(" verdict:")[1].split()[0] for line in lines if line.startswith("legality")]
+    assert verdicts == ["within", "over", "within"]

@@ -2733,7 +2733,8 @@ def global_sgd(model: GPT, tokens: Tensor, spec: TTTSpec, rank: int, world_size:
             group["lr"] = spec.global_lr * 0.5 * (1 + math.cos(math.pi * k / total))
         mine = np.array_split(seqs, world_size)[rank]
         for b in range(0, len(mine), spec.micro_batch_seqs):
-            rows = tokens[torch.from_numpy(mine[b:b + spec.micro_batch_seqs] * W).to(tokens.device)[:, None] + cols].long()
+            starts = torch.from_numpy(mine[b:b + spec.micro_batch_seqs] * W).to(tokens.device)
+            rows = tokens[starts[:, None] + cols].long()
             with autocast():
                 nll = model(rows[:, :-1], rows[:, 1:])
             (nll.sum() / (len(seqs) * W)).backward()  # the step's mean over all ranks' tokens
@@ -2816,7 +2817,8 @@ def ttt_warm_up(forward: Callable, model: GPT, spec: TTTSpec, device: torch.devi
         opt.zero_grad(set_to_none=True)
 
 
-def ttt_step_flops(cfg: ModelConfig, spec: TTTSpec, rows: int, width: int, head_cols: int, backward: str) -> tuple[float, float]:
+def ttt_step_flops(cfg: ModelConfig, lora_rank: int, rows: int, width: int, head_cols: int,
+                   backward: str) -> tuple[float, float]:
     """(matrix-product FLOPs, attention FLOPs) of one step on `rows` rows of `width` tokens, the head on their
     last head_cols columns: the forward (2 per weight and token, the LoRAs' too; causal attention 2 x 2 x
     MODEL_DIM per query and key), then the backward: "none"; "lora" (TTT: input gradients through the frozen
@@ -2826,8 +2828,9 @@ def ttt_step_flops(cfg: ModelConfig, spec: TTTSpec, rows: int, width: int, head_
     passes = len(layer_plan(cfg, True))
     frozen = width * (2 * passes * (2 * d * d + 2 * d * kv + 2 * cfg.mlp_mult * d * d)
                       + (2 * cfg.bigram_dim * d if cfg.bigram_buckets else 0)) + head_cols * 2 * d * cfg.vocab_size
-    lora = 0 if backward == "model" else spec.lora_rank * (
-        width * 2 * passes * (2 * d + 2 * (d + kv) + 2 * d + 2 * d) + head_cols * 2 * (d + cfg.vocab_size))  # q k v o mlp, head
+    lora = 0 if backward == "model" else lora_rank * (
+        width * 2 * passes * (2 * d + 2 * (d + kv) + 2 * d + 2 * d)  # q, k, v, o, mlp
+        + head_cols * 2 * (d + cfg.vocab_size))  # the head
     attention = passes * 2 * d * width * (width + 1)
     grad = {"none": (0, 0, 0), "lora": (1, 2, 2), "model": (2, 0, 2)}[backward]
     return rows * ((1 + grad[0]) * frozen + (1 + grad[1]) * lora), rows * (1 + grad[2]) * attention
@@ -2843,11 +2846,12 @@ def ttt_batch_flops(cfg: ModelConfig, spec: TTTSpec, targets: np.ndarray, public
         rows = live if not public_loop and 2 * live <= rows else rows
         backward = "lora" if (chunks > step + 1).any() else "none"
         width = window_width(step, spec)
-        total += sum(ttt_step_flops(cfg, spec, rows, width, width if public_loop else spec.chunk, backward))
+        total += sum(ttt_step_flops(cfg, spec.lora_rank, rows, width, width if public_loop else spec.chunk, backward))
     return total
 
 
-def ttt_flops(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec, world_size: int) -> tuple[list[list[float]], list[float]]:
+def ttt_flops(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec,
+              world_size: int) -> tuple[list[list[float]], list[float]]:
     """(FLOPs of each phase's LoRA pass on each rank, FLOPs of the global SGD after each phase), on the schedule
     the loop runs."""
     targets = spans[:, 1] - spans[:, 0]
@@ -2855,7 +2859,7 @@ def ttt_flops(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec, world_size: in
     phases = ttt_phases(len(spans), spec)
     lora = [[sum(ttt_batch_flops(cfg, spec, targets[docs]) for docs in schedule[r][k][0]) for r in range(world_size)]
             for k in range(len(phases))]
-    sgd = [spec.global_epochs * sum(ttt_step_flops(cfg, spec, spans[hi - 1, 1] // spec.seq_len, spec.seq_len, spec.seq_len,
+    sgd = [spec.global_epochs * sum(ttt_step_flops(cfg, 0, spans[hi - 1, 1] // spec.seq_len, spec.seq_len, spec.seq_len,
                                                    "model")) if sgd_after else 0.0 for lo, hi, sgd_after in phases]
     return lora, sgd
 
@@ -2869,15 +2873,14 @@ def predict_ttt_seconds(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec, worl
     return busiest / (tflops * 1e12), sum(map(sum, lora)) + sum(sgd)
 
 
-def predict_window_eval_seconds(cfg: ModelConfig, num_tokens: int, spec: EvalSpec, world_size: int = PREDICTION_WORLD_SIZE,
-                                tflops: float = TTT_H100_TFLOPS) -> float:
+def predict_window_eval_seconds(cfg: ModelConfig, num_tokens: int, spec: EvalSpec,
+                                world_size: int = PREDICTION_WORLD_SIZE, tflops: float = TTT_H100_TFLOPS) -> float:
     """Predicted seconds of one window evaluation (score_windows) on world_size H100s: its forward FLOPs (the
     head on every column, as model.logits runs it) on the busiest rank, at TTT's calibrated throughput. A
     forward-only pass at large batch runs faster than TTT's mixed loop, so this errs long."""
     windows = 1 + max(0, -(-(num_tokens - 1 - spec.seq_len) // spec.stride))
     rows = -(-windows // world_size)
-    no_lora = TTTSpec(*[0] * len(TTTSpec._fields))
-    return sum(ttt_step_flops(cfg, no_lora, rows, spec.seq_len, spec.seq_len, "none")) / (tflops * 1e12)
+    return sum(ttt_step_flops(cfg, 0, rows, spec.seq_len, spec.seq_len, "none")) / (tflops * 1e12)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -279,7 +279,8 @@ import torch.distributed as dist
 import test_ttt as t
 import train_gpt as tg
 dist.init_process_group("gloo")
-sums = tg.ttt_score(t.model(), tg.logit_sums(t._unit_bytes()), t.stream(), t.spec(), dist.get_rank(), dist.get_world_size())
+rank, world_size = dist.get_rank(), dist.get_world_size()
+sums = tg.ttt_score(t.model(), tg.logit_sums(t._unit_bytes()), t.stream(), t.spec(), rank, world_size)
 if dist.get_rank() == 0:
     open({out!r}, "w").write(repr(sums.tolist()))
 dist.barrier()
@@ -385,7 +386,7 @@ def _attention_flops(cfg, s, targets) -> float:
     for step in range(int(chunks.max())):
         live = int((chunks > step).sum())
         rows = live if 2 * live <= rows else rows
-        total += tg.ttt_step_flops(cfg, s, rows, tg.window_width(step, s), s.chunk,
+        total += tg.ttt_step_flops(cfg, s.lora_rank, rows, tg.window_width(step, s), s.chunk,
                                    "lora" if (chunks > step + 1).any() else "none")[1]
     return total
 
@@ -420,7 +421,8 @@ def test_budget_line_says_when_the_evaluation_would_not_fit(monkeypatch):
                            rope_dims=4, bos_id=BOS, bigram_buckets=32, bigram_dim=8)
     cfg, val = tg.ModelConfig.from_hparams(h), stream().numpy()
     ttt = tg.predict_ttt_seconds(cfg, tg.document_spans(val, BOS), tg.TTTSpec.from_hparams(h))[0]
-    windows = sum(tg.predict_window_eval_seconds(cfg, len(val), s) for s in (tg.EvalSpec.plain(h), tg.EvalSpec.sliding(h)))
+    windows = sum(tg.predict_window_eval_seconds(cfg, len(val), s)
+                  for s in (tg.EvalSpec.plain(h), tg.EvalSpec.sliding(h)))
     lines = []
     tg.log_ttt_budget(cfg, val, h, lines.append)
     monkeypatch.setattr(tg, "EVAL_CAP_SECONDS", ttt + windows / 2)  # TTT fits, TTT after the window passes does not

@@ -198,18 +198,33 @@ class Hyperparameters(ModelConfig):
     # Data order.
     train_loader: str = _hp("coprime", choices=("coprime", "sequential"))  # seeded blocks, or file order
     # Quantization and compression.
-    quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 8))  # block matrices: int6 per row
-    quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
+    quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 7, 8))  # block matrices: int6 per row
+    quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 7, 8, 16))  # tied embedding; 16 = fp16
     quant_min_numel: int = _hp(65_536, lo=0, hi=2**31 - 1)  # smaller tensors stay fp16
-    quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 8 or 16); later ones win
+    quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 7, 8 or 16); later ones win
     quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
-    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli"))  # auto: smallest of all
+    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli", "pergroup"))  # auto: smallest
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
+    pergroup_sort: str = _hp("tok_emb.weight,attn.c_q.weight,mlp.fc.weight")  # roles whose rows are sorted
     gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)
     gptq_calib_seqs: int = _hp(512, lo=1, hi=10**6)  # training sequences of TRAIN_SEQ_LEN, all ranks
     gptq_damp: float = _hp(0.01, lo=1e-6, hi=10.0)  # added to diag(H), as a fraction of its mean
     gptq_block: int = _hp(128, lo=1, hi=65536)  # columns per lazy-update block
+    # Row clips: percentile search (measured best) or SDClip (docs/quantization.md, "The frontier").
+    clip_method: str = _hp("percentile", choices=("percentile", "sdclip", "sdclip_hessian"))  # per-row clip rule
+    sdclip_k_mlp: float = _hp(11.5, lo=0.1, hi=1000.0)  # SDClip clip = k * std(row): blocks.*.mlp.* matrices
+    sdclip_k_attn: float = _hp(13.0, lo=0.1, hi=1000.0)  # ... blocks.*.attn.* matrices
+    sdclip_k_embed: float = _hp(14.0, lo=0.1, hi=1000.0)  # ... the tied embedding
+    sdclip_k_other: float = _hp(12.85, lo=0.1, hi=1000.0)  # ... any other quantized matrix (bigram table, ...)
+    sdclip_hessian_lambda: float = _hp(0.175, lo=0.0, hi=1.0)  # sdclip_hessian: row clip x (1 + lambda (r_i - 1))
+    # LQER: a low-rank correction A B of the quantization error of a few tensors.
+    lqer_top: int = _hp(3, lo=0, hi=10_000)  # how many tensors get one (3: measured, docs/quantization.md); 0: off
+    lqer_rank: int = _hp(4, lo=1, hi=1024)  # rank of A [rows, rank] B [rank, cols]
+    lqer_a_bits: int = _hp(2, lo=2, hi=8)  # A's levels [-2^(b-1), 2^(b-1) - 1], one scale per tensor
+    lqer_b_bits: int = _hp(4, lo=2, hi=8)  # B's levels, one scale per LQER_GROUP values
+    lqer_group: int = _hp(64, lo=1, hi=2**20)  # values of B per scale
+    lqer_select: str = _hp("error", choices=("error", "hessian"))  # largest ||W - W_q||_F, or most output error removed
     # Evaluation and logging.
     val_batch_size: int = _hp(65_536, lo=1, hi=2**31 - 1)  # tokens per eval forward on each rank
     val_loss_every: int = _hp(1000, lo=0, hi=10**9)  # 0: only at the end
@@ -1435,22 +1450,25 @@ def set_step_hparams(optimizers: list[torch.optim.Optimizer], lr_mult: float, mo
 # ----------------------------------------------------------------------------------------------------
 # Quantization and serialization
 # ----------------------------------------------------------------------------------------------------
-# A plan gives each float tensor its bits: 5, 6 or 8 (symmetric per-row integers with one fp16 scale
-# per row) or 16 (fp16 passthrough). Rows are quantized by round-to-nearest or, given the Hessian
+# A plan gives each float tensor its bits: 5, 6, 7 or 8 (symmetric per-row integers with one fp16
+# scale per row) or 16 (fp16 passthrough). Rows are quantized by round-to-nearest or, given the Hessian
 # H = X^T X of the layer's inputs, by GPTQ; either way each row's clip is the candidate percentile of
-# |w| with the least error. The artifact is a small header, then one compressed payload holding a JSON
-# manifest (every tensor's kind, bits, shape, dtype, storage and byte ranges) and the tensor bytes.
+# |w| with the least error, or SDClip's k * std(row) (CLIP_METHOD). LQER optionally adds a low-rank
+# correction of the largest quantization errors. The artifact is a small header, then one compressed
+# payload holding a JSON manifest (every tensor's kind, bits, shape, dtype, storage and byte ranges)
+# and the tensor bytes.
 
 FP16_BITS = 16  # in a plan: keep the tensor as fp16
-PLAN_BITS = (5, 6, 8, FP16_BITS)
+PLAN_BITS = (5, 6, 7, 8, FP16_BITS)
 EMBEDDING_NAME = "tok_emb.weight"
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # candidate clips, as quantiles of |w| per row
 SCALE_FLOOR = torch.finfo(torch.float16).tiny  # an all-zero row still gets a positive, representable scale
 GPTQ_DAMP_RAISE = 10.0  # on a failed Cholesky factorization the damping is multiplied by this...
 GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
-DEMOTE_TO = {8: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
+DEMOTE_TO = {8: 7, 7: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_FORMAT_VERSION = 3  # 3: the CRC covers the header fields; the manifest records the model config
+ARTIFACT_FORMAT_VERSION = 4  # 3: the CRC covers the header fields, the manifest records the model config;
+# 4: LQER factors, per-group streams
 ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
 CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
@@ -1554,9 +1572,52 @@ def row_quantiles(a: Tensor, quantiles: tuple[float, ...]) -> Tensor:
     return s[:, lo].T * (1 - frac[:, None]) + s[:, hi].T * frac[:, None]
 
 
-def clip_scales(w: Tensor, bits: int) -> Tensor:
-    """[P, rows] candidate scales, one per clip percentile, rounded to fp16 exactly as they are stored."""
-    clips = row_quantiles(w.abs(), CLIP_PERCENTILES)
+@dataclass(frozen=True)
+class ClipConfig:
+    """How each row's clip is chosen: CLIP_METHOD and the SDCLIP_* values."""
+    method: str = "percentile"
+    k_mlp: float = Hyperparameters.sdclip_k_mlp
+    k_attn: float = Hyperparameters.sdclip_k_attn
+    k_embed: float = Hyperparameters.sdclip_k_embed
+    k_other: float = Hyperparameters.sdclip_k_other
+    hessian_lambda: float = Hyperparameters.sdclip_hessian_lambda
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "ClipConfig":
+        return cls(h.clip_method, h.sdclip_k_mlp, h.sdclip_k_attn, h.sdclip_k_embed, h.sdclip_k_other,
+                   h.sdclip_hessian_lambda)
+
+    def row_kwargs(self, name: str) -> dict:
+        """clip_scales' keyword arguments for tensor `name` ({} for the percentile search)."""
+        if self.method == "percentile":
+            return {}
+        k = (self.k_embed if name == EMBEDDING_NAME else self.k_mlp if ".mlp." in name
+             else self.k_attn if ".attn." in name else self.k_other)
+        return {"sd_k": k, "hessian_lambda": self.hessian_lambda if self.method == "sdclip_hessian" else 0.0}
+
+
+def row_importance(w: Tensor, input_power: Tensor) -> Tensor:
+    """r_i = mean_j |w_ij| p_j / mean(p), normalized to mean 1 over the rows (p = diag H, each input's
+    mean square): how much of the layer's output row i carries."""
+    tiny = torch.finfo(torch.float32).tiny
+    r = (w.abs() * (input_power.float() / input_power.float().mean().clamp_min(tiny))).mean(dim=1)
+    return r / r.mean().clamp_min(tiny)
+
+
+def clip_scales(w: Tensor, bits: int, sd_k: float | None = None, input_power: Tensor | None = None,
+                hessian_lambda: float = 0.0) -> Tensor:
+    """[P, rows] candidate scales, rounded to fp16 exactly as they are stored. Percentile search (sd_k
+    None): one candidate per CLIP_PERCENTILES entry, the quantizer keeps the least-error one. SDClip:
+    the single candidate sd_k * std(row) / qmax, a clip set by the row's spread rather than its
+    outliers, so that every row's levels have the same spread and compress alike; Hessian-aware when
+    hessian_lambda > 0 and input_power (diag H) is given: row i's clip is multiplied by
+    1 + hessian_lambda * (r_i - 1), r_i = row_importance (the 2026-04-06 record's 0.175)."""
+    if sd_k is None:
+        clips = row_quantiles(w.abs(), CLIP_PERCENTILES)
+    else:  # population std: defined for a single column too
+        clips = sd_k * w.std(dim=1, correction=0)[None]
+        if hessian_lambda > 0 and input_power is not None:
+            clips = clips * (1 + hessian_lambda * (row_importance(w, input_power) - 1))
     return (clips / qmax(bits)).clamp_min(SCALE_FLOOR).half().float()
 
 
@@ -1572,10 +1633,11 @@ def pick_rows(err: Tensor, q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
     return q[best, rows].to(torch.int8), scales[best, rows].half()
 
 
-def quantize_rows_rtn(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Round-to-nearest per row, clip chosen per row by least squared error. -> (q int8, scale fp16)."""
+def quantize_rows_rtn(w: Tensor, bits: int, **clip) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest per row, clip chosen per row by least squared error among clip_scales'
+    candidates (`clip`: its keyword arguments). -> (q int8, scale fp16)."""
     w = w.float()
-    scales = clip_scales(w, bits)
+    scales = clip_scales(w, bits, **clip)
     q = torch.stack([round_to_grid(w, s, bits) for s in scales])
     err = ((q * scales[:, :, None] - w) ** 2).sum(dim=2)
     return pick_rows(err, q, scales)
@@ -1624,26 +1686,31 @@ def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> 
 
 
 def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int, name: str,
-                       log) -> tuple[Tensor, Tensor]:
+                       log, **clip) -> tuple[Tensor, Tensor]:
     """GPTQ with act-order (columns by decreasing diag H) combined with the clip search: GPTQ runs on
     all candidate scales at once (rows are independent given H, so the candidates are stacked as extra
-    rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T."""
-    return quantize_gptq_batch([w], [h], bits, damp, block, [name], log)[0]
+    rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T. With
+    SDClip (`clip`: clip_scales' keyword arguments) there is one candidate; its Hessian-aware form
+    weighs rows by diag H."""
+    return quantize_gptq_batch([w], [h], bits, damp, block, [name], log, [clip])[0]
 
 
 def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, damp: float, block: int,
-                        names: list[str], log) -> list[tuple[Tensor, Tensor]]:
-    """quantize_rows_gptq of several same-shape matrices, each with its own Hessian and column order,
-    through one batched column loop."""
+                        names: list[str], log, clips: list[dict] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """quantize_rows_gptq of several same-shape matrices, each with its own Hessian, column order and
+    clip rule (`clips`: clip_scales' keyword arguments per matrix, all of one method), through one
+    batched column loop."""
     prepared = []
-    for w, h, name in zip(ws, hs, names):
+    for w, h, name, clip in zip(ws, hs, names, clips or [{}] * len(ws)):
         w, h = w.float().clone(), h.float().clone()
-        dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter, set them to 0
+        power = h.diagonal().clone()
+        dead = power == 0  # inputs that were always zero: their weights cannot matter, set them to 0
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
         order = torch.argsort(h.diagonal(), descending=True)
-        w, h = w[:, order], h[order][:, order]
-        prepared.append((w, h, order, damped_inverse_cholesky(h, damp, name, log), clip_scales(w, bits)))
+        w, h, power = w[:, order], h[order][:, order], power[order]
+        scales = clip_scales(w, bits, clip.get("sd_k"), power, clip.get("hessian_lambda", 0.0))
+        prepared.append((w, h, order, damped_inverse_cholesky(h, damp, name, log), scales))
     P, R = prepared[0][4].shape
     q = gptq_columns(torch.stack([w.repeat(P, 1) for w, *_ in prepared]), torch.stack([u for *_, u, _ in prepared]),
                      torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, block)
@@ -1679,32 +1746,41 @@ def quant_chunks(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[
 
 
 def quantize_chunk(state: dict[str, Tensor], names: list[str], plan: dict[str, int],
-                   hessians: dict[str, Tensor], damp: float, block: int, log) -> dict[str, dict]:
-    """Entries (quantize_state_dict's) of one quant_chunks chunk."""
+                   hessians: dict[str, Tensor], damp: float, block: int, log, clip: ClipConfig = ClipConfig(),
+                   gptq: bool = True) -> dict[str, dict]:
+    """Entries (quantize_state_dict's) of one quant_chunks chunk. Without `gptq`, Hessians serve the
+    Hessian-aware clip only."""
     bits = plan[names[0]]
     ws = [state[n].detach().reshape(state[n].size(0), -1) for n in names]
-    if names[0] in hessians:
+    kws = [clip.row_kwargs(n) for n in names]
+    for n, kw in zip(names, kws):
+        if kw.get("hessian_lambda") and n not in hessians:  # e.g. a lookup table: no inputs to weigh
+            log(f"clip_fallback tensor:{n} method:sdclip reason:no_hessian")
+    if gptq and names[0] in hessians:
         results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, damp, block,
-                                      names, log)
+                                      names, log, kws)
     else:
-        results = [quantize_rows_rtn(w, bits) for w in ws]
+        results = [quantize_rows_rtn(w, bits, input_power=hessians[n].diagonal().to(w.device) if n in hessians
+                                     else None, **kw) for n, w, kw in zip(names, ws, kws)]
     return {n: {"shape": list(state[n].shape), "dtype": str(state[n].dtype).removeprefix("torch."), "kind": "int",
                 "bits": bits, "q": q.cpu(), "scale": scale.cpu()} for n, (q, scale) in zip(names, results)}
 
 
 def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
                         hessians: dict[str, Tensor] | None = None, damp: float = Hyperparameters.gptq_damp,
-                        block: int = Hyperparameters.gptq_block, log=print) -> dict[str, dict]:
+                        block: int = Hyperparameters.gptq_block, log=print, clip: ClipConfig = ClipConfig(),
+                        gptq: bool = True) -> dict[str, dict]:
     """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
-    tensors (GPTQ when `hessians` has the name, batched by shape, else round-to-nearest), {"kind":
-    "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for anything else; every entry keeps
-    "shape", "dtype". plan defaults to build_quant_plan's; names in fp16_names are stored as fp16
-    whatever the plan."""
+    tensors (GPTQ when `gptq` and `hessians` has the name, batched by shape, else round-to-nearest; the
+    row clips by `clip`), {"kind": "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for
+    anything else; every entry keeps "shape", "dtype". plan defaults to build_quant_plan's; names in
+    fp16_names are stored as fp16 whatever the plan. Hessians given with gptq=False serve the
+    Hessian-aware clip only."""
     plan = build_quant_plan(state, fp16_names) if plan is None else plan
     hessians = hessians or {}
     ints = {}
-    for chunk in quant_chunks(state, plan, hessians, fp16_names):
-        ints.update(quantize_chunk(state, chunk, plan, hessians, damp, block, log))
+    for chunk in quant_chunks(state, plan, hessians if gptq else {}, fp16_names):
+        ints.update(quantize_chunk(state, chunk, plan, hessians, damp, block, log, clip, gptq))
     return assemble_entries(state, ints)
 
 
@@ -1722,6 +1798,128 @@ def assemble_entries(state: dict[str, Tensor], ints: dict[str, dict]) -> dict[st
         else:
             entry.update(kind="raw", data=t.cpu())
         out[name] = entry
+    return out
+
+
+# ---- LQER: a low-rank correction of the largest quantization errors -----------------------------
+
+LQER_SCALE_STEPS = 21  # candidate scales per factor group, searched for the least squared error
+
+
+@dataclass(frozen=True)
+class LQERConfig:
+    top: int = Hyperparameters.lqer_top  # 0: off
+    rank: int = Hyperparameters.lqer_rank
+    a_bits: int = Hyperparameters.lqer_a_bits
+    b_bits: int = Hyperparameters.lqer_b_bits
+    group: int = Hyperparameters.lqer_group
+    select: str = Hyperparameters.lqer_select
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "LQERConfig":
+        return cls(h.lqer_top, h.lqer_rank, h.lqer_a_bits, h.lqer_b_bits, h.lqer_group, h.lqer_select)
+
+
+def signed_levels(bits: int) -> tuple[int, int]:
+    """Two's-complement range of a factor: [-2^(b-1), 2^(b-1) - 1] (2 bits: -2..1; 4 bits: -8..7)."""
+    return -2 ** (bits - 1), 2 ** (bits - 1) - 1
+
+
+def quantize_factor(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
+    """x, flattened, in groups of `group` values (the last may be shorter), on the signed_levels grid
+    with one fp16 scale per group; each group's scale is the best of LQER_SCALE_STEPS candidates
+    max|x| / c by squared error (an asymmetric 2-bit range has no obvious clip). -> (levels int8
+    shaped like x, scales fp16 [groups])."""
+    lo, hi = signed_levels(bits)
+    flat = x.detach().double().reshape(-1)
+    groups = -(-flat.numel() // group)
+    g = F.pad(flat, (0, groups * group - flat.numel())).view(groups, group)
+    divisors = torch.linspace(0.25, 1.25, LQER_SCALE_STEPS, dtype=torch.float64) * -lo
+    scales = (g.abs().amax(dim=1)[None] / divisors[:, None]).clamp_min(SCALE_FLOOR).half().double()  # [C, G]
+    q = torch.clamp(torch.round(g[None] / scales[:, :, None]), lo, hi)
+    best = ((q * scales[:, :, None] - g[None]) ** 2).sum(dim=2).argmin(dim=0)
+    idx = torch.arange(groups)
+    levels = q[best, idx].reshape(-1)[:flat.numel()].to(torch.int8).reshape(x.shape)
+    return levels, scales[best, idx].half()
+
+
+def dequantize_factor(q: Tensor, scale: Tensor, group: int) -> Tensor:
+    flat = q.reshape(-1).double()
+    groups = scale.numel()
+    g = F.pad(flat, (0, groups * group - flat.numel())).view(groups, group) * scale.double()[:, None]
+    return g.reshape(-1)[:flat.numel()].reshape(q.shape)
+
+
+def lqer_factors(err: Tensor, cfg: LQERConfig) -> dict:
+    """Quantized rank-r factors of err ~ A B from its SVD U S V^T: A = U_r S_r on LQER_A_BITS levels
+    with one scale for the tensor, B = V_r^T on LQER_B_BITS levels with a scale per LQER_GROUP values.
+    (Fitting A to the rounded B by least squares was measured: 0.1% less error, not worth it.)"""
+    u, sv, vh = torch.linalg.svd(err.detach().cpu().double(), full_matrices=False)
+    r = min(cfg.rank, sv.numel())
+    a, a_scale = quantize_factor(u[:, :r] * sv[:r], cfg.a_bits, u.size(0) * r)
+    b, b_scale = quantize_factor(vh[:r], cfg.b_bits, cfg.group)
+    return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "group": cfg.group,
+            "a_bits": cfg.a_bits, "b_bits": cfg.b_bits}
+
+
+def lqer_product(f: dict) -> Tensor:
+    """A B of stored factors, [rows, cols] float64."""
+    a = dequantize_factor(f["a"], f["a_scale"], f["a"].numel())
+    return a @ dequantize_factor(f["b"], f["b_scale"], f["group"])
+
+
+def int_weights(entry: dict) -> Tensor:
+    """[rows, cols] float32 weights of an "int" entry: levels times row scales, plus LQER's A B."""
+    w = entry["q"].float() * entry["scale"].float()[:, None]
+    if "lqer" in entry:
+        w = w + lqer_product(entry["lqer"]).float()
+    return w
+
+
+def output_error(err: Tensor, h: Tensor) -> float:
+    """tr(E H E^T): the squared error E adds to the layer's outputs per token (H = X^T X / tokens)."""
+    return float(((err @ h) * err).sum())
+
+
+def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig, log=print,
+             hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
+    """packed with LQER factors on cfg.top quantized tensors (a new dict; entries it does not touch are
+    shared). LQER_SELECT=error takes those of largest ||E||_F, E = W - W_q (the record's rule);
+    hessian computes the factors of every tensor with a Hessian and takes those that remove the most
+    output error tr(E H E^T) - tr(R H R^T), R = E - A B: the largest ||E||_F is often a lookup table's
+    error with no low-rank structure. A correction that would not lower ||E||_F is dropped."""
+    if cfg.top == 0:
+        return packed
+    errors = {name: state[name].detach().double().cpu().reshape(e["q"].shape) - int_weights(e).double()
+              for name, e in packed.items() if e["kind"] == "int"}
+    norms = {name: float(err.norm()) for name, err in errors.items()}
+    weighed = {name: hessians[name].detach().double().cpu() for name in errors
+               if cfg.select == "hessian" and name in (hessians or {})}
+    if weighed:
+        factors = {name: lqer_factors(errors[name], cfg) for name in weighed}
+        gain = {name: output_error(errors[name], h) - output_error(errors[name] - lqer_product(factors[name]), h)
+                for name, h in weighed.items()}
+        chosen = sorted(gain, key=gain.get, reverse=True)[:cfg.top]
+    else:
+        if cfg.select == "hessian":
+            log("lqer_fallback select:error reason:no_hessians")
+        chosen = sorted(norms, key=norms.get, reverse=True)[:cfg.top]
+        factors = {name: lqer_factors(errors[name], cfg) for name in chosen}
+    out, total_raw, total_entropy = dict(packed), 0, 0.0
+    for name in chosen:
+        f = factors[name]
+        after = float((errors[name] - lqer_product(f)).norm())
+        raw = f["a"].numel() + f["b"].numel() + 2 * (f["a_scale"].numel() + f["b_scale"].numel())
+        entropy = entropy_bytes(f["a"]) + entropy_bytes(f["b"]) + 2 * (f["a_scale"].numel() + f["b_scale"].numel())
+        if after >= norms[name]:
+            log(f"lqer tensor:{name} skipped reason:no_gain err_frob:{norms[name]:.6g}->{after:.6g}")
+            continue
+        out[name] = {**packed[name], "lqer": f}
+        total_raw, total_entropy = total_raw + raw, total_entropy + entropy
+        log(f"lqer tensor:{name} rank:{f['a'].size(1)} err_frob:{norms[name]:.6g}->{after:.6g} "
+            f"bytes_raw:{raw} bytes_entropy:{entropy:.0f}")
+    log(f"lqer tensors:{sum('lqer' in e for e in out.values())} rank:{cfg.rank} a_bits:{cfg.a_bits} "
+        f"b_bits:{cfg.b_bits} group:{cfg.group} bytes_raw:{total_raw} bytes_entropy:{total_entropy:.0f}")
     return out
 
 
@@ -1743,13 +1941,13 @@ def quantize_distributed(state: dict[str, Tensor], plan: dict[str, int], hessian
     """quantize_state_dict with its chunks spread over the ranks and gathered on rank 0, which gets the
     entries (the same bytes as one process: chunks are fixed, whoever computes them); other ranks get
     None. Also returns every rank's seconds of quantization (rank order)."""
-    chunks = quant_chunks(state, plan, hessians)
+    chunks = quant_chunks(state, plan, hessians if h.gptq else {})
     owners = assign_chunks(chunks, state, rt.world_size)
     t0 = time.perf_counter()
-    ints = {}
+    ints, clip = {}, ClipConfig.from_hparams(h)
     for chunk, owner in zip(chunks, owners):
         if owner == rt.rank:
-            ints.update(quantize_chunk(state, chunk, plan, hessians, h.gptq_damp, h.gptq_block, log))
+            ints.update(quantize_chunk(state, chunk, plan, hessians, h.gptq_damp, h.gptq_block, log, clip, h.gptq))
     rt.sync()
     mine = (ints, time.perf_counter() - t0)
     if rt.world_size == 1:
@@ -1766,7 +1964,7 @@ def dequantize_state_dict(packed: dict[str, dict]) -> dict[str, Tensor]:
     for name, entry in packed.items():
         dtype = getattr(torch, entry["dtype"])
         if entry["kind"] == "int":
-            w = entry["q"].float() * entry["scale"].float()[:, None]
+            w = int_weights(entry)
         else:
             w = entry["data"]
         out[name] = w.reshape(entry["shape"]).to(dtype)
@@ -1859,9 +2057,10 @@ def entropy_bytes(q: Tensor) -> float:
 
 
 @torch.no_grad()
-def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
+def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], clip: ClipConfig = ClipConfig()) -> int:
     """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
-    of its round-to-nearest levels plus fp16 row scales, 2 bytes per fp16 value, raw bytes otherwise."""
+    of its round-to-nearest levels (row clips by `clip`; no Hessian-aware term) plus fp16 row scales,
+    2 bytes per fp16 value, raw bytes otherwise."""
     total = 0.0
     for name, t in state.items():
         bits = plan.get(name, FP16_BITS)
@@ -1870,7 +2069,7 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
         elif bits == FP16_BITS:
             total += 2 * t.numel()
         else:
-            q, scale = quantize_rows_rtn(t.detach().reshape(t.size(0), -1), bits)
+            q, scale = quantize_rows_rtn(t.detach().reshape(t.size(0), -1), bits, **clip.row_kwargs(name))
             total += entropy_bytes(q) + 2 * scale.numel()
     return int(total)
 
@@ -1878,7 +2077,7 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
 def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: CodeForm, h: Hyperparameters,
                           log) -> int:
     """bytes_total estimated at start-up (initial weights), with a warning when over the target."""
-    total = code.bytes_code + estimate_model_bytes(state, plan)
+    total = code.bytes_code + estimate_model_bytes(state, plan, ClipConfig.from_hparams(h))
     log(f"artifact_estimate bytes_total:{total} bytes_code:{code.bytes_code} cap:{ARTIFACT_CAP_BYTES} "
         f"target:{h.quant_target_bytes} basis:initial_weights")
     if h.quant_target_bytes == 0 and total >= ARTIFACT_CAP_BYTES:
@@ -1889,21 +2088,23 @@ def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: 
     return total
 
 
-def demotion(w: Tensor, bits: int, input_power: Tensor) -> tuple[float, float]:
+def demotion(w: Tensor, bits: int, input_power: Tensor, **clip) -> tuple[float, float]:
     """(added output noise, estimated bytes saved) when w goes from `bits` to DEMOTE_TO[bits].
 
-    Noise is the round-to-nearest error weighted by each input's mean square (diag H), i.e. the
-    expected squared error it adds to the layer's output per token."""
+    Noise is the round-to-nearest error (row clips by `clip`, clip_scales' keyword arguments) weighted
+    by each input's mean square (diag H), i.e. the expected squared error it adds to the layer's
+    output per token."""
     w = w.float().reshape(w.size(0), -1)
     noise, size = [], []
     for b in (bits, DEMOTE_TO[bits]):
-        q, s = quantize_rows_rtn(w, b)
+        q, s = quantize_rows_rtn(w, b, input_power=input_power, **clip)
         noise.append(float((((q.float() * s.float()[:, None] - w) ** 2) * input_power).sum()))
         size.append(entropy_bytes(q))
     return noise[1] - noise[0], size[0] - size[1]
 
 
-def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log) -> list:
+def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log,
+                   clip: ClipConfig = ClipConfig()) -> list:
     """[(noise per byte saved, name, new bits, bytes saved)] for every tensor that can still be demoted,
     least harmful first. Without a Hessian (GPTQ=0, or a lookup table such as the bigram table) the
     inputs count as unit power (the tied head's inputs are RMS-normalized, so on average that is their
@@ -1917,20 +2118,21 @@ def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dic
         else:
             log(f"quant_fit sensitivity:{name} input_power:unit reason:no_hessian")
             power = torch.ones(state[name][0].numel())
-        noise, saved = demotion(state[name].detach().cpu(), bits, power)
+        noise, saved = demotion(state[name].detach().cpu(), bits, power, **clip.row_kwargs(name))
         ranked.append((noise / max(saved, 1.0), name, DEMOTE_TO[bits], saved))
     return sorted(ranked)
 
 
 def fit_byte_target(state, plan: dict[str, int], packed: dict, blob: bytes, budget: int, quantize: Callable,
-                    encode: Callable, hessians: dict[str, Tensor], log) -> tuple[dict[str, int], bytes]:
-    """Demote the least sensitive tensors (8 -> 6 -> 5 bits) until the artifact fits in `budget` bytes.
+                    encode: Callable, hessians: dict[str, Tensor], log,
+                    clip: ClipConfig = ClipConfig()) -> tuple[dict[str, int], bytes]:
+    """Demote the least sensitive tensors (8 -> 7 -> 6 -> 5 bits) until the artifact fits in `budget` bytes.
 
     Each round picks, by rank_demotions, enough demotions for the estimated savings to cover the
     excess, re-quantizes only those tensors and compresses again; the estimate is checked, not trusted."""
     plan, packed = dict(plan), dict(packed)
     while len(blob) > budget:
-        excess, ranked = len(blob) - budget, rank_demotions(state, plan, hessians, log)
+        excess, ranked = len(blob) - budget, rank_demotions(state, plan, hessians, log, clip)
         if not ranked:
             raise RuntimeError(f"QUANT_TARGET_BYTES: the artifact needs {budget} bytes or fewer but is "
                                f"{len(blob)} with every quantized tensor at int5")
@@ -2006,6 +2208,13 @@ def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
             q = e["q"].numpy()
             parts["q"].append((item, "q", pack6(q).tobytes() if packed6 else q.tobytes()))
             parts["scale"].append((item, "scale", tensor_bytes(e["scale"])))
+            if "lqer" in e:  # factor levels with the levels, factor scales with the scales
+                f = e["lqer"]
+                item["lqer"] = {"rank": f["a"].size(1), "a_bits": f["a_bits"], "b_bits": f["b_bits"],
+                                "group": f["group"]}
+                parts["q"] += [(item, "lqer_a", tensor_bytes(f["a"])), (item, "lqer_b", tensor_bytes(f["b"]))]
+                parts["scale"] += [(item, "lqer_a_scale", tensor_bytes(f["a_scale"])),
+                                   (item, "lqer_b_scale", tensor_bytes(f["b_scale"]))]
         else:
             parts["data"].append((item, "data", tensor_bytes(e["data"])))
         manifest.append(item)
@@ -2036,6 +2245,14 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
             q = unpack6(raw, rows * cols) if item["storage"] == "packed6" else raw.view(np.int8)
             e.update(bits=item["bits"], q=torch.from_numpy(q.copy()).view(rows, cols),
                      scale=tensor_from_bytes(part(item, "scale"), torch.float16, [rows]))
+            if "lqer" in item:
+                lq, r = item["lqer"], item["lqer"]["rank"]
+                e["lqer"] = {"a": tensor_from_bytes(part(item, "lqer_a"), torch.int8, [rows, r]),
+                             "a_scale": tensor_from_bytes(part(item, "lqer_a_scale"), torch.float16, [1]),
+                             "b": tensor_from_bytes(part(item, "lqer_b"), torch.int8, [r, cols]),
+                             "b_scale": tensor_from_bytes(part(item, "lqer_b_scale"), torch.float16,
+                                                          [-(-r * cols // lq["group"])]),
+                             "group": lq["group"], "a_bits": lq["a_bits"], "b_bits": lq["b_bits"]}
         else:
             dtype = torch.float16 if item["kind"] == "fp16" else getattr(torch, item["dtype"])
             e["data"] = tensor_from_bytes(part(item, "data"), dtype, item["shape"])
@@ -2043,33 +2260,257 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
     return packed
 
 
-def compress(raw: bytes, compressor: str, log=None) -> tuple[int, bytes]:
-    """(codec id, compressed bytes); "auto" runs every codec (in threads: they release the GIL) and
-    keeps the smallest, logging each size."""
-    names = list(CODEC_IDS) if compressor == "auto" else [compressor]
+def compress_all(raw: bytes, names: list[str]) -> dict[str, bytes]:
+    """raw compressed by each named codec, in threads (the codecs release the GIL)."""
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
-        blobs = dict(zip(names, pool.map(lambda n: CODECS[CODEC_IDS[n]][1](raw), names)))
-    best = min(blobs, key=lambda n: len(blobs[n]))
-    if log is not None:
-        log(f"compression raw_bytes:{len(raw)} " + " ".join(f"{n}:{len(b)}" for n, b in blobs.items())
-            + f" chosen:{best}")
-    return CODEC_IDS[best], blobs[best]
+        return dict(zip(names, pool.map(lambda n: CODECS[CODEC_IDS[n]][1](raw), names)))
+
+
+def decompress_stream(codec_id: int, body: bytes, source: str, what: str) -> bytes:
+    if codec_id not in CODECS:
+        raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id} ({what})")
+    name, _, decompress = CODECS[codec_id]
+    try:
+        return decompress(body)
+    except Exception as e:  # each codec raises its own types for a damaged stream
+        raise DataError(f"{source}: corrupt or truncated artifact ({name} {what}): {e}") from e
+
+
+# Per-group compression (COMPRESSOR=pergroup, or chosen by auto): the integer levels of the tensors
+# that play one role in every block (all attn.c_q.weight, all mlp.fc.weight, ...) form one group,
+# stored in whichever layout and codec make it smallest: rows as stored, every tensor transposed
+# (column by column), or, for the roles in PERGROUP_SORT, rows reordered by a greedy nearest-neighbour
+# tour (similar rows side by side) and transposed, with the permutations (uint16) in a stream of their
+# own. Everything else (manifest, scales, fp16 tensors, LQER factors) is one more stream.
+PERGROUP_ID = 0  # header codec id of a per-group artifact: a table of streams, each with its own codec
+PERGROUP_MAX_SORT_ROWS = 1 << 16  # permutations are stored as uint16
+_STREAM_COUNT = struct.Struct("<H")
+_STREAM_ENTRY = struct.Struct("<BI")  # codec id, compressed length
+
+
+def tensor_role(name: str) -> str:
+    """What a tensor does, the same in every block: blocks.3.attn.c_q.weight -> attn.c_q.weight; names
+    outside the blocks are their own role."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else name
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    return frozenset(r.strip() for r in text.split(",") if r.strip())
+
+
+def nearest_neighbour_order(levels: np.ndarray) -> np.ndarray:
+    """A greedy L1 tour through the rows of levels [rows, cols]: from row 0, always on to the closest
+    row not yet visited (ties: the lowest index). -> uint16 permutation."""
+    m = torch.from_numpy(levels.astype(np.int16))
+    visited = torch.zeros(m.size(0), dtype=torch.bool)
+    visited[0] = True
+    order = [0]
+    for _ in range(m.size(0) - 1):
+        dist = (m - m[order[-1]]).abs().sum(dim=1, dtype=torch.int32).masked_fill_(visited, 2**31 - 1)
+        order.append(int(dist.argmin()))
+        visited[order[-1]] = True
+    return np.array(order, dtype=np.uint16)
+
+
+def group_layouts(levels: list[np.ndarray], sortable: bool) -> dict[str, list[bytes]]:
+    """layout -> the streams that store these level matrices one after another: "rows" as they are,
+    "cols" each one transposed, and if sortable "sorted": rows in nearest_neighbour_order, transposed,
+    then a second stream with the permutations."""
+    layouts = {"rows": [b"".join(m.tobytes() for m in levels)],
+               "cols": [b"".join(np.ascontiguousarray(m.T).tobytes() for m in levels)]}
+    if sortable:
+        orders = [nearest_neighbour_order(m) for m in levels]
+        layouts["sorted"] = [b"".join(np.ascontiguousarray(m[o].T).tobytes() for m, o in zip(levels, orders)),
+                             b"".join(o.astype("<u2").tobytes() for o in orders)]
+    return layouts
+
+
+def ungroup_levels(layout: str, streams: list[bytes], items: list[dict]) -> list[bytes]:
+    """Inverse of group_layouts: each item's level bytes as the payload stores them. Raises
+    ValueError when the streams do not hold exactly these items."""
+    out, pos, ppos = [], 0, 0
+    for it in items:
+        start, size = it["parts"]["q"]
+        chunk = streams[0][pos:pos + size]
+        pos += size
+        if len(chunk) != size:
+            raise ValueError(f"{it['name']} levels end past their stream")
+        if layout != "rows":
+            rows = it["rows"]
+            m = np.frombuffer(chunk, np.int8).reshape(-1, rows).T
+            if layout == "sorted":
+                order = np.frombuffer(streams[1][ppos:ppos + 2 * rows], "<u2")
+                ppos += 2 * rows
+                if not np.array_equal(np.sort(order), np.arange(rows)):
+                    raise ValueError(f"{it['name']} row permutation")
+                m, unsorted = np.empty_like(m), m
+                m[order] = unsorted
+            chunk = np.ascontiguousarray(m).tobytes()
+        out.append(chunk)
+    if pos != len(streams[0]) or (layout == "sorted" and ppos != len(streams[1])):
+        raise ValueError(f"extra bytes after the levels of {items[-1]['name']}")
+    return out
+
+
+LAYOUT_STREAMS = {"rows": 1, "cols": 1, "sorted": 2}
+
+
+def level_groups(manifest: dict) -> dict[str, list[dict]]:
+    """role -> the manifest items of its integer tensors, in manifest order."""
+    roles: dict[str, list[dict]] = {}
+    for it in manifest["tensors"]:
+        if it["kind"] == "int":
+            roles.setdefault(tensor_role(it["name"]), []).append(it)
+    return roles
+
+
+def outside_levels(data_len: int, items: list[dict]) -> list[tuple[int, int]]:
+    """The (start, end) ranges of the payload data not taken by these items' levels, in order."""
+    taken = sorted(it["parts"]["q"] for it in items)
+    edges = [0] + [x for start, size in taken for x in (start, start + size)] + [data_len]
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None) -> tuple[bytes, list[bytes]]:
+    """(stream table + compressed streams, the uncompressed streams) of the per-group form: stream 0 is
+    the manifest (with each group's role, tensors and layout) and the data outside the grouped levels;
+    then each group's one or two streams. Every stream of every layout is compressed by every codec
+    (one thread pool); each group keeps its smallest layout, each stream its smallest codec."""
+    groups = level_groups(manifest)
+    if log is not None and sort_roles - groups.keys():
+        log(f"compression_pergroup sort_roles_absent:{','.join(sorted(sort_roles - groups.keys()))}")
+    candidates = {}
+    for role, items in groups.items():
+        if all(it["storage"] == "byte" for it in items):
+            levels = [np.frombuffer(data, np.int8, math.prod(it["shape"]), it["parts"]["q"][0]).reshape(it["rows"], -1)
+                      for it in items]
+            sortable = role in sort_roles and all(it["rows"] <= PERGROUP_MAX_SORT_ROWS for it in items)
+            candidates[role] = group_layouts(levels, sortable)
+        else:  # bit-packed levels: kept as they are
+            candidates[role] = {"rows": [b"".join(data[a:a + n] for a, n in (it["parts"]["q"] for it in items))]}
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        jobs = {(role, layout, i, codec): pool.submit(CODECS[CODEC_IDS[codec]][1], raw)
+                for role, layouts in candidates.items() for layout, raws in layouts.items()
+                for i, raw in enumerate(raws) for codec in CODEC_IDS}
+        best = {}  # (role, layout, i) -> (codec, body)
+        for (role, layout, i, codec), job in jobs.items():
+            body = job.result()
+            if (role, layout, i) not in best or len(body) < len(best[role, layout, i][1]):
+                best[role, layout, i] = (codec, body)
+    meta, streams = [], []
+    for role, layouts in candidates.items():
+        sizes = {layout: sum(len(best[role, layout, i][1]) for i in range(len(raws)))
+                 for layout, raws in layouts.items()}
+        layout = min(sizes, key=sizes.get)
+        meta.append({"role": role, "tensors": [it["name"] for it in groups[role]], "layout": layout})
+        streams += [(*best[role, layout, i], raw) for i, raw in enumerate(layouts[layout])]
+        if log is not None:
+            log(f"compression_group role:{role} tensors:{len(groups[role])} layout:{layout} "
+                + " ".join(f"{k}:{v}" for k, v in sizes.items()))
+    items = [it for its in groups.values() for it in its]
+    rest = b"".join(data[a:b] for a, b in outside_levels(len(data), items))
+    head = manifest_bytes(dict(manifest, groups=meta, data_bytes=len(data))) + rest
+    codec, body = min(compress_all(head, list(CODEC_IDS)).items(), key=lambda kv: len(kv[1]))
+    streams.insert(0, (codec, body, head))
+    table = _STREAM_COUNT.pack(len(streams)) + b"".join(_STREAM_ENTRY.pack(CODEC_IDS[c], len(b)) for c, b, _ in streams)
+    return table + b"".join(b for _, b, _ in streams), [raw for *_, raw in streams]
+
+
+def join_groups(manifest: dict, rest: bytes, streams: list[bytes], source: str) -> bytes:
+    """The payload data from the per-group form (rest: stream 0 after the manifest)."""
+    items = {it["name"]: it for it in manifest["tensors"]}
+    data = bytearray(manifest["data_bytes"])
+    pos, grouped = 0, []
+    try:
+        for group in manifest["groups"]:
+            members = [items[name] for name in group["tensors"]]
+            n = LAYOUT_STREAMS[group["layout"]]
+            if pos + n > len(streams):
+                raise ValueError(f"group {group['role']} has no stream")
+            for it, chunk in zip(members, ungroup_levels(group["layout"], streams[pos:pos + n], members)):
+                start, size = it["parts"]["q"]
+                data[start:start + size] = chunk
+            pos, grouped = pos + n, grouped + members
+        if pos != len(streams):
+            raise ValueError(f"{len(streams) - pos} streams left over")
+        offset = 0
+        for a, b in outside_levels(len(data), grouped):
+            data[a:b] = rest[offset:offset + b - a]
+            offset += b - a
+        if offset != len(rest) or len(data) != manifest["data_bytes"]:
+            raise ValueError("the streams do not add up to the payload")
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{source}: corrupt or truncated artifact: {e}") from e
+    return bytes(data)
+
+
+def unpack_streams(body: bytes, source: str) -> list[bytes]:
+    if len(body) < _STREAM_COUNT.size:
+        raise DataError(f"{source}: corrupt or truncated artifact: no stream table")
+    (count,) = _STREAM_COUNT.unpack_from(body)
+    pos = _STREAM_COUNT.size + count * _STREAM_ENTRY.size
+    if pos > len(body) or count == 0:
+        raise DataError(f"{source}: corrupt or truncated artifact: stream table of {count} streams")
+    streams = []
+    for i in range(count):
+        codec_id, size = _STREAM_ENTRY.unpack_from(body, _STREAM_COUNT.size + i * _STREAM_ENTRY.size)
+        if pos + size > len(body):
+            raise DataError(f"{source}: corrupt or truncated artifact: stream {i} ends past the data")
+        streams.append(decompress_stream(codec_id, body[pos:pos + size], source, f"stream {i}"))
+        pos += size
+    return streams
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    text = json.dumps(manifest).encode()
+    return _MANIFEST_LEN.pack(len(text)) + text
+
+
+def read_manifest(payload: bytes, source: str) -> tuple[dict, bytes]:
+    """(manifest, the bytes after it) from a payload that starts with manifest_bytes."""
+    try:
+        (size,) = _MANIFEST_LEN.unpack_from(payload)
+        return json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size]), payload[_MANIFEST_LEN.size + size:]
+    except (struct.error, ValueError) as e:
+        raise DataError(f"{source}: corrupt or truncated artifact: unreadable manifest ({e})") from e
 
 
 def serialize_artifact(packed: dict[str, dict], config: ModelConfig | None = None,
                        compressor: str = Hyperparameters.compressor, shuffle: bool = Hyperparameters.byte_shuffle,
-                       storage: str = Hyperparameters.quant_storage, log=None) -> bytes:
-    """The artifact: header, then the compressed manifest (with the model config, when given) and tensors."""
+                       storage: str = Hyperparameters.quant_storage, log=None,
+                       sort_roles: frozenset[str] | str = Hyperparameters.pergroup_sort) -> bytes:
+    """The artifact: header, then the compressed manifest (with the model config, when given) and tensors.
+    COMPRESSOR zstd, lzma or brotli: one stream; pergroup: the per-group streams; auto: every one of
+    them, the smallest kept and every size logged. The CRC-32 covers the header fields and every
+    uncompressed stream."""
     manifest, data = encode_payload(packed, storage)
     if config is not None:
         manifest["model"] = dataclasses.asdict(config)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
-    manifest = json.dumps(manifest).encode()
-    payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + data
-    codec_id, body = compress(payload, compressor, log)
+    options = {}  # name -> (codec id, body, the uncompressed streams)
+    if compressor != "pergroup":
+        payload = manifest_bytes(manifest) + data
+        names = list(CODEC_IDS) if compressor == "auto" else [compressor]
+        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, names).items()})
+    if compressor in ("pergroup", "auto"):
+        roles = parse_roles(sort_roles) if isinstance(sort_roles, str) else sort_roles
+        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log))
+    best = min(options, key=lambda n: len(options[n][1]))
+    if log is not None:
+        log(f"compression raw_bytes:{len(data)} " + " ".join(f"{n}:{len(b)}" for n, (_, b, _) in options.items())
+            + f" chosen:{best}")
+    codec_id, body, streams = options[best]
     fields = _ARTIFACT_FIELDS.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle))
-    return _ARTIFACT_HEADER.pack(*_ARTIFACT_FIELDS.unpack(fields), zlib.crc32(payload, zlib.crc32(fields))) + body
+    return _ARTIFACT_HEADER.pack(*_ARTIFACT_FIELDS.unpack(fields), artifact_crc(fields, streams)) + body
+
+
+def artifact_crc(fields: bytes, streams: list[bytes]) -> int:
+    crc = zlib.crc32(fields)
+    for s in streams:
+        crc = zlib.crc32(s, crc)
+    return crc
 
 
 def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | None, dict[str, dict]]:
@@ -2082,19 +2523,17 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | N
     if version != ARTIFACT_FORMAT_VERSION:
         raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads format "
                          f"{ARTIFACT_FORMAT_VERSION}")
-    if codec_id not in CODECS or shuffle not in (0, 1):
+    if (codec_id not in CODECS and codec_id != PERGROUP_ID) or shuffle not in (0, 1):
         raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
-    name, _, decompress = CODECS[codec_id]
-    try:
-        payload = decompress(blob[_ARTIFACT_HEADER.size:])
-    except Exception as e:  # each codec raises its own types for a damaged stream
-        raise DataError(f"{source}: corrupt or truncated artifact ({name} payload): {e}") from e
-    if zlib.crc32(payload, zlib.crc32(blob[:_ARTIFACT_FIELDS.size])) != crc:
-        raise DataError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch (header fields and {name} "
-                         f"payload)")
-    (size,) = _MANIFEST_LEN.unpack_from(payload)
-    manifest = json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size])
-    data = payload[_MANIFEST_LEN.size + size:]
+    body = blob[_ARTIFACT_HEADER.size:]
+    streams = (unpack_streams(body, source) if codec_id == PERGROUP_ID
+               else [decompress_stream(codec_id, body, source, "payload")])
+    if artifact_crc(blob[:_ARTIFACT_FIELDS.size], streams) != crc:
+        raise DataError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch (header fields and "
+                        f"{'per-group streams' if codec_id == PERGROUP_ID else CODECS[codec_id][0] + ' payload'})")
+    manifest, data = read_manifest(streams[0], source)
+    if codec_id == PERGROUP_ID:
+        data = join_groups(manifest, data, streams[1:], source)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_unshuffle(data[manifest["levels_bytes"]:])
     return manifest.get("model"), decode_payload(manifest, data, source)
@@ -2152,11 +2591,16 @@ def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None
 # ---- export: what runs after training -----------------------------------------------------------
 
 
+def calibrates(h: Hyperparameters) -> bool:
+    """Whether the run computes Hessians after training: for GPTQ, or for the Hessian-aware SDClip."""
+    return h.gptq or h.clip_method == "sdclip_hessian"
+
+
 def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
     """GPTQ Hessians of every quantized weight with a site (the linear layers and the tied embedding)
-    from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0.
-    Forward batches have the evaluation's size."""
-    if not h.gptq:
+    from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0
+    (unless CLIP_METHOD=sdclip_hessian needs their diagonals). Forward batches have the evaluation's size."""
+    if not calibrates(h):
         return {}
     targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
     if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
@@ -2234,11 +2678,11 @@ def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
 
 def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
                          log) -> Hyperparameters:
-    """GPTQ_RESERVE_MEASURE=1 (with GPTQ and a wallclock cap): run gptq_work once on the initial weights,
+    """GPTQ_RESERVE_MEASURE=1 (with calibration and a wallclock cap): run gptq_work once on the initial weights,
     before the timed run (its result is discarded; only its time matters, which does not depend on the
     weights), and reserve GPTQ_RESERVE_MARGIN x that time + GPTQ_RESERVE_SLACK_SECONDS instead of
     GPTQ_RESERVE_SECONDS. The slowest rank's time counts."""
-    if not (h.gptq and h.gptq_reserve_measure and h.max_wallclock_seconds > 0):
+    if not (calibrates(h) and h.gptq_reserve_measure and h.max_wallclock_seconds > 0):
         return h
     _, hessians, times = gptq_work(base_model, plan, h, rt, log)
     if not hessians:
@@ -2271,25 +2715,31 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
     state = base_model.state_dict()
     if hook is not None:
         hook(ExportInputs(state, dict(plan), hessians))
-    log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
+    clip = ClipConfig.from_hparams(h)
+    log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if hessians else 0} "
         f"hessian_time:{times['hessian']:.0f}ms quantize_time:{times['quantize']:.0f}ms ranks:{rt.world_size} "
-        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f}")
-    if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
+        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f} clip:{clip.method}")
+    if hessians:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
         log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
         log_calibration_legality(times["total"], train_ms, h, log)
     quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
-                                 log=log)
-    encode = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
-                               shuffle=h.byte_shuffle, storage=h.quant_storage, log=log)
+                                 log=log, clip=clip, gptq=h.gptq)
+    serialize = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
+                                  shuffle=h.byte_shuffle, storage=h.quant_storage, log=log, sort_roles=h.pergroup_sort)
+    lqer = LQERConfig.from_hparams(h)
+
+    def encode(packed: dict) -> bytes:  # LQER is recomputed whenever fitting changes the tensors
+        return serialize(add_lqer(packed, state, lqer, log, hessians))
+
     blob = encode(packed)
     if h.quant_target_bytes > 0:
         log(f"quant_fit bytes_total:{code_bytes + len(blob)} target:{h.quant_target_bytes} "
             f"fit_needed:{int(code_bytes + len(blob) > h.quant_target_bytes)}")
         with full_fp32_matmul():
             fitted_plan, fitted = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes,
-                                                  quantize, encode, hessians, log)
-        if fitted_plan != plan and luts is not None:
-            log_fit_cost(base_model, packed, fitted, h, rt, luts, log)
+                                                  quantize, encode, hessians, log, clip)
+        if fitted_plan != plan and luts is not None:  # unfitted: as stored, LQER included
+            log_fit_cost(base_model, deserialize_artifact(blob)[1], fitted, h, rt, luts, log)
         blob = fitted
     params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "

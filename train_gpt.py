@@ -12,6 +12,7 @@ serialization, evaluation, training, main.
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -21,6 +22,7 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import heapq
 import json
 import lzma
 import math
@@ -116,6 +118,7 @@ class ModelConfig:
     attn_gate_scale: float = _hp(1.0, lo=0.0, hi=100.0)  # ATTN_OUT_GATE=1: multiplies the gate's logit
     smear_gate_form: str = _hp("channel", choices=("channel", "input"))  # channel: g per channel; input: by x_t[:12]
     gate_window: int = _hp(12, lo=1, hi=8192)  # input dims the input-dependent gates read
+    doc_masked_attention: bool = _hp(False)  # attend only within the current document (a BOS starts one)
 
     @classmethod
     def from_hparams(cls, h: "ModelConfig") -> "ModelConfig":
@@ -277,6 +280,23 @@ class Hyperparameters(ModelConfig):
     train_log_every: int = _hp(200, lo=0, hi=10**9)  # 0: no step lines
     eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # sliding-window evaluation: window length
     eval_stride: int = _hp(64, lo=1, hi=65536)  # sliding-window evaluation: a new window every this many targets
+    # Score-first test-time training (docs/ttt.md): final_ttt_exact, after the sliding-window score.
+    ttt: bool = _hp(True)  # adapt to each validation document while scoring it (on the artifact's weights)
+    ttt_lora_rank: int = _hp(80, lo=1, hi=4096)  # rank of each document's LoRA (Q, K, V, O, MLP, head)
+    ttt_chunk_size: int = _hp(48, lo=1, hi=65536)  # tokens scored, then learned from, per step
+    ttt_eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # context window within the document
+    ttt_batch_size: int = _hp(64, lo=1, hi=65536)  # documents adapted side by side (each its own LoRA)
+    ttt_lora_lr: float = _hp(1e-4, lo=0.0, hi=10.0)  # AdamW LR of the LoRAs
+    ttt_beta1: float = _hp(0.0, lo=0.0, hi=0.9999)  # AdamW beta1 of the LoRAs
+    ttt_beta2: float = _hp(0.99, lo=0.0, hi=0.99999)  # AdamW beta2 of the LoRAs
+    ttt_weight_decay: float = _hp(0.5, lo=0.0, hi=100.0)  # AdamW decoupled weight decay of the LoRAs
+    phased_ttt_prefix_docs: int = _hp(2500, lo=0, hi=10**9)  # global phases cover the first this many documents
+    phased_ttt_num_phases: int = _hp(3, lo=1, hi=1000)  # SGD on the whole model after each 1/N of them
+    global_ttt_lr: float = _hp(1e-3, lo=0.0, hi=10.0)  # SGD LR of a global phase (cosine to 0 over it)
+    global_ttt_momentum: float = _hp(0.9, lo=0.0, hi=0.9999)  # SGD momentum of a global phase
+    global_ttt_epochs: int = _hp(1, lo=0, hi=100)  # passes over the scored documents per phase; 0: none
+    global_ttt_chunk_tokens: int = _hp(32768, lo=2, hi=2**31 - 1)  # tokens per SGD step (all ranks)
+    global_ttt_grad_clip: float = _hp(1.0, lo=0.0, hi=1e6)  # 0: no clipping
     # Runtime.
     compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
     cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
@@ -327,6 +347,9 @@ class Hyperparameters(ModelConfig):
                              f"WARMDOWN_FLOOR={self.warmdown_floor}, MIN_LR={self.min_lr}); set QAT=off or "
                              f"change them")
         parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
+        if self.ttt_chunk_size > self.ttt_eval_seq_len:
+            raise ValueError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} must be at most "
+                             f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a chunk is scored inside one window)")
 
 
 SETTING_TYPO_CUTOFF = 0.85  # difflib similarity above which an unknown variable is taken for a mistyped setting
@@ -787,29 +810,80 @@ def activation_dtype(t: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+class DocLayout(NamedTuple):
+    """Where the documents of a batch [B, T] of token rows lie (a BOS starts one; a row's first token
+    starts one too): the boolean mask for SDPA, or the packed form FlashAttention's varlen kernels take."""
+    mask: Tensor | None  # [B, 1, T, T]: query i may read key j (j <= i, same document)
+    cu_seqlens: Tensor | None  # int32 starts of the documents in the flattened B*T tokens, then B*T (padded)
+    max_seqlen: int  # no document is longer than its row
+
+
+VARLEN_MIN_SEGMENTS = 64  # cu_seqlens is padded to a power of two at least this: few distinct shapes to compile
+
+
+def document_layout(input_ids: Tensor, bos_id: int, varlen: bool) -> DocLayout:
+    """The layout a document-masked attention needs. The mask has a static shape (compiles into the graph);
+    the varlen starts have a data-dependent length (one host sync, and a graph break where torch.compile
+    meets nonzero), padded with empty documents to a power of two so that the graph after it sees few shapes."""
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    B, T = input_ids.shape
+    if not varlen:
+        doc = starts.cumsum(dim=1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        return DocLayout(causal & (doc[:, :, None] == doc[:, None, :])[:, None], None, T)
+    return _varlen_layout(starts, B * T, T)
+
+
+def _varlen_layout(starts: Tensor, total: int, row_len: int) -> DocLayout:
+    first = starts.flatten().nonzero().flatten().to(torch.int32)
+    size = max(VARLEN_MIN_SEGMENTS, 1 << len(first).bit_length())  # > len(first): room for the final total
+    cu = torch.full((size,), total, dtype=torch.int32, device=starts.device)
+    cu[:len(first)] = first
+    return DocLayout(None, cu, row_len)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, docs: DocLayout | None = None) -> Tensor:
     # SDPA wants [B, H, T, D]; our layout is [B, T, H, D] like FlashAttention's.
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    if docs is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
-def select_attention(device: torch.device) -> tuple[str, Callable[[Tensor, Tensor, Tensor], Tensor], str]:
-    """(name, causal attention on [B, T, H, D] tensors with GQA, why this one)."""
+def flash_attention(dense: Callable, varlen: Callable) -> Callable:
+    """Causal attention on [B, T, H, D] from a FlashAttention module's dense and varlen functions (FA2 and FA3
+    share their signatures); with a DocLayout the B rows are packed into one sequence of documents."""
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, docs: DocLayout | None = None) -> Tensor:
+        if docs is None:
+            return first(dense(q, k, v, causal=True))
+        B, T = q.shape[:2]
+        y = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens_q=docs.cu_seqlens,
+                         cu_seqlens_k=docs.cu_seqlens, max_seqlen_q=docs.max_seqlen, max_seqlen_k=docs.max_seqlen,
+                         causal=True))
+        return y.view(B, T, *y.shape[1:])
+    attention.varlen = True
+    return attention
+
+
+def select_attention(device: torch.device) -> tuple[str, Callable[..., Tensor], str]:
+    """(name, causal attention on [B, T, H, D] tensors with GQA and an optional DocLayout, why this one)."""
     if device.type != "cuda":
         return "sdpa", _sdpa, "not on CUDA"
     try:
-        from flash_attn_interface import flash_attn_func as fa3
-
-        def _fa3(q, k, v):
-            out = fa3(q, k, v, causal=True)
-            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-        return "flash_attn_3", _fa3, "flash_attn_interface importable"
+        from flash_attn_interface import flash_attn_func as fa3, flash_attn_varlen_func as fa3_varlen
+        return "flash_attn_3", flash_attention(fa3, fa3_varlen), "flash_attn_interface importable"
     except ImportError:
         pass
     try:
-        from flash_attn import flash_attn_func as fa2
-        return "flash_attn_2", lambda q, k, v: fa2(q, k, v, causal=True), "flash_attn_interface not importable"
+        from flash_attn import flash_attn_func as fa2, flash_attn_varlen_func as fa2_varlen
+        return "flash_attn_2", flash_attention(fa2, fa2_varlen), "flash_attn_interface not importable"
     except ImportError:
         return "sdpa", _sdpa, "neither flash_attn_interface nor flash_attn importable"
 
@@ -904,20 +978,26 @@ class CausalSelfAttention(nn.Module):
         self.gate_window, self.gate_scale = cfg.gate_window, cfg.attn_gate_scale
         self.out_gate = nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window)) if cfg.attn_out_gate else None
 
-    def forward(self, x: Tensor, xsa: bool) -> Tensor:
+    def forward(self, x: Tensor, xsa: bool, docs: DocLayout | None = None, lora=None) -> Tensor:
+        """docs: attend within documents only; lora: this layer's test-time adapters (q, k, v, o), or None."""
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = adapted(self.c_q, x, lora, "q").view(B, T, self.num_heads, self.head_dim)
+        k = adapted(self.c_k, x, lora, "k").view(B, T, self.num_kv_heads, self.head_dim)
+        v = adapted(self.c_v, x, lora, "v").view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = self.attention(q, k, v)
+        y = self.attention(q, k, v) if docs is None else self.attention(q, k, v, docs)
         if xsa:
             y = exclude_self_value(y, v)
         if self.out_gate is not None:
             logit = F.linear(x[..., :self.gate_window], self.out_gate.to(x.dtype))  # [B, T, H]
             y = y * torch.sigmoid(self.gate_scale * logit)[..., None]
-        return self.proj(y.reshape(B, T, C))
+        return adapted(self.proj, y.reshape(B, T, C), lora, "o")
+
+
+def adapted(linear: nn.Module, x: Tensor, lora, key: str) -> Tensor:
+    """linear(x), plus the low-rank adapter lora[key](x) when test-time training gives one."""
+    return linear(x) if lora is None else linear(x) + lora[key](x)
 
 
 LEAKY_RELU_SLOPE = 0.5
@@ -955,21 +1035,24 @@ class Block(nn.Module):
         # Row 0 weighs the stream, row 1 the first-layer input x0: starts as the plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool) -> Tensor:
-        """input_scale and xsa are Python constants of the layer position (a shared block has several)."""
+    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool, docs: DocLayout | None = None,
+                lora=None) -> Tensor:
+        """input_scale and xsa are Python constants of the layer position (a shared block has several);
+        lora: this pass's test-time adapters (the MLP's runs beside it, from its input to its output)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * input_scale)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa, docs, lora)
+        return x + self.mlp_scale.to(x.dtype) * adapted(self.mlp, rms_norm(x) * input_scale, lora, "mlp")
 
     def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, input_scale: float, xsa: bool,
-                      resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+                      resid: Tensor, post: Tensor, docs: DocLayout | None = None,
+                      lora=None) -> tuple[Tensor, Tensor]:
         """Parallel residuals: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both from the
         lanes as they entered the block; lane_i = resid[i] * lane_i + post[0, i] * attn + post[1, i] * mlp."""
         mix = self.resid_mix.to(lane0.dtype)
         attn_in = mix[0] * lane0 + mix[1] * x0
-        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * input_scale, xsa)
-        m = self.mlp_scale.to(lane1.dtype) * self.mlp(rms_norm(lane1) * input_scale)
+        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * input_scale, xsa, docs, lora)
+        m = self.mlp_scale.to(lane1.dtype) * adapted(self.mlp, rms_norm(lane1) * input_scale, lora, "mlp")
         resid, post = resid.to(lane0.dtype), post.to(lane0.dtype)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
@@ -1169,26 +1252,43 @@ class GPT(nn.Module):
         return g * x + (1 - g) * skip
 
     def logits(self, input_ids: Tensor) -> Tensor:
+        """Soft-capped fp32 logits [B, T, V]."""
+        return self.head(self.hidden(input_ids))
+
+    def hidden(self, input_ids: Tensor, lora=None, rows_are_documents: bool = False) -> Tensor:
+        """The final normalized stream [B, T, D]: the output head's input. lora: test-time adapters (one per
+        pass of the plan), or None. rows_are_documents: each row holds (part of) one document only, so plain
+        causal attention is already document-masked (test-time training's rows)."""
+        docs = None
+        if self.cfg.doc_masked_attention and not rows_are_documents:
+            docs = document_layout(input_ids, self.cfg.bos_id, self.doc_masking() == "varlen")
         x = x0 = self.embed(input_ids)
         lane1 = None  # with parallel residuals x is lane 0, which U-Net skips feed, and lane1 the MLP's lane
         skips = []
-        for p in self.plan:
+        for i, p in enumerate(self.plan):
             if p.pop >= 0:
                 x = self.skip_blend(x, skips.pop(), p.pop)
             if p.iteration >= 0:
                 x = x + self.iteration_vectors[p.iteration].to(x.dtype)
                 lane1 = None if lane1 is None else lane1 + self.iteration_vectors[p.iteration].to(x.dtype)
-            block = self.blocks[p.block]
+            block, layer_lora = self.blocks[p.block], None if lora is None else lora.layers[i]
             if p.lanes < 0:
-                x = block(x, x0, p.input_scale, p.xsa)
+                x = block(x, x0, p.input_scale, p.xsa, docs, layer_lora)
             else:
                 x, lane1 = block.forward_lanes(x, x if lane1 is None else lane1, x0, p.input_scale, p.xsa,
-                                               self.lane_resid[p.lanes], self.lane_post[p.lanes])
+                                               self.lane_resid[p.lanes], self.lane_post[p.lanes], docs, layer_lora)
             if p.push:
                 skips.append(x if lane1 is None else (x + lane1) / 2)
         if lane1 is not None:
             x = (x + lane1) / 2  # the output is the mean of the two lanes
-        logits = F.linear(self.final_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+        return self.final_norm(x)
+
+    def head(self, x: Tensor, lora=None) -> Tensor:
+        """Soft-capped fp32 logits from the final stream x [B, T, D] (lora: adds its head adapter)."""
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        if lora is not None:
+            logits = logits + lora.head(x)
+        logits = logits.float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
     def matrix_params(self) -> list[nn.Parameter]:
@@ -1209,7 +1309,14 @@ class GPT(nn.Module):
                 f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
                 f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
                 f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())} "
-                f"parallel_passes:{','.join(str(i) for i, p in enumerate(plan) if p.lanes >= 0) or 'none'}")
+                f"parallel_passes:{','.join(str(i) for i, p in enumerate(plan) if p.lanes >= 0) or 'none'} "
+                f"doc_masked_attention:{self.doc_masking()}")
+
+    def doc_masking(self) -> str:
+        """How attention keeps to documents: off, a boolean mask (SDPA) or packed documents (FA varlen)."""
+        if not self.cfg.doc_masked_attention:
+            return "off"
+        return "varlen" if getattr(self.blocks[0].attn.attention, "varlen", False) else "sdpa_mask"
 
 
 def build_model(cfg: ModelConfig, device: torch.device, log=None) -> GPT:
@@ -2952,6 +3059,442 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpe
     return nats / tokens, nats / math.log(2) / nbytes
 
 
+# ---- score-first test-time training (docs/ttt.md) -------------------------------------------------
+# The model keeps learning from validation tokens it has already scored, legally:
+#   * per document, a fresh LoRA (Q, K, V, O, a low-rank path beside the MLP, and the output head) learns
+#     chunk by chunk: each chunk of TTT_CHUNK_SIZE targets is scored with the full softmax first, then
+#     one AdamW step learns from it, so the next chunk is scored by a LoRA that has seen only earlier
+#     tokens of its own document. Documents never see each other: each row of a batch is one document,
+#     each LoRA and its AdamW state are per row (elementwise), so batching changes nothing they compute.
+#   * phased global SGD: the documents are cut into phases in stream order; after a phase is scored,
+#     SGD on the whole model over every document scored so far (the stream prefix), then the next phase
+#     is scored by the adapted model. The public records took the longest documents first for their
+#     phases, so what a document was scored with depended on documents after it in the stream; here a
+#     token's distribution depends only on the artifact and the tokens before it (tests/test_ttt.py).
+# The weights adapted are the artifact's (dequantized): nothing adapted is ever quantized or saved.
+
+TTT_ADAM_EPS = 1e-10  # the public records' AdamW epsilon for the LoRAs
+# Effective bf16 throughput of the LoRA pass per H100, calibrated on a public record's measured TTT time
+# (scripts/ttt_calibrate.py, docs/ttt.md): the FLOP count below, divided by this, predicts 8 x H100 seconds.
+TTT_H100_TFLOPS = 147.0
+EVAL_CAP_SECONDS = 600.0  # the challenge's evaluation budget on 8 x H100
+PREDICTION_WORLD_SIZE = 8
+TTT_MIN_BATCHES_PER_RANK = 4  # a phase's batches shrink until each rank gets this many (load balance)
+
+
+class TTTSpec(NamedTuple):
+    """The TTT settings (the TTT_*, PHASED_TTT_* and GLOBAL_TTT_* variables)."""
+    lora_rank: int
+    chunk: int  # targets scored, then learned from, per step
+    seq_len: int  # context window inside a document
+    batch_docs: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    prefix_docs: int  # the global phases cover the first this many documents of the stream
+    phases: int
+    global_lr: float
+    global_momentum: float
+    global_epochs: int
+    global_chunk_tokens: int  # tokens per global SGD step, all ranks together
+    global_grad_clip: float
+    micro_batch_seqs: int  # sequences per forward of the global SGD (VAL_BATCH_SIZE tokens)
+    seed: int  # the LoRAs' initial A (one draw, shared by every document)
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "TTTSpec":
+        return cls(h.ttt_lora_rank, h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_batch_size, h.ttt_lora_lr,
+                   (h.ttt_beta1, h.ttt_beta2), h.ttt_weight_decay, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases,
+                   h.global_ttt_lr, h.global_ttt_momentum, h.global_ttt_epochs, h.global_ttt_chunk_tokens,
+                   h.global_ttt_grad_clip, h.val_batch_seqs(h.ttt_eval_seq_len), h.seed)
+
+
+def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    """[n, 2] int64 (start, end) of each document of the stream: tokens[start] is its BOS (or the stream's
+    first token), its targets are tokens start+1 .. end, end being the next document's BOS (predicted by
+    this document's last token) or the stream's last token. Every target 1..N-1 belongs to one document."""
+    starts = np.flatnonzero(tokens == bos_id)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    ends = np.append(starts[1:], len(tokens) - 1)
+    keep = ends > starts  # a BOS as the stream's last token starts a document with no target
+    return np.stack((starts[keep], ends[keep]), axis=1).astype(np.int64)
+
+
+def ttt_phases(num_docs: int, spec: TTTSpec) -> list[tuple[int, int, bool]]:
+    """Consecutive document ranges (lo, hi, global SGD after it), in stream order: the first
+    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest."""
+    prefix = min(spec.prefix_docs, num_docs) if spec.global_epochs > 0 else 0
+    cuts = sorted({prefix * (i + 1) // spec.phases for i in range(spec.phases)} - {0})
+    phases, lo = [], 0
+    for cut in cuts:
+        phases.append((lo, cut, cut < num_docs))  # SGD after the last document would teach nothing
+        lo = cut
+    if lo < num_docs:
+        phases.append((lo, num_docs, False))
+    return phases
+
+
+def chunk_counts(targets: np.ndarray, spec: TTTSpec) -> np.ndarray:
+    return -(-targets // spec.chunk)
+
+
+def window_width(step: int, spec: TTTSpec) -> int:
+    """Columns of step `step`'s rows: the context of a full chunk, capped at TTT_EVAL_SEQ_LEN. Every target a
+    row scores at this step lies in its last TTT_CHUNK_SIZE columns."""
+    return min((step + 1) * spec.chunk, spec.seq_len)
+
+
+def document_costs(targets: np.ndarray, spec: TTTSpec) -> np.ndarray:
+    """Token columns a document's steps process (the sum of its window widths): its share of the work."""
+    n = chunk_counts(targets, spec)
+    growing = np.minimum(n, spec.seq_len // spec.chunk)  # steps whose window is still growing
+    return spec.chunk * growing * (growing + 1) // 2 + (n - growing) * spec.seq_len
+
+
+def assign_batches(costs: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """Each rank's batches (indices into costs), balanced by cost: the costliest first, each to the rank with
+    the least work so far. A function of the lengths alone: every rank computes the same split."""
+    if world_size == 1:
+        return [np.arange(len(costs))]
+    loads, shares = [(0, r) for r in range(world_size)], [[] for _ in range(world_size)]
+    for i in np.argsort(-costs, kind="stable"):
+        load, r = heapq.heappop(loads)
+        shares[r].append(i)
+        heapq.heappush(loads, (load + int(costs[i]), r))
+    return [np.asarray(s, dtype=np.int64) for s in shares]
+
+
+def ttt_schedule(spans: np.ndarray, spec: TTTSpec, world_size: int) -> list[list[tuple[list[np.ndarray], bool]]]:
+    """Per rank, per phase: (its batches of document indices, longest first; global SGD after the phase).
+    A phase's documents are sorted by length and cut into batches of at most TTT_BATCH_SIZE documents (the
+    remainder goes with the shortest), so that batch-mates finish together, and of at most a
+    1/(TTT_MIN_BATCHES_PER_RANK x ranks) share of the phase's work, so that the batch of its longest
+    documents does not keep one rank busy while the others wait for the global SGD; the batches are then
+    spread over the ranks."""
+    costs = document_costs(spans[:, 1] - spans[:, 0], spec)
+    plan = [[] for _ in range(world_size)]
+    for lo, hi, sgd_after in ttt_phases(len(spans), spec):
+        cap = costs[lo:hi].sum() / (world_size * TTT_MIN_BATCHES_PER_RANK)
+        batches, batch, load = [], [], 0
+        for doc in lo + np.argsort(-costs[lo:hi], kind="stable"):
+            if batch and (len(batch) == spec.batch_docs or load + costs[doc] > cap):
+                batches.append(np.asarray(batch))
+                batch, load = [], 0
+            batch.append(doc)
+            load += costs[doc]
+        batches += [np.asarray(batch)] if batch else []
+        loads = np.array([costs[b].sum() for b in batches], dtype=np.int64)
+        for r, mine in enumerate(assign_batches(loads, world_size)):
+            plan[r].append(([batches[i] for i in sorted(mine)], sgd_after))
+    return plan
+
+
+class BatchedLoRA(nn.Module):
+    """One rank-r adapter per row of a batch (per document): x [B, T, in] -> (x A_b^T) B_b^T [B, T, out].
+    B starts at zero (the adapted model starts as the artifact's); A from one seeded draw shared by all
+    documents, so a document's result does not depend on which batch or rank it lands in."""
+
+    def __init__(self, fan_in: int, fan_out: int, rank: int, generator: torch.Generator):
+        super().__init__()
+        bound = 1.0 / math.sqrt(fan_in)
+        self.register_buffer("a_init", (2 * torch.rand(rank, fan_in, generator=generator) - 1) * bound)
+        self.a = nn.Parameter(self.a_init[None].clone())
+        self.b = nn.Parameter(torch.zeros(1, fan_out, rank))
+
+    def reset(self, rows: int) -> None:
+        """Fresh adapters for `rows` documents (new parameters: an optimizer must be made for them)."""
+        self.a = nn.Parameter(self.a_init.expand(rows, *self.a_init.shape).clone())
+        self.b = nn.Parameter(self.b.new_zeros(rows, *self.b.shape[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.a.transpose(1, 2)) @ self.b.transpose(1, 2)
+
+
+class DocumentLoRA(nn.Module):
+    """A batch of documents' adapters: per pass of the model's plan (a shared block gets one per pass) on
+    Q, K, V, O and beside the MLP (its normalized input to its output), and on the output head."""
+
+    def __init__(self, model: GPT, rank: int, seed: int):
+        super().__init__()
+        cfg, g = model.cfg, torch.Generator().manual_seed(seed)
+        d = cfg.model_dim
+        kv = cfg.num_kv_heads * (d // cfg.num_heads)
+        shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
+        self.layers = nn.ModuleList(nn.ModuleDict({key: BatchedLoRA(i, o, rank, g) for key, (i, o) in shapes.items()})
+                                    for _ in model.plan)
+        self.head = BatchedLoRA(d, cfg.vocab_size, rank, g)
+
+    def reset(self, rows: int) -> None:
+        for m in self.modules():
+            if isinstance(m, BatchedLoRA):
+                m.reset(rows)
+
+    def keep_rows(self, keep: Tensor, opt: torch.optim.Optimizer) -> None:
+        """Keep only the rows `keep` of the adapters and of their optimizer state (moments sliced, step counts
+        kept): a batch's rows shrink as its documents end, so that the long ones drag no dead rows along."""
+        new = {}
+        for m in self.modules():
+            if isinstance(m, BatchedLoRA):
+                for name in ("a", "b"):
+                    old = getattr(m, name)
+                    new[old] = nn.Parameter(old.detach()[keep])
+                    setattr(m, name, new[old])
+        for group in opt.param_groups:
+            group["params"] = [new[p] for p in group["params"]]
+        opt.state = collections.defaultdict(dict, {
+            new[p]: {k: v[keep] if torch.is_tensor(v) and v.dim() else v for k, v in state.items()}
+            for p, state in opt.state.items()})
+
+
+def ttt_optimizer(lora: DocumentLoRA, spec: TTTSpec) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(lora.parameters(), lr=spec.lr, betas=spec.betas, eps=TTT_ADAM_EPS,
+                             weight_decay=spec.weight_decay)
+
+
+def ttt_forward(model: GPT, chunk: int) -> Callable[[Tensor, DocumentLoRA], Tensor]:
+    """(rows [B, W] of single documents, their LoRAs) -> logits [B, chunk, V] of the last chunk columns, the
+    only ones a step scores or learns from (the head runs on those alone)."""
+    def forward(x: Tensor, lora: DocumentLoRA) -> Tensor:
+        return model.head(model.hidden(x, lora, rows_are_documents=True)[:, -chunk:], lora)
+    return forward
+
+
+def logit_sums(luts: ByteLUTs) -> Callable:
+    """A score callback on logits: [nats, tokens, bytes] over the scored targets, as float64 (no boolean
+    indexing: the mask multiplies)."""
+    def sums(logits, x, y, scored, _):
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        mask = scored.double()
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y).double() * mask).sum()))
+    return sums
+
+
+def step_rows(val_tokens: Tensor, start: Tensor, targets: Tensor, step: int, spec: TTTSpec):
+    """Step `step` of a batch of documents (start, targets [B] on the device): the rows x_all [B, width], and
+    for their last `chunk` columns the inputs x, targets y, scored and target_pos. Every row holds the same
+    span of its document's positions, those before the end of chunk `step` (at most TTT_EVAL_SEQ_LEN of
+    them), zero-padded past the document's end; it scores the chunk's targets, which no earlier step scored.
+    The span never depends on where the document ends: the context of a target must not depend on whether
+    a later token is a BOS."""
+    width, c = window_width(step, spec), spec.chunk
+    begin = (step + 1) * c - width  # relative index of the rows' first input
+    end = torch.clamp(targets, max=(step + 1) * c)  # relative index of the chunk's last target
+    inputs = begin + torch.arange(width, device=start.device)[None, :]
+    valid = inputs < end[:, None]  # also false on every column of a finished document
+    pos = (start[:, None] + inputs).clamp_max(len(val_tokens) - 2)
+    x_all = torch.where(valid, val_tokens[pos].long(), 0)
+    y = torch.where(valid, val_tokens[pos + 1].long(), 0)
+    scored = valid & (inputs >= step * c)
+    last = slice(width - c, width)
+    return x_all, x_all[:, last], y[:, last], scored[:, last], (pos + 1)[:, last]
+
+
+def adapt_batch(forward: Callable, lora: DocumentLoRA, score: Callable, val_tokens: Tensor, spans: np.ndarray,
+                spec: TTTSpec, autocast) -> Tensor | None:
+    """Score a batch of documents chunk by chunk, each row with its own fresh LoRA: forward, score the chunk,
+    then (if the document goes on) one AdamW step on that chunk's loss. Returns the score's sums (None for
+    no documents). Once half the rows' documents have ended, those rows are dropped."""
+    lora.reset(len(spans))
+    opt = ttt_optimizer(lora, spec)  # fresh moments and step counts: nothing carries over between batches
+    chunks = chunk_counts(spans[:, 1] - spans[:, 0], spec)
+    rows = np.arange(len(spans))  # the batch's documents that still have a row
+    start, targets = (_to_device(torch.from_numpy(spans[:, i].copy()), val_tokens.device) for i in (0, 1))
+    targets = targets - start
+    total = None
+    for step in range(int(chunks.max(initial=0))):
+        if 2 * (chunks[rows] > step).sum() <= len(rows):
+            live = np.flatnonzero(chunks[rows] > step)
+            keep = _to_device(torch.from_numpy(live), val_tokens.device)
+            lora.keep_rows(keep, opt)
+            rows, start, targets = rows[live], start[keep], targets[keep]
+        x, xl, yl, scored, pos = step_rows(val_tokens, start, targets, step, spec)
+        with autocast():
+            logits = forward(x, lora)
+        with torch.no_grad():
+            sums = score(logits.detach(), xl, yl, scored, pos)
+        total = sums if total is None else total + sums
+        learns = step < chunks[rows] - 1  # not the document's last chunk
+        if learns.any():
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), yl.flatten(), reduction="none").view_as(yl)
+            per_doc = (nll * scored).sum(dim=1) / spec.chunk  # a learning row scores exactly a full chunk
+            (per_doc * _to_device(torch.from_numpy(learns), val_tokens.device)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return total
+
+
+def global_sgd(model: GPT, tokens: Tensor, spec: TTTSpec, rank: int, world_size: int, autocast) -> int:
+    """GLOBAL_TTT_EPOCHS of SGD (momentum, cosine LR to 0, gradient clipping) on the whole model over
+    `tokens`, the already-scored stream prefix, cut into TTT_EVAL_SEQ_LEN windows; GLOBAL_TTT_CHUNK_TOKENS
+    per step, the windows of a step split over the ranks and the gradients summed. Returns the steps."""
+    W = spec.seq_len
+    num_seqs = (len(tokens) - 1) // W
+    per_step = max(1, spec.global_chunk_tokens // W)
+    steps = -(-num_seqs // per_step)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=spec.global_lr, momentum=spec.global_momentum)
+    total = steps * spec.global_epochs
+    cols = torch.arange(W + 1, device=tokens.device)
+    for k in range(total):
+        first = (k % steps) * per_step
+        seqs = np.arange(first, min(first + per_step, num_seqs))
+        for group in opt.param_groups:
+            group["lr"] = spec.global_lr * 0.5 * (1 + math.cos(math.pi * k / total))
+        mine = np.array_split(seqs, world_size)[rank]
+        for b in range(0, len(mine), spec.micro_batch_seqs):
+            starts = torch.from_numpy(mine[b:b + spec.micro_batch_seqs] * W).to(tokens.device)
+            rows = tokens[starts[:, None] + cols].long()
+            with autocast():
+                nll = model(rows[:, :-1], rows[:, 1:])
+            (nll.sum() / (len(seqs) * W)).backward()  # the step's mean over all ranks' tokens
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if world_size > 1:
+                dist.all_reduce(p.grad)
+        if spec.global_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, spec.global_grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    return total
+
+
+def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, spec: TTTSpec, rank: int = 0, world_size: int = 1,
+              autocast=contextlib.nullcontext, forward: Callable | None = None, log=None) -> Tensor:
+    """The TTT evaluation loop: every document of val_tokens scored by score(logits, x, y, scored, target_pos)
+    (as score_windows' callback, on the last chunk columns) while it adapts, phase by phase with global SGD
+    in between; the float64 sums, added over batches and ranks. Changes the model's weights (global SGD):
+    give it a model built for this pass from the artifact. forward: ttt_forward(model, chunk), compiled."""
+    forward = forward or ttt_forward(model, spec.chunk)
+    spans = document_spans(val_tokens.cpu().numpy(), model.cfg.bos_id)
+    plan, phases = ttt_schedule(spans, spec, world_size)[rank], ttt_phases(len(spans), spec)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = DocumentLoRA(model, spec.lora_rank, spec.seed).to(val_tokens.device)
+    total, t0 = None, time.perf_counter()
+    progress = Progress("ttt", sum(len(docs) for batches, _ in plan for docs in batches), rank == 0, unit="doc")
+    for k, ((batches, sgd_after), (lo, hi, _)) in enumerate(zip(plan, phases)):
+        for docs in batches:
+            sums = adapt_batch(forward, lora, score, val_tokens, spans[docs], spec, autocast)
+            total = sums if total is None else total + sums
+            progress.update(len(docs))
+        line = f"ttt_phase {k + 1}/{len(phases)} docs:{lo}-{hi} rank0_batches:{len(batches)}"
+        if sgd_after:
+            prefix = val_tokens[:spans[hi - 1, 1] + 1]  # every target here is scored already, on every rank
+            t1 = time.perf_counter()
+            steps = global_sgd(model, prefix, spec, rank, world_size, autocast)
+            line += f" global_sgd_tokens:{len(prefix)} steps:{steps} sgd_time:{1000 * (time.perf_counter() - t1):.0f}ms"
+        if log is not None:
+            log(line + f" elapsed:{1000 * (time.perf_counter() - t0):.0f}ms")
+    progress.close()
+    if total is None:  # no document came to this rank: its sums are zeros of the score's shape
+        lora.reset(1)
+        x = torch.zeros(1, spec.chunk + 1, dtype=torch.long, device=val_tokens.device)
+        with torch.no_grad(), autocast():
+            logits = forward(x[:, :-1], lora)
+        total = score(logits, x[:, :-1], x[:, 1:], torch.zeros_like(x[:, 1:], dtype=torch.bool), x[:, 1:])
+    if world_size > 1:
+        dist.all_reduce(total)
+    return total
+
+
+def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, spec: TTTSpec, rank: int = 0, world_size: int = 1,
+                 autocast=contextlib.nullcontext, forward: Callable | None = None, log=None) -> tuple[float, float]:
+    """(val_loss, val_bpb) of score-first TTT over every target of val_tokens, each scored once."""
+    nats, tokens, nbytes = ttt_score(model, logit_sums(luts), val_tokens, spec, rank, world_size, autocast,
+                                     forward, log).tolist()
+    return nats / tokens, nats / math.log(2) / nbytes
+
+
+def ttt_warm_up(forward: Callable, model: GPT, spec: TTTSpec, device: torch.device, autocast) -> None:
+    """Compile the TTT step on random tokens (never validation tokens), at the first and the widest window,
+    then drop what it learned: the LoRAs it trains are its own, and the model's weights stay frozen."""
+    g = torch.Generator(device="cpu").manual_seed(spec.seed)
+    lora = DocumentLoRA(model, spec.lora_rank, spec.seed).to(device)
+    lora.reset(spec.batch_docs)
+    opt = ttt_optimizer(lora, spec)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for width in sorted({window_width(0, spec), spec.seq_len}):
+        x = torch.randint(0, model.cfg.vocab_size, (spec.batch_docs, width + 1), generator=g).to(device)
+        with autocast():
+            logits = forward(x[:, :-1], lora)
+        F.cross_entropy(logits.flatten(0, 1).float(), x[:, -spec.chunk:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def ttt_step_flops(cfg: ModelConfig, lora_rank: int, rows: int, width: int, head_cols: int,
+                   backward: str) -> tuple[float, float]:
+    """(matrix-product FLOPs, attention FLOPs) of one step on `rows` rows of `width` tokens, the head on their
+    last head_cols columns: the forward (2 per weight and token, the LoRAs' too; causal attention 2 x 2 x
+    MODEL_DIM per query and key), then the backward: "none"; "lora" (TTT: input gradients through the frozen
+    weights, 1x their forward, and the LoRAs' own gradients, 2x theirs); "model" (global SGD: no LoRAs,
+    every weight's gradient, 2x). Attention's backward is 2x its forward."""
+    d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+    passes = len(layer_plan(cfg, True))
+    frozen = width * (2 * passes * (2 * d * d + 2 * d * kv + 2 * cfg.mlp_mult * d * d)
+                      + (2 * cfg.bigram_dim * d if cfg.bigram_buckets else 0)) + head_cols * 2 * d * cfg.vocab_size
+    lora = 0 if backward == "model" else lora_rank * (
+        width * 2 * passes * (2 * d + 2 * (d + kv) + 2 * d + 2 * d)  # q, k, v, o, mlp
+        + head_cols * 2 * (d + cfg.vocab_size))  # the head
+    attention = passes * 2 * d * width * (width + 1)
+    grad = {"none": (0, 0, 0), "lora": (1, 2, 2), "model": (2, 0, 2)}[backward]
+    return rows * ((1 + grad[0]) * frozen + (1 + grad[1]) * lora), rows * (1 + grad[2]) * attention
+
+
+def ttt_batch_flops(cfg: ModelConfig, spec: TTTSpec, targets: np.ndarray, public_loop: bool = False) -> float:
+    """FLOPs of adapt_batch on documents with these target counts: each step on the rows it keeps, the head
+    on the chunk's columns, with its backward on the steps that learn. public_loop: the public records' loop
+    instead, which keeps every row to the end and runs the head on every column."""
+    chunks, rows, total = chunk_counts(targets, spec), len(targets), 0.0
+    for step in range(int(chunks.max(initial=0))):
+        live = int((chunks > step).sum())
+        rows = live if not public_loop and 2 * live <= rows else rows
+        backward = "lora" if (chunks > step + 1).any() else "none"
+        width = window_width(step, spec)
+        total += sum(ttt_step_flops(cfg, spec.lora_rank, rows, width, width if public_loop else spec.chunk, backward))
+    return total
+
+
+def ttt_flops(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec,
+              world_size: int) -> tuple[list[list[float]], list[float]]:
+    """(FLOPs of each phase's LoRA pass on each rank, FLOPs of the global SGD after each phase), on the schedule
+    the loop runs."""
+    targets = spans[:, 1] - spans[:, 0]
+    schedule = ttt_schedule(spans, spec, world_size)
+    phases = ttt_phases(len(spans), spec)
+    lora = [[sum(ttt_batch_flops(cfg, spec, targets[docs]) for docs in schedule[r][k][0]) for r in range(world_size)]
+            for k in range(len(phases))]
+    sgd = [spec.global_epochs * sum(ttt_step_flops(cfg, 0, spans[hi - 1, 1] // spec.seq_len, spec.seq_len, spec.seq_len,
+                                                   "model")) if sgd_after else 0.0 for lo, hi, sgd_after in phases]
+    return lora, sgd
+
+
+def predict_ttt_seconds(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec, world_size: int = PREDICTION_WORLD_SIZE,
+                        tflops: float = TTT_H100_TFLOPS) -> tuple[float, float]:
+    """(predicted seconds of the TTT pass on world_size H100s, its total FLOPs) at the calibrated throughput:
+    each phase lasts as long as its busiest rank (the global SGD waits for all), then its SGD, shared."""
+    lora, sgd = ttt_flops(cfg, spans, spec, world_size)
+    busiest = sum(max(ranks) for ranks in lora) + sum(sgd) / world_size
+    return busiest / (tflops * 1e12), sum(map(sum, lora)) + sum(sgd)
+
+
+def predict_window_eval_seconds(cfg: ModelConfig, num_tokens: int, spec: EvalSpec,
+                                world_size: int = PREDICTION_WORLD_SIZE, tflops: float = TTT_H100_TFLOPS) -> float:
+    """Predicted seconds of one window evaluation (score_windows) on world_size H100s: its forward FLOPs (the
+    head on every column, as model.logits runs it) on the busiest rank, at TTT's calibrated throughput. A
+    forward-only pass at large batch runs faster than TTT's mixed loop, so this errs long."""
+    windows = 1 + max(0, -(-(num_tokens - 1 - spec.seq_len) // spec.stride))
+    rows = -(-windows // world_size)
+    return sum(ttt_step_flops(cfg, 0, rows, spec.seq_len, spec.seq_len, "none")) / (tflops * 1e12)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
@@ -3749,6 +4292,67 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
     return loss, bpb
 
 
+def log_ttt_budget(cfg: ModelConfig, val_tokens: np.ndarray, h: Hyperparameters, log, windows: bool = True) -> None:
+    """Before training: the TTT pass's FLOPs and its predicted time on 8 x H100, and whether the evaluation
+    (with windows: the round trip's and the sliding window's passes before TTT) fits the budget (a `legality`
+    line), so that a run that could not be submitted says so at once. Compile warm-ups are not counted."""
+    spec = TTTSpec.from_hparams(h)
+    spans = document_spans(val_tokens, cfg.bos_id)
+    seconds, flops = predict_ttt_seconds(cfg, spans, spec)
+    log(f"ttt_budget docs:{len(spans)} flops:{flops:.4g} assumed_tflops_per_gpu:{TTT_H100_TFLOPS:g} "
+        f"predicted_{PREDICTION_WORLD_SIZE}xh100:{seconds:.1f}s")
+    before = sum(predict_window_eval_seconds(cfg, len(val_tokens), s) for s in (EvalSpec.plain(h), EvalSpec.sliding(h))
+                 ) if windows else 0.0
+    total = seconds + before
+    verdict = "within" if total <= EVAL_CAP_SECONDS else \
+        "over (set TTT=0, or raise TTT_CHUNK_SIZE / lower TTT_EVAL_SEQ_LEN or PHASED_TTT_PREFIX_DOCS)"
+    log(f"legality ttt_eval predicted_{PREDICTION_WORLD_SIZE}xh100:{seconds:.1f}s windows:{before:.1f}s "
+        f"total:{total:.1f}s cap:{EVAL_CAP_SECONDS:.0f}s verdict:{verdict}")
+
+
+def compile_ttt_forward(model: GPT, spec: TTTSpec, h: Hyperparameters, rt: Runtime, log) -> Callable:
+    """The TTT step's forward, compiled on CUDA (one graph with dynamic shapes: widths and row counts vary)
+    and warmed up on random tokens; eager elsewhere, or if compiling fails (logged)."""
+    forward = ttt_forward(model, spec.chunk)
+    if rt.device.type != "cuda" or not h.compile:
+        return forward
+    t0 = time.perf_counter()
+    compiled = torch.compile(forward, dynamic=True)
+    try:
+        ttt_warm_up(compiled, model, spec, rt.device, rt.autocast)
+    except Exception as e:  # noqa: BLE001 (any compiler failure): the eager step computes the same thing
+        log(f"ttt_compile failed:{type(e).__name__} running:eager ({str(e).splitlines()[0][:200] if str(e) else ''})")
+        return forward
+    rt.sync()
+    log(f"ttt_compile warm_up:random_tokens time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    return compiled
+
+
+def run_ttt(artifact: Path, val_tokens: Tensor, luts: ByteLUTs, h: Hyperparameters, rt: Runtime, log,
+            windows_s: float = 0.0) -> None:
+    """final_ttt_exact: score-first TTT on a model rebuilt from the artifact file, so what adapts is the
+    quantized model as shipped (the training model is left as it is: the earlier lines stay valid).
+    windows_s: the evaluation time before it (the window passes), judged with it against the cap."""
+    cfg, state = load_artifact(artifact)
+    model = build_model(cfg, rt.device)
+    model.load_state_dict(state)
+    spec = TTTSpec.from_hparams(h)
+    t0 = time.perf_counter()
+    forward = compile_ttt_forward(model, spec, h, rt, log)
+    t1 = time.perf_counter()
+    loss, bpb = ttt_evaluate(model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast, forward, log)
+    rt.sync()
+    seconds = time.perf_counter() - t1
+    log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * seconds:.0f}ms "
+        f"compile_time:{1000 * (t1 - t0):.0f}ms chunk:{spec.chunk} seq_len:{spec.seq_len} lora_rank:{spec.lora_rank}")
+    on = f"{rt.world_size}x{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'}"
+    judged = rt.world_size == PREDICTION_WORLD_SIZE and "H100" in on
+    total = seconds + t1 - t0 + windows_s
+    verdict = ("within" if total <= EVAL_CAP_SECONDS else "over") if judged else "not_8xh100"
+    log(f"legality ttt_eval measured:{seconds + t1 - t0:.1f}s windows:{windows_s:.1f}s total:{total:.1f}s "
+        f"on:{on.replace(' ', '_')} cap:{EVAL_CAP_SECONDS:.0f}s verdict:{verdict}")
+
+
 def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) -> None:
     """A whole run: settings from `env` (os.environ by default); export_hook: see export_model."""
     env = os.environ if env is None else env
@@ -3796,11 +4400,14 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
 
     sp = load_tokenizer(h.tokenizer_path)
     luts = build_byte_luts(sp, h.vocab_size).to(rt.device)
-    val_tokens = torch.from_numpy(load_validation_tokens(h.data_path).astype(np.int32)).to(rt.device)
+    val_np = load_validation_tokens(h.data_path)
+    val_tokens = torch.from_numpy(val_np.astype(np.int32)).to(rt.device)
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
     if rt.is_main:
         log_dataset(dataset_provenance(h.data_path, h.tokenizer_path), log)
+    if h.ttt:
+        log_ttt_budget(ModelConfig.from_hparams(h), val_np, h, log)
 
     check_tokenizer(sp, h, h.tokenizer_path)
     base = build_model(ModelConfig.from_hparams(h), rt.device, log)
@@ -3839,8 +4446,11 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
                            f"python eval_ngram_on_checkpoint.py)")
     _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
     base.load_state_dict(state)
+    t0 = time.perf_counter()
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), rt, log)
     timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, EvalSpec.sliding(h), rt, log)
+    if h.ttt:
+        run_ttt(artifact, val_tokens, luts, h, rt, log, windows_s=time.perf_counter() - t0)
 
 
 def cli() -> None:

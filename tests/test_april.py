@@ -108,7 +108,7 @@ def test_april_preset_size_is_the_record_model_less_what_we_build_differently():
     assert params == 35_945_671 - 8 * 6
     assert m.describe().startswith(f"model params:{params} unique_blocks:11 passes:17 "
                                    "plan:0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10 ")
-    assert m.describe().endswith(" parallel_passes:14,15,16")
+    assert m.describe().endswith(" parallel_passes:14,15,16 doc_masked_attention:off")
 
 
 # ---- parallel residuals -------------------------------------------------------------------------
@@ -339,7 +339,8 @@ def test_april_preset_runs_end_to_end_and_logs_every_value(april_run):
     assert "MLP_ACTIVATION=leaky_relu2" in preset[1] and "MLP_MULT" not in preset[1]
     assert {"VOCAB_SIZE", "MLP_MULT", "PARALLEL_START_LAYER", "DATA_PATH"} <= set(preset[2].split(","))
     assert re.findall(r"^mini_recurrence:(\w+) step:(\d+)", log, re.M) == [("off", "0"), ("on", "5")]  # 0.35 x 12
-    assert re.search(r"^model params:\d+ unique_blocks:4 passes:8 plan:0,1,2,1,2,1,2,3 .* parallel_passes:7$",
+    assert re.search(r"^model params:\d+ unique_blocks:4 passes:8 plan:0,1,2,1,2,1,2,3 .* parallel_passes:7 "
+                     r"doc_masked_attention:\w+$",
                      log, re.M)
 
 

@@ -111,6 +111,13 @@ class ModelConfig:
     mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
     mini_recur_first: int = _hp(4, lo=0, hi=63)  # first layer the mini recurrence repeats
     mini_recur_last: int = _hp(5, lo=0, hi=63)  # last layer the mini recurrence repeats
+    mini_recur_unet: bool = _hp(False)  # repeats on: the U-Net spans every pass (public form); 0: no part
+    # Model: April parts (docs/april.md). Each is off in the seed stack; PRESET=april switches them on.
+    parallel_start_layer: int = _hp(0, lo=0, hi=63)  # two residual lanes (attention, MLP) from this layer; 0: off
+    attn_out_gate: bool = _hp(False)  # head output x sigmoid(ATTN_GATE_SCALE * W x[:GATE_WINDOW])
+    attn_gate_scale: float = _hp(1.0, lo=0.0, hi=100.0)  # ATTN_OUT_GATE=1: multiplies the gate's logit
+    smear_gate_form: str = _hp("channel", choices=("channel", "input"))  # channel: g per channel; input: by x_t[:12]
+    gate_window: int = _hp(12, lo=1, hi=8192)  # input dims the input-dependent gates read
     doc_masked_attention: bool = _hp(False)  # attend only within the current document (a BOS starts one)
 
     @classmethod
@@ -139,17 +146,55 @@ class ModelConfig:
         if self.recurrence and depth != self.num_layers:
             raise ValueError(f"RECURRENCE=1 needs NUM_LAYERS={self.num_layers} to equal the effective depth "
                              f"RECUR_PRELUDE + RECUR_PASSES + RECUR_CODA = {depth}")
+        if self.mini_recur_unet and not self.mini_recur_repeats:
+            raise ValueError("MINI_RECUR_UNET=1 needs MINI_RECUR_REPEATS > 0")
         if self.mini_recur_repeats and self.recurrence:
             raise ValueError("MINI_RECUR_REPEATS and RECURRENCE=1 cannot be combined: choose one form")
         if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
             raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first} and MINI_RECUR_LAST={self.mini_recur_last} "
                              f"must satisfy FIRST <= LAST < NUM_LAYERS={self.num_layers}")
+        start = self.parallel_start_layer
+        if start and start >= self.num_layers:
+            raise ValueError(f"PARALLEL_START_LAYER={start} must be below NUM_LAYERS={self.num_layers} (0: off)")
+        if start and self.mini_recur_repeats and self.mini_recur_first < start <= self.mini_recur_last:
+            raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first}..MINI_RECUR_LAST={self.mini_recur_last} must "
+                             f"lie wholly before or from PARALLEL_START_LAYER={start}: a repeated serial layer "
+                             f"cannot follow the lanes")
+        if self.smear_gate_form != "channel" and not self.smear_gate:
+            raise ValueError(f"SMEAR_GATE_FORM={self.smear_gate_form} needs SMEAR_GATE=1")
+        gated = self.attn_out_gate or (self.smear_gate and self.smear_gate_form == "input")
+        if gated and self.gate_window > self.model_dim:
+            raise ValueError(f"GATE_WINDOW={self.gate_window} must be at most MODEL_DIM={self.model_dim}")
+
+
+# Presets: named settings under the explicit ones. PRESET=april sets these variables unless the environment
+# sets them itself (it wins); the log's `preset` line says which ones the preset set. The values are
+# written as the environment would give them, and parsed and validated like it.
+PRESETS: dict[str, dict[str, str]] = {
+    "seed": {},  # the defaults: the 2026-03-29 stack
+    "april": {  # the 2026-04-27 record's training configuration at sp8192, with what we have (docs/april.md)
+        "VOCAB_SIZE": "8192", "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+        "MLP_MULT": "4", "MLP_ACTIVATION": "leaky_relu2", "QK_GAIN_INIT": "5.0", "BIGRAM_BUCKETS": "0",
+        "SMEAR_GATE_FORM": "input", "ATTN_OUT_GATE": "1", "ATTN_GATE_SCALE": "0.5", "PARALLEL_START_LAYER": "8",
+        "MINI_RECUR_REPEATS": "2", "MINI_RECUR_FIRST": "3", "MINI_RECUR_LAST": "5", "MINI_RECUR_UNET": "1",
+        "MINI_RECUR_START_FRAC": "0.35",
+        "MATRIX_LR": "0.026", "MATRIX_LR_LATE": "0.026", "SCALAR_LR": "0.02", "GATE_LR": "0.02",
+        "TIED_EMBED_LR": "0.03", "MUON_MOMENTUM": "0.97", "MUON_WEIGHT_DECAY": "0.095",
+        "MUON_NS_COEFFS": "polar_express", "MUON_ROW_NORMALIZE": "1",
+        "EMBED_WEIGHT_DECAY": "0.085", "SCALAR_WEIGHT_DECAY": "0.02", "BETA2": "0.99", "EMA_DECAY": "0.9965",
+        "WARMDOWN_FRAC": "0.85", "MIN_LR": "0.1", "QAT": "off",
+        "CLIP_METHOD": "sdclip", "QUANT_EMBED_BITS": "7",  # the record's quantizer (LQER is on by default)
+    },
+}
 
 
 @dataclass(frozen=True)
 class Hyperparameters(ModelConfig):
     """Everything a run reads from the environment: the model's fields (inherited from ModelConfig) and how
     it is trained, quantized and evaluated."""
+    # Preset.
+    preset: str = _hp("seed", choices=tuple(PRESETS))  # seed (the defaults) or april; explicit variables win
     # Data and run identity.
     data_path: str = _hp("./data/datasets/fineweb10B_sp1024")  # folder of fineweb_train_*.bin and fineweb_val_*.bin
     tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")  # sentencepiece model (bpb bytes, BOS check)
@@ -170,6 +215,8 @@ class Hyperparameters(ModelConfig):
     tied_embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # AdamW LR of the tied embedding
     muon_momentum: float = _hp(0.99, lo=0.0, hi=0.9999)  # Muon momentum after its warmup
     muon_backend_steps: int = _hp(5, lo=1, hi=20)  # Newton-Schulz iterations
+    muon_ns_coeffs: str = _hp("quintic", choices=("quintic", "polar_express"))  # Newton-Schulz: fixed or per-step
+    muon_row_normalize: bool = _hp(False)  # MuonEq-R: each row of the update at unit norm before Newton-Schulz
     beta1: float = _hp(0.9, lo=0.0, hi=0.9999)  # AdamW beta1
     beta2: float = _hp(0.95, lo=0.0, hi=0.99999)  # AdamW beta2
     adam_eps: float = _hp(1e-8, lo=1e-12, hi=1e-2)  # AdamW epsilon
@@ -183,8 +230,10 @@ class Hyperparameters(ModelConfig):
     embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # untied embedding tables (the bigram table)
     gate_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # non-matrix parameters with "gate" in their name
     embed_weight_decay: float = _hp(0.01, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
+    scalar_weight_decay: float = _hp(0.0, lo=0.0, hi=1.0)  # AdamW decay on the gates, scales and other vectors
     # Schedule, weight averaging and QAT.
     warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
+    min_lr: float = _hp(0.0, lo=0.0, hi=1.0)  # the LR multiplier never falls below it (the public MIN_LR: a clamp)
     gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
     gptq_reserve_measure: bool = _hp(True)  # warm-up times calibration + GPTQ and reserves 1.5x that + 1 s
     final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
@@ -255,12 +304,17 @@ class Hyperparameters(ModelConfig):
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
-        """Every field from its upper-case variable (the default where unset), validated; SettingError else."""
+        """Every field from its upper-case variable, else from the PRESET, else its default; validated;
+        SettingError else."""
         env = os.environ if env is None else env
-        check_unknown_settings(env, {f.name.upper() for f in dataclasses.fields(cls)})
+        fields = dataclasses.fields(cls)
+        check_unknown_settings(env, {f.name.upper() for f in fields})
         try:
-            values = {f.name: _parse_env_value(f.name.upper(), env[f.name.upper()], f.default, f.metadata)
-                      for f in dataclasses.fields(cls) if f.name.upper() in env}
+            preset = _parse_env_value("PRESET", env.get("PRESET", cls.preset), cls.preset,
+                                      cls.__dataclass_fields__["preset"].metadata)
+            settings = {**PRESETS[preset], **env}  # a variable set explicitly wins over the preset
+            values = {f.name: _parse_env_value(f.name.upper(), settings[f.name.upper()], f.default, f.metadata)
+                      for f in fields if f.name.upper() in settings}
             hp = cls(**values)
             hp.check()
         except SettingError:
@@ -286,10 +340,12 @@ class Hyperparameters(ModelConfig):
         if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time out of "
                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        if self.qat != "off" and (self.warmdown_frac == 0 or self.warmdown_floor >= self.qat_lr_threshold):
+        lowest = max(self.warmdown_floor, self.min_lr)
+        if self.qat != "off" and (self.warmdown_frac == 0 or lowest >= self.qat_lr_threshold):
             raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
                              f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
-                             f"WARMDOWN_FLOOR={self.warmdown_floor}); set QAT=off or change them")
+                             f"WARMDOWN_FLOOR={self.warmdown_floor}, MIN_LR={self.min_lr}); set QAT=off or "
+                             f"change them")
         parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
         if self.ttt_chunk_size > self.ttt_eval_seq_len:
             raise ValueError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} must be at most "
@@ -686,6 +742,10 @@ class ByteLUTs:
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
+    """Every piece type: control, unknown and unused ids (and ids past the tokenizer) are boundaries; a
+    byte-fallback piece is 1 byte; a normal or user-defined piece is the UTF-8 length of the text it decodes
+    to: a leading space mark counts only after a non-boundary, any other space mark is a space (1 byte,
+    where the mark itself takes 3: a tokenizer trained without splitting at whitespace has such pieces)."""
     if sp.vocab_size() > vocab_size:
         raise SettingError(f"the tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}: raise VOCAB_SIZE")
     base = np.zeros(vocab_size, dtype=np.int32)
@@ -702,7 +762,7 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs
         if piece.startswith(SPACE_MARK):
             space[i] = True
             piece = piece[len(SPACE_MARK):]
-        base[i] = len(piece.encode("utf-8"))
+        base[i] = len(piece.replace(SPACE_MARK, " ").encode("utf-8"))
     return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
@@ -913,6 +973,10 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         self.attention = attention
+        # Attention output gate ("SparseAttnGate"): per head, from the first GATE_WINDOW dims of the block's
+        # normalized input. W at zero gives sigmoid(0) = 1/2 on every head at init, as in the public run.
+        self.gate_window, self.gate_scale = cfg.gate_window, cfg.attn_gate_scale
+        self.out_gate = nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window)) if cfg.attn_out_gate else None
 
     def forward(self, x: Tensor, xsa: bool, docs: DocLayout | None = None, lora=None) -> Tensor:
         """docs: attend within documents only; lora: this layer's test-time adapters (q, k, v, o), or None."""
@@ -925,6 +989,9 @@ class CausalSelfAttention(nn.Module):
         y = self.attention(q, k, v) if docs is None else self.attention(q, k, v, docs)
         if xsa:
             y = exclude_self_value(y, v)
+        if self.out_gate is not None:
+            logit = F.linear(x[..., :self.gate_window], self.out_gate.to(x.dtype))  # [B, T, H]
+            y = y * torch.sigmoid(self.gate_scale * logit)[..., None]
         return adapted(self.proj, y.reshape(B, T, C), lora, "o")
 
 
@@ -977,10 +1044,24 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa, docs, lora)
         return x + self.mlp_scale.to(x.dtype) * adapted(self.mlp, rms_norm(x) * input_scale, lora, "mlp")
 
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, input_scale: float, xsa: bool,
+                      resid: Tensor, post: Tensor, docs: DocLayout | None = None,
+                      lora=None) -> tuple[Tensor, Tensor]:
+        """Parallel residuals: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both from the
+        lanes as they entered the block; lane_i = resid[i] * lane_i + post[0, i] * attn + post[1, i] * mlp."""
+        mix = self.resid_mix.to(lane0.dtype)
+        attn_in = mix[0] * lane0 + mix[1] * x0
+        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * input_scale, xsa, docs, lora)
+        m = self.mlp_scale.to(lane1.dtype) * adapted(self.mlp, rms_norm(lane1) * input_scale, lora, "mlp")
+        resid, post = resid.to(lane0.dtype), post.to(lane0.dtype)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
 
 class SmearGate(nn.Module):
     """x_t <- (1 - g) x_t + g x_{t-1}, g = sigmoid(per-channel gate), except at a document's BOS and at
     the window's first position, which keep x_t: the previous document must not leak into a new one."""
+    pre_norm = False  # applied to the normalized embedding
 
     def __init__(self, dim: int, bos_id: int):
         super().__init__()
@@ -993,6 +1074,26 @@ class SmearGate(nn.Module):
         has_prev[:, 0] = False
         g = torch.sigmoid(self.gate).to(x.dtype) * has_prev[..., None].to(x.dtype)
         return x + g * (prev - x)
+
+
+class InputSmearGate(nn.Module):
+    """x_t <- x_t + lambda * sigmoid(W x_t[:window]) * x_{t-1} on the embedding before its norm: how much of
+    the previous token each token takes depends on the token itself. W and lambda start at zero (the
+    identity). Masked like SmearGate: a BOS and the window's first position take nothing."""
+    pre_norm = True
+
+    def __init__(self, window: int, bos_id: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(window))  # W
+        self.scale = nn.Parameter(torch.zeros(()))  # lambda
+        self.window, self.bos_id = window, bos_id
+
+    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        has_prev = input_ids != self.bos_id
+        has_prev[:, 0] = False
+        g = torch.sigmoid(x[..., :self.window] @ self.gate.to(x.dtype))[..., None]
+        return x + self.scale.to(x.dtype) * g * has_prev[..., None].to(x.dtype) * prev
 
 
 BIGRAM_HASH_CUR, BIGRAM_HASH_PREV = 36313, 27191  # odd multipliers: spread neighbouring ids over buckets
@@ -1028,6 +1129,9 @@ class BigramHash(nn.Module):
         return self.scale.to(e.dtype) * self.proj(e)
 
 
+LANE_RESID_INIT = 1.1  # parallel residuals: each lane's own weight starts a little above 1, as in the public run
+
+
 class LayerPass(NamedTuple):
     """One pass through a block in the layer plan; every field is a constant of the position."""
     block: int  # index into GPT.blocks
@@ -1036,13 +1140,16 @@ class LayerPass(NamedTuple):
     iteration: int  # shared-block pass: index of the iteration vector added first; -1: none
     push: bool  # U-Net encoder: its output is pushed for a decoder layer
     pop: int  # U-Net decoder: skip index it pops and blends in first; -1: none
+    lanes: int  # parallel residuals: row of the lane weights this pass uses; -1: a plain (serial) pass
 
 
 def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
     """The passes of one forward. Depth recurrence: prelude blocks, the shared block RECUR_PASSES times,
     coda blocks; layer position l (block input scale, XSA, U-Net role) counts effective layers. Mini
     recurrence: passes FIRST..LAST run again right after LAST, each copy with its original's scale and
-    XSA but no U-Net role, so switching the repeats on changes nothing the other passes compute."""
+    XSA but no U-Net role, so switching the repeats on changes nothing the other passes compute.
+    Parallel residuals: layers from PARALLEL_START_LAYER on run on two lanes, each with its own row of lane
+    weights (a repeated layer shares its original's)."""
     if cfg.recurrence:
         P, K, C = cfg.recur_prelude, cfg.recur_passes, cfg.recur_coda
         blocks = [*range(P), *[P] * K, *range(P + 1, P + 1 + C)]
@@ -1050,15 +1157,24 @@ def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
     else:
         blocks, iterations = list(range(cfg.num_layers)), [-1] * cfg.num_layers
     xsa = parse_layer_set(cfg.xsa_layers, cfg.num_layers, "xsa_layers")
-    encoder = cfg.num_layers // 2  # the first half pushes, as many decoder layers pop in reverse order
-    plan = [LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
-                      l < encoder, l - encoder if encoder <= l < 2 * encoder else -1)
-            for l, (block, it) in enumerate(zip(blocks, iterations))]
+    start = cfg.parallel_start_layer
+    plan = unet_roles([LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
+                                 False, -1, l - start if start and l >= start else -1)
+                       for l, (block, it) in enumerate(zip(blocks, iterations))])
     if repeats_on and cfg.mini_recur_repeats:
         first, last = cfg.mini_recur_first, cfg.mini_recur_last
         copies = [p._replace(push=False, pop=-1) for p in plan[first:last + 1]] * cfg.mini_recur_repeats
         plan[last + 1:last + 1] = copies
+        if cfg.mini_recur_unet:  # the public run's form: the skips pair the passes of the longer plan
+            plan = unet_roles(plan)
     return tuple(plan)
+
+
+def unet_roles(plan: list[LayerPass]) -> list[LayerPass]:
+    """U-Net roles over a sequence of passes: the first half pushes, as many later passes pop in reverse order."""
+    encoder = len(plan) // 2
+    return [p._replace(push=k < encoder, pop=k - encoder if encoder <= k < 2 * encoder else -1)
+            for k, p in enumerate(plan)]
 
 
 class GPT(nn.Module):
@@ -1072,20 +1188,27 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
-        self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
+        self.smear = None
+        if cfg.smear_gate:
+            self.smear = (InputSmearGate(cfg.gate_window, cfg.bos_id) if cfg.smear_gate_form == "input"
+                          else SmearGate(cfg.model_dim, cfg.bos_id))
         unique = cfg.recur_prelude + 1 + cfg.recur_coda if cfg.recurrence else cfg.num_layers
         self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(unique))
         if cfg.recurrence:  # tells the shared block which pass it is on; zero: starts as plain reuse
             self.iteration_vectors = nn.Parameter(torch.zeros(cfg.recur_passes, cfg.model_dim))
         self.final_norm = RMSNorm()
-        num_skips = cfg.num_layers // 2
+        # Both plans are made once here (XSA_LAYERS is parsed here, not per step); training switches them.
+        self.plans = {on: layer_plan(cfg, on) for on in (False, True)}
+        num_skips = max(1 + p.pop for plan in self.plans.values() for p in plan)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.unet_gates:  # sigmoid(0) = 0.5: the blend starts as (x + skip) / 2, see the README
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
+        if cfg.parallel_start_layer:  # one row per parallel layer: resid (lane 0, lane 1), post [attn|mlp, lane]
+            lanes = cfg.num_layers - cfg.parallel_start_layer
+            self.lane_resid = nn.Parameter(torch.full((lanes, 2), LANE_RESID_INIT))
+            self.lane_post = nn.Parameter(torch.ones(lanes, 2, 2))
         if cfg.ortho_init:
             self._orthogonal_init()
-        # Both plans are made once here (XSA_LAYERS is parsed here, not per step); training switches them.
-        self.plans = {on: layer_plan(cfg, on) for on in (False, True)}
         self.set_mini_recurrence(True)  # the trained model runs its repeats
 
     def _orthogonal_init(self) -> None:
@@ -1116,8 +1239,10 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)
+        if self.smear is not None and self.smear.pre_norm:
+            x = self.smear(x, input_ids)
         x = rms_norm(x).to(activation_dtype(x))
-        return x if self.smear is None else self.smear(x, input_ids)
+        return x if self.smear is None or self.smear.pre_norm else self.smear(x, input_ids)
 
     def skip_blend(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
         skip = self.skip_weights[i].to(x.dtype) * skip
@@ -1138,15 +1263,24 @@ class GPT(nn.Module):
         if self.cfg.doc_masked_attention and not rows_are_documents:
             docs = document_layout(input_ids, self.cfg.bos_id, self.doc_masking() == "varlen")
         x = x0 = self.embed(input_ids)
+        lane1 = None  # with parallel residuals x is lane 0, which U-Net skips feed, and lane1 the MLP's lane
         skips = []
         for i, p in enumerate(self.plan):
             if p.pop >= 0:
                 x = self.skip_blend(x, skips.pop(), p.pop)
             if p.iteration >= 0:
                 x = x + self.iteration_vectors[p.iteration].to(x.dtype)
-            x = self.blocks[p.block](x, x0, p.input_scale, p.xsa, docs, None if lora is None else lora.layers[i])
+                lane1 = None if lane1 is None else lane1 + self.iteration_vectors[p.iteration].to(x.dtype)
+            block, layer_lora = self.blocks[p.block], None if lora is None else lora.layers[i]
+            if p.lanes < 0:
+                x = block(x, x0, p.input_scale, p.xsa, docs, layer_lora)
+            else:
+                x, lane1 = block.forward_lanes(x, x if lane1 is None else lane1, x0, p.input_scale, p.xsa,
+                                               self.lane_resid[p.lanes], self.lane_post[p.lanes], docs, layer_lora)
             if p.push:
-                skips.append(x)
+                skips.append(x if lane1 is None else (x + lane1) / 2)
+        if lane1 is not None:
+            x = (x + lane1) / 2  # the output is the mean of the two lanes
         return self.final_norm(x)
 
     def head(self, x: Tensor, lora=None) -> Tensor:
@@ -1175,6 +1309,7 @@ class GPT(nn.Module):
                 f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
                 f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
                 f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())} "
+                f"parallel_passes:{','.join(str(i) for i, p in enumerate(plan) if p.lanes >= 0) or 'none'} "
                 f"doc_masked_attention:{self.doc_masking()}")
 
     def doc_masking(self) -> str:
@@ -1200,22 +1335,43 @@ def build_model(cfg: ModelConfig, device: torch.device, log=None) -> GPT:
 # ----------------------------------------------------------------------------------------------------
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients tuned for fast convergence
+# Polar Express (Amsel et al. 2025; public record 2026-04-23): one minimax-optimal (a, b, c) per iteration,
+# wide-range first, then converging: after 5 iterations the singular values lie closer to 1 than with the
+# fixed triple. Steps beyond the fifth repeat the last triple.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NS_COEFF_SETS = {"quintic": (NS_COEFFS,), "polar_express": POLAR_EXPRESS_COEFFS}
 NS_EPS = 1e-7
+ROW_NORM_EPS = 1e-7  # MuonEq-R: a zero row stays zero instead of dividing by zero
 
 
-def newton_schulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
+def newton_schulz5(g: Tensor, steps: int, dtype: torch.dtype, coeffs: tuple = (NS_COEFFS,)) -> Tensor:
     """Approximately orthogonalize g (the U V^T of its SVD) with a quintic Newton-Schulz iteration; g is
-    one matrix [rows, cols] or a stack [n, rows, cols], each matrix orthogonalized on its own."""
-    a, b, c = NS_COEFFS
+    one matrix [rows, cols] or a stack [n, rows, cols], each matrix orthogonalized on its own. Iteration i
+    uses coeffs[i] (the last one once they run out): one triple is classic Muon, five are Polar Express."""
     x = g.to(dtype)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
     transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the short side: X X^T is then the small Gram matrix
         x = x.mT
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
+
+
+def normalize_rows(updates: list[Tensor], transposed: list[bool]) -> list[Tensor]:
+    """MuonEq-R: each row of each parameter's update (the momentum's Nesterov step) scaled to unit norm
+    before Newton-Schulz, so that no row's gradient scale dominates the orthogonalized step. A matrix held
+    transposed in its stack has its parameter's rows as columns."""
+    return [u / u.norm(dim=-2 if t else -1, keepdim=True).clamp_min(ROW_NORM_EPS)
+            for u, t in zip(updates, transposed)]
 
 
 # torch 2.13 renamed these two collectives (the old names warn); earlier versions have only the old ones.
@@ -1261,10 +1417,11 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
                  rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.bfloat16,
-                 orthogonalize=newton_schulz5):
+                 orthogonalize=newton_schulz5, ns_coeffs: str = "quintic", row_normalize: bool = False):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
+        self.ns_coeffs, self.row_normalize = NS_COEFF_SETS[ns_coeffs], row_normalize
         self.stacks: list[MatrixStack] = []
         self._works: list = []
 
@@ -1330,7 +1487,10 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch._foreach_mul(bufs, moms)
                 torch._foreach_add_(nesterov, grads)
-                g = self.orthogonalize(torch.stack(nesterov), groups[first]["backend_steps"], self.ns_dtype)
+                if self.row_normalize:
+                    nesterov = normalize_rows(nesterov, [st.transposed[i] for i in owned])
+                g = self.orthogonalize(torch.stack(nesterov), groups[first]["backend_steps"], self.ns_dtype,
+                                       self.ns_coeffs)
                 st.mine[:len(grads)].copy_(g)
                 # An orthogonal update has unit singular values; tall matrices get sqrt(rows/cols) more.
                 torch._foreach_mul_(list(st.mine[:len(grads)].unbind(0)), [st.scales[i] for i in owned])
@@ -1403,8 +1563,9 @@ def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
         else:
             roles["gate" if "gate" in name else "scalar"].append(p)
     lr = {"tied_embed": h.tied_embed_lr, "embed": h.embed_lr, "gate": h.gate_lr, "scalar": h.scalar_lr}
-    decay = {"tied_embed": h.embed_weight_decay, "embed": h.embed_weight_decay}
-    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay.get(role, 0.0))
+    decay = {"tied_embed": h.embed_weight_decay, "embed": h.embed_weight_decay, "gate": h.scalar_weight_decay,
+             "scalar": h.scalar_weight_decay}
+    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay[role])
             for role, params in roles.items() if params]
 
 
@@ -1417,7 +1578,8 @@ def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
     adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=True)
     muon = Muon(muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
                 backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay, rank=rank,
-                world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize)
+                world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize, ns_coeffs=h.muon_ns_coeffs,
+                row_normalize=h.muon_row_normalize)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -3338,12 +3500,14 @@ def predict_window_eval_seconds(cfg: ModelConfig, num_tokens: int, spec: EvalSpe
 # ----------------------------------------------------------------------------------------------------
 
 
-def lr_multiplier(progress: float, warmdown_frac: float, floor: float = 0.0) -> float:
-    """1 until the last warmdown_frac of the budget, then linear down to floor at its end (and after)."""
+def lr_multiplier(progress: float, warmdown_frac: float, floor: float = 0.0, min_lr: float = 0.0) -> float:
+    """1 until the last warmdown_frac of the budget, then linear down to floor at its end (and after);
+    never below min_lr, which (floor 0) makes the public run's max((1 - p) / f, MIN_LR): a linear fall
+    that stops at MIN_LR for the run's last min_lr * f."""
     if warmdown_frac <= 0.0:
         return 1.0
     down = min(1.0, max(0.0, (1.0 - progress) / warmdown_frac))
-    return floor + (1.0 - floor) * down
+    return max(min_lr, floor + (1.0 - floor) * down)
 
 
 EMA_WARMUP_STEPS = 10  # the EMA's decay after step t is at most (1 + t) / (EMA_WARMUP_STEPS + t)
@@ -3392,7 +3556,7 @@ class Schedule:
         """The settings of step `step` (0-based), which starts after elapsed_ms of training."""
         h = self.h
         progress = self.progress(step, elapsed_ms)
-        lr_mult = lr_multiplier(progress, h.warmdown_frac, h.warmdown_floor)
+        lr_mult = lr_multiplier(progress, h.warmdown_frac, h.warmdown_floor, h.min_lr)
         if h.qat != "off" and self.qat_start is None and lr_mult < h.qat_lr_threshold:
             self.qat_start = step
         qat_on = self.qat_start is not None
@@ -3418,7 +3582,8 @@ class Schedule:
         h = self.h
         return (f"schedule train_budget:{self.budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
                 f"iterations:{h.iterations} ends:first_of_iterations_and_budget warmdown_frac:{h.warmdown_frac} "
-                f"warmdown_floor:{h.warmdown_floor} momentum:{h.muon_momentum_warmup_start}->{h.muon_momentum} "
+                f"warmdown_floor:{h.warmdown_floor} min_lr:{h.min_lr} "
+                f"momentum:{h.muon_momentum_warmup_start}->{h.muon_momentum} "
                 f"momentum_warmup_steps:{h.muon_momentum_warmup_steps} qat:{h.qat} "
                 f"qat_below_lr_mult:{h.qat_lr_threshold} final_weights:{h.final_weights} ema_decay:{h.ema_decay} "
                 f"ema_warmup:(1+t)/({EMA_WARMUP_STEPS}+t) swa_every:{h.swa_every} "
@@ -4058,6 +4223,7 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
     log("=" * 100, console=False)
     for f in dataclasses.fields(h):
         log(f"hparam {f.name}:{getattr(h, f.name)}")
+    log(describe_preset(h.preset, env))
     with rt.autocast():
         activations = str(activation_dtype(torch.zeros((), device=rt.device))).removeprefix("torch.")
     log(f"runtime world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} "
@@ -4071,6 +4237,13 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
         log(f"gpu name:{torch.cuda.get_device_name(rt.device)}")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout, console=False)
+
+
+def describe_preset(name: str, env) -> str:
+    """One log line: the preset, the variables it set, and those of its variables the environment set instead."""
+    preset = PRESETS[name]
+    applied = ",".join(f"{k}={v}" for k, v in preset.items() if k not in env) or "none"
+    return f"preset name:{name} set:{applied} overridden:{','.join(k for k in preset if k in env) or 'none'}"
 
 
 def log_dataset(info: dict[str, str], log) -> None:

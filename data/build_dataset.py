@@ -20,6 +20,11 @@ Validation is either the first --val-docs documents of --input, or the whole of 
 The tokenizer is trained on a bounded, seeded sample of the training documents only: the
 challenge forbids any use of validation data for training, and the tokenizer is part of the model.
 
+No validation document reaches the training data: a training document whose text equals a validation
+document's is left out before the tokenizer sees it, one whose tokens equal a validation document's is left
+out of the shards, and data/check_disjoint.py's check then runs on the shards written (the build fails on
+any overlap). The manifest and the summary give the counts.
+
 The whole input is held in memory; use --max-train-docs to cap very large inputs.
 
 Run:
@@ -50,6 +55,7 @@ if __package__ in (None, ""):
     # Run as a script (python data/build_dataset.py): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.check_disjoint import check_dataset, describe, document_key  # noqa: E402
 from data.shards import MAX_TOKEN_ID, shard_filename, write_shard  # noqa: E402
 from train_gpt import DATASET_MANIFEST, Progress, sha256_files  # noqa: E402
 
@@ -269,23 +275,36 @@ def _docs_to_tokens(encoded: list[list[int]]) -> np.ndarray:
     return np.fromiter(flat, dtype=np.int64, count=total)
 
 
+def _key(ids: list[int]) -> bytes:
+    return document_key(np.asarray(ids, dtype=np.uint16))
+
+
 def encode_split(
     sp: spm.SentencePieceProcessor,
     texts: Sequence[str],
     writer: ShardWriter,
     token_counts: np.ndarray,
     progress: bool,
-) -> list[Path]:
-    """Encode texts (BOS + tokens per document) into writer's shards; updates token_counts."""
+    val_keys: set[bytes],
+) -> tuple[list[Path], int]:
+    """Encode texts (BOS + tokens per document) into writer's shards; updates token_counts. The validation
+    split adds each document's key (check_disjoint.document_key) to val_keys; the training split leaves
+    out every document whose key is there. Returns the shards and how many documents were left out."""
+    dropped = 0
     with Progress(f"encode_{writer.split}", len(texts), enabled=progress, unit="doc") as bar:
         for start in range(0, len(texts), ENCODE_BATCH_DOCS):
             batch = list(texts[start : start + ENCODE_BATCH_DOCS])
             encoded = sp.encode(batch, out_type=int, num_threads=os.cpu_count() or 1)
+            if writer.split == "val":
+                val_keys.update(_key(ids) for ids in encoded if ids)
+            else:
+                kept = [ids for ids in encoded if not ids or _key(ids) not in val_keys]
+                dropped, encoded = dropped + len(encoded) - len(kept), kept
             tokens = _docs_to_tokens(encoded)
             token_counts += np.bincount(tokens, minlength=token_counts.size)
             writer.add(tokens.astype(np.uint16))
             bar.update(len(batch))
-    return writer.close()
+    return writer.close(), dropped
 
 
 def _remove_stale_shards(output_dir: Path) -> list[Path]:
@@ -328,6 +347,11 @@ def build_dataset(
         raise ValueError("no validation documents")
     output_dir = Path(output_dir)
     check_not_challenge_names(output_dir, Path(tokenizer_prefix))
+    val_set = set(val_texts)
+    kept = [t for t in train_texts if t not in val_set]
+    same_text, train_texts = len(train_texts) - len(kept), kept
+    if not train_texts:
+        raise ValueError("no training documents that are not also validation documents")
 
     sample = tokenizer_training_sample(train_texts, tokenizer_train_chars, seed)
     if progress:  # one call, no progress to report: say what is happening
@@ -339,14 +363,20 @@ def build_dataset(
     output_dir.mkdir(parents=True, exist_ok=True)
     removed = _remove_stale_shards(output_dir)
     token_counts = np.zeros(vocab_size, dtype=np.int64)
-    files = {}
+    files, val_keys, dropped = {}, set(), {}
     for split, texts in (("val", val_texts), ("train", train_texts)):
         writer = ShardWriter(output_dir, split, shard_tokens)
-        files[split] = encode_split(sp, texts, writer, token_counts, progress)
+        files[split], dropped[split] = encode_split(sp, texts, writer, token_counts, progress, val_keys)
         files[f"{split}_tokens"] = writer.n_tokens
+    train_docs = len(train_texts) - dropped["train"]
+    disjoint = check_dataset(output_dir, BOS_ID)
+    if disjoint["train_docs_in_val"]:  # the shards are not what was encoded: never ship them
+        raise ValueError(f"{output_dir}: {describe(disjoint)}: validation documents in the training shards")
+    disjoint.update(train_docs_dropped_same_text=same_text, train_docs_dropped_same_tokens=dropped["train"])
 
-    manifest = dataset_manifest(output_dir, model_path, files, len(train_texts), len(val_texts), sample,
+    manifest = dataset_manifest(output_dir, model_path, files, train_docs, len(val_texts), sample,
                                 vocab_size, seed, inputs)
+    manifest["disjoint"] = {k: v for k, v in disjoint.items() if k != "train_docs_in_val"}
     (output_dir / DATASET_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return {
         "manifest": output_dir / DATASET_MANIFEST,
@@ -356,8 +386,9 @@ def build_dataset(
         "vocab_size": vocab_size,
         "train_files": files["train"],
         "val_files": files["val"],
-        "train_docs": len(train_texts),
+        "train_docs": train_docs,
         "val_docs": len(val_texts),
+        "disjoint": disjoint,
         "train_tokens": files["train_tokens"],
         "val_tokens": files["val_tokens"],
         "tokenizer_train_docs": len(sample),
@@ -421,6 +452,9 @@ def format_summary(result: dict, seconds: float) -> str:
         f"val:   {result['val_docs']:,} docs, {result['val_tokens']:,} tokens, {len(result['val_files'])} file(s)",
         f"train: {result['train_docs']:,} docs, {result['train_tokens']:,} tokens, {len(result['train_files'])} file(s)",
         f"distinct token ids used: {result['distinct_tokens']} of {result['vocab_size']}",
+        f"{describe(result['disjoint'])}: left out of training "
+        f"{result['disjoint']['train_docs_dropped_same_text']} documents with a validation document's text, "
+        f"{result['disjoint']['train_docs_dropped_same_tokens']} with its tokens",
     ]
     if result["stale_files_removed"]:
         lines.append(f"removed {len(result['stale_files_removed'])} stale shard(s) from an earlier build")

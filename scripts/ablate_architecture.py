@@ -86,7 +86,8 @@ def prepare_data(data: Path, out: Path, val_tokens: int) -> Path:
 def run_variant(name: str, overrides: dict, small: dict, args, data: Path) -> str:
     run_id = re.sub(r"\W+", "_", name).strip("_")
     log_path = args.out / "logs" / f"{run_id}.txt"
-    if log_path.exists() and "final_sliding_window_exact" in log_path.read_text():
+    # A finished run's last line; the phrase alone is not enough: every log starts with the source, which has it.
+    if log_path.exists() and re.search(r"^final_sliding_window_exact ", log_path.read_text(), re.M):
         return log_path.read_text()
     env = {**os.environ, **small, **{k: str(v) for k, v in overrides.items()}}
     env.update(DATA_PATH=str(data), TOKENIZER_PATH=str(args.tokenizer), OUT_DIR=str(args.out / "logs"),

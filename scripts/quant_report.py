@@ -9,6 +9,7 @@ bytes per compressor, byte shuffle and storage, and the speed of the 6-bit packi
     python3 scripts/quant_report.py sizes                        # the default 27 M model, random init
     python3 scripts/quant_report.py frontier DIR/float.pt        # SDClip, int7, LQER, per-group: bpb, bytes
     python3 scripts/quant_report.py sizes --frontier             # their bytes on the default 27 M model
+    PRESET=april python3 scripts/quant_report.py sizes --frontier  # ... on the April model (36 M)
 
 `train` runs train_gpt.main() unchanged (model and data come from the usual variables: DATA_PATH,
 TOKENIZER_PATH, NUM_LAYERS, ...) and saves what its quantization step receives: the trained float
@@ -161,10 +162,10 @@ def group_of(name: str) -> str:
 
 
 def random_default_state() -> tuple[dict, tg.Hyperparameters, dict[str, int]]:
-    """The default (record-size) model at random init and its plan. Its output projections start at
-    zero, which would compress to nothing, so every all-zero matrix is filled like its neighbours
-    (N(0, 1/cols))."""
-    h = tg.Hyperparameters()
+    """The model of the environment's settings (the default, record-size one when none is set; PRESET=april
+    for the April model) at random init and its plan. Its output projections start at zero, which would
+    compress to nothing, so every all-zero matrix is filled like its neighbours (N(0, 1/cols))."""
+    h = tg.Hyperparameters.from_env()
     torch.manual_seed(0)
     model = build_model(h)
     with torch.no_grad():

@@ -88,7 +88,11 @@ class Hyperparameters:
     bigram_buckets: int = _hp(2048, lo=0, hi=1 << 20)  # BigramHash table rows (last one: position 0); 0: off
     bigram_dim: int = _hp(128, lo=1, hi=4096)
     bigram_scale_init: float = _hp(0.05, lo=0.0, hi=10.0)
+    bigram_init: str = _hp("zero_proj", choices=("zero_proj", "zero_table"))  # which side starts at zero
+    ve_layers: str = _hp("-2,-1")  # value embeddings added to these layers' attention values; "none": off
+    ve_dim: int = _hp(128, lo=1, hi=4096)  # width of the shared value-embedding table
     ortho_init: bool = _hp(True)  # orthogonal block matrices, MLP output projections x 1/sqrt(2 L)
+    mlp_proj_init: str = _hp("ortho", choices=("ortho", "zero"))  # MLP output projections under ORTHO_INIT
     recurrence: bool = _hp(False)  # RECUR_PRELUDE blocks, one shared block x RECUR_PASSES, RECUR_CODA blocks
     recur_prelude: int = _hp(2, lo=0, hi=64)
     recur_passes: int = _hp(7, lo=1, hi=64)
@@ -123,6 +127,8 @@ class Hyperparameters:
     embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # untied embedding tables (the bigram table)
     gate_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # non-matrix parameters with "gate" in their name
     embed_weight_decay: float = _hp(0.01, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
+    scalar_weight_decay: float = _hp(0.0, lo=0.0, hi=1.0)  # AdamW decay on gates, scalars (and Adam projections)
+    embed_proj_optimizer: str = _hp("muon", choices=("muon", "adam"))  # bigram/value-embedding projections
     # Schedule, weight averaging and QAT.
     warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
     gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
@@ -204,6 +210,7 @@ class Hyperparameters:
 
     def _check_architecture(self) -> None:
         parse_layer_set(self.xsa_layers, self.num_layers, "XSA_LAYERS")
+        parse_layer_set(self.ve_layers, self.num_layers, "VE_LAYERS")
         if self.bigram_buckets == 1:
             raise ValueError("BIGRAM_BUCKETS=1 is invalid: 0 (off) or at least 2 (one row is reserved)")
         depth = self.recur_prelude + self.recur_passes + self.recur_coda
@@ -239,7 +246,9 @@ def _parse_env_value(key: str, raw: str, default, meta: dict):
 
 
 def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
-    """'all', 'none' (or empty) or comma-separated layer ids in [0, num_layers)."""
+    """'all', 'none' (or empty) or comma-separated layer ids. A negative id counts from the end (-1 is the
+    last layer; one past the first layer stays on the first), so "-2,-1", the last two layers, holds at
+    any depth, even 1."""
     spec = spec.strip().lower()
     if spec == "all":
         return frozenset(range(num_layers))
@@ -249,9 +258,10 @@ def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
         layers = frozenset(int(part) for part in spec.split(","))
     except ValueError:
         raise ValueError(f"{name}={spec!r} is invalid: expected all, none or comma-separated layer ids") from None
-    if not all(0 <= layer < num_layers for layer in layers):
-        raise ValueError(f"{name}={spec!r} is out of range: layer ids are in [0, {num_layers - 1}]")
-    return layers
+    if not all(layer < num_layers for layer in layers):
+        raise ValueError(f"{name}={spec!r} is out of range: layer ids are in [0, {num_layers - 1}] "
+                         f"(or negative, from the end)")
+    return frozenset(layer if layer >= 0 else max(0, num_layers + layer) for layer in layers)
 
 
 def grad_accum_steps(world_size: int) -> int:
@@ -519,7 +529,11 @@ class ModelConfig:
     bigram_buckets: int = 2048
     bigram_dim: int = 128
     bigram_scale_init: float = 0.05
+    bigram_init: str = "zero_proj"
+    ve_layers: str = "-2,-1"
+    ve_dim: int = 128
     ortho_init: bool = True
+    mlp_proj_init: str = "ortho"
     recurrence: bool = False
     recur_prelude: int = 2
     recur_passes: int = 7
@@ -570,9 +584,12 @@ class CastedLinear(nn.Linear):
     int6 fake-quantized weight whenever the qat_on buffer is 1. On/off and the soft-round sharpness are
     buffers, read by the compiled graph at run time. A Python flag is either frozen at compile time
     (QAT never switches on: a known bug of public runs) or, where dynamo guards it, recompiles the
-    whole model in the middle of the timed run.
+    whole model in the middle of the timed run. An eager forward (CPU runs) reads the Python mirror
+    qat_active instead and skips the fake quantization while QAT is off: computing it for nothing cost
+    12% of a CPU step at 4 x 128 (docs/parity.md).
     """
     qat_mode = "off"
+    qat_active = False  # QATSchedule keeps it equal to qat_on; never read inside a compiled graph
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -583,7 +600,7 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat_mode != "off":
+        if self.qat_mode != "off" and (torch.compiler.is_compiling() or self.qat_active):
             q = fake_quant_int6(w, self.qat_alpha if self.qat_mode == "soft" else None)
             w = torch.where(self.qat_on > 0, q, w)
         return F.linear(x, w.to(x.dtype))
@@ -645,11 +662,15 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         self.attention = attention
 
-    def forward(self, x: Tensor, xsa: bool) -> Tensor:
+    def forward(self, x: Tensor, xsa: bool, ve: Tensor | None = None) -> Tensor:
+        """ve [B, T, kv_dim]: a value embedding added to the values (XSA then removes the sum's direction)."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if ve is not None:
+            v = v + ve
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = self.attention(q, k, v)
@@ -687,11 +708,11 @@ class Block(nn.Module):
         # Row 0 weighs the stream, row 1 the first-layer input x0: starts as the plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool, ve: Tensor | None = None) -> Tensor:
         """input_scale and xsa are Python constants of the layer position (a shared block has several)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa, ve)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * input_scale)
 
 
@@ -730,14 +751,40 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets = cfg.bigram_buckets
         self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
-        # Unit-variance random rows: with the projection at zero, the rows must differ from the start,
-        # or neither table nor projection ever gets a gradient.
-        nn.init.normal_(self.table.weight, std=1.0)
         self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim, zero_init=True)
+        # One side must start non-zero, or neither table nor projection ever gets a gradient.
+        if cfg.bigram_init == "zero_table":  # the 2026-03-29 record's: the projection passes gradient to the rows
+            nn.init.zeros_(self.table.weight)
+            nn.init.orthogonal_(self.proj.weight)
+        else:  # unit-variance random rows, zero projection
+            nn.init.normal_(self.table.weight, std=1.0)
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
 
     def forward(self, input_ids: Tensor) -> Tensor:
         e = self.table(bigram_bucket_ids(input_ids, self.buckets))
+        return self.scale.to(e.dtype) * self.proj(e)
+
+
+VE_TABLE_INIT_STD = 0.01  # the 2026-03-29 record's init: small random rows, a 0.1 output scale
+VE_SCALE_INIT = 0.1
+
+
+class ValueEmbedding(nn.Module):
+    """A second embedding of the current token, added to the attention values of a few layers (each
+    with its own learned scalar, GPT.ve_layer_scales): the layers near the output get the token's
+    identity back without spending residual width on it. One table, shared by those layers, projected
+    to the key/value width; it reads the input token only, so it is causal like the token embedding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+        self.table = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+        nn.init.normal_(self.table.weight, std=VE_TABLE_INIT_STD)
+        self.proj = CastedLinear(cfg.ve_dim, kv_dim, zero_init=True)  # GPT's orthogonal init replaces the zeros
+        self.scale = nn.Parameter(torch.tensor(VE_SCALE_INIT))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        e = self.table(input_ids)
         return self.scale.to(e.dtype) * self.proj(e)
 
 
@@ -749,6 +796,7 @@ class LayerPass(NamedTuple):
     iteration: int  # shared-block pass: index of the iteration vector added first; -1: none
     push: bool  # U-Net encoder: its output is pushed for a decoder layer
     pop: int  # U-Net decoder: skip index it pops and blends in first; -1: none
+    ve: int  # value embedding: index of its scale in GPT.ve_layer_scales; -1: none
 
 
 def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
@@ -763,9 +811,10 @@ def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
     else:
         blocks, iterations = list(range(cfg.num_layers)), [-1] * cfg.num_layers
     xsa = parse_layer_set(cfg.xsa_layers, cfg.num_layers, "xsa_layers")
+    ve = sorted(parse_layer_set(cfg.ve_layers, cfg.num_layers, "ve_layers"))
     encoder = cfg.num_layers // 2  # the first half pushes, as many decoder layers pop in reverse order
     plan = [LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
-                      l < encoder, l - encoder if encoder <= l < 2 * encoder else -1)
+                      l < encoder, l - encoder if encoder <= l < 2 * encoder else -1, ve.index(l) if l in ve else -1)
             for l, (block, it) in enumerate(zip(blocks, iterations))]
     if repeats_on and cfg.mini_recur_repeats:
         first, last = cfg.mini_recur_first, cfg.mini_recur_last
@@ -785,6 +834,10 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
         self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
+        ve_layers = len(parse_layer_set(cfg.ve_layers, cfg.num_layers, "ve_layers"))
+        self.value_embed = ValueEmbedding(cfg) if ve_layers else None
+        if ve_layers:  # one scalar per layer that reads the shared table
+            self.ve_layer_scales = nn.Parameter(torch.ones(ve_layers))
         unique = cfg.recur_prelude + 1 + cfg.recur_coda if cfg.recurrence else cfg.num_layers
         self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(unique))
         if cfg.recurrence:  # tells the shared block which pass it is on; zero: starts as plain reuse
@@ -806,6 +859,10 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(linear.weight)
             with torch.no_grad():
                 block.mlp.proj.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
+            if self.cfg.mlp_proj_init == "zero":  # like the attention output: each block starts as identity
+                nn.init.zeros_(block.mlp.proj.weight)
+        if self.value_embed is not None:  # the record's init: the table's small rows pass from the start
+            nn.init.orthogonal_(self.value_embed.proj.weight)
 
     def set_mini_recurrence(self, on: bool) -> bool:
         """Turn the mini-recurrence repeats on or off; True if the plan changed. torch.compile guards on
@@ -837,13 +894,15 @@ class GPT(nn.Module):
 
     def logits(self, input_ids: Tensor) -> Tensor:
         x = x0 = self.embed(input_ids)
+        ve = self.value_embed(input_ids).to(x.dtype) if self.value_embed is not None else None
         skips = []
         for p in self.plan:
             if p.pop >= 0:
                 x = self.skip_blend(x, skips.pop(), p.pop)
             if p.iteration >= 0:
                 x = x + self.iteration_vectors[p.iteration].to(x.dtype)
-            x = self.blocks[p.block](x, x0, p.input_scale, p.xsa)
+            layer_ve = ve * self.ve_layer_scales[p.ve].to(x.dtype) if p.ve >= 0 else None
+            x = self.blocks[p.block](x, x0, p.input_scale, p.xsa, layer_ve)
             if p.push:
                 skips.append(x)
         logits = F.linear(self.final_norm(x), self.tok_emb.weight.to(x.dtype)).float()
@@ -856,7 +915,7 @@ class GPT(nn.Module):
     def fp16_param_names(self) -> set[str]:
         """Small control tensors (gains, gates, scales, mixes, skip weights, iteration vectors): the
         quantizer stores them as fp16 whatever their size, since each one scales whole activations."""
-        tables = {id(self.tok_emb.weight)} | ({id(self.bigram.table.weight)} if self.bigram else set())
+        tables = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         big = {id(p) for p in self.matrix_params()} | tables
         return {name for name, p in self.named_parameters() if id(p) not in big}
 
@@ -866,6 +925,7 @@ class GPT(nn.Module):
         return (f"model params:{sum(p.numel() for p in self.parameters())} unique_blocks:{len(self.blocks)} "
                 f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
                 f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
+                f"ve_passes:{','.join(str(i) for i, p in enumerate(plan) if p.ve >= 0) or 'none'} "
                 f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())}")
 
 
@@ -935,12 +995,23 @@ class Muon(torch.optim.Optimizer):
         return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
 
 
+def embed_projections(model: GPT) -> list[nn.Parameter]:
+    """The projections of the input-side tables (bigram, value embedding): the matrices outside the blocks
+    that EMBED_PROJ_OPTIMIZER hands to Muon or to Adam."""
+    return [m.proj.weight for m in (model.bigram, model.value_embed) if m is not None]
+
+
+def muon_params(model: GPT, h: Hyperparameters) -> list[nn.Parameter]:
+    adam = {id(p) for p in embed_projections(model)} if h.embed_proj_optimizer == "adam" else set()
+    return [p for p in model.matrix_params() if id(p) not in adam]
+
+
 def muon_groups(model: GPT, h: Hyperparameters) -> list[dict]:
     """One Muon group per layer (MATRIX_LR below MATRIX_LR_SPLIT_LAYER, MATRIX_LR_LATE from it on), and
     one at MATRIX_LR for any Muon matrix outside the blocks."""
     layer_of = {id(p): i for i, block in enumerate(model.blocks) for p in block.parameters()}
     by_name: dict[str, list] = {}
-    for p in model.matrix_params():
+    for p in muon_params(model, h):
         layer = layer_of.get(id(p))
         by_name.setdefault("other" if layer is None else f"layer{layer}", []).append(p)
     groups = []
@@ -952,11 +1023,13 @@ def muon_groups(model: GPT, h: Hyperparameters) -> list[dict]:
 
 def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
     """Every parameter Muon does not train, by role: the tied embedding, other embedding tables (the
-    bigram table), gates (name contains "gate") and the remaining scalars/vectors. Empty roles are left
-    out, so the rule holds whatever modules the model has."""
-    muon = {id(p) for p in model.matrix_params()}
+    bigram and value-embedding tables), their projections (EMBED_PROJ_OPTIMIZER=adam), gates (name
+    contains "gate") and the remaining scalars/vectors. Empty roles are left out, so the rule holds
+    whatever modules the model has."""
+    muon = {id(p) for p in muon_params(model, h)}
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    roles = {"tied_embed": [], "embed": [], "gate": [], "scalar": []}
+    projections = {id(p) for p in embed_projections(model)}
+    roles = {"tied_embed": [], "embed": [], "embed_proj": [], "gate": [], "scalar": []}
     for name, p in model.named_parameters():
         if id(p) in muon:
             continue
@@ -964,11 +1037,14 @@ def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
             roles["tied_embed"].append(p)
         elif id(p) in tables:
             roles["embed"].append(p)
+        elif id(p) in projections:
+            roles["embed_proj"].append(p)
         else:
             roles["gate" if "gate" in name else "scalar"].append(p)
-    lr = {"tied_embed": h.tied_embed_lr, "embed": h.embed_lr, "gate": h.gate_lr, "scalar": h.scalar_lr}
+    lr = {"tied_embed": h.tied_embed_lr, "embed": h.embed_lr, "embed_proj": h.scalar_lr, "gate": h.gate_lr,
+          "scalar": h.scalar_lr}
     decay = {"tied_embed": h.embed_weight_decay, "embed": h.embed_weight_decay}
-    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay.get(role, 0.0))
+    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay.get(role, h.scalar_weight_decay))
             for role, params in roles.items() if params]
 
 
@@ -1893,6 +1969,7 @@ class QATSchedule:
         for m in self.layers:
             m.qat_on.fill_(float(on))
             m.qat_alpha.fill_(alpha)
+            m.qat_active = on
 
 
 def all_ranks_agree(flag: bool, rt: Runtime) -> bool:

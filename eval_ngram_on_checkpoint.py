@@ -1,11 +1,11 @@
-"""Score a saved artifact with the n-gram agreement tilt of SPEC section 6: plain and tilted val_bpb.
+"""Score a saved artifact with the n-gram agreement tilt of docs/ngram.md: plain and tilted val_bpb.
 
     ARTIFACT_PATH=logs/<RUN_ID>.ptz python3 eval_ngram_on_checkpoint.py
     ARTIFACT_PATH=logs/<RUN_ID>.ptz torchrun --standalone --nproc_per_node=8 eval_ngram_on_checkpoint.py
 
-The architecture comes from the same environment variables as the training run (train_gpt.py's
-Hyperparameters: NUM_LAYERS, MODEL_DIM, ...), the windows from EVAL_SEQ_LEN / EVAL_STRIDE, the n-gram
-settings from the NGRAM_* variables (NgramSettings). Rank 0 builds the hints once with
+The model is rebuilt from the config the artifact records (the architecture variables of the
+environment are not read); the data and tokenizer come from DATA_PATH / TOKENIZER_PATH, the windows from
+EVAL_SEQ_LEN / EVAL_STRIDE, the n-gram settings from the NGRAM_* variables (NgramSettings). Rank 0 builds the hints once with
 online_ngram_state.c while the model compiles, and broadcasts them; every rank scores its share of the
 sliding windows and applies the tilt on its own device. The log goes to stdout and to
 OUT_DIR/<artifact name>_ngram.txt.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,30 +32,32 @@ import train_gpt as tg
 
 @dataclass(frozen=True)
 class NgramSettings:
+    # The artifact.
     artifact_path: str = tg._hp("")  # the .ptz a training run wrote (required)
-    # Per expert (token 16-gram, within-word, word-start): the least confidence that may fire, and the
-    # boost beta. A boost of 0 turns an expert off.
-    ngram_token_threshold: float = tg._hp(0.80, lo=0.0, hi=1.0)
-    ngram_within_threshold: float = tg._hp(0.45, lo=0.0, hi=1.0)
-    ngram_word_threshold: float = tg._hp(0.65, lo=0.0, hi=1.0)
-    ngram_token_boost: float = tg._hp(2.625, lo=0.0, hi=20.0)
-    ngram_within_boost: float = tg._hp(0.75, lo=0.0, hi=20.0)
-    ngram_word_boost: float = tg._hp(0.75, lo=0.0, hi=20.0)
+    # Experts: the least confidence at which each may fire, and its boost beta (0 turns it off).
+    ngram_token_threshold: float = tg._hp(0.80, lo=0.0, hi=1.0)  # token 16-gram expert
+    ngram_within_threshold: float = tg._hp(0.45, lo=0.0, hi=1.0)  # within-word expert
+    ngram_word_threshold: float = tg._hp(0.65, lo=0.0, hi=1.0)  # word-start expert
+    ngram_token_boost: float = tg._hp(2.625, lo=0.0, hi=20.0)  # token 16-gram expert
+    ngram_within_boost: float = tg._hp(0.75, lo=0.0, hi=20.0)  # within-word expert
+    ngram_word_boost: float = tg._hp(0.75, lo=0.0, hi=20.0)  # word-start expert
     ngram_agree_boost: float = tg._hp(0.5, lo=0.0, hi=20.0)  # added when two gated experts agree
-    # Optional: mix the model with the adaptive cache (orders 2..7), weight = this x normalized entropy.
-    ngram_cache: bool = tg._hp(False)
-    ngram_cache_weight: float = tg._hp(0.3, lo=0.0, hi=1.0)
+    # Optional: the model mixed with the adaptive cache (orders 2..7).
+    ngram_cache: bool = tg._hp(False)  # also score the cache mixture
+    ngram_cache_weight: float = tg._hp(0.3, lo=0.0, hi=1.0)  # cache weight = this x normalized entropy
 
     @classmethod
     def from_env(cls, env) -> "NgramSettings":
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name.upper() in env:
-                values[f.name] = tg._parse_env_value(f.name.upper(), env[f.name.upper()], f.default, f.metadata)
-        settings = cls(**values)
+        names = {f.name.upper() for f in dataclasses.fields(cls)}
+        tg.check_unknown_settings(env, names | {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)})
+        try:
+            settings = cls(**{f.name: tg._parse_env_value(f.name.upper(), env[f.name.upper()], f.default, f.metadata)
+                              for f in dataclasses.fields(cls) if f.name.upper() in env})
+        except ValueError as e:
+            raise tg.SettingError(str(e)) from None
         if not settings.artifact_path:
-            raise ValueError("ARTIFACT_PATH is not set: point it at the .ptz a training run wrote "
-                             "(OUT_DIR/RUN_ID.ptz)")
+            raise tg.SettingError("ARTIFACT_PATH is not set: point it at the .ptz a training run wrote "
+                                  "(OUT_DIR/RUN_ID.ptz)")
         return settings
 
     def tilt(self) -> ng.TiltConfig:
@@ -68,20 +71,11 @@ SUMS = ("plain_nats", "tilted_nats", "cache_nats", "tokens", "bytes", *(f"fired_
         "agreed")
 
 
-def load_model(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, bos_id: int, log):
-    """(logits function, whether it is compiled) for the artifact, built as the environment describes."""
-    path = Path(s.artifact_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ARTIFACT_PATH={path}: no such file")
-    name, attention, why = tg.select_attention(rt.device)
-    log(f"attention_backend:{name} reason:{why}")
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id), attention)  # SmearGate needs the tokenizer's BOS
-    try:
-        model.load_state_dict(tg.load_artifact(path))
-    except RuntimeError as e:
-        raise ValueError(f"ARTIFACT_PATH={path} does not fit the architecture the environment describes "
-                         f"(NUM_LAYERS, MODEL_DIM, NUM_HEADS, ... must be the training run's): {e}") from e
-    model = model.to(rt.device).eval()
+def load_model(cfg: tg.ModelConfig, state: dict, h: tg.Hyperparameters, rt: tg.Runtime, log):
+    """(logits function, whether it is compiled) for the artifact's model."""
+    model = tg.build_model(cfg, rt.device, log)
+    model.load_state_dict(state)
+    model.eval()
     if rt.device.type == "cuda" and h.compile:
         return torch.compile(model.logits, dynamic=False), True
     return model.logits, False
@@ -105,23 +99,20 @@ def log_tables(log, label: str, stats: ng.TableStats, n: int) -> None:
 
 
 @torch.no_grad()
-def warm_up(logits_fn, h: tg.Hyperparameters, batch: int, rt: tg.Runtime) -> None:
-    x = torch.zeros((batch, h.eval_seq_len), dtype=torch.long, device=rt.device)
+def warm_up(logits_fn, spec: tg.EvalSpec, rt: tg.Runtime) -> None:
+    """Compile on zeros of the scoring batch's shape: never on validation tokens."""
+    x = torch.zeros((spec.batch_windows, spec.seq_len), dtype=torch.long, device=rt.device)
     with rt.autocast():
         logits_fn(x)
     rt.sync()
 
 
-@torch.no_grad()
 def score(logits_fn, val_tokens, luts: tg.ByteLUTs, hint, conf, cache_p, masks, s: NgramSettings,
-          h: tg.Hyperparameters, batch: int, rt: tg.Runtime) -> dict[str, float]:
+          spec: tg.EvalSpec, rt: tg.Runtime) -> dict[str, float]:
     """Sliding-window scoring of this rank's windows: plain, tilted (and cache-mixed) nats, summed."""
     tilt = s.tilt()
-    sums = torch.zeros(len(SUMS), dtype=torch.float64, device=rt.device)
-    for x, y, scored, pos in tg.eval_batches(val_tokens, h.eval_seq_len, h.eval_stride, batch, rt.rank,
-                                             rt.world_size):
-        with rt.autocast():
-            logits = logits_fn(x)
+
+    def sums(logits, x, y, scored, pos):
         logp = torch.log_softmax(logits.float()[scored], dim=-1)  # [S, V]: only the scored rows
         xs, ys, ps = x[scored], y[scored], pos[scored]
         plain = logp.gather(1, ys[:, None])[:, 0]
@@ -134,10 +125,10 @@ def score(logits_fn, val_tokens, luts: tg.ByteLUTs, hint, conf, cache_p, masks, 
         fired = [(expert == e).sum() for e in range(len(ng.EXPERTS))]
         values = [-plain.double().sum(), -tilted.double().sum(), -mixed.double().sum(), scored.sum(),
                   luts.token_bytes(xs, ys).sum(), *fired, agreed.sum()]
-        sums += torch.stack([v.double() for v in values])
-    if rt.world_size > 1:
-        dist.all_reduce(sums)
-    return dict(zip(SUMS, sums.tolist()))
+        return torch.stack([v.double() for v in values])
+
+    total = tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt.rank, rt.world_size, rt.autocast)
+    return dict(zip(SUMS, total.tolist()))
 
 
 def log_results(log, sums: dict[str, float], cache: bool) -> None:
@@ -158,23 +149,28 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     for f in dataclasses.fields(s):
         log(f"ngram_setting {f.name}:{getattr(s, f.name)}")
 
+    if not Path(s.artifact_path).is_file():
+        raise FileNotFoundError(f"ARTIFACT_PATH={s.artifact_path}: no such file")
+    cfg, state = tg.load_artifact(s.artifact_path)
+    log("model_from_artifact " + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(cfg).items()))
     sp = tg.load_tokenizer(h.tokenizer_path)
-    luts = tg.build_byte_luts(sp, h.vocab_size).to(rt.device)
-    tables = ng.build_word_tables(sp, h.vocab_size)
+    tg.check_tokenizer(sp, cfg, h.tokenizer_path)
+    luts = tg.build_byte_luts(sp, cfg.vocab_size).to(rt.device)
+    tables = ng.build_word_tables(sp, cfg.vocab_size)
     tokens = tg.load_validation_tokens(h.data_path)
     val_tokens = torch.from_numpy(tokens.astype(np.int32)).to(rt.device)
     log(f"data val_tokens:{len(tokens)} tokenizer_pieces:{sp.vocab_size()}")
-    logits_fn, compiled = load_model(h, s, rt, sp.bos_id(), log)
-    batch = h.val_batch_seqs(h.eval_seq_len)
+    logits_fn, compiled = load_model(cfg, state, h, rt, log)
+    spec = tg.EvalSpec.sliding(h)
 
     # Rank 0 builds the hints (and the cache's probabilities) while the model compiles: the C call
     # releases the GIL. Every other rank receives them by broadcast instead of rebuilding them.
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
         hints_job = pool.submit(ng.hint_pass, tokens, tables) if rt.is_main else None
-        cache_job = pool.submit(ng.cache_pass, tokens, h.vocab_size) if rt.is_main and s.ngram_cache else None
+        cache_job = pool.submit(ng.cache_pass, tokens, cfg.vocab_size) if rt.is_main and s.ngram_cache else None
         if compiled:
-            warm_up(logits_fn, h, batch, rt)
+            warm_up(logits_fn, spec, rt)
             log(f"compile warm_up_ms:{1000 * (time.perf_counter() - t0):.0f}")
         hints = hints_job.result() if hints_job else None
         cache = cache_job.result() if cache_job else None
@@ -191,18 +187,39 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     rt.sync()
     t2 = time.perf_counter()
 
-    sums = score(logits_fn, val_tokens, luts, hint, conf, cache_p, ng.piece_masks(tables, rt.device), s, h,
-                 batch, rt)
+    sums = score(logits_fn, val_tokens, luts, hint, conf, cache_p, ng.piece_masks(tables, rt.device), s, spec, rt)
     rt.sync()
     t3 = time.perf_counter()
     log_results(log, sums, s.ngram_cache)
     log(f"ngram_timing prepare_ms:{1000 * (t1 - t0):.0f} share_ms:{1000 * (t2 - t1):.0f} "
         f"eval_ms:{1000 * (t3 - t2):.0f} total_ms:{1000 * (t3 - t_start):.0f}")
+    if rt.is_main:
+        check_submission_bytes(Path(s.artifact_path), log)
     return sums
+
+
+def code_files() -> list[Path]:
+    """The code a submission scored with the n-gram tilt must ship: training, and this evaluation."""
+    return [Path(tg.__file__), Path(__file__), Path(ng.__file__), ng.SOURCE]
+
+
+def check_submission_bytes(artifact: Path, log) -> None:
+    """A tilted score is a submission whose artifact holds the evaluation code too: log its bytes and
+    fail, with both counts, if code plus model reach the cap."""
+    files = {p.name: p.stat().st_size for p in code_files()}
+    code, model = sum(files.values()), artifact.stat().st_size
+    log("ngram_artifact " + " ".join(f"{name}:{size}" for name, size in files.items()) +
+        f" bytes_code:{code} bytes_model:{model} bytes_total:{code + model} cap:{tg.ARTIFACT_CAP_BYTES}")
+    tg.check_artifact_cap(code, model)
+
+
+MODEL_VARIABLES = frozenset(f.name.upper() for f in dataclasses.fields(tg.ModelConfig))
 
 
 def main(env=None) -> dict[str, float]:
     env = os.environ if env is None else env
+    # The model is the artifact's: its variables (NUM_LAYERS, ...) are neither read nor validated here.
+    env = {k: v for k, v in env.items() if k not in MODEL_VARIABLES}
     h = tg.Hyperparameters.from_env(env)
     s = NgramSettings.from_env(env)
     rt = tg.setup_runtime(h, env)
@@ -214,4 +231,8 @@ def main(env=None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (tg.SettingError, tg.DataError, FileNotFoundError) as e:  # one line, as train_gpt.py's cli()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

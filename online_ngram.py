@@ -1,4 +1,4 @@
-"""Online n-gram experts for the evaluation-time agreement pass (SPEC section 6), and an adaptive cache.
+"""Online n-gram experts for the evaluation-time agreement pass (docs/ngram.md), and an adaptive cache.
 
 - `build_word_tables`: the sentencepiece piece tables the C state reads (no Python dicts on the hot path).
 - `hint_pass` / `cache_pass`: run online_ngram_state.c (built with the system compiler on first use,
@@ -138,12 +138,17 @@ def _bad_token(tokens: np.ndarray, pos: int, vocab: int) -> ValueError:
 
 
 def _check_tokens(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The stream as contiguous uint16, after checking every id against the vocabulary in its own type:
+    checked after the narrowing cast, 65543 would pass as 7."""
     if not 2 <= vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocabulary size {vocab_size} is outside [2, {MAX_VOCAB}]")
-    tokens = np.ascontiguousarray(tokens, dtype=np.uint16)
-    if len(tokens) and tokens.max() >= vocab_size:
-        raise _bad_token(tokens, int(np.argmax(tokens >= vocab_size)), vocab_size)
-    return tokens
+    tokens = np.asarray(tokens)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, not {tokens.dtype}")
+    outside = (tokens < 0) | (tokens >= vocab_size)
+    if outside.any():
+        raise _bad_token(tokens, int(np.argmax(outside)), vocab_size)
+    return np.ascontiguousarray(tokens, dtype=np.uint16)
 
 
 def _run(fn, names: list[str], tokens: np.ndarray, vocab: int, inputs: tuple, outputs: tuple,

@@ -1,6 +1,6 @@
 /*
- * online_ngram_state.c: the online n-gram state behind the evaluation-time agreement pass (SPEC
- * section 6), and the optional adaptive n-gram cache. online_ngram.py builds it with the system
+ * online_ngram_state.c: the online n-gram state behind the evaluation-time agreement pass
+ * (docs/ngram.md), and the optional adaptive n-gram cache. online_ngram.py builds it with the system
  * compiler and calls it through ctypes; its NumPy/Python reference there defines the same results.
  *
  * Legend of dimensions

@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import difflib
 import fnmatch
 import functools
 import glob
@@ -54,31 +55,37 @@ ARTIFACT_CAP_BYTES = 16_000_000  # decimal cap on code bytes + compressed model 
 MICRO_BATCHES_PER_STEP = 8
 
 
+class SettingError(ValueError):
+    """A setting (an environment variable) is invalid or contradicts another, or the tokenizer: the run
+    stops before it starts, with one line naming the variable and what it accepts (no traceback)."""
+
+
+class DataError(ValueError):
+    """A data file is corrupt or not what the run needs: the message names the file and what is wrong."""
+
+
 def _hp(default, *, lo=None, hi=None, choices=None):
     """A hyperparameter field: its default and the values it accepts."""
     return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices})
 
 
 @dataclass(frozen=True)
-class Hyperparameters:
-    # Data and run identity.
-    data_path: str = _hp("./data/datasets/fineweb10B_sp1024")
-    tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")
-    run_id: str = _hp("")  # empty: a fresh id, shared by all ranks
-    out_dir: str = _hp("logs")  # the log <RUN_ID>.txt and the artifact <RUN_ID>.ptz go here
-    seed: int = _hp(1337, lo=0, hi=2**31 - 1)
+class ModelConfig:
+    """What the model is. Every field is also a Hyperparameters field (an environment variable, NUM_LAYERS=11,
+    ...), and the artifact's manifest records them all, so an artifact is rebuilt and scored from its path."""
     # Model.
     vocab_size: int = _hp(1024, lo=2, hi=65536)  # shards store uint16 tokens
-    num_layers: int = _hp(11, lo=1, hi=64)
-    model_dim: int = _hp(512, lo=8, hi=8192)
-    num_heads: int = _hp(8, lo=1, hi=128)
-    num_kv_heads: int = _hp(4, lo=1, hi=128)
-    mlp_mult: int = _hp(3, lo=1, hi=16)
-    rope_base: float = _hp(10000.0, lo=1.0, hi=1e9)
-    logit_softcap: float = _hp(30.0, lo=1.0, hi=1e4)
-    qk_gain_init: float = _hp(1.5, lo=0.0, hi=100.0)
-    tied_embed_init_std: float = _hp(0.005, lo=0.0, hi=1.0)
-    # Model: record architecture. Each part switches off to the baseline model (SPEC section 3).
+    bos_id: int = _hp(1, lo=0, hi=65535)  # the tokenizer's BOS (checked at start-up): documents start here
+    num_layers: int = _hp(11, lo=1, hi=64)  # effective depth (with RECURRENCE, prelude + passes + coda)
+    model_dim: int = _hp(512, lo=8, hi=8192)  # width; head dim = MODEL_DIM / NUM_HEADS
+    num_heads: int = _hp(8, lo=1, hi=128)  # query heads
+    num_kv_heads: int = _hp(4, lo=1, hi=128)  # key/value heads (GQA): divides NUM_HEADS
+    mlp_mult: int = _hp(3, lo=1, hi=16)  # MLP hidden = MLP_MULT x MODEL_DIM
+    rope_base: float = _hp(10000.0, lo=1.0, hi=1e9)  # rotary frequency base
+    logit_softcap: float = _hp(30.0, lo=1.0, hi=1e4)  # logits = cap * tanh(z / cap)
+    qk_gain_init: float = _hp(1.5, lo=0.0, hi=100.0)  # initial per-head gain on the normalized q
+    tied_embed_init_std: float = _hp(0.005, lo=0.0, hi=1.0)  # init std of the tied input/output embedding
+    # Model: record architecture. Each part switches off to the baseline model (docs/architecture.md).
     mlp_activation: str = _hp("relu2", choices=("relu2", "leaky_relu2"))  # leaky: LeakyReLU(0.5)^2
     rope_dims: int = _hp(16, lo=2, hi=4096)  # rotary on the first ROPE_DIMS dims of each head; head dim = full
     block_input_scale: bool = _hp(True)  # the normalized input of layer l is multiplied by 1/sqrt(l+1)
@@ -86,37 +93,82 @@ class Hyperparameters:
     xsa_layers: str = _hp("all")  # exclusive self attention: "all", "none" or effective layer ids "0,5,10"
     smear_gate: bool = _hp(True)  # blend each token with the previous one, never across a BOS
     bigram_buckets: int = _hp(2048, lo=0, hi=1 << 20)  # BigramHash table rows (last one: position 0); 0: off
-    bigram_dim: int = _hp(128, lo=1, hi=4096)
-    bigram_scale_init: float = _hp(0.05, lo=0.0, hi=10.0)
+    bigram_dim: int = _hp(128, lo=1, hi=4096)  # BigramHash table width (projected to MODEL_DIM)
+    bigram_scale_init: float = _hp(0.05, lo=0.0, hi=10.0)  # initial scale of the BigramHash output
     bigram_init: str = _hp("zero_proj", choices=("zero_proj", "zero_table"))  # which side starts at zero
     ve_layers: str = _hp("-2,-1")  # value embeddings added to these layers' attention values; "none": off
     ve_dim: int = _hp(128, lo=1, hi=4096)  # width of the shared value-embedding table
     ortho_init: bool = _hp(True)  # orthogonal block matrices, MLP output projections x 1/sqrt(2 L)
     mlp_proj_init: str = _hp("ortho", choices=("ortho", "zero"))  # MLP output projections under ORTHO_INIT
     recurrence: bool = _hp(False)  # RECUR_PRELUDE blocks, one shared block x RECUR_PASSES, RECUR_CODA blocks
-    recur_prelude: int = _hp(2, lo=0, hi=64)
-    recur_passes: int = _hp(7, lo=1, hi=64)
-    recur_coda: int = _hp(2, lo=0, hi=64)
+    recur_prelude: int = _hp(2, lo=0, hi=64)  # RECURRENCE=1: blocks before the shared one
+    recur_passes: int = _hp(7, lo=1, hi=64)  # RECURRENCE=1: passes of the shared block
+    recur_coda: int = _hp(2, lo=0, hi=64)  # RECURRENCE=1: blocks after the shared one
     mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
-    mini_recur_first: int = _hp(4, lo=0, hi=63)
-    mini_recur_last: int = _hp(5, lo=0, hi=63)
-    mini_recur_start_frac: float = _hp(0.0, lo=0.0, hi=0.999)  # repeats start at this share of training
+    mini_recur_first: int = _hp(4, lo=0, hi=63)  # first layer the mini recurrence repeats
+    mini_recur_last: int = _hp(5, lo=0, hi=63)  # last layer the mini recurrence repeats
+
+    @classmethod
+    def from_hparams(cls, h: "ModelConfig") -> "ModelConfig":
+        """The model fields of a Hyperparameters (or of any ModelConfig subclass)."""
+        return cls(**{f.name: getattr(h, f.name) for f in dataclasses.fields(cls)})
+
+    def check(self) -> None:
+        """Cross-field rules of the architecture; each error names the variables involved."""
+        if self.model_dim % self.num_heads:
+            raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        head_dim = self.model_dim // self.num_heads
+        if head_dim % 2:
+            raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (rotary)")
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim "
+                             f"MODEL_DIM/NUM_HEADS={head_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        if self.bos_id >= self.vocab_size:
+            raise ValueError(f"BOS_ID={self.bos_id} must be below VOCAB_SIZE={self.vocab_size}")
+        parse_layer_set(self.xsa_layers, self.num_layers, "XSA_LAYERS")
+        parse_layer_set(self.ve_layers, self.num_layers, "VE_LAYERS")
+        if self.bigram_buckets == 1:
+            raise ValueError("BIGRAM_BUCKETS=1 is invalid: 0 (off) or at least 2 (one row is reserved)")
+        depth = self.recur_prelude + self.recur_passes + self.recur_coda
+        if self.recurrence and depth != self.num_layers:
+            raise ValueError(f"RECURRENCE=1 needs NUM_LAYERS={self.num_layers} to equal the effective depth "
+                             f"RECUR_PRELUDE + RECUR_PASSES + RECUR_CODA = {depth}")
+        if self.mini_recur_repeats and self.recurrence:
+            raise ValueError("MINI_RECUR_REPEATS and RECURRENCE=1 cannot be combined: choose one form")
+        if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
+            raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first} and MINI_RECUR_LAST={self.mini_recur_last} "
+                             f"must satisfy FIRST <= LAST < NUM_LAYERS={self.num_layers}")
+
+
+@dataclass(frozen=True)
+class Hyperparameters(ModelConfig):
+    """Everything a run reads from the environment: the model's fields (inherited from ModelConfig) and how
+    it is trained, quantized and evaluated."""
+    # Data and run identity.
+    data_path: str = _hp("./data/datasets/fineweb10B_sp1024")  # folder of fineweb_train_*.bin and fineweb_val_*.bin
+    tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")  # sentencepiece model (bpb bytes, BOS check)
+    run_id: str = _hp("")  # empty: a fresh id, shared by all ranks
+    out_dir: str = _hp("logs")  # the log <RUN_ID>.txt and the artifact <RUN_ID>.ptz go here
+    seed: int = _hp(1337, lo=0, hi=2**31 - 1)  # init, data order, everything random: the same seed gives the same run
     # Training length and batch.
-    train_seq_len: int = _hp(2048, lo=2, hi=65536)
-    train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)
-    iterations: int = _hp(20_000, lo=0, hi=10**9)
+    train_seq_len: int = _hp(2048, lo=2, hi=65536)  # training sequence length (and the plain evaluation's windows)
+    train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)  # per step: TRAIN_SEQ_LEN x 8k sequences
+    iterations: int = _hp(20_000, lo=0, hi=10**9)  # step limit (or the budget, if sooner)
     max_wallclock_seconds: float = _hp(600.0, lo=0.0, hi=1e7)  # 0: no cap, ITERATIONS decides
     warmup_steps: int = _hp(20, lo=0, hi=10**6)  # compile/kernel priming steps, then weights reset
     warmdown_frac: float = _hp(0.5, lo=0.0, hi=1.0)  # last fraction of the budget: LR falls to 0
+    mini_recur_start_frac: float = _hp(0.0, lo=0.0, hi=0.999)  # mini recurrence repeats start at this share of training
     # Optimizer.
-    matrix_lr: float = _hp(0.025, lo=0.0, hi=10.0)
-    scalar_lr: float = _hp(0.025, lo=0.0, hi=10.0)
-    tied_embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)
-    muon_momentum: float = _hp(0.99, lo=0.0, hi=0.9999)
-    muon_backend_steps: int = _hp(5, lo=1, hi=20)
-    beta1: float = _hp(0.9, lo=0.0, hi=0.9999)
-    beta2: float = _hp(0.95, lo=0.0, hi=0.99999)
-    adam_eps: float = _hp(1e-8, lo=1e-12, hi=1e-2)
+    matrix_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # Muon LR below MATRIX_LR_SPLIT_LAYER
+    scalar_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # AdamW LR of the remaining vectors and scalars
+    tied_embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # AdamW LR of the tied embedding
+    muon_momentum: float = _hp(0.99, lo=0.0, hi=0.9999)  # Muon momentum after its warmup
+    muon_backend_steps: int = _hp(5, lo=1, hi=20)  # Newton-Schulz iterations
+    beta1: float = _hp(0.9, lo=0.0, hi=0.9999)  # AdamW beta1
+    beta2: float = _hp(0.95, lo=0.0, hi=0.99999)  # AdamW beta2
+    adam_eps: float = _hp(1e-8, lo=1e-12, hi=1e-2)  # AdamW epsilon
     grad_clip_norm: float = _hp(0.3, lo=0.0, hi=1e6)  # 0: no clipping
     # Optimizer: record recipe.
     muon_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # decoupled: W *= 1 - lr * wd every step
@@ -139,9 +191,9 @@ class Hyperparameters:
     qat_lr_threshold: float = _hp(0.15, lo=0.0, hi=1.0)  # QAT switches on once the LR multiplier is below
     qat_soft_alpha_start: float = _hp(1.0, lo=0.0, hi=1e4)  # soft-round sharpness when QAT switches on
     qat_soft_alpha_end: float = _hp(16.0, lo=0.0, hi=1e4)  # ... reached QAT_SOFT_RAMP_STEPS later
-    qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)
+    qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)  # steps of that ramp
     # Data order.
-    train_loader: str = _hp("coprime", choices=("coprime", "sequential"))
+    train_loader: str = _hp("coprime", choices=("coprime", "sequential"))  # seeded blocks, or file order
     # Quantization and compression.
     quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 8))  # block matrices: int6 per row
     quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
@@ -159,21 +211,25 @@ class Hyperparameters:
     val_batch_size: int = _hp(65_536, lo=1, hi=2**31 - 1)  # tokens per eval forward on each rank
     val_loss_every: int = _hp(1000, lo=0, hi=10**9)  # 0: only at the end
     train_log_every: int = _hp(200, lo=0, hi=10**9)  # 0: no step lines
-    eval_seq_len: int = _hp(2048, lo=2, hi=65536)
-    eval_stride: int = _hp(64, lo=1, hi=65536)
+    eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # sliding-window evaluation: window length
+    eval_stride: int = _hp(64, lo=1, hi=65536)  # sliding-window evaluation: a new window every this many targets
     # Runtime.
     compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
+        """Every field from its upper-case variable (the default where unset), validated; SettingError else."""
         env = os.environ if env is None else env
-        values = {}
-        for f in dataclasses.fields(cls):
-            key = f.name.upper()
-            if key in env:
-                values[f.name] = _parse_env_value(key, env[key], f.default, f.metadata)
-        hp = cls(**values)
-        hp.check()
+        check_unknown_settings(env, {f.name.upper() for f in dataclasses.fields(cls)})
+        try:
+            values = {f.name: _parse_env_value(f.name.upper(), env[f.name.upper()], f.default, f.metadata)
+                      for f in dataclasses.fields(cls) if f.name.upper() in env}
+            hp = cls(**values)
+            hp.check()
+        except SettingError:
+            raise
+        except ValueError as e:
+            raise SettingError(str(e)) from None
         return hp
 
     def val_batch_seqs(self, seq_len: int) -> int:
@@ -181,17 +237,8 @@ class Hyperparameters:
         return max(1, self.val_batch_size // seq_len)
 
     def check(self) -> None:
-        """Cross-field rules; each error names the variables involved."""
-        if self.model_dim % self.num_heads:
-            raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        head_dim = self.model_dim // self.num_heads
-        if head_dim % 2:
-            raise ValueError(f"MODEL_DIM/NUM_HEADS={head_dim} must be even (rotary)")
-        if self.rope_dims % 2 or self.rope_dims > head_dim:
-            raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim "
-                             f"MODEL_DIM/NUM_HEADS={head_dim}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        """Cross-field rules (the model's, then the run's); each error names the variables involved."""
+        super().check()
         seqs = self.train_batch_tokens // self.train_seq_len
         if self.train_batch_tokens % self.train_seq_len or seqs % MICRO_BATCHES_PER_STEP:
             raise ValueError(
@@ -206,23 +253,22 @@ class Hyperparameters:
             raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
                              f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
                              f"WARMDOWN_FLOOR={self.warmdown_floor}); set QAT=off or change them")
-        self._check_architecture()
-
-    def _check_architecture(self) -> None:
-        parse_layer_set(self.xsa_layers, self.num_layers, "XSA_LAYERS")
-        parse_layer_set(self.ve_layers, self.num_layers, "VE_LAYERS")
-        if self.bigram_buckets == 1:
-            raise ValueError("BIGRAM_BUCKETS=1 is invalid: 0 (off) or at least 2 (one row is reserved)")
-        depth = self.recur_prelude + self.recur_passes + self.recur_coda
-        if self.recurrence and depth != self.num_layers:
-            raise ValueError(f"RECURRENCE=1 needs NUM_LAYERS={self.num_layers} to equal the effective depth "
-                             f"RECUR_PRELUDE + RECUR_PASSES + RECUR_CODA = {depth}")
-        if self.mini_recur_repeats and self.recurrence:
-            raise ValueError("MINI_RECUR_REPEATS and RECURRENCE=1 cannot be combined: choose one form")
-        if self.mini_recur_repeats and not self.mini_recur_first <= self.mini_recur_last < self.num_layers:
-            raise ValueError(f"MINI_RECUR_FIRST={self.mini_recur_first} and MINI_RECUR_LAST={self.mini_recur_last} "
-                             f"must satisfy FIRST <= LAST < NUM_LAYERS={self.num_layers}")
         parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
+
+
+SETTING_TYPO_CUTOFF = 0.85  # difflib similarity above which an unknown variable is taken for a mistyped setting
+
+
+def check_unknown_settings(env, known: set[str]) -> None:
+    """A variable that is not a setting but nearly spells one (NUM_LAYER) is a typo: silently ignored,
+    the run would train the default 27 M model instead (on a laptop CPU, 17 GB of memory). Refused."""
+    for key in env:
+        if key in known or not key.isupper():
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=SETTING_TYPO_CUTOFF)
+        if close:
+            raise SettingError(f"{key} is not a setting: did you mean {close[0]}? (unset {key} to go on; "
+                               f"docs/environment.md lists every setting)")
 
 
 def _parse_env_value(key: str, raw: str, default, meta: dict):
@@ -235,11 +281,12 @@ def _parse_env_value(key: str, raw: str, default, meta: dict):
         else:
             value = kind(raw)
     except ValueError:
-        accepted = "0, 1, true or false" if kind is bool else f"a {kind.__name__}"
+        accepted = {bool: "0, 1, true or false", int: "an integer", float: "a number"}.get(kind, "text")
         raise ValueError(f"{key}={raw!r} is invalid: expected {accepted}") from None
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if kind in (int, float) and not (lo <= value <= hi) or (kind is float and not math.isfinite(value)):
-        raise ValueError(f"{key}={raw!r} is out of range: accepted values are {kind.__name__}s in [{lo}, {hi}]")
+        raise ValueError(f"{key}={raw!r} is out of range: accepted values are "
+                         f"{'integers' if kind is int else 'numbers'} in [{lo}, {hi}]")
     if choices is not None and value not in choices:
         raise ValueError(f"{key}={raw!r} is invalid: accepted values are {', '.join(map(str, choices))}")
     return value
@@ -266,7 +313,7 @@ def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
 
 def grad_accum_steps(world_size: int) -> int:
     if world_size < 1 or MICRO_BATCHES_PER_STEP % world_size:
-        raise ValueError(f"WORLD_SIZE={world_size} must divide {MICRO_BATCHES_PER_STEP} (1, 2, 4 or 8 processes)")
+        raise SettingError(f"WORLD_SIZE={world_size} must divide {MICRO_BATCHES_PER_STEP} (1, 2, 4 or 8 processes)")
     return MICRO_BATCHES_PER_STEP // world_size
 
 
@@ -296,16 +343,16 @@ def shard_token_count(path: str | Path) -> int:
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
-        raise ValueError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     magic, version, count = int(header[0]), int(header[1]), int(header[2])
     if magic != SHARD_MAGIC:
-        raise ValueError(f"{path}: bad magic {magic}, expected {SHARD_MAGIC}: not a challenge shard")
+        raise DataError(f"{path}: bad magic {magic}, expected {SHARD_MAGIC}: not a challenge shard")
     if version != SHARD_VERSION:
-        raise ValueError(f"{path}: unsupported shard version {version}, expected {SHARD_VERSION}")
+        raise DataError(f"{path}: unsupported shard version {version}, expected {SHARD_VERSION}")
     expected = SHARD_HEADER_BYTES + 2 * count
     if count < 0 or size != expected:
-        raise ValueError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
+        raise DataError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
     return count
 
 
@@ -378,7 +425,7 @@ def random_coprime(n: int, rng: np.random.Generator) -> int:
 
 
 class CoprimeBlockOrder:
-    """The global order of training blocks (SPEC section 4); a function of the seed only, so every rank
+    """The global order of training blocks (docs/recipe.md); a function of the seed only, so every rank
     computes the same one.
 
     Each pass gives shard j a random phase a_j and a stride s_j coprime with its block count n_j; the
@@ -428,7 +475,7 @@ class CoprimeLoader:
         tokens = [open_data_shard(f) for f in files]
         counts = [(len(t) - 1) // seq_len for t in tokens]  # a block also needs its last target
         if not any(counts):
-            raise ValueError(f"no training shard in {Path(files[0]).parent} holds "
+            raise DataError(f"no training shard in {Path(files[0]).parent} holds "
                              f"TRAIN_SEQ_LEN+1={seq_len + 1} tokens")
         self.tokens = [t for t, n in zip(tokens, counts) if n]
         self.order = CoprimeBlockOrder([n for n in counts if n], seed)
@@ -462,7 +509,7 @@ SPACE_MARK = "\u2581"  # sentencepiece's visible space
 
 @dataclass
 class ByteLUTs:
-    """Per-token-id tables for the bpb denominator (SPEC section 2)."""
+    """Per-token-id tables for the bpb denominator (docs/challenge.md)."""
     base_bytes: Tensor  # int32 [V]: UTF-8 bytes of the piece without its leading space mark
     has_leading_space: Tensor  # bool [V]: piece starts with the space mark
     is_boundary: Tensor  # bool [V]: control/unknown/unused ids: 0 bytes, and no space after them
@@ -477,7 +524,7 @@ class ByteLUTs:
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
     if sp.vocab_size() > vocab_size:
-        raise ValueError(f"the tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}: raise VOCAB_SIZE")
+        raise SettingError(f"the tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}: raise VOCAB_SIZE")
     base = np.zeros(vocab_size, dtype=np.int32)
     space = np.zeros(vocab_size, dtype=np.bool_)
     boundary = np.ones(vocab_size, dtype=np.bool_)  # ids past the tokenizer's vocab never occur
@@ -496,6 +543,14 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs
     return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
+def check_tokenizer(sp: spm.SentencePieceProcessor, cfg: ModelConfig, path: str) -> None:
+    """The model must know where documents start (SmearGate and BigramHash stop there): its BOS_ID is the
+    tokenizer's BOS, the token every shard puts before each document."""
+    if sp.bos_id() != cfg.bos_id:
+        found = "has no BOS" if sp.bos_id() < 0 else f"has BOS id {sp.bos_id()}: set BOS_ID={sp.bos_id()}"
+        raise SettingError(f"BOS_ID={cfg.bos_id} does not match the tokenizer {path}, which {found}")
+
+
 def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer {path} not found (TOKENIZER_PATH): {FETCH_HINT}")
@@ -505,49 +560,6 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 # ----------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    num_heads: int
-    num_kv_heads: int
-    mlp_mult: int
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-    # Record architecture: the same names and defaults as the Hyperparameters group.
-    mlp_activation: str = "relu2"
-    rope_dims: int = 16
-    block_input_scale: bool = True
-    unet_gates: bool = True
-    xsa_layers: str = "all"
-    smear_gate: bool = True
-    bigram_buckets: int = 2048
-    bigram_dim: int = 128
-    bigram_scale_init: float = 0.05
-    bigram_init: str = "zero_proj"
-    ve_layers: str = "-2,-1"
-    ve_dim: int = 128
-    ortho_init: bool = True
-    mlp_proj_init: str = "ortho"
-    recurrence: bool = False
-    recur_prelude: int = 2
-    recur_passes: int = 7
-    recur_coda: int = 2
-    mini_recur_repeats: int = 0
-    mini_recur_first: int = 4
-    mini_recur_last: int = 5
-    mini_recur_start_frac: float = 0.0
-    bos_id: int = 1  # from the tokenizer, not from the environment: SmearGate stops at this token
-
-    @classmethod
-    def from_hparams(cls, h: Hyperparameters, bos_id: int) -> "ModelConfig":
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "bos_id"]
-        return cls(bos_id=bos_id, **{n: getattr(h, n) for n in names})
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -580,8 +592,9 @@ def select_attention(device: torch.device) -> tuple[str, Callable[[Tensor, Tenso
 class CastedLinear(nn.Linear):
     """Linear layer with fp32 master weights, cast to the activation dtype at use (bf16 on GPU).
 
-    QAT: with qat_mode "hard" or "soft" (fixed for a run, set before compiling) the forward uses the
-    int6 fake-quantized weight whenever the qat_on buffer is 1. On/off and the soft-round sharpness are
+    QAT: with qat_mode "hard" or "soft" (fixed for a run, set before compiling, like the grid qat_qmax, which
+    follows the bits the quantization plan gives this weight) the forward uses the fake-quantized weight
+    whenever the qat_on buffer is 1. On/off and the soft-round sharpness are
     buffers, read by the compiled graph at run time. A Python flag is either frozen at compile time
     (QAT never switches on: a known bug of public runs) or, where dynamo guards it, recompiles the
     whole model in the middle of the timed run. An eager forward (CPU runs) reads the Python mirror
@@ -590,6 +603,7 @@ class CastedLinear(nn.Linear):
     """
     qat_mode = "off"
     qat_active = False  # QATSchedule keeps it equal to qat_on; never read inside a compiled graph
+    qat_qmax = 31  # int6 unless configure_qat says otherwise
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -601,7 +615,7 @@ class CastedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if self.qat_mode != "off" and (torch.compiler.is_compiling() or self.qat_active):
-            q = fake_quant_int6(w, self.qat_alpha if self.qat_mode == "soft" else None)
+            q = fake_quant(w, self.qat_qmax, self.qat_alpha if self.qat_mode == "soft" else None)
             w = torch.where(self.qat_on > 0, q, w)
         return F.linear(x, w.to(x.dtype))
 
@@ -651,8 +665,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
-        if cfg.rope_dims % 2 or cfg.rope_dims > self.head_dim:
-            raise ValueError(f"rope_dims={cfg.rope_dims} must be even and at most the head dim {self.head_dim}")
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_k = CastedLinear(cfg.model_dim, kv_dim)
@@ -736,11 +748,14 @@ class SmearGate(nn.Module):
 BIGRAM_HASH_CUR, BIGRAM_HASH_PREV = 36313, 27191  # odd multipliers: spread neighbouring ids over buckets
 
 
-def bigram_bucket_ids(input_ids: Tensor, buckets: int) -> Tensor:
-    """Bucket of (previous, current) input token at each position; position 0, which has no previous
-    token in the window, gets the reserved last row. Inputs only: the target never enters the key."""
+def bigram_bucket_ids(input_ids: Tensor, buckets: int, bos_id: int) -> Tensor:
+    """Bucket of (previous, current) input token at each position. Positions with no previous token of
+    their own document get the reserved last row: position 0 of the window and every BOS (hashing the
+    pair (last token of the previous document, BOS) would carry the previous document into the new one,
+    and SmearGate would pass it one step further). Inputs only: the target never enters the key."""
     prev, cur = input_ids[:, :-1], input_ids[:, 1:]
     hashed = torch.bitwise_xor(BIGRAM_HASH_CUR * cur, BIGRAM_HASH_PREV * prev) % (buckets - 1)
+    hashed = torch.where(cur == bos_id, buckets - 1, hashed)
     return torch.cat((torch.full_like(input_ids[:, :1], buckets - 1), hashed), dim=1)
 
 
@@ -749,7 +764,7 @@ class BigramHash(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.buckets = cfg.bigram_buckets
+        self.buckets, self.bos_id = cfg.bigram_buckets, cfg.bos_id
         self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
         self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim, zero_init=True)
         # One side must start non-zero, or neither table nor projection ever gets a gradient.
@@ -761,7 +776,7 @@ class BigramHash(nn.Module):
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        e = self.table(bigram_bucket_ids(input_ids, self.buckets))
+        e = self.table(bigram_bucket_ids(input_ids, self.buckets, self.bos_id))
         return self.scale.to(e.dtype) * self.proj(e)
 
 
@@ -824,11 +839,12 @@ def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
 
 
 class GPT(nn.Module):
-    """Tied-embedding GPT (SPEC section 3): BigramHash and SmearGate at the input, a plan of block
+    """Tied-embedding GPT (docs/architecture.md): BigramHash and SmearGate at the input, a plan of block
     passes with U-Net skips, optional depth recurrence; soft-capped logits."""
 
     def __init__(self, cfg: ModelConfig, attention: Callable = _sdpa):
         super().__init__()
+        cfg.check()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
@@ -849,11 +865,13 @@ class GPT(nn.Module):
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
         if cfg.ortho_init:
             self._orthogonal_init()
-        self.set_mini_recurrence(True)  # the trained model runs its repeats; training switches them
+        # Both plans are made once here (XSA_LAYERS is parsed here, not per step); training switches them.
+        self.plans = {on: layer_plan(cfg, on) for on in (False, True)}
+        self.set_mini_recurrence(True)  # the trained model runs its repeats
 
     def _orthogonal_init(self) -> None:
         """Orthogonal block matrices; MLP output projections scaled by 1/sqrt(2 L) over the effective
-        depth L (two residual additions per layer). Attention output projections stay zero (SPEC)."""
+        depth L (two residual additions per layer). Attention output projections stay zero."""
         for block in self.blocks:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc, block.mlp.proj):
                 nn.init.orthogonal_(linear.weight)
@@ -867,7 +885,7 @@ class GPT(nn.Module):
     def set_mini_recurrence(self, on: bool) -> bool:
         """Turn the mini-recurrence repeats on or off; True if the plan changed. torch.compile guards on
         self.plan, so a compiled caller recompiles once per state (both stay cached)."""
-        plan = layer_plan(self.cfg, on)
+        plan = self.plans[on]
         changed = plan != getattr(self, "plan", None)
         self.plan = plan
         return changed
@@ -927,6 +945,17 @@ class GPT(nn.Module):
                 f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
                 f"ve_passes:{','.join(str(i) for i, p in enumerate(plan) if p.ve >= 0) or 'none'} "
                 f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())}")
+
+
+def build_model(cfg: ModelConfig, device: torch.device, log=None) -> GPT:
+    """The one model builder (training, the n-gram evaluation, quant_report and the benchmark use it): the
+    attention backend for the device (logged, with why), the model on the device, its description logged."""
+    name, attention, why = select_attention(device)
+    model = GPT(cfg, attention).to(device)
+    if log is not None:
+        log(f"attention_backend:{name} reason:{why}")
+        log(model.describe())
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1104,7 +1133,7 @@ GPTQ_DAMP_RAISE = 10.0  # on a failed Cholesky factorization the damping is mult
 GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
 DEMOTE_TO = {8: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_FORMAT_VERSION = 2
+ARTIFACT_FORMAT_VERSION = 3  # 3: the CRC covers the header fields; the manifest records the model config
 ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
 CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
@@ -1113,8 +1142,10 @@ CODECS = {  # id -> (name, compress, decompress); the id is written in the artif
     3: ("brotli", lambda b: brotli.compress(b, quality=BROTLI_QUALITY), brotli.decompress),
 }
 CODEC_IDS = {name: cid for cid, (name, _, _) in CODECS.items()}
-# magic, format version, codec id, byte shuffle (0/1), CRC-32 of the decompressed payload (brotli has
-# no checksum of its own, and a flipped bit must not load as slightly different weights).
+# Header: magic, format version, codec id, byte shuffle (0/1), then a CRC-32 of those fields and the
+# decompressed payload together (brotli has no checksum of its own, a flipped bit must not load as
+# slightly different weights, and a flipped shuffle flag must not load as scrambled ones).
+_ARTIFACT_FIELDS = struct.Struct("<5sBBB")
 _ARTIFACT_HEADER = struct.Struct("<5sBBBI")
 _MANIFEST_LEN = struct.Struct("<I")
 
@@ -1124,22 +1155,20 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-QAT_QMAX = qmax(6)  # QAT grid: integers in [-31, 31] times a per-row scale
-
-
-def fake_quant_int6(w: Tensor, soft_alpha: Tensor | None = None) -> Tensor:
-    """w on the int6 per-row grid (scale = max|w_row| / 31) for QAT, same shape and dtype.
+def fake_quant(w: Tensor, levels: int, soft_alpha: Tensor | None = None) -> Tensor:
+    """w on the per-row grid of integers in [-levels, levels] (scale = max|w_row| / levels) for QAT, same
+    shape and dtype; levels = qmax(bits) of the bits the plan gives w (int6: 31).
 
     Hard (soft_alpha None): rounded values, straight-through gradient (identity). Soft: floor(x) +
     sigmoid(alpha * (frac(x) - 1/2)) with x = w / scale, differentiable, round() as alpha grows.
     The scale is held constant for the gradient.
     """
-    scale = (w.detach().abs().amax(dim=1, keepdim=True) / QAT_QMAX).clamp_min(torch.finfo(w.dtype).tiny)
-    x = w / scale  # in [-31, 31] by construction
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / levels).clamp_min(torch.finfo(w.dtype).tiny)
+    x = w / scale  # in [-levels, levels] by construction
     if soft_alpha is None:
         return w + (x.round() * scale - w).detach()
     q = x.floor() + torch.sigmoid(soft_alpha * (x - x.floor() - 0.5))
-    return q.clamp(-QAT_QMAX, QAT_QMAX) * scale  # the sigmoid may overshoot the end points
+    return q.clamp(-levels, levels) * scale  # the sigmoid may overshoot the end points
 
 
 # ---- the plan -------------------------------------------------------------------------------------
@@ -1176,7 +1205,7 @@ def build_quant_plan(state: dict[str, Tensor], fp16_names=frozenset(), bits: int
         if not names:
             kind = ("float tensor" if rule_bits == FP16_BITS else
                     f"matrix of at least QUANT_MIN_NUMEL={min_numel} elements")
-            raise ValueError(f"QUANT_PLAN {pattern}={rule_bits}: the pattern matches no {kind} of the model")
+            raise SettingError(f"QUANT_PLAN {pattern}={rule_bits}: the pattern matches no {kind} of the model")
         plan.update(dict.fromkeys(names, rule_bits))
     return {name: FP16_BITS if name in fp16_names else b for name, b in plan.items()}
 
@@ -1555,7 +1584,7 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
     def part(item, role):
         start, size = item["parts"][role]
         if start + size > len(data):
-            raise ValueError(f"{source}: corrupt or truncated artifact: {item['name']} {role} ends past the data")
+            raise DataError(f"{source}: corrupt or truncated artifact: {item['name']} {role} ends past the data")
         return data[start:start + size]
 
     packed = {}
@@ -1588,44 +1617,48 @@ def compress(raw: bytes, compressor: str, log=None) -> tuple[int, bytes]:
     return CODEC_IDS[best], blobs[best]
 
 
-def serialize_artifact(packed: dict[str, dict], compressor: str = Hyperparameters.compressor,
-                       shuffle: bool = Hyperparameters.byte_shuffle, storage: str = Hyperparameters.quant_storage,
-                       log=None) -> bytes:
+def serialize_artifact(packed: dict[str, dict], config: ModelConfig | None = None,
+                       compressor: str = Hyperparameters.compressor, shuffle: bool = Hyperparameters.byte_shuffle,
+                       storage: str = Hyperparameters.quant_storage, log=None) -> bytes:
+    """The artifact: header, then the compressed manifest (with the model config, when given) and tensors."""
     manifest, data = encode_payload(packed, storage)
+    if config is not None:
+        manifest["model"] = dataclasses.asdict(config)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
     manifest = json.dumps(manifest).encode()
     payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + data
     codec_id, body = compress(payload, compressor, log)
-    header = _ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle),
-                                   zlib.crc32(payload))
-    return header + body
+    fields = _ARTIFACT_FIELDS.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle))
+    return _ARTIFACT_HEADER.pack(*_ARTIFACT_FIELDS.unpack(fields), zlib.crc32(payload, zlib.crc32(fields))) + body
 
 
-def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> dict[str, dict]:
+def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | None, dict[str, dict]]:
+    """(the recorded model config as a dict, or None; the packed tensors). Errors name `source`."""
     if len(blob) < _ARTIFACT_HEADER.size:
-        raise ValueError(f"{source}: {len(blob)} bytes is too short for an artifact header")
+        raise DataError(f"{source}: {len(blob)} bytes is too short for an artifact header")
     magic, version, codec_id, shuffle, crc = _ARTIFACT_HEADER.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
-        raise ValueError(f"{source}: not a train_gpt.py artifact (magic {magic!r})")
+        raise DataError(f"{source}: not a train_gpt.py artifact (magic {magic!r})")
     if version != ARTIFACT_FORMAT_VERSION:
-        raise ValueError(f"{source}: artifact format {version}, but this train_gpt.py reads format "
+        raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads format "
                          f"{ARTIFACT_FORMAT_VERSION}")
     if codec_id not in CODECS or shuffle not in (0, 1):
-        raise ValueError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
+        raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
     name, _, decompress = CODECS[codec_id]
     try:
         payload = decompress(blob[_ARTIFACT_HEADER.size:])
     except Exception as e:  # each codec raises its own types for a damaged stream
-        raise ValueError(f"{source}: corrupt or truncated artifact ({name} payload): {e}") from e
-    if zlib.crc32(payload) != crc:
-        raise ValueError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch after {name} decompression")
+        raise DataError(f"{source}: corrupt or truncated artifact ({name} payload): {e}") from e
+    if zlib.crc32(payload, zlib.crc32(blob[:_ARTIFACT_FIELDS.size])) != crc:
+        raise DataError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch (header fields and {name} "
+                         f"payload)")
     (size,) = _MANIFEST_LEN.unpack_from(payload)
     manifest = json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size])
     data = payload[_MANIFEST_LEN.size + size:]
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_unshuffle(data[manifest["levels_bytes"]:])
-    return decode_payload(manifest, data, source)
+    return manifest.get("model"), decode_payload(manifest, data, source)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -1661,10 +1694,19 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
     return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
 
 
+class ExportInputs(NamedTuple):
+    """What quantization receives after training: given to an export hook (scripts/quant_report.py keeps
+    it to measure quantizers on the trained weights without retraining)."""
+    state: dict[str, Tensor]
+    plan: dict[str, int]
+    hessians: dict[str, Tensor]
+
+
 def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
-                 log) -> bytes | None:
+                 log, hook: Callable[[ExportInputs], None] | None = None) -> bytes | None:
     """After training: GPTQ calibration on training shards (all ranks), then quantization, compression
-    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None)."""
+    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None).
+    `hook`, if given, sees the quantizer's inputs on rank 0 first."""
     rt.sync()
     t0 = time.perf_counter()
     with full_fp32_matmul():
@@ -1674,6 +1716,8 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
         if not rt.is_main:
             return None
         state = base_model.state_dict()
+        if hook is not None:
+            hook(ExportInputs(state, dict(plan), hessians))
         quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
                                      log=log)
         packed = quantize(state, plan=plan)
@@ -1686,8 +1730,8 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
             if t2 - t0 > h.gptq_reserve_seconds:
                 log(f"warning: gptq_calibration_time exceeds GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: "
                     f"training plus calibration ran over the training budget")
-        encode = functools.partial(serialize_artifact, compressor=h.compressor, shuffle=h.byte_shuffle,
-                                   storage=h.quant_storage, log=log)
+        encode = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
+                                   shuffle=h.byte_shuffle, storage=h.quant_storage, log=log)
         blob = encode(packed)
         if h.quant_target_bytes > 0:
             plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
@@ -1709,8 +1753,19 @@ def save_artifact(blob: bytes | None, path: Path, code_bytes: int, rt: Runtime, 
         dist.barrier()
 
 
-def load_artifact(path: Path) -> dict[str, Tensor]:
-    return dequantize_state_dict(deserialize_artifact(path.read_bytes(), str(path)))
+def load_artifact(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """(the model config the artifact records, its dequantized weights): all it takes to rebuild the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact {path}: no such file")
+    recorded, packed = deserialize_artifact(path.read_bytes(), str(path))
+    if recorded is None:
+        raise DataError(f"{path}: the artifact records no model config (it was serialized without one)")
+    unknown = set(recorded) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise DataError(f"{path}: the artifact's model config has fields this train_gpt.py does not know: "
+                         f"{', '.join(sorted(unknown))}")
+    return ModelConfig(**recorded), dequantize_state_dict(packed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1738,16 +1793,34 @@ def sliding_window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np
     return np.asarray(starts, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
 
 
-def eval_batches(val_tokens: Tensor, seq_len: int, stride: int, batch_windows: int, rank: int = 0,
-                 world_size: int = 1):
-    """This rank's share of the sliding windows, batch_windows at a time: (x, y, scored, target_pos).
+class EvalSpec(NamedTuple):
+    """One way to score every validation target exactly once: windows of seq_len tokens, a new one every
+    `stride` targets (stride == seq_len is the plain, non-overlapping evaluation), batch_windows per forward."""
+    name: str
+    seq_len: int
+    stride: int
+    batch_windows: int
+
+    @classmethod
+    def plain(cls, h: Hyperparameters) -> "EvalSpec":
+        """Non-overlapping TRAIN_SEQ_LEN windows: the evaluation during training and after the round trip."""
+        return cls("plain", h.train_seq_len, h.train_seq_len, h.val_batch_seqs(h.train_seq_len))
+
+    @classmethod
+    def sliding(cls, h: Hyperparameters) -> "EvalSpec":
+        """EVAL_SEQ_LEN windows every EVAL_STRIDE targets: the submitted score."""
+        return cls("sliding", h.eval_seq_len, h.eval_stride, h.val_batch_seqs(h.eval_seq_len))
+
+
+def eval_batches(val_tokens: Tensor, spec: EvalSpec, rank: int = 0, world_size: int = 1):
+    """This rank's share of the spec's windows, spec.batch_windows at a time: (x, y, scored, target_pos).
 
     x, y [B, seq_len] are inputs and targets; scored [B, seq_len] marks the targets this window scores
     (over all ranks every target exactly once); target_pos [B, seq_len] is each target's index in
     val_tokens (clamped on the padding rows, which score nothing).
     """
-    device = val_tokens.device
-    starts, offsets = sliding_window_plan(len(val_tokens) - 1, seq_len, stride)
+    device, seq_len, batch_windows = val_tokens.device, spec.seq_len, spec.batch_windows
+    starts, offsets = sliding_window_plan(len(val_tokens) - 1, seq_len, spec.stride)
     mine = np.array_split(np.arange(len(starts)), world_size)[rank]
     positions = torch.arange(seq_len + 1, device=device)
     for b in range(0, len(mine), batch_windows):
@@ -1763,20 +1836,29 @@ def eval_batches(val_tokens: Tensor, seq_len: int, stride: int, batch_windows: i
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int,
-             batch_windows: int, rank: int = 0, world_size: int = 1,
-             autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
-    sums = torch.zeros(3, device=val_tokens.device, dtype=torch.float64)  # nats, tokens, bytes
-    for x, y, scored, _ in eval_batches(val_tokens, seq_len, stride, batch_windows, rank, world_size):
+def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: EvalSpec, rank: int = 0,
+                  world_size: int = 1, autocast=contextlib.nullcontext) -> Tensor:
+    """The one evaluation loop: out = forward(x, y) on each of this rank's batches (under autocast), then
+    score(out, x, y, scored, target_pos), a 1-D float64 tensor of sums, added over batches and ranks."""
+    total = None
+    for x, y, scored, pos in eval_batches(val_tokens, spec, rank, world_size):
         with autocast():
-            nll = model(x, y)
-        sums[0] += nll.double()[scored].sum()
-        sums[1] += scored.sum()
-        sums[2] += luts.token_bytes(x, y)[scored].sum()
+            out = forward(x, y)
+        sums = score(out, x, y, scored, pos)
+        total = sums if total is None else total + sums
     if world_size > 1:
-        dist.all_reduce(sums)
-    nats, tokens, nbytes = sums.tolist()
+        dist.all_reduce(total)
+    return total
+
+
+def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rank: int = 0,
+             world_size: int = 1, autocast=contextlib.nullcontext) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+    def nats_tokens_bytes(nll, x, y, scored, _):
+        return torch.stack((nll.double()[scored].sum(), scored.sum().double(),
+                            luts.token_bytes(x, y)[scored].sum().double()))
+    nats, tokens, nbytes = score_windows(model, nats_tokens_bytes, val_tokens, spec, rank, world_size,
+                                         autocast).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
@@ -1793,19 +1875,77 @@ def lr_multiplier(progress: float, warmdown_frac: float, floor: float = 0.0) -> 
     return floor + (1.0 - floor) * down
 
 
-def train_budget_ms(h: Hyperparameters) -> float:
-    """Time for the timed loop: the cap minus GPTQ_RESERVE_SECONDS, kept for the work after training that
-    counts as training (GPTQ calibration reads training data). 0 when there is no cap."""
-    if h.max_wallclock_seconds <= 0:
-        return 0.0
-    return 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds)
+EMA_WARMUP_STEPS = 10  # the EMA's decay after step t is at most (1 + t) / (EMA_WARMUP_STEPS + t)
 
 
-def training_progress(step: int, elapsed_ms: float, h: Hyperparameters) -> float:
-    """Share of the budget used: elapsed training time when there is a wallclock cap, else steps."""
-    if h.max_wallclock_seconds > 0:
-        return elapsed_ms / train_budget_ms(h)
-    return step / max(1, h.iterations)
+@dataclass(frozen=True)
+class StepSettings:
+    """Everything that changes during training, as the Schedule sets it for one step."""
+    progress: float  # share of the run done (see Schedule.progress)
+    lr_mult: float  # multiplies every group's base LR
+    momentum: float  # Muon's momentum
+    qat_on: bool  # fake-quantized forward
+    qat_alpha: float  # soft-round sharpness (QAT=soft)
+    repeats_on: bool  # mini recurrence
+    ema_decay: float  # the EMA update after this step
+    swa_take: bool  # after this step, its weights join the SWA average
+
+
+class Schedule:
+    """The one place that decides what changes during training, from the step number and the training time
+    so far: LR warmdown, Muon momentum warmup, QAT (on for good from the first step under
+    QAT_LR_THRESHOLD, then the soft-round ramp), mini recurrence, weight averaging, and when to stop.
+
+    The run ends at ITERATIONS or at the training budget (the cap minus GPTQ_RESERVE_SECONDS, kept for the
+    calibration after training, which reads training data and so counts as training), whichever comes
+    first; progress follows the same limit, so a step-limited run warms down too."""
+
+    def __init__(self, h: Hyperparameters):
+        self.h = h
+        capped = h.max_wallclock_seconds > 0
+        self.budget_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if capped else 0.0
+        self.qat_start: int | None = None  # the step QAT switched on
+
+    def progress(self, step: int, elapsed_ms: float) -> float:
+        """Steps of ITERATIONS or time of the budget, whichever is further along (ends the run first)."""
+        by_steps = step / max(1, self.h.iterations)
+        return max(by_steps, elapsed_ms / self.budget_ms) if self.budget_ms > 0 else by_steps
+
+    def at(self, step: int, elapsed_ms: float) -> StepSettings:
+        """The settings of step `step` (0-based), which starts after elapsed_ms of training."""
+        h = self.h
+        progress = self.progress(step, elapsed_ms)
+        lr_mult = lr_multiplier(progress, h.warmdown_frac, h.warmdown_floor)
+        if h.qat != "off" and self.qat_start is None and lr_mult < h.qat_lr_threshold:
+            self.qat_start = step
+        qat_on = self.qat_start is not None
+        # Short runs: at a fixed 0.997 the average of a 40-step run would be mostly its first, far worse
+        # weights; the ramp makes the EMA span about (EMA_WARMUP_STEPS + t) / 9 steps until that is longer.
+        ema_decay = min(h.ema_decay, (1 + step) / (EMA_WARMUP_STEPS + step))
+        swa_take = h.final_weights == "swa" and lr_mult < 1.0 and (step + 1) % h.swa_every == 0
+        return StepSettings(progress, lr_mult, muon_momentum_at(step, h), qat_on,
+                            self.qat_alpha(step) if qat_on else 1.0, progress >= h.mini_recur_start_frac,
+                            ema_decay, swa_take)
+
+    def qat_alpha(self, step: int) -> float:
+        h = self.h
+        ramp = 1.0 if h.qat_soft_ramp_steps == 0 else min(1.0, (step - self.qat_start) / h.qat_soft_ramp_steps)
+        return h.qat_soft_alpha_start + ramp * (h.qat_soft_alpha_end - h.qat_soft_alpha_start)
+
+    def next_step_overruns(self, elapsed_ms: float, steps: int) -> bool:
+        """Whether one more step of average length would end past the budget. Stopping only after
+        crossing it would log a training time over the cap by up to a step."""
+        return self.budget_ms > 0 and elapsed_ms + elapsed_ms / steps > self.budget_ms
+
+    def describe(self) -> str:
+        h = self.h
+        return (f"schedule train_budget:{self.budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
+                f"iterations:{h.iterations} ends:first_of_iterations_and_budget warmdown_frac:{h.warmdown_frac} "
+                f"warmdown_floor:{h.warmdown_floor} momentum:{h.muon_momentum_warmup_start}->{h.muon_momentum} "
+                f"momentum_warmup_steps:{h.muon_momentum_warmup_steps} qat:{h.qat} "
+                f"qat_below_lr_mult:{h.qat_lr_threshold} final_weights:{h.final_weights} ema_decay:{h.ema_decay} "
+                f"ema_warmup:(1+t)/({EMA_WARMUP_STEPS}+t) swa_every:{h.swa_every} "
+                f"mini_recur_start_frac:{h.mini_recur_start_frac}")
 
 
 @dataclass
@@ -1874,23 +2014,24 @@ def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Ru
 class WeightAverage:
     """The averaged weights FINAL_WEIGHTS asks for, collected in fp32 during training: an EMA updated
     every step, or SWA, the mean of checkpoints taken every SWA_EVERY steps while the LR warms down.
-    Nothing else is collected, so whatever is collected is used."""
+    Nothing else is collected, so whatever is collected is used. The Schedule decides decay and takes."""
 
     def __init__(self, model: nn.Module, h: Hyperparameters):
-        self.kind, self.decay, self.every = h.final_weights, h.ema_decay, h.swa_every
+        self.kind = h.final_weights
         self.params = list(model.parameters()) if self.kind != "raw" else []
         self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.count = 0  # EMA updates or SWA checkpoints
+        self.zero_weight = 1.0  # EMA: the weight its zero start still has (the product of the decays)
 
     @torch.no_grad()
-    def update(self, step: int, lr_mult: float) -> None:
-        """Called after optimizer step number `step` (1-based), which ran at `lr_mult`."""
-        weights = [p.float() for p in self.params]
+    def update(self, s: StepSettings) -> None:
+        """Called after each optimizer step with that step's settings."""
         if self.kind == "ema":
-            torch._foreach_lerp_(self.sums, weights, 1.0 - self.decay)
+            torch._foreach_lerp_(self.sums, [p.float() for p in self.params], 1.0 - s.ema_decay)
+            self.zero_weight *= s.ema_decay
             self.count += 1
-        elif self.kind == "swa" and lr_mult < 1.0 and step % self.every == 0:
-            torch._foreach_add_(self.sums, weights)
+        elif self.kind == "swa" and s.swa_take:
+            torch._foreach_add_(self.sums, [p.float() for p in self.params])
             self.count += 1
 
     @torch.no_grad()
@@ -1898,10 +2039,9 @@ class WeightAverage:
         """Overwrite the model's weights with the average; False, leaving them alone, if none was collected."""
         if self.count == 0:
             return False
-        # The EMA starts at zero and is divided by 1 - decay^n, as Adam's moments are: it then averages
-        # trained weights only, never the random init, which matters in short runs; past a few thousand
-        # steps (0.997^3000 ~ 1e-4) it equals the plain EMA started from the initial weights.
-        scale = 1.0 / (1.0 - self.decay ** self.count) if self.kind == "ema" else 1.0 / self.count
+        # The EMA starts at zero and is divided by 1 - (product of its decays), as Adam's moments are: it
+        # then averages trained weights only, never the zero start.
+        scale = 1.0 / (1.0 - self.zero_weight) if self.kind == "ema" else 1.0 / self.count
         for p, s in zip(self.params, self.sums):
             p.copy_(s * scale)
         return True
@@ -1918,36 +2058,31 @@ def select_final_weights(average: WeightAverage, h: Hyperparameters, log) -> str
     return source
 
 
-def configure_qat(model: nn.Module, mode: str) -> None:
-    """Fix the QAT mode of every CastedLinear; must run before torch.compile, which freezes it."""
-    for m in model.modules():
+def configure_qat(model: nn.Module, mode: str, plan: dict[str, int] | None = None) -> None:
+    """Fix the QAT mode and grid of every CastedLinear; must run before torch.compile, which freezes both.
+    With a quantization plan, each weight trains on the grid of the bits the plan gives it, and a weight
+    the plan keeps in fp16 gets no fake quantization; without one, every weight gets int6."""
+    for name, m in model.named_modules():
         if isinstance(m, CastedLinear):
-            m.qat_mode = mode
+            bits = 6 if plan is None else plan.get(f"{name}.weight", FP16_BITS)
+            m.qat_mode, m.qat_qmax = ("off", m.qat_qmax) if bits == FP16_BITS else (mode, qmax(bits))
 
 
-class QATSchedule:
-    """Switches fake int6 on in every CastedLinear (every matrix that will be quantized) from the first
-    step whose LR multiplier is under QAT_LR_THRESHOLD, for good; in soft mode alpha then ramps linearly
-    from QAT_SOFT_ALPHA_START to QAT_SOFT_ALPHA_END over QAT_SOFT_RAMP_STEPS."""
+class QATSwitch:
+    """Applies the Schedule's QAT decision to every CastedLinear that configure_qat armed (the matrices the
+    plan quantizes):
+    fake quantization on or off, and the soft-round sharpness, through buffers the compiled graph reads."""
 
-    def __init__(self, model: nn.Module, h: Hyperparameters, log):
-        self.layers = [m for m in model.modules() if isinstance(m, CastedLinear)]
-        self.h, self.log = h, log
-        self.start_step: int | None = None
+    def __init__(self, model: nn.Module, log):
+        self.layers = [m for m in model.modules() if isinstance(m, CastedLinear) and m.qat_mode != "off"]
+        self.log = log
         self.state = (False, 1.0)  # what the buffers hold: (on, alpha)
 
-    def update(self, step: int, lr_mult: float) -> None:
-        if self.h.qat == "off" or (self.start_step is None and lr_mult >= self.h.qat_lr_threshold):
-            return
-        if self.start_step is None:
-            self.start_step = step
-            self.log(f"qat_on step:{step} lr_mult:{lr_mult:.4f} mode:{self.h.qat} matrices:{len(self.layers)}")
-        self._set(True, self.alpha(step))
-
-    def alpha(self, step: int) -> float:
-        h = self.h
-        ramp = 1.0 if h.qat_soft_ramp_steps == 0 else min(1.0, (step - self.start_step) / h.qat_soft_ramp_steps)
-        return h.qat_soft_alpha_start + ramp * (h.qat_soft_alpha_end - h.qat_soft_alpha_start)
+    def apply(self, step: int, s: StepSettings) -> None:
+        if s.qat_on and not self.state[0]:
+            mode = self.layers[0].qat_mode if self.layers else "off"
+            self.log(f"qat_on step:{step} lr_mult:{s.lr_mult:.4f} mode:{mode} matrices:{len(self.layers)}")
+        self._set(s.qat_on, s.qat_alpha)
 
     @contextlib.contextmanager
     def paused(self):
@@ -1990,20 +2125,12 @@ class TrainResult:
     average: WeightAverage
 
 
-def next_step_overruns(elapsed_ms: float, steps: int, budget_ms: float) -> bool:
-    """Whether one more step of average length would end past the budget. Stopping only after
-    crossing it would log a training time over the cap by up to a step."""
-    return elapsed_ms + elapsed_ms / steps > budget_ms
-
-
 def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
           log) -> TrainResult:
-    """The timed loop, stopped by ITERATIONS or the training budget (the cap minus the GPTQ reserve)."""
+    """The timed loop; the Schedule decides every step's settings and when to stop."""
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
-    average, qat = WeightAverage(base_model, h), QATSchedule(base_model, h, log)
-    budget_ms = train_budget_ms(h)
-    log(f"schedule train_budget:{budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
-        f"warmdown_frac:{h.warmdown_frac} warmdown_floor:{h.warmdown_floor}")
+    schedule, average, qat = Schedule(h), WeightAverage(base_model, h), QATSwitch(base_model, log)
+    log(schedule.describe())
     train_ms, step, stop_at = 0.0, 0, None
     rt.sync()
     t0 = time.perf_counter()
@@ -2020,25 +2147,23 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
             t0 = time.perf_counter()
         if last:
             break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        progress = training_progress(step, elapsed, h)
-        lr_mult = lr_multiplier(progress, h.warmdown_frac, h.warmdown_floor)
-        set_step_hparams(optimizers, lr_mult, muon_momentum_at(step, h))
-        qat.update(step, lr_mult)
-        repeats_on = progress >= h.mini_recur_start_frac
-        if base_model.set_mini_recurrence(repeats_on):  # a compiled model recompiles once per state
-            log(f"mini_recurrence:{'on' if repeats_on else 'off'} step:{step} progress:{progress:.4f}")
+        s = schedule.at(step, train_ms + 1000 * (time.perf_counter() - t0))
+        set_step_hparams(optimizers, s.lr_mult, s.momentum)
+        qat.apply(step, s)
+        if base_model.set_mini_recurrence(s.repeats_on):  # a compiled model recompiles once per state
+            log(f"mini_recurrence:{'on' if s.repeats_on else 'off'} step:{step} progress:{s.progress:.4f}")
         loss = train_step(model, optimizers, loader, h, rt)
         step += 1
-        average.update(step, lr_mult)
+        average.update(s)
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         if h.train_log_every > 0 and (step % h.train_log_every == 0 or step <= 10):
             if rt.world_size > 1:  # gloo has no AVG reduction
                 dist.all_reduce(loss)
                 loss /= rt.world_size
-            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{lr_mult:.4f} "
+            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{s.lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        if stop_at is None and budget_ms > 0 and all_ranks_agree(next_step_overruns(elapsed, step, budget_ms), rt):
+        overruns = schedule.budget_ms > 0 and all_ranks_agree(schedule.next_step_overruns(elapsed, step), rt)
+        if stop_at is None and overruns:
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
@@ -2123,15 +2248,10 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def build_model(h: Hyperparameters, rt: Runtime, log, bos_id: int) -> tuple[GPT, nn.Module, nn.Module, Callable]:
-    """(base model, model to train, model to evaluate, orthogonalize fn), compiled on CUDA."""
-    name, attention, why = select_attention(rt.device)
-    log(f"attention_backend:{name} reason:{why}")
-    if h.smear_gate and bos_id < 0:
-        raise ValueError(f"SMEAR_GATE=1 needs the tokenizer's BOS id, but {h.tokenizer_path} has no BOS")
-    base = GPT(ModelConfig.from_hparams(h, bos_id), attention).to(rt.device)
-    configure_qat(base, h.qat)
-    log(base.describe())
+def compile_for_training(base: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
+                         log) -> tuple[nn.Module, nn.Module, Callable]:
+    """(model to train, model to evaluate, orthogonalize fn): compiled on CUDA, DDP across processes."""
+    configure_qat(base, h.qat, plan)
     orthogonalize, compiled = newton_schulz5, base
     if rt.device.type == "cuda" and h.compile:
         compiled = torch.compile(base, dynamic=False)
@@ -2142,27 +2262,27 @@ def build_model(h: Hyperparameters, rt: Runtime, log, bos_id: int) -> tuple[GPT,
     trained = compiled
     if rt.world_size > 1:
         trained = DistributedDataParallel(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return base, trained, compiled, orthogonalize
+    return trained, compiled, orthogonalize
 
 
-def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, seq_len: int,
-               stride: int, h: Hyperparameters, rt: Runtime, log) -> tuple[float, float]:
+def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec,
+               rt: Runtime, log) -> tuple[float, float]:
     rt.sync()
     t0 = time.perf_counter()
-    batch = h.val_batch_seqs(seq_len)
-    loss, bpb = evaluate(eval_model, val_tokens, luts, seq_len, stride, batch, rt.rank, rt.world_size, rt.autocast)
+    loss, bpb = evaluate(eval_model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast)
     rt.sync()
-    log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} seq_len:{seq_len} stride:{stride} "
-        f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval:{spec.name} seq_len:{spec.seq_len} "
+        f"stride:{spec.stride} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     return loss, bpb
 
 
-def main(env=None) -> None:
+def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) -> None:
+    """A whole run: settings from `env` (os.environ by default); export_hook: see export_model."""
     env = os.environ if env is None else env
     h = Hyperparameters.from_env(env)
     rt = setup_runtime(h, env)
     try:
-        run(h, rt, env)
+        run(h, rt, env, export_hook)
         if dist.is_initialized():
             dist.barrier()  # tear down together: a rank leaving gloo early sometimes aborted its peer at exit
     finally:
@@ -2170,7 +2290,7 @@ def main(env=None) -> None:
             dist.destroy_process_group()
 
 
-def run(h: Hyperparameters, rt: Runtime, env) -> None:
+def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
     h = shared_run_id(h, rt)
     out_dir = Path(h.out_dir)
     log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None)
@@ -2184,17 +2304,17 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
 
-    base, model, eval_model, orthogonalize = build_model(h, rt, log, sp.bos_id())
+    check_tokenizer(sp, h, h.tokenizer_path)
+    base = build_model(ModelConfig.from_hparams(h), rt.device, log)
     plan = plan_from_hparams(base.state_dict(), h, base.fp16_param_names())  # a bad QUANT_PLAN fails fast
     log_quant_plan(plan, base.state_dict(), log)
+    model, eval_model, orthogonalize = compile_for_training(base, plan, h, rt, log)
     optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
     for line in describe_optimizers(optimizers):
         log(line)
 
     def eval_fn():
-        batch = h.val_batch_seqs(h.train_seq_len)
-        return evaluate(eval_model, val_tokens, luts, h.train_seq_len, h.train_seq_len, batch,
-                        rt.rank, rt.world_size, rt.autocast)
+        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt.rank, rt.world_size, rt.autocast)
 
     prime_kernels(model, optimizers, base, h, rt, log)
     result = train(model, optimizers, base, eval_fn, h, rt, log)
@@ -2209,11 +2329,22 @@ def run(h: Hyperparameters, rt: Runtime, env) -> None:
 
     artifact = out_dir / f"{h.run_id}.ptz"
     code_bytes = len(source.encode("utf-8"))
-    save_artifact(export_model(base, plan, code_bytes, h, rt, log), artifact, code_bytes, rt, log)
-    base.load_state_dict(load_artifact(artifact))
-    timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, h.train_seq_len, h.train_seq_len, h, rt, log)
-    timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, h.eval_seq_len, h.eval_stride, h, rt, log)
+    save_artifact(export_model(base, plan, code_bytes, h, rt, log, export_hook), artifact, code_bytes, rt, log)
+    _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
+    base.load_state_dict(state)
+    timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), rt, log)
+    timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, EvalSpec.sliding(h), rt, log)
+
+
+def cli() -> None:
+    """main() for the command line: a wrong setting or missing or corrupt data ends the run with one line
+    (on stderr, exit status 2) instead of a traceback; anything else keeps its traceback."""
+    try:
+        main()
+    except (SettingError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

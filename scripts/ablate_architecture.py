@@ -1,4 +1,4 @@
-"""Ablation of the record architecture (SPEC section 3) on a small CPU config: the baseline model, the
+"""Ablation of the record architecture (docs/architecture.md) on a small CPU config: the baseline model, the
 baseline plus each part alone, and all parts (the defaults), each trained with the same steps, seed and
 data, then quantized and evaluated like a real run. Prints a markdown table.
 

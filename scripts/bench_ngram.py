@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import online_ngram as ng  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
-PUBLIC_THRESHOLDS = (0.80, 0.45, 0.65)  # token, within-word, word-start (SPEC section 6)
+PUBLIC_THRESHOLDS = (0.80, 0.45, 0.65)  # token, within-word, word-start (docs/ngram.md)
 
 
 def load_tokens(data: str, split: str, limit: int) -> np.ndarray:

@@ -113,10 +113,8 @@ def eval_speed(eval_model, h: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -
     ones = torch.ones(h.vocab_size, dtype=torch.int32)  # one byte per token: bpb is not measured here
     luts = tg.ByteLUTs(ones, torch.zeros_like(ones, dtype=torch.bool), torch.zeros_like(ones, dtype=torch.bool))
     luts = luts.to(rt.device)
-    batch = h.val_batch_seqs(h.eval_seq_len)
-
     def run():
-        tg.evaluate(eval_model, val, luts, h.eval_seq_len, h.eval_stride, batch, autocast=rt.autocast)
+        tg.evaluate(eval_model, val, luts, tg.EvalSpec.sliding(h), autocast=rt.autocast)
     run()
     return (tokens - 1) / timed(run, rt)
 
@@ -130,7 +128,9 @@ def peak_memory_gib(device: torch.device) -> float:
 def benchmark(h: tg.Hyperparameters, steps: int, warmup: int, eval_tokens: int) -> dict:
     rt = dataclasses.replace(tg.setup_runtime(h, {}), grad_accum=1)
     tg.seed_everything(h.seed)
-    base, model, eval_model, orthogonalize = tg.build_model(h, rt, log_nothing, bos_id=1)
+    base = tg.build_model(tg.ModelConfig.from_hparams(h), rt.device)
+    plan = tg.plan_from_hparams(base.state_dict(), h, base.fp16_param_names())
+    model, eval_model, orthogonalize = tg.compile_for_training(base, plan, h, rt, log_nothing)
     optimizers = tg.build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
     loader = RandomLoader(h.vocab_size, rt.device, h.seed)
     compiles = rt.device.type == "cuda" and h.compile

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Plain training loop vs the optimization recipe (SPEC section 4) at equal wallclock, small model, CPU.
+# Plain training loop vs the optimization recipe (docs/recipe.md) at equal wallclock, small model, CPU.
 #
 #   bash scripts/compare_recipe.sh [SECONDS]        (default 300 s of training per arm)
 #   ARMS="plain recipe recipe_record" bash scripts/compare_recipe.sh
@@ -18,6 +18,7 @@
 # Logs go to $OUT_ROOT/<arm>.txt; the table is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}  # the interpreter to run with (a venv's python, say): python3 from PATH by default
 SECONDS_PER_ARM=${1:-300}
 OUT_ROOT=${OUT_ROOT:-bench/compare_recipe}
 mkdir -p "$OUT_ROOT"
@@ -41,7 +42,7 @@ declare -A SETTINGS=(
 pids=""
 for arm in $ARMS; do
     [[ -v "SETTINGS[$arm]" ]] || { echo "unknown arm $arm: expected ${!SETTINGS[*]}" >&2; exit 1; }
-    env RUN_ID="$arm" ${SETTINGS[$arm]} python3 train_gpt.py > "$OUT_ROOT/$arm.out" 2>&1 &
+    env RUN_ID="$arm" ${SETTINGS[$arm]} "$PYTHON" train_gpt.py > "$OUT_ROOT/$arm.out" 2>&1 &
     pids="$pids $!"
 done
 for pid in $pids; do

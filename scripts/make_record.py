@@ -3,7 +3,7 @@
     python scripts/make_record.py runs/my_idea --name "11L XSA GPTQ" --author "Ada Lovelace" \\
         --github-id ada --blurb "one line on what changed" --baseline-val-loss 1.8911 1.8935 1.8902
 
-writes records/track_10min_16mb/<date>_<Name>/ (SPEC section 1) with README.md (results, checks,
+writes records/track_10min_16mb/<date>_<Name>/ (docs/challenge.md) with README.md (results, checks,
 significance, the exact command, timings, byte counts), submission.json, train_gpt.py (the code the
 logs ran, as embedded in them), every seed's log as train_seed<S>.log, requirements.txt (the package
 versions the logs name) and train_curves.png. Every number comes from the logs.
@@ -43,7 +43,7 @@ from scripts.summarize import (MIN_IMPROVEMENT_NATS, SIGNIFICANCE_P, WelchTest, 
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS_DIR = ROOT / "records" / "track_10min_16mb"
-# The challenge's limits (SPEC section 1), checked here whatever train_gpt.py was told.
+# The challenge's limits (docs/challenge.md), checked here whatever train_gpt.py was told.
 ARTIFACT_CAP_BYTES = 16_000_000
 TRAIN_LIMIT_S = 600.0
 EVAL_LIMIT_S = 600.0

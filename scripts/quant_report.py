@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 PACK_BENCH_VALUES = 27_000_000  # about the record model's parameter count
-CHALLENGE_BOS_ID = 1  # the challenge tokenizer's BOS (SPEC section 2), for the model built without one
 
 
 def pack_bench(values: int) -> None:
@@ -47,19 +46,16 @@ def pack_bench(values: int) -> None:
 
 
 def train(out: Path) -> None:
-    """train_gpt.main() with the current environment; keeps the first quantization call's inputs."""
-    captured, real = {}, tg.quantize_state_dict
+    """train_gpt.main() with the current environment; keeps what its quantization step receives."""
+    captured = {}
 
-    def keep_inputs(state, *args, **kwargs):
-        if not captured:
-            captured["state"] = {k: v.detach().cpu().clone() for k, v in state.items()}
-            captured["hessians"] = {k: v.cpu() for k, v in (kwargs.get("hessians") or {}).items()}
-            captured["plan"] = dict(kwargs["plan"])
-        return real(state, *args, **kwargs)
+    def keep_inputs(inputs: tg.ExportInputs) -> None:
+        captured["state"] = {k: v.detach().cpu().clone() for k, v in inputs.state.items()}
+        captured["hessians"] = {k: v.cpu() for k, v in inputs.hessians.items()}
+        captured["plan"] = dict(inputs.plan)
 
-    tg.quantize_state_dict = keep_inputs
     env = dict(os.environ, OUT_DIR=str(out), RUN_ID=os.environ.get("RUN_ID", "quant_report"))
-    tg.main(env)
+    tg.main(env, export_hook=keep_inputs)
     names = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
     captured["env"] = {k: v for k, v in env.items() if k in names}
     torch.save(captured, out / "float.pt")
@@ -71,15 +67,14 @@ def load_checkpoint(path: Path) -> tuple[dict, tg.Hyperparameters]:
     return ckpt, tg.Hyperparameters.from_env(ckpt["env"])
 
 
-def build_model(h: tg.Hyperparameters, bos_id: int) -> tg.GPT:
-    return tg.GPT(tg.ModelConfig.from_hparams(h, bos_id)).eval()
+def build_model(h: tg.Hyperparameters) -> tg.GPT:
+    return tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu")).eval()
 
 
 def val_bpb(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts) -> float:
     """Plain evaluation (non-overlapping windows of TRAIN_SEQ_LEN), the final_roundtrip_exact number."""
     model.load_state_dict(state)
-    _, bpb = tg.evaluate(model, val_tokens, luts, h.train_seq_len, h.train_seq_len,
-                         h.val_batch_seqs(h.train_seq_len))
+    _, bpb = tg.evaluate(model, val_tokens, luts, tg.EvalSpec.plain(h))
     return bpb
 
 
@@ -103,8 +98,7 @@ def val_gradient(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, 
     model.load_state_dict(state)
     model.zero_grad()
     total_bytes = 0.0
-    for x, y, scored, _ in tg.eval_batches(val_tokens, h.train_seq_len, h.train_seq_len,
-                                           h.val_batch_seqs(h.train_seq_len)):
+    for x, y, scored, _ in tg.eval_batches(val_tokens, tg.EvalSpec.plain(h)):
         model(x, y)[scored].sum().backward()
         total_bytes += float(luts.token_bytes(x, y)[scored].sum())
     grads = {n: p.grad.detach() / math.log(2) / total_bytes for n, p in model.named_parameters()
@@ -121,7 +115,8 @@ def gptq_report(path: Path, breakdown_bits: int) -> None:
     ckpt, h = load_checkpoint(path)
     state = ckpt["state"]
     sp = tg.load_tokenizer(h.tokenizer_path)
-    model = build_model(h, sp.bos_id())
+    tg.check_tokenizer(sp, h, h.tokenizer_path)
+    model = build_model(h)
     val_tokens = torch.from_numpy(tg.load_validation_tokens(h.data_path).astype(np.int32))
     luts = tg.build_byte_luts(sp, h.vocab_size)
     hessians = complete_hessians(model, state, ckpt["hessians"], ckpt["plan"], h)
@@ -168,7 +163,7 @@ def random_default_state() -> tuple[dict, tg.Hyperparameters, dict[str, int]]:
     (N(0, 1/cols))."""
     h = tg.Hyperparameters()
     torch.manual_seed(0)
-    model = build_model(h, CHALLENGE_BOS_ID)
+    model = build_model(h)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2 and not p.any():
@@ -183,7 +178,7 @@ def sizes_report(checkpoint: Path | None) -> None:
     else:
         ckpt, h = load_checkpoint(checkpoint)
         state, plan, what = ckpt["state"], ckpt["plan"], f"trained ({checkpoint})"
-        model = build_model(h, tg.load_tokenizer(h.tokenizer_path).bos_id())
+        model = build_model(h)
         hessians = complete_hessians(model, state, ckpt["hessians"], plan, h)
     packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block)
     params = sum(t.numel() for t in state.values())

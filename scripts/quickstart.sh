@@ -8,11 +8,12 @@
 # Any train_gpt.py variable set in the environment overrides the small configuration below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}  # the interpreter to run with (a venv's python, say): python3 from PATH by default
 QS_DIR=${QS_DIR:-quickstart}
 QS_DOCS=${QS_DOCS:-3000}
 
-python3 data/synthetic_text.py --docs "$QS_DOCS" --seed 0 --out "$QS_DIR/synthetic.jsonl"
-python3 data/build_dataset.py --input "$QS_DIR/synthetic.jsonl" --val-docs 200 --vocab-size 1024 \
+"$PYTHON" data/synthetic_text.py --docs "$QS_DOCS" --seed 0 --out "$QS_DIR/synthetic.jsonl"
+"$PYTHON" data/build_dataset.py --input "$QS_DIR/synthetic.jsonl" --val-docs 200 --vocab-size 1024 \
     --output-dir "$QS_DIR/datasets/synthetic_sp1024" --tokenizer-prefix "$QS_DIR/tokenizers/synthetic_1024_bpe"
 
 export DATA_PATH=${DATA_PATH:-$QS_DIR/datasets/synthetic_sp1024}
@@ -30,4 +31,4 @@ export EMA_DECAY=${EMA_DECAY:-0.7} MUON_MOMENTUM_WARMUP_STEPS=${MUON_MOMENTUM_WA
 # This model's matrices are small: quantize them anyway (int6 + GPTQ) so the quick start runs the real
 # path, with a short calibration and a reserve to match.
 export QUANT_MIN_NUMEL=${QUANT_MIN_NUMEL:-4096} GPTQ_CALIB_SEQS=${GPTQ_CALIB_SEQS:-64} GPTQ_RESERVE_SECONDS=${GPTQ_RESERVE_SECONDS:-5}
-python3 train_gpt.py
+"$PYTHON" train_gpt.py

@@ -6,7 +6,7 @@
 Reads the logs, never the console. Refuses logs that are not seeds of one experiment (different
 code or settings) or that did not finish. The submission number is final_sliding_window_exact.
 
-The test (SPEC section 1): a new record must beat the current one by at least 0.005 nats of val_loss
+The test (docs/challenge.md): a new record must beat the current one by at least 0.005 nats of val_loss
 at p < 0.01. H0: mean(baseline) - mean(ours) <= 0.005; H1: it is larger. One-sided Welch t-test
 (unequal variances): t = (mean_b - mean_o - 0.005) / sqrt(s_b^2/n_b + s_o^2/n_o), with the
 Welch-Satterthwaite degrees of freedom; p = P(T_df >= t).

@@ -34,7 +34,7 @@ def tiny_data(tmp_path_factory) -> dict:
 
 def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:
     """Environment for a run of train_gpt.py that takes seconds on a CPU."""
-    env = {k: v for k, v in os.environ.items() if k.upper() not in _HPARAM_NAMES}
+    env = bare_env()
     env.update(
         DATA_PATH=str(data["output_dir"]), TOKENIZER_PATH=str(data["tokenizer_model"]),
         VOCAB_SIZE=str(TINY_VOCAB), NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2",
@@ -47,10 +47,15 @@ def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:
     return env
 
 
+def bare_env() -> dict:
+    """This process's environment without any train_gpt.py setting: each test sets its own."""
+    return {k: v for k, v in os.environ.items() if k.upper() not in _HPARAM_NAMES}
+
+
 def assert_env_error(env: dict, words: list[str]) -> None:
-    """Hyperparameters.from_env(env) fails with a ValueError whose message names every word."""
+    """Hyperparameters.from_env(env) fails with a SettingError whose message names every word."""
     import train_gpt
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(train_gpt.SettingError) as err:
         train_gpt.Hyperparameters.from_env(env)
     for word in words:
         assert word in str(err.value)

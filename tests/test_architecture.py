@@ -1,4 +1,4 @@
-"""The record architecture (SPEC section 3): every switch keeps the model causal and changes what it
+"""The record architecture (docs/architecture.md): every switch keeps the model causal and changes what it
 computes, SmearGate stops at documents, BigramHash keys on context tokens only, depth recurrence
 reuses one block K times, the mini-recurrence switch works eagerly and under torch.compile, and the
 default model has the record's size."""
@@ -94,7 +94,7 @@ def test_each_part_changes_the_output(part):  # value_embed: its own test (its i
 def test_default_config_has_the_record_size():
     h = tg.Hyperparameters.from_env({})
     with torch.device("meta"):  # no memory: shapes only
-        m = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id=1))
+        m = tg.GPT(tg.ModelConfig.from_hparams(h))
     params = sum(p.numel() for p in m.parameters())
     assert 26_500_000 <= params <= 27_500_000
     assert m.describe().startswith(f"model params:{params} unique_blocks:11 passes:11 ")
@@ -121,8 +121,19 @@ def test_smear_gate_never_mixes_across_a_document_start():
     assert not torch.allclose(smear(x3, ids)[:, 10], out[:, 10])
 
 
-def test_model_input_at_a_document_start_ignores_the_previous_document():
-    m = model(config(**{**BASELINE, "smear_gate": True}))
+def test_bigram_gives_every_bos_the_reserved_row():
+    ids = tokens(batch=1)
+    idx = tg.bigram_bucket_ids(ids, 37, BOS)
+    at_bos = ids[0] == BOS
+    assert at_bos[9] and (idx[0, at_bos] == 36).all() and (idx[0, 1:][~at_bos[1:]] < 36).all()
+
+
+@pytest.mark.parametrize("parts", ["smear_gate", "bigram", "smear_gate+bigram"])
+def test_model_input_at_a_document_start_ignores_the_previous_document(parts):
+    overrides = {"smear_gate": False, "bigram_buckets": 0}
+    for part in parts.split("+"):
+        overrides.update({"smear_gate": True} if part == "smear_gate" else PARTS["bigram"])
+    m = model(config(**{**BASELINE, **overrides}))
     ids = tokens(batch=1)
     ids2 = ids.clone()
     ids2[:, :9] = (ids[:, :9] + 5) % VOCAB
@@ -134,7 +145,8 @@ def test_model_input_at_a_document_start_ignores_the_previous_document():
 def test_bigram_index_depends_on_previous_and_current_token_only():
     buckets = 37
     ids = torch.randint(0, 1024, (3, 40))
-    idx = tg.bigram_bucket_ids(ids, buckets)
+    ids[ids == BOS] = 0  # no document start here: every pair is hashed
+    idx = tg.bigram_bucket_ids(ids, buckets, BOS)
     assert (idx[:, 0] == buckets - 1).all() and (idx[:, 1:] < buckets - 1).all()
     for b in range(3):
         for t in range(1, 40):
@@ -142,7 +154,7 @@ def test_bigram_index_depends_on_previous_and_current_token_only():
             assert idx[b, t] == ((36313 * cur) ^ (27191 * prev)) % (buckets - 1)
     # Every position t >= 1 gives the same bucket when the window is just (t-1, t).
     pairs = torch.stack((ids[:, :-1], ids[:, 1:]), dim=-1).reshape(-1, 2)
-    assert torch.equal(tg.bigram_bucket_ids(pairs, buckets)[:, 1].view(3, 39), idx[:, 1:])
+    assert torch.equal(tg.bigram_bucket_ids(pairs, buckets, BOS)[:, 1].view(3, 39), idx[:, 1:])
 
 
 def test_bigram_position_zero_reads_the_reserved_row():
@@ -368,12 +380,11 @@ def test_bad_architecture_values_name_the_variable(env, words):
 def test_model_config_follows_the_hyperparameters():
     h = tg.Hyperparameters.from_env({"XSA_LAYERS": "1,2", "SMEAR_GATE": "0", "BIGRAM_DIM": "96", "VE_LAYERS": "none",
                                      "VE_DIM": "64"})
-    cfg = tg.ModelConfig.from_hparams(h, bos_id=5)
-    assert (cfg.xsa_layers, cfg.smear_gate, cfg.bigram_dim, cfg.bos_id) == ("1,2", False, 96, 5)
+    cfg = tg.ModelConfig.from_hparams(h)
+    assert (cfg.xsa_layers, cfg.smear_gate, cfg.bigram_dim, cfg.bos_id) == ("1,2", False, 96, 1)
     assert (cfg.ve_layers, cfg.ve_dim) == ("none", 64)
+    assert type(cfg) is tg.ModelConfig and not hasattr(cfg, "seed")
 
 
 def test_model_config_defaults_are_the_record_configuration():
-    h = tg.Hyperparameters.from_env({})
-    shape = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult")
-    assert tg.ModelConfig(**{f: getattr(h, f) for f in shape}) == tg.ModelConfig.from_hparams(h, bos_id=1)
+    assert tg.ModelConfig() == tg.ModelConfig.from_hparams(tg.Hyperparameters.from_env({}))

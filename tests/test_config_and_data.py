@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import assert_env_error, ROOT
+from conftest import assert_env_error, bare_env, ROOT
 from data.shards import write_shard
 
 
@@ -119,3 +119,33 @@ def test_ranks_split_the_same_global_batch(tmp_path, world_size):
         # Disjoint: no input position is read by two ranks.
         seen = torch.cat([p[0].flatten() for p in parts])
         assert len(torch.unique(seen)) == len(seen)
+
+
+def test_bos_id_must_be_the_tokenizers(tiny_data):
+    sp = tg.load_tokenizer(str(tiny_data["tokenizer_model"]))
+    tg.check_tokenizer(sp, tg.ModelConfig(bos_id=sp.bos_id()), "tok.model")
+    with pytest.raises(ValueError, match=f"BOS_ID=2 does not match the tokenizer tok.model, which has BOS id "
+                                         f"{sp.bos_id()}: set BOS_ID={sp.bos_id()}"):
+        tg.check_tokenizer(sp, tg.ModelConfig(bos_id=2), "tok.model")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NUM_LAYERS": "0"}, "error: NUM_LAYERS='0' is out of range: accepted values are integers in [1, 64]"),
+    ({"QAT": "always"}, "error: QAT='always' is invalid: accepted values are off, hard, soft"),
+    ({"NUM_LAYER": "2"}, "error: NUM_LAYER is not a setting: did you mean NUM_LAYERS?"),
+    ({"TOKENIZER_PATH": "missing.model"}, "error: tokenizer missing.model not found (TOKENIZER_PATH): fetch"),
+])
+def test_a_bad_setting_or_missing_data_is_one_line_without_a_traceback(tmp_path, env, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, capture_output=True,
+                          env={**bare_env(), **env, "OUT_DIR": str(tmp_path)}, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_near_miss_of_a_setting_is_refused_and_other_variables_are_not():
+    assert_env_error({"NUM_LAYER": "3"}, ["NUM_LAYER", "NUM_LAYERS"])
+    assert_env_error({"MATRX_LR": "0.1"}, ["MATRX_LR", "MATRIX_LR"])
+    tg.Hyperparameters.from_env({"PATH": "/bin", "HOME": "/root", "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0",
+                                 "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x", "NGRAM_CACHE": "1"})

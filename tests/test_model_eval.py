@@ -140,7 +140,7 @@ def test_batched_eval_matches_the_reference(n, seq_len, stride, batch):
     with torch.no_grad():
         ref_loss, ref_bpb, count = reference_eval(model, tokens, seq_len, stride, luts)
     assert count == n
-    loss, bpb = tg.evaluate(model, tokens, luts, seq_len, stride, batch)
+    loss, bpb = tg.evaluate(model, tokens, luts, tg.EvalSpec("sliding", seq_len, stride, batch))
     assert abs(loss - ref_loss) < 1e-5 and abs(bpb - ref_bpb) < 1e-5
 
 
@@ -156,8 +156,8 @@ def test_sliding_window_sees_more_context_than_chunks():
     pattern = torch.randint(0, 64, (20,))
     tokens = pattern.repeat(40).to(torch.int32)
     luts = _luts(64)
-    plain, _ = tg.evaluate(CopyBack(), tokens, luts, 32, 32, 4)
-    sliding, _ = tg.evaluate(CopyBack(), tokens, luts, 32, 4, 4)
+    plain, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("plain", 32, 32, 4))
+    sliding, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("sliding", 32, 4, 4))
     assert sliding < plain / 5
 
 
@@ -187,9 +187,11 @@ def test_artifact_roundtrip_restores_the_model(tmp_path):
     assert kinds["tok_emb.weight"] == ("int", 8)  # 1024 x 64 elements: quantized, the embedding at int8
     assert kinds["blocks.0.attn.q_gain"] == kinds["blocks.0.attn.c_q.weight"] == ("fp16", None)  # small
     path = tmp_path / "m.ptz"
-    tg.write_atomic(path, tg.serialize_artifact(packed))
-    restored = tg.GPT(cfg).eval()
-    restored.load_state_dict(tg.load_artifact(path))
+    tg.write_atomic(path, tg.serialize_artifact(packed, config=cfg))
+    loaded_cfg, state = tg.load_artifact(path)
+    assert loaded_cfg == cfg  # the artifact alone rebuilds the model
+    restored = tg.GPT(loaded_cfg).eval()
+    restored.load_state_dict(state)
     assert all(p.dtype == torch.float32 for p in restored.parameters())
     x = torch.randint(0, 1024, (2, 16))
     ref, out = model.logits(x), restored.logits(x)

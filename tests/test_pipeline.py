@@ -84,9 +84,12 @@ def test_wallclock_cap_stops_the_run(tiny_data, tmp_path):
 
 
 def test_the_run_stops_before_a_step_would_cross_the_budget():
-    assert not tg.next_step_overruns(900.0, 9, 1000.0)  # next step ends at 1000: within the budget
-    assert tg.next_step_overruns(901.0, 9, 1000.0)
-    assert tg.next_step_overruns(950.0, 1, 1000.0)  # a first step of 950 ms: a second would not fit
+    schedule = tg.Schedule(tg.Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "11", "GPTQ_RESERVE_SECONDS": "10"}))
+    assert schedule.budget_ms == 1000.0
+    assert not schedule.next_step_overruns(900.0, 9)  # next step ends at 1000: within the budget
+    assert schedule.next_step_overruns(901.0, 9)
+    assert schedule.next_step_overruns(950.0, 1)  # a first step of 950 ms: a second would not fit
+    assert not tg.Schedule(tg.Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "0"})).next_step_overruns(1e9, 1)
 
 
 def test_two_gloo_processes_match_one(tiny_data, tmp_path, tiny_run):

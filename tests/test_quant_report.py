@@ -13,7 +13,7 @@ from scripts import quant_report
 def test_val_gradient_predicts_a_small_weight_change(tiny_data, tmp_path):
     h = tg.Hyperparameters.from_env(tiny_env(tiny_data, tmp_path, VAL_BATCH_SIZE="4096"))
     torch.manual_seed(0)
-    model = tg.GPT(tg.ModelConfig.from_hparams(h, bos_id=1)).eval()
+    model = tg.GPT(tg.ModelConfig.from_hparams(h)).eval()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with torch.no_grad():  # the zero-initialized projections would leave most gradients at zero
         for name in ("blocks.0.mlp.proj.weight", "blocks.1.attn.proj.weight"):

@@ -269,7 +269,7 @@ def test_every_codec_and_storage_round_trips(compressor, shuffle, storage):
     packed = packed_model()
     blob = tg.serialize_artifact(packed, compressor=compressor, shuffle=shuffle, storage=storage)
     assert blob[6] == tg.CODEC_IDS[compressor] and blob[7] == shuffle  # the header says what was used
-    restored = tg.deserialize_artifact(blob)
+    _, restored = tg.deserialize_artifact(blob)
     assert_same_packed(restored, packed)
     state = tg.dequantize_state_dict(restored)
     assert state["blocks.0.mlp.proj.weight"].dtype == torch.bfloat16 and state["step"].item() == 3
@@ -288,12 +288,27 @@ def test_auto_keeps_the_smallest_codec():
     assert [int(line[i]) + header for i in (1, 2, 3)] == [sizes["zstd"], sizes["lzma"], sizes["brotli"]]
 
 
-def test_a_flipped_byte_is_caught_even_by_brotli(tmp_path):
-    blob = bytearray(tg.serialize_artifact(packed_model(), compressor="brotli"))
+def flip_a_payload_bit(blob: bytearray) -> None:
     blob[len(blob) // 2] ^= 0x10
+
+
+def flip_shuffle_flag(blob: bytearray) -> None:
+    # The flag says how to read the payload: flipped, the fp16 bytes would load as scrambled weights
+    # without any error unless the checksum covers the header fields too.
+    assert blob[7] == 1  # header: magic (5 bytes), format version, codec id, shuffle flag, CRC-32
+    blob[7] = 0
+
+
+@pytest.mark.parametrize("codec, damage, message", [
+    ("brotli", flip_a_payload_bit, "corrupt or truncated"),  # brotli has no checksum of its own
+    ("zstd", flip_shuffle_flag, "CRC-32 mismatch"),
+])
+def test_a_flipped_bit_is_caught(tmp_path, codec, damage, message):
+    blob = bytearray(tg.serialize_artifact(packed_model(), compressor=codec, shuffle=True))
+    damage(blob)
     path = tmp_path / "flipped.ptz"
     path.write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match="corrupt or truncated") as err:
+    with pytest.raises(ValueError, match=message) as err:
         tg.load_artifact(path)
     assert str(path) in str(err.value)
 
@@ -305,6 +320,14 @@ def test_another_format_version_is_refused_by_name(tmp_path):
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match=f"{path}: artifact format {tg.ARTIFACT_FORMAT_VERSION + 1}"):
         tg.load_artifact(path)
+
+
+def test_an_artifact_without_its_model_config_is_refused(tmp_path):
+    path = tmp_path / "bare.ptz"
+    path.write_bytes(tg.serialize_artifact(packed_model(), compressor="zstd"))
+    with pytest.raises(ValueError, match="records no model config") as err:
+        tg.load_artifact(path)
+    assert str(path) in str(err.value)
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -355,7 +378,7 @@ def test_empty_tensors_survive_the_artifact():
     state = {"empty": torch.zeros(0, 8), "w": torch.randn(4, 8)}
     packed = tg.quantize_state_dict(state, plan={"empty": tg.FP16_BITS, "w": tg.FP16_BITS})
     blob = tg.serialize_artifact(packed)
-    restored = tg.dequantize_state_dict(tg.deserialize_artifact(blob))
+    restored = tg.dequantize_state_dict(tg.deserialize_artifact(blob)[1])
     assert restored["empty"].shape == (0, 8) and torch.allclose(restored["w"], state["w"], atol=1e-2)
 
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 
 from conftest import ROOT
 
 
 def test_quickstart_script_runs_the_pipeline(tmp_path):
-    env = dict(os.environ, QS_DIR=str(tmp_path), QS_DOCS="400", NUM_LAYERS="1", MODEL_DIM="32", ROPE_DIMS="4",
+    # The interpreter running the tests (a venv's, not activated) is the one the script must use: a
+    # python3 on PATH that cannot run anything proves it does not fall back to that one.
+    broken = tmp_path / "bin"
+    broken.mkdir()
+    (broken / "python3").write_text("#!/bin/sh\necho 'the wrong python3' >&2\nexit 3\n")
+    (broken / "python3").chmod(0o755)
+    env = dict(os.environ, PYTHON=sys.executable, PATH=f"{broken}{os.pathsep}{os.environ['PATH']}",
+               QS_DIR=str(tmp_path), QS_DOCS="400", NUM_LAYERS="1", MODEL_DIM="32", ROPE_DIMS="4",
                TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="3", EVAL_SEQ_LEN="64",
                EVAL_STRIDE="32", RUN_ID="qs", OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True,

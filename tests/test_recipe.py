@@ -1,10 +1,11 @@
-"""The optimization recipe (SPEC section 4): split LR after orthogonalization, Muon weight decay and
+"""The optimization recipe (docs/recipe.md): split LR after orthogonalization, Muon weight decay and
 momentum warmup, Adam groups by role, the wallclock warmdown with the GPTQ reserve, EMA / SWA, QAT
 (also under torch.compile) and the coprime-stride loader."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 
@@ -51,13 +52,32 @@ def test_lr_multiplier_at_its_boundaries(frac, floor):
 
 
 def test_budget_excludes_the_gptq_reserve():
-    h = hparams(max_wallclock_seconds=600, gptq_reserve_seconds=10, warmdown_frac=0.5)
-    assert tg.train_budget_ms(h) == 590_000
-    assert tg.training_progress(0, 295_000, h) == pytest.approx(0.5)
-    assert tg.lr_multiplier(tg.training_progress(0, 295_000, h), h.warmdown_frac) == 1.0
-    assert tg.lr_multiplier(tg.training_progress(0, 590_000, h), h.warmdown_frac) == 0.0
-    uncapped = hparams(max_wallclock_seconds=0, iterations=200)
-    assert tg.train_budget_ms(uncapped) == 0 and tg.training_progress(50, 1e9, uncapped) == 0.25
+    schedule = tg.Schedule(hparams(max_wallclock_seconds=600, gptq_reserve_seconds=10, warmdown_frac=0.5))
+    assert schedule.budget_ms == 590_000
+    assert schedule.progress(0, 295_000) == pytest.approx(0.5)
+    assert schedule.at(0, 295_000).lr_mult == 1.0 and schedule.at(0, 590_000).lr_mult == 0.0
+    uncapped = tg.Schedule(hparams(max_wallclock_seconds=0, iterations=200))
+    assert uncapped.budget_ms == 0 and uncapped.progress(50, 1e9) == 0.25
+
+
+@pytest.mark.parametrize("wallclock", [0, 3600])
+def test_a_step_limited_run_warms_down_whatever_the_cap(wallclock):
+    # ITERATIONS ends this run long before the cap would: the warmdown must follow the steps, not the
+    # clock (under the cap alone, the last step would still run at LR multiplier 1.0).
+    schedule = tg.Schedule(hparams(iterations=100, max_wallclock_seconds=wallclock, warmdown_frac=0.5))
+    assert schedule.at(50, 1_000).lr_mult == 1.0
+    assert schedule.at(75, 2_000).lr_mult == pytest.approx(0.5)
+    assert schedule.at(99, 3_000).lr_mult == pytest.approx(0.02)
+    # And the clock when it ends the run first: 2 s of a 4 s budget after only 10 of 1000 steps.
+    timed = tg.Schedule(hparams(iterations=1000, max_wallclock_seconds=5, gptq_reserve_seconds=1, warmdown_frac=0.5))
+    assert timed.at(10, 3_000).lr_mult == pytest.approx(0.5)
+
+
+def test_the_schedule_is_logged_whole():
+    line = tg.Schedule(hparams()).describe()
+    for key in ("train_budget:590000ms", "iterations:20000", "warmdown_frac:0.5", "momentum_warmup_steps:1500",
+                "qat:hard", "ema_decay:0.997", "swa_every:50", "mini_recur_start_frac:0.0"):
+        assert key in line
 
 
 @pytest.mark.parametrize("env, words", [
@@ -187,30 +207,52 @@ def test_embedding_projections_move_to_adam_with_the_scalar_decay():
 
 
 def averaged_after(kind: str, weights: list[float], lr_mults: list[float], **env):
-    """A 1-weight model that takes the given weights after steps 1, 2, ..."""
+    """A 1-weight model that takes the given weights after steps 0, 1, ..., each at the given LR multiplier
+    (the Schedule's other settings as it decides them)."""
     model = nn.Linear(1, 1, bias=False)
-    average = tg.WeightAverage(model, hparams(final_weights=kind, **env))
-    for step, (w, m) in enumerate(zip(weights, lr_mults), start=1):
+    h = hparams(final_weights=kind, **env)
+    schedule, average = tg.Schedule(h), tg.WeightAverage(model, h)
+    for step, (w, m) in enumerate(zip(weights, lr_mults)):
         model.weight.data.fill_(w)
-        average.update(step, m)
+        settings = dataclasses.replace(schedule.at(step, 0.0), lr_mult=m)
+        settings = dataclasses.replace(settings, swa_take=kind == "swa" and m < 1 and (step + 1) % h.swa_every == 0)
+        average.update(settings)
     return model, average
 
 
-def test_ema_is_the_bias_corrected_exponential_average():
-    weights = [3.0, -1.0, 2.0, 5.0, 4.0]
-    model, average = averaged_after("ema", weights, [1.0] * 5, ema_decay=0.6)
+def test_ema_is_the_bias_corrected_exponential_average_of_the_decays_used():
+    weights = [3.0, -1.0, 2.0, 5.0, 4.0, 1.0, 0.0, 2.5, 7.0, 3.0, 2.0, 6.0]
+    model, average = averaged_after("ema", weights, [1.0] * len(weights), ema_decay=0.6)
     assert average.load_into_model()
-    n = len(weights)
-    ref = sum(0.4 * 0.6 ** (n - i) * w for i, w in enumerate(weights, start=1)) / (1 - 0.6 ** n)
-    assert model.weight.item() == pytest.approx(ref, rel=1e-6)
+    ema, zero = 0.0, 1.0
+    for t, w in enumerate(weights):
+        d = min(0.6, (1 + t) / (tg.EMA_WARMUP_STEPS + t))  # 0.1, 0.18, ... then 0.6 from t = 14 on
+        ema, zero = d * ema + (1 - d) * w, zero * d
+    assert model.weight.item() == pytest.approx(ema / (1 - zero), rel=1e-6)
+
+
+def test_a_short_run_average_follows_the_late_weights():
+    # 40 steps moving the weight from 0 to 1 at the record's decay: a fixed 0.997 EMA would be about the
+    # plain mean of all 40 (0.5), far from the trained weights; the warm-up ramp keeps it near the end.
+    weights = [t / 39 for t in range(40)]
+    model, average = averaged_after("ema", weights, [1.0] * 40, ema_decay=0.997)
+    average.load_into_model()
+    assert model.weight.item() > 0.85
 
 
 def test_swa_averages_the_checkpoints_of_the_warmdown():
     weights = [float(i) for i in range(1, 11)]
-    mults = [1.0] * 4 + [0.8, 0.6, 0.5, 0.4, 0.2, 0.1]  # warmdown from step 5 on
+    mults = [1.0] * 4 + [0.8, 0.6, 0.5, 0.4, 0.2, 0.1]  # warmdown from the 5th step on
     model, average = averaged_after("swa", weights, mults, swa_every=3)
     assert average.count == 2 and average.load_into_model()
     assert model.weight.item() == pytest.approx((6.0 + 9.0) / 2)  # steps 6 and 9; step 3 was before it
+
+
+def test_the_schedule_takes_swa_checkpoints_in_the_warmdown_only():
+    schedule = tg.Schedule(hparams(final_weights="swa", swa_every=3, iterations=12, max_wallclock_seconds=0,
+                                   warmdown_frac=0.5))
+    takes = [t + 1 for t in range(12) if schedule.at(t, 0.0).swa_take]
+    assert takes == [9, 12]  # multiples of 3 once the multiplier is under 1 (from step 7 of 12)
 
 
 def test_nothing_collected_falls_back_to_raw_and_says_so():
@@ -228,7 +270,7 @@ def test_nothing_collected_falls_back_to_raw_and_says_so():
 def test_fake_quant_int6_lands_on_the_row_grid_with_a_straight_through_gradient():
     torch.manual_seed(0)
     w = (torch.randn(8, 40) * torch.linspace(0.01, 2, 8)[:, None]).requires_grad_()
-    q = tg.fake_quant_int6(w)
+    q = tg.fake_quant(w, 31)
     scale = w.detach().abs().amax(dim=1, keepdim=True) / 31
     steps = q.detach() / scale
     assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 31 + 1e-4
@@ -242,34 +284,39 @@ def test_fake_quant_int6_lands_on_the_row_grid_with_a_straight_through_gradient(
 def test_soft_round_approaches_hard_rounding_as_alpha_grows():
     torch.manual_seed(0)
     w = torch.randn(4, 256)
-    hard = tg.fake_quant_int6(w)
+    hard = tg.fake_quant(w, 31)
     scale = w.abs().amax(dim=1, keepdim=True) / 31
     # Mean distance to hard rounding, in grid steps: about 2 ln 2 / alpha for evenly spread weights.
-    gaps = [((tg.fake_quant_int6(w, torch.tensor(a)) - hard).abs() / scale).mean().item()
+    gaps = [((tg.fake_quant(w, 31, torch.tensor(a)) - hard).abs() / scale).mean().item()
             for a in (1.0, 16.0, 200.0)]
     assert gaps[0] > 0.3 and gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.02
     w.requires_grad_()
-    tg.fake_quant_int6(w, torch.tensor(16.0)).sum().backward()
+    tg.fake_quant(w, 31, torch.tensor(16.0)).sum().backward()
     assert w.grad.std() > 0  # a real, non-constant gradient, unlike the straight-through one
 
 
-def qat_on(model: nn.Module, mode: str, h: tg.Hyperparameters | None = None) -> tg.QATSchedule:
-    tg.configure_qat(model, mode)
-    return tg.QATSchedule(model, h or hparams(qat=mode), lambda msg: None)
+def qat_on(model: nn.Module, mode: str, plan: dict | None = None) -> tg.QATSwitch:
+    tg.configure_qat(model, mode, plan)
+    return tg.QATSwitch(model, lambda msg: None)
+
+
+def switched_on(step: int = 0) -> tg.StepSettings:
+    return tg.StepSettings(progress=0.9, lr_mult=0.1, momentum=0.99, qat_on=True, qat_alpha=1.0, repeats_on=True,
+                           ema_decay=0.997, swa_take=False)
 
 
 def test_qat_runs_every_quantized_matrix_through_the_grid():
     model = tiny_model()
     x = torch.randint(0, 64, (2, 12))
     qat = qat_on(model, "hard")
-    qat.update(step=0, lr_mult=0.1)
+    qat.apply(0, switched_on())
     with torch.no_grad():
         out = model.logits(x)
         snapped = copy.deepcopy(model)
         tg.configure_qat(snapped, "off")
         for m in snapped.modules():
             if isinstance(m, tg.CastedLinear):
-                m.weight.copy_(tg.fake_quant_int6(m.weight))
+                m.weight.copy_(tg.fake_quant(m.weight, 31))
         assert len(qat.layers) >= 6 * len(model.blocks)
         assert torch.allclose(out, snapped.logits(x), atol=1e-5)
         qat.switch_off()
@@ -278,15 +325,15 @@ def test_qat_runs_every_quantized_matrix_through_the_grid():
 
 def test_eager_forward_skips_the_fake_quantization_while_qat_is_off(monkeypatch):
     calls = []
-    real = tg.fake_quant_int6
-    monkeypatch.setattr(tg, "fake_quant_int6", lambda *a: calls.append(1) or real(*a))
+    real = tg.fake_quant
+    monkeypatch.setattr(tg, "fake_quant", lambda *a: calls.append(1) or real(*a))
     model = tiny_model()
     qat = qat_on(model, "hard")
     x, y = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         model(x, y)
         assert not calls  # off: not even computed
-        qat.update(step=5, lr_mult=0.1)
+        qat.apply(5, switched_on())
         model(x, y)
         assert len(calls) == len(qat.layers)
         with qat.paused():
@@ -304,7 +351,7 @@ def test_qat_switches_on_inside_a_compiled_model(one_thread):
     x, y = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         before = compiled(x, y)
-        qat.update(step=5, lr_mult=0.1)
+        qat.apply(5, switched_on())
         after = compiled(x, y)
         eager = model(x, y)
         with qat.paused():
@@ -315,18 +362,40 @@ def test_qat_switches_on_inside_a_compiled_model(one_thread):
 
 
 def test_qat_schedule_switches_once_under_the_threshold_and_ramps_alpha():
-    h = hparams(qat="soft", qat_lr_threshold=0.15, qat_soft_ramp_steps=100)
+    # Step-limited: 200 steps, warmdown over the last half: the multiplier is 0.15 at step 185, 0.14 at 186.
+    h = hparams(qat="soft", qat_lr_threshold=0.145, qat_soft_ramp_steps=100, iterations=200, max_wallclock_seconds=0)
     model = tiny_model(layers=1)
     logged = []
     tg.configure_qat(model, "soft")
-    qat = tg.QATSchedule(model, h, logged.append)
-    qat.update(step=9, lr_mult=0.15)
+    schedule, qat = tg.Schedule(h), tg.QATSwitch(model, logged.append)
+    for step in range(186):
+        qat.apply(step, schedule.at(step, 0.0))
     assert qat.state == (False, 1.0) and not logged
-    qat.update(step=10, lr_mult=0.149)
-    assert logged == [f"qat_on step:10 lr_mult:0.1490 mode:soft matrices:{len(qat.layers)}"]
-    for step, alpha in ((10, 1.0), (60, 8.5), (110, 16.0), (400, 16.0)):
-        qat.update(step, lr_mult=0.5)  # stays on whatever the multiplier does afterwards
-        assert all(m.qat_on.item() == 1.0 and m.qat_alpha.item() == alpha for m in qat.layers)
+    qat.apply(186, schedule.at(186, 0.0))
+    assert logged == [f"qat_on step:186 lr_mult:0.1400 mode:soft matrices:{len(qat.layers)}"]
+    for step, alpha in ((186, 1.0), (236, 8.5), (286, 16.0), (400, 16.0)):
+        s = schedule.at(step, 0.0)
+        assert s.qat_on and s.qat_alpha == pytest.approx(alpha)  # on for good, whatever the multiplier does
+    qat.apply(236, schedule.at(236, 0.0))
+    assert all(m.qat_on.item() == 1.0 and m.qat_alpha.item() == pytest.approx(8.5) for m in qat.layers)
+
+
+def test_qat_trains_each_weight_on_the_grid_of_its_planned_bits():
+    # QUANT_BITS=5 (or a QUANT_PLAN rule) must move QAT to the int5 grid, and a weight the plan keeps in
+    # fp16 gets no fake quantization at all.
+    model = tiny_model(layers=1)
+    plan = {name: 5 for name in model.state_dict()}
+    plan["blocks.0.mlp.fc.weight"] = tg.FP16_BITS
+    qat = qat_on(model, "hard", plan)
+    qat.apply(0, switched_on())
+    fc, c_q = model.blocks[0].mlp.fc, model.blocks[0].attn.c_q
+    assert fc not in qat.layers and fc.qat_mode == "off" and c_q.qat_qmax == tg.qmax(5) == 15
+    torch.manual_seed(0)
+    x = torch.randn(3, c_q.in_features)
+    with torch.no_grad():
+        c_q.weight.normal_()
+        assert torch.allclose(c_q(x), x @ tg.fake_quant(c_q.weight, 15).T, atol=1e-5)
+        assert not torch.allclose(c_q(x), x @ tg.fake_quant(c_q.weight, 31).T, atol=1e-3)
 
 
 # ---- coprime-stride loader ----------------------------------------------------------------------

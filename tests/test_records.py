@@ -111,7 +111,7 @@ def test_sweep_refuses_to_resume_another_experiment(sweep, tmp_path):
 def test_sweep_stops_at_a_failed_seed(sweep, tmp_path):
     (tmp_path / "no_data").mkdir()
     env = dict(sweep.env, DATA_PATH=str(tmp_path / "no_data"))
-    with pytest.raises(SweepError, match=r"seed 1337 failed with exit status 1; its log is .*seed_1337.txt"):
+    with pytest.raises(SweepError, match=r"seed 1337 failed with exit status 2; its log is .*seed_1337.txt"):
         run_sweep(list(DEFAULT_SEEDS), tmp_path / "sweep", 1, env)
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["seed_1337.txt"]  # the later seeds never ran
 

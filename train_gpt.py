@@ -86,7 +86,7 @@ class ModelConfig:
     qk_gain_init: float = _hp(1.5, lo=0.0, hi=100.0)  # initial per-head gain on the normalized q
     tied_embed_init_std: float = _hp(0.005, lo=0.0, hi=1.0)  # init std of the tied input/output embedding
     # Model: record architecture. Each part switches off to the baseline model (docs/architecture.md).
-    mlp_activation: str = _hp("relu2", choices=("relu2", "leaky_relu2"))  # leaky: LeakyReLU(0.5)^2
+    mlp_activation: str = _hp("leaky_relu2", choices=("relu2", "leaky_relu2"))  # leaky: LeakyReLU(0.5)^2
     rope_dims: int = _hp(16, lo=2, hi=4096)  # rotary on the first ROPE_DIMS dims of each head; head dim = full
     block_input_scale: bool = _hp(True)  # the normalized input of layer l is multiplied by 1/sqrt(l+1)
     unet_gates: bool = _hp(True)  # skip blend x = g*x + (1-g)*w*skip, g = sigmoid(gate); off: x + w*skip
@@ -95,7 +95,7 @@ class ModelConfig:
     bigram_buckets: int = _hp(2048, lo=0, hi=1 << 20)  # BigramHash table rows (last one: position 0); 0: off
     bigram_dim: int = _hp(128, lo=1, hi=4096)  # BigramHash table width (projected to MODEL_DIM)
     bigram_scale_init: float = _hp(0.05, lo=0.0, hi=10.0)  # initial scale of the BigramHash output
-    bigram_init: str = _hp("zero_proj", choices=("zero_proj", "zero_table"))  # which side starts at zero
+    bigram_init: str = _hp("zero_table", choices=("zero_table", "zero_proj"))  # which side starts at zero
     ve_layers: str = _hp("-2,-1")  # value embeddings added to these layers' attention values; "none": off
     ve_dim: int = _hp(128, lo=1, hi=4096)  # width of the shared value-embedding table
     ortho_init: bool = _hp(True)  # orthogonal block matrices, MLP output projections x 1/sqrt(2 L)

@@ -17,8 +17,8 @@ from conftest import assert_env_error, tiny_env
 VOCAB, DIM, HEADS, KV_HEADS, MLP_MULT, LAYERS, BOS = 64, 32, 4, 2, 2, 4, 1
 HEAD_DIM = DIM // HEADS
 # Every part off: the baseline model (full RoPE, plain additive skips, default init, ...).
-BASELINE = dict(rope_dims=HEAD_DIM, block_input_scale=False, unet_gates=False, xsa_layers="none",
-                smear_gate=False, bigram_buckets=0, ve_layers="none", ortho_init=False)
+BASELINE = dict(mlp_activation="relu2", rope_dims=HEAD_DIM, block_input_scale=False, unet_gates=False,
+                xsa_layers="none", smear_gate=False, bigram_buckets=0, ve_layers="none", ortho_init=False)
 PARTS = {  # each part alone, on top of the baseline
     "leaky_relu2": dict(mlp_activation="leaky_relu2"),
     "partial_rope": dict(rope_dims=4),
@@ -261,7 +261,10 @@ def test_orthogonal_init_and_projection_scales():
         s = torch.linalg.svdvals(block.mlp.proj.weight)
         assert torch.allclose(s, torch.full_like(s, 1 / math.sqrt(2 * 3)), atol=1e-5)
         assert not block.attn.proj.weight.any()
-    assert not m.bigram.proj.weight.any()
+    p = m.bigram.proj.weight  # BIGRAM_INIT=zero_table: zero rows, an orthogonal projection [32, 128]
+    assert not m.bigram.table.weight.any() and torch.allclose(p @ p.T, torch.eye(DIM), atol=1e-5)
+    other = tg.GPT(config(num_layers=3, bigram_init="zero_proj")).bigram
+    assert not other.proj.weight.any() and 0.9 < other.table.weight.std() < 1.1
     plain = tg.GPT(config(num_layers=3, ortho_init=False))
     assert not plain.blocks[0].mlp.proj.weight.any()  # the baseline: zero output projections
 

@@ -11,6 +11,7 @@ serialization, evaluation, training, main.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
 import copy
@@ -19,15 +20,20 @@ import difflib
 import fnmatch
 import functools
 import glob
+import hashlib
 import json
 import lzma
 import math
 import os
 import platform
 import random
+import re
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -43,7 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -184,6 +190,7 @@ class Hyperparameters(ModelConfig):
     # Schedule, weight averaging and QAT.
     warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
     gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
+    gptq_reserve_measure: bool = _hp(True)  # warm-up times calibration + GPTQ and reserves 1.5x that + 1 s
     final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
     ema_decay: float = _hp(0.997, lo=0.0, hi=0.999999)  # EMA of the weights, updated every step
     swa_every: int = _hp(50, lo=1, hi=10**9)  # SWA checkpoint period (steps) during the warmdown
@@ -199,7 +206,7 @@ class Hyperparameters(ModelConfig):
     quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
     quant_min_numel: int = _hp(65_536, lo=0, hi=2**31 - 1)  # smaller tensors stay fp16
     quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 8 or 16); later ones win
-    quant_target_bytes: int = _hp(0, lo=0, hi=ARTIFACT_CAP_BYTES)  # 0: off; else demote tensors to fit
+    quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
     compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli"))  # auto: smallest of all
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
@@ -215,6 +222,8 @@ class Hyperparameters(ModelConfig):
     eval_stride: int = _hp(64, lo=1, hi=65536)  # sliding-window evaluation: a new window every this many targets
     # Runtime.
     compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
+    cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
+    resume_from: str = _hp("")  # a checkpoint a stopped run wrote (<OUT_DIR>/<RUN_ID>.ckpt): continue that run
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -317,6 +326,64 @@ def grad_accum_steps(world_size: int) -> int:
     return MICRO_BATCHES_PER_STEP // world_size
 
 
+# ---- progress of long phases ------------------------------------------------------------------------
+
+PROGRESS_EVERY_S = 30.0  # without a terminal, a long phase prints a line at least this often
+
+
+class Progress:
+    """done/total of a long phase on the main process: a tqdm bar when stderr is a terminal, else a
+    `progress` line on stdout every PROGRESS_EVERY_S seconds with the time left (not in the log file)."""
+
+    def __init__(self, phase: str, total: int, enabled: bool = True, unit: str = "batch",
+                 every_s: float | None = None, bar: bool | None = None, out=None, clock=time.perf_counter):
+        self.phase, self.total, self.unit, self.clock = phase, total, unit, clock
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.enabled, self.done, self.out = enabled and total > 0, 0, out
+        self.t0 = self.last = clock()
+        bar = sys.stderr.isatty() if bar is None else bar
+        self.bar = (tqdm(total=total, desc=phase, unit=unit, leave=False, dynamic_ncols=True)
+                    if self.enabled and bar else None)
+
+    def update(self, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = self.clock()
+        if now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            print(self.line(now), file=self.out or sys.stdout, flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.t0
+        left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        return (f"progress phase:{self.phase} done:{self.done}/{self.total} unit:{self.unit} "
+                f"percent:{100 * self.done / self.total:.1f} elapsed:{elapsed:.0f}s eta:{left:.0f}s")
+
+    def wrap(self, items):
+        """Yield the items, counting each one as done; closes at the end."""
+        try:
+            for item in items:
+                yield item
+                self.update()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------
@@ -368,6 +435,46 @@ def load_validation_tokens(data_path: str) -> np.ndarray:
     return np.concatenate([load_data_shard(f) for f in find_shards(data_path, "val")])
 
 
+# Beside the shards, by data/cached_challenge_fineweb.py (source "challenge") or data/build_dataset.py
+# (source "custom"): the sha256 of the validation shards and tokenizer, which every run checks and logs.
+DATASET_MANIFEST = "dataset_manifest.json"
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def sha256_files(paths) -> str:
+    """sha256 of the files' bytes, concatenated in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_provenance(data_path: str, tokenizer_path: str) -> dict[str, str]:
+    """The `dataset` line: name, source (challenge, custom; unknown without a manifest; modified if the
+    files differ from it), repo, and the sha256 of the validation shards and tokenizer as they are."""
+    info = {"name": Path(data_path).resolve().name, "source": "unknown",
+            "val_sha256": sha256_files(find_shards(data_path, "val")),
+            "tokenizer_sha256": sha256_files([tokenizer_path])}
+    path = Path(data_path) / DATASET_MANIFEST
+    if not path.is_file():
+        return info | {"reason": f"no_{DATASET_MANIFEST}"}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        recorded = {"val_sha256": manifest["val"]["sha256"], "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
+        source, repo = str(manifest["source"]), manifest.get("repo_id")
+    except (ValueError, KeyError, TypeError) as e:
+        return info | {"reason": f"unreadable_{DATASET_MANIFEST}:{type(e).__name__}"}
+    differs = [k.removesuffix("_sha256") for k, v in recorded.items() if info[k] != v]
+    info["source"] = "modified" if differs else source
+    if repo:
+        info["repo"] = str(repo)
+    if differs:
+        info["reason"] = "differs_from_manifest:" + ",".join(differs)
+    return info
+
+
 class TokenStream:
     """Reads shards in order, wrapping around, and hands out contiguous runs of tokens."""
 
@@ -376,6 +483,13 @@ class TokenStream:
         self.file_index = 0
         self.tokens = load_data_shard(files[0])
         self.pos = 0
+
+    def state_dict(self) -> dict:
+        return {"file_index": self.file_index, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.file_index, self.pos = state["file_index"], state["pos"]
+        self.tokens = load_data_shard(self.files[self.file_index])
 
     def take(self, n: int) -> np.ndarray:
         parts = []
@@ -401,6 +515,12 @@ class DistributedTokenLoader:
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
         self.stream = TokenStream(files)
         self.rank, self.world_size, self.device = rank, world_size, device
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
 
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         seqs_per_rank = global_tokens // seq_len // self.world_size
@@ -451,6 +571,15 @@ class CoprimeBlockOrder:
         self.shards, self.blocks = shards, (phase[shards] + k * stride[shards]) % counts[shards]
         self.pos = 0
 
+    def state_dict(self) -> dict:
+        """Where the order stands: the current pass and the generator that draws the next ones."""
+        return {"rng": self.rng.bit_generator.state, "shards": torch.from_numpy(self.shards),
+                "blocks": torch.from_numpy(self.blocks), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.shards, self.blocks, self.pos = state["shards"].numpy(), state["blocks"].numpy(), state["pos"]
+
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next n draws as (shard index, block index) arrays; a new pass starts when one ends."""
         shards, blocks = [], []
@@ -480,6 +609,12 @@ class CoprimeLoader:
         self.tokens = [t for t, n in zip(tokens, counts) if n]
         self.order = CoprimeBlockOrder([n for n in counts if n], seed)
         self.rank, self.world_size, self.device, self.seq_len = rank, world_size, device, seq_len
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
 
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         if seq_len != self.seq_len:
@@ -560,6 +695,31 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 # ----------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------
+# Dtype plan. On CUDA the forward runs under torch.autocast(bf16); a CPU run has no autocast and is fp32
+# throughout. tests/test_cuda_path.py checks this table under torch's CUDA autocast rules.
+#
+#   tensor                                         dtype  how
+#   every parameter (master weights)               fp32   never cast in place; CastedLinear casts at use
+#   optimizer state (Adam moments, Muon momentum)  fp32   created like the parameter
+#   Newton-Schulz iteration                        bf16   Runtime.ns_dtype; the update lands on fp32 weights
+#   matrix products (linear layers, tied head)     bf16   autocast
+#   residual stream, x0, skips, block outputs      bf16   embed() casts to activation_dtype once
+#   attention q, k, v and its output               bf16   FlashAttention takes one 16-bit dtype
+#   MLP hidden activation (relu^2)                 bf16   r * r: autocast runs pow in fp32
+#   norm statistics (rms_norm, XSA's |v|)          fp32   computed on x.float(), result in x's dtype
+#   embedding + bigram sum, before its norm        fp32   the tables are fp32; cast after the norm
+#   logits after the head, softcap, loss           fp32   .float() before the softcap; autocast runs
+#                                                         cross_entropy in fp32
+#   QAT fake-quant grid (scales, rounding)         fp32   from the fp32 master weight
+#   EMA / SWA sums                                 fp32   WeightAverage
+#   GPTQ Hessians X^T X                            fp32   summed with autocast and TF32 off
+#   evaluation sums (nats, tokens, bytes)          fp64   bpb_sums
+
+
+def activation_dtype(t: Tensor) -> torch.dtype:
+    """The dtype activations run in: autocast's (bf16 on CUDA) when it is on for t's device, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -593,35 +753,35 @@ class CastedLinear(nn.Linear):
     """Linear layer with fp32 master weights, cast to the activation dtype at use (bf16 on GPU).
 
     QAT: with qat_mode "hard" or "soft" (fixed for a run, set before compiling, like the grid qat_qmax, which
-    follows the bits the quantization plan gives this weight) the forward uses the fake-quantized weight
-    whenever the qat_on buffer is 1. On/off and the soft-round sharpness are
-    buffers, read by the compiled graph at run time. A Python flag is either frozen at compile time
-    (QAT never switches on: a known bug of public runs) or, where dynamo guards it, recompiles the
-    whole model in the middle of the timed run. An eager forward (CPU runs) reads the Python mirror
-    qat_active instead and skips the fake quantization while QAT is off: computing it for nothing cost
-    12% of a CPU step at 4 x 128 (docs/parity.md).
+    follows the bits the quantization plan gives this weight) the forward runs through the fake-quantized
+    weight while qat_active is True. qat_active is a Python attribute, which torch.compile guards: the
+    graph without QAT carries no fake-quant work, and switching recompiles once (tests/test_recipe.py
+    counts it); prime_kernels compiles both graphs before the timed run, and both stay cached. (An
+    unguarded flag would be frozen at compile time, QAT never switching on: a known bug of public runs.)
+    The soft-round sharpness changes every step, so it is a buffer, read by the graph at run time.
     """
     qat_mode = "off"
-    qat_active = False  # QATSchedule keeps it equal to qat_on; never read inside a compiled graph
     qat_qmax = 31  # int6 unless configure_qat says otherwise
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         if zero_init:
             nn.init.zeros_(self.weight)
-        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.qat_active = False  # an instance attribute from the start: dynamo guards it the same way on and off
         self.register_buffer("qat_alpha", torch.ones(()), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat_mode != "off" and (torch.compiler.is_compiling() or self.qat_active):
-            q = fake_quant(w, self.qat_qmax, self.qat_alpha if self.qat_mode == "soft" else None)
-            w = torch.where(self.qat_on > 0, q, w)
+        if self.qat_active and self.qat_mode != "off":
+            w = fake_quant(w, self.qat_qmax, self.qat_alpha if self.qat_mode == "soft" else None)
         return F.linear(x, w.to(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """RMS norm with fp32 statistics, returned in x's dtype. Under CUDA autocast F.rms_norm alone returns
+    fp32 (an fp32 op since torch 2.12): q and k would reach FlashAttention as fp32 beside a bf16 v, which
+    FA2 and FA3 reject (tests/test_cuda_path.py)."""
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -655,8 +815,9 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     direction (v [B, T, Hkv, D], the head's key/value group), so attention carries only other tokens."""
     B, T, H, D = y.shape
     groups = y.reshape(B, T, v.size(2), H // v.size(2), D)  # query head h reads kv head h // (H / Hkv)
-    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
-    groups = groups - (groups * v_hat).sum(-1, keepdim=True) * v_hat
+    # |v| in fp32; autocast would also return the sum below in fp32 and turn the whole output fp32.
+    v_hat = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+    groups = groups - (groups * v_hat).sum(-1, keepdim=True).to(y.dtype) * v_hat
     return groups.reshape(B, T, H, D)
 
 
@@ -692,9 +853,15 @@ class CausalSelfAttention(nn.Module):
 
 
 LEAKY_RELU_SLOPE = 0.5
+
+
+def _squared(r: Tensor) -> Tensor:
+    return r * r  # not r.square(): CUDA autocast runs pow in fp32, a 3x-width fp32 tensor per layer
+
+
 MLP_ACTIVATIONS = {  # both squared: relu^2 is the record's; LeakyReLU(0.5)^2 keeps a gradient for x < 0
-    "relu2": lambda x: F.relu(x).square(),
-    "leaky_relu2": lambda x: F.leaky_relu(x, LEAKY_RELU_SLOPE).square(),
+    "relu2": lambda x: _squared(F.relu(x)),
+    "leaky_relu2": lambda x: _squared(F.leaky_relu(x, LEAKY_RELU_SLOPE)),
 }
 
 
@@ -777,6 +944,7 @@ class BigramHash(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         e = self.table(bigram_bucket_ids(input_ids, self.buckets, self.bos_id))
+        e = e.to(activation_dtype(e))  # the fp32 table's rows, in the dtype the projection runs in
         return self.scale.to(e.dtype) * self.proj(e)
 
 
@@ -897,10 +1065,11 @@ class GPT(nn.Module):
         return nll.view_as(target_ids)
 
     def embed(self, input_ids: Tensor) -> Tensor:
+        """The residual stream's start, in the activation dtype (the tables are fp32 master weights)."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)
-        x = rms_norm(x)
+        x = rms_norm(x).to(activation_dtype(x))
         return x if self.smear is None else self.smear(x, input_ids)
 
     def skip_blend(self, x: Tensor, skip: Tensor, i: int) -> Tensor:
@@ -967,26 +1136,59 @@ NS_EPS = 1e-7
 
 
 def newton_schulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
-    """Approximately orthogonalize g (the U V^T of its SVD) with a quintic Newton-Schulz iteration."""
+    """Approximately orthogonalize g (the U V^T of its SVD) with a quintic Newton-Schulz iteration; g is
+    one matrix [rows, cols] or a stack [n, rows, cols], each matrix orthogonalized on its own."""
     a, b, c = NS_COEFFS
     x = g.to(dtype)
-    x = x / (x.norm() + NS_EPS)
-    transposed = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the short side: X X^T is then the small Gram matrix
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
+
+
+# torch 2.13 renamed these two collectives (the old names warn); earlier versions have only the old ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+@dataclass
+class MatrixStack:
+    """Muon matrices of one shape up to a transpose (and one Newton-Schulz step count), orthogonalized as
+    one batch: a wide matrix joins the stack of its tall transpose, since Newton-Schulz of W^T is exactly
+    the transpose of Newton-Schulz of W (it iterates on the short side either way), which halves the
+    padding of the MLP's two stacks. The stack is padded with zero matrices to world_size equal slices;
+    rank r owns slice r."""
+    params: list[Tensor]
+    group_ids: list[int]  # each matrix's index into Muon.param_groups (LR, weight decay, momentum)
+    transposed: list[bool]  # the stack holds this matrix's transpose
+    scales: list[float]  # sqrt(max(1, rows / cols)) of the matrix as it is: tall matrices step further
+    per_rank: int
+    grads: Tensor  # [per_rank * W, rows, cols] fp32: every rank's local gradients, reduce-scatter input
+    shard: Tensor  # [per_rank, rows, cols] fp32: this rank's slice of the averaged gradients
+    mine: Tensor  # [per_rank, rows, cols] ns_dtype: the updates of this rank's slice
+    updates: Tensor  # [per_rank * W, rows, cols] ns_dtype: every update, all-gather output
+
+    def owned(self, rank: int) -> range:
+        """Indices into params of the matrices in this rank's slice (padding excluded)."""
+        return range(rank * self.per_rank, min((rank + 1) * self.per_rank, len(self.params)))
 
 
 class Muon(torch.optim.Optimizer):
     """Muon: Nesterov momentum, orthogonalization, then the group's LR and decoupled weight decay.
 
     The LR multiplies the update AFTER orthogonalization: Newton-Schulz normalizes the scale of its
-    input away, so a per-layer LR folded into the gradient would change nothing. Rank r orthogonalizes
-    the matrices i % W == r (i counts across all groups, so small groups still spread over the ranks)
-    and one all-reduce of a flat buffer, zero outside each rank's share, gathers every update.
+    input away, so a per-layer LR folded into the gradient would change nothing.
+
+    Matrices of one shape form a MatrixStack. Each rank receives the averaged gradients of its slice of
+    every stack by a reduce-scatter (launch_reduce_scatter), keeps their momentum, orthogonalizes the
+    slice as one batched Newton-Schulz and all-gathers the updates (launch_all_gather), which land on
+    every rank's weights in finish(). optimizer_step runs the Adam work while these collectives are in
+    flight; step() runs the three phases back to back. One process is the same code with world size 1.
+    A matrix without a gradient counts as a zero gradient (its momentum and weight decay still apply).
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
@@ -995,33 +1197,110 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
+        self.stacks: list[MatrixStack] = []
+        self._works: list = []
+
+    def _build_stacks(self) -> list[MatrixStack]:
+        by_key: dict[tuple, list] = {}
+        for gid, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                tall = (max(p.shape), min(p.shape))
+                by_key.setdefault((tall, group["backend_steps"]), []).append((p, gid))
+        stacks = []
+        for (shape, _), members in sorted(by_key.items(), key=lambda kv: -math.prod(kv[0][0]) * len(kv[1])):
+            per_rank = -(-len(members) // self.world_size)
+            ref = members[0][0]
+            zeros = functools.partial(torch.zeros, device=ref.device)
+            stacks.append(MatrixStack(
+                [p for p, _ in members], [gid for _, gid in members],
+                [p.size(0) < p.size(1) for p, _ in members],
+                [max(1.0, p.size(0) / p.size(1)) ** 0.5 for p, _ in members], per_rank,
+                grads=zeros(per_rank * self.world_size, *shape, dtype=torch.float32),
+                shard=zeros(per_rank, *shape, dtype=torch.float32),
+                mine=zeros(per_rank, *shape, dtype=self.ns_dtype),
+                updates=zeros(per_rank * self.world_size, *shape, dtype=self.ns_dtype)))
+        return stacks
+
+    @torch.no_grad()
+    def launch_reduce_scatter(self) -> None:
+        """Stack the local gradients and start averaging each rank's slice onto it (asynchronous)."""
+        if not self.stacks:
+            self.stacks = self._build_stacks()
+        for st in self.stacks:
+            for i, (p, transposed) in enumerate(zip(st.params, st.transposed)):
+                if p.grad is None:
+                    st.grads[i].zero_()
+                else:
+                    st.grads[i].copy_(p.grad.mT if transposed else p.grad)
+            if self.world_size == 1:
+                st.shard.copy_(st.grads)
+            else:
+                self._works.append(_reduce_scatter(st.shard, st.grads, async_op=True))
+
+    @torch.no_grad()
+    def wait_reduce_scatter(self) -> list[Tensor]:
+        """This rank's slices of the averaged gradients (one tensor per stack)."""
+        self._wait()
+        shards = [st.shard for st in self.stacks]
+        if self.world_size > 1:
+            torch._foreach_div_(shards, float(self.world_size))
+        return shards
+
+    @torch.no_grad()
+    def launch_all_gather(self) -> None:
+        """Momentum and Newton-Schulz on this rank's slices; start gathering every update (asynchronous)."""
+        for st in self.stacks:
+            owned = st.owned(self.rank)
+            first = self.rank * st.per_rank
+            groups = [self.param_groups[gid] for gid in st.group_ids]  # load_state_dict replaces the dicts
+            grads = [st.shard[i - first] for i in owned]
+            if grads:
+                bufs = [self._momentum_buffer(st.params[i]) for i in owned]  # as the matrices lie in the stack
+                bufs = [b.mT if st.transposed[i] else b for b, i in zip(bufs, owned)]
+                moms = [groups[i]["momentum"] for i in owned]
+                torch._foreach_mul_(bufs, moms)
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch._foreach_mul(bufs, moms)
+                torch._foreach_add_(nesterov, grads)
+                g = self.orthogonalize(torch.stack(nesterov), groups[first]["backend_steps"], self.ns_dtype)
+                st.mine[:len(grads)].copy_(g)
+                # An orthogonal update has unit singular values; tall matrices get sqrt(rows/cols) more.
+                torch._foreach_mul_(list(st.mine[:len(grads)].unbind(0)), [st.scales[i] for i in owned])
+            if self.world_size == 1:
+                st.updates.copy_(st.mine)
+            else:
+                self._works.append(_all_gather(st.updates, st.mine, async_op=True))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Wait for the updates, then decoupled weight decay and the LR-scaled update on every matrix."""
+        self._wait()
+        for st in self.stacks:
+            n = len(st.params)
+            groups = [self.param_groups[gid] for gid in st.group_ids]
+            lrs = [g["lr"] for g in groups]
+            torch._foreach_mul_(st.params, [1.0 - lr * g["weight_decay"] for lr, g in zip(lrs, groups)])
+            updates = [u.mT if t else u for u, t in zip(st.updates[:n].float().unbind(0), st.transposed)]
+            torch._foreach_mul_(updates, [-lr for lr in lrs])
+            torch._foreach_add_(st.params, updates)
 
     @torch.no_grad()
     def step(self, closure=None):
-        pairs = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not pairs:
-            return
-        flat = torch.zeros(sum(p.numel() for p, _ in pairs), device=pairs[0][0].device, dtype=self.ns_dtype)
-        views = flat.split([p.numel() for p, _ in pairs])
-        for i, ((p, group), view) in enumerate(zip(pairs, views)):
-            if i % self.world_size == self.rank:
-                view.copy_(self._update(p, group).flatten())
-        if self.world_size > 1:
-            dist.all_reduce(flat)
-        for (p, group), view in zip(pairs, views):
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.add_(view.view_as(p).to(p.dtype), alpha=-group["lr"])
+        self.launch_reduce_scatter()
+        self.wait_reduce_scatter()
+        self.launch_all_gather()
+        self.finish()
 
-    def _update(self, p: Tensor, group: dict) -> Tensor:
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
-        g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-        g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype)
-        # An orthogonal update has unit singular values; tall matrices get sqrt(rows/cols) more.
-        return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+        return state["momentum_buffer"]
+
+    def _wait(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works.clear()
 
 
 def embed_projections(model: GPT) -> list[nn.Parameter]:
@@ -1081,8 +1360,9 @@ def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
                      ns_dtype: torch.dtype, orthogonalize=newton_schulz5) -> list[torch.optim.Optimizer]:
     """AdamW for the embeddings, gates and scalars; Muon for the block matrices. Each group keeps its
     configured LR as base_lr, which the schedule multiplies."""
-    fused = next(model.parameters()).device.type == "cuda"
-    adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
+    # fused: one kernel for all tensors, and its step counter stays a tensor (the default implementation
+    # reads it with .item() every step: a host sync on CUDA).
+    adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=True)
     muon = Muon(muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
                 backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay, rank=rank,
                 world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize)
@@ -1288,18 +1568,21 @@ def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> 
     """GPTQ on columns already in quantization order: round column j, then spread its error over the
     later columns through row j of U (upper Cholesky factor of H^-1). Within a block of columns the
     updates are applied at once; later blocks get one matrix product per block (the lazy batch update
-    that keeps this fast). Returns the integer levels as floats."""
+    that keeps this fast). Returns the integer levels as floats. w [..., rows, cols], u [..., cols, cols]
+    and scale [..., rows]: leading dims batch independent matrices through the same column loop, which
+    on a GPU is launch-bound (a handful of small kernels per column, whatever the batch)."""
     w = w.clone()
     q = torch.zeros_like(w)
-    for i in range(0, w.size(1), block):
-        end = min(i + block, w.size(1))
-        wb, ub = w[:, i:end], u[i:end, i:end]
+    cols = w.size(-1)
+    for i in range(0, cols, block):
+        end = min(i + block, cols)
+        wb, ub = w[..., i:end], u[..., i:end, i:end]
         errs = torch.zeros_like(wb)
         for j in range(end - i):
-            q[:, i + j] = round_to_grid(wb[:, j:j + 1], scale, bits)[:, 0]
-            errs[:, j] = (wb[:, j] - q[:, i + j] * scale) / ub[j, j]
-            wb[:, j:] -= errs[:, j:j + 1] * ub[j:j + 1, j:]
-        w[:, end:] -= errs @ u[i:end, end:]
+            q[..., i + j] = torch.clamp(torch.round(wb[..., j] / scale), -qmax(bits), qmax(bits))
+            errs[..., j] = (wb[..., j] - q[..., i + j] * scale) / ub[..., j, j, None]
+            wb[..., j:] -= errs[..., j:j + 1] * ub[..., j:j + 1, j:]
+        w[..., end:] -= errs @ u[..., i:end, end:]
     return q
 
 
@@ -1308,49 +1591,137 @@ def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int,
     """GPTQ with act-order (columns by decreasing diag H) combined with the clip search: GPTQ runs on
     all candidate scales at once (rows are independent given H, so the candidates are stacked as extra
     rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T."""
-    w, h = w.float().clone(), h.float().clone()
-    dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter, set them to 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    order = torch.argsort(h.diagonal(), descending=True)
-    w, h = w[:, order], h[order][:, order]
-    u = damped_inverse_cholesky(h, damp, name, log)
-    scales = clip_scales(w, bits)  # [P, R]
-    P, R = scales.shape
-    q = gptq_columns(w.repeat(P, 1), u, scales.reshape(-1), bits, block).view(P, R, -1)
-    e = q * scales[:, :, None] - w
-    err = ((e @ h) * e).sum(dim=2)
-    q, scale = pick_rows(err, q, scales)
-    return q[:, torch.argsort(order)], scale
+    return quantize_gptq_batch([w], [h], bits, damp, block, [name], log)[0]
+
+
+def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, damp: float, block: int,
+                        names: list[str], log) -> list[tuple[Tensor, Tensor]]:
+    """quantize_rows_gptq of several same-shape matrices, each with its own Hessian and column order,
+    through one batched column loop."""
+    prepared = []
+    for w, h, name in zip(ws, hs, names):
+        w, h = w.float().clone(), h.float().clone()
+        dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter, set them to 0
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        order = torch.argsort(h.diagonal(), descending=True)
+        w, h = w[:, order], h[order][:, order]
+        prepared.append((w, h, order, damped_inverse_cholesky(h, damp, name, log), clip_scales(w, bits)))
+    P, R = prepared[0][4].shape
+    q = gptq_columns(torch.stack([w.repeat(P, 1) for w, *_ in prepared]), torch.stack([u for *_, u, _ in prepared]),
+                     torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, block)
+    out = []
+    for (w, h, order, _, scales), qi in zip(prepared, q.view(len(prepared), P, R, -1)):
+        e = qi * scales[:, :, None] - w
+        err = ((e @ h) * e).sum(dim=2)
+        qi, scale = pick_rows(err, qi, scales)
+        out.append((qi[:, torch.argsort(order)], scale))
+    return out
+
+
+GPTQ_BATCH = 8  # same-shape matrices per batched GPTQ column loop (a fixed size: the bytes never depend
+#                 on how many ranks share the work)
+
+
+def quant_chunks(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor],
+                 fp16_names=frozenset()) -> list[list[str]]:
+    """The integer-quantized tensors in units of work: GPTQ matrices of one shape and bits in chunks of
+    up to GPTQ_BATCH (state order), every round-to-nearest tensor alone."""
+    groups: dict[tuple, list[str]] = {}
+    chunks = []
+    for name, t in state.items():
+        if not t.is_floating_point() or name in fp16_names or plan.get(name, FP16_BITS) == FP16_BITS:
+            continue
+        if name in hessians:
+            groups.setdefault((tuple(t.shape), plan[name]), []).append(name)
+        else:
+            chunks.append([name])
+    for names in groups.values():
+        chunks += [names[i:i + GPTQ_BATCH] for i in range(0, len(names), GPTQ_BATCH)]
+    return chunks
+
+
+def quantize_chunk(state: dict[str, Tensor], names: list[str], plan: dict[str, int],
+                   hessians: dict[str, Tensor], damp: float, block: int, log) -> dict[str, dict]:
+    """Entries (quantize_state_dict's) of one quant_chunks chunk."""
+    bits = plan[names[0]]
+    ws = [state[n].detach().reshape(state[n].size(0), -1) for n in names]
+    if names[0] in hessians:
+        results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, damp, block,
+                                      names, log)
+    else:
+        results = [quantize_rows_rtn(w, bits) for w in ws]
+    return {n: {"shape": list(state[n].shape), "dtype": str(state[n].dtype).removeprefix("torch."), "kind": "int",
+                "bits": bits, "q": q.cpu(), "scale": scale.cpu()} for n, (q, scale) in zip(names, results)}
 
 
 def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
                         hessians: dict[str, Tensor] | None = None, damp: float = Hyperparameters.gptq_damp,
                         block: int = Hyperparameters.gptq_block, log=print) -> dict[str, dict]:
     """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
-    tensors (GPTQ when `hessians` has the name, else round-to-nearest), {"kind": "fp16", "data"} for
-    passthrough floats, {"kind": "raw", "data"} for anything else; every entry keeps "shape", "dtype".
-    plan defaults to build_quant_plan's; names in fp16_names are stored as fp16 whatever the plan."""
+    tensors (GPTQ when `hessians` has the name, batched by shape, else round-to-nearest), {"kind":
+    "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for anything else; every entry keeps
+    "shape", "dtype". plan defaults to build_quant_plan's; names in fp16_names are stored as fp16
+    whatever the plan."""
     plan = build_quant_plan(state, fp16_names) if plan is None else plan
     hessians = hessians or {}
+    ints = {}
+    for chunk in quant_chunks(state, plan, hessians, fp16_names):
+        ints.update(quantize_chunk(state, chunk, plan, hessians, damp, block, log))
+    return assemble_entries(state, ints)
+
+
+def assemble_entries(state: dict[str, Tensor], ints: dict[str, dict]) -> dict[str, dict]:
+    """Every tensor's entry in state order: the quantized ones from `ints`, the others passed through."""
     out = {}
     for name, t in state.items():
+        if name in ints:
+            out[name] = ints[name]
+            continue
         t = t.detach()
         entry = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-        bits = FP16_BITS if name in fp16_names else plan.get(name, FP16_BITS)
-        if not t.is_floating_point():
-            entry.update(kind="raw", data=t.cpu())
-        elif bits == FP16_BITS:
+        if t.is_floating_point():
             entry.update(kind="fp16", data=t.cpu().half())
         else:
-            w = t.reshape(t.size(0), -1)
-            if name in hessians:
-                q, scale = quantize_rows_gptq(w, hessians[name].to(w.device), bits, damp, block, name, log)
-            else:
-                q, scale = quantize_rows_rtn(w, bits)
-            entry.update(kind="int", bits=bits, q=q.cpu(), scale=scale.cpu())
+            entry.update(kind="raw", data=t.cpu())
         out[name] = entry
     return out
+
+
+def assign_chunks(chunks: list[list[str]], state: dict[str, Tensor], world_size: int) -> list[int]:
+    """The rank that quantizes each chunk: largest first, each to the least loaded rank, by the column
+    loop's work (rows x cols^2 per matrix; a chunk's matrices share one loop)."""
+    def cost(chunk):
+        rows, cols = state[chunk[0]].size(0), state[chunk[0]][0].numel()
+        return len(chunk) * rows * cols * cols
+    load, owner = [0] * world_size, [0] * len(chunks)
+    for i in sorted(range(len(chunks)), key=lambda i: -cost(chunks[i])):
+        owner[i] = min(range(world_size), key=lambda r: load[r])
+        load[owner[i]] += cost(chunks[i])
+    return owner
+
+
+def quantize_distributed(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor],
+                         h: Hyperparameters, rt: Runtime, log) -> tuple[dict[str, dict] | None, list[float]]:
+    """quantize_state_dict with its chunks spread over the ranks and gathered on rank 0, which gets the
+    entries (the same bytes as one process: chunks are fixed, whoever computes them); other ranks get
+    None. Also returns every rank's seconds of quantization (rank order)."""
+    chunks = quant_chunks(state, plan, hessians)
+    owners = assign_chunks(chunks, state, rt.world_size)
+    t0 = time.perf_counter()
+    ints = {}
+    for chunk, owner in zip(chunks, owners):
+        if owner == rt.rank:
+            ints.update(quantize_chunk(state, chunk, plan, hessians, h.gptq_damp, h.gptq_block, log))
+    rt.sync()
+    mine = (ints, time.perf_counter() - t0)
+    if rt.world_size == 1:
+        return assemble_entries(state, ints), [mine[1]]
+    gathered = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object(mine, gathered, dst=0)
+    if not rt.is_main:
+        return None, []
+    return assemble_entries(state, {n: e for part, _ in gathered for n, e in part.items()}), [t for _, t in gathered]
 
 
 def dequantize_state_dict(packed: dict[str, dict]) -> dict[str, Tensor]:
@@ -1448,6 +1819,37 @@ def entropy_bytes(q: Tensor) -> float:
     counts = torch.bincount(q.flatten().long() + 128, minlength=256).double()
     p = counts[counts > 0] / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
+
+
+@torch.no_grad()
+def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
+    """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
+    of its round-to-nearest levels plus fp16 row scales, 2 bytes per fp16 value, raw bytes otherwise."""
+    total = 0.0
+    for name, t in state.items():
+        bits = plan.get(name, FP16_BITS)
+        if not t.is_floating_point():
+            total += t.numel() * t.element_size()
+        elif bits == FP16_BITS:
+            total += 2 * t.numel()
+        else:
+            q, scale = quantize_rows_rtn(t.detach().reshape(t.size(0), -1), bits)
+            total += entropy_bytes(q) + 2 * scale.numel()
+    return int(total)
+
+
+def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: CodeForm, h: Hyperparameters,
+                          log) -> int:
+    """bytes_total estimated at start-up (initial weights), with a warning when over the target."""
+    total = code.bytes_code + estimate_model_bytes(state, plan)
+    log(f"artifact_estimate bytes_total:{total} bytes_code:{code.bytes_code} cap:{ARTIFACT_CAP_BYTES} "
+        f"target:{h.quant_target_bytes} basis:initial_weights")
+    if h.quant_target_bytes == 0 and total >= ARTIFACT_CAP_BYTES:
+        log("warning: the artifact is likely over the cap and QUANT_TARGET_BYTES=0: the run may fail at its end")
+    elif h.quant_target_bytes and total > h.quant_target_bytes:
+        log(f"warning: the artifact is likely over QUANT_TARGET_BYTES={h.quant_target_bytes}: the fitter "
+            f"will demote tensors after training, logging each and the bpb cost")
+    return total
 
 
 def demotion(w: Tensor, bits: int, input_power: Tensor) -> tuple[float, float]:
@@ -1669,6 +2071,39 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# ---- the shipped code ------------------------------------------------------------------------------
+# A record ships this file as a two-line wrapper that decompresses (brotli, base85) and execs it
+# (scripts/compact_train_gpt.py; tests/test_compact.py). bytes_code is always that shipped size, whichever
+# form ran: the log, the fitter and the record folder count one number.
+
+COMPACT_BROTLI_QUALITY, COMPACT_BROTLI_WINDOW_BITS = 11, 24  # the largest window: the source is one context
+COMPACT_WRAPPER = ('import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("{blob}")),'
+                   '"train_gpt.py","exec"))\n')
+_COMPACT_RE = re.compile(re.escape(COMPACT_WRAPPER).replace(re.escape("{blob}"), '([^"]*)'))
+
+
+def compact_code(source: bytes) -> str:
+    blob = brotli.compress(source, quality=COMPACT_BROTLI_QUALITY, lgwin=COMPACT_BROTLI_WINDOW_BITS)
+    return COMPACT_WRAPPER.format(blob=base64.b85encode(blob).decode("ascii"))  # base85 has no quote or backslash
+
+
+@dataclass(frozen=True)
+class CodeForm:
+    """The code that runs: its readable source (embedded in the log) and the bytes it ships as."""
+    source: str
+    form: str  # "readable" or "compact": which file ran
+    bytes_code: int  # the compact wrapper's size: what a record folder ships and the cap counts
+
+
+def code_form(text: str) -> CodeForm:
+    """The compact wrapper counts as itself, a readable file as the wrapper it would ship as."""
+    match = _COMPACT_RE.fullmatch(text)
+    if match:
+        source = brotli.decompress(base64.b85decode(match[1])).decode("utf-8")
+        return CodeForm(source, "compact", len(text.encode("utf-8")))
+    return CodeForm(text, "readable", len(compact_code(text.encode("utf-8"))))
+
+
 def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None) -> None:
     cap = ARTIFACT_CAP_BYTES if cap is None else cap
     total = bytes_code + bytes_model
@@ -1689,9 +2124,43 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
     targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
     if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
         return {}
+    batch_seqs = h.val_batch_seqs(h.train_seq_len)
     batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
-                                  h.val_batch_seqs(h.train_seq_len), rt.rank, rt.world_size, rt.device)
-    return collect_hessians(base_model, batches, targets, rt.autocast, rt.world_size)
+                                  batch_seqs, rt.rank, rt.world_size, rt.device)
+    mine = len(range(rt.rank, h.gptq_calib_seqs, rt.world_size))
+    progress = Progress("calibration", -(-mine // batch_seqs), rt.is_main)
+    return collect_hessians(base_model, progress.wrap(batches), targets, rt.autocast, rt.world_size)
+
+
+FIT_PROBE_SEQS = 32  # training sequences on which the fitter's cost is estimated
+
+
+@torch.no_grad()
+def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, autocast) -> float:
+    """bpb of `model` with `weights` on these batches (its own weights put back): an estimate, not a score."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    try:
+        nats = nbytes = 0.0
+        for x, y in batches:
+            with autocast():
+                nats += model(x, y).double().sum().item()
+            nbytes += luts.token_bytes(x, y).sum().item()
+    finally:
+        model.load_state_dict(saved)
+    return nats / math.log(2) / nbytes
+
+
+def log_fit_cost(base_model: GPT, packed: dict, blob: bytes, h: Hyperparameters, rt: Runtime, luts: ByteLUTs,
+                 log) -> None:
+    """The fit's cost: bpb of the unfitted and fitted weights on the first FIT_PROBE_SEQS training
+    sequences (seen in training: a relative estimate; the final evaluations measure the artifact)."""
+    batches = list(calibration_batches(find_shards(h.data_path, "train"), FIT_PROBE_SEQS, h.train_seq_len,
+                                       h.val_batch_seqs(h.train_seq_len), 0, 1, rt.device))
+    before = probe_bpb(base_model, dequantize_state_dict(packed), batches, luts, rt.autocast)
+    after = probe_bpb(base_model, dequantize_state_dict(deserialize_artifact(blob)[1]), batches, luts, rt.autocast)
+    log(f"quant_fit cost_est_bpb:{after - before:+.6f} probe_bpb_unfitted:{before:.6f} probe_bpb_fitted:{after:.6f} "
+        f"probe:{FIT_PROBE_SEQS}_training_seqs")
 
 
 class ExportInputs(NamedTuple):
@@ -1702,44 +2171,106 @@ class ExportInputs(NamedTuple):
     hessians: dict[str, Tensor]
 
 
-def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
-                 log, hook: Callable[[ExportInputs], None] | None = None) -> bytes | None:
-    """After training: GPTQ calibration on training shards (all ranks), then quantization, compression
-    and QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None).
-    `hook`, if given, sees the quantizer's inputs on rank 0 first."""
+GPTQ_RESERVE_MARGIN = 1.5  # a measured reserve: this many times the warm-up's calibration + GPTQ time...
+GPTQ_RESERVE_SLACK_SECONDS = 1.0  # ...plus this, for jitter and damping retries
+
+
+def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
+              log) -> tuple[dict[str, dict] | None, dict[str, Tensor], dict[str, float]]:
+    """What counts as training time after training: GPTQ calibration on training shards (all ranks)
+    and quantization (chunks spread over the ranks, gathered on rank 0). Returns (rank 0's entries,
+    None elsewhere; the Hessians; timings in ms: hessian, quantize, total, and the slowest and fastest
+    rank's own quantization)."""
     rt.sync()
     t0 = time.perf_counter()
     with full_fp32_matmul():
         hessians = calibrate(base_model, plan, h, rt)
         rt.sync()
         t1 = time.perf_counter()
-        if not rt.is_main:
-            return None
-        state = base_model.state_dict()
-        if hook is not None:
-            hook(ExportInputs(state, dict(plan), hessians))
-        quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
-                                     log=log)
-        packed = quantize(state, plan=plan)
-        rt.sync()
-        t2 = time.perf_counter()
-        log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
-            f"hessian_time:{1000 * (t1 - t0):.0f}ms quantize_time:{1000 * (t2 - t1):.0f}ms")
-        if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
-            log(f"gptq_calibration_time:{1000 * (t2 - t0):.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
-            if t2 - t0 > h.gptq_reserve_seconds:
-                log(f"warning: gptq_calibration_time exceeds GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: "
-                    f"training plus calibration ran over the training budget")
-        encode = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
-                                   shuffle=h.byte_shuffle, storage=h.quant_storage, log=log)
-        blob = encode(packed)
-        if h.quant_target_bytes > 0:
-            plan, blob = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes, quantize,
-                                         encode, hessians, log)
+        packed, rank_seconds = quantize_distributed(base_model.state_dict(), plan, hessians, h, rt, log)
+    rt.sync()
+    t2 = time.perf_counter()
+    times = dict(hessian=1000 * (t1 - t0), quantize=1000 * (t2 - t1), total=1000 * (t2 - t0),
+                 rank_max=1000 * max(rank_seconds, default=0.0), rank_min=1000 * min(rank_seconds, default=0.0))
+    return packed, hessians, times
+
+
+def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
+                         log) -> Hyperparameters:
+    """GPTQ_RESERVE_MEASURE=1 (with GPTQ and a wallclock cap): run gptq_work once on the initial weights,
+    before the timed run (its result is discarded; only its time matters, which does not depend on the
+    weights), and reserve GPTQ_RESERVE_MARGIN x that time + GPTQ_RESERVE_SLACK_SECONDS instead of
+    GPTQ_RESERVE_SECONDS. The slowest rank's time counts."""
+    if not (h.gptq and h.gptq_reserve_measure and h.max_wallclock_seconds > 0):
+        return h
+    _, hessians, times = gptq_work(base_model, plan, h, rt, log)
+    if not hessians:
+        return h  # nothing to calibrate: no reserve needed beyond the fixed one
+    total = torch.tensor([times["total"]], device=rt.device)
+    if rt.world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    measured = total.item() / 1000
+    reserve = GPTQ_RESERVE_MARGIN * measured + GPTQ_RESERVE_SLACK_SECONDS
+    log(f"gptq_reserve measured:{1000 * measured:.0f}ms reserve:{1000 * reserve:.0f}ms "
+        f"(x{GPTQ_RESERVE_MARGIN} + {GPTQ_RESERVE_SLACK_SECONDS:g}s; GPTQ_RESERVE_MEASURE=0 keeps "
+        f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds:g})")
+    if reserve >= h.max_wallclock_seconds:
+        raise SettingError(f"the measured GPTQ reserve {reserve:.1f}s leaves no training time out of "
+                           f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: lower GPTQ_CALIB_SEQS or set GPTQ=0")
+    return dataclasses.replace(h, gptq_reserve_seconds=reserve)
+
+
+def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
+                 log, hook: Callable[[ExportInputs], None] | None = None, train_ms: float = 0.0,
+                 luts: ByteLUTs | None = None) -> bytes | None:
+    """After training: gptq_work (calibration and quantization, all ranks), then compression and
+    QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None). `hook`,
+    if given, sees the quantizer's inputs on rank 0. Logs whether training (train_ms) plus calibration
+    stayed inside the wallclock cap (a `legality` line) and, with luts, a fit's estimated bpb cost."""
+    packed, hessians, times = gptq_work(base_model, plan, h, rt, log)
+    if not rt.is_main:
+        return None
+    t2 = time.perf_counter()
+    state = base_model.state_dict()
+    if hook is not None:
+        hook(ExportInputs(state, dict(plan), hessians))
+    log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
+        f"hessian_time:{times['hessian']:.0f}ms quantize_time:{times['quantize']:.0f}ms ranks:{rt.world_size} "
+        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f}")
+    if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
+        log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
+        log_calibration_legality(times["total"], train_ms, h, log)
+    quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
+                                 log=log)
+    encode = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
+                               shuffle=h.byte_shuffle, storage=h.quant_storage, log=log)
+    blob = encode(packed)
+    if h.quant_target_bytes > 0:
+        log(f"quant_fit bytes_total:{code_bytes + len(blob)} target:{h.quant_target_bytes} "
+            f"fit_needed:{int(code_bytes + len(blob) > h.quant_target_bytes)}")
+        with full_fp32_matmul():
+            fitted_plan, fitted = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes,
+                                                  quantize, encode, hessians, log)
+        if fitted_plan != plan and luts is not None:
+            log_fit_cost(base_model, packed, fitted, h, rt, luts, log)
+        blob = fitted
     params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
         f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
     return blob
+
+
+def log_calibration_legality(calibration_ms: float, train_ms: float, h: Hyperparameters, log) -> None:
+    """The rule: work after training that reads training data counts as training time. With a cap, a
+    `legality` line says whether calibration fit its reserve and training plus calibration the cap."""
+    if h.max_wallclock_seconds <= 0:
+        log(f"legality gptq_calibration:no_cap calibration_time:{calibration_ms:.0f}ms")
+        return
+    cap_ms, reserve_ms = 1000 * h.max_wallclock_seconds, 1000 * h.gptq_reserve_seconds
+    within = "within_reserve" if calibration_ms <= reserve_ms else "over_reserve"
+    total = train_ms + calibration_ms
+    log(f"legality gptq_calibration:{within} calibration_time:{calibration_ms:.0f}ms reserve:{reserve_ms:.0f}ms "
+        f"train_plus_calibration:{total:.0f}ms cap:{cap_ms:.0f}ms {'within_cap' if total <= cap_ms else 'over_cap'}")
 
 
 def save_artifact(blob: bytes | None, path: Path, code_bytes: int, rt: Runtime, log) -> None:
@@ -1812,22 +2343,30 @@ class EvalSpec(NamedTuple):
         return cls("sliding", h.eval_seq_len, h.eval_stride, h.val_batch_seqs(h.eval_seq_len))
 
 
+def num_eval_batches(num_tokens: int, spec: EvalSpec, rank: int = 0, world_size: int = 1) -> int:
+    """How many batches eval_batches yields on this rank, without building the window plan."""
+    windows = 1 + max(0, -(-(num_tokens - 1 - spec.seq_len) // spec.stride))  # the first, then one per stride
+    mine = windows // world_size + (rank < windows % world_size)  # np.array_split's share
+    return -(-mine // spec.batch_windows)
+
+
 def eval_batches(val_tokens: Tensor, spec: EvalSpec, rank: int = 0, world_size: int = 1):
     """This rank's share of the spec's windows, spec.batch_windows at a time: (x, y, scored, target_pos).
 
     x, y [B, seq_len] are inputs and targets; scored [B, seq_len] marks the targets this window scores
     (over all ranks every target exactly once); target_pos [B, seq_len] is each target's index in
-    val_tokens (clamped on the padding rows, which score nothing).
+    val_tokens (clamped on the padding rows, which score nothing). The window plan reaches the device
+    once, in one pinned, non-blocking copy; each batch is then sliced on the device, with no host sync.
     """
     device, seq_len, batch_windows = val_tokens.device, spec.seq_len, spec.batch_windows
     starts, offsets = sliding_window_plan(len(val_tokens) - 1, seq_len, spec.stride)
     mine = np.array_split(np.arange(len(starts)), world_size)[rank]
+    pad = -len(mine) % batch_windows  # a fixed batch shape avoids recompiling for the last batch
+    windows = np.stack((np.pad(starts[mine], (0, pad)), np.pad(offsets[mine], (0, pad), constant_values=seq_len)))
+    windows = _to_device(torch.from_numpy(windows), device)
     positions = torch.arange(seq_len + 1, device=device)
-    for b in range(0, len(mine), batch_windows):
-        idx = mine[b:b + batch_windows]
-        pad = batch_windows - len(idx)  # a fixed batch shape avoids recompiling for the last batch
-        start = torch.from_numpy(np.pad(starts[idx], (0, pad))).to(device)
-        first = torch.from_numpy(np.pad(offsets[idx], (0, pad), constant_values=seq_len)).to(device)
+    for b in range(0, windows.size(1), batch_windows):
+        start, first = windows[0, b:b + batch_windows], windows[1, b:b + batch_windows]
         token_pos = start[:, None] + positions[None, :]
         clamped = token_pos.clamp_max(len(val_tokens) - 1)
         window = val_tokens[clamped].long()
@@ -1837,11 +2376,13 @@ def eval_batches(val_tokens: Tensor, spec: EvalSpec, rank: int = 0, world_size: 
 
 @torch.no_grad()
 def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: EvalSpec, rank: int = 0,
-                  world_size: int = 1, autocast=contextlib.nullcontext) -> Tensor:
+                  world_size: int = 1, autocast=contextlib.nullcontext, phase: str | None = None) -> Tensor:
     """The one evaluation loop: out = forward(x, y) on each of this rank's batches (under autocast), then
-    score(out, x, y, scored, target_pos), a 1-D float64 tensor of sums, added over batches and ranks."""
+    score(out, x, y, scored, target_pos), a 1-D float64 tensor of sums, added over batches and ranks.
+    Rank 0 shows its progress under the name `phase` (default: the spec's)."""
     total = None
-    for x, y, scored, pos in eval_batches(val_tokens, spec, rank, world_size):
+    progress = Progress(phase or spec.name, num_eval_batches(len(val_tokens), spec, rank, world_size), rank == 0)
+    for x, y, scored, pos in progress.wrap(eval_batches(val_tokens, spec, rank, world_size)):
         with autocast():
             out = forward(x, y)
         sums = score(out, x, y, scored, pos)
@@ -1851,14 +2392,21 @@ def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: 
     return total
 
 
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rank: int = 0,
-             world_size: int = 1, autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+def bpb_sums(luts: ByteLUTs) -> Callable:
+    """score_windows' score for evaluate: [nats, tokens, bytes] of the scored targets. The scored mask
+    multiplies rather than indexes: a boolean index has a data-dependent size, which the host must wait
+    for, every batch."""
     def nats_tokens_bytes(nll, x, y, scored, _):
-        return torch.stack((nll.double()[scored].sum(), scored.sum().double(),
-                            luts.token_bytes(x, y)[scored].sum().double()))
-    nats, tokens, nbytes = score_windows(model, nats_tokens_bytes, val_tokens, spec, rank, world_size,
-                                         autocast).tolist()
+        mask = scored.double()
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y) * mask).sum()))
+    return nats_tokens_bytes
+
+
+def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rank: int = 0,
+             world_size: int = 1, autocast=contextlib.nullcontext, phase: str | None = None) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
+    nats, tokens, nbytes = score_windows(model, bpb_sums(luts), val_tokens, spec, rank, world_size,
+                                         autocast, phase).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
@@ -1906,6 +2454,12 @@ class Schedule:
         self.budget_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if capped else 0.0
         self.qat_start: int | None = None  # the step QAT switched on
 
+    def state_dict(self) -> dict:
+        return {"qat_start": self.qat_start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.qat_start = state["qat_start"]
+
     def progress(self, step: int, elapsed_ms: float) -> float:
         """Steps of ITERATIONS or time of the budget, whichever is further along (ends the run first)."""
         by_steps = step / max(1, self.h.iterations)
@@ -1932,10 +2486,10 @@ class Schedule:
         ramp = 1.0 if h.qat_soft_ramp_steps == 0 else min(1.0, (step - self.qat_start) / h.qat_soft_ramp_steps)
         return h.qat_soft_alpha_start + ramp * (h.qat_soft_alpha_end - h.qat_soft_alpha_start)
 
-    def next_step_overruns(self, elapsed_ms: float, steps: int) -> bool:
-        """Whether one more step of average length would end past the budget. Stopping only after
-        crossing it would log a training time over the cap by up to a step."""
-        return self.budget_ms > 0 and elapsed_ms + elapsed_ms / steps > self.budget_ms
+    def next_step_overruns(self, elapsed_ms: float, steps: int, lookahead: int = 1) -> bool:
+        """Whether `lookahead` more steps of average length would end past the budget. Stopping only
+        after crossing it would log a training time over the cap by up to a step."""
+        return self.budget_ms > 0 and elapsed_ms + lookahead * elapsed_ms / steps > self.budget_ms
 
     def describe(self) -> str:
         h = self.h
@@ -1957,6 +2511,7 @@ class Runtime:
     grad_accum: int
     autocast: Callable
     ns_dtype: torch.dtype
+    threads_from: str = ""  # how torch's CPU thread count was chosen (choose_cpu_threads)
 
     @property
     def is_main(self) -> bool:
@@ -1967,48 +2522,124 @@ class Runtime:
             torch.cuda.synchronize()
 
 
+GRAD_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+
+
 def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime) -> Tensor:
     """One optimizer step over the global batch; returns the mean micro-batch loss on this rank."""
     x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
     total = torch.zeros((), device=rt.device)
-    for i, (xm, ym) in enumerate(zip(x.chunk(rt.grad_accum), y.chunk(rt.grad_accum))):
-        if isinstance(model, DistributedDataParallel):
-            model.require_backward_grad_sync = i == rt.grad_accum - 1  # all-reduce once per step
+    for xm, ym in zip(x.chunk(rt.grad_accum), y.chunk(rt.grad_accum)):
         with rt.autocast():
             loss = model(xm, ym).mean()
         (loss / rt.grad_accum).backward()
         total += loss.detach()
-    optimizer_step(model, optimizers, h)
+    optimizer_step(optimizers, h, rt.world_size)
     return total / rt.grad_accum
 
 
-def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters) -> None:
-    """Clip the gradients, step every optimizer, drop the gradients."""
+def is_compiled(model: nn.Module) -> bool:
+    """Whether model went through torch.compile."""
+    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) -> None:
+    """Average the gradients over the ranks, clip their global norm, step every optimizer, drop the
+    gradients. Muon's reduce-scatter is in flight while the other gradients are all-reduced, its
+    all-gather while Adam steps. Nothing here waits for the device."""
+    muons = [opt for opt in optimizers if isinstance(opt, Muon)]
+    others = [opt for opt in optimizers if not isinstance(opt, Muon)]
+    for opt in muons:
+        opt.launch_reduce_scatter()
+    params = [p for opt in others for group in opt.param_groups for p in group["params"]]
+    if world_size > 1:
+        average_gradients(params, world_size)
+    grads = [p.grad for p in params if p.grad is not None]
+    shards = [shard for opt in muons for shard in opt.wait_reduce_scatter()]
     if h.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-    for opt in optimizers:
+        clip_global_norm(grads, shards, h.grad_clip_norm, world_size)
+    for opt in muons:
+        opt.launch_all_gather()
+    for opt in others:
         opt.step()
+    for opt in muons:
+        opt.finish()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
 
 
+def average_gradients(params: list[Tensor], world_size: int) -> None:
+    """Replace every gradient by its mean over the ranks: one all-reduce of one flat buffer. A missing
+    gradient counts as zero, so every rank reduces the same layout."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world_size
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g
+
+
+def clip_global_norm(full: list[Tensor], shards: list[Tensor], max_norm: float, world_size: int) -> None:
+    """torch.nn.utils.clip_grad_norm_ of the whole averaged gradient, where `full` gradients are whole on
+    every rank and `shards` are disjoint slices, one per rank (Muon's): the slices' squares are summed
+    over the ranks. The coefficient stays on the device."""
+    device = (full or shards)[0].device
+    sq = torch.zeros((), device=device)
+    if shards:
+        sq = torch.stack(torch._foreach_norm(shards)).square().sum()
+    if world_size > 1:
+        dist.all_reduce(sq)
+    if full:
+        sq = sq + torch.stack(torch._foreach_norm(full)).square().sum()
+    coef = (max_norm / (sq.sqrt() + GRAD_CLIP_EPS)).clamp(max=1.0)
+    torch._foreach_mul_(full, coef)
+    torch._foreach_mul_(shards, coef)
+
+
+def graph_states(h: Hyperparameters) -> list[tuple[bool, bool]]:
+    """(QAT on, mini-recurrence repeats on) of every training graph the timed run will use: each is a
+    separate compiled graph, so prime_kernels visits them all."""
+    qat = (False, True) if h.qat != "off" else (False,)
+    repeats = (False, True) if h.mini_recur_repeats and h.mini_recur_start_frac > 0 else (True,)
+    return [(q, r) for q in qat for r in repeats]
+
+
 def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Runtime, log) -> None:
-    """Run WARMUP_STEPS real steps to compile and warm kernels, then restore the initial weights and
-    optimizer state so the timed run starts from step 0 exactly as without priming."""
+    """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every graph_states state
+    so that no switch in the timed run compiles, then restore the initial weights, optimizer state and
+    switches, so the timed run starts from step 0 exactly as without priming. Where nothing compiles
+    (CPU, COMPILE=0) there is nothing to prime: the steps would only cost time."""
     if h.warmup_steps == 0:
+        return
+    if not is_compiled(model):
+        log(f"warmup steps:0 skipped:WARMUP_STEPS={h.warmup_steps} reason:nothing compiles "
+            f"({'cpu run' if rt.device.type != 'cuda' else 'COMPILE=0'})")
         return
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    plan, layers = base_model.plan, [m for m in base_model.modules() if isinstance(m, CastedLinear)]
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
+    states = graph_states(h)
     t0 = time.perf_counter()
-    for _ in range(h.warmup_steps):
+    for i in Progress("warmup", h.warmup_steps, rt.is_main, unit="step").wrap(range(h.warmup_steps)):
+        qat_on, repeats_on = states[i * len(states) // h.warmup_steps]
+        set_qat(layers, qat_on)
+        base_model.set_mini_recurrence(repeats_on)
         train_step(model, optimizers, loader, h, rt)
     rt.sync()
+    set_qat(layers, False)
+    base_model.plan = plan
     base_model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
-    log(f"warmup steps:{h.warmup_steps} time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+    primed = {i * len(states) // h.warmup_steps for i in range(h.warmup_steps)}
+    names = [f"qat{int(q)}_repeats{int(r)}" for q, r in states]
+    log(f"warmup steps:{h.warmup_steps} graphs:{','.join(names[i] for i in sorted(primed))} "
+        f"time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+    if len(primed) < len(states):
+        log(f"warning: WARMUP_STEPS={h.warmup_steps} leaves graphs unprimed: "
+            f"{','.join(n for i, n in enumerate(names) if i not in primed)} compile during the timed run")
 
 
 class WeightAverage:
@@ -2033,6 +2664,15 @@ class WeightAverage:
         elif self.kind == "swa" and s.swa_take:
             torch._foreach_add_(self.sums, [p.float() for p in self.params])
             self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"sums": [t.detach().clone() for t in self.sums], "count": self.count, "zero_weight": self.zero_weight}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for t, saved in zip(self.sums, state["sums"], strict=True):
+            t.copy_(saved)
+        self.count, self.zero_weight = state["count"], state["zero_weight"]
 
     @torch.no_grad()
     def load_into_model(self) -> bool:
@@ -2070,8 +2710,8 @@ def configure_qat(model: nn.Module, mode: str, plan: dict[str, int] | None = Non
 
 class QATSwitch:
     """Applies the Schedule's QAT decision to every CastedLinear that configure_qat armed (the matrices the
-    plan quantizes):
-    fake quantization on or off, and the soft-round sharpness, through buffers the compiled graph reads."""
+    plan quantizes): fake quantization on or off (a flag the compiled graph is guarded on, see
+    CastedLinear) and the soft-round sharpness (a buffer it reads)."""
 
     def __init__(self, model: nn.Module, log):
         self.layers = [m for m in model.modules() if isinstance(m, CastedLinear) and m.qat_mode != "off"]
@@ -2083,6 +2723,12 @@ class QATSwitch:
             mode = self.layers[0].qat_mode if self.layers else "off"
             self.log(f"qat_on step:{step} lr_mult:{s.lr_mult:.4f} mode:{mode} matrices:{len(self.layers)}")
         self._set(s.qat_on, s.qat_alpha)
+
+    def state_dict(self) -> dict:
+        return {"on": self.state[0], "alpha": self.state[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._set(state["on"], state["alpha"])  # as the interrupted run left the buffers: no second qat_on line
 
     @contextlib.contextmanager
     def paused(self):
@@ -2101,14 +2747,60 @@ class QATSwitch:
         if (on, alpha) == self.state:
             return  # each fill is a kernel launch per matrix on GPU: skip the steps that change nothing
         self.state = (on, alpha)
-        for m in self.layers:
-            m.qat_on.fill_(float(on))
-            m.qat_alpha.fill_(alpha)
-            m.qat_active = on
+        set_qat(self.layers, on, alpha)
 
 
-def all_ranks_agree(flag: bool, rt: Runtime) -> bool:
-    """True if any rank says True: ranks must stop on the same step or the collectives deadlock."""
+def set_qat(layers, on: bool, alpha: float = 1.0) -> None:
+    """Switch fake int6 on or off in these CastedLinear layers (a compiled model recompiles once per
+    state, see CastedLinear) and set the soft-round sharpness."""
+    for m in layers:
+        m.qat_active = on
+        m.qat_alpha.fill_(alpha)
+
+
+class StopVote:
+    """Whether every rank stops after this step, for each reason (the wallclock budget, a signal),
+    decided alike on all of them without stalling the device. Each step's local votes (from host time
+    and the signal handler) are max-reduced over the ranks on the device, copied to pinned host memory
+    without blocking, and read one step later, after waiting for that copy only: the host waits for
+    step s-1 while the device runs step s, which costs the device nothing and keeps the host's clock
+    within a step of the device's (with no wait at all the host runs several steps ahead and stops
+    late). A budget vote therefore looks STOP_LOOKAHEAD steps ahead; a signal stops one step late."""
+
+    def __init__(self, rt: Runtime, reasons: int = 2):
+        self.rt, self.reasons = rt, reasons
+        self.cuda = rt.device.type == "cuda"
+        # Two pinned slots, alternating: the one being read is never the one being written.
+        self.host = [torch.zeros(reasons, dtype=torch.int32, pin_memory=self.cuda) for _ in range(2)]
+        self.pending: tuple[Tensor, object] | None = None
+        self.step = 0
+
+    def __call__(self, *votes: bool) -> tuple[bool, ...]:
+        t = torch.zeros(self.reasons, dtype=torch.int32, device=self.rt.device)
+        for i, vote in enumerate(votes):
+            if vote:
+                t[i].fill_(1)  # a kernel, not a copy from pageable host memory (which would wait)
+        if self.rt.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        host, done = self.host[self.step % 2], None
+        self.step += 1
+        host.copy_(t, non_blocking=self.cuda)
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        previous, self.pending = self.pending, (host, done)
+        if previous is None:
+            return (False,) * self.reasons
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return tuple(bool(v) for v in previous[0].tolist())  # a host tensor: no device sync
+
+
+STOP_LOOKAHEAD = 2  # a vote read one step late stops one step later: it must see two steps ahead
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if it is true on any (a blocking all-reduce: for once-per-run decisions)."""
     if rt.world_size == 1:
         return flag
     t = torch.tensor([int(flag)], device=rt.device)
@@ -2125,17 +2817,204 @@ class TrainResult:
     average: WeightAverage
 
 
+# ---- interrupts, checkpoints and resume -------------------------------------------------------------
+# SIGINT (Ctrl-C) or SIGTERM (a scheduler; torchrun passes its own on to the workers) during training
+# stops the run after the current step, once all ranks agree, and writes a checkpoint from which
+# RESUME_FROM continues the run exactly; outside the training loop they end the run at once. Either way
+# the run says what was kept.
+
+SIGNAL_REPEAT_GRACE_S = 2.0  # Ctrl-C under torchrun reaches a worker twice (terminal, then torchrun)
+CHECKPOINT_VERSION = 1
+
+
+class RunInterrupted(Exception):
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+
+class Interrupts:
+    """The SIGINT/SIGTERM handler. While `deferring` (the training loop) a signal only sets `received`,
+    which the ranks' StopVote carries (read one step late: the run stops after the next step); elsewhere it raises RunInterrupted at once. A signal repeated after
+    SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a checkpoint being written).
+    `kept` lists what the run has written so far, for the message when it stops."""
+
+    def __init__(self, verbose: bool = True):
+        self.received: int | None = None
+        self.first_at = 0.0
+        self.deferring, self.verbose, self.kept, self.previous = False, verbose, [], {}
+        self.log = None  # the run's Logger, once it has one
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.received is not None and now - self.first_at < SIGNAL_REPEAT_GRACE_S:
+            return  # the same stop request, delivered twice
+        first = self.received is None
+        self.received, self.first_at = signum, now if first else self.first_at
+        if self.deferring and first:
+            if self.verbose:
+                print(f"{signal.Signals(signum).name}: stopping after the next step to write a checkpoint "
+                      f"(send it again to stop at once)", flush=True)
+            return
+        raise RunInterrupted(signum)
+
+
+def checkpoint_path(h: Hyperparameters) -> Path:
+    return Path(h.out_dir) / f"{h.run_id}.ckpt"
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": numpy_state, "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    random.setstate(state["python"])
+
+
+def write_checkpoint(path: Path, shared: dict, own: dict, rt: Runtime) -> None:
+    """shared.pt (rank 0: everything all ranks hold alike) and rank<r>.pt (each rank's optimizer state:
+    Muon keeps momentum only for the matrices a rank orthogonalizes; RNG), written into a temporary
+    folder that replaces `path` whole, so a stop during the write never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if rt.world_size > 1:
+        dist.barrier()
+    torch.save(own, tmp / f"rank{rt.rank}.pt")
+    if rt.is_main:
+        torch.save(shared, tmp / "shared.pt")
+    if rt.world_size > 1:
+        dist.barrier()
+    if rt.is_main:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+def read_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict, dict]:
+    """(shared part, this rank's part); a missing or foreign checkpoint is a clear error."""
+    path = Path(path)
+    try:
+        shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
+        own = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise SettingError(f"RESUME_FROM={path}: not a checkpoint ({Path(e.filename).name} is missing)") from None
+    if shared.get("version") != CHECKPOINT_VERSION:
+        raise SettingError(f"RESUME_FROM={path}: checkpoint format {shared.get('version')}, this train_gpt.py reads "
+                          f"{CHECKPOINT_VERSION}")
+    return shared, own
+
+
+# Settings that may differ on resume: they do not change what the run computes.
+RESUME_FREE_SETTINGS = ("resume_from", "cpu_threads")
+
+
+def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_size: int) -> Hyperparameters:
+    """The checkpoint's settings; a setting the environment gives another value, other code or another
+    number of processes would not continue the same run, and is refused."""
+    saved = shared["hparams"]
+    differ = [f"{f.name.upper()}={getattr(h, f.name)!r} (the run: {saved[f.name]!r})"
+              for f in dataclasses.fields(h) if f.name.upper() in env and f.name not in RESUME_FREE_SETTINGS
+              and getattr(h, f.name) != saved[f.name]]
+    if differ:
+        raise SettingError(f"RESUME_FROM={h.resume_from}: the checkpoint's run has other settings: "
+                          f"{', '.join(differ)}; unset them (the checkpoint's are used)")
+    if shared["code_sha256"] != hashlib.sha256(source.encode("utf-8")).hexdigest():
+        raise SettingError(f"RESUME_FROM={h.resume_from}: train_gpt.py changed since the checkpoint was written; "
+                          f"a run resumes with its own code")
+    if shared["world_size"] != world_size:
+        raise SettingError(f"RESUME_FROM={h.resume_from}: the run had {shared['world_size']} processes, this one "
+                          f"{world_size}: resume with --nproc_per_node={shared['world_size']}")
+    return dataclasses.replace(Hyperparameters(**saved), **{k: getattr(h, k) for k in RESUME_FREE_SETTINGS})
+
+
+@dataclass
+class RunControl:
+    """What the training loop needs to stop cleanly and to resume: the signal handler, where the
+    checkpoint goes, the code's sha256 and the log file (both saved in it), the checkpoint to resume."""
+    interrupts: Interrupts
+    path: Path
+    code_sha256: str
+    log_path: Path | None
+    resume: tuple[dict, dict] | None = None
+
+
+def restore_training(resume: tuple[dict, dict], base_model: GPT, optimizers: list, parts: dict) -> tuple:
+    """Load a checkpoint into the model, optimizers and the loop's parts; (step, train_ms, stop_at)."""
+    shared, own = resume
+    base_model.load_state_dict(shared["model"])
+    for opt, state in zip(optimizers, own["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    for name, part in parts.items():
+        part.load_state_dict(shared["parts"][name])
+    set_rng_state(own["rng"])
+    return shared["step"], shared["train_ms"], shared["stop_at"]
+
+
+def stop_with_checkpoint(signum: int, step: int, train_ms: float, stop_at: int | None, base_model: GPT,
+                         optimizers: list, parts: dict, control: RunControl, h: Hyperparameters, rt: Runtime, log):
+    """Write the checkpoint of the state after `step` and end the run, saying how to resume it."""
+    name = signal.Signals(signum).name
+    log(f"interrupted signal:{name} step:{step}/{h.iterations} train_time:{train_ms:.0f}ms checkpoint:{control.path}")
+    shared = {"version": CHECKPOINT_VERSION, "hparams": dataclasses.asdict(h), "world_size": rt.world_size,
+              "code_sha256": control.code_sha256, "step": step, "train_ms": train_ms, "stop_at": stop_at,
+              "signal": name, "model": base_model.state_dict(),
+              "parts": {k: part.state_dict() for k, part in parts.items()},
+              "log": control.log_path.read_text(encoding="utf-8") if control.log_path else ""}
+    own = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state()}
+    write_checkpoint(control.path, shared, own, rt)
+    control.interrupts.kept.append(f"the checkpoint {control.path} (weights, optimizer state, averages, schedule, "
+                                   f"data position, RNG, after step {step}/{h.iterations})")
+    raise RunInterrupted(signum, f"resume with: {resume_command(control.path, rt.world_size)}")
+
+
+def resume_command(path: Path, world_size: int) -> str:
+    launcher = ("python train_gpt.py" if world_size == 1 else
+                f"torchrun --standalone --nproc_per_node={world_size} train_gpt.py")
+    return f"RESUME_FROM={path} {launcher}"
+
+
 def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
-          log) -> TrainResult:
-    """The timed loop; the Schedule decides every step's settings and when to stop."""
+          log, control: RunControl | None = None) -> TrainResult:
+    """The timed loop; the Schedule decides every step's settings and when to stop. A signal stops it after
+    the step it interrupts (a checkpoint, then RunInterrupted); control.resume continues a stopped run."""
     loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
     schedule, average, qat = Schedule(h), WeightAverage(base_model, h), QATSwitch(base_model, log)
     log(schedule.describe())
-    train_ms, step, stop_at = 0.0, 0, None
+    train_ms, step, stop_at, stop_vote = 0.0, 0, None, StopVote(rt)
+    parts = {"loader": loader, "average": average, "schedule": schedule, "qat": qat}  # a checkpoint holds their state
+    control = control or RunControl(Interrupts(verbose=False), checkpoint_path(h), "", None)
+    if control.resume is not None:
+        step, train_ms, stop_at = restore_training(control.resume, base_model, optimizers, parts)
+    control.interrupts.deferring = True  # a signal now stops the run after the current step
     rt.sync()
     t0 = time.perf_counter()
     while True:
         last = step == h.iterations or step == stop_at
+        if last and any_rank(control.interrupts.received is not None, rt):  # a signal whose vote was not read
+            stop_with_checkpoint(control.interrupts.received or signal.SIGTERM, step,
+                                 train_ms + 1000 * (time.perf_counter() - t0), stop_at, base_model, optimizers,
+                                 parts, control, h, rt, log)
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.sync()
             train_ms += 1000 * (time.perf_counter() - t0)  # evaluation does not count as training
@@ -2162,10 +3041,17 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{s.lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        overruns = schedule.budget_ms > 0 and all_ranks_agree(schedule.next_step_overruns(elapsed, step), rt)
+        overruns, interrupted = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
+                                          control.interrupts.received is not None)
         if stop_at is None and overruns:
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
+        if interrupted:
+            rt.sync()
+            stop_with_checkpoint(control.interrupts.received or signal.SIGTERM, step,
+                                 train_ms + 1000 * (time.perf_counter() - t0), stop_at, base_model, optimizers,
+                                 parts, control, h, rt, log)
+    control.interrupts.deferring = False
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
     return TrainResult(val_loss, val_bpb, step, train_ms, average)
 
@@ -2175,17 +3061,17 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
 # ----------------------------------------------------------------------------------------------------
 
 
-LOGGED_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+LOGGED_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 
 class Logger:
     """Rank 0 writes to stdout and to <out_dir>/<run_id>.txt; other ranks stay silent."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, text: str = ""):
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            path.write_text(text, encoding="utf-8")
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if self.path is None:
@@ -2194,6 +3080,22 @@ class Logger:
             print(msg, flush=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(msg + "\n")
+
+
+def choose_cpu_threads(h: Hyperparameters, env, local_procs: int = 1) -> tuple[int, str]:
+    """(torch threads per process, why) for a CPU run: CPU_THREADS, else OMP_NUM_THREADS, else the cores
+    that are idle now (cores minus the 1-minute load average, rounded), shared among this machine's
+    processes. More threads than idle cores is the trap: threads that wait for each other on busy cores
+    made one step 44x slower (51.9 s against 1.2 s with one thread) on a loaded 2-core machine."""
+    if h.cpu_threads > 0:
+        return h.cpu_threads, "CPU_THREADS"
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = min(cores, int(cores - load + 0.5))
+    return max(1, idle // max(1, local_procs)), f"auto(cores={cores},load_1min={load:.2f},processes={local_procs})"
 
 
 def setup_runtime(h: Hyperparameters, env) -> Runtime:
@@ -2206,12 +3108,16 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        threads_from = "untouched(cuda)"
+    else:
+        threads, threads_from = choose_cpu_threads(h, env, int(env.get("LOCAL_WORLD_SIZE", world_size)))
+        torch.set_num_threads(threads)
     if world_size > 1:
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     # CPU has no fast bf16 matmul; Newton-Schulz there runs in fp32, which also keeps it reproducible.
     ns_dtype = torch.bfloat16 if cuda else torch.float32
-    return Runtime(rank, world_size, device, accum, autocast, ns_dtype)
+    return Runtime(rank, world_size, device, accum, autocast, ns_dtype, threads_from)
 
 
 def shared_run_id(h: Hyperparameters, rt: Runtime) -> Hyperparameters:
@@ -2229,8 +3135,11 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
     log("=" * 100, console=False)
     for f in dataclasses.fields(h):
         log(f"hparam {f.name}:{getattr(h, f.name)}")
+    with rt.autocast():
+        activations = str(activation_dtype(torch.zeros((), device=rt.device))).removeprefix("torch.")
     log(f"runtime world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} "
-        f"autocast:{'bf16' if rt.device.type == 'cuda' else 'off(fp32)'} ns_dtype:{rt.ns_dtype}")
+        f"activations:{activations} ns_dtype:{rt.ns_dtype} cpu_threads:{torch.get_num_threads()} "
+        f"cpu_threads_from:{rt.threads_from}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
         f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)
@@ -2239,6 +3148,16 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
         log(f"gpu name:{torch.cuda.get_device_name(rt.device)}")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout, console=False)
+
+
+def log_dataset(info: dict[str, str], log) -> None:
+    """The `dataset` line (dataset_provenance), and a note when the run's score is not comparable to
+    the leaderboard's: only the challenge's published validation data and tokenizer are."""
+    log("dataset " + " ".join(f"{k}:{v}" for k, v in info.items()))
+    if info["source"] != "challenge":
+        log(f"note: dataset source:{info['source']}: not the challenge's published data "
+            f"({info.get('reason', 'built by data/build_dataset.py')}); the score is not comparable to the "
+            f"leaderboard and scripts/make_record.py writes such runs as non-record folders only")
 
 
 def seed_everything(seed: int) -> None:
@@ -2250,26 +3169,27 @@ def seed_everything(seed: int) -> None:
 
 def compile_for_training(base: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
                          log) -> tuple[nn.Module, nn.Module, Callable]:
-    """(model to train, model to evaluate, orthogonalize fn): compiled on CUDA, DDP across processes."""
+    """(model to train, model to evaluate, orthogonalize fn): compiled on CUDA; across processes
+    optimizer_step averages the gradients."""
     configure_qat(base, h.qat, plan)
     orthogonalize, compiled = newton_schulz5, base
     if rt.device.type == "cuda" and h.compile:
-        compiled = torch.compile(base, dynamic=False)
-        orthogonalize = torch.compile(newton_schulz5)
+        # fullgraph: a graph break is an error, not a silent split. No DDP wrapper: its hooks split the
+        # graph (21 pieces with QAT) and it broadcasts every buffer each forward; optimizer_step
+        # averages the gradients instead.
+        compiled = torch.compile(base, dynamic=False, fullgraph=True)
+        orthogonalize = torch.compile(newton_schulz5, dynamic=False, fullgraph=True)
         log("compile:on")
     else:
         log(f"compile:off reason:{'COMPILE=0' if rt.device.type == 'cuda' else 'cpu run'}")
-    trained = compiled
-    if rt.world_size > 1:
-        trained = DistributedDataParallel(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return trained, compiled, orthogonalize
+    return compiled, compiled, orthogonalize
 
 
 def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec,
                rt: Runtime, log) -> tuple[float, float]:
     rt.sync()
     t0 = time.perf_counter()
-    loss, bpb = evaluate(eval_model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast)
+    loss, bpb = evaluate(eval_model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast, phase=label)
     rt.sync()
     log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval:{spec.name} seq_len:{spec.seq_len} "
         f"stride:{spec.stride} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
@@ -2281,21 +3201,44 @@ def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) ->
     env = os.environ if env is None else env
     h = Hyperparameters.from_env(env)
     rt = setup_runtime(h, env)
+    interrupts = Interrupts(verbose=rt.is_main)
+    interrupts.install()
     try:
-        run(h, rt, env, export_hook)
+        run(h, rt, env, interrupts, export_hook)
         if dist.is_initialized():
             dist.barrier()  # tear down together: a rank leaving gloo early sometimes aborted its peer at exit
+    except RunInterrupted as e:  # a clean stop: say what was kept, no traceback
+        kept = "; ".join(interrupts.kept) or "nothing"
+        message = f"stopped by {signal.Signals(e.signum).name}: kept {kept}" + (f"; {e.message}" if e.message else "")
+        if getattr(interrupts, "log", None) is not None:
+            interrupts.log(message)
+        elif rt.is_main:
+            print(message, flush=True)
+        raise SystemExit(128 + e.signum) from None
     finally:
+        interrupts.uninstall()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
+def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = None, export_hook=None) -> None:
+    interrupts = interrupts or Interrupts(verbose=False)
+    code = code_form(Path(__file__).read_text(encoding="utf-8"))  # the readable source, whichever form ran
+    resume = read_checkpoint(h.resume_from, rt.rank) if h.resume_from else None
+    if resume is not None:
+        h = resumed_hparams(h, env, resume[0], code.source, rt.world_size)
     h = shared_run_id(h, rt)
     out_dir = Path(h.out_dir)
-    log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None)
-    source = Path(__file__).read_text(encoding="utf-8")
-    log_preamble(log, h, rt, source, env)
+    log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None, resume[0]["log"] if resume else "")
+    interrupts.log = log
+    if log.path is not None:
+        interrupts.kept.append(f"the log {log.path}")
+    if resume is None:
+        log_preamble(log, h, rt, code.source, env)
+    else:  # the log so far came with the checkpoint: it goes on as one run's log, saying where it resumed
+        log(f"resume from:{h.resume_from} step:{resume[0]['step']} train_time:{resume[0]['train_ms']:.0f}ms "
+            f"signal:{resume[0]['signal']} world_size:{rt.world_size} cpu_threads:{torch.get_num_threads()}")
+    log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))}")
     seed_everything(h.seed)
 
     sp = load_tokenizer(h.tokenizer_path)
@@ -2303,21 +3246,30 @@ def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
     val_tokens = torch.from_numpy(load_validation_tokens(h.data_path).astype(np.int32)).to(rt.device)
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
+    if rt.is_main:
+        log_dataset(dataset_provenance(h.data_path, h.tokenizer_path), log)
 
     check_tokenizer(sp, h, h.tokenizer_path)
     base = build_model(ModelConfig.from_hparams(h), rt.device, log)
     plan = plan_from_hparams(base.state_dict(), h, base.fp16_param_names())  # a bad QUANT_PLAN fails fast
     log_quant_plan(plan, base.state_dict(), log)
+    if rt.is_main:
+        log_artifact_estimate(base.state_dict(), plan, code, h, log)
     model, eval_model, orthogonalize = compile_for_training(base, plan, h, rt, log)
     optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
     for line in describe_optimizers(optimizers):
         log(line)
 
     def eval_fn():
-        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt.rank, rt.world_size, rt.autocast)
+        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt.rank, rt.world_size, rt.autocast,
+                        phase="val")
 
     prime_kernels(model, optimizers, base, h, rt, log)
-    result = train(model, optimizers, base, eval_fn, h, rt, log)
+    if resume is None:  # a resumed run's settings already hold the reserve its first start measured
+        h = measure_gptq_reserve(base, plan, h, rt, log)
+    control = RunControl(interrupts, checkpoint_path(h), hashlib.sha256(code.source.encode("utf-8")).hexdigest(),
+                         log.path, resume)
+    result = train(model, optimizers, base, eval_fn, h, rt, log, control)
     log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
         f"train_time:{result.train_ms:.0f}ms")
     weights = select_final_weights(result.average, h, log)
@@ -2328,8 +3280,10 @@ def run(h: Hyperparameters, rt: Runtime, env, export_hook=None) -> None:
             f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")
 
     artifact = out_dir / f"{h.run_id}.ptz"
-    code_bytes = len(source.encode("utf-8"))
-    save_artifact(export_model(base, plan, code_bytes, h, rt, log, export_hook), artifact, code_bytes, rt, log)
+    blob = export_model(base, plan, code.bytes_code, h, rt, log, export_hook, result.train_ms, luts)
+    save_artifact(blob, artifact, code.bytes_code, rt, log)
+    interrupts.kept.append(f"the artifact {artifact} (score it: ARTIFACT_PATH={artifact} "
+                           f"python eval_ngram_on_checkpoint.py)")
     _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
     base.load_state_dict(state)
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), rt, log)

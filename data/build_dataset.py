@@ -7,7 +7,14 @@ Input is JSON lines (plain .jsonl, or xz-compressed .jsonl.xz) with each documen
   no dummy prefix, ids pad 0 / bos 1 / eos 2 / unk 3, so byte b is id 4 + b), written as
   <tokenizer-prefix>.model and <tokenizer-prefix>.vocab;
 * shards fineweb_val_000000.bin, ... and fineweb_train_000000.bin, ... (see data/shards.py), where
-  every document is BOS followed by its tokens, with no EOS.
+  every document is BOS followed by its tokens, with no EOS;
+* dataset_manifest.json beside the shards: source "custom", the input files (sizes, sha256), the
+  tokenizer (sha256, settings, its training sample), document and token counts, and the sha256 of
+  every shard. train_gpt.py logs it, and scripts/make_record.py writes runs on it as non-record folders.
+
+The dataset is named after its first input (--name overrides): data/datasets/<name>_sp<V>/ and
+data/tokenizers/<name>_<V>_bpe.model. The challenge's own names (fineweb10B_sp<V>,
+fineweb_<V>_bpe) are refused: they belong to the published data (data/cached_challenge_fineweb.py).
 
 Validation is either the first --val-docs documents of --input, or the whole of --val-input.
 The tokenizer is trained on a bounded, seeded sample of the training documents only: the
@@ -24,6 +31,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import lzma
@@ -37,13 +45,13 @@ from typing import Sequence
 
 import numpy as np
 import sentencepiece as spm
-from tqdm import tqdm
 
 if __package__ in (None, ""):
     # Run as a script (python data/build_dataset.py): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.shards import MAX_TOKEN_ID, shard_filename, write_shard  # noqa: E402
+from train_gpt import DATASET_MANIFEST, Progress, sha256_files  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_VOCAB_SIZE = 1024
@@ -77,12 +85,30 @@ VOCAB_TOO_HIGH_RE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set
 VOCAB_TOO_SMALL_RE = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
-def default_output_dir(vocab_size: int) -> Path:
-    return DATA_DIR / "datasets" / f"fineweb10B_sp{vocab_size}"
+# The published data's names: a dataset built here must never look like it.
+CHALLENGE_DATASET_RE = re.compile(r"fineweb10B_.*")
+CHALLENGE_TOKENIZER_RE = re.compile(r"fineweb_\d+_bpe")
 
 
-def default_tokenizer_prefix(vocab_size: int) -> Path:
-    return DATA_DIR / "tokenizers" / f"fineweb_{vocab_size}_bpe"
+def default_name(input_path: Path) -> str:
+    """The first input's file name without .jsonl / .xz, as a safe directory name."""
+    stem = re.sub(r"(\.jsonl)?(\.xz)?$", "", input_path.name)
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "custom"
+
+
+def default_output_dir(name: str, vocab_size: int) -> Path:
+    return DATA_DIR / "datasets" / f"{name}_sp{vocab_size}"
+
+
+def default_tokenizer_prefix(name: str, vocab_size: int) -> Path:
+    return DATA_DIR / "tokenizers" / f"{name}_{vocab_size}_bpe"
+
+
+def check_not_challenge_names(output_dir: Path, tokenizer_prefix: Path) -> None:
+    if CHALLENGE_DATASET_RE.fullmatch(output_dir.name) or CHALLENGE_TOKENIZER_RE.fullmatch(tokenizer_prefix.name):
+        raise ValueError(f"{output_dir.name} / {tokenizer_prefix.name} are the names of the challenge's published "
+                         f"data (data/cached_challenge_fineweb.py fetches it): give a built dataset its own "
+                         f"--name, --output-dir or --tokenizer-prefix")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +277,7 @@ def encode_split(
     progress: bool,
 ) -> list[Path]:
     """Encode texts (BOS + tokens per document) into writer's shards; updates token_counts."""
-    with tqdm(total=len(texts), unit="doc", desc=f"encode {writer.split}", disable=not progress) as bar:
+    with Progress(f"encode_{writer.split}", len(texts), enabled=progress, unit="doc") as bar:
         for start in range(0, len(texts), ENCODE_BATCH_DOCS):
             batch = list(texts[start : start + ENCODE_BATCH_DOCS])
             encoded = sp.encode(batch, out_type=int, num_threads=os.cpu_count() or 1)
@@ -284,11 +310,13 @@ def build_dataset(
     tokenizer_train_chars: int = DEFAULT_TOKENIZER_TRAIN_CHARS,
     seed: int = DEFAULT_SEED,
     progress: bool = False,
+    inputs: dict | None = None,
 ) -> dict:
-    """Train the tokenizer on a sample of train_texts, then shard both splits.
+    """Train the tokenizer on a sample of train_texts, shard both splits, write dataset_manifest.json
+    (with `inputs`, a description of where the texts came from, when given).
 
     Returns a dict with the tokenizer paths, the shard paths per split, document and token counts
-    per split, and how many distinct token ids the shards use.
+    per split, how many distinct token ids the shards use, and the manifest's path.
     """
     if not 0 < vocab_size <= MAX_TOKEN_ID + 1:
         raise ValueError(f"vocab_size must be in [1, {MAX_TOKEN_ID + 1}] to fit uint16 shards, got {vocab_size}")
@@ -299,8 +327,11 @@ def build_dataset(
     if not val_texts:
         raise ValueError("no validation documents")
     output_dir = Path(output_dir)
+    check_not_challenge_names(output_dir, Path(tokenizer_prefix))
 
     sample = tokenizer_training_sample(train_texts, tokenizer_train_chars, seed)
+    if progress:  # one call, no progress to report: say what is happening
+        print(f"training the tokenizer on {len(sample):,} documents ({sum(map(len, sample)):,} chars)", flush=True)
     model_path = train_tokenizer(sample, tokenizer_prefix, vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     check_tokenizer_layout(sp, vocab_size)
@@ -314,7 +345,11 @@ def build_dataset(
         files[split] = encode_split(sp, texts, writer, token_counts, progress)
         files[f"{split}_tokens"] = writer.n_tokens
 
+    manifest = dataset_manifest(output_dir, model_path, files, len(train_texts), len(val_texts), sample,
+                                vocab_size, seed, inputs)
+    (output_dir / DATASET_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return {
+        "manifest": output_dir / DATASET_MANIFEST,
         "tokenizer_model": model_path,
         "tokenizer_vocab": model_path.with_suffix(".vocab"),
         "output_dir": output_dir,
@@ -330,6 +365,35 @@ def build_dataset(
         "distinct_tokens": int(np.count_nonzero(token_counts)),
         "stale_files_removed": removed,
     }
+
+
+def _shard_entries(paths: list[Path]) -> list[dict]:
+    return [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_files([p])} for p in paths]
+
+
+def dataset_manifest(output_dir: Path, model_path: Path, files: dict, train_docs: int, val_docs: int,
+                     sample: list[str], vocab_size: int, seed: int, inputs: dict | None) -> dict:
+    """dataset_manifest.json of a built dataset (see train_gpt.dataset_provenance)."""
+    return {
+        "source": "custom", "dataset": output_dir.name, "written_by": "data/build_dataset.py",
+        "written_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "inputs": inputs,
+        "tokenizer": {"file": model_path.name, "sha256": sha256_files([model_path]), "vocab_size": vocab_size,
+                      "settings": TOKENIZER_SETTINGS, "trained_on_docs": len(sample),
+                      "trained_on_chars": sum(map(len, sample)), "sample_seed": seed},
+        "val": {"sha256": sha256_files(files["val"]), "docs": val_docs, "tokens": files["val_tokens"],
+                "files": _shard_entries(files["val"])},
+        "train": {"docs": train_docs, "tokens": files["train_tokens"], "files": _shard_entries(files["train"])},
+    }
+
+
+def describe_inputs(input_paths: Sequence[Path], val_docs: int | None, val_input: Path | None,
+                    max_train_docs: int | None) -> dict:
+    """Where the documents came from, for the manifest: each file's name, size and sha256, and the split."""
+    def entry(path: Path) -> dict:
+        return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_files([path])}
+    return {"files": [entry(p) for p in input_paths], "val_input": entry(val_input) if val_input else None,
+            "val_docs_from_input": val_docs, "max_train_docs": max_train_docs}
 
 
 def split_documents(
@@ -361,7 +425,8 @@ def format_summary(result: dict, seconds: float) -> str:
     if result["stale_files_removed"]:
         lines.append(f"removed {len(result['stale_files_removed'])} stale shard(s) from an earlier build")
     lines.append("files written:")
-    for path in [result["tokenizer_model"], result["tokenizer_vocab"], *result["val_files"], *result["train_files"]]:
+    for path in [result["tokenizer_model"], result["tokenizer_vocab"], *result["val_files"], *result["train_files"],
+                 result["manifest"]]:
         lines.append(f"  {path}")
     lines.append(f"done in {seconds:.1f} s")
     return "\n".join(lines)
@@ -378,10 +443,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     val.add_argument("--val-docs", type=int, help="use the first K documents of --input as validation")
     val.add_argument("--val-input", type=Path, help="use this whole file as validation (all of --input is train)")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    parser.add_argument("--name", default=None,
+                        help="the dataset's name (default: the first input's file name without .jsonl/.xz)")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="shard directory (default data/datasets/fineweb10B_sp<V>)")
+                        help="shard directory (default data/datasets/<name>_sp<V>)")
     parser.add_argument("--tokenizer-prefix", type=Path, default=None,
-                        help="tokenizer path without extension (default data/tokenizers/fineweb_<V>_bpe)")
+                        help="tokenizer path without extension (default data/tokenizers/<name>_<V>_bpe)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     parser.add_argument("--max-train-docs", type=int, default=None,
                         help="use at most this many training documents (for shards and the tokenizer)")
@@ -400,18 +467,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
+    name = args.name or default_name(args.input[0])
     try:
+        output_dir = args.output_dir or default_output_dir(name, args.vocab_size)
+        tokenizer_prefix = args.tokenizer_prefix or default_tokenizer_prefix(name, args.vocab_size)
+        check_not_challenge_names(output_dir, tokenizer_prefix)  # before reading gigabytes of input
         train, val = split_documents(args.input, args.val_docs, args.val_input, args.max_train_docs)
         result = build_dataset(
             train,
             val,
-            output_dir=args.output_dir or default_output_dir(args.vocab_size),
-            tokenizer_prefix=args.tokenizer_prefix or default_tokenizer_prefix(args.vocab_size),
+            output_dir=output_dir,
+            tokenizer_prefix=tokenizer_prefix,
             vocab_size=args.vocab_size,
             shard_tokens=args.shard_tokens,
             tokenizer_train_chars=args.tokenizer_train_chars,
             seed=args.seed,
             progress=not args.no_progress,
+            inputs=describe_inputs(args.input, args.val_docs, args.val_input, args.max_train_docs),
         )
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

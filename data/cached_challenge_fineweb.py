@@ -8,8 +8,15 @@ training shards and the tokenizer files. They land in the layout train_gpt.py de
     data/datasets/fineweb10B_<variant>/fineweb_val_000000.bin, fineweb_train_000000.bin, ...
     data/tokenizers/fineweb_1024_bpe.model, fineweb_1024_bpe.vocab   (for sp1024)
 
-Files already present locally are skipped (and logged); downloads land under a temporary name and
-are renamed when complete, so an interrupted run never leaves a partial file that would be skipped.
+Every shard's size is checked against the one the manifest implies (its token counts and shard
+size); a present file of the right size is skipped (and logged), one of another size is fetched again.
+The sha256 of each downloaded file, and of the validation shards and tokenizer already present, is
+checked against the hub's own (its LFS hash) when the hub gives one. Downloads land under a temporary
+name and are renamed when complete, so an interrupted run never leaves a partial file.
+
+Then dataset_manifest.json is written beside the shards (source "challenge", the repo, what was
+checked, the sha256 of the validation shards and of the tokenizer): train_gpt.py logs it with the
+hashes it recomputes, and scripts/make_record.py accepts only runs on such data as records.
 
 Manifest layout (as read by the challenge's own data/cached_challenge_fineweb.py):
 
@@ -39,12 +46,21 @@ Run:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
+
+if __package__ in (None, ""):
+    # Run as a script (python data/cached_challenge_fineweb.py): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train_gpt import DATASET_MANIFEST, SHARD_HEADER_BYTES, Progress, sha256_files  # noqa: E402
 
 REPO_ID = "willdepueoai/parameter-golf"
 REPO_TYPE = "dataset"
@@ -56,10 +72,16 @@ DEFAULT_VARIANT = "sp1024"
 # 80 shards of 100 M tokens = 8 B training tokens, the usual choice for a record run.
 DEFAULT_TRAIN_SHARDS = 80
 TOKENIZER_PATH_KEYS = ("model_path", "vocab_path", "path")
+# The challenge's exporter writes shards of this many tokens (its manifest's "shard_size").
+DEFAULT_SHARD_TOKENS = 100_000_000
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
-# download(remote_path, destination): fetch one repo file (path relative to the repo root) to
-# destination. Tests pass a fake; the real one is hf_download below.
-Downloader = Callable[[str, Path], None]
+# download(remote_path, destination) -> the hub's sha256 of the file, or None when it gives none: fetch
+# one repo file (path relative to the repo root) to destination. Tests pass a fake; the real one is
+# HubDownloader below.
+Downloader = Callable[[str, Path], "str | None"]
+# remote_hashes(remote_paths) -> {remote_path: sha256} for the files the hub knows an LFS hash of.
+RemoteHashes = Callable[[list[str]], dict[str, str]]
 
 
 class DownloadError(RuntimeError):
@@ -70,6 +92,8 @@ class DownloadError(RuntimeError):
 class FileToFetch:
     remote: str  # path inside the Hugging Face repo
     local: Path
+    expected_bytes: int | None = None  # what the manifest implies, when it says enough
+    role: str = "train"  # "val", "train" or "tokenizer"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +131,19 @@ def shard_counts(dataset: dict) -> tuple[int, int]:
             raise ValueError(f"manifest entry {dataset.get('name')!r} gives no files_{split} count")
         counts.append(int(value))
     return counts[0], counts[1]
+
+
+def expected_shard_bytes(manifest: dict, dataset: dict, split: str, index: int) -> int | None:
+    """The size shard `index` of `split` must have: the exporter fills shards of shard_size tokens
+    and starts a new one at the split, so all but the last of a split are full. None when the
+    manifest does not give the split's token count."""
+    stats = dataset.get("stats") or {}
+    tokens, files = stats.get(f"tokens_{split}"), stats.get(f"files_{split}")
+    if tokens is None or not files:
+        return None
+    shard = int(manifest.get("shard_size") or DEFAULT_SHARD_TOKENS)
+    count = shard if index < int(files) - 1 else int(tokens) - shard * (int(files) - 1)
+    return SHARD_HEADER_BYTES + 2 * count
 
 
 def _vocab_tag(variant: str) -> str:
@@ -158,34 +195,51 @@ def plan_downloads(manifest: dict, variant: str, train_shards: int, data_dir: Pa
     name = dataset["name"] if str(dataset["name"]).startswith(DATASET_PREFIX) else DATASET_PREFIX + variant
     remote_dir = f"{REMOTE_ROOT}/datasets/{name}"
     local_dir = data_dir / "datasets" / name
-    shards = [f"fineweb_val_{i:06d}.bin" for i in range(n_val)]
-    shards += [f"fineweb_train_{i:06d}.bin" for i in range(train_shards)]
-    plan = [FileToFetch(f"{remote_dir}/{shard}", local_dir / shard) for shard in shards]
+    shards = [("val", i) for i in range(n_val)] + [("train", i) for i in range(train_shards)]
+    plan = [FileToFetch(f"{remote_dir}/fineweb_{split}_{i:06d}.bin", local_dir / f"fineweb_{split}_{i:06d}.bin",
+                        expected_shard_bytes(manifest, dataset, split, i), split) for split, i in shards]
     for path in tokenizer_files(find_tokenizer(manifest, dataset, variant)):
         relative = PurePosixPath(path.lstrip("/"))
-        plan.append(FileToFetch(f"{REMOTE_ROOT}/{relative}", data_dir / "tokenizers" / relative.name))
+        plan.append(FileToFetch(f"{REMOTE_ROOT}/{relative}", data_dir / "tokenizers" / relative.name,
+                                role="tokenizer"))
     return plan
 
 
-def fetch(item: FileToFetch, download: Downloader, log: Callable[[str], None]) -> bool:
-    """Fetch one file unless it already exists; returns True if it was downloaded."""
+def fetch(item: FileToFetch, download: Downloader, log: Callable[[str], None],
+          repo_id: str = REPO_ID) -> tuple[bool, str | None]:
+    """Fetch one file unless a copy of the right size is present: (downloaded, the hub's sha256 of it
+    or None). A present file of another size than the manifest implies is fetched again; a downloaded
+    one of a wrong size or hash fails."""
     if item.local.exists():
-        log(f"skip {item.local} (already present)")
-        return False
+        size = item.local.stat().st_size
+        if item.expected_bytes is None or size == item.expected_bytes:
+            log(f"skip {item.local} (already present, {size} bytes"
+                f"{', as the manifest implies' if item.expected_bytes else ''})")
+            return False, None
+        log(f"refetch {item.local}: {size} bytes but the manifest implies {item.expected_bytes}")
+        item.local.unlink()
     log(f"fetch {item.remote} -> {item.local}")
     item.local.parent.mkdir(parents=True, exist_ok=True)
     try:
-        download(item.remote, item.local)
+        hub_sha256 = download(item.remote, item.local)
     except Exception as e:  # network, auth, missing file: all reported the same way
-        raise DownloadError(f"could not fetch {item.remote} from {REPO_ID}: {type(e).__name__}: {e}") from e
+        raise DownloadError(f"could not fetch {item.remote} from {repo_id}: {type(e).__name__}: {e}") from e
     if not item.local.exists():
-        raise DownloadError(f"could not fetch {item.remote} from {REPO_ID}: downloader wrote no file")
-    return True
+        raise DownloadError(f"could not fetch {item.remote} from {repo_id}: downloader wrote no file")
+    size = item.local.stat().st_size
+    if item.expected_bytes is not None and size != item.expected_bytes:
+        item.local.unlink()
+        raise DownloadError(f"{item.remote} from {repo_id}: {size} bytes but the manifest implies "
+                            f"{item.expected_bytes}: not kept")
+    if hub_sha256 and SHA256_RE.fullmatch(hub_sha256) and sha256_files([item.local]) != hub_sha256:
+        item.local.unlink()
+        raise DownloadError(f"{item.remote} from {repo_id}: its sha256 differs from the hub's: not kept")
+    return True, hub_sha256 if hub_sha256 and SHA256_RE.fullmatch(hub_sha256) else None
 
 
 def load_manifest(data_dir: Path, download: Downloader, log: Callable[[str], None]) -> dict:
     item = manifest_file(data_dir)
-    fetch(item, download, log)
+    fetch(item, download, log)  # a present manifest is kept: delete it to fetch a newer one
     try:
         return json.loads(item.local.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -198,32 +252,110 @@ def download_variant(
     data_dir: Path = DATA_DIR,
     download: Downloader | None = None,
     log: Callable[[str], None] = print,
+    remote_hashes: RemoteHashes | None = None,
+    repo_id: str = REPO_ID,
 ) -> dict:
-    """Fetch manifest, shards and tokenizer for variant; returns lists of downloaded/skipped paths."""
-    download = download or hf_download
+    """Fetch manifest, shards and tokenizer for variant, check them, write dataset_manifest.json;
+    returns lists of downloaded/skipped paths and the dataset manifest."""
+    hub = HubDownloader(repo_id) if download is None or remote_hashes is None else None
+    download, remote_hashes = download or hub.download, remote_hashes or hub.remote_hashes
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir, download, log)
     plan = plan_downloads(manifest, variant, train_shards, data_dir)
-    downloaded, skipped = [], []
-    for item in plan:
-        (downloaded if fetch(item, download, log) else skipped).append(item.local)
-    return {"downloaded": downloaded, "skipped": skipped, "files": [item.local for item in plan]}
+    downloaded, skipped, hub_sha256 = [], [], {}
+    for item in Progress("download", len(plan), unit="file").wrap(plan):
+        fetched, sha = fetch(item, download, log, repo_id)
+        (downloaded if fetched else skipped).append(item.local)
+        if sha:
+            hub_sha256[item.remote] = sha
+    check_present_hashes([i for i in plan if i.local in skipped and i.role != "train"], hub_sha256,
+                         remote_hashes, log)
+    record = dataset_record(manifest, variant, plan, hub_sha256, repo_id)
+    path = plan[0].local.parent / DATASET_MANIFEST
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {path}: source challenge, val sha256 {record['val']['sha256'][:16]}..., "
+        f"tokenizer sha256 {record['tokenizer']['sha256'][:16]}...")
+    return {"downloaded": downloaded, "skipped": skipped, "files": [item.local for item in plan], "record": record}
 
 
-def hf_download(remote_path: str, destination: Path) -> None:
-    """The real downloader: hf_hub_download into the HF cache, then link or copy into place."""
-    from huggingface_hub import hf_hub_download
-
-    cached = Path(hf_hub_download(repo_id=REPO_ID, filename=remote_path, repo_type=REPO_TYPE)).resolve()
-    tmp = destination.with_name(f"{destination.name}.{os.getpid()}.tmp")
+def check_present_hashes(items: list[FileToFetch], hub_sha256: dict[str, str], remote_hashes: RemoteHashes,
+                         log: Callable[[str], None]) -> None:
+    """The validation shards and tokenizer that were already present must hash as the hub's copies do
+    (when the hub can say: offline, only their sizes were checked). Fills hub_sha256."""
+    if not items:
+        return
     try:
+        known = remote_hashes([i.remote for i in items])
+    except Exception as e:  # offline, or the hub refused: say so, the sizes were checked
+        log(f"note: could not ask the hub for sha256 ({type(e).__name__}: {e}): present files checked by size only")
+        return
+    for item in items:
+        sha = known.get(item.remote)
+        if not sha:
+            continue
+        if sha256_files([item.local]) != sha:
+            raise DownloadError(f"{item.local} differs from {item.remote} on the hub (sha256): delete it and "
+                                f"run again")
+        hub_sha256[item.remote] = sha
+
+
+def _file_entry(item: FileToFetch, hub_sha256: dict[str, str], with_hash: bool) -> dict:
+    entry = {"name": item.local.name, "bytes": item.local.stat().st_size,
+             "size_checked": item.expected_bytes is not None, "hub_sha256_checked": item.remote in hub_sha256}
+    if with_hash:
+        entry["sha256"] = hub_sha256.get(item.remote) or sha256_files([item.local])
+    return entry
+
+
+def dataset_record(manifest: dict, variant: str, plan: list[FileToFetch], hub_sha256: dict[str, str],
+                   repo_id: str) -> dict:
+    """dataset_manifest.json for downloaded challenge data (see train_gpt.dataset_provenance)."""
+    stats = find_dataset(manifest, variant).get("stats") or {}
+    val = [i for i in plan if i.role == "val"]
+    train = [i for i in plan if i.role == "train"]
+    model = next((i for i in plan if i.role == "tokenizer" and i.local.suffix == ".model"),
+                 next(i for i in plan if i.role == "tokenizer"))
+    return {
+        "source": "challenge", "repo_id": repo_id, "variant": variant, "dataset": val[0].local.parent.name,
+        "written_by": "data/cached_challenge_fineweb.py",
+        "written_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "checked": "each shard's size against the manifest's token counts; sha256 against the hub's where it has one",
+        "tokenizer": {"file": model.local.name, "sha256": sha256_files([model.local]),
+                      "hub_sha256_checked": model.remote in hub_sha256},
+        "val": {"sha256": sha256_files([i.local for i in val]), "docs": stats.get("docs_val"),
+                "tokens": stats.get("tokens_val"), "files": [_file_entry(i, hub_sha256, True) for i in val]},
+        "train": {"docs_in_full_export": stats.get("docs_train"), "files_in_full_export": stats.get("files_train"),
+                  "files": [_file_entry(i, hub_sha256, False) for i in train]},
+    }
+
+
+class HubDownloader:
+    """The real downloader: hf_hub_download into the HF cache, then link or copy into place. The cache
+    names an LFS file's blob by its sha256, which download() returns."""
+
+    def __init__(self, repo_id: str = REPO_ID):
+        self.repo_id = repo_id
+
+    def download(self, remote_path: str, destination: Path) -> str | None:
+        from huggingface_hub import hf_hub_download
+
+        cached = Path(hf_hub_download(repo_id=self.repo_id, filename=remote_path, repo_type=REPO_TYPE)).resolve()
+        tmp = destination.with_name(f"{destination.name}.{os.getpid()}.tmp")
         try:
-            os.link(cached, tmp)  # a hard link avoids a second copy of multi-GB shards
-        except OSError:
-            shutil.copyfile(cached, tmp)
-        os.replace(tmp, destination)
-    finally:
-        tmp.unlink(missing_ok=True)
+            try:
+                os.link(cached, tmp)  # a hard link avoids a second copy of multi-GB shards
+            except OSError:
+                shutil.copyfile(cached, tmp)
+            os.replace(tmp, destination)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return cached.name if SHA256_RE.fullmatch(cached.name) else None
+
+    def remote_hashes(self, remote_paths: list[str]) -> dict[str, str]:
+        from huggingface_hub import HfApi
+
+        infos = HfApi().get_paths_info(self.repo_id, remote_paths, repo_type=REPO_TYPE)
+        return {i.path: i.lfs.sha256 for i in infos if getattr(i, "lfs", None) is not None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -236,13 +368,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="number of training shards (100 M tokens each) to fetch")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
                         help="local root holding datasets/ and tokenizers/")
+    parser.add_argument("--repo-id", default=REPO_ID,
+                        help="Hugging Face dataset repo with the challenge's layout (e.g. kevclark/parameter-golf "
+                             "for sp4096 and sp8192)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        result = download_variant(args.variant, args.train_shards, args.data_dir)
+        result = download_variant(args.variant, args.train_shards, args.data_dir, repo_id=args.repo_id)
     except (DownloadError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"done: {len(result['downloaded'])} downloaded, {len(result['skipped'])} already present")

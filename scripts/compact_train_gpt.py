@@ -3,7 +3,8 @@
 The code's bytes count against the 16,000,000-byte cap, so a record ships the readable train_gpt.py
 compressed with brotli (quality 11: about 5% smaller than LZMA on this source, and train_gpt.py needs
 brotli anyway), base85-encoded in a two-line wrapper that decompresses it and execs it under the name
-train_gpt.py (tracebacks keep the readable line numbers).
+train_gpt.py (tracebacks keep the readable line numbers). The format is train_gpt.compact_code, which
+train_gpt.py also uses to log the shipped size of its own code (bytes_code) whichever form runs.
 The wrapper runs exactly the readable source: tests/test_compact.py checks it byte for byte.
 
     python3 scripts/compact_train_gpt.py train_gpt.py records/track_10min_16mb/DATE_Name/train_gpt.py
@@ -12,18 +13,18 @@ The wrapper runs exactly the readable source: tests/test_compact.py checks it by
 from __future__ import annotations
 
 import argparse
-import base64
+import sys
 from pathlib import Path
 
-import brotli
+if __package__ in (None, ""):
+    # Run as a script (python scripts/compact_train_gpt.py): make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BROTLI_QUALITY, BROTLI_WINDOW_BITS = 11, 24  # the largest window: the whole source is one context
-WRAPPER = 'import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("{blob}")),"train_gpt.py","exec"))\n'
+from train_gpt import compact_code  # noqa: E402
 
 
 def compact_source(source: bytes) -> str:
-    blob = base64.b85encode(brotli.compress(source, quality=BROTLI_QUALITY, lgwin=BROTLI_WINDOW_BITS))
-    return WRAPPER.format(blob=blob.decode("ascii"))  # the base85 alphabet has no quote or backslash
+    return compact_code(source)
 
 
 def write_compact(src_path: str | Path, dst_path: str | Path) -> int:
@@ -31,7 +32,7 @@ def write_compact(src_path: str | Path, dst_path: str | Path) -> int:
     src_path, dst_path = Path(src_path), Path(dst_path)
     if not src_path.is_file():
         raise FileNotFoundError(f"{src_path}: no such source file")
-    text = compact_source(src_path.read_bytes())
+    text = compact_code(src_path.read_bytes())
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     dst_path.write_text(text, encoding="ascii")
     return len(text)

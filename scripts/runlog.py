@@ -7,7 +7,10 @@ The log contract (train_gpt.py's Logger and log_preamble; README "Reading the lo
     runtime world_size:.. / versions ..:.. / env KEY:value ... / gpu name:..
     step:N/M train_loss:.. ... train_time:..ms, step:N/M val_loss:.. val_bpb:.. train_time:..ms
     final_<name> val_loss:.. val_bpb:.. [eval_time:..ms]     every final evaluation, any name
+    code form:.. bytes_code:.. bytes_source:..  the shipped (compact) size and the embedded source's size
+    dataset name:.. source:.. val_sha256:.. tokenizer_sha256:..     which data the run trained and scored on
     artifact path:.. bytes_code:.. bytes_model:.. bytes_total:..
+    resume from:.. step:N train_time:..ms signal:..  where a run stopped by a signal went on from its checkpoint
 
 Final evaluations are read generically (every `final_<name>` line with val_loss and val_bpb), so new
 evaluations need no change here. A log is complete (its run finished) when it has a step line, the
@@ -60,6 +63,9 @@ class RunLog:
     train_time_ms: float | None = None
     finals: dict[str, FinalEval] = field(default_factory=dict)  # in log order
     artifact: dict[str, int] = field(default_factory=dict)  # bytes_code, bytes_model, bytes_total
+    code: dict[str, str] = field(default_factory=dict)  # the `code` line: form, bytes_code, bytes_source
+    dataset: dict[str, str] = field(default_factory=dict)  # the `dataset` line: name, source, sha256s
+    resumed_at: list[int] = field(default_factory=list)  # the steps the run resumed from a checkpoint at
 
     @property
     def code_hash(self) -> str:
@@ -126,10 +132,10 @@ def parse_log(path: str | Path) -> RunLog:
             raise LogError(f"{path}: cannot read the line {line!r}: {e!r}") from None
     if "seed" not in run.hparams:
         raise LogError(f"{path}: no `hparam seed:` line: the log stops before its settings")
-    code_bytes = run.artifact.get("bytes_code")
-    if code_bytes is not None and code_bytes != len(source.encode("utf-8")):
-        raise LogError(f"{path}: the embedded source has {len(source.encode('utf-8'))} bytes but the artifact "
-                       f"line says bytes_code:{code_bytes}: the source block was altered")
+    source_bytes = run.code.get("bytes_source")
+    if source_bytes is not None and int(source_bytes) != len(source.encode("utf-8")):
+        raise LogError(f"{path}: the embedded source has {len(source.encode('utf-8'))} bytes but the code "
+                       f"line says bytes_source:{source_bytes}: the source block was altered")
     return run
 
 
@@ -146,6 +152,12 @@ def parse_line(run: RunLog, line: str) -> None:
         run.world_size = int(key_values(rest)["world_size"])
     elif head == "gpu":
         run.gpu = rest.removeprefix("name:")
+    elif head == "code":
+        run.code = key_values(rest)
+    elif head == "dataset":
+        run.dataset = key_values(rest)
+    elif head == "resume":
+        run.resumed_at.append(int(key_values(rest)["step"]))
     elif head == "artifact":
         run.artifact = {k: int(v) for k, v in key_values(rest).items() if k.startswith("bytes_")}
     elif m := STEP_LINE.match(line):

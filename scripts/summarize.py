@@ -70,12 +70,13 @@ class Column:
     decimals: int
 
 
-def columns(run: RunLog) -> list[Column]:
-    """The table's columns: one val_loss and one val_bpb column for each final evaluation of the log."""
+def columns(run: RunLog, totals: dict[int, int] | None = None) -> list[Column]:
+    """The table's columns: one val_loss and one val_bpb column for each final evaluation of the log.
+    bytes_total is the log's unless `totals` (seed -> bytes) gives the shipped count."""
     cols = [Column("steps", lambda r: r.steps, 0),
             Column("train_s", lambda r: r.train_time_ms / 1000, 3),
             Column("eval_s", lambda r: r.eval_time_ms / 1000, 3),
-            Column("bytes_total", lambda r: r.artifact["bytes_total"], 0)]
+            Column("bytes_total", lambda r: (totals or {}).get(r.seed, r.artifact["bytes_total"]), 0)]
     for name in run.finals:
         label = name.removeprefix("final_")
         cols.append(Column(f"{label} val_loss", lambda r, n=name: r.finals[n].val_loss, 8))
@@ -83,9 +84,9 @@ def columns(run: RunLog) -> list[Column]:
     return cols
 
 
-def seed_table(runs: list[RunLog]) -> tuple[list[str], list[list[str]]]:
+def seed_table(runs: list[RunLog], totals: dict[int, int] | None = None) -> tuple[list[str], list[list[str]]]:
     """(header, rows): one row per seed with the logs' numbers as logged, then mean and sample std."""
-    cols = columns(runs[0])
+    cols = columns(runs[0], totals)
     rows = [[str(r.seed)] + [f"{c.get(r):.{c.decimals}f}" for c in cols] for r in runs]
     summaries = [mean_std([c.get(r) for r in runs]) for c in cols]
     # Whole-number columns get one decimal in the summary rows: a mean of steps is not whole.

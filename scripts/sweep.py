@@ -8,9 +8,12 @@ SEED, RUN_ID=seed_<seed> and OUT_DIR=<out-dir>, so seed S writes <out-dir>/seed_
 <out-dir>/seed_S.ptz (its artifact), and launches
     python -m torch.distributed.run --standalone --nproc_per_node=N train_gpt.py   (N > 1)
     python train_gpt.py                                                            (N = 1)
-A seed whose log has its final lines is skipped; one whose log stops early runs again from the start
-(train_gpt.py keeps no checkpoints). Finished logs from another version of train_gpt.py or another
-configuration stop the sweep before anything runs: those seeds could never be summarized together.
+A seed whose log has its final lines is skipped. Ctrl-C (or SIGTERM) stops the running seed after
+its current step with a checkpoint <out-dir>/seed_S.ckpt; rerunning the same command resumes that
+seed from it (RESUME_FROM) and then runs the rest. A seed whose log stops early without a checkpoint
+(a crash, a lost machine) runs again from the start. Finished logs from another version of
+train_gpt.py or another configuration stop the sweep before anything runs: those seeds could never be
+summarized together.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +47,23 @@ def seed_log(out_dir: Path, seed: int) -> Path:
 
 def seed_env(env: dict, out_dir: Path, seed: int) -> dict:
     return dict(env, SEED=str(seed), RUN_ID=f"seed_{seed}", OUT_DIR=str(out_dir))
+
+
+def seed_checkpoint(out_dir: Path, seed: int) -> Path:
+    """Where train_gpt.py writes the seed's checkpoint when a signal stops it (<OUT_DIR>/<RUN_ID>.ckpt)."""
+    return out_dir / f"seed_{seed}.ckpt"
+
+
+def run_child(cmd: list[str], env: dict) -> int:
+    """Run one seed and return its exit status. Ctrl-C reaches the child as well (same process group):
+    it stops after its current step and writes its checkpoint, so the sweep waits for it rather than
+    killing it (as subprocess.run would)."""
+    with subprocess.Popen(cmd, env=env) as proc:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                print("sweep: waiting for the run to write its checkpoint", flush=True)
 
 
 def launch_command(nproc: int) -> list[str]:
@@ -88,10 +109,19 @@ def run_sweep(seeds: list[int], out_dir: Path, nproc: int, env: dict) -> dict[in
             print(f"sweep: seed {seed}: {log} is finished, skipped", flush=True)
             done[seed] = "skipped"
             continue
-        print(f"sweep: seed {seed}: {'rerun, the log stops early' if log.exists() else 'run'}: {log}", flush=True)
-        proc = subprocess.run(launch_command(nproc), env=seed_env(env, out_dir, seed))
-        if proc.returncode != 0:
-            raise SweepError(f"seed {seed} failed with exit status {proc.returncode}; its log is {log}. "
+        run_env, ckpt = seed_env(env, out_dir, seed), seed_checkpoint(out_dir, seed)
+        if log.exists() and (ckpt / "shared.pt").is_file():
+            run_env["RESUME_FROM"] = str(ckpt)
+            how = f"resume from its checkpoint {ckpt}"
+        else:
+            how = "rerun, the log stops early" if log.exists() else "run"
+        print(f"sweep: seed {seed}: {how}: {log}", flush=True)
+        returncode = run_child(launch_command(nproc), run_env)
+        if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM) and (ckpt / "shared.pt").is_file():
+            raise SweepError(f"seed {seed} was stopped by a signal and wrote its checkpoint {ckpt}; rerun the "
+                             f"same command to resume it")
+        if returncode != 0:
+            raise SweepError(f"seed {seed} failed with exit status {returncode}; its log is {log}. "
                              f"Rerun the same command to resume")
         if not is_complete(log):
             raise SweepError(f"seed {seed} exited cleanly but {log} lacks its final lines")

@@ -18,7 +18,10 @@ from conftest import tiny_env
 from scripts import benchmark
 
 KEYS = {"device", "torch", "config", "ms_per_step", "tokens_per_s", "mfu", "peak_mem_gib", "optimizer_share",
-        "compile_s", "eval_tokens_per_s", "date", "flops_per_token"}
+        "compile_s", "graphs", "eval_tokens_per_s", "date", "flops_per_token", "predicted", "attention"}
+PREDICTED = {"flops_per_token", "flops_per_token_counted", "activation_gib_compiled", "activation_gib_eager",
+             "state_gib", "memory_gib", "comm_payload_mib", "comm_bus_mib_per_gpu", "graphs", "graph_states",
+             "gptq_column_steps_per_rank", "roofline_ms", "record_mfu", "assumptions"}
 POSITIVE = ("ms_per_step", "tokens_per_s", "peak_mem_gib", "optimizer_share", "eval_tokens_per_s",
             "flops_per_token")
 
@@ -37,10 +40,10 @@ def tiny_benchmark_env(tmp_path, monkeypatch):
 
 def test_benchmark_appends_one_complete_line_per_run(tiny_benchmark_env):
     out = tiny_benchmark_env / "results.jsonl"
-    for _ in range(2):
-        benchmark.main(["--steps", "2", "--warmup", "1", "--eval-tokens", "300", "--out", str(out)])
+    for predict in (["--no-predict"], []):
+        benchmark.main(["--steps", "2", "--warmup", "1", "--eval-tokens", "300", "--out", str(out), *predict])
     lines = out.read_text().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 2 and json.loads(lines[0])["predicted"] is None
     row = json.loads(lines[-1])
     assert KEYS <= row.keys()
     for key in POSITIVE:
@@ -49,6 +52,33 @@ def test_benchmark_appends_one_complete_line_per_run(tiny_benchmark_env):
     assert row["config"]["num_layers"] == 2 and row["config"]["model_dim"] == 32
     assert row["tokens_per_step"] == 64 * 16 // 8  # one GPU's micro-batch of the 8-GPU step
     assert row["mfu"] is None and row["compile_s"] is None and "cpu" in row["mfu_reason"]
+    predicted = row["predicted"]
+    assert PREDICTED <= predicted.keys() and predicted["tokens_per_gpu"] == 64 * 16 // 8
+    assert predicted["graphs"] == predicted["graph_states"] == 2  # QAT off and on, no graph break
+    assert 0 < predicted["activation_gib_compiled"] < predicted["memory_gib"] and predicted["activation_gib_eager"] > 0
+    assert predicted["roofline_ms"] >= predicted["roofline_compute_ms"] > 0
+    payload = predicted["comm_payload_mib"]
+    assert payload["muon_reduce_scatter"] == 2 * payload["muon_all_gather"]  # fp32 gradients, bf16 updates
+
+
+def test_predictions_alone_need_no_timing(tiny_benchmark_env, monkeypatch):
+    monkeypatch.setattr(benchmark, "predict", lambda h: {"roofline_ms": 1.0})
+    row = benchmark.main(["--predict-only", "--out", str(tiny_benchmark_env / "results.jsonl")])
+    assert "ms_per_step" not in row and row["predicted"] == {"roofline_ms": 1.0}
+
+
+def test_counted_flops_are_the_formula_plus_flash_attentions_recompute():
+    """FlopCounterMode on a forward and backward: the matmuls are exactly 6 N per token, attention's
+    forward 4 T d per pass, and its backward counts one more product (the score recompute) than the
+    formula's 8 T d: counted = formula + 2 T d per pass."""
+    import train_gpt as tg
+    cfg = tg.ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                         rope_dims=4, bigram_buckets=16, bigram_dim=8, mini_recur_repeats=1, mini_recur_first=1,
+                         mini_recur_last=1)
+    model = tg.GPT(cfg)
+    T = 24
+    formula = benchmark.flops_per_token(model, T)
+    assert benchmark.counted_flops_per_token(model, T) == formula + 2 * len(model.plan) * T * cfg.model_dim
 
 
 def test_flops_per_token_counts_each_pass_and_the_tied_head_once():

@@ -8,6 +8,7 @@ Run:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
 import subprocess
@@ -209,6 +210,44 @@ def test_script_runs_from_the_command_line(tmp_path):
     assert missing.returncode != 0 and "nope.jsonl" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_built_dataset_has_its_own_name_and_a_manifest(tmp_path, monkeypatch):
+    import train_gpt as tg
+
+    docs = generate_documents(120, seed=6)
+    src = write_jsonl(tmp_path / "my_docs.jsonl", docs)
+    monkeypatch.setattr(bd, "DATA_DIR", tmp_path / "data")
+    bd.main(["--input", str(src), "--val-docs", "20", "--vocab-size", "400", "--no-progress"])
+    out = tmp_path / "data" / "datasets" / "my_docs_sp400"
+    tokenizer = tmp_path / "data" / "tokenizers" / "my_docs_400_bpe.model"
+    assert tokenizer.is_file() and (out / "fineweb_val_000000.bin").is_file()
+    manifest = json.loads((out / tg.DATASET_MANIFEST).read_text())
+    assert (manifest["source"], manifest["dataset"]) == ("custom", "my_docs_sp400")
+    assert manifest["inputs"]["files"] == [{"name": "my_docs.jsonl", "bytes": src.stat().st_size,
+                                            "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}]
+    assert (manifest["val"]["docs"], manifest["train"]["docs"]) == (20, 100)
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    val = out / "fineweb_val_000000.bin"
+    assert manifest["val"]["files"] == [{"name": val.name, "bytes": val.stat().st_size,
+                                         "sha256": hashlib.sha256(val.read_bytes()).hexdigest()}]
+    assert manifest["val"]["tokens"] == read_shard(val).size
+    info = tg.dataset_provenance(str(out), str(tokenizer))
+    assert (info["source"], info["name"], info["val_sha256"]) == ("custom", "my_docs_sp400", manifest["val"]["sha256"])
+    other = tmp_path / "other.model"
+    other.write_bytes(b"another tokenizer")
+    assert tg.dataset_provenance(str(out), str(other))["reason"] == "differs_from_manifest:tokenizer"
+
+
+@pytest.mark.parametrize("args", [["--name", "fineweb10B"], ["--output-dir", "x/fineweb10B_sp1024"],
+                                  ["--tokenizer-prefix", "x/fineweb_1024_bpe"]])
+def test_builder_refuses_the_challenges_names(tmp_path, args, monkeypatch):
+    src = write_jsonl(tmp_path / "docs.jsonl", generate_documents(30, seed=6))
+    monkeypatch.setattr(bd, "DATA_DIR", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="names of the challenge's published data"):
+        bd.main(["--input", str(src), "--val-docs", "5", *args, "--no-progress"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # refused before writing anything
+
+
 def test_error_for_missing_input_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         bd.read_documents(tmp_path / "missing.jsonl")
@@ -272,22 +311,39 @@ FAKE_MANIFEST = {
 
 
 class FakeRepo:
-    """Serves files by remote path and records every request, like hf_hub_download would see."""
+    """Serves files by remote path and records every request, like hf_hub_download would see. With
+    lfs=True it also returns each file's sha256, as the hub's cache names an LFS blob; `bodies`
+    overrides what a path serves; `hashes` answers remote_hashes like the hub's API."""
 
-    def __init__(self, manifest: dict = FAKE_MANIFEST, fail_on: str | None = None):
-        self.manifest, self.fail_on, self.requests = manifest, fail_on, []
+    def __init__(self, manifest: dict = FAKE_MANIFEST, fail_on: str | None = None, lfs: bool = False,
+                 bodies: dict | None = None):
+        self.manifest, self.fail_on, self.lfs, self.bodies, self.requests = manifest, fail_on, lfs, bodies or {}, []
 
-    def __call__(self, remote: str, destination: Path) -> None:
+    def body(self, remote: str) -> bytes:
+        if remote == "datasets/manifest.json":
+            return json.dumps(self.manifest).encode()
+        return self.bodies.get(remote, f"content of {remote}".encode())
+
+    def __call__(self, remote: str, destination: Path) -> str | None:
         self.requests.append(remote)
         if self.fail_on and self.fail_on in remote:
             raise OSError("Connection refused")
-        body = json.dumps(self.manifest) if remote == "datasets/manifest.json" else f"content of {remote}"
-        destination.write_text(body, encoding="utf-8")
+        destination.write_bytes(self.body(remote))
+        lfs = self.lfs and remote.endswith((".bin", ".model"))
+        return hashlib.sha256(self.body(remote)).hexdigest() if lfs else None
+
+    def hashes(self, remotes: list[str]) -> dict[str, str]:
+        return {r: hashlib.sha256(self.body(r)).hexdigest() for r in remotes} if self.lfs else {}
+
+
+def fetch_variant(tmp_path, repo: FakeRepo, train_shards: int, logs=None, variant="sp1024") -> dict:
+    return dl.download_variant(variant, train_shards, data_dir=tmp_path, download=repo,
+                               log=(logs.append if logs is not None else lambda _: None), remote_hashes=repo.hashes)
 
 
 def test_download_fetches_manifest_val_train_prefix_and_tokenizer(tmp_path):
     repo, logs = FakeRepo(), []
-    result = dl.download_variant("sp1024", 2, data_dir=tmp_path, download=repo, log=logs.append)
+    result = fetch_variant(tmp_path, repo, 2, logs)
     shard_dir = "datasets/datasets/fineweb10B_sp1024"
     assert repo.requests == [
         "datasets/manifest.json",
@@ -311,31 +367,31 @@ def test_download_skips_files_already_present(tmp_path):
     existing.parent.mkdir(parents=True)
     existing.write_text("already here")
     repo, logs = FakeRepo(), []
-    result = dl.download_variant("sp1024", 1, data_dir=tmp_path, download=repo, log=logs.append)
+    result = fetch_variant(tmp_path, repo, 1, logs)
     assert not any(r.endswith("fineweb_val_000000.bin") for r in repo.requests)
     assert existing.read_text() == "already here"
     assert existing in result["skipped"]
     assert any("skip" in line and "fineweb_val_000000.bin" in line for line in logs)
 
     again = FakeRepo()
-    result = dl.download_variant("sp1024", 1, data_dir=tmp_path, download=again, log=logs.append)
+    result = fetch_variant(tmp_path, again, 1, logs)
     assert again.requests == [] and result["downloaded"] == []
 
 
 def test_download_unknown_variant_names_the_offered_variants(tmp_path):
     with pytest.raises(ValueError, match=r"unknown variant 'sp9999'.*sp1024, sp4096"):
-        dl.download_variant("sp9999", 1, data_dir=tmp_path, download=FakeRepo(), log=lambda _: None)
+        fetch_variant(tmp_path, FakeRepo(), 1, variant="sp9999")
 
 
 def test_download_too_many_train_shards_says_the_maximum(tmp_path):
     with pytest.raises(ValueError, match=r"only 3 training shards.*maximum for --train-shards is 3"):
-        dl.download_variant("sp1024", 4, data_dir=tmp_path, download=FakeRepo(), log=lambda _: None)
+        fetch_variant(tmp_path, FakeRepo(), 4)
 
 
 def test_download_network_failure_names_the_file(tmp_path):
     repo = FakeRepo(fail_on="fineweb_train_000001.bin")
     with pytest.raises(dl.DownloadError, match=r"could not fetch .*fineweb_train_000001\.bin.*Connection refused"):
-        dl.download_variant("sp1024", 3, data_dir=tmp_path, download=repo, log=lambda _: None)
+        fetch_variant(tmp_path, repo, 3)
     assert not (tmp_path / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin").exists()
 
 
@@ -354,6 +410,99 @@ def test_download_tolerates_a_manifest_keyed_by_name(tmp_path):
     assert [p.local.name for p in plan] == [
         "fineweb_val_000000.bin", "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_1024_bpe.model",
     ]
+
+
+def shard_bytes(tokens: np.ndarray, tmp_path: Path) -> bytes:
+    path = tmp_path / "one_shard.bin"
+    write_shard(path, tokens)
+    return path.read_bytes()
+
+
+SIZED_DIR = "datasets/datasets/fineweb10B_sp1024"
+
+
+def sized_export(tmp_path) -> FakeRepo:
+    """A fake export whose manifest gives token counts (shards of 50 tokens: val 50 + 20, train 50 + 50
+    + 20), serving real shards of those sizes with LFS hashes."""
+    manifest = {"shard_size": 50, "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": {
+        "files_train": 3, "files_val": 2, "tokens_train": 120, "tokens_val": 70, "docs_val": 7, "docs_train": 9}}],
+        "tokenizers": FAKE_MANIFEST["tokenizers"][:1]}
+    d = SIZED_DIR
+    sizes = {"val_000000": 50, "val_000001": 20, "train_000000": 50, "train_000001": 50, "train_000002": 20}
+    bodies = {f"{d}/fineweb_{k}.bin": shard_bytes(np.arange(n) % 7, tmp_path) for k, n in sizes.items()}
+    bodies["datasets/tokenizers/fineweb_1024_bpe.model"] = b"a tokenizer model"
+    return FakeRepo(manifest, lfs=True, bodies=bodies)
+
+
+def test_download_checks_sizes_against_the_manifest_and_writes_the_dataset_manifest(tmp_path):
+    import train_gpt as tg
+
+    repo, logs = sized_export(tmp_path / "src"), []
+    local = tmp_path / "datasets" / "fineweb10B_sp1024"
+    local.mkdir(parents=True)
+    (local / "fineweb_val_000001.bin").write_bytes(b"x" * 100)  # a leftover of another size: fetched again
+    (local / "fineweb_train_000000.bin").write_bytes(repo.body(f"{SIZED_DIR}/fineweb_train_000000.bin"))
+    result = fetch_variant(tmp_path, repo, 2, logs)
+    assert [p.name for p in result["skipped"]] == ["fineweb_train_000000.bin"]
+    assert any(line.startswith("refetch") and "fineweb_val_000001.bin: 100 bytes but the manifest implies 1064" in line
+               for line in logs)
+    assert (local / "fineweb_val_000001.bin").stat().st_size == 1024 + 2 * 20
+    record = json.loads((local / tg.DATASET_MANIFEST).read_text())
+    assert (record["source"], record["repo_id"], record["variant"]) == ("challenge", dl.REPO_ID, "sp1024")
+    assert record["val"]["sha256"] == hashlib.sha256(
+        (local / "fineweb_val_000000.bin").read_bytes() + (local / "fineweb_val_000001.bin").read_bytes()).hexdigest()
+    assert all(f["hub_sha256_checked"] and f["size_checked"] for f in record["val"]["files"])
+    assert record["tokenizer"] == {"file": "fineweb_1024_bpe.model", "hub_sha256_checked": True,
+                                   "sha256": hashlib.sha256(b"a tokenizer model").hexdigest()}
+    assert (record["val"]["tokens"], record["val"]["docs"], len(record["train"]["files"])) == (70, 7, 2)
+    # What a run then logs: the challenge's data, with the hashes it recomputes...
+    tokenizer = tmp_path / "tokenizers" / "fineweb_1024_bpe.model"
+    info = tg.dataset_provenance(str(local), str(tokenizer))
+    assert (info["source"], info["repo"], info["val_sha256"]) == ("challenge", dl.REPO_ID, record["val"]["sha256"])
+    # ...and once a file changed, not any more.
+    write_shard(local / "fineweb_val_000001.bin", np.arange(20) % 5)
+    info = tg.dataset_provenance(str(local), str(tokenizer))
+    assert (info["source"], info["reason"]) == ("modified", "differs_from_manifest:val")
+
+
+def test_download_refuses_a_file_of_the_wrong_size_or_hash(tmp_path):
+    repo = sized_export(tmp_path / "src")
+    bad = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    repo.bodies[bad] = repo.bodies[bad][:-2]
+    with pytest.raises(dl.DownloadError, match=r"fineweb_train_000001.bin .*1122 bytes but the manifest implies 1124"):
+        fetch_variant(tmp_path, repo, 2)
+    assert not (tmp_path / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin").exists()
+
+    class Corrupting(FakeRepo):  # the bytes arrive damaged: the hub's hash says so
+        def __call__(self, remote, destination):
+            sha = super().__call__(remote, destination)
+            if remote.endswith("val_000000.bin"):
+                data = bytearray(destination.read_bytes())
+                data[-1] ^= 1
+                destination.write_bytes(bytes(data))
+            return sha
+
+    good = sized_export(tmp_path / "src")
+    repo = Corrupting(good.manifest, lfs=True, bodies=good.bodies)
+    with pytest.raises(dl.DownloadError, match=r"fineweb_val_000000.bin .*sha256 differs from the hub's"):
+        fetch_variant(tmp_path / "other", repo, 1)
+
+
+def test_download_checks_present_validation_files_against_the_hub(tmp_path):
+    repo = sized_export(tmp_path / "src")
+    local = tmp_path / "datasets" / "fineweb10B_sp1024"
+    local.mkdir(parents=True)
+    # The right size, other tokens: a locally built stand-in for the challenge's validation shard.
+    write_shard(local / "fineweb_val_000000.bin", np.arange(50) % 3)
+    with pytest.raises(dl.DownloadError, match=r"fineweb_val_000000.bin differs from .* on the hub \(sha256\)"):
+        fetch_variant(tmp_path, repo, 1)
+
+
+def test_downloaded_data_from_the_cli_path_names_its_repo(tmp_path):
+    repo = sized_export(tmp_path / "src")
+    result = dl.download_variant("sp1024", 1, data_dir=tmp_path, download=repo, log=lambda _: None,
+                                 remote_hashes=repo.hashes, repo_id="kevclark/parameter-golf")
+    assert result["record"]["repo_id"] == "kevclark/parameter-golf"
 
 
 # ---------------------------------------------------------------------------------------------

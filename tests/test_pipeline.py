@@ -38,7 +38,9 @@ def test_pipeline_runs_end_to_end(tiny_run):
     assert os.path.getsize(artifact) > 0
     sizes = dict(re.findall(r"(bytes_\w+):(\d+)", log))
     assert int(sizes["bytes_model"]) == os.path.getsize(artifact)
-    assert int(sizes["bytes_code"]) == len((ROOT / "train_gpt.py").read_bytes())
+    # bytes_code counts the code as a record folder ships it: the compact wrapper of this source.
+    assert int(sizes["bytes_code"]) == len(tg.compact_code((ROOT / "train_gpt.py").read_bytes()))
+    assert int(sizes["bytes_source"]) == len((ROOT / "train_gpt.py").read_bytes())
     assert int(sizes["bytes_total"]) == int(sizes["bytes_code"]) + int(sizes["bytes_model"])
     # The run learned something, and int8 costs little.
     vals = VAL.findall(log)
@@ -72,7 +74,7 @@ def test_other_seed_other_run(tiny_data, tmp_path, tiny_run):
 
 def test_wallclock_cap_stops_the_run(tiny_data, tmp_path):
     env = tiny_env(tiny_data, tmp_path, RUN_ID="capped", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="1.5",
-                   GPTQ_RESERVE_SECONDS="1", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0")
+                   GPTQ_RESERVE_SECONDS="1", GPTQ_RESERVE_MEASURE="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0")
     log = run_in_process(env)
     assert "schedule train_budget:500ms gptq_reserve:1000ms" in log  # the reserve is not training time
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", log, re.M)
@@ -81,6 +83,8 @@ def test_wallclock_cap_stops_the_run(tiny_data, tmp_path):
     train_ms, steps = int(stop[1]), int(stop[2])
     assert train_ms + train_ms / steps > 500 and train_ms < 500 + 2 * train_ms / steps
     assert "final_sliding_window_exact" in log
+    assert re.search(r"^legality gptq_calibration:(within|over)_reserve calibration_time:\d+ms reserve:1000ms "
+                     r"train_plus_calibration:\d+ms cap:1500ms (within|over)_cap$", log, re.M)
 
 
 def test_the_run_stops_before_a_step_would_cross_the_budget():

@@ -27,3 +27,6 @@ def test_quickstart_script_runs_the_pipeline(tmp_path):
     log = (tmp_path / "logs" / "qs.txt").read_text()
     assert re.search(r"^final_sliding_window_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}", log, re.M)
     assert (tmp_path / "logs" / "qs.ptz").exists()
+    # The script chose the threads before its own data build (here from OMP_NUM_THREADS=1) and said so.
+    assert re.search(r"^runtime .* cpu_threads:1 cpu_threads_from:CPU_THREADS$", log, re.M)
+    assert re.search(r"^dataset name:synthetic_sp1024 source:custom ", log, re.M)

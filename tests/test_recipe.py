@@ -341,13 +341,22 @@ def test_eager_forward_skips_the_fake_quantization_while_qat_is_off(monkeypatch)
         assert len(calls) == len(qat.layers)
 
 
-def test_qat_switches_on_inside_a_compiled_model(one_thread):
-    # aot_eager: the same dynamo capture and AOT autograd as inductor, where a Python flag is frozen
-    # or guarded, without inductor's C++ code generation (about a minute for any graph on this CPU).
+def test_qat_switches_on_inside_a_compiled_model_with_one_recompile_and_costs_nothing_while_off(one_thread):
+    # A backend that keeps dynamo's graphs and runs them eagerly: dynamo's capture and guards, where a
+    # Python flag is frozen or guarded, without inductor's C++ code generation.
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fake_quant_ops(gm) -> int:
+        return sum(node.target in ("round", "amax") for node in gm.graph.nodes)
+
     model = tiny_model()
     qat = qat_on(model, "hard")
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, backend=counter, dynamic=False)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(keep)
+    compiled = torch.compile(model, backend=counter, dynamic=False, fullgraph=True)
     x, y = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         before = compiled(x, y)
@@ -356,9 +365,13 @@ def test_qat_switches_on_inside_a_compiled_model(one_thread):
         eager = model(x, y)
         with qat.paused():
             paused = compiled(x, y)
+        again = compiled(x, y)
     assert not torch.allclose(before, after, atol=1e-4)
     assert torch.allclose(after, eager, atol=1e-5) and torch.allclose(paused, before, atol=1e-6)
-    assert counter.frame_count == 1  # read at run time from the buffer: no recompilation needed
+    assert torch.equal(again, after)
+    assert counter.frame_count == 2  # one recompile at the switch; switching back reuses the first graph
+    assert fake_quant_ops(graphs[0]) == 0  # QAT off: no fake-quant work in the graph
+    assert fake_quant_ops(graphs[1]) >= 2 * len(qat.layers)  # on: every matrix's row max and rounding
 
 
 def test_qat_schedule_switches_once_under_the_threshold_and_ramps_alpha():
@@ -377,7 +390,7 @@ def test_qat_schedule_switches_once_under_the_threshold_and_ramps_alpha():
         s = schedule.at(step, 0.0)
         assert s.qat_on and s.qat_alpha == pytest.approx(alpha)  # on for good, whatever the multiplier does
     qat.apply(236, schedule.at(236, 0.0))
-    assert all(m.qat_on.item() == 1.0 and m.qat_alpha.item() == pytest.approx(8.5) for m in qat.layers)
+    assert all(m.qat_active and m.qat_alpha.item() == pytest.approx(8.5) for m in qat.layers)
 
 
 def test_qat_trains_each_weight_on_the_grid_of_its_planned_bits():

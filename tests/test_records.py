@@ -11,11 +11,13 @@ import json
 import math
 import re
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 
 from scripts.compact_train_gpt import compact_source
 from scipy import stats
@@ -34,7 +36,26 @@ SLIDING = re.compile(r"^final_sliding_window_exact val_loss:(\S+) val_bpb:(\S+)"
 EVAL_TIME = re.compile(r"^final_\w+ .*eval_time:(\d+)ms$", re.M)
 ARTIFACT = re.compile(r"^artifact .*bytes_model:(\d+) bytes_total:(\d+)", re.M)
 STEP_TIME = re.compile(r"^step:(\d+)/\d+ .*train_time:(\d+)ms", re.M)
-META = Meta("Tiny test run", "Test Author", "tester", "Two layers, 32 wide, four steps.", "2026-01-02")
+META = Meta("Tiny test run", "Test Author", "tester", "Two layers, 32 wide, four steps.", "2026-01-02T00:00:00Z")
+CHALLENGE_VAL_SHA, CHALLENGE_TOK_SHA = "ab" * 32, "cd" * 32
+
+
+def as_record_run(seed: int, text: str) -> str:
+    """The log as an 8 x H100 run on the challenge's published data would write it (the test sweep ran
+    on one CPU, on data it built): only the `dataset`, `runtime` and `gpu` lines differ."""
+    text = re.sub(r"^dataset .*$", f"dataset name:fineweb10B_sp1024 source:challenge val_sha256:{CHALLENGE_VAL_SHA} "
+                  f"tokenizer_sha256:{CHALLENGE_TOK_SHA} repo:willdepueoai/parameter-golf", text, count=1, flags=re.M)
+    return re.sub(r"^runtime world_size:1 grad_accum_steps:8 (.*)$",
+                  r"runtime world_size:8 grad_accum_steps:1 \1\ngpu name:NVIDIA H100 80GB HBM3", text, count=1,
+                  flags=re.M)
+
+
+def then(*edits):
+    def edit(seed, text):
+        for e in edits:
+            text = e(seed, text)
+        return text
+    return edit
 
 
 def log_numbers(text: str) -> dict:
@@ -98,6 +119,56 @@ def test_sweep_resumes_where_it_stopped(sweep, tmp_path):
     assert (out / "seed_42.ptz").exists() and not (out / "seed_1337.ptz").exists()
 
 
+def test_sweep_resumes_a_stopped_seed_from_its_checkpoint(sweep, tmp_path, monkeypatch):
+    import scripts.sweep as sweep_module
+
+    out = copy_logs(sweep, tmp_path / "sweep")
+    text = sweep.logs[42]
+    (out / "seed_42.txt").write_text(text[:text.index("\nstep:3/")])  # stopped by a signal at step 2...
+    (out / "seed_42.ckpt").mkdir()
+    (out / "seed_42.ckpt" / "shared.pt").write_bytes(b"")  # ...with its checkpoint
+    launched = []
+
+    def stopped_again(cmd, env):  # the resumed seed is stopped once more
+        launched.append(env)
+        return 130
+    monkeypatch.setattr(sweep_module, "run_child", stopped_again)
+    with pytest.raises(SweepError, match=r"seed 42 was stopped by a signal and wrote its checkpoint .*seed_42.ckpt; "
+                                         r"rerun the same command to resume it"):
+        run_sweep(list(DEFAULT_SEEDS), out, 1, sweep.env)
+    assert [env["RESUME_FROM"] for env in launched] == [str((out / "seed_42.ckpt").resolve())]
+    assert all(env["SEED"] == "42" for env in launched)
+
+
+def test_sweep_lets_a_seed_stopped_by_ctrl_c_finish_its_checkpoint(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from scripts.sweep import run_child
+
+    # A stand-in for train_gpt.py: on SIGINT it takes a while to "write its checkpoint", then exits 130.
+    child = ("import os, signal, sys, time\n"
+             f"open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\n"
+             "def stop(*_):\n"
+             "    time.sleep(1.0)\n"
+             f"    open({str(tmp_path / 'checkpoint')!r}, 'w').write('written')\n"
+             "    sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             "time.sleep(60)\n")
+
+    def ctrl_c():  # what the terminal does: SIGINT to the sweep and to its child
+        while not (tmp_path / "pid").exists():
+            time.sleep(0.02)
+        time.sleep(0.1)
+        os.kill(int((tmp_path / "pid").read_text()), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    assert run_child([sys.executable, "-c", child], dict(os.environ)) == 130
+    assert (tmp_path / "checkpoint").read_text() == "written"  # not killed while writing it
+
+
 def test_sweep_refuses_to_resume_another_experiment(sweep, tmp_path):
     out = copy_logs(sweep, tmp_path / "sweep")
     with pytest.raises(SweepError, match=r"hparam num_layers: 2 in the log, 3 now.*another --out-dir"):
@@ -142,18 +213,21 @@ def test_summary_prints_the_logs_numbers_and_the_test(sweep, capsys):
 
 def test_record_folder(sweep, tmp_path, capsys):
     baseline = baseline_behind(sweep, 0.2)
-    make_record_main([str(sweep.out), "--name", META.name, "--author", META.author, "--github-id", META.github_id,
-                      "--blurb", META.blurb, "--date", META.date, "--records-dir", str(tmp_path / "records"),
+    logs = copy_logs(sweep, tmp_path / "logs", as_record_run)
+    record_logs = {seed: (logs / f"seed_{seed}.txt").read_text() for seed in sweep.logs}
+    make_record_main([str(logs), "--name", META.name, "--author", META.author, "--github-id", META.github_id,
+                      "--blurb", META.blurb, "--date", "2026-01-02", "--records-root", str(tmp_path / "records"),
                       "--baseline-val-loss", *map(str, baseline)])
-    folder = tmp_path / "records" / "2026-01-02_Tiny_test_run"
+    folder = tmp_path / "records" / "track_10min_16mb" / "2026-01-02_Tiny_test_run"
     assert capsys.readouterr().out == f"make_record: wrote {folder}\n"
     numbers = {seed: log_numbers(text) for seed, text in sweep.logs.items()}
-    for seed, text in sweep.logs.items():
+    for seed, text in record_logs.items():
         assert (folder / f"train_seed{seed}.log").read_text() == text
-    # The compact self-extracting form of exactly the source that ran.
+    # The compact self-extracting form of exactly the source that ran, and that source beside it.
     shipped = (folder / "train_gpt.py").read_text()
     assert shipped == compact_source((ROOT / "train_gpt.py").read_bytes())
     assert len(shipped) < len((ROOT / "train_gpt.py").read_bytes()) / 2
+    assert (folder / "train_gpt_readable.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
     assert re.search(r"^torch==\S+", (folder / "requirements.txt").read_text(), re.M)
     assert (folder / "train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (folder / "train_curves.png").stat().st_size > 10_000  # curves drawn, not an empty canvas
@@ -162,19 +236,25 @@ def test_record_folder(sweep, tmp_path, capsys):
     for key in ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "seeds",
                 "seed_results", "val_loss_std", "val_bpb_std", "p_value"):
         assert sub[key] not in (None, ""), key
-    assert (sub["author"], sub["github_id"], sub["date"]) == ("Test Author", "tester", "2026-01-02")
+    assert (sub["author"], sub["github_id"], sub["date"]) == ("Test Author", "tester", "2026-01-02T00:00:00Z")
+    assert (sub["track"], sub["hardware"]) == ("10min_16mb", "8xNVIDIA H100 80GB HBM3")
+    assert sub["pytorch_version"] == torch.__version__ and "not_a_record_because" not in sub
     assert sorted(sub["seeds"]) == sorted(DEFAULT_SEEDS)
     losses = [float(n["val_loss"]) for n in numbers.values()]
     assert sub["val_loss"] == pytest.approx(statistics.fmean(losses), abs=1e-8)
     assert sub["val_bpb"] == pytest.approx(statistics.fmean(float(n["val_bpb"]) for n in numbers.values()), abs=1e-8)
     assert sub["val_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-8)
-    # submission.json counts the code as shipped (compact), the README table as logged (readable).
+    # One byte count everywhere: the shipped files', which is also what every log reports.
     shipped_total = {seed: n["bytes_model"] + len(shipped) for seed, n in numbers.items()}
+    assert shipped_total == {seed: n["bytes_total"] for seed, n in numbers.items()}
     assert sub["bytes_code"] == len(shipped) and sub["bytes_total"] == max(shipped_total.values())
+    float_bpb = [float(dict((m[0], m[2]) for m in n["finals"])["final_float_exact"]) for n in numbers.values()]
+    assert sub["pre_quant_val_bpb"] == pytest.approx(statistics.fmean(float_bpb), abs=1e-8)
     for seed, n in numbers.items():
         got = sub["seed_results"][str(seed)]
         assert (got["val_loss"], got["val_bpb"]) == (float(n["val_loss"]), float(n["val_bpb"]))
-        assert (got["bytes_total"], got["steps"], got["train_time_ms"]) == (shipped_total[seed], n["steps"], n["train_ms"])
+        assert (got["artifact_bytes"], got["steps"]) == (shipped_total[seed], n["steps"])
+        assert got["train_time_s"] == pytest.approx(n["train_ms"] / 1000, abs=1e-9)
     expected = stats.ttest_ind([b - 0.005 for b in baseline], losses, equal_var=False, alternative="greater")
     assert sub["p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
 
@@ -188,11 +268,54 @@ def test_record_folder(sweep, tmp_path, capsys):
         for name, loss, bpb in n["finals"]:
             short = name.removeprefix("final_")
             assert (row[f"{short} val_loss"], row[f"{short} val_bpb"]) == (loss, bpb)
-    assert "ITERATIONS=4" in readme and "SEED=$SEED python train_gpt.py" in readme
-    assert readme.count(": pass: ") == 4
+    assert "ITERATIONS=4" in readme and "SEED=$SEED torchrun --standalone --nproc_per_node=8 train_gpt.py" in readme
+    assert readme.count(": pass: ") == 6 and "Every seed ran in one piece (no log has a `resume` line)." in readme
+    assert f"`train_gpt.py` ({len(shipped):,} bytes) is the file that runs and the one whose bytes count" in readme
+    # The README's own check that the two files are the same code, run as a reader would.
+    check = re.search(r"^(python3 -c .*)$", readme, re.M)[1]
+    proc = subprocess.run(check, shell=True, cwd=folder, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "True", proc.stderr
 
     with pytest.raises(RecordError, match="already exists"):
+        make_record([logs], META, baseline, tmp_path / "records")
+
+
+def test_a_cpu_run_on_built_data_is_refused_as_a_record_and_written_as_a_non_record(sweep, tmp_path):
+    baseline = baseline_behind(sweep, 0.2)
+    with pytest.raises(RecordError) as err:
         make_record([sweep.out], META, baseline, tmp_path / "records")
+    message = str(err.value)
+    assert re.search(r"^  data: validation data and tokenizer must be the challenge's published ones .*seed \d+: "
+                     r"source:custom repo:-$", message, re.M)
+    assert re.search(r"^  hardware: the track runs on 8 x H100: 1 x CPU$", message, re.M)
+    assert "--non-record writes it to records/track_non_record_16mb/" in message
+    assert not (tmp_path / "records").exists()
+
+    def resumed(seed, text):  # seed 42 stopped after step 2 and went on from its checkpoint
+        if seed != 42:
+            return text
+        cut = text.index("\nstep:3/")
+        resume = "\nresume from:runs/x/seed_42.ckpt step:2 train_time:300ms signal:SIGINT world_size:1"
+        return text[:cut] + resume + text[cut:]
+    logs = copy_logs(sweep, tmp_path / "logs", resumed)
+    folder = make_record([logs], META, None, tmp_path / "records", non_record=True)
+    assert folder == tmp_path / "records" / "track_non_record_16mb" / "2026-01-02_Tiny_test_run"
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["track"] == "non_record_16mb" and "p_value" not in sub
+    reasons = sub["not_a_record_because"]
+    assert [r.split(":")[0] for r in reasons] == ["significance", "data", "hardware"]
+    readme = (folder / "README.md").read_text()
+    assert "## Why this is a non-record submission" in readme
+    assert "- data: validation data and tokenizer must be the challenge's published ones" in readme
+    assert "No baseline was given: no significance test." in readme
+    assert "Resumed from a checkpoint after a stop (RESUME_FROM; the log's `resume` line): seed 42 at step 2." in readme
+    assert [sub["seed_results"][str(s)]["resumed_at_steps"] for s in (42, 1337)] == [[2], []]
+
+
+def test_a_non_record_must_still_fit_the_cap(sweep, tmp_path):
+    logs = copy_logs(sweep, tmp_path / "logs", set_field(r"^artifact .*bytes_model:(\d+)", "15990000"))
+    with pytest.raises(RecordError, match=r"failed checks:\n  artifact size: .*\Z"):
+        make_record([logs], META, None, tmp_path / "records", non_record=True)
 
 
 def table_cells(line: str) -> list[str]:
@@ -216,8 +339,9 @@ def set_field(pattern: str, value: str):
     (None, 0.0, "significance: .* p = 0.[5-9]"),
 ])
 def test_record_refuses_failed_checks(sweep, tmp_path, edit, behind, failed):
-    logs = copy_logs(sweep, tmp_path / "logs", edit)
-    with pytest.raises(RecordError, match=f"failed checks:\n  {failed}"):
+    logs = copy_logs(sweep, tmp_path / "logs", then(as_record_run, *([edit] if edit else [])))
+    # That check only, then (for a check only records need) the way to write it as a non-record.
+    with pytest.raises(RecordError, match=f"failed checks:\n  {failed}[^\n]*(\n\\(--non-record [^\n]*)?\\Z"):
         make_record([logs], META, baseline_behind(sweep, behind), tmp_path / "records")
     assert not (tmp_path / "records").exists()
 
@@ -238,7 +362,7 @@ def only_seed(seed: int, edit):
     (only_seed(1337, lambda t: t[:len(t) // 20]), r"seed_1337.txt: the embedded source has no closing line"),
     (only_seed(1337, lambda t: "hello\n" + t), r"seed_1337.txt: does not start with the `source: train_gpt.py`"),
     (only_seed(1337, lambda t: t.replace("Parameter Golf", "Parameter Golf!", 1)),
-     r"seed_1337.txt: the embedded source has \d+ bytes but the artifact line says bytes_code"),
+     r"seed_1337.txt: the embedded source has \d+ bytes but the code line says bytes_source"),
     (only_seed(42, lambda t: t.replace("hparam seed:42\n", "hparam seed:1337\n")), "seed 1337 appears in more"),
 ])
 def test_broken_or_mismatched_logs_are_refused(sweep, tmp_path, edit, error):
@@ -285,3 +409,7 @@ def test_welch_refuses_degenerate_samples():
         welch_one_sided([1.0], [1.1, 1.2])
     with pytest.raises(ValueError, match="zero variance"):
         welch_one_sided([1.0, 1.0], [1.1, 1.1])
+
+
+def test_sweep_folders_are_ignored_by_git():
+    assert "runs/" in (ROOT / ".gitignore").read_text().split()  # the README's sweeps write runs/<idea>/

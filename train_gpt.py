@@ -968,6 +968,7 @@ class ValueEmbedding(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         e = self.table(input_ids)
+        e = e.to(activation_dtype(e))  # as BigramHash: the projection's input in the activation dtype
         return self.scale.to(e.dtype) * self.proj(e)
 
 

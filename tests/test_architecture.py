@@ -267,6 +267,10 @@ def test_orthogonal_init_and_projection_scales():
     assert not other.proj.weight.any() and 0.9 < other.table.weight.std() < 1.1
     plain = tg.GPT(config(num_layers=3, ortho_init=False))
     assert not plain.blocks[0].mlp.proj.weight.any()  # the baseline: zero output projections
+    zero = tg.GPT(config(num_layers=3, mlp_proj_init="zero"))  # the record's: MLP outputs start at zero too
+    assert not any(block.mlp.proj.weight.any() for block in zero.blocks)
+    fc = zero.blocks[0].mlp.fc.weight  # the rest of the orthogonal init stays
+    assert torch.allclose(fc.T @ fc, torch.eye(DIM), atol=1e-5)
 
 
 def test_fp16_names_are_the_small_control_tensors():

@@ -84,6 +84,13 @@ def test_shim_failure_is_the_scripts_own_error(tmp_path):
     assert proc.returncode == 1 and "record stopped: cpu" in proc.stderr
 
 
+REFERENCE_LOG = """\
+step:300/300 val_loss:3.9000 val_bpb:2.3000 train_time:60000ms step_avg:200.00ms
+DIAGNOSTIC post_ema val_loss:4.5000 val_bpb:2.7000 eval_time:5ms
+final_int6_roundtrip_exact val_loss:4.50100000 val_bpb:2.70100000
+final_int6_sliding_window_s64_exact val_loss:4.49000000 val_bpb:2.69000000
+"""
+
 OURS_LOG = """\
 step:300/300 val_loss:3.9000 val_bpb:2.3000 train_time:60000ms step_avg:200.00ms
 raw_float_exact val_loss:3.90000000 val_bpb:2.30000000 steps:300 train_time:60000ms
@@ -99,6 +106,14 @@ def test_parse_result_reads_ours_and_names_what_is_missing():
     cut = OURS_LOG.split("final_sliding")[0]
     with pytest.raises(ValueError, match="run.txt: no sliding result"):
         pb.parse_result(cut, "ours", "run.txt")
+
+
+def test_parse_result_reads_the_records_stride_64_pass_when_its_own_stride_is_skipped():
+    # EVAL_STRIDE=256 at seq 256: the record runs no own-stride pass, only its extra stride-64 one
+    r = pb.parse_result(REFERENCE_LOG, "reference")
+    assert (r.raw, r.float, r.quant, r.sliding, r.steps) == (2.3, 2.7, 2.701, 2.69, 300)
+    with pytest.raises(ValueError, match="no sliding result"):
+        pb.parse_result(REFERENCE_LOG.replace("_s64_exact", "_s32_exact"), "reference")
 
 
 def test_step_counted_settings_scale_to_the_run():

@@ -1825,7 +1825,9 @@ def entropy_bytes(q: Tensor) -> float:
 @torch.no_grad()
 def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
     """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
-    of its round-to-nearest levels plus fp16 row scales, 2 bytes per fp16 value, raw bytes otherwise."""
+    of its round-to-nearest levels plus fp16 row scales, 2 bytes per fp16 value, raw bytes otherwise. A
+    quantized tensor that is all zero (at init: the bigram table, output projections) counts as Gaussian
+    values of its shape, as trained it will not stay zero (a seeded generator: the run's RNG is untouched)."""
     total = 0.0
     for name, t in state.items():
         bits = plan.get(name, FP16_BITS)
@@ -1834,7 +1836,10 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
         elif bits == FP16_BITS:
             total += 2 * t.numel()
         else:
-            q, scale = quantize_rows_rtn(t.detach().reshape(t.size(0), -1), bits)
+            w = t.detach().reshape(t.size(0), -1)
+            if not w.any():
+                w = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.device)
+            q, scale = quantize_rows_rtn(w, bits)
             total += entropy_bytes(q) + 2 * scale.numel()
     return int(total)
 

@@ -184,8 +184,8 @@ class Hyperparameters(ModelConfig):
     matrix_lr_split_layer: int = _hp(5, lo=0, hi=64)  # layers below it use MATRIX_LR
     embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # untied embedding tables (the bigram table)
     gate_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # non-matrix parameters with "gate" in their name
-    embed_weight_decay: float = _hp(0.01, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
-    scalar_weight_decay: float = _hp(0.0, lo=0.0, hi=1.0)  # AdamW decay on gates, scalars (and Adam projections)
+    embed_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
+    scalar_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # AdamW decay on gates, scalars (and Adam projections)
     embed_proj_optimizer: str = _hp("muon", choices=("muon", "adam"))  # bigram/value-embedding projections
     # Schedule, weight averaging and QAT.
     warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget

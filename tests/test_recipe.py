@@ -168,7 +168,7 @@ def test_momentum_warms_up_then_holds():
 
 def test_adam_groups_follow_parameter_roles():
     model = tiny_model()  # the record model: a bigram table with projection and scale, and gates
-    h = hparams(embed_lr=0.02, gate_lr=0.01)
+    h = hparams(embed_lr=0.02, gate_lr=0.01, embed_weight_decay=0.01)  # scalars: the default decay, 0.04
     adam, muon = tg.build_optimizers(model, h, 0, 1, torch.float32)
     groups = {g["name"]: g for g in adam.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -179,7 +179,7 @@ def test_adam_groups_follow_parameter_roles():
     for name in ("bigram.scale", "blocks.0.attn.q_gain", "value_embed.scale", "ve_layer_scales"):
         assert name in members["scalar"]
     assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
-        "tied_embed": (0.035, 0.01), "embed": (0.02, 0.01), "gate": (0.01, 0.0), "scalar": (0.025, 0.0)}
+        "tied_embed": (0.035, 0.01), "embed": (0.02, 0.01), "gate": (0.01, 0.04), "scalar": (0.025, 0.04)}
     every = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
     assert sorted(every) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
     tables = model.bigram.table.weight.numel() + model.value_embed.table.weight.numel()
@@ -189,7 +189,7 @@ def test_adam_groups_follow_parameter_roles():
 
 def test_embedding_projections_move_to_adam_with_the_scalar_decay():
     model = tiny_model()
-    h = hparams(embed_proj_optimizer="adam", scalar_weight_decay=0.04)
+    h = hparams(embed_proj_optimizer="adam", scalar_weight_decay=0.02)
     adam, muon = tg.build_optimizers(model, h, 0, 1, torch.float32)
     groups = {g["name"]: g for g in adam.param_groups}
     projections = {id(model.bigram.proj.weight), id(model.value_embed.proj.weight)}
@@ -197,8 +197,8 @@ def test_embedding_projections_move_to_adam_with_the_scalar_decay():
     assert not projections & {id(p) for g in muon.param_groups for p in g["params"]}
     assert "other" not in {g["name"] for g in muon.param_groups}  # no Muon matrix is left outside the blocks
     assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
-        "tied_embed": (0.035, 0.01), "embed": (0.035, 0.01), "embed_proj": (0.025, 0.04), "gate": (0.025, 0.04),
-        "scalar": (0.025, 0.04)}
+        "tied_embed": (0.035, 0.04), "embed": (0.035, 0.04), "embed_proj": (0.025, 0.02), "gate": (0.025, 0.02),
+        "scalar": (0.025, 0.02)}
     every = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
     assert sorted(every) == sorted(id(p) for p in model.parameters())
 

@@ -5,7 +5,9 @@
 
 The model is rebuilt from the config the artifact records (the architecture variables of the
 environment are not read); the data and tokenizer come from DATA_PATH / TOKENIZER_PATH, the windows from
-EVAL_SEQ_LEN / EVAL_STRIDE, the n-gram settings from the NGRAM_* variables (NgramSettings). Rank 0 builds the hints once with
+EVAL_SEQ_LEN / EVAL_STRIDE, the n-gram settings from the NGRAM_* variables (NgramSettings). With
+NGRAM_TTT=1 the model's distributions are score-first test-time training's (the TTT_* settings,
+docs/ttt.md) instead of the sliding window's, and the tilt applies on top of them. Rank 0 builds the hints once with
 online_ngram_state.c while the model compiles, and broadcasts them; every rank scores its share of the
 sliding windows and applies the tilt on its own device. The log goes to stdout and to
 OUT_DIR/<artifact name>_ngram.txt.
@@ -45,6 +47,8 @@ class NgramSettings:
     # Optional: the model mixed with the adaptive cache (orders 2..7).
     ngram_cache: bool = tg._hp(False)  # also score the cache mixture
     ngram_cache_weight: float = tg._hp(0.3, lo=0.0, hi=1.0)  # cache weight = this x normalized entropy
+    # Optional: the tilt on top of score-first test-time training (docs/ttt.md, the TTT_* settings).
+    ngram_ttt: bool = tg._hp(False)  # score with TTT's distributions instead of the sliding window's
 
     @classmethod
     def from_env(cls, env) -> "NgramSettings":
@@ -72,13 +76,14 @@ SUMS = ("plain_nats", "tilted_nats", "cache_nats", "tokens", "bytes", *(f"fired_
 
 
 def load_model(cfg: tg.ModelConfig, state: dict, h: tg.Hyperparameters, rt: tg.Runtime, log):
-    """(logits function, whether it is compiled) for the artifact's model."""
+    """(the artifact's model, its logits function, whether that is compiled). With NGRAM_TTT=1 the model
+    itself is what scores (it adapts), compiled later by train_gpt.compile_ttt_forward."""
     model = tg.build_model(cfg, rt.device, log)
     model.load_state_dict(state)
     model.eval()
     if rt.device.type == "cuda" and h.compile:
-        return torch.compile(model.logits, dynamic=False), True
-    return model.logits, False
+        return model, torch.compile(model.logits, dynamic=False), True
+    return model, model.logits, False
 
 
 def broadcast_from_main(array: np.ndarray | None, shape, dtype: torch.dtype, rt: tg.Runtime) -> torch.Tensor:
@@ -108,8 +113,10 @@ def warm_up(logits_fn, spec: tg.EvalSpec, rt: tg.Runtime) -> None:
 
 
 def score(logits_fn, val_tokens, luts: tg.ByteLUTs, hint, conf, cache_p, masks, s: NgramSettings,
-          spec: tg.EvalSpec, rt: tg.Runtime) -> dict[str, float]:
-    """Sliding-window scoring of this rank's windows: plain, tilted (and cache-mixed) nats, summed."""
+          spec: tg.EvalSpec, rt: tg.Runtime, ttt=None) -> dict[str, float]:
+    """Sliding-window scoring of this rank's windows, or TTT's (ttt: (model, TTTSpec, forward, log)): plain,
+    tilted (and cache-mixed) nats, summed. The hints of a position come from the stream before it, whatever
+    order the documents are scored in."""
     tilt = s.tilt()
 
     def sums(logits, x, y, scored, pos):
@@ -127,8 +134,12 @@ def score(logits_fn, val_tokens, luts: tg.ByteLUTs, hint, conf, cache_p, masks, 
                   luts.token_bytes(xs, ys).sum(), *fired, agreed.sum()]
         return torch.stack([v.double() for v in values])
 
-    total = tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt.rank, rt.world_size, rt.autocast,
-                             phase="ngram_score")
+    if ttt is not None:
+        model, ttt_spec, forward, log = ttt
+        total = tg.ttt_score(model, sums, val_tokens, ttt_spec, rt.rank, rt.world_size, rt.autocast, forward, log)
+    else:
+        total = tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt.rank, rt.world_size,
+                                 rt.autocast, phase="ngram_score")
     return dict(zip(SUMS, total.tolist()))
 
 
@@ -161,8 +172,10 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     tokens = tg.load_validation_tokens(h.data_path)
     val_tokens = torch.from_numpy(tokens.astype(np.int32)).to(rt.device)
     log(f"data val_tokens:{len(tokens)} tokenizer_pieces:{sp.vocab_size()}")
-    logits_fn, compiled = load_model(cfg, state, h, rt, log)
-    spec = tg.EvalSpec.sliding(h)
+    model, logits_fn, compiled = load_model(cfg, state, h, rt, log)
+    spec, ttt_spec = tg.EvalSpec.sliding(h), tg.TTTSpec.from_hparams(h)
+    if s.ngram_ttt:
+        tg.log_ttt_budget(cfg, tokens, h, log, windows=False)  # no window pass runs here
 
     # Rank 0 builds the hints (and the cache's probabilities) while the model compiles: the C call
     # releases the GIL. Every other rank receives them by broadcast instead of rebuilding them.
@@ -170,7 +183,9 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     with ThreadPoolExecutor(max_workers=1) as pool:
         hints_job = pool.submit(ng.hint_pass, tokens, tables) if rt.is_main else None
         cache_job = pool.submit(ng.cache_pass, tokens, cfg.vocab_size) if rt.is_main and s.ngram_cache else None
-        if compiled:
+        if s.ngram_ttt:
+            ttt_forward = tg.compile_ttt_forward(model, ttt_spec, h, rt, log)
+        elif compiled:
             warm_up(logits_fn, spec, rt)
             log(f"compile warm_up_ms:{1000 * (time.perf_counter() - t0):.0f}")
         hints = hints_job.result() if hints_job else None
@@ -188,7 +203,8 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     rt.sync()
     t2 = time.perf_counter()
 
-    sums = score(logits_fn, val_tokens, luts, hint, conf, cache_p, ng.piece_masks(tables, rt.device), s, spec, rt)
+    sums = score(logits_fn, val_tokens, luts, hint, conf, cache_p, ng.piece_masks(tables, rt.device), s, spec, rt,
+                 (model, ttt_spec, ttt_forward, log) if s.ngram_ttt else None)
     rt.sync()
     t3 = time.perf_counter()
     log_results(log, sums, s.ngram_cache)

@@ -12,6 +12,7 @@ serialization, evaluation, training, main.
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -21,6 +22,7 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import heapq
 import json
 import lzma
 import math
@@ -113,6 +115,7 @@ class ModelConfig:
     mini_recur_repeats: int = _hp(0, lo=0, hi=16)  # run layers FIRST..LAST this many extra times; 0: off
     mini_recur_first: int = _hp(4, lo=0, hi=63)  # first layer the mini recurrence repeats
     mini_recur_last: int = _hp(5, lo=0, hi=63)  # last layer the mini recurrence repeats
+    doc_masked_attention: bool = _hp(False)  # attend only within the current document (a BOS starts one)
 
     @classmethod
     def from_hparams(cls, h: "ModelConfig") -> "ModelConfig":
@@ -202,24 +205,56 @@ class Hyperparameters(ModelConfig):
     # Data order.
     train_loader: str = _hp("coprime", choices=("coprime", "sequential"))  # seeded blocks, or file order
     # Quantization and compression.
-    quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 8))  # block matrices: int6 per row
-    quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 8, 16))  # tied embedding; 16 = fp16
+    quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 7, 8))  # block matrices: int6 per row
+    quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 7, 8, 16))  # tied embedding; 16 = fp16
     quant_min_numel: int = _hp(65_536, lo=0, hi=2**31 - 1)  # smaller tensors stay fp16
-    quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 8 or 16); later ones win
+    quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 7, 8 or 16); later ones win
     quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
-    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli"))  # auto: smallest of all
+    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli", "pergroup"))  # auto: smallest
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
+    pergroup_sort: str = _hp("tok_emb.weight,attn.c_q.weight,mlp.fc.weight")  # roles whose rows are sorted
     gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)
     gptq_calib_seqs: int = _hp(512, lo=1, hi=10**6)  # training sequences of TRAIN_SEQ_LEN, all ranks
     gptq_damp: float = _hp(0.01, lo=1e-6, hi=10.0)  # added to diag(H), as a fraction of its mean
     gptq_block: int = _hp(128, lo=1, hi=65536)  # columns per lazy-update block
+    # Row clips: percentile search (measured best) or SDClip (docs/quantization.md, "The frontier").
+    clip_method: str = _hp("percentile", choices=("percentile", "sdclip", "sdclip_hessian"))  # per-row clip rule
+    sdclip_k_mlp: float = _hp(11.5, lo=0.1, hi=1000.0)  # SDClip clip = k * std(row): blocks.*.mlp.* matrices
+    sdclip_k_attn: float = _hp(13.0, lo=0.1, hi=1000.0)  # ... blocks.*.attn.* matrices
+    sdclip_k_embed: float = _hp(14.0, lo=0.1, hi=1000.0)  # ... the tied embedding
+    sdclip_k_other: float = _hp(12.85, lo=0.1, hi=1000.0)  # ... any other quantized matrix (bigram table, ...)
+    sdclip_hessian_lambda: float = _hp(0.175, lo=0.0, hi=1.0)  # sdclip_hessian: row clip x (1 + lambda (r_i - 1))
+    # LQER: a low-rank correction A B of the quantization error of a few tensors.
+    lqer_top: int = _hp(3, lo=0, hi=10_000)  # how many tensors get one (3: measured, docs/quantization.md); 0: off
+    lqer_rank: int = _hp(4, lo=1, hi=1024)  # rank of A [rows, rank] B [rank, cols]
+    lqer_a_bits: int = _hp(2, lo=2, hi=8)  # A's levels [-2^(b-1), 2^(b-1) - 1], one scale per tensor
+    lqer_b_bits: int = _hp(4, lo=2, hi=8)  # B's levels, one scale per LQER_GROUP values
+    lqer_group: int = _hp(64, lo=1, hi=2**20)  # values of B per scale
+    lqer_select: str = _hp("error", choices=("error", "hessian"))  # largest ||W - W_q||_F, or most output error removed
     # Evaluation and logging.
     val_batch_size: int = _hp(65_536, lo=1, hi=2**31 - 1)  # tokens per eval forward on each rank
     val_loss_every: int = _hp(1000, lo=0, hi=10**9)  # 0: only at the end
     train_log_every: int = _hp(200, lo=0, hi=10**9)  # 0: no step lines
     eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # sliding-window evaluation: window length
     eval_stride: int = _hp(64, lo=1, hi=65536)  # sliding-window evaluation: a new window every this many targets
+    # Score-first test-time training (docs/ttt.md): final_ttt_exact, after the sliding-window score.
+    ttt: bool = _hp(True)  # adapt to each validation document while scoring it (on the artifact's weights)
+    ttt_lora_rank: int = _hp(80, lo=1, hi=4096)  # rank of each document's LoRA (Q, K, V, O, MLP, head)
+    ttt_chunk_size: int = _hp(48, lo=1, hi=65536)  # tokens scored, then learned from, per step
+    ttt_eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # context window within the document
+    ttt_batch_size: int = _hp(64, lo=1, hi=65536)  # documents adapted side by side (each its own LoRA)
+    ttt_lora_lr: float = _hp(1e-4, lo=0.0, hi=10.0)  # AdamW LR of the LoRAs
+    ttt_beta1: float = _hp(0.0, lo=0.0, hi=0.9999)  # AdamW beta1 of the LoRAs
+    ttt_beta2: float = _hp(0.99, lo=0.0, hi=0.99999)  # AdamW beta2 of the LoRAs
+    ttt_weight_decay: float = _hp(0.5, lo=0.0, hi=100.0)  # AdamW decoupled weight decay of the LoRAs
+    phased_ttt_prefix_docs: int = _hp(2500, lo=0, hi=10**9)  # global phases cover the first this many documents
+    phased_ttt_num_phases: int = _hp(3, lo=1, hi=1000)  # SGD on the whole model after each 1/N of them
+    global_ttt_lr: float = _hp(1e-3, lo=0.0, hi=10.0)  # SGD LR of a global phase (cosine to 0 over it)
+    global_ttt_momentum: float = _hp(0.9, lo=0.0, hi=0.9999)  # SGD momentum of a global phase
+    global_ttt_epochs: int = _hp(1, lo=0, hi=100)  # passes over the scored documents per phase; 0: none
+    global_ttt_chunk_tokens: int = _hp(32768, lo=2, hi=2**31 - 1)  # tokens per SGD step (all ranks)
+    global_ttt_grad_clip: float = _hp(1.0, lo=0.0, hi=1e6)  # 0: no clipping
     # Runtime.
     compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
     cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
@@ -263,6 +298,9 @@ class Hyperparameters(ModelConfig):
                              f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
                              f"WARMDOWN_FLOOR={self.warmdown_floor}); set QAT=off or change them")
         parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
+        if self.ttt_chunk_size > self.ttt_eval_seq_len:
+            raise ValueError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} must be at most "
+                             f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a chunk is scored inside one window)")
 
 
 SETTING_TYPO_CUTOFF = 0.85  # difflib similarity above which an unknown variable is taken for a mistyped setting
@@ -722,29 +760,80 @@ def activation_dtype(t: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+class DocLayout(NamedTuple):
+    """Where the documents of a batch [B, T] of token rows lie (a BOS starts one; a row's first token
+    starts one too): the boolean mask for SDPA, or the packed form FlashAttention's varlen kernels take."""
+    mask: Tensor | None  # [B, 1, T, T]: query i may read key j (j <= i, same document)
+    cu_seqlens: Tensor | None  # int32 starts of the documents in the flattened B*T tokens, then B*T (padded)
+    max_seqlen: int  # no document is longer than its row
+
+
+VARLEN_MIN_SEGMENTS = 64  # cu_seqlens is padded to a power of two at least this: few distinct shapes to compile
+
+
+def document_layout(input_ids: Tensor, bos_id: int, varlen: bool) -> DocLayout:
+    """The layout a document-masked attention needs. The mask has a static shape (compiles into the graph);
+    the varlen starts have a data-dependent length (one host sync, and a graph break where torch.compile
+    meets nonzero), padded with empty documents to a power of two so that the graph after it sees few shapes."""
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    B, T = input_ids.shape
+    if not varlen:
+        doc = starts.cumsum(dim=1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        return DocLayout(causal & (doc[:, :, None] == doc[:, None, :])[:, None], None, T)
+    return _varlen_layout(starts, B * T, T)
+
+
+def _varlen_layout(starts: Tensor, total: int, row_len: int) -> DocLayout:
+    first = starts.flatten().nonzero().flatten().to(torch.int32)
+    size = max(VARLEN_MIN_SEGMENTS, 1 << len(first).bit_length())  # > len(first): room for the final total
+    cu = torch.full((size,), total, dtype=torch.int32, device=starts.device)
+    cu[:len(first)] = first
+    return DocLayout(None, cu, row_len)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, docs: DocLayout | None = None) -> Tensor:
     # SDPA wants [B, H, T, D]; our layout is [B, T, H, D] like FlashAttention's.
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    if docs is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
-def select_attention(device: torch.device) -> tuple[str, Callable[[Tensor, Tensor, Tensor], Tensor], str]:
-    """(name, causal attention on [B, T, H, D] tensors with GQA, why this one)."""
+def flash_attention(dense: Callable, varlen: Callable) -> Callable:
+    """Causal attention on [B, T, H, D] from a FlashAttention module's dense and varlen functions (FA2 and FA3
+    share their signatures); with a DocLayout the B rows are packed into one sequence of documents."""
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, docs: DocLayout | None = None) -> Tensor:
+        if docs is None:
+            return first(dense(q, k, v, causal=True))
+        B, T = q.shape[:2]
+        y = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens_q=docs.cu_seqlens,
+                         cu_seqlens_k=docs.cu_seqlens, max_seqlen_q=docs.max_seqlen, max_seqlen_k=docs.max_seqlen,
+                         causal=True))
+        return y.view(B, T, *y.shape[1:])
+    attention.varlen = True
+    return attention
+
+
+def select_attention(device: torch.device) -> tuple[str, Callable[..., Tensor], str]:
+    """(name, causal attention on [B, T, H, D] tensors with GQA and an optional DocLayout, why this one)."""
     if device.type != "cuda":
         return "sdpa", _sdpa, "not on CUDA"
     try:
-        from flash_attn_interface import flash_attn_func as fa3
-
-        def _fa3(q, k, v):
-            out = fa3(q, k, v, causal=True)
-            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-        return "flash_attn_3", _fa3, "flash_attn_interface importable"
+        from flash_attn_interface import flash_attn_func as fa3, flash_attn_varlen_func as fa3_varlen
+        return "flash_attn_3", flash_attention(fa3, fa3_varlen), "flash_attn_interface importable"
     except ImportError:
         pass
     try:
-        from flash_attn import flash_attn_func as fa2
-        return "flash_attn_2", lambda q, k, v: fa2(q, k, v, causal=True), "flash_attn_interface not importable"
+        from flash_attn import flash_attn_func as fa2, flash_attn_varlen_func as fa2_varlen
+        return "flash_attn_2", flash_attention(fa2, fa2_varlen), "flash_attn_interface not importable"
     except ImportError:
         return "sdpa", _sdpa, "neither flash_attn_interface nor flash_attn importable"
 
@@ -835,21 +924,28 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         self.attention = attention
 
-    def forward(self, x: Tensor, xsa: bool, ve: Tensor | None = None) -> Tensor:
-        """ve [B, T, kv_dim]: a value embedding added to the values (XSA then removes the sum's direction)."""
+    def forward(self, x: Tensor, xsa: bool, docs: DocLayout | None = None, lora=None,
+                ve: Tensor | None = None) -> Tensor:
+        """docs: attend within documents only; lora: this layer's test-time adapters (q, k, v, o), or None;
+        ve [B, T, kv_dim]: a value embedding added to the values (XSA then removes the sum's direction)."""
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x)
+        q = adapted(self.c_q, x, lora, "q").view(B, T, self.num_heads, self.head_dim)
+        k = adapted(self.c_k, x, lora, "k").view(B, T, self.num_kv_heads, self.head_dim)
+        v = adapted(self.c_v, x, lora, "v")
         if ve is not None:
             v = v + ve
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = self.attention(q, k, v)
+        y = self.attention(q, k, v) if docs is None else self.attention(q, k, v, docs)
         if xsa:
             y = exclude_self_value(y, v)
-        return self.proj(y.reshape(B, T, C))
+        return adapted(self.proj, y.reshape(B, T, C), lora, "o")
+
+
+def adapted(linear: nn.Module, x: Tensor, lora, key: str) -> Tensor:
+    """linear(x), plus the low-rank adapter lora[key](x) when test-time training gives one."""
+    return linear(x) if lora is None else linear(x) + lora[key](x)
 
 
 LEAKY_RELU_SLOPE = 0.5
@@ -887,12 +983,15 @@ class Block(nn.Module):
         # Row 0 weighs the stream, row 1 the first-layer input x0: starts as the plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool, ve: Tensor | None = None) -> Tensor:
-        """input_scale and xsa are Python constants of the layer position (a shared block has several)."""
+    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool, docs: DocLayout | None = None,
+                lora=None, ve: Tensor | None = None) -> Tensor:
+        """input_scale and xsa are Python constants of the layer position (a shared block has several);
+        lora: this pass's test-time adapters (the MLP's runs beside it, from its input to its output);
+        ve: this pass's scaled value embedding, or None."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa, ve)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * input_scale)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa, docs, lora, ve)
+        return x + self.mlp_scale.to(x.dtype) * adapted(self.mlp, rms_norm(x) * input_scale, lora, "mlp")
 
 
 class SmearGate(nn.Module):
@@ -1081,19 +1180,37 @@ class GPT(nn.Module):
         return g * x + (1 - g) * skip
 
     def logits(self, input_ids: Tensor) -> Tensor:
+        """Soft-capped fp32 logits [B, T, V]."""
+        return self.head(self.hidden(input_ids))
+
+    def hidden(self, input_ids: Tensor, lora=None, rows_are_documents: bool = False) -> Tensor:
+        """The final normalized stream [B, T, D]: the output head's input. lora: test-time adapters (one per
+        pass of the plan), or None. rows_are_documents: each row holds (part of) one document only, so plain
+        causal attention is already document-masked (test-time training's rows)."""
+        docs = None
+        if self.cfg.doc_masked_attention and not rows_are_documents:
+            docs = document_layout(input_ids, self.cfg.bos_id, self.doc_masking() == "varlen")
         x = x0 = self.embed(input_ids)
         ve = self.value_embed(input_ids).to(x.dtype) if self.value_embed is not None else None
         skips = []
-        for p in self.plan:
+        for i, p in enumerate(self.plan):
             if p.pop >= 0:
                 x = self.skip_blend(x, skips.pop(), p.pop)
             if p.iteration >= 0:
                 x = x + self.iteration_vectors[p.iteration].to(x.dtype)
             layer_ve = ve * self.ve_layer_scales[p.ve].to(x.dtype) if p.ve >= 0 else None
-            x = self.blocks[p.block](x, x0, p.input_scale, p.xsa, layer_ve)
+            x = self.blocks[p.block](x, x0, p.input_scale, p.xsa, docs, None if lora is None else lora.layers[i],
+                                     layer_ve)
             if p.push:
                 skips.append(x)
-        logits = F.linear(self.final_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+        return self.final_norm(x)
+
+    def head(self, x: Tensor, lora=None) -> Tensor:
+        """Soft-capped fp32 logits from the final stream x [B, T, D] (lora: adds its head adapter)."""
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        if lora is not None:
+            logits = logits + lora.head(x)
+        logits = logits.float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
     def matrix_params(self) -> list[nn.Parameter]:
@@ -1114,7 +1231,14 @@ class GPT(nn.Module):
                 f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
                 f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
                 f"ve_passes:{','.join(str(i) for i, p in enumerate(plan) if p.ve >= 0) or 'none'} "
-                f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())}")
+                f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())} "
+                f"doc_masked_attention:{self.doc_masking()}")
+
+    def doc_masking(self) -> str:
+        """How attention keeps to documents: off, a boolean mask (SDPA) or packed documents (FA varlen)."""
+        if not self.cfg.doc_masked_attention:
+            return "off"
+        return "varlen" if getattr(self.blocks[0].attn.attention, "varlen", False) else "sdpa_mask"
 
 
 def build_model(cfg: ModelConfig, device: torch.device, log=None) -> GPT:
@@ -1399,22 +1523,25 @@ def set_step_hparams(optimizers: list[torch.optim.Optimizer], lr_mult: float, mo
 # ----------------------------------------------------------------------------------------------------
 # Quantization and serialization
 # ----------------------------------------------------------------------------------------------------
-# A plan gives each float tensor its bits: 5, 6 or 8 (symmetric per-row integers with one fp16 scale
-# per row) or 16 (fp16 passthrough). Rows are quantized by round-to-nearest or, given the Hessian
+# A plan gives each float tensor its bits: 5, 6, 7 or 8 (symmetric per-row integers with one fp16
+# scale per row) or 16 (fp16 passthrough). Rows are quantized by round-to-nearest or, given the Hessian
 # H = X^T X of the layer's inputs, by GPTQ; either way each row's clip is the candidate percentile of
-# |w| with the least error. The artifact is a small header, then one compressed payload holding a JSON
-# manifest (every tensor's kind, bits, shape, dtype, storage and byte ranges) and the tensor bytes.
+# |w| with the least error, or SDClip's k * std(row) (CLIP_METHOD). LQER optionally adds a low-rank
+# correction of the largest quantization errors. The artifact is a small header, then one compressed
+# payload holding a JSON manifest (every tensor's kind, bits, shape, dtype, storage and byte ranges)
+# and the tensor bytes.
 
 FP16_BITS = 16  # in a plan: keep the tensor as fp16
-PLAN_BITS = (5, 6, 8, FP16_BITS)
+PLAN_BITS = (5, 6, 7, 8, FP16_BITS)
 EMBEDDING_NAME = "tok_emb.weight"
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # candidate clips, as quantiles of |w| per row
 SCALE_FLOOR = torch.finfo(torch.float16).tiny  # an all-zero row still gets a positive, representable scale
 GPTQ_DAMP_RAISE = 10.0  # on a failed Cholesky factorization the damping is multiplied by this...
 GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
-DEMOTE_TO = {8: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
+DEMOTE_TO = {8: 7, 7: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_FORMAT_VERSION = 3  # 3: the CRC covers the header fields; the manifest records the model config
+ARTIFACT_FORMAT_VERSION = 4  # 3: the CRC covers the header fields, the manifest records the model config;
+# 4: LQER factors, per-group streams
 ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
 CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
@@ -1518,9 +1645,52 @@ def row_quantiles(a: Tensor, quantiles: tuple[float, ...]) -> Tensor:
     return s[:, lo].T * (1 - frac[:, None]) + s[:, hi].T * frac[:, None]
 
 
-def clip_scales(w: Tensor, bits: int) -> Tensor:
-    """[P, rows] candidate scales, one per clip percentile, rounded to fp16 exactly as they are stored."""
-    clips = row_quantiles(w.abs(), CLIP_PERCENTILES)
+@dataclass(frozen=True)
+class ClipConfig:
+    """How each row's clip is chosen: CLIP_METHOD and the SDCLIP_* values."""
+    method: str = "percentile"
+    k_mlp: float = Hyperparameters.sdclip_k_mlp
+    k_attn: float = Hyperparameters.sdclip_k_attn
+    k_embed: float = Hyperparameters.sdclip_k_embed
+    k_other: float = Hyperparameters.sdclip_k_other
+    hessian_lambda: float = Hyperparameters.sdclip_hessian_lambda
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "ClipConfig":
+        return cls(h.clip_method, h.sdclip_k_mlp, h.sdclip_k_attn, h.sdclip_k_embed, h.sdclip_k_other,
+                   h.sdclip_hessian_lambda)
+
+    def row_kwargs(self, name: str) -> dict:
+        """clip_scales' keyword arguments for tensor `name` ({} for the percentile search)."""
+        if self.method == "percentile":
+            return {}
+        k = (self.k_embed if name == EMBEDDING_NAME else self.k_mlp if ".mlp." in name
+             else self.k_attn if ".attn." in name else self.k_other)
+        return {"sd_k": k, "hessian_lambda": self.hessian_lambda if self.method == "sdclip_hessian" else 0.0}
+
+
+def row_importance(w: Tensor, input_power: Tensor) -> Tensor:
+    """r_i = mean_j |w_ij| p_j / mean(p), normalized to mean 1 over the rows (p = diag H, each input's
+    mean square): how much of the layer's output row i carries."""
+    tiny = torch.finfo(torch.float32).tiny
+    r = (w.abs() * (input_power.float() / input_power.float().mean().clamp_min(tiny))).mean(dim=1)
+    return r / r.mean().clamp_min(tiny)
+
+
+def clip_scales(w: Tensor, bits: int, sd_k: float | None = None, input_power: Tensor | None = None,
+                hessian_lambda: float = 0.0) -> Tensor:
+    """[P, rows] candidate scales, rounded to fp16 exactly as they are stored. Percentile search (sd_k
+    None): one candidate per CLIP_PERCENTILES entry, the quantizer keeps the least-error one. SDClip:
+    the single candidate sd_k * std(row) / qmax, a clip set by the row's spread rather than its
+    outliers, so that every row's levels have the same spread and compress alike; Hessian-aware when
+    hessian_lambda > 0 and input_power (diag H) is given: row i's clip is multiplied by
+    1 + hessian_lambda * (r_i - 1), r_i = row_importance (the 2026-04-06 record's 0.175)."""
+    if sd_k is None:
+        clips = row_quantiles(w.abs(), CLIP_PERCENTILES)
+    else:  # population std: defined for a single column too
+        clips = sd_k * w.std(dim=1, correction=0)[None]
+        if hessian_lambda > 0 and input_power is not None:
+            clips = clips * (1 + hessian_lambda * (row_importance(w, input_power) - 1))
     return (clips / qmax(bits)).clamp_min(SCALE_FLOOR).half().float()
 
 
@@ -1536,10 +1706,11 @@ def pick_rows(err: Tensor, q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
     return q[best, rows].to(torch.int8), scales[best, rows].half()
 
 
-def quantize_rows_rtn(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Round-to-nearest per row, clip chosen per row by least squared error. -> (q int8, scale fp16)."""
+def quantize_rows_rtn(w: Tensor, bits: int, **clip) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest per row, clip chosen per row by least squared error among clip_scales'
+    candidates (`clip`: its keyword arguments). -> (q int8, scale fp16)."""
     w = w.float()
-    scales = clip_scales(w, bits)
+    scales = clip_scales(w, bits, **clip)
     q = torch.stack([round_to_grid(w, s, bits) for s in scales])
     err = ((q * scales[:, :, None] - w) ** 2).sum(dim=2)
     return pick_rows(err, q, scales)
@@ -1588,26 +1759,31 @@ def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> 
 
 
 def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int, name: str,
-                       log) -> tuple[Tensor, Tensor]:
+                       log, **clip) -> tuple[Tensor, Tensor]:
     """GPTQ with act-order (columns by decreasing diag H) combined with the clip search: GPTQ runs on
     all candidate scales at once (rows are independent given H, so the candidates are stacked as extra
-    rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T."""
-    return quantize_gptq_batch([w], [h], bits, damp, block, [name], log)[0]
+    rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T. With
+    SDClip (`clip`: clip_scales' keyword arguments) there is one candidate; its Hessian-aware form
+    weighs rows by diag H."""
+    return quantize_gptq_batch([w], [h], bits, damp, block, [name], log, [clip])[0]
 
 
 def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, damp: float, block: int,
-                        names: list[str], log) -> list[tuple[Tensor, Tensor]]:
-    """quantize_rows_gptq of several same-shape matrices, each with its own Hessian and column order,
-    through one batched column loop."""
+                        names: list[str], log, clips: list[dict] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """quantize_rows_gptq of several same-shape matrices, each with its own Hessian, column order and
+    clip rule (`clips`: clip_scales' keyword arguments per matrix, all of one method), through one
+    batched column loop."""
     prepared = []
-    for w, h, name in zip(ws, hs, names):
+    for w, h, name, clip in zip(ws, hs, names, clips or [{}] * len(ws)):
         w, h = w.float().clone(), h.float().clone()
-        dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter, set them to 0
+        power = h.diagonal().clone()
+        dead = power == 0  # inputs that were always zero: their weights cannot matter, set them to 0
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
         order = torch.argsort(h.diagonal(), descending=True)
-        w, h = w[:, order], h[order][:, order]
-        prepared.append((w, h, order, damped_inverse_cholesky(h, damp, name, log), clip_scales(w, bits)))
+        w, h, power = w[:, order], h[order][:, order], power[order]
+        scales = clip_scales(w, bits, clip.get("sd_k"), power, clip.get("hessian_lambda", 0.0))
+        prepared.append((w, h, order, damped_inverse_cholesky(h, damp, name, log), scales))
     P, R = prepared[0][4].shape
     q = gptq_columns(torch.stack([w.repeat(P, 1) for w, *_ in prepared]), torch.stack([u for *_, u, _ in prepared]),
                      torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, block)
@@ -1643,32 +1819,41 @@ def quant_chunks(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[
 
 
 def quantize_chunk(state: dict[str, Tensor], names: list[str], plan: dict[str, int],
-                   hessians: dict[str, Tensor], damp: float, block: int, log) -> dict[str, dict]:
-    """Entries (quantize_state_dict's) of one quant_chunks chunk."""
+                   hessians: dict[str, Tensor], damp: float, block: int, log, clip: ClipConfig = ClipConfig(),
+                   gptq: bool = True) -> dict[str, dict]:
+    """Entries (quantize_state_dict's) of one quant_chunks chunk. Without `gptq`, Hessians serve the
+    Hessian-aware clip only."""
     bits = plan[names[0]]
     ws = [state[n].detach().reshape(state[n].size(0), -1) for n in names]
-    if names[0] in hessians:
+    kws = [clip.row_kwargs(n) for n in names]
+    for n, kw in zip(names, kws):
+        if kw.get("hessian_lambda") and n not in hessians:  # e.g. a lookup table: no inputs to weigh
+            log(f"clip_fallback tensor:{n} method:sdclip reason:no_hessian")
+    if gptq and names[0] in hessians:
         results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, damp, block,
-                                      names, log)
+                                      names, log, kws)
     else:
-        results = [quantize_rows_rtn(w, bits) for w in ws]
+        results = [quantize_rows_rtn(w, bits, input_power=hessians[n].diagonal().to(w.device) if n in hessians
+                                     else None, **kw) for n, w, kw in zip(names, ws, kws)]
     return {n: {"shape": list(state[n].shape), "dtype": str(state[n].dtype).removeprefix("torch."), "kind": "int",
                 "bits": bits, "q": q.cpu(), "scale": scale.cpu()} for n, (q, scale) in zip(names, results)}
 
 
 def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
                         hessians: dict[str, Tensor] | None = None, damp: float = Hyperparameters.gptq_damp,
-                        block: int = Hyperparameters.gptq_block, log=print) -> dict[str, dict]:
+                        block: int = Hyperparameters.gptq_block, log=print, clip: ClipConfig = ClipConfig(),
+                        gptq: bool = True) -> dict[str, dict]:
     """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
-    tensors (GPTQ when `hessians` has the name, batched by shape, else round-to-nearest), {"kind":
-    "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for anything else; every entry keeps
-    "shape", "dtype". plan defaults to build_quant_plan's; names in fp16_names are stored as fp16
-    whatever the plan."""
+    tensors (GPTQ when `gptq` and `hessians` has the name, batched by shape, else round-to-nearest; the
+    row clips by `clip`), {"kind": "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for
+    anything else; every entry keeps "shape", "dtype". plan defaults to build_quant_plan's; names in
+    fp16_names are stored as fp16 whatever the plan. Hessians given with gptq=False serve the
+    Hessian-aware clip only."""
     plan = build_quant_plan(state, fp16_names) if plan is None else plan
     hessians = hessians or {}
     ints = {}
-    for chunk in quant_chunks(state, plan, hessians, fp16_names):
-        ints.update(quantize_chunk(state, chunk, plan, hessians, damp, block, log))
+    for chunk in quant_chunks(state, plan, hessians if gptq else {}, fp16_names):
+        ints.update(quantize_chunk(state, chunk, plan, hessians, damp, block, log, clip, gptq))
     return assemble_entries(state, ints)
 
 
@@ -1686,6 +1871,128 @@ def assemble_entries(state: dict[str, Tensor], ints: dict[str, dict]) -> dict[st
         else:
             entry.update(kind="raw", data=t.cpu())
         out[name] = entry
+    return out
+
+
+# ---- LQER: a low-rank correction of the largest quantization errors -----------------------------
+
+LQER_SCALE_STEPS = 21  # candidate scales per factor group, searched for the least squared error
+
+
+@dataclass(frozen=True)
+class LQERConfig:
+    top: int = Hyperparameters.lqer_top  # 0: off
+    rank: int = Hyperparameters.lqer_rank
+    a_bits: int = Hyperparameters.lqer_a_bits
+    b_bits: int = Hyperparameters.lqer_b_bits
+    group: int = Hyperparameters.lqer_group
+    select: str = Hyperparameters.lqer_select
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "LQERConfig":
+        return cls(h.lqer_top, h.lqer_rank, h.lqer_a_bits, h.lqer_b_bits, h.lqer_group, h.lqer_select)
+
+
+def signed_levels(bits: int) -> tuple[int, int]:
+    """Two's-complement range of a factor: [-2^(b-1), 2^(b-1) - 1] (2 bits: -2..1; 4 bits: -8..7)."""
+    return -2 ** (bits - 1), 2 ** (bits - 1) - 1
+
+
+def quantize_factor(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
+    """x, flattened, in groups of `group` values (the last may be shorter), on the signed_levels grid
+    with one fp16 scale per group; each group's scale is the best of LQER_SCALE_STEPS candidates
+    max|x| / c by squared error (an asymmetric 2-bit range has no obvious clip). -> (levels int8
+    shaped like x, scales fp16 [groups])."""
+    lo, hi = signed_levels(bits)
+    flat = x.detach().double().reshape(-1)
+    groups = -(-flat.numel() // group)
+    g = F.pad(flat, (0, groups * group - flat.numel())).view(groups, group)
+    divisors = torch.linspace(0.25, 1.25, LQER_SCALE_STEPS, dtype=torch.float64) * -lo
+    scales = (g.abs().amax(dim=1)[None] / divisors[:, None]).clamp_min(SCALE_FLOOR).half().double()  # [C, G]
+    q = torch.clamp(torch.round(g[None] / scales[:, :, None]), lo, hi)
+    best = ((q * scales[:, :, None] - g[None]) ** 2).sum(dim=2).argmin(dim=0)
+    idx = torch.arange(groups)
+    levels = q[best, idx].reshape(-1)[:flat.numel()].to(torch.int8).reshape(x.shape)
+    return levels, scales[best, idx].half()
+
+
+def dequantize_factor(q: Tensor, scale: Tensor, group: int) -> Tensor:
+    flat = q.reshape(-1).double()
+    groups = scale.numel()
+    g = F.pad(flat, (0, groups * group - flat.numel())).view(groups, group) * scale.double()[:, None]
+    return g.reshape(-1)[:flat.numel()].reshape(q.shape)
+
+
+def lqer_factors(err: Tensor, cfg: LQERConfig) -> dict:
+    """Quantized rank-r factors of err ~ A B from its SVD U S V^T: A = U_r S_r on LQER_A_BITS levels
+    with one scale for the tensor, B = V_r^T on LQER_B_BITS levels with a scale per LQER_GROUP values.
+    (Fitting A to the rounded B by least squares was measured: 0.1% less error, not worth it.)"""
+    u, sv, vh = torch.linalg.svd(err.detach().cpu().double(), full_matrices=False)
+    r = min(cfg.rank, sv.numel())
+    a, a_scale = quantize_factor(u[:, :r] * sv[:r], cfg.a_bits, u.size(0) * r)
+    b, b_scale = quantize_factor(vh[:r], cfg.b_bits, cfg.group)
+    return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "group": cfg.group,
+            "a_bits": cfg.a_bits, "b_bits": cfg.b_bits}
+
+
+def lqer_product(f: dict) -> Tensor:
+    """A B of stored factors, [rows, cols] float64."""
+    a = dequantize_factor(f["a"], f["a_scale"], f["a"].numel())
+    return a @ dequantize_factor(f["b"], f["b_scale"], f["group"])
+
+
+def int_weights(entry: dict) -> Tensor:
+    """[rows, cols] float32 weights of an "int" entry: levels times row scales, plus LQER's A B."""
+    w = entry["q"].float() * entry["scale"].float()[:, None]
+    if "lqer" in entry:
+        w = w + lqer_product(entry["lqer"]).float()
+    return w
+
+
+def output_error(err: Tensor, h: Tensor) -> float:
+    """tr(E H E^T): the squared error E adds to the layer's outputs per token (H = X^T X / tokens)."""
+    return float(((err @ h) * err).sum())
+
+
+def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig, log=print,
+             hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
+    """packed with LQER factors on cfg.top quantized tensors (a new dict; entries it does not touch are
+    shared). LQER_SELECT=error takes those of largest ||E||_F, E = W - W_q (the record's rule);
+    hessian computes the factors of every tensor with a Hessian and takes those that remove the most
+    output error tr(E H E^T) - tr(R H R^T), R = E - A B: the largest ||E||_F is often a lookup table's
+    error with no low-rank structure. A correction that would not lower ||E||_F is dropped."""
+    if cfg.top == 0:
+        return packed
+    errors = {name: state[name].detach().double().cpu().reshape(e["q"].shape) - int_weights(e).double()
+              for name, e in packed.items() if e["kind"] == "int"}
+    norms = {name: float(err.norm()) for name, err in errors.items()}
+    weighed = {name: hessians[name].detach().double().cpu() for name in errors
+               if cfg.select == "hessian" and name in (hessians or {})}
+    if weighed:
+        factors = {name: lqer_factors(errors[name], cfg) for name in weighed}
+        gain = {name: output_error(errors[name], h) - output_error(errors[name] - lqer_product(factors[name]), h)
+                for name, h in weighed.items()}
+        chosen = sorted(gain, key=gain.get, reverse=True)[:cfg.top]
+    else:
+        if cfg.select == "hessian":
+            log("lqer_fallback select:error reason:no_hessians")
+        chosen = sorted(norms, key=norms.get, reverse=True)[:cfg.top]
+        factors = {name: lqer_factors(errors[name], cfg) for name in chosen}
+    out, total_raw, total_entropy = dict(packed), 0, 0.0
+    for name in chosen:
+        f = factors[name]
+        after = float((errors[name] - lqer_product(f)).norm())
+        raw = f["a"].numel() + f["b"].numel() + 2 * (f["a_scale"].numel() + f["b_scale"].numel())
+        entropy = entropy_bytes(f["a"]) + entropy_bytes(f["b"]) + 2 * (f["a_scale"].numel() + f["b_scale"].numel())
+        if after >= norms[name]:
+            log(f"lqer tensor:{name} skipped reason:no_gain err_frob:{norms[name]:.6g}->{after:.6g}")
+            continue
+        out[name] = {**packed[name], "lqer": f}
+        total_raw, total_entropy = total_raw + raw, total_entropy + entropy
+        log(f"lqer tensor:{name} rank:{f['a'].size(1)} err_frob:{norms[name]:.6g}->{after:.6g} "
+            f"bytes_raw:{raw} bytes_entropy:{entropy:.0f}")
+    log(f"lqer tensors:{sum('lqer' in e for e in out.values())} rank:{cfg.rank} a_bits:{cfg.a_bits} "
+        f"b_bits:{cfg.b_bits} group:{cfg.group} bytes_raw:{total_raw} bytes_entropy:{total_entropy:.0f}")
     return out
 
 
@@ -1707,13 +2014,13 @@ def quantize_distributed(state: dict[str, Tensor], plan: dict[str, int], hessian
     """quantize_state_dict with its chunks spread over the ranks and gathered on rank 0, which gets the
     entries (the same bytes as one process: chunks are fixed, whoever computes them); other ranks get
     None. Also returns every rank's seconds of quantization (rank order)."""
-    chunks = quant_chunks(state, plan, hessians)
+    chunks = quant_chunks(state, plan, hessians if h.gptq else {})
     owners = assign_chunks(chunks, state, rt.world_size)
     t0 = time.perf_counter()
-    ints = {}
+    ints, clip = {}, ClipConfig.from_hparams(h)
     for chunk, owner in zip(chunks, owners):
         if owner == rt.rank:
-            ints.update(quantize_chunk(state, chunk, plan, hessians, h.gptq_damp, h.gptq_block, log))
+            ints.update(quantize_chunk(state, chunk, plan, hessians, h.gptq_damp, h.gptq_block, log, clip, h.gptq))
     rt.sync()
     mine = (ints, time.perf_counter() - t0)
     if rt.world_size == 1:
@@ -1730,7 +2037,7 @@ def dequantize_state_dict(packed: dict[str, dict]) -> dict[str, Tensor]:
     for name, entry in packed.items():
         dtype = getattr(torch, entry["dtype"])
         if entry["kind"] == "int":
-            w = entry["q"].float() * entry["scale"].float()[:, None]
+            w = int_weights(entry)
         else:
             w = entry["data"]
         out[name] = w.reshape(entry["shape"]).to(dtype)
@@ -1823,11 +2130,12 @@ def entropy_bytes(q: Tensor) -> float:
 
 
 @torch.no_grad()
-def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
+def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], clip: ClipConfig = ClipConfig()) -> int:
     """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
-    of its round-to-nearest levels plus fp16 row scales, 2 bytes per fp16 value, raw bytes otherwise. A
-    quantized tensor that is all zero (at init: the bigram table, output projections) counts as Gaussian
-    values of its shape, as trained it will not stay zero (a seeded generator: the run's RNG is untouched)."""
+    of its round-to-nearest levels (row clips by `clip`; no Hessian-aware term) plus fp16 row scales,
+    2 bytes per fp16 value, raw bytes otherwise. A quantized tensor that is all zero (at init: the bigram
+    table, output projections) counts as Gaussian values of its shape, as trained it will not stay zero
+    (a seeded generator: the run's RNG is untouched)."""
     total = 0.0
     for name, t in state.items():
         bits = plan.get(name, FP16_BITS)
@@ -1839,7 +2147,7 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
             w = t.detach().reshape(t.size(0), -1)
             if not w.any():
                 w = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.device)
-            q, scale = quantize_rows_rtn(w, bits)
+            q, scale = quantize_rows_rtn(w, bits, **clip.row_kwargs(name))
             total += entropy_bytes(q) + 2 * scale.numel()
     return int(total)
 
@@ -1847,7 +2155,7 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int]) -> int:
 def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: CodeForm, h: Hyperparameters,
                           log) -> int:
     """bytes_total estimated at start-up (initial weights), with a warning when over the target."""
-    total = code.bytes_code + estimate_model_bytes(state, plan)
+    total = code.bytes_code + estimate_model_bytes(state, plan, ClipConfig.from_hparams(h))
     log(f"artifact_estimate bytes_total:{total} bytes_code:{code.bytes_code} cap:{ARTIFACT_CAP_BYTES} "
         f"target:{h.quant_target_bytes} basis:initial_weights")
     if h.quant_target_bytes == 0 and total >= ARTIFACT_CAP_BYTES:
@@ -1858,21 +2166,23 @@ def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: 
     return total
 
 
-def demotion(w: Tensor, bits: int, input_power: Tensor) -> tuple[float, float]:
+def demotion(w: Tensor, bits: int, input_power: Tensor, **clip) -> tuple[float, float]:
     """(added output noise, estimated bytes saved) when w goes from `bits` to DEMOTE_TO[bits].
 
-    Noise is the round-to-nearest error weighted by each input's mean square (diag H), i.e. the
-    expected squared error it adds to the layer's output per token."""
+    Noise is the round-to-nearest error (row clips by `clip`, clip_scales' keyword arguments) weighted
+    by each input's mean square (diag H), i.e. the expected squared error it adds to the layer's
+    output per token."""
     w = w.float().reshape(w.size(0), -1)
     noise, size = [], []
     for b in (bits, DEMOTE_TO[bits]):
-        q, s = quantize_rows_rtn(w, b)
+        q, s = quantize_rows_rtn(w, b, input_power=input_power, **clip)
         noise.append(float((((q.float() * s.float()[:, None] - w) ** 2) * input_power).sum()))
         size.append(entropy_bytes(q))
     return noise[1] - noise[0], size[0] - size[1]
 
 
-def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log) -> list:
+def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log,
+                   clip: ClipConfig = ClipConfig()) -> list:
     """[(noise per byte saved, name, new bits, bytes saved)] for every tensor that can still be demoted,
     least harmful first. Without a Hessian (GPTQ=0, or a lookup table such as the bigram table) the
     inputs count as unit power (the tied head's inputs are RMS-normalized, so on average that is their
@@ -1886,20 +2196,21 @@ def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dic
         else:
             log(f"quant_fit sensitivity:{name} input_power:unit reason:no_hessian")
             power = torch.ones(state[name][0].numel())
-        noise, saved = demotion(state[name].detach().cpu(), bits, power)
+        noise, saved = demotion(state[name].detach().cpu(), bits, power, **clip.row_kwargs(name))
         ranked.append((noise / max(saved, 1.0), name, DEMOTE_TO[bits], saved))
     return sorted(ranked)
 
 
 def fit_byte_target(state, plan: dict[str, int], packed: dict, blob: bytes, budget: int, quantize: Callable,
-                    encode: Callable, hessians: dict[str, Tensor], log) -> tuple[dict[str, int], bytes]:
-    """Demote the least sensitive tensors (8 -> 6 -> 5 bits) until the artifact fits in `budget` bytes.
+                    encode: Callable, hessians: dict[str, Tensor], log,
+                    clip: ClipConfig = ClipConfig()) -> tuple[dict[str, int], bytes]:
+    """Demote the least sensitive tensors (8 -> 7 -> 6 -> 5 bits) until the artifact fits in `budget` bytes.
 
     Each round picks, by rank_demotions, enough demotions for the estimated savings to cover the
     excess, re-quantizes only those tensors and compresses again; the estimate is checked, not trusted."""
     plan, packed = dict(plan), dict(packed)
     while len(blob) > budget:
-        excess, ranked = len(blob) - budget, rank_demotions(state, plan, hessians, log)
+        excess, ranked = len(blob) - budget, rank_demotions(state, plan, hessians, log, clip)
         if not ranked:
             raise RuntimeError(f"QUANT_TARGET_BYTES: the artifact needs {budget} bytes or fewer but is "
                                f"{len(blob)} with every quantized tensor at int5")
@@ -1975,6 +2286,13 @@ def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
             q = e["q"].numpy()
             parts["q"].append((item, "q", pack6(q).tobytes() if packed6 else q.tobytes()))
             parts["scale"].append((item, "scale", tensor_bytes(e["scale"])))
+            if "lqer" in e:  # factor levels with the levels, factor scales with the scales
+                f = e["lqer"]
+                item["lqer"] = {"rank": f["a"].size(1), "a_bits": f["a_bits"], "b_bits": f["b_bits"],
+                                "group": f["group"]}
+                parts["q"] += [(item, "lqer_a", tensor_bytes(f["a"])), (item, "lqer_b", tensor_bytes(f["b"]))]
+                parts["scale"] += [(item, "lqer_a_scale", tensor_bytes(f["a_scale"])),
+                                   (item, "lqer_b_scale", tensor_bytes(f["b_scale"]))]
         else:
             parts["data"].append((item, "data", tensor_bytes(e["data"])))
         manifest.append(item)
@@ -2005,6 +2323,14 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
             q = unpack6(raw, rows * cols) if item["storage"] == "packed6" else raw.view(np.int8)
             e.update(bits=item["bits"], q=torch.from_numpy(q.copy()).view(rows, cols),
                      scale=tensor_from_bytes(part(item, "scale"), torch.float16, [rows]))
+            if "lqer" in item:
+                lq, r = item["lqer"], item["lqer"]["rank"]
+                e["lqer"] = {"a": tensor_from_bytes(part(item, "lqer_a"), torch.int8, [rows, r]),
+                             "a_scale": tensor_from_bytes(part(item, "lqer_a_scale"), torch.float16, [1]),
+                             "b": tensor_from_bytes(part(item, "lqer_b"), torch.int8, [r, cols]),
+                             "b_scale": tensor_from_bytes(part(item, "lqer_b_scale"), torch.float16,
+                                                          [-(-r * cols // lq["group"])]),
+                             "group": lq["group"], "a_bits": lq["a_bits"], "b_bits": lq["b_bits"]}
         else:
             dtype = torch.float16 if item["kind"] == "fp16" else getattr(torch, item["dtype"])
             e["data"] = tensor_from_bytes(part(item, "data"), dtype, item["shape"])
@@ -2012,33 +2338,257 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
     return packed
 
 
-def compress(raw: bytes, compressor: str, log=None) -> tuple[int, bytes]:
-    """(codec id, compressed bytes); "auto" runs every codec (in threads: they release the GIL) and
-    keeps the smallest, logging each size."""
-    names = list(CODEC_IDS) if compressor == "auto" else [compressor]
+def compress_all(raw: bytes, names: list[str]) -> dict[str, bytes]:
+    """raw compressed by each named codec, in threads (the codecs release the GIL)."""
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
-        blobs = dict(zip(names, pool.map(lambda n: CODECS[CODEC_IDS[n]][1](raw), names)))
-    best = min(blobs, key=lambda n: len(blobs[n]))
-    if log is not None:
-        log(f"compression raw_bytes:{len(raw)} " + " ".join(f"{n}:{len(b)}" for n, b in blobs.items())
-            + f" chosen:{best}")
-    return CODEC_IDS[best], blobs[best]
+        return dict(zip(names, pool.map(lambda n: CODECS[CODEC_IDS[n]][1](raw), names)))
+
+
+def decompress_stream(codec_id: int, body: bytes, source: str, what: str) -> bytes:
+    if codec_id not in CODECS:
+        raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id} ({what})")
+    name, _, decompress = CODECS[codec_id]
+    try:
+        return decompress(body)
+    except Exception as e:  # each codec raises its own types for a damaged stream
+        raise DataError(f"{source}: corrupt or truncated artifact ({name} {what}): {e}") from e
+
+
+# Per-group compression (COMPRESSOR=pergroup, or chosen by auto): the integer levels of the tensors
+# that play one role in every block (all attn.c_q.weight, all mlp.fc.weight, ...) form one group,
+# stored in whichever layout and codec make it smallest: rows as stored, every tensor transposed
+# (column by column), or, for the roles in PERGROUP_SORT, rows reordered by a greedy nearest-neighbour
+# tour (similar rows side by side) and transposed, with the permutations (uint16) in a stream of their
+# own. Everything else (manifest, scales, fp16 tensors, LQER factors) is one more stream.
+PERGROUP_ID = 0  # header codec id of a per-group artifact: a table of streams, each with its own codec
+PERGROUP_MAX_SORT_ROWS = 1 << 16  # permutations are stored as uint16
+_STREAM_COUNT = struct.Struct("<H")
+_STREAM_ENTRY = struct.Struct("<BI")  # codec id, compressed length
+
+
+def tensor_role(name: str) -> str:
+    """What a tensor does, the same in every block: blocks.3.attn.c_q.weight -> attn.c_q.weight; names
+    outside the blocks are their own role."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else name
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    return frozenset(r.strip() for r in text.split(",") if r.strip())
+
+
+def nearest_neighbour_order(levels: np.ndarray) -> np.ndarray:
+    """A greedy L1 tour through the rows of levels [rows, cols]: from row 0, always on to the closest
+    row not yet visited (ties: the lowest index). -> uint16 permutation."""
+    m = torch.from_numpy(levels.astype(np.int16))
+    visited = torch.zeros(m.size(0), dtype=torch.bool)
+    visited[0] = True
+    order = [0]
+    for _ in range(m.size(0) - 1):
+        dist = (m - m[order[-1]]).abs().sum(dim=1, dtype=torch.int32).masked_fill_(visited, 2**31 - 1)
+        order.append(int(dist.argmin()))
+        visited[order[-1]] = True
+    return np.array(order, dtype=np.uint16)
+
+
+def group_layouts(levels: list[np.ndarray], sortable: bool) -> dict[str, list[bytes]]:
+    """layout -> the streams that store these level matrices one after another: "rows" as they are,
+    "cols" each one transposed, and if sortable "sorted": rows in nearest_neighbour_order, transposed,
+    then a second stream with the permutations."""
+    layouts = {"rows": [b"".join(m.tobytes() for m in levels)],
+               "cols": [b"".join(np.ascontiguousarray(m.T).tobytes() for m in levels)]}
+    if sortable:
+        orders = [nearest_neighbour_order(m) for m in levels]
+        layouts["sorted"] = [b"".join(np.ascontiguousarray(m[o].T).tobytes() for m, o in zip(levels, orders)),
+                             b"".join(o.astype("<u2").tobytes() for o in orders)]
+    return layouts
+
+
+def ungroup_levels(layout: str, streams: list[bytes], items: list[dict]) -> list[bytes]:
+    """Inverse of group_layouts: each item's level bytes as the payload stores them. Raises
+    ValueError when the streams do not hold exactly these items."""
+    out, pos, ppos = [], 0, 0
+    for it in items:
+        start, size = it["parts"]["q"]
+        chunk = streams[0][pos:pos + size]
+        pos += size
+        if len(chunk) != size:
+            raise ValueError(f"{it['name']} levels end past their stream")
+        if layout != "rows":
+            rows = it["rows"]
+            m = np.frombuffer(chunk, np.int8).reshape(-1, rows).T
+            if layout == "sorted":
+                order = np.frombuffer(streams[1][ppos:ppos + 2 * rows], "<u2")
+                ppos += 2 * rows
+                if not np.array_equal(np.sort(order), np.arange(rows)):
+                    raise ValueError(f"{it['name']} row permutation")
+                m, unsorted = np.empty_like(m), m
+                m[order] = unsorted
+            chunk = np.ascontiguousarray(m).tobytes()
+        out.append(chunk)
+    if pos != len(streams[0]) or (layout == "sorted" and ppos != len(streams[1])):
+        raise ValueError(f"extra bytes after the levels of {items[-1]['name']}")
+    return out
+
+
+LAYOUT_STREAMS = {"rows": 1, "cols": 1, "sorted": 2}
+
+
+def level_groups(manifest: dict) -> dict[str, list[dict]]:
+    """role -> the manifest items of its integer tensors, in manifest order."""
+    roles: dict[str, list[dict]] = {}
+    for it in manifest["tensors"]:
+        if it["kind"] == "int":
+            roles.setdefault(tensor_role(it["name"]), []).append(it)
+    return roles
+
+
+def outside_levels(data_len: int, items: list[dict]) -> list[tuple[int, int]]:
+    """The (start, end) ranges of the payload data not taken by these items' levels, in order."""
+    taken = sorted(it["parts"]["q"] for it in items)
+    edges = [0] + [x for start, size in taken for x in (start, start + size)] + [data_len]
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None) -> tuple[bytes, list[bytes]]:
+    """(stream table + compressed streams, the uncompressed streams) of the per-group form: stream 0 is
+    the manifest (with each group's role, tensors and layout) and the data outside the grouped levels;
+    then each group's one or two streams. Every stream of every layout is compressed by every codec
+    (one thread pool); each group keeps its smallest layout, each stream its smallest codec."""
+    groups = level_groups(manifest)
+    if log is not None and sort_roles - groups.keys():
+        log(f"compression_pergroup sort_roles_absent:{','.join(sorted(sort_roles - groups.keys()))}")
+    candidates = {}
+    for role, items in groups.items():
+        if all(it["storage"] == "byte" for it in items):
+            levels = [np.frombuffer(data, np.int8, math.prod(it["shape"]), it["parts"]["q"][0]).reshape(it["rows"], -1)
+                      for it in items]
+            sortable = role in sort_roles and all(it["rows"] <= PERGROUP_MAX_SORT_ROWS for it in items)
+            candidates[role] = group_layouts(levels, sortable)
+        else:  # bit-packed levels: kept as they are
+            candidates[role] = {"rows": [b"".join(data[a:a + n] for a, n in (it["parts"]["q"] for it in items))]}
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        jobs = {(role, layout, i, codec): pool.submit(CODECS[CODEC_IDS[codec]][1], raw)
+                for role, layouts in candidates.items() for layout, raws in layouts.items()
+                for i, raw in enumerate(raws) for codec in CODEC_IDS}
+        best = {}  # (role, layout, i) -> (codec, body)
+        for (role, layout, i, codec), job in jobs.items():
+            body = job.result()
+            if (role, layout, i) not in best or len(body) < len(best[role, layout, i][1]):
+                best[role, layout, i] = (codec, body)
+    meta, streams = [], []
+    for role, layouts in candidates.items():
+        sizes = {layout: sum(len(best[role, layout, i][1]) for i in range(len(raws)))
+                 for layout, raws in layouts.items()}
+        layout = min(sizes, key=sizes.get)
+        meta.append({"role": role, "tensors": [it["name"] for it in groups[role]], "layout": layout})
+        streams += [(*best[role, layout, i], raw) for i, raw in enumerate(layouts[layout])]
+        if log is not None:
+            log(f"compression_group role:{role} tensors:{len(groups[role])} layout:{layout} "
+                + " ".join(f"{k}:{v}" for k, v in sizes.items()))
+    items = [it for its in groups.values() for it in its]
+    rest = b"".join(data[a:b] for a, b in outside_levels(len(data), items))
+    head = manifest_bytes(dict(manifest, groups=meta, data_bytes=len(data))) + rest
+    codec, body = min(compress_all(head, list(CODEC_IDS)).items(), key=lambda kv: len(kv[1]))
+    streams.insert(0, (codec, body, head))
+    table = _STREAM_COUNT.pack(len(streams)) + b"".join(_STREAM_ENTRY.pack(CODEC_IDS[c], len(b)) for c, b, _ in streams)
+    return table + b"".join(b for _, b, _ in streams), [raw for *_, raw in streams]
+
+
+def join_groups(manifest: dict, rest: bytes, streams: list[bytes], source: str) -> bytes:
+    """The payload data from the per-group form (rest: stream 0 after the manifest)."""
+    items = {it["name"]: it for it in manifest["tensors"]}
+    data = bytearray(manifest["data_bytes"])
+    pos, grouped = 0, []
+    try:
+        for group in manifest["groups"]:
+            members = [items[name] for name in group["tensors"]]
+            n = LAYOUT_STREAMS[group["layout"]]
+            if pos + n > len(streams):
+                raise ValueError(f"group {group['role']} has no stream")
+            for it, chunk in zip(members, ungroup_levels(group["layout"], streams[pos:pos + n], members)):
+                start, size = it["parts"]["q"]
+                data[start:start + size] = chunk
+            pos, grouped = pos + n, grouped + members
+        if pos != len(streams):
+            raise ValueError(f"{len(streams) - pos} streams left over")
+        offset = 0
+        for a, b in outside_levels(len(data), grouped):
+            data[a:b] = rest[offset:offset + b - a]
+            offset += b - a
+        if offset != len(rest) or len(data) != manifest["data_bytes"]:
+            raise ValueError("the streams do not add up to the payload")
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{source}: corrupt or truncated artifact: {e}") from e
+    return bytes(data)
+
+
+def unpack_streams(body: bytes, source: str) -> list[bytes]:
+    if len(body) < _STREAM_COUNT.size:
+        raise DataError(f"{source}: corrupt or truncated artifact: no stream table")
+    (count,) = _STREAM_COUNT.unpack_from(body)
+    pos = _STREAM_COUNT.size + count * _STREAM_ENTRY.size
+    if pos > len(body) or count == 0:
+        raise DataError(f"{source}: corrupt or truncated artifact: stream table of {count} streams")
+    streams = []
+    for i in range(count):
+        codec_id, size = _STREAM_ENTRY.unpack_from(body, _STREAM_COUNT.size + i * _STREAM_ENTRY.size)
+        if pos + size > len(body):
+            raise DataError(f"{source}: corrupt or truncated artifact: stream {i} ends past the data")
+        streams.append(decompress_stream(codec_id, body[pos:pos + size], source, f"stream {i}"))
+        pos += size
+    return streams
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    text = json.dumps(manifest).encode()
+    return _MANIFEST_LEN.pack(len(text)) + text
+
+
+def read_manifest(payload: bytes, source: str) -> tuple[dict, bytes]:
+    """(manifest, the bytes after it) from a payload that starts with manifest_bytes."""
+    try:
+        (size,) = _MANIFEST_LEN.unpack_from(payload)
+        return json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size]), payload[_MANIFEST_LEN.size + size:]
+    except (struct.error, ValueError) as e:
+        raise DataError(f"{source}: corrupt or truncated artifact: unreadable manifest ({e})") from e
 
 
 def serialize_artifact(packed: dict[str, dict], config: ModelConfig | None = None,
                        compressor: str = Hyperparameters.compressor, shuffle: bool = Hyperparameters.byte_shuffle,
-                       storage: str = Hyperparameters.quant_storage, log=None) -> bytes:
-    """The artifact: header, then the compressed manifest (with the model config, when given) and tensors."""
+                       storage: str = Hyperparameters.quant_storage, log=None,
+                       sort_roles: frozenset[str] | str = Hyperparameters.pergroup_sort) -> bytes:
+    """The artifact: header, then the compressed manifest (with the model config, when given) and tensors.
+    COMPRESSOR zstd, lzma or brotli: one stream; pergroup: the per-group streams; auto: every one of
+    them, the smallest kept and every size logged. The CRC-32 covers the header fields and every
+    uncompressed stream."""
     manifest, data = encode_payload(packed, storage)
     if config is not None:
         manifest["model"] = dataclasses.asdict(config)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
-    manifest = json.dumps(manifest).encode()
-    payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + data
-    codec_id, body = compress(payload, compressor, log)
+    options = {}  # name -> (codec id, body, the uncompressed streams)
+    if compressor != "pergroup":
+        payload = manifest_bytes(manifest) + data
+        names = list(CODEC_IDS) if compressor == "auto" else [compressor]
+        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, names).items()})
+    if compressor in ("pergroup", "auto"):
+        roles = parse_roles(sort_roles) if isinstance(sort_roles, str) else sort_roles
+        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log))
+    best = min(options, key=lambda n: len(options[n][1]))
+    if log is not None:
+        log(f"compression raw_bytes:{len(data)} " + " ".join(f"{n}:{len(b)}" for n, (_, b, _) in options.items())
+            + f" chosen:{best}")
+    codec_id, body, streams = options[best]
     fields = _ARTIFACT_FIELDS.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle))
-    return _ARTIFACT_HEADER.pack(*_ARTIFACT_FIELDS.unpack(fields), zlib.crc32(payload, zlib.crc32(fields))) + body
+    return _ARTIFACT_HEADER.pack(*_ARTIFACT_FIELDS.unpack(fields), artifact_crc(fields, streams)) + body
+
+
+def artifact_crc(fields: bytes, streams: list[bytes]) -> int:
+    crc = zlib.crc32(fields)
+    for s in streams:
+        crc = zlib.crc32(s, crc)
+    return crc
 
 
 def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | None, dict[str, dict]]:
@@ -2051,19 +2601,17 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | N
     if version != ARTIFACT_FORMAT_VERSION:
         raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads format "
                          f"{ARTIFACT_FORMAT_VERSION}")
-    if codec_id not in CODECS or shuffle not in (0, 1):
+    if (codec_id not in CODECS and codec_id != PERGROUP_ID) or shuffle not in (0, 1):
         raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
-    name, _, decompress = CODECS[codec_id]
-    try:
-        payload = decompress(blob[_ARTIFACT_HEADER.size:])
-    except Exception as e:  # each codec raises its own types for a damaged stream
-        raise DataError(f"{source}: corrupt or truncated artifact ({name} payload): {e}") from e
-    if zlib.crc32(payload, zlib.crc32(blob[:_ARTIFACT_FIELDS.size])) != crc:
-        raise DataError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch (header fields and {name} "
-                         f"payload)")
-    (size,) = _MANIFEST_LEN.unpack_from(payload)
-    manifest = json.loads(payload[_MANIFEST_LEN.size:_MANIFEST_LEN.size + size])
-    data = payload[_MANIFEST_LEN.size + size:]
+    body = blob[_ARTIFACT_HEADER.size:]
+    streams = (unpack_streams(body, source) if codec_id == PERGROUP_ID
+               else [decompress_stream(codec_id, body, source, "payload")])
+    if artifact_crc(blob[:_ARTIFACT_FIELDS.size], streams) != crc:
+        raise DataError(f"{source}: corrupt or truncated artifact: CRC-32 mismatch (header fields and "
+                        f"{'per-group streams' if codec_id == PERGROUP_ID else CODECS[codec_id][0] + ' payload'})")
+    manifest, data = read_manifest(streams[0], source)
+    if codec_id == PERGROUP_ID:
+        data = join_groups(manifest, data, streams[1:], source)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_unshuffle(data[manifest["levels_bytes"]:])
     return manifest.get("model"), decode_payload(manifest, data, source)
@@ -2121,11 +2669,16 @@ def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None
 # ---- export: what runs after training -----------------------------------------------------------
 
 
+def calibrates(h: Hyperparameters) -> bool:
+    """Whether the run computes Hessians after training: for GPTQ, or for the Hessian-aware SDClip."""
+    return h.gptq or h.clip_method == "sdclip_hessian"
+
+
 def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
     """GPTQ Hessians of every quantized weight with a site (the linear layers and the tied embedding)
-    from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0.
-    Forward batches have the evaluation's size."""
-    if not h.gptq:
+    from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0
+    (unless CLIP_METHOD=sdclip_hessian needs their diagonals). Forward batches have the evaluation's size."""
+    if not calibrates(h):
         return {}
     targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
     if not targets:  # nothing for GPTQ to do (e.g. only the bigram table is quantized): skip the forwards
@@ -2203,11 +2756,11 @@ def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
 
 def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
                          log) -> Hyperparameters:
-    """GPTQ_RESERVE_MEASURE=1 (with GPTQ and a wallclock cap): run gptq_work once on the initial weights,
+    """GPTQ_RESERVE_MEASURE=1 (with calibration and a wallclock cap): run gptq_work once on the initial weights,
     before the timed run (its result is discarded; only its time matters, which does not depend on the
     weights), and reserve GPTQ_RESERVE_MARGIN x that time + GPTQ_RESERVE_SLACK_SECONDS instead of
     GPTQ_RESERVE_SECONDS. The slowest rank's time counts."""
-    if not (h.gptq and h.gptq_reserve_measure and h.max_wallclock_seconds > 0):
+    if not (calibrates(h) and h.gptq_reserve_measure and h.max_wallclock_seconds > 0):
         return h
     _, hessians, times = gptq_work(base_model, plan, h, rt, log)
     if not hessians:
@@ -2240,25 +2793,31 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
     state = base_model.state_dict()
     if hook is not None:
         hook(ExportInputs(state, dict(plan), hessians))
-    log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if h.gptq else 0} "
+    clip = ClipConfig.from_hparams(h)
+    log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if hessians else 0} "
         f"hessian_time:{times['hessian']:.0f}ms quantize_time:{times['quantize']:.0f}ms ranks:{rt.world_size} "
-        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f}")
-    if h.gptq:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
+        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f} clip:{clip.method}")
+    if hessians:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
         log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
         log_calibration_legality(times["total"], train_ms, h, log)
     quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
-                                 log=log)
-    encode = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
-                               shuffle=h.byte_shuffle, storage=h.quant_storage, log=log)
+                                 log=log, clip=clip, gptq=h.gptq)
+    serialize = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
+                                  shuffle=h.byte_shuffle, storage=h.quant_storage, log=log, sort_roles=h.pergroup_sort)
+    lqer = LQERConfig.from_hparams(h)
+
+    def encode(packed: dict) -> bytes:  # LQER is recomputed whenever fitting changes the tensors
+        return serialize(add_lqer(packed, state, lqer, log, hessians))
+
     blob = encode(packed)
     if h.quant_target_bytes > 0:
         log(f"quant_fit bytes_total:{code_bytes + len(blob)} target:{h.quant_target_bytes} "
             f"fit_needed:{int(code_bytes + len(blob) > h.quant_target_bytes)}")
         with full_fp32_matmul():
             fitted_plan, fitted = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes,
-                                                  quantize, encode, hessians, log)
-        if fitted_plan != plan and luts is not None:
-            log_fit_cost(base_model, packed, fitted, h, rt, luts, log)
+                                                  quantize, encode, hessians, log, clip)
+        if fitted_plan != plan and luts is not None:  # unfitted: as stored, LQER included
+            log_fit_cost(base_model, deserialize_artifact(blob)[1], fitted, h, rt, luts, log)
         blob = fitted
     params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
@@ -2414,6 +2973,442 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpe
     nats, tokens, nbytes = score_windows(model, bpb_sums(luts), val_tokens, spec, rank, world_size,
                                          autocast, phase).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
+
+
+# ---- score-first test-time training (docs/ttt.md) -------------------------------------------------
+# The model keeps learning from validation tokens it has already scored, legally:
+#   * per document, a fresh LoRA (Q, K, V, O, a low-rank path beside the MLP, and the output head) learns
+#     chunk by chunk: each chunk of TTT_CHUNK_SIZE targets is scored with the full softmax first, then
+#     one AdamW step learns from it, so the next chunk is scored by a LoRA that has seen only earlier
+#     tokens of its own document. Documents never see each other: each row of a batch is one document,
+#     each LoRA and its AdamW state are per row (elementwise), so batching changes nothing they compute.
+#   * phased global SGD: the documents are cut into phases in stream order; after a phase is scored,
+#     SGD on the whole model over every document scored so far (the stream prefix), then the next phase
+#     is scored by the adapted model. The public records took the longest documents first for their
+#     phases, so what a document was scored with depended on documents after it in the stream; here a
+#     token's distribution depends only on the artifact and the tokens before it (tests/test_ttt.py).
+# The weights adapted are the artifact's (dequantized): nothing adapted is ever quantized or saved.
+
+TTT_ADAM_EPS = 1e-10  # the public records' AdamW epsilon for the LoRAs
+# Effective bf16 throughput of the LoRA pass per H100, calibrated on a public record's measured TTT time
+# (scripts/ttt_calibrate.py, docs/ttt.md): the FLOP count below, divided by this, predicts 8 x H100 seconds.
+TTT_H100_TFLOPS = 147.0
+EVAL_CAP_SECONDS = 600.0  # the challenge's evaluation budget on 8 x H100
+PREDICTION_WORLD_SIZE = 8
+TTT_MIN_BATCHES_PER_RANK = 4  # a phase's batches shrink until each rank gets this many (load balance)
+
+
+class TTTSpec(NamedTuple):
+    """The TTT settings (the TTT_*, PHASED_TTT_* and GLOBAL_TTT_* variables)."""
+    lora_rank: int
+    chunk: int  # targets scored, then learned from, per step
+    seq_len: int  # context window inside a document
+    batch_docs: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    prefix_docs: int  # the global phases cover the first this many documents of the stream
+    phases: int
+    global_lr: float
+    global_momentum: float
+    global_epochs: int
+    global_chunk_tokens: int  # tokens per global SGD step, all ranks together
+    global_grad_clip: float
+    micro_batch_seqs: int  # sequences per forward of the global SGD (VAL_BATCH_SIZE tokens)
+    seed: int  # the LoRAs' initial A (one draw, shared by every document)
+
+    @classmethod
+    def from_hparams(cls, h: Hyperparameters) -> "TTTSpec":
+        return cls(h.ttt_lora_rank, h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_batch_size, h.ttt_lora_lr,
+                   (h.ttt_beta1, h.ttt_beta2), h.ttt_weight_decay, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases,
+                   h.global_ttt_lr, h.global_ttt_momentum, h.global_ttt_epochs, h.global_ttt_chunk_tokens,
+                   h.global_ttt_grad_clip, h.val_batch_seqs(h.ttt_eval_seq_len), h.seed)
+
+
+def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    """[n, 2] int64 (start, end) of each document of the stream: tokens[start] is its BOS (or the stream's
+    first token), its targets are tokens start+1 .. end, end being the next document's BOS (predicted by
+    this document's last token) or the stream's last token. Every target 1..N-1 belongs to one document."""
+    starts = np.flatnonzero(tokens == bos_id)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    ends = np.append(starts[1:], len(tokens) - 1)
+    keep = ends > starts  # a BOS as the stream's last token starts a document with no target
+    return np.stack((starts[keep], ends[keep]), axis=1).astype(np.int64)
+
+
+def ttt_phases(num_docs: int, spec: TTTSpec) -> list[tuple[int, int, bool]]:
+    """Consecutive document ranges (lo, hi, global SGD after it), in stream order: the first
+    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest."""
+    prefix = min(spec.prefix_docs, num_docs) if spec.global_epochs > 0 else 0
+    cuts = sorted({prefix * (i + 1) // spec.phases for i in range(spec.phases)} - {0})
+    phases, lo = [], 0
+    for cut in cuts:
+        phases.append((lo, cut, cut < num_docs))  # SGD after the last document would teach nothing
+        lo = cut
+    if lo < num_docs:
+        phases.append((lo, num_docs, False))
+    return phases
+
+
+def chunk_counts(targets: np.ndarray, spec: TTTSpec) -> np.ndarray:
+    return -(-targets // spec.chunk)
+
+
+def window_width(step: int, spec: TTTSpec) -> int:
+    """Columns of step `step`'s rows: the context of a full chunk, capped at TTT_EVAL_SEQ_LEN. Every target a
+    row scores at this step lies in its last TTT_CHUNK_SIZE columns."""
+    return min((step + 1) * spec.chunk, spec.seq_len)
+
+
+def document_costs(targets: np.ndarray, spec: TTTSpec) -> np.ndarray:
+    """Token columns a document's steps process (the sum of its window widths): its share of the work."""
+    n = chunk_counts(targets, spec)
+    growing = np.minimum(n, spec.seq_len // spec.chunk)  # steps whose window is still growing
+    return spec.chunk * growing * (growing + 1) // 2 + (n - growing) * spec.seq_len
+
+
+def assign_batches(costs: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """Each rank's batches (indices into costs), balanced by cost: the costliest first, each to the rank with
+    the least work so far. A function of the lengths alone: every rank computes the same split."""
+    if world_size == 1:
+        return [np.arange(len(costs))]
+    loads, shares = [(0, r) for r in range(world_size)], [[] for _ in range(world_size)]
+    for i in np.argsort(-costs, kind="stable"):
+        load, r = heapq.heappop(loads)
+        shares[r].append(i)
+        heapq.heappush(loads, (load + int(costs[i]), r))
+    return [np.asarray(s, dtype=np.int64) for s in shares]
+
+
+def ttt_schedule(spans: np.ndarray, spec: TTTSpec, world_size: int) -> list[list[tuple[list[np.ndarray], bool]]]:
+    """Per rank, per phase: (its batches of document indices, longest first; global SGD after the phase).
+    A phase's documents are sorted by length and cut into batches of at most TTT_BATCH_SIZE documents (the
+    remainder goes with the shortest), so that batch-mates finish together, and of at most a
+    1/(TTT_MIN_BATCHES_PER_RANK x ranks) share of the phase's work, so that the batch of its longest
+    documents does not keep one rank busy while the others wait for the global SGD; the batches are then
+    spread over the ranks."""
+    costs = document_costs(spans[:, 1] - spans[:, 0], spec)
+    plan = [[] for _ in range(world_size)]
+    for lo, hi, sgd_after in ttt_phases(len(spans), spec):
+        cap = costs[lo:hi].sum() / (world_size * TTT_MIN_BATCHES_PER_RANK)
+        batches, batch, load = [], [], 0
+        for doc in lo + np.argsort(-costs[lo:hi], kind="stable"):
+            if batch and (len(batch) == spec.batch_docs or load + costs[doc] > cap):
+                batches.append(np.asarray(batch))
+                batch, load = [], 0
+            batch.append(doc)
+            load += costs[doc]
+        batches += [np.asarray(batch)] if batch else []
+        loads = np.array([costs[b].sum() for b in batches], dtype=np.int64)
+        for r, mine in enumerate(assign_batches(loads, world_size)):
+            plan[r].append(([batches[i] for i in sorted(mine)], sgd_after))
+    return plan
+
+
+class BatchedLoRA(nn.Module):
+    """One rank-r adapter per row of a batch (per document): x [B, T, in] -> (x A_b^T) B_b^T [B, T, out].
+    B starts at zero (the adapted model starts as the artifact's); A from one seeded draw shared by all
+    documents, so a document's result does not depend on which batch or rank it lands in."""
+
+    def __init__(self, fan_in: int, fan_out: int, rank: int, generator: torch.Generator):
+        super().__init__()
+        bound = 1.0 / math.sqrt(fan_in)
+        self.register_buffer("a_init", (2 * torch.rand(rank, fan_in, generator=generator) - 1) * bound)
+        self.a = nn.Parameter(self.a_init[None].clone())
+        self.b = nn.Parameter(torch.zeros(1, fan_out, rank))
+
+    def reset(self, rows: int) -> None:
+        """Fresh adapters for `rows` documents (new parameters: an optimizer must be made for them)."""
+        self.a = nn.Parameter(self.a_init.expand(rows, *self.a_init.shape).clone())
+        self.b = nn.Parameter(self.b.new_zeros(rows, *self.b.shape[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.a.transpose(1, 2)) @ self.b.transpose(1, 2)
+
+
+class DocumentLoRA(nn.Module):
+    """A batch of documents' adapters: per pass of the model's plan (a shared block gets one per pass) on
+    Q, K, V, O and beside the MLP (its normalized input to its output), and on the output head."""
+
+    def __init__(self, model: GPT, rank: int, seed: int):
+        super().__init__()
+        cfg, g = model.cfg, torch.Generator().manual_seed(seed)
+        d = cfg.model_dim
+        kv = cfg.num_kv_heads * (d // cfg.num_heads)
+        shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
+        self.layers = nn.ModuleList(nn.ModuleDict({key: BatchedLoRA(i, o, rank, g) for key, (i, o) in shapes.items()})
+                                    for _ in model.plan)
+        self.head = BatchedLoRA(d, cfg.vocab_size, rank, g)
+
+    def reset(self, rows: int) -> None:
+        for m in self.modules():
+            if isinstance(m, BatchedLoRA):
+                m.reset(rows)
+
+    def keep_rows(self, keep: Tensor, opt: torch.optim.Optimizer) -> None:
+        """Keep only the rows `keep` of the adapters and of their optimizer state (moments sliced, step counts
+        kept): a batch's rows shrink as its documents end, so that the long ones drag no dead rows along."""
+        new = {}
+        for m in self.modules():
+            if isinstance(m, BatchedLoRA):
+                for name in ("a", "b"):
+                    old = getattr(m, name)
+                    new[old] = nn.Parameter(old.detach()[keep])
+                    setattr(m, name, new[old])
+        for group in opt.param_groups:
+            group["params"] = [new[p] for p in group["params"]]
+        opt.state = collections.defaultdict(dict, {
+            new[p]: {k: v[keep] if torch.is_tensor(v) and v.dim() else v for k, v in state.items()}
+            for p, state in opt.state.items()})
+
+
+def ttt_optimizer(lora: DocumentLoRA, spec: TTTSpec) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(lora.parameters(), lr=spec.lr, betas=spec.betas, eps=TTT_ADAM_EPS,
+                             weight_decay=spec.weight_decay)
+
+
+def ttt_forward(model: GPT, chunk: int) -> Callable[[Tensor, DocumentLoRA], Tensor]:
+    """(rows [B, W] of single documents, their LoRAs) -> logits [B, chunk, V] of the last chunk columns, the
+    only ones a step scores or learns from (the head runs on those alone)."""
+    def forward(x: Tensor, lora: DocumentLoRA) -> Tensor:
+        return model.head(model.hidden(x, lora, rows_are_documents=True)[:, -chunk:], lora)
+    return forward
+
+
+def logit_sums(luts: ByteLUTs) -> Callable:
+    """A score callback on logits: [nats, tokens, bytes] over the scored targets, as float64 (no boolean
+    indexing: the mask multiplies)."""
+    def sums(logits, x, y, scored, _):
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        mask = scored.double()
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y).double() * mask).sum()))
+    return sums
+
+
+def step_rows(val_tokens: Tensor, start: Tensor, targets: Tensor, step: int, spec: TTTSpec):
+    """Step `step` of a batch of documents (start, targets [B] on the device): the rows x_all [B, width], and
+    for their last `chunk` columns the inputs x, targets y, scored and target_pos. Every row holds the same
+    span of its document's positions, those before the end of chunk `step` (at most TTT_EVAL_SEQ_LEN of
+    them), zero-padded past the document's end; it scores the chunk's targets, which no earlier step scored.
+    The span never depends on where the document ends: the context of a target must not depend on whether
+    a later token is a BOS."""
+    width, c = window_width(step, spec), spec.chunk
+    begin = (step + 1) * c - width  # relative index of the rows' first input
+    end = torch.clamp(targets, max=(step + 1) * c)  # relative index of the chunk's last target
+    inputs = begin + torch.arange(width, device=start.device)[None, :]
+    valid = inputs < end[:, None]  # also false on every column of a finished document
+    pos = (start[:, None] + inputs).clamp_max(len(val_tokens) - 2)
+    x_all = torch.where(valid, val_tokens[pos].long(), 0)
+    y = torch.where(valid, val_tokens[pos + 1].long(), 0)
+    scored = valid & (inputs >= step * c)
+    last = slice(width - c, width)
+    return x_all, x_all[:, last], y[:, last], scored[:, last], (pos + 1)[:, last]
+
+
+def adapt_batch(forward: Callable, lora: DocumentLoRA, score: Callable, val_tokens: Tensor, spans: np.ndarray,
+                spec: TTTSpec, autocast) -> Tensor | None:
+    """Score a batch of documents chunk by chunk, each row with its own fresh LoRA: forward, score the chunk,
+    then (if the document goes on) one AdamW step on that chunk's loss. Returns the score's sums (None for
+    no documents). Once half the rows' documents have ended, those rows are dropped."""
+    lora.reset(len(spans))
+    opt = ttt_optimizer(lora, spec)  # fresh moments and step counts: nothing carries over between batches
+    chunks = chunk_counts(spans[:, 1] - spans[:, 0], spec)
+    rows = np.arange(len(spans))  # the batch's documents that still have a row
+    start, targets = (_to_device(torch.from_numpy(spans[:, i].copy()), val_tokens.device) for i in (0, 1))
+    targets = targets - start
+    total = None
+    for step in range(int(chunks.max(initial=0))):
+        if 2 * (chunks[rows] > step).sum() <= len(rows):
+            live = np.flatnonzero(chunks[rows] > step)
+            keep = _to_device(torch.from_numpy(live), val_tokens.device)
+            lora.keep_rows(keep, opt)
+            rows, start, targets = rows[live], start[keep], targets[keep]
+        x, xl, yl, scored, pos = step_rows(val_tokens, start, targets, step, spec)
+        with autocast():
+            logits = forward(x, lora)
+        with torch.no_grad():
+            sums = score(logits.detach(), xl, yl, scored, pos)
+        total = sums if total is None else total + sums
+        learns = step < chunks[rows] - 1  # not the document's last chunk
+        if learns.any():
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), yl.flatten(), reduction="none").view_as(yl)
+            per_doc = (nll * scored).sum(dim=1) / spec.chunk  # a learning row scores exactly a full chunk
+            (per_doc * _to_device(torch.from_numpy(learns), val_tokens.device)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return total
+
+
+def global_sgd(model: GPT, tokens: Tensor, spec: TTTSpec, rank: int, world_size: int, autocast) -> int:
+    """GLOBAL_TTT_EPOCHS of SGD (momentum, cosine LR to 0, gradient clipping) on the whole model over
+    `tokens`, the already-scored stream prefix, cut into TTT_EVAL_SEQ_LEN windows; GLOBAL_TTT_CHUNK_TOKENS
+    per step, the windows of a step split over the ranks and the gradients summed. Returns the steps."""
+    W = spec.seq_len
+    num_seqs = (len(tokens) - 1) // W
+    per_step = max(1, spec.global_chunk_tokens // W)
+    steps = -(-num_seqs // per_step)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=spec.global_lr, momentum=spec.global_momentum)
+    total = steps * spec.global_epochs
+    cols = torch.arange(W + 1, device=tokens.device)
+    for k in range(total):
+        first = (k % steps) * per_step
+        seqs = np.arange(first, min(first + per_step, num_seqs))
+        for group in opt.param_groups:
+            group["lr"] = spec.global_lr * 0.5 * (1 + math.cos(math.pi * k / total))
+        mine = np.array_split(seqs, world_size)[rank]
+        for b in range(0, len(mine), spec.micro_batch_seqs):
+            starts = torch.from_numpy(mine[b:b + spec.micro_batch_seqs] * W).to(tokens.device)
+            rows = tokens[starts[:, None] + cols].long()
+            with autocast():
+                nll = model(rows[:, :-1], rows[:, 1:])
+            (nll.sum() / (len(seqs) * W)).backward()  # the step's mean over all ranks' tokens
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if world_size > 1:
+                dist.all_reduce(p.grad)
+        if spec.global_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, spec.global_grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    return total
+
+
+def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, spec: TTTSpec, rank: int = 0, world_size: int = 1,
+              autocast=contextlib.nullcontext, forward: Callable | None = None, log=None) -> Tensor:
+    """The TTT evaluation loop: every document of val_tokens scored by score(logits, x, y, scored, target_pos)
+    (as score_windows' callback, on the last chunk columns) while it adapts, phase by phase with global SGD
+    in between; the float64 sums, added over batches and ranks. Changes the model's weights (global SGD):
+    give it a model built for this pass from the artifact. forward: ttt_forward(model, chunk), compiled."""
+    forward = forward or ttt_forward(model, spec.chunk)
+    spans = document_spans(val_tokens.cpu().numpy(), model.cfg.bos_id)
+    plan, phases = ttt_schedule(spans, spec, world_size)[rank], ttt_phases(len(spans), spec)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = DocumentLoRA(model, spec.lora_rank, spec.seed).to(val_tokens.device)
+    total, t0 = None, time.perf_counter()
+    progress = Progress("ttt", sum(len(docs) for batches, _ in plan for docs in batches), rank == 0, unit="doc")
+    for k, ((batches, sgd_after), (lo, hi, _)) in enumerate(zip(plan, phases)):
+        for docs in batches:
+            sums = adapt_batch(forward, lora, score, val_tokens, spans[docs], spec, autocast)
+            total = sums if total is None else total + sums
+            progress.update(len(docs))
+        line = f"ttt_phase {k + 1}/{len(phases)} docs:{lo}-{hi} rank0_batches:{len(batches)}"
+        if sgd_after:
+            prefix = val_tokens[:spans[hi - 1, 1] + 1]  # every target here is scored already, on every rank
+            t1 = time.perf_counter()
+            steps = global_sgd(model, prefix, spec, rank, world_size, autocast)
+            line += f" global_sgd_tokens:{len(prefix)} steps:{steps} sgd_time:{1000 * (time.perf_counter() - t1):.0f}ms"
+        if log is not None:
+            log(line + f" elapsed:{1000 * (time.perf_counter() - t0):.0f}ms")
+    progress.close()
+    if total is None:  # no document came to this rank: its sums are zeros of the score's shape
+        lora.reset(1)
+        x = torch.zeros(1, spec.chunk + 1, dtype=torch.long, device=val_tokens.device)
+        with torch.no_grad(), autocast():
+            logits = forward(x[:, :-1], lora)
+        total = score(logits, x[:, :-1], x[:, 1:], torch.zeros_like(x[:, 1:], dtype=torch.bool), x[:, 1:])
+    if world_size > 1:
+        dist.all_reduce(total)
+    return total
+
+
+def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, spec: TTTSpec, rank: int = 0, world_size: int = 1,
+                 autocast=contextlib.nullcontext, forward: Callable | None = None, log=None) -> tuple[float, float]:
+    """(val_loss, val_bpb) of score-first TTT over every target of val_tokens, each scored once."""
+    nats, tokens, nbytes = ttt_score(model, logit_sums(luts), val_tokens, spec, rank, world_size, autocast,
+                                     forward, log).tolist()
+    return nats / tokens, nats / math.log(2) / nbytes
+
+
+def ttt_warm_up(forward: Callable, model: GPT, spec: TTTSpec, device: torch.device, autocast) -> None:
+    """Compile the TTT step on random tokens (never validation tokens), at the first and the widest window,
+    then drop what it learned: the LoRAs it trains are its own, and the model's weights stay frozen."""
+    g = torch.Generator(device="cpu").manual_seed(spec.seed)
+    lora = DocumentLoRA(model, spec.lora_rank, spec.seed).to(device)
+    lora.reset(spec.batch_docs)
+    opt = ttt_optimizer(lora, spec)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for width in sorted({window_width(0, spec), spec.seq_len}):
+        x = torch.randint(0, model.cfg.vocab_size, (spec.batch_docs, width + 1), generator=g).to(device)
+        with autocast():
+            logits = forward(x[:, :-1], lora)
+        F.cross_entropy(logits.flatten(0, 1).float(), x[:, -spec.chunk:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def ttt_step_flops(cfg: ModelConfig, lora_rank: int, rows: int, width: int, head_cols: int,
+                   backward: str) -> tuple[float, float]:
+    """(matrix-product FLOPs, attention FLOPs) of one step on `rows` rows of `width` tokens, the head on their
+    last head_cols columns: the forward (2 per weight and token, the LoRAs' too; causal attention 2 x 2 x
+    MODEL_DIM per query and key), then the backward: "none"; "lora" (TTT: input gradients through the frozen
+    weights, 1x their forward, and the LoRAs' own gradients, 2x theirs); "model" (global SGD: no LoRAs,
+    every weight's gradient, 2x). Attention's backward is 2x its forward."""
+    d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+    passes = len(layer_plan(cfg, True))
+    frozen = width * (2 * passes * (2 * d * d + 2 * d * kv + 2 * cfg.mlp_mult * d * d)
+                      + (2 * cfg.bigram_dim * d if cfg.bigram_buckets else 0)) + head_cols * 2 * d * cfg.vocab_size
+    lora = 0 if backward == "model" else lora_rank * (
+        width * 2 * passes * (2 * d + 2 * (d + kv) + 2 * d + 2 * d)  # q, k, v, o, mlp
+        + head_cols * 2 * (d + cfg.vocab_size))  # the head
+    attention = passes * 2 * d * width * (width + 1)
+    grad = {"none": (0, 0, 0), "lora": (1, 2, 2), "model": (2, 0, 2)}[backward]
+    return rows * ((1 + grad[0]) * frozen + (1 + grad[1]) * lora), rows * (1 + grad[2]) * attention
+
+
+def ttt_batch_flops(cfg: ModelConfig, spec: TTTSpec, targets: np.ndarray, public_loop: bool = False) -> float:
+    """FLOPs of adapt_batch on documents with these target counts: each step on the rows it keeps, the head
+    on the chunk's columns, with its backward on the steps that learn. public_loop: the public records' loop
+    instead, which keeps every row to the end and runs the head on every column."""
+    chunks, rows, total = chunk_counts(targets, spec), len(targets), 0.0
+    for step in range(int(chunks.max(initial=0))):
+        live = int((chunks > step).sum())
+        rows = live if not public_loop and 2 * live <= rows else rows
+        backward = "lora" if (chunks > step + 1).any() else "none"
+        width = window_width(step, spec)
+        total += sum(ttt_step_flops(cfg, spec.lora_rank, rows, width, width if public_loop else spec.chunk, backward))
+    return total
+
+
+def ttt_flops(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec,
+              world_size: int) -> tuple[list[list[float]], list[float]]:
+    """(FLOPs of each phase's LoRA pass on each rank, FLOPs of the global SGD after each phase), on the schedule
+    the loop runs."""
+    targets = spans[:, 1] - spans[:, 0]
+    schedule = ttt_schedule(spans, spec, world_size)
+    phases = ttt_phases(len(spans), spec)
+    lora = [[sum(ttt_batch_flops(cfg, spec, targets[docs]) for docs in schedule[r][k][0]) for r in range(world_size)]
+            for k in range(len(phases))]
+    sgd = [spec.global_epochs * sum(ttt_step_flops(cfg, 0, spans[hi - 1, 1] // spec.seq_len, spec.seq_len, spec.seq_len,
+                                                   "model")) if sgd_after else 0.0 for lo, hi, sgd_after in phases]
+    return lora, sgd
+
+
+def predict_ttt_seconds(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec, world_size: int = PREDICTION_WORLD_SIZE,
+                        tflops: float = TTT_H100_TFLOPS) -> tuple[float, float]:
+    """(predicted seconds of the TTT pass on world_size H100s, its total FLOPs) at the calibrated throughput:
+    each phase lasts as long as its busiest rank (the global SGD waits for all), then its SGD, shared."""
+    lora, sgd = ttt_flops(cfg, spans, spec, world_size)
+    busiest = sum(max(ranks) for ranks in lora) + sum(sgd) / world_size
+    return busiest / (tflops * 1e12), sum(map(sum, lora)) + sum(sgd)
+
+
+def predict_window_eval_seconds(cfg: ModelConfig, num_tokens: int, spec: EvalSpec,
+                                world_size: int = PREDICTION_WORLD_SIZE, tflops: float = TTT_H100_TFLOPS) -> float:
+    """Predicted seconds of one window evaluation (score_windows) on world_size H100s: its forward FLOPs (the
+    head on every column, as model.logits runs it) on the busiest rank, at TTT's calibrated throughput. A
+    forward-only pass at large batch runs faster than TTT's mixed loop, so this errs long."""
+    windows = 1 + max(0, -(-(num_tokens - 1 - spec.seq_len) // spec.stride))
+    rows = -(-windows // world_size)
+    return sum(ttt_step_flops(cfg, 0, rows, spec.seq_len, spec.seq_len, "none")) / (tflops * 1e12)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3202,6 +4197,67 @@ def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: Byte
     return loss, bpb
 
 
+def log_ttt_budget(cfg: ModelConfig, val_tokens: np.ndarray, h: Hyperparameters, log, windows: bool = True) -> None:
+    """Before training: the TTT pass's FLOPs and its predicted time on 8 x H100, and whether the evaluation
+    (with windows: the round trip's and the sliding window's passes before TTT) fits the budget (a `legality`
+    line), so that a run that could not be submitted says so at once. Compile warm-ups are not counted."""
+    spec = TTTSpec.from_hparams(h)
+    spans = document_spans(val_tokens, cfg.bos_id)
+    seconds, flops = predict_ttt_seconds(cfg, spans, spec)
+    log(f"ttt_budget docs:{len(spans)} flops:{flops:.4g} assumed_tflops_per_gpu:{TTT_H100_TFLOPS:g} "
+        f"predicted_{PREDICTION_WORLD_SIZE}xh100:{seconds:.1f}s")
+    before = sum(predict_window_eval_seconds(cfg, len(val_tokens), s) for s in (EvalSpec.plain(h), EvalSpec.sliding(h))
+                 ) if windows else 0.0
+    total = seconds + before
+    verdict = "within" if total <= EVAL_CAP_SECONDS else \
+        "over (set TTT=0, or raise TTT_CHUNK_SIZE / lower TTT_EVAL_SEQ_LEN or PHASED_TTT_PREFIX_DOCS)"
+    log(f"legality ttt_eval predicted_{PREDICTION_WORLD_SIZE}xh100:{seconds:.1f}s windows:{before:.1f}s "
+        f"total:{total:.1f}s cap:{EVAL_CAP_SECONDS:.0f}s verdict:{verdict}")
+
+
+def compile_ttt_forward(model: GPT, spec: TTTSpec, h: Hyperparameters, rt: Runtime, log) -> Callable:
+    """The TTT step's forward, compiled on CUDA (one graph with dynamic shapes: widths and row counts vary)
+    and warmed up on random tokens; eager elsewhere, or if compiling fails (logged)."""
+    forward = ttt_forward(model, spec.chunk)
+    if rt.device.type != "cuda" or not h.compile:
+        return forward
+    t0 = time.perf_counter()
+    compiled = torch.compile(forward, dynamic=True)
+    try:
+        ttt_warm_up(compiled, model, spec, rt.device, rt.autocast)
+    except Exception as e:  # noqa: BLE001 (any compiler failure): the eager step computes the same thing
+        log(f"ttt_compile failed:{type(e).__name__} running:eager ({str(e).splitlines()[0][:200] if str(e) else ''})")
+        return forward
+    rt.sync()
+    log(f"ttt_compile warm_up:random_tokens time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    return compiled
+
+
+def run_ttt(artifact: Path, val_tokens: Tensor, luts: ByteLUTs, h: Hyperparameters, rt: Runtime, log,
+            windows_s: float = 0.0) -> None:
+    """final_ttt_exact: score-first TTT on a model rebuilt from the artifact file, so what adapts is the
+    quantized model as shipped (the training model is left as it is: the earlier lines stay valid).
+    windows_s: the evaluation time before it (the window passes), judged with it against the cap."""
+    cfg, state = load_artifact(artifact)
+    model = build_model(cfg, rt.device)
+    model.load_state_dict(state)
+    spec = TTTSpec.from_hparams(h)
+    t0 = time.perf_counter()
+    forward = compile_ttt_forward(model, spec, h, rt, log)
+    t1 = time.perf_counter()
+    loss, bpb = ttt_evaluate(model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast, forward, log)
+    rt.sync()
+    seconds = time.perf_counter() - t1
+    log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * seconds:.0f}ms "
+        f"compile_time:{1000 * (t1 - t0):.0f}ms chunk:{spec.chunk} seq_len:{spec.seq_len} lora_rank:{spec.lora_rank}")
+    on = f"{rt.world_size}x{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'}"
+    judged = rt.world_size == PREDICTION_WORLD_SIZE and "H100" in on
+    total = seconds + t1 - t0 + windows_s
+    verdict = ("within" if total <= EVAL_CAP_SECONDS else "over") if judged else "not_8xh100"
+    log(f"legality ttt_eval measured:{seconds + t1 - t0:.1f}s windows:{windows_s:.1f}s total:{total:.1f}s "
+        f"on:{on.replace(' ', '_')} cap:{EVAL_CAP_SECONDS:.0f}s verdict:{verdict}")
+
+
 def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) -> None:
     """A whole run: settings from `env` (os.environ by default); export_hook: see export_model."""
     env = os.environ if env is None else env
@@ -3249,11 +4305,14 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
 
     sp = load_tokenizer(h.tokenizer_path)
     luts = build_byte_luts(sp, h.vocab_size).to(rt.device)
-    val_tokens = torch.from_numpy(load_validation_tokens(h.data_path).astype(np.int32)).to(rt.device)
+    val_np = load_validation_tokens(h.data_path)
+    val_tokens = torch.from_numpy(val_np.astype(np.int32)).to(rt.device)
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
     if rt.is_main:
         log_dataset(dataset_provenance(h.data_path, h.tokenizer_path), log)
+    if h.ttt:
+        log_ttt_budget(ModelConfig.from_hparams(h), val_np, h, log)
 
     check_tokenizer(sp, h, h.tokenizer_path)
     base = build_model(ModelConfig.from_hparams(h), rt.device, log)
@@ -3292,8 +4351,11 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
                            f"python eval_ngram_on_checkpoint.py)")
     _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
     base.load_state_dict(state)
+    t0 = time.perf_counter()
     timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), rt, log)
     timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, EvalSpec.sliding(h), rt, log)
+    if h.ttt:
+        run_ttt(artifact, val_tokens, luts, h, rt, log, windows_s=time.perf_counter() - t0)
 
 
 def cli() -> None:

@@ -31,7 +31,8 @@ from train_gpt import find_shards, load_validation_tokens  # noqa: E402
 # The small model: 4 layers x 128, head dim 32 with a quarter of it rotated (the record's 16 of 64).
 SMALL = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3, ROPE_DIMS=8,
              TRAIN_SEQ_LEN=256, EVAL_SEQ_LEN=256, EVAL_STRIDE=128, VAL_BATCH_SIZE=16384,
-             MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=50, SEED=1337)
+             MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=50, SEED=1337,
+             TTT=0)  # the ablation compares sliding-window scores; test-time training would add minutes per run
 # Every part off: the pipeline's baseline model (and RoPE on the whole head dim).
 BASELINE = dict(MLP_ACTIVATION="relu2", BLOCK_INPUT_SCALE=0, UNET_GATES=0, XSA_LAYERS="none", SMEAR_GATE=0,
                 BIGRAM_BUCKETS=0, VE_LAYERS="none", ORTHO_INIT=0)

@@ -30,7 +30,8 @@ CONFIG = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", R
               TRAIN_BATCH_TOKENS=str(128 * 32), ITERATIONS="200", MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="0",
               VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50", EVAL_SEQ_LEN="128", EVAL_STRIDE="128",
               VAL_BATCH_SIZE="16384", GPTQ="0", COMPRESSOR="zstd", QAT="off", EMA_DECAY="0.99",
-              MUON_MOMENTUM_WARMUP_STEPS="100", QUANT_MIN_NUMEL="4096")
+              MUON_MOMENTUM_WARMUP_STEPS="100", QUANT_MIN_NUMEL="4096",
+              TTT="0")  # it compares the float scores; test-time training would add minutes per run
 VAL_TOKENS = 65_536  # the first validation tokens: enough to separate seeds, quick to evaluate
 RESULT = re.compile(r"^(raw|final)_float_exact val_loss:(\S+) val_bpb:(\S+)", re.M)  # last step's, averaged
 

@@ -41,7 +41,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.compact_train_gpt import write_compact  # noqa: E402
-from scripts.runlog import SUBMISSION_METRIC, RunLog, common_value, load_runs  # noqa: E402
+from scripts.runlog import RunLog, common_value, load_runs  # noqa: E402
 from scripts.summarize import (MIN_IMPROVEMENT_NATS, SIGNIFICANCE_P, WelchTest, describe_test,  # noqa: E402
                                markdown_table, mean_std, seed_table, welch_one_sided)
 
@@ -224,7 +224,7 @@ def submission_json(rec: Record) -> dict:
         "hardware": hardware_text(runs), "pytorch_version": runs[0].versions.get("torch"),
         "pre_quant_val_loss": mean_of(runs, "final_float_exact", "val_loss"),
         "pre_quant_val_bpb": mean_of(runs, "final_float_exact", "val_bpb"),
-        "metric": SUBMISSION_METRIC, "code_sha256": runs[0].code_hash,
+        "metric": runs[0].submission_metric, "code_sha256": runs[0].code_hash,
     }
     if rec.test:
         sub.update(baseline_val_loss=rec.baseline, t_stat=rec.test.t, df=rec.test.df, p_value=rec.test.p_value)
@@ -287,7 +287,7 @@ def readme_text(rec: Record) -> str:
 
 **val_bpb {sub['val_bpb']:.8f}** (std {sub['val_bpb_std']:.8f}), val_loss {sub['val_loss']:.8f} nats
 (std {sub['val_loss_std']:.8f}): mean of {len(runs)} seeds ({seeds}); largest artifact {sub['bytes_total']:,}
-bytes. The submission number is `{SUBMISSION_METRIC}`. By {meta.author} (@{meta.github_id}), {meta.date}.
+bytes. The submission number is `{runs[0].submission_metric}`. By {meta.author} (@{meta.github_id}), {meta.date}.
 
 {why_not_a_record(rec)}
 ## Results (from the logs)

@@ -7,6 +7,8 @@ bytes per compressor, byte shuffle and storage, and the speed of the 6-bit packi
     python3 scripts/quant_report.py gptq DIR/float.pt            # float / round-to-nearest / GPTQ bpb
     python3 scripts/quant_report.py sizes --checkpoint DIR/float.pt
     python3 scripts/quant_report.py sizes                        # the default 27 M model, random init
+    python3 scripts/quant_report.py frontier DIR/float.pt        # SDClip, int7, LQER, per-group: bpb, bytes
+    python3 scripts/quant_report.py sizes --frontier             # their bytes on the default 27 M model
 
 `train` runs train_gpt.main() unchanged (model and data come from the usual variables: DATA_PATH,
 TOKENIZER_PATH, NUM_LAYERS, ...) and saves what its quantization step receives: the trained float
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -197,6 +200,120 @@ def sizes_report(checkpoint: Path | None) -> None:
                       f"{time.perf_counter() - t0:.1f} |", flush=True)
 
 
+# Each variant: Hyperparameters fields changed from TODAY, the checkpoint's run with the frontier's
+# additions off (whatever the defaults), so that each row measures its additions alone.
+TODAY = {"clip_method": "percentile", "quant_embed_bits": 8, "lqer_top": 0}
+FRONTIER_VARIANTS = {
+    "GPTQ + percentile clip (today)": {},
+    "blocks int5 (bytes reference)": {"quant_bits": 5},
+    "SDClip": {"clip_method": "sdclip"},
+    "SDClip, Hessian-aware": {"clip_method": "sdclip_hessian"},
+    "int7 embedding": {"quant_embed_bits": 7},
+    "LQER, largest error": {"lqer_top": 3, "lqer_select": "error"},
+    "LQER, largest output gain": {"lqer_top": 3, "lqer_select": "hessian"},
+    "SDClip + int7 + LQER-H": {"clip_method": "sdclip", "quant_embed_bits": 7, "lqer_top": 3, "lqer_select": "hessian"},
+    "SDClip-H + int7 + LQER-H": {"clip_method": "sdclip_hessian", "quant_embed_bits": 7, "lqer_top": 3,
+                                    "lqer_select": "hessian"},
+    "int7 + LQER-H": {"quant_embed_bits": 7, "lqer_top": 3, "lqer_select": "hessian"},
+    "int7 + LQER, largest error": {"quant_embed_bits": 7, "lqer_top": 3, "lqer_select": "error"},
+    "blocks int7 + SDClip": {"quant_bits": 7, "clip_method": "sdclip"},
+}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"label:FIELD=value,FIELD=value" (Hyperparameters field or env names) -> (label, overrides)."""
+    label, _, spec = text.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(tg.Hyperparameters)}
+    overrides = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key.strip().lower() not in fields:
+            raise ValueError(f"--variant {text!r}: {key.strip()} is not a train_gpt.py hyperparameter")
+        f = fields[key.strip().lower()]
+        overrides[f.name] = tg._parse_env_value(f.name.upper(), value.strip(), f.default, f.metadata)
+    return label, overrides
+
+
+def quantize_like_a_run(state: dict, hessians: dict, fp16_names, h: tg.Hyperparameters) -> dict:
+    """What export_model would store for these weights and Hessians (no byte-target fitting)."""
+    plan = tg.plan_from_hparams(state, h, fp16_names)
+    quiet = lambda *_: None  # noqa: E731
+    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians if (h.gptq or h.clip_method ==
+                                    "sdclip_hessian") else {}, damp=h.gptq_damp, block=h.gptq_block, log=quiet,
+                                    clip=tg.ClipConfig.from_hparams(h), gptq=h.gptq)
+    return tg.add_lqer(packed, state, tg.LQERConfig.from_hparams(h), quiet, hessians)
+
+
+def frontier_report(path: Path, extra: list[str], only: list[str]) -> None:
+    """val_bpb and bytes of each FRONTIER_VARIANTS entry (and --variant ones) on a trained checkpoint:
+    gap to the float weights, its first-order part g.e, the artifact bytes with the best single-stream
+    codec and with per-group compression, bits per parameter."""
+    ckpt, h = load_checkpoint(path)
+    state = ckpt["state"]
+    sp = tg.load_tokenizer(h.tokenizer_path)
+    model = build_model(h)
+    fp16_names = model.fp16_param_names()
+    val_tokens = torch.from_numpy(tg.load_validation_tokens(h.data_path).astype(np.int32))
+    luts = tg.build_byte_luts(sp, h.vocab_size)
+    hessians = complete_hessians(model, state, ckpt["hessians"], ckpt["plan"], h)
+    params = sum(t.numel() for t in state.values())
+    grads = val_gradient(model, state, h, val_tokens, luts)
+    float_bpb = val_bpb(model, state, h, val_tokens, luts)
+    print(f"model params:{params} layers:{h.num_layers} dim:{h.model_dim} val_tokens:{len(val_tokens)} "
+          f"float_bpb:{float_bpb:.5f} run settings: gptq:{int(h.gptq)} bits:{h.quant_bits} "
+          f"embed_bits:{h.quant_embed_bits} min_numel:{h.quant_min_numel}")
+    print("| variant | val_bpb | gap | g.e | gap - g.e | bytes, best codec | bytes, per-group | bits/param |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
+    variants = dict(FRONTIER_VARIANTS) | dict(parse_variant(v) for v in extra)
+    for label, overrides in variants.items():
+        if only and label not in only and not any(label.startswith(o) for o in only):
+            continue
+        hv = dataclasses.replace(h, **(TODAY | overrides))
+        t0 = time.perf_counter()
+        packed = quantize_like_a_run(state, hessians, fp16_names, hv)
+        encode = functools.partial(tg.serialize_artifact, packed, shuffle=hv.byte_shuffle, storage=hv.quant_storage,
+                                   sort_roles=hv.pergroup_sort)
+        single = min((encode(compressor=c) for c in tg.CODEC_IDS), key=len)
+        grouped = encode(compressor="pergroup")
+        weights = tg.dequantize_state_dict(tg.deserialize_artifact(single)[1])
+        assert all(torch.equal(weights[n], w) for n, w in tg.dequantize_state_dict(
+            tg.deserialize_artifact(grouped)[1]).items())
+        bpb = val_bpb(model, weights, h, val_tokens, luts)
+        first = sum(float((grads[n] * (weights[n].float() - state[n].float())).sum()) for n in grads)
+        gap = bpb - float_bpb
+        print(f"| {label} | {bpb:.5f} | {gap:+.5f} | {first:+.5f} | {gap - first:+.5f} | {len(single):,} | "
+              f"{len(grouped):,} | {8 * min(len(single), len(grouped)) / params:.4f} |", flush=True)
+        print(f"  ({label}: {overrides} {time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+
+
+def frontier_sizes(checkpoint: Path | None, only: list[str]) -> None:
+    """Bytes of each FRONTIER_VARIANTS entry on the default 27 M model at random init (round-to-nearest:
+    no Hessians, so sdclip_hessian and LQER's hessian selection fall back as a run without them
+    would) or on a checkpoint: brotli (the smallest single-stream codec throughout here) and per-group."""
+    if checkpoint is None:
+        state, h, _ = random_default_state()
+        hessians, fp16_names = {}, build_model(h).fp16_param_names()
+    else:
+        ckpt, h = load_checkpoint(checkpoint)
+        state, model = ckpt["state"], build_model(h)
+        fp16_names = model.fp16_param_names()
+        hessians = complete_hessians(model, state, ckpt["hessians"], ckpt["plan"], h)
+    params = sum(t.numel() for t in state.values())
+    print(f"model {'random init' if checkpoint is None else checkpoint} params:{params}")
+    print("| variant | bytes, brotli | bytes, per-group | bits/param | seconds |\n|---|---|---|---|---|", flush=True)
+    for label, overrides in FRONTIER_VARIANTS.items():
+        if only and not any(label.startswith(o) for o in only):
+            continue
+        hv = dataclasses.replace(h, **(TODAY | overrides))
+        t0 = time.perf_counter()
+        packed = quantize_like_a_run(state, hessians, fp16_names, hv)
+        encode = functools.partial(tg.serialize_artifact, packed, shuffle=hv.byte_shuffle, storage=hv.quant_storage,
+                                   sort_roles=hv.pergroup_sort)
+        single, grouped = len(encode(compressor="brotli")), len(encode(compressor="pergroup"))
+        print(f"| {label} | {single:,} | {grouped:,} | {8 * min(single, grouped) / params:.4f} | "
+              f"{time.perf_counter() - t0:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,7 +325,15 @@ def main() -> None:
     gptq.add_argument("checkpoint", type=Path)
     gptq.add_argument("--breakdown-bits", type=int, choices=(5, 6, 8), default=5,
                       help="bits of the per-block rows (int5 shows the largest, clearest gaps)")
-    sub.add_parser("sizes", help="bytes per storage, shuffle and codec").add_argument("--checkpoint", type=Path)
+    sizes = sub.add_parser("sizes", help="bytes per storage, shuffle and codec")
+    sizes.add_argument("--checkpoint", type=Path)
+    sizes.add_argument("--frontier", action="store_true", help="bytes of the frontier variants instead")
+    sizes.add_argument("--only", action="append", default=[], help="with --frontier: these variants only")
+    front = sub.add_parser("frontier", help="SDClip, int7, LQER, per-group compression: bpb and bytes")
+    front.add_argument("checkpoint", type=Path)
+    front.add_argument("--variant", action="append", default=[],
+                       help='extra variant "label:FIELD=value,..." (e.g. "k x1.5:clip_method=sdclip,sdclip_k_mlp=17")')
+    front.add_argument("--only", action="append", default=[], help="run only the variants with these labels")
     args = parser.parse_args()
     if args.command == "pack-bench":
         pack_bench(args.values)
@@ -216,6 +341,10 @@ def main() -> None:
         train(args.out)
     elif args.command == "gptq":
         gptq_report(args.checkpoint, args.breakdown_bits)
+    elif args.command == "frontier":
+        frontier_report(args.checkpoint, args.variant, args.only)
+    elif args.frontier:
+        frontier_sizes(args.checkpoint, args.only)
     else:
         sizes_report(args.checkpoint)
 

@@ -37,4 +37,6 @@ export EMA_DECAY=${EMA_DECAY:-0.7} MUON_MOMENTUM_WARMUP_STEPS=${MUON_MOMENTUM_WA
 # to the warm-up; the run's legality line still says whether calibration fit).
 export QUANT_MIN_NUMEL=${QUANT_MIN_NUMEL:-4096} GPTQ_CALIB_SEQS=${GPTQ_CALIB_SEQS:-64} GPTQ_RESERVE_SECONDS=${GPTQ_RESERVE_SECONDS:-5}
 export GPTQ_RESERVE_MEASURE=${GPTQ_RESERVE_MEASURE:-0}
+# Test-time training (the record's final score, docs/ttt.md) takes minutes on a CPU: TTT=1 to see it.
+export TTT=${TTT:-0}
 "$PYTHON" train_gpt.py

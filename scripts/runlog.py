@@ -6,7 +6,7 @@ The log contract (train_gpt.py's Logger and log_preamble; README "Reading the lo
     hparam <name>:<value>                      every setting
     runtime world_size:.. / versions ..:.. / env KEY:value ... / gpu name:..
     step:N/M train_loss:.. ... train_time:..ms, step:N/M val_loss:.. val_bpb:.. train_time:..ms
-    final_<name> val_loss:.. val_bpb:.. [eval_time:..ms]     every final evaluation, any name
+    final_<name> val_loss:.. val_bpb:.. [eval_time:..ms] [compile_time:..ms]  every final evaluation, any name
     code form:.. bytes_code:.. bytes_source:..  the shipped (compact) size and the embedded source's size
     dataset name:.. source:.. val_sha256:.. tokenizer_sha256:..     which data the run trained and scored on
     artifact path:.. bytes_code:.. bytes_model:.. bytes_total:..
@@ -14,7 +14,8 @@ The log contract (train_gpt.py's Logger and log_preamble; README "Reading the lo
 
 Final evaluations are read generically (every `final_<name>` line with val_loss and val_bpb), so new
 evaluations need no change here. A log is complete (its run finished) when it has a step line, the
-artifact line and the submission line (final_sliding_window_exact). Shared by scripts/sweep.py, scripts/summarize.py and
+artifact line and the submission line (final_ttt_exact when the run has TTT on, else
+final_sliding_window_exact). Shared by scripts/sweep.py, scripts/summarize.py and
 scripts/make_record.py; this module has no command line.
 """
 
@@ -28,7 +29,8 @@ from typing import Callable, Hashable, Iterable
 
 SOURCE_OPEN = re.compile(r"^=+ source: train_gpt\.py =+$")
 SOURCE_CLOSE = "=" * 100
-SUBMISSION_METRIC = "final_sliding_window_exact"
+SUBMISSION_METRIC = "final_sliding_window_exact"  # without test-time training
+TTT_SUBMISSION_METRIC = "final_ttt_exact"  # with it (TTT=1): score-first TTT after the sliding window
 # Settings that name one seed's run inside a sweep; every other hparam must agree between seeds.
 PER_SEED_HPARAMS = ("seed", "run_id", "out_dir")
 
@@ -81,8 +83,13 @@ class RunLog:
         return sum(f.eval_time_ms for f in self.finals.values())
 
     @property
+    def submission_metric(self) -> str:
+        """The line a run submits: TTT's when the run has TTT on (its `hparam ttt:True`), else the sliding window's."""
+        return TTT_SUBMISSION_METRIC if self.hparams.get("ttt") == "True" else SUBMISSION_METRIC
+
+    @property
     def submission(self) -> FinalEval:
-        return self.finals[SUBMISSION_METRIC]
+        return self.finals[self.submission_metric]
 
     def configuration(self) -> dict[str, str]:
         return {k: v for k, v in self.hparams.items() if k not in PER_SEED_HPARAMS}
@@ -183,13 +190,14 @@ def parse_final(run: RunLog, name: str, kv: dict[str, str]) -> None:
     if name in run.finals:
         raise LogError(f"{run.path}: two `{name}` lines: two runs wrote into one log")
     eval_ms = milliseconds(kv["eval_time"]) if "eval_time" in kv else 0.0
+    eval_ms += milliseconds(kv["compile_time"]) if "compile_time" in kv else 0.0  # TTT's warm-up is evaluation time too
     run.finals[name] = FinalEval(float(kv["val_loss"]), float(kv["val_bpb"]), eval_ms)
 
 
 def missing_final_lines(run: RunLog) -> list[str]:
     needed = {"step:N/M ... train_time:": run.train_time_ms is not None,
               "artifact ... bytes_total:": "bytes_total" in run.artifact,
-              SUBMISSION_METRIC: SUBMISSION_METRIC in run.finals}
+              run.submission_metric: run.submission_metric in run.finals}
     return [line for line, present in needed.items() if not present]
 
 

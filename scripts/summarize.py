@@ -4,7 +4,8 @@
     python scripts/summarize.py runs/my_idea --baseline-val-loss 1.8911 1.8935 1.8902
 
 Reads the logs, never the console. Refuses logs that are not seeds of one experiment (different
-code or settings) or that did not finish. The submission number is final_sliding_window_exact.
+code or settings) or that did not finish. The submission number is final_ttt_exact when the runs have TTT on, else
+final_sliding_window_exact.
 
 The test (docs/challenge.md): a new record must beat the current one by at least 0.005 nats of val_loss
 at p < 0.01. H0: mean(baseline) - mean(ours) <= 0.005; H1: it is larger. One-sided Welch t-test
@@ -28,7 +29,7 @@ if __package__ in (None, ""):
     # Run as a script (python scripts/summarize.py): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.runlog import SUBMISSION_METRIC, RunLog, load_runs  # noqa: E402
+from scripts.runlog import RunLog, load_runs  # noqa: E402
 
 MIN_IMPROVEMENT_NATS = 0.005  # a record must beat the current one by this much val_loss ...
 SIGNIFICANCE_P = 0.01  # ... at this significance level
@@ -109,7 +110,7 @@ def describe_test(ours: list[float], baseline: list[float], test: WelchTest) -> 
 
 
 def summary_text(runs: list[RunLog], baseline: list[float] | None) -> str:
-    lines = [f"{len(runs)} logs, code sha256 {runs[0].code_hash[:16]}, submission metric {SUBMISSION_METRIC}",
+    lines = [f"{len(runs)} logs, code sha256 {runs[0].code_hash[:16]}, submission metric {runs[0].submission_metric}",
              markdown_table(*seed_table(runs))]
     if baseline:
         ours = [r.submission.val_loss for r in runs]

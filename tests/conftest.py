@@ -42,6 +42,7 @@ def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:
         MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="1", VAL_LOSS_EVERY="6", TRAIN_LOG_EVERY="1",
         EVAL_SEQ_LEN="64", EVAL_STRIDE="16", VAL_BATCH_SIZE="1024", OUT_DIR=str(out_dir), RUN_ID="tiny",
         SEED="1337", OMP_NUM_THREADS="1", QUANT_MIN_NUMEL="256", GPTQ_CALIB_SEQS="64",
+        TTT="0",  # test-time training has its own tests (tests/test_ttt_pipeline.py): seconds, not minutes
     )
     env.update({k: str(v) for k, v in overrides.items()})
     return env

@@ -175,7 +175,7 @@ def test_value_embedding_reaches_the_values_of_its_layers_only():
     assert [p.ve for p in m.plan] == [-1, 0, -1, 1]  # layers 1 and 3, one scale each
     seen = {}
     for i, block in enumerate(m.blocks):
-        block.attn.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, args[2]))
+        block.attn.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, args[4]))
     x = tokens()
     with torch.no_grad():
         m.value_embed.scale.fill_(1.0)

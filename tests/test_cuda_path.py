@@ -4,7 +4,8 @@ torch's real CUDA bf16 autocast rules, and tensors have the dtypes train_gpt.py'
 On a CPU the model runs on fake CUDA tensors (scripts/cuda_trace.py says how); on a machine with a GPU
 the same tests run on real CUDA tensors. Covered: the default (record) model's training forward and
 backward, both recurrence modes and every QAT mode on a small model, GPTQ calibration, and both
-evaluation entries (train_gpt.evaluate's loop and the model eval_ngram_on_checkpoint.py loads).
+evaluation entries (train_gpt.evaluate's loop and the model eval_ngram_on_checkpoint.py loads), and
+score-first TTT's step with its per-document LoRAs.
 
 Run:
     python3 -m pytest -q tests/test_cuda_path.py
@@ -201,7 +202,7 @@ def test_ngram_evaluation_model_meets_the_contract(device_mode, tmp_path, monkey
         path.write_bytes(blob)
         monkeypatch.setattr(tg, "select_attention", lambda device: ("standin", ct.flash_attention_standin, "test"))
         cpu = tg.Runtime(0, 1, torch.device("cpu"), 1, contextlib.nullcontext, FP32)
-        logits_fn, compiled = ngram_eval.load_model(*tg.load_artifact(path), h, cpu, lambda msg: None)
+        _, logits_fn, compiled = ngram_eval.load_model(*tg.load_artifact(path), h, cpu, lambda msg: None)
     assert not compiled
     model = ct.to_device(logits_fn.__self__, device_mode)
     rt = tg.Runtime(0, 1, ct.CUDA, 1, ct.cuda_autocast, BF16)
@@ -276,3 +277,23 @@ def test_real_gpu_training_step_has_no_host_sync():
             vote(False, False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_ttt_step_meets_the_contract_with_fp32_adapters(device_mode):
+    """Score-first TTT's step (docs/ttt.md): the frozen model plus each document's LoRAs, forward under CUDA
+    autocast (the backward runs through the same stand-in's autograd, checked for training above)."""
+    spec = tg.TTTSpec(lora_rank=4, chunk=8, seq_len=32, batch_docs=3, lr=1e-2, betas=(0.0, 0.99), weight_decay=0.5,
+                      prefix_docs=0, phases=1, global_lr=1e-2, global_momentum=0.9, global_epochs=1,
+                      global_chunk_tokens=64, global_grad_clip=1.0, micro_batch_seqs=4, seed=1)
+    model = small_model(device_mode)
+    with _outside(device_mode):
+        lora = tg.DocumentLoRA(model, spec.lora_rank, spec.seed)
+    lora = ct.to_device(lora, device_mode)
+    lora.reset(spec.batch_docs)
+    x = tokens(64, spec.batch_docs, spec.seq_len)
+    with ct.cuda_autocast_allowed(), ct.dtype_probe(model) as seen, ct.cuda_autocast():
+        logits = tg.ttt_forward(model, spec.chunk)(x, lora)
+    assert_activations_bf16(seen)
+    assert_attention_checked(plan_passes(model))
+    assert logits.dtype == FP32 and logits.shape == (spec.batch_docs, spec.chunk, 64)  # the head on the chunk only
+    assert {p.dtype for p in lora.parameters()} == {FP32} and {p.device.type for p in lora.parameters()} == {"cuda"}

@@ -1,8 +1,12 @@
-"""scripts/quant_report.py's first-order column: g.e must be the bpb's actual first-order change."""
+"""scripts/quant_report.py: the first-order column g.e must be the bpb's actual first-order change;
+frontier variants are read like the environment."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 
 import train_gpt as tg
@@ -33,3 +37,14 @@ def test_val_gradient_predicts_a_small_weight_change(tiny_data, tmp_path):
     predicted = float((grads[name] * eps * direction).sum())
     assert abs(predicted) > 1e-6
     assert abs(measured - predicted) < 0.05 * abs(predicted)  # measured: within 1.3%
+
+
+def test_frontier_variants_are_read_like_the_environment():
+    label, overrides = quant_report.parse_variant("k x1.5:clip_method=sdclip,SDCLIP_K_MLP=17")
+    assert label == "k x1.5" and overrides == {"clip_method": "sdclip", "sdclip_k_mlp": 17.0}
+    with pytest.raises(ValueError, match="CLIP_METHOD"):
+        quant_report.parse_variant("x:clip_method=nope")
+    with pytest.raises(ValueError, match="NOPE is not a train_gpt.py hyperparameter"):
+        quant_report.parse_variant("x:NOPE=1")
+    for overrides in quant_report.FRONTIER_VARIANTS.values():
+        dataclasses.replace(tg.Hyperparameters(), **overrides).check()

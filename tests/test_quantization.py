@@ -173,7 +173,7 @@ def test_plan_rules_apply_in_order_and_fp16_names_win():
 
 @pytest.mark.parametrize("text, message", [
     ("blocks.*.mlp.*", "QUANT_PLAN entry 'blocks.\\*.mlp.\\*' is invalid"),
-    ("tok_emb.weight=7", "QUANT_PLAN entry 'tok_emb.weight=7' is invalid"),
+    ("tok_emb.weight=4", "QUANT_PLAN entry 'tok_emb.weight=4' is invalid"),
     ("=6", "QUANT_PLAN entry '=6' is invalid"),
 ])
 def test_plan_syntax_errors_name_the_variable(text, message):
@@ -280,12 +280,15 @@ def test_auto_keeps_the_smallest_codec():
     packed = packed_model()
     logged = []
     auto = tg.serialize_artifact(packed, compressor="auto", log=logged.append)
-    sizes = {c: len(tg.serialize_artifact(packed, compressor=c)) for c in tg.CODEC_IDS}
+    sizes = {c: len(tg.serialize_artifact(packed, compressor=c)) for c in [*tg.CODEC_IDS, "pergroup"]}
     assert len(auto) == min(sizes.values())
-    assert auto[6] == tg.CODEC_IDS[min(sizes, key=sizes.get)]
-    line = re.fullmatch(r"compression raw_bytes:\d+ zstd:(\d+) lzma:(\d+) brotli:(\d+) chosen:(\w+)", logged[0])
+    best = min(sizes, key=sizes.get)
+    assert auto[6] == (tg.PERGROUP_ID if best == "pergroup" else tg.CODEC_IDS[best])
+    line = next(re.fullmatch(r"compression raw_bytes:\d+ zstd:(\d+) lzma:(\d+) brotli:(\d+) pergroup:(\d+) "
+                             r"chosen:(\w+)", x) for x in logged if x.startswith("compression raw_bytes"))
     header = tg._ARTIFACT_HEADER.size
-    assert [int(line[i]) + header for i in (1, 2, 3)] == [sizes["zstd"], sizes["lzma"], sizes["brotli"]]
+    assert [int(line[i]) + header for i in (1, 2, 3, 4)] == [sizes[c] for c in ("zstd", "lzma", "brotli", "pergroup")]
+    assert line[5] == best
 
 
 def flip_a_payload_bit(blob: bytearray) -> None:
@@ -313,12 +316,13 @@ def test_a_flipped_bit_is_caught(tmp_path, codec, damage, message):
     assert str(path) in str(err.value)
 
 
-def test_another_format_version_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("version", [tg.ARTIFACT_FORMAT_VERSION - 1, tg.ARTIFACT_FORMAT_VERSION + 1])
+def test_another_format_version_is_refused_by_name(tmp_path, version):
     blob = bytearray(tg.serialize_artifact(packed_model(), compressor="zstd"))
-    blob[5] = tg.ARTIFACT_FORMAT_VERSION + 1
-    path = tmp_path / "future.ptz"
+    blob[5] = version  # an older artifact (format 3: no LQER factors, no per-group streams) or a newer one
+    path = tmp_path / f"format{version}.ptz"
     path.write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match=f"{path}: artifact format {tg.ARTIFACT_FORMAT_VERSION + 1}"):
+    with pytest.raises(ValueError, match=f"{path}: artifact format {version}"):
         tg.load_artifact(path)
 
 
@@ -368,7 +372,7 @@ def test_calibration_sees_training_tokens_only(disjoint_data, tmp_path, monkeypa
     assert re.search(r"^quantize gptq:1 hessians:15 calib_seqs:24 ", log, re.M)
     assert re.search(r"^gptq_calibration_time:\d+ms reserve:\d+ms$", log, re.M)
     assert re.search(r"^quant_plan int6_params:\d+ int8_params:12288 fp16_params:\d+", log, re.M)
-    assert re.search(r"^compression raw_bytes:\d+ zstd:\d+ lzma:\d+ brotli:\d+ chosen:\w+$", log, re.M)
+    assert re.search(r"^compression raw_bytes:\d+ zstd:\d+ lzma:\d+ brotli:\d+ pergroup:\d+ chosen:\w+$", log, re.M)
     floats = dict(re.findall(r"^(final_float_exact|final_roundtrip_exact) val_loss:\S+ val_bpb:(\S+)", log, re.M))
     assert abs(float(floats["final_roundtrip_exact"]) - float(floats["final_float_exact"])) < 0.02
 

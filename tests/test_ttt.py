@@ -1,0 +1,432 @@
+"""Score-first test-time training (docs/ttt.md) and document-masked attention: legal by construction.
+
+Document masking: the masked path equals running each document alone, a token's prediction does not depend
+on other documents, and the varlen path (FlashAttention's interface, emulated on CPU) equals the mask.
+TTT: every target is scored exactly once, with a full normalized distribution; changing token t changes no
+distribution at any position <= t, through the LoRAs and the global SGD; the global SGD learns only from
+scored tokens; a document's result does not depend on its batch; with nothing to learn, TTT is the model
+scoring each document alone; the warm-up uses random tokens and leaves the model as it was; the FLOP
+count is what torch counts; two gloo processes under torchrun score as one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+
+VOCAB, BOS = 64, 1
+
+
+def config(**overrides) -> tg.ModelConfig:
+    base = dict(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2, rope_dims=4,
+                bos_id=BOS, bigram_buckets=32, bigram_dim=8)
+    return tg.ModelConfig(**{**base, **overrides})
+
+
+def model(cfg: tg.ModelConfig | None = None, seed: int = 0) -> tg.GPT:
+    """Every parameter nudged off its init, so that zero-initialized projections and gates take part."""
+    torch.manual_seed(seed)
+    m = tg.GPT(cfg or config())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def stream(length: int = 420, bos=(0, 37, 38, 120, 200, 290, 350), seed: int = 0) -> torch.Tensor:
+    """A token stream of documents: a BOS at each of `bos` (two in a row: a one-target document)."""
+    toks = np.random.default_rng(seed).integers(2, VOCAB, length)
+    toks[list(bos)] = BOS
+    return torch.from_numpy(toks.astype(np.int32))
+
+
+def spec(**overrides) -> tg.TTTSpec:
+    base = dict(lora_rank=4, chunk=4, seq_len=16, batch_docs=3, lr=1e-2, betas=(0.0, 0.99), weight_decay=0.5,
+                prefix_docs=4, phases=2, global_lr=1e-2, global_momentum=0.9, global_epochs=1,
+                global_chunk_tokens=64, global_grad_clip=1.0, micro_batch_seqs=4, seed=1)
+    return tg.TTTSpec(**{**base, **overrides})
+
+
+def distributions(m: tg.GPT, val: torch.Tensor, s: tg.TTTSpec, world_size: int = 1, rank: int = 0) -> dict:
+    """target position -> the log-probabilities TTT scored it with, and how many times it was scored."""
+    rows, counts = {}, np.zeros(len(val), dtype=np.int64)
+
+    def score(logits, x, y, scored, pos):
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        for b, j in scored.nonzero().tolist():
+            rows[int(pos[b, j])] = logp[b, j]
+            counts[int(pos[b, j])] += 1
+        return torch.zeros(1, dtype=torch.float64)
+    tg.ttt_score(m, score, val, s, rank, world_size)
+    return rows, counts
+
+
+# ---- document-masked attention ------------------------------------------------------------------
+
+
+def doc_tokens(seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, VOCAB, (2, 24), generator=g)
+    x[0, [5, 6, 15]] = BOS  # a one-token document at 5; the row starts inside a document
+    x[1, [0, 11]] = BOS
+    return x
+
+
+def segments(row: torch.Tensor) -> list[tuple[int, int]]:
+    starts = sorted({0, *(row == BOS).nonzero().flatten().tolist()})
+    return list(zip(starts, starts[1:] + [len(row)]))
+
+
+@pytest.mark.parametrize("parts", ["baseline", "record"])
+def test_masked_attention_equals_each_document_alone(parts):
+    cfg = config(doc_masked_attention=True, **({} if parts == "record" else dict(
+        smear_gate=False, bigram_buckets=0, xsa_layers="none", unet_gates=False)))
+    m = model(cfg).eval()
+    x = doc_tokens()
+    with torch.no_grad():
+        out = m.logits(x)
+        for b in range(len(x)):
+            for lo, hi in segments(x[b]):
+                alone = m.logits(x[b:b + 1, lo:hi])[0]
+                assert torch.allclose(out[b, lo:hi], alone, atol=1e-5), (b, lo, hi)
+
+
+def test_a_prediction_does_not_depend_on_other_documents():
+    x = doc_tokens()
+    x2 = x.clone()
+    x2[0, 7:15] = (x2[0, 7:15] + 3) % (VOCAB - 2) + 2  # another document, BOS kept: no token is a BOS
+    for masked in (True, False):
+        m = model(config(doc_masked_attention=masked)).eval()
+        with torch.no_grad():
+            a, b = m.logits(x), m.logits(x2)
+        if masked:
+            assert torch.equal(a[0, 15:], b[0, 15:]) and torch.equal(a[0, :7], b[0, :7])
+        else:  # the switch is live: without it the next document reads this one
+            assert not torch.allclose(a[0, 15:], b[0, 15:])
+
+
+def test_masked_model_stays_causal():
+    m = model(config(doc_masked_attention=True)).eval()
+    x = doc_tokens()
+    with torch.no_grad():
+        base = m.logits(x)
+        for t in (0, 4, 5, 9, 15, 23):
+            x2 = x.clone()
+            x2[:, t] = (x2[:, t] + 7) % VOCAB
+            out = m.logits(x2)
+            assert torch.equal(out[:, :t], base[:, :t]), t
+
+
+def _reference_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """FlashAttention's varlen contract (FA2's and FA3's keywords) on CPU: packed [N, H, D] documents
+    between consecutive offsets."""
+    assert causal and cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    assert max_seqlen_q == max_seqlen_k
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    for lo, hi in zip(cu, cu[1:]):
+        if hi > lo:
+            assert hi - lo <= max_seqlen_q
+            out[lo:hi] = tg._sdpa(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi])[0]
+    return out
+
+
+def test_varlen_path_equals_the_mask():
+    dense = lambda q, k, v, causal: tg._sdpa(q, k, v)  # noqa: E731
+    attention = tg.flash_attention(dense, _reference_varlen)
+    masked = model(config(doc_masked_attention=True)).eval()
+    packed = tg.GPT(masked.cfg, attention).eval()
+    packed.load_state_dict(masked.state_dict())
+    assert masked.doc_masking() == "sdpa_mask" and packed.doc_masking() == "varlen"
+    x = doc_tokens()
+    with torch.no_grad():
+        assert torch.allclose(packed.logits(x), masked.logits(x), atol=1e-5)
+    layout = tg.document_layout(x, BOS, varlen=True)
+    starts = [0, 5, 6, 15, 24, 35]  # both rows' documents in the flattened 48 tokens, then the end
+    assert layout.cu_seqlens.tolist()[:len(starts) + 1] == starts + [48] and len(layout.cu_seqlens) == 64
+    assert set(layout.cu_seqlens.tolist()[len(starts):]) == {48}  # padding: empty documents at the end
+
+
+def test_rows_of_single_documents_need_no_mask():
+    m = model(config(doc_masked_attention=True)).eval()
+    x = torch.randint(2, VOCAB, (3, 20))
+    x[0, 0] = BOS  # a document's start; the other rows start inside one
+    with torch.no_grad():
+        assert torch.allclose(m.hidden(x, rows_are_documents=True), m.hidden(x), atol=1e-6)
+
+
+# ---- TTT: legality --------------------------------------------------------------------------------
+
+
+def test_every_target_is_scored_exactly_once():
+    val = stream(430, bos=(3, 37, 38, 120, 200, 290, 429))  # the stream starts inside a document, ends on a BOS
+    s = spec(seq_len=12, chunk=5)
+    _, counts = distributions(model(), val, s)
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+    spans = tg.document_spans(val.numpy(), BOS)
+    assert spans[0].tolist() == [0, 3] and spans[-1].tolist() == [290, 429]  # the last BOS has no target
+
+
+def test_each_distribution_is_full_and_normalized():
+    val, seen = stream(), []
+
+    def score(logits, x, y, scored, pos):
+        assert logits.shape[-1] == VOCAB and logits.dtype == torch.float32
+        seen.append(torch.softmax(logits.double(), -1).sum(-1))
+        return tg.logit_sums(_unit_bytes())(logits, x, y, scored, pos)
+    tg.ttt_score(model(), score, val, spec())
+    sums = torch.cat([p.flatten() for p in seen])
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-12)
+
+
+def _unit_bytes() -> tg.ByteLUTs:
+    return tg.ByteLUTs(torch.ones(VOCAB, dtype=torch.int32), torch.zeros(VOCAB, dtype=torch.bool),
+                       torch.zeros(VOCAB, dtype=torch.bool))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    val = stream()
+    return val, distributions(model(), val, spec())[0]
+
+
+@pytest.mark.parametrize("t", [2, 40, 63, 130, 299, 360, 419])
+def test_changing_token_t_changes_no_distribution_up_to_t(reference, t):
+    val, base = reference
+    changed = val.clone()
+    changed[t] = (int(val[t]) - 2 + 5) % (VOCAB - 2) + 2  # another token, never a BOS
+    after = distributions(model(), changed, spec())[0]
+    for pos in range(1, t + 1):
+        assert torch.equal(after[pos], base[pos]), f"changing token {t} changed the distribution of {pos}"
+    later = [pos for pos in range(t + 1, len(val)) if not torch.equal(after[pos], base[pos])]
+    assert t + 1 == len(val) or t + 1 in later  # seen in the context at once
+    spans = tg.document_spans(val.numpy(), BOS)
+    doc = int(np.searchsorted(spans[:, 1], t))  # the document whose targets include t
+    if doc < 4:  # a prefix document: the global SGD after its phase carries it to every later phase
+        assert max(later) > spans[(4 if doc >= 2 else 2), 0]
+
+
+def test_a_new_document_boundary_at_t_changes_nothing_before_it(reference):
+    val, base = reference
+    changed = val.clone()
+    changed[150] = BOS  # splits a document: batches and phases move, at the float level only
+    after = distributions(model(), changed, spec())[0]
+    for pos in range(1, 151):
+        assert torch.allclose(after[pos], base[pos], atol=1e-6), pos
+
+
+def test_global_sgd_learns_only_from_scored_targets(monkeypatch):
+    val, scored_so_far, checks = stream(), set(), []
+    sgd = tg.global_sgd
+
+    def watched(m, tokens, s, rank, world_size, autocast):
+        checks.append(len(tokens))
+        assert set(range(1, len(tokens))) <= scored_so_far  # every target it learns from is scored already
+        return sgd(m, tokens, s, rank, world_size, autocast)
+
+    def score(logits, x, y, scored, pos):
+        scored_so_far.update(pos[scored].tolist())
+        return torch.zeros(1, dtype=torch.float64)
+    monkeypatch.setattr(tg, "global_sgd", watched)
+    tg.ttt_score(model(), score, val, spec(prefix_docs=6, phases=3))
+    spans = tg.document_spans(val.numpy(), BOS)
+    assert checks == [spans[1, 1] + 1, spans[3, 1] + 1, spans[5, 1] + 1]  # after documents 2, 4 and 6
+
+
+def test_a_documents_result_does_not_depend_on_its_batch(reference):
+    val, base = reference
+    for s in (spec(batch_docs=1), spec(batch_docs=64)):
+        other = distributions(model(), val, s)[0]
+        for pos in base:
+            assert torch.allclose(other[pos], base[pos], atol=1e-5), pos
+
+
+def test_without_learning_ttt_scores_each_document_alone():
+    val, m, s = stream(), model(), spec(lr=0.0, weight_decay=0.0, prefix_docs=0, seq_len=16, chunk=4)
+    got = distributions(m, val, s)[0]
+    for start, end in tg.document_spans(val.numpy(), BOS):
+        for target in range(start + 1, end + 1):
+            end_of_chunk = start + -(-(target - start) // s.chunk) * s.chunk  # where a full chunk would end
+            lo = max(start, end_of_chunk - s.seq_len)  # the row: at most seq_len positions, up to that end
+            with torch.no_grad():
+                logits = m.logits(val[None, lo:target].long())[0, -1]
+            assert torch.allclose(got[target], torch.log_softmax(logits.double(), -1), atol=1e-5), target
+
+
+def test_learning_lowers_the_loss_of_a_repeated_document():
+    motif = np.random.default_rng(1).integers(2, VOCAB, 24)
+    toks = np.concatenate([[BOS], np.tile(motif, 6)]).astype(np.int32)
+    val, m = torch.from_numpy(toks), model()
+    nll = {}
+    for lr in (0.0, 3e-2):
+        sums = tg.ttt_score(m, tg.logit_sums(_unit_bytes()), val, spec(lr=lr, prefix_docs=0, seq_len=32, chunk=8))
+        nll[lr] = float(sums[0] / sums[1])
+    assert nll[3e-2] < nll[0.0] - 0.05
+
+
+WORKER = """
+import sys
+sys.path[:0] = [{tests!r}, {root!r}]
+import torch.distributed as dist
+import test_ttt as t
+import train_gpt as tg
+dist.init_process_group("gloo")
+rank, world_size = dist.get_rank(), dist.get_world_size()
+sums = tg.ttt_score(t.model(), tg.logit_sums(t._unit_bytes()), t.stream(), t.spec(), rank, world_size)
+if dist.get_rank() == 0:
+    open({out!r}, "w").write(repr(sums.tolist()))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_score_like_one(tmp_path):
+    """Under torchrun: the batches split over 2 ranks, the global SGD's gradients summed over them."""
+    tests = Path(__file__).resolve().parent
+    script, out = tmp_path / "worker.py", tmp_path / "sums.txt"
+    script.write_text(WORKER.format(tests=str(tests), root=str(tests.parent), out=str(out)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                                            "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = tg.ttt_score(model(), tg.logit_sums(_unit_bytes()), stream(), spec()).tolist()
+    two = eval(out.read_text())
+    assert two[1:] == one[1:] == [len(stream()) - 1, len(stream()) - 1]  # every target once, over both ranks
+    assert two[0] == pytest.approx(one[0], rel=1e-6)
+
+
+def test_global_sgd_changes_the_model_and_ranks_agree_on_steps():
+    m, val = model(), stream()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    steps = tg.global_sgd(m, val[:300], spec(global_chunk_tokens=32), 0, 1, contextlib.nullcontext)
+    assert steps == 9  # 18 windows of 16 tokens, 2 per step
+    assert any(not torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not any(p.requires_grad for p in m.parameters())  # frozen again for the LoRA steps
+
+
+def test_warm_up_uses_random_tokens_and_changes_nothing():
+    m, s, seen = model(), spec(), []
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    forward = tg.ttt_forward(m, s.chunk)
+
+    def recording(x, lora):
+        seen.append(x.clone())
+        return forward(x, lora)
+    tg.ttt_warm_up(recording, m, s, torch.device("cpu"), contextlib.nullcontext)
+    assert [x.shape for x in seen] == [(s.batch_docs, s.chunk), (s.batch_docs, s.seq_len)]
+    g = torch.Generator().manual_seed(s.seed)  # the documented source: seeded random tokens
+    for x in seen:
+        assert torch.equal(x, torch.randint(0, VOCAB, (s.batch_docs, x.size(1) + 1), generator=g)[:, :-1])
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_compiled_step_keeps_one_graph_per_shape_kind():
+    import torch._dynamo.testing as dt
+    m, val, s = model(), stream(), spec()
+    counter = dt.CompileCounter()
+    forward = torch.compile(tg.ttt_forward(m, s.chunk), backend=counter, dynamic=True)
+    tg.ttt_warm_up(forward, m, s, torch.device("cpu"), contextlib.nullcontext)
+    eager = tg.ttt_score(model(), tg.logit_sums(_unit_bytes()), val, s)
+    compiled = tg.ttt_score(m, tg.logit_sums(_unit_bytes()), val, s, forward=forward)
+    assert torch.allclose(compiled, eager, rtol=1e-9)  # new LoRA parameters each batch are read, not baked in
+    assert counter.frame_count <= 3  # widths and row counts vary: dynamic shapes, not a graph each
+
+
+# ---- TTT: schedule and budget ---------------------------------------------------------------------
+
+
+def test_phases_follow_the_stream():
+    s = spec(prefix_docs=2500, phases=3)
+    assert tg.ttt_phases(50_000, s) == [(0, 833, True), (833, 1666, True), (1666, 2500, True), (2500, 50_000, False)]
+    assert tg.ttt_phases(2000, s) == [(0, 666, True), (666, 1333, True), (1333, 2000, False)]
+    assert tg.ttt_phases(10, spec(prefix_docs=0)) == [(0, 10, False)]
+    assert tg.ttt_phases(10, spec(global_epochs=0)) == [(0, 10, False)]
+
+
+def test_schedule_covers_each_document_once_and_balances_the_ranks():
+    lengths = np.random.default_rng(0).lognormal(6.5, 1.0, 5000).astype(np.int64) + 1
+    ends = np.cumsum(lengths)
+    spans = np.stack((ends - lengths, ends), axis=1)
+    s = spec(chunk=48, seq_len=2048, batch_docs=64, prefix_docs=600, phases=3)
+    plan = tg.ttt_schedule(spans, s, 8)
+    docs = np.concatenate([d for rank in plan for batches, _ in rank for d in batches])
+    assert sorted(docs.tolist()) == list(range(5000))
+    costs = tg.document_costs(lengths, s)
+    for k in range(4):
+        loads = [sum(costs[d].sum() for d in plan[r][k][0]) for r in range(8)]
+        assert max(loads) < 1.25 * np.mean(loads), (k, loads)
+    assert [len(b) for b in plan[0][3][0]][:-1] == sorted([len(b) for b in plan[0][3][0]][:-1])  # longest first
+
+
+def test_flop_count_matches_torchs_count_of_the_matrix_products():
+    from torch.utils.flop_counter import FlopCounterMode
+    m, val, s = model(), stream(), spec(prefix_docs=0)
+    spans = tg.document_spans(val.numpy(), BOS)
+    lora = tg.DocumentLoRA(m, s.lora_rank, s.seed)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        tg.adapt_batch(tg.ttt_forward(m, s.chunk), lora, tg.logit_sums(_unit_bytes()), val, spans[:3], s,
+                       contextlib.nullcontext)
+    cfg, targets = m.cfg, spans[:3, 1] - spans[:3, 0]
+    expected = tg.ttt_batch_flops(cfg, s, targets) - _attention_flops(cfg, s, targets)  # CPU SDPA is not counted
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.08)
+
+
+def _attention_flops(cfg, s, targets) -> float:
+    chunks, rows, total = tg.chunk_counts(targets, s), len(targets), 0.0
+    for step in range(int(chunks.max())):
+        live = int((chunks > step).sum())
+        rows = live if 2 * live <= rows else rows
+        total += tg.ttt_step_flops(cfg, s.lora_rank, rows, tg.window_width(step, s), s.chunk,
+                                   "lora" if (chunks > step + 1).any() else "none")[1]
+    return total
+
+
+def test_prediction_is_the_busiest_rank_at_the_calibrated_throughput():
+    lengths = np.full(4000, 1000)
+    ends = np.cumsum(lengths)
+    spans = np.stack((ends - lengths, ends), axis=1)
+    h = tg.Hyperparameters()
+    cfg, s = tg.ModelConfig.from_hparams(h), tg.TTTSpec.from_hparams(h)
+    seconds, flops = tg.predict_ttt_seconds(cfg, spans, s, world_size=8, tflops=100.0)
+    one, _ = tg.predict_ttt_seconds(cfg, spans, s, world_size=1, tflops=100.0)
+    assert flops == pytest.approx(one * 100e12, rel=1e-9)  # one rank does everything
+    assert one / 8 <= seconds < one / 8 * 1.1  # equal documents: 8 ranks share it almost evenly
+    assert tg.predict_ttt_seconds(cfg, spans, s, world_size=8, tflops=200.0)[0] == pytest.approx(seconds / 2)
+
+
+def test_window_passes_are_predicted_by_their_windows():
+    h = tg.Hyperparameters()
+    cfg, n = tg.ModelConfig.from_hparams(h), 1_000_000
+    plain, sliding = tg.EvalSpec.plain(h), tg.EvalSpec.sliding(h)
+    one = tg.predict_window_eval_seconds(cfg, n, plain, world_size=1)
+    assert tg.predict_window_eval_seconds(cfg, n, sliding, world_size=1) == pytest.approx(
+        one * h.eval_seq_len / h.eval_stride, rel=0.01)  # a window every stride targets instead of every seq_len
+    assert tg.predict_window_eval_seconds(cfg, n, plain, world_size=8) == pytest.approx(one / 8, rel=0.02)
+    assert tg.predict_window_eval_seconds(cfg, n, plain, world_size=1, tflops=2 * tg.TTT_H100_TFLOPS) == \
+        pytest.approx(one / 2)
+
+
+def test_budget_line_says_when_the_evaluation_would_not_fit(monkeypatch):
+    h = tg.Hyperparameters(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                           rope_dims=4, bos_id=BOS, bigram_buckets=32, bigram_dim=8)
+    cfg, val = tg.ModelConfig.from_hparams(h), stream().numpy()
+    ttt = tg.predict_ttt_seconds(cfg, tg.document_spans(val, BOS), tg.TTTSpec.from_hparams(h))[0]
+    windows = sum(tg.predict_window_eval_seconds(cfg, len(val), s)
+                  for s in (tg.EvalSpec.plain(h), tg.EvalSpec.sliding(h)))
+    lines = []
+    tg.log_ttt_budget(cfg, val, h, lines.append)
+    monkeypatch.setattr(tg, "EVAL_CAP_SECONDS", ttt + windows / 2)  # TTT fits, TTT after the window passes does not
+    tg.log_ttt_budget(cfg, val, h, lines.append)
+    tg.log_ttt_budget(cfg, val, h, lines.append, windows=False)  # the n-gram evaluation: TTT alone
+    verdicts = [line.split(" verdict:")[1].split()[0] for line in lines if line.startswith("legality")]
+    assert verdicts == ["within", "over", "within"]

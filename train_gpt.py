@@ -94,7 +94,7 @@ class ModelConfig:
     qk_gain_init: float = _hp(1.5, lo=0.0, hi=100.0)  # initial per-head gain on the normalized q
     tied_embed_init_std: float = _hp(0.005, lo=0.0, hi=1.0)  # init std of the tied input/output embedding
     # Model: record architecture. Each part switches off to the baseline model (docs/architecture.md).
-    mlp_activation: str = _hp("relu2", choices=("relu2", "leaky_relu2"))  # leaky: LeakyReLU(0.5)^2
+    mlp_activation: str = _hp("leaky_relu2", choices=("relu2", "leaky_relu2"))  # leaky: LeakyReLU(0.5)^2
     rope_dims: int = _hp(16, lo=2, hi=4096)  # rotary on the first ROPE_DIMS dims of each head; head dim = full
     block_input_scale: bool = _hp(True)  # the normalized input of layer l is multiplied by 1/sqrt(l+1)
     unet_gates: bool = _hp(True)  # skip blend x = g*x + (1-g)*w*skip, g = sigmoid(gate); off: x + w*skip
@@ -103,7 +103,11 @@ class ModelConfig:
     bigram_buckets: int = _hp(2048, lo=0, hi=1 << 20)  # BigramHash table rows (last one: position 0); 0: off
     bigram_dim: int = _hp(128, lo=1, hi=4096)  # BigramHash table width (projected to MODEL_DIM)
     bigram_scale_init: float = _hp(0.05, lo=0.0, hi=10.0)  # initial scale of the BigramHash output
+    bigram_init: str = _hp("zero_table", choices=("zero_table", "zero_proj"))  # which side starts at zero
+    ve_layers: str = _hp("-2,-1")  # value embeddings added to these layers' attention values; "none": off
+    ve_dim: int = _hp(128, lo=1, hi=4096)  # width of the shared value-embedding table
     ortho_init: bool = _hp(True)  # orthogonal block matrices, MLP output projections x 1/sqrt(2 L)
+    mlp_proj_init: str = _hp("ortho", choices=("ortho", "zero"))  # MLP output projections under ORTHO_INIT
     recurrence: bool = _hp(False)  # RECUR_PRELUDE blocks, one shared block x RECUR_PASSES, RECUR_CODA blocks
     recur_prelude: int = _hp(2, lo=0, hi=64)  # RECURRENCE=1: blocks before the shared one
     recur_passes: int = _hp(7, lo=1, hi=64)  # RECURRENCE=1: passes of the shared block
@@ -140,6 +144,7 @@ class ModelConfig:
         if self.bos_id >= self.vocab_size:
             raise ValueError(f"BOS_ID={self.bos_id} must be below VOCAB_SIZE={self.vocab_size}")
         parse_layer_set(self.xsa_layers, self.num_layers, "XSA_LAYERS")
+        parse_layer_set(self.ve_layers, self.num_layers, "VE_LAYERS")
         if self.bigram_buckets == 1:
             raise ValueError("BIGRAM_BUCKETS=1 is invalid: 0 (off) or at least 2 (one row is reserved)")
         depth = self.recur_prelude + self.recur_passes + self.recur_coda
@@ -176,6 +181,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "VOCAB_SIZE": "8192", "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
         "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
         "MLP_MULT": "4", "MLP_ACTIVATION": "leaky_relu2", "QK_GAIN_INIT": "5.0", "BIGRAM_BUCKETS": "0",
+        "VE_LAYERS": "none",  # the April record has no value embeddings
         "SMEAR_GATE_FORM": "input", "ATTN_OUT_GATE": "1", "ATTN_GATE_SCALE": "0.5", "PARALLEL_START_LAYER": "8",
         "MINI_RECUR_REPEATS": "2", "MINI_RECUR_FIRST": "3", "MINI_RECUR_LAST": "5", "MINI_RECUR_UNET": "1",
         "MINI_RECUR_START_FRAC": "0.35",
@@ -229,8 +235,9 @@ class Hyperparameters(ModelConfig):
     matrix_lr_split_layer: int = _hp(5, lo=0, hi=64)  # layers below it use MATRIX_LR
     embed_lr: float = _hp(0.035, lo=0.0, hi=10.0)  # untied embedding tables (the bigram table)
     gate_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # non-matrix parameters with "gate" in their name
-    embed_weight_decay: float = _hp(0.01, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
-    scalar_weight_decay: float = _hp(0.0, lo=0.0, hi=1.0)  # AdamW decay on the gates, scales and other vectors
+    embed_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
+    scalar_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # AdamW decay on gates, scalars (and Adam projections)
+    embed_proj_optimizer: str = _hp("muon", choices=("muon", "adam"))  # bigram/value-embedding projections
     # Schedule, weight averaging and QAT.
     warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
     min_lr: float = _hp(0.0, lo=0.0, hi=1.0)  # the LR multiplier never falls below it (the public MIN_LR: a clamp)
@@ -389,7 +396,9 @@ def _parse_env_value(key: str, raw: str, default, meta: dict):
 
 
 def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
-    """'all', 'none' (or empty) or comma-separated layer ids in [0, num_layers)."""
+    """'all', 'none' (or empty) or comma-separated layer ids. A negative id counts from the end (-1 is the
+    last layer; one past the first layer stays on the first), so "-2,-1", the last two layers, holds at
+    any depth, even 1."""
     spec = spec.strip().lower()
     if spec == "all":
         return frozenset(range(num_layers))
@@ -399,9 +408,10 @@ def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
         layers = frozenset(int(part) for part in spec.split(","))
     except ValueError:
         raise ValueError(f"{name}={spec!r} is invalid: expected all, none or comma-separated layer ids") from None
-    if not all(0 <= layer < num_layers for layer in layers):
-        raise ValueError(f"{name}={spec!r} is out of range: layer ids are in [0, {num_layers - 1}]")
-    return layers
+    if not all(layer < num_layers for layer in layers):
+        raise ValueError(f"{name}={spec!r} is out of range: layer ids are in [0, {num_layers - 1}] "
+                         f"(or negative, from the end)")
+    return frozenset(layer if layer >= 0 else max(0, num_layers + layer) for layer in layers)
 
 
 def grad_accum_steps(world_size: int) -> int:
@@ -978,12 +988,17 @@ class CausalSelfAttention(nn.Module):
         self.gate_window, self.gate_scale = cfg.gate_window, cfg.attn_gate_scale
         self.out_gate = nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window)) if cfg.attn_out_gate else None
 
-    def forward(self, x: Tensor, xsa: bool, docs: DocLayout | None = None, lora=None) -> Tensor:
-        """docs: attend within documents only; lora: this layer's test-time adapters (q, k, v, o), or None."""
+    def forward(self, x: Tensor, xsa: bool, docs: DocLayout | None = None, lora=None,
+                ve: Tensor | None = None) -> Tensor:
+        """docs: attend within documents only; lora: this layer's test-time adapters (q, k, v, o), or None;
+        ve [B, T, kv_dim]: a value embedding added to the values (XSA then removes the sum's direction)."""
         B, T, C = x.shape
         q = adapted(self.c_q, x, lora, "q").view(B, T, self.num_heads, self.head_dim)
         k = adapted(self.c_k, x, lora, "k").view(B, T, self.num_kv_heads, self.head_dim)
-        v = adapted(self.c_v, x, lora, "v").view(B, T, self.num_kv_heads, self.head_dim)
+        v = adapted(self.c_v, x, lora, "v")
+        if ve is not None:
+            v = v + ve
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = self.attention(q, k, v) if docs is None else self.attention(q, k, v, docs)
@@ -1036,22 +1051,23 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
     def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool, docs: DocLayout | None = None,
-                lora=None) -> Tensor:
+                lora=None, ve: Tensor | None = None) -> Tensor:
         """input_scale and xsa are Python constants of the layer position (a shared block has several);
-        lora: this pass's test-time adapters (the MLP's runs beside it, from its input to its output)."""
+        lora: this pass's test-time adapters (the MLP's runs beside it, from its input to its output);
+        ve: this pass's scaled value embedding, or None."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa, docs, lora)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa, docs, lora, ve)
         return x + self.mlp_scale.to(x.dtype) * adapted(self.mlp, rms_norm(x) * input_scale, lora, "mlp")
 
     def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, input_scale: float, xsa: bool,
                       resid: Tensor, post: Tensor, docs: DocLayout | None = None,
-                      lora=None) -> tuple[Tensor, Tensor]:
+                      lora=None, ve: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Parallel residuals: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both from the
         lanes as they entered the block; lane_i = resid[i] * lane_i + post[0, i] * attn + post[1, i] * mlp."""
         mix = self.resid_mix.to(lane0.dtype)
         attn_in = mix[0] * lane0 + mix[1] * x0
-        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * input_scale, xsa, docs, lora)
+        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * input_scale, xsa, docs, lora, ve)
         m = self.mlp_scale.to(lane1.dtype) * adapted(self.mlp, rms_norm(lane1) * input_scale, lora, "mlp")
         resid, post = resid.to(lane0.dtype), post.to(lane0.dtype)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
@@ -1117,10 +1133,13 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets, self.bos_id = cfg.bigram_buckets, cfg.bos_id
         self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
-        # Unit-variance random rows: with the projection at zero, the rows must differ from the start,
-        # or neither table nor projection ever gets a gradient.
-        nn.init.normal_(self.table.weight, std=1.0)
         self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim, zero_init=True)
+        # One side must start non-zero, or neither table nor projection ever gets a gradient.
+        if cfg.bigram_init == "zero_table":  # the 2026-03-29 record's: the projection passes gradient to the rows
+            nn.init.zeros_(self.table.weight)
+            nn.init.orthogonal_(self.proj.weight)
+        else:  # unit-variance random rows, zero projection
+            nn.init.normal_(self.table.weight, std=1.0)
         self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -1130,6 +1149,28 @@ class BigramHash(nn.Module):
 
 
 LANE_RESID_INIT = 1.1  # parallel residuals: each lane's own weight starts a little above 1, as in the public run
+VE_TABLE_INIT_STD = 0.01  # the 2026-03-29 record's init: small random rows, a 0.1 output scale
+VE_SCALE_INIT = 0.1
+
+
+class ValueEmbedding(nn.Module):
+    """A second embedding of the current token, added to the attention values of a few layers (each
+    with its own learned scalar, GPT.ve_layer_scales): the layers near the output get the token's
+    identity back without spending residual width on it. One table, shared by those layers, projected
+    to the key/value width; it reads the input token only, so it is causal like the token embedding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+        self.table = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+        nn.init.normal_(self.table.weight, std=VE_TABLE_INIT_STD)
+        self.proj = CastedLinear(cfg.ve_dim, kv_dim, zero_init=True)  # GPT's orthogonal init replaces the zeros
+        self.scale = nn.Parameter(torch.tensor(VE_SCALE_INIT))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        e = self.table(input_ids)
+        e = e.to(activation_dtype(e))  # as BigramHash: the projection's input in the activation dtype
+        return self.scale.to(e.dtype) * self.proj(e)
 
 
 class LayerPass(NamedTuple):
@@ -1141,6 +1182,7 @@ class LayerPass(NamedTuple):
     push: bool  # U-Net encoder: its output is pushed for a decoder layer
     pop: int  # U-Net decoder: skip index it pops and blends in first; -1: none
     lanes: int  # parallel residuals: row of the lane weights this pass uses; -1: a plain (serial) pass
+    ve: int  # value embedding: index of its scale in GPT.ve_layer_scales; -1: none
 
 
 def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
@@ -1158,8 +1200,9 @@ def layer_plan(cfg: ModelConfig, repeats_on: bool) -> tuple[LayerPass, ...]:
         blocks, iterations = list(range(cfg.num_layers)), [-1] * cfg.num_layers
     xsa = parse_layer_set(cfg.xsa_layers, cfg.num_layers, "xsa_layers")
     start = cfg.parallel_start_layer
+    ve = sorted(parse_layer_set(cfg.ve_layers, cfg.num_layers, "ve_layers"))
     plan = unet_roles([LayerPass(block, 1.0 / math.sqrt(l + 1) if cfg.block_input_scale else 1.0, l in xsa, it,
-                                 False, -1, l - start if start and l >= start else -1)
+                                 False, -1, l - start if start and l >= start else -1, ve.index(l) if l in ve else -1)
                        for l, (block, it) in enumerate(zip(blocks, iterations))])
     if repeats_on and cfg.mini_recur_repeats:
         first, last = cfg.mini_recur_first, cfg.mini_recur_last
@@ -1192,6 +1235,10 @@ class GPT(nn.Module):
         if cfg.smear_gate:
             self.smear = (InputSmearGate(cfg.gate_window, cfg.bos_id) if cfg.smear_gate_form == "input"
                           else SmearGate(cfg.model_dim, cfg.bos_id))
+        ve_layers = len(parse_layer_set(cfg.ve_layers, cfg.num_layers, "ve_layers"))
+        self.value_embed = ValueEmbedding(cfg) if ve_layers else None
+        if ve_layers:  # one scalar per layer that reads the shared table
+            self.ve_layer_scales = nn.Parameter(torch.ones(ve_layers))
         unique = cfg.recur_prelude + 1 + cfg.recur_coda if cfg.recurrence else cfg.num_layers
         self.blocks = nn.ModuleList(Block(cfg, attention) for _ in range(unique))
         if cfg.recurrence:  # tells the shared block which pass it is on; zero: starts as plain reuse
@@ -1219,6 +1266,10 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(linear.weight)
             with torch.no_grad():
                 block.mlp.proj.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
+            if self.cfg.mlp_proj_init == "zero":  # like the attention output: each block starts as identity
+                nn.init.zeros_(block.mlp.proj.weight)
+        if self.value_embed is not None:  # the record's init: the table's small rows pass from the start
+            nn.init.orthogonal_(self.value_embed.proj.weight)
 
     def set_mini_recurrence(self, on: bool) -> bool:
         """Turn the mini-recurrence repeats on or off; True if the plan changed. torch.compile guards on
@@ -1264,6 +1315,7 @@ class GPT(nn.Module):
             docs = document_layout(input_ids, self.cfg.bos_id, self.doc_masking() == "varlen")
         x = x0 = self.embed(input_ids)
         lane1 = None  # with parallel residuals x is lane 0, which U-Net skips feed, and lane1 the MLP's lane
+        ve = self.value_embed(input_ids).to(x.dtype) if self.value_embed is not None else None
         skips = []
         for i, p in enumerate(self.plan):
             if p.pop >= 0:
@@ -1272,11 +1324,13 @@ class GPT(nn.Module):
                 x = x + self.iteration_vectors[p.iteration].to(x.dtype)
                 lane1 = None if lane1 is None else lane1 + self.iteration_vectors[p.iteration].to(x.dtype)
             block, layer_lora = self.blocks[p.block], None if lora is None else lora.layers[i]
+            layer_ve = ve * self.ve_layer_scales[p.ve].to(x.dtype) if p.ve >= 0 else None
             if p.lanes < 0:
-                x = block(x, x0, p.input_scale, p.xsa, docs, layer_lora)
+                x = block(x, x0, p.input_scale, p.xsa, docs, layer_lora, layer_ve)
             else:
                 x, lane1 = block.forward_lanes(x, x if lane1 is None else lane1, x0, p.input_scale, p.xsa,
-                                               self.lane_resid[p.lanes], self.lane_post[p.lanes], docs, layer_lora)
+                                               self.lane_resid[p.lanes], self.lane_post[p.lanes], docs, layer_lora,
+                                               layer_ve)
             if p.push:
                 skips.append(x if lane1 is None else (x + lane1) / 2)
         if lane1 is not None:
@@ -1298,7 +1352,7 @@ class GPT(nn.Module):
     def fp16_param_names(self) -> set[str]:
         """Small control tensors (gains, gates, scales, mixes, skip weights, iteration vectors): the
         quantizer stores them as fp16 whatever their size, since each one scales whole activations."""
-        tables = {id(self.tok_emb.weight)} | ({id(self.bigram.table.weight)} if self.bigram else set())
+        tables = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         big = {id(p) for p in self.matrix_params()} | tables
         return {name for name, p in self.named_parameters() if id(p) not in big}
 
@@ -1308,6 +1362,7 @@ class GPT(nn.Module):
         return (f"model params:{sum(p.numel() for p in self.parameters())} unique_blocks:{len(self.blocks)} "
                 f"passes:{len(plan)} plan:{','.join(str(p.block) for p in plan)} "
                 f"xsa_passes:{','.join(str(i) for i, p in enumerate(plan) if p.xsa) or 'none'} "
+                f"ve_passes:{','.join(str(i) for i, p in enumerate(plan) if p.ve >= 0) or 'none'} "
                 f"bos_id:{self.cfg.bos_id} fp16_tensors:{len(self.fp16_param_names())} "
                 f"parallel_passes:{','.join(str(i) for i, p in enumerate(plan) if p.lanes >= 0) or 'none'} "
                 f"doc_masked_attention:{self.doc_masking()}")
@@ -1531,12 +1586,23 @@ class Muon(torch.optim.Optimizer):
         self._works.clear()
 
 
+def embed_projections(model: GPT) -> list[nn.Parameter]:
+    """The projections of the input-side tables (bigram, value embedding): the matrices outside the blocks
+    that EMBED_PROJ_OPTIMIZER hands to Muon or to Adam."""
+    return [m.proj.weight for m in (model.bigram, model.value_embed) if m is not None]
+
+
+def muon_params(model: GPT, h: Hyperparameters) -> list[nn.Parameter]:
+    adam = {id(p) for p in embed_projections(model)} if h.embed_proj_optimizer == "adam" else set()
+    return [p for p in model.matrix_params() if id(p) not in adam]
+
+
 def muon_groups(model: GPT, h: Hyperparameters) -> list[dict]:
     """One Muon group per layer (MATRIX_LR below MATRIX_LR_SPLIT_LAYER, MATRIX_LR_LATE from it on), and
     one at MATRIX_LR for any Muon matrix outside the blocks."""
     layer_of = {id(p): i for i, block in enumerate(model.blocks) for p in block.parameters()}
     by_name: dict[str, list] = {}
-    for p in model.matrix_params():
+    for p in muon_params(model, h):
         layer = layer_of.get(id(p))
         by_name.setdefault("other" if layer is None else f"layer{layer}", []).append(p)
     groups = []
@@ -1548,11 +1614,13 @@ def muon_groups(model: GPT, h: Hyperparameters) -> list[dict]:
 
 def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
     """Every parameter Muon does not train, by role: the tied embedding, other embedding tables (the
-    bigram table), gates (name contains "gate") and the remaining scalars/vectors. Empty roles are left
-    out, so the rule holds whatever modules the model has."""
-    muon = {id(p) for p in model.matrix_params()}
+    bigram and value-embedding tables), their projections (EMBED_PROJ_OPTIMIZER=adam), gates (name
+    contains "gate") and the remaining scalars/vectors. Empty roles are left out, so the rule holds
+    whatever modules the model has."""
+    muon = {id(p) for p in muon_params(model, h)}
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    roles = {"tied_embed": [], "embed": [], "gate": [], "scalar": []}
+    projections = {id(p) for p in embed_projections(model)}
+    roles = {"tied_embed": [], "embed": [], "embed_proj": [], "gate": [], "scalar": []}
     for name, p in model.named_parameters():
         if id(p) in muon:
             continue
@@ -1560,12 +1628,14 @@ def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
             roles["tied_embed"].append(p)
         elif id(p) in tables:
             roles["embed"].append(p)
+        elif id(p) in projections:
+            roles["embed_proj"].append(p)
         else:
             roles["gate" if "gate" in name else "scalar"].append(p)
-    lr = {"tied_embed": h.tied_embed_lr, "embed": h.embed_lr, "gate": h.gate_lr, "scalar": h.scalar_lr}
-    decay = {"tied_embed": h.embed_weight_decay, "embed": h.embed_weight_decay, "gate": h.scalar_weight_decay,
-             "scalar": h.scalar_weight_decay}
-    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay[role])
+    lr = {"tied_embed": h.tied_embed_lr, "embed": h.embed_lr, "embed_proj": h.scalar_lr, "gate": h.gate_lr,
+          "scalar": h.scalar_lr}
+    decay = {"tied_embed": h.embed_weight_decay, "embed": h.embed_weight_decay}
+    return [dict(name=role, params=params, lr=lr[role], weight_decay=decay.get(role, h.scalar_weight_decay))
             for role, params in roles.items() if params]
 
 
@@ -2222,7 +2292,9 @@ def entropy_bytes(q: Tensor) -> float:
 def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], clip: ClipConfig = ClipConfig()) -> int:
     """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
     of its round-to-nearest levels (row clips by `clip`; no Hessian-aware term) plus fp16 row scales,
-    2 bytes per fp16 value, raw bytes otherwise."""
+    2 bytes per fp16 value, raw bytes otherwise. A quantized tensor that is all zero (at init: the bigram
+    table, output projections) counts as Gaussian values of its shape, as trained it will not stay zero
+    (a seeded generator: the run's RNG is untouched)."""
     total = 0.0
     for name, t in state.items():
         bits = plan.get(name, FP16_BITS)
@@ -2231,7 +2303,10 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], clip: C
         elif bits == FP16_BITS:
             total += 2 * t.numel()
         else:
-            q, scale = quantize_rows_rtn(t.detach().reshape(t.size(0), -1), bits, **clip.row_kwargs(name))
+            w = t.detach().reshape(t.size(0), -1)
+            if not w.any():
+                w = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.device)
+            q, scale = quantize_rows_rtn(w, bits, **clip.row_kwargs(name))
             total += entropy_bytes(q) + 2 * scale.numel()
     return int(total)
 

@@ -34,7 +34,8 @@ SMALL = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=
              MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=50, SEED=1337,
              TTT=0)  # the ablation compares sliding-window scores; test-time training would add minutes per run
 # Every part off: the pipeline's baseline model (and RoPE on the whole head dim).
-BASELINE = dict(BLOCK_INPUT_SCALE=0, UNET_GATES=0, XSA_LAYERS="none", SMEAR_GATE=0, BIGRAM_BUCKETS=0, ORTHO_INIT=0)
+BASELINE = dict(MLP_ACTIVATION="relu2", BLOCK_INPUT_SCALE=0, UNET_GATES=0, XSA_LAYERS="none", SMEAR_GATE=0,
+                BIGRAM_BUCKETS=0, VE_LAYERS="none", ORTHO_INIT=0)
 RECORD_PLUS = {  # the defaults with one of the two recurrence modes on top
     "all+recurrence_1_2_1": dict(RECURRENCE=1, RECUR_PRELUDE=1, RECUR_PASSES=2, RECUR_CODA=1),
     "all+mini_recur_1_2_half": dict(MINI_RECUR_REPEATS=1, MINI_RECUR_FIRST=1, MINI_RECUR_LAST=2,
@@ -60,6 +61,7 @@ def variants(small: dict[str, str]) -> dict[str, dict]:
         "+xsa": dict(XSA_LAYERS="all"),
         "+smear_gate": dict(SMEAR_GATE=1),
         "+bigram_hash": dict(BIGRAM_BUCKETS=2048),
+        "+value_embed": dict(VE_LAYERS="-2,-1"),
         "+ortho_init": dict(ORTHO_INIT=1),
     }
     runs = {"baseline": baseline, "baseline, other seed": {**baseline, "SEED": 7}}  # the noise floor

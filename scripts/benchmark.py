@@ -75,7 +75,8 @@ def flops_per_token(model: tg.GPT, seq_len: int) -> float:
     """Training FLOPs per token = 6 * N + 12 * P * T * d.
 
     N: matmul weights one token passes through: every linear layer of every pass in the layer plan (a
-    reused block counts once per pass), the BigramHash projection, and the tied output projection
+    reused block counts once per pass), the BigramHash and value-embedding projections (each once: the
+    shared value embedding is projected once and scaled per layer), and the tied output projection
     (vocab x dim) counted once; embedding lookups are no matmuls. 6 = 2 (multiply-add) x 3 (forward,
     two backward matmuls). Attention: P passes, T = sequence length, d = model width: QK^T and AV are
     2 * T * d multiply-adds each per token forward, x 3 for the backward; causal masking is not halved
@@ -84,7 +85,7 @@ def flops_per_token(model: tg.GPT, seq_len: int) -> float:
         return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
     per_pass = sum(linear_params(model.blocks[p.block]) for p in model.plan)
-    extra = linear_params(model.bigram) if model.bigram is not None else 0
+    extra = sum(linear_params(m) for m in (model.bigram, model.value_embed) if m is not None)
     n = per_pass + extra + model.tok_emb.weight.numel()
     return 6.0 * n + 12.0 * len(model.plan) * seq_len * model.cfg.model_dim
 

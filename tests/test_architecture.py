@@ -17,8 +17,8 @@ from conftest import assert_env_error, tiny_env
 VOCAB, DIM, HEADS, KV_HEADS, MLP_MULT, LAYERS, BOS = 64, 32, 4, 2, 2, 4, 1
 HEAD_DIM = DIM // HEADS
 # Every part off: the baseline model (full RoPE, plain additive skips, default init, ...).
-BASELINE = dict(rope_dims=HEAD_DIM, block_input_scale=False, unet_gates=False, xsa_layers="none",
-                smear_gate=False, bigram_buckets=0, ortho_init=False)
+BASELINE = dict(mlp_activation="relu2", rope_dims=HEAD_DIM, block_input_scale=False, unet_gates=False,
+                xsa_layers="none", smear_gate=False, bigram_buckets=0, ve_layers="none", ortho_init=False)
 PARTS = {  # each part alone, on top of the baseline
     "leaky_relu2": dict(mlp_activation="leaky_relu2"),
     "partial_rope": dict(rope_dims=4),
@@ -27,11 +27,12 @@ PARTS = {  # each part alone, on top of the baseline
     "xsa": dict(xsa_layers="all"),
     "smear_gate": dict(smear_gate=True),
     "bigram": dict(bigram_buckets=32, bigram_dim=8),
+    "value_embed": dict(ve_layers="-2,-1", ve_dim=8),
     "ortho_init": dict(ortho_init=True),
     "recurrence": dict(recurrence=True, recur_prelude=1, recur_passes=2, recur_coda=1),
     "mini_recurrence": dict(mini_recur_repeats=2, mini_recur_first=1, mini_recur_last=2),
 }
-RECORD = dict(bigram_buckets=32, bigram_dim=8)  # the defaults (partial RoPE: 4 of 8 dims), shrunk
+RECORD = dict(bigram_buckets=32, bigram_dim=8, ve_dim=8)  # the defaults (partial RoPE: 4 of 8 dims), shrunk
 
 
 def config(**overrides) -> tg.ModelConfig:
@@ -77,8 +78,8 @@ def test_changing_token_t_changes_no_earlier_logit(case):
             assert not torch.allclose(out[:, t], base[:, t])  # input token t is context from position t on
 
 
-@pytest.mark.parametrize("part", [p for p in PARTS if p not in ("ortho_init", "recurrence")])
-def test_each_part_changes_the_output(part):
+@pytest.mark.parametrize("part", [p for p in PARTS if p not in ("ortho_init", "recurrence", "value_embed")])
+def test_each_part_changes_the_output(part):  # value_embed: its own test (its init output is ~1e-4)
     # The same weights with the part switched off: a dead flag would give the same logits.
     on = model(config(**{**BASELINE, **PARTS[part]}))
     off = tg.GPT(config(**BASELINE)).eval()
@@ -168,6 +169,51 @@ def test_bigram_position_zero_reads_the_reserved_row():
     assert not torch.allclose(after[:, 0], before[:, 0]) and torch.equal(after[:, 1:], before[:, 1:])
 
 
+def test_value_embedding_reaches_the_values_of_its_layers_only():
+    cfg = config(**{**BASELINE, "ve_layers": "1,-1", "ve_dim": 8})
+    m = model(cfg)
+    assert [p.ve for p in m.plan] == [-1, 0, -1, 1]  # layers 1 and 3, one scale each
+    seen = {}
+    for i, block in enumerate(m.blocks):
+        block.attn.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, args[4]))
+    x = tokens()
+    with torch.no_grad():
+        m.value_embed.scale.fill_(1.0)
+        m.value_embed.table.weight.normal_()  # rows of unit size: an effect far above rounding
+        base = m.logits(x)
+        ve = m.value_embed(x)
+        assert seen[0] is None and seen[2] is None
+        assert torch.allclose(seen[1], ve * m.ve_layer_scales[0]) and torch.allclose(seen[3], ve * m.ve_layer_scales[1])
+        off = tg.GPT(config(**BASELINE)).eval()  # the same weights without value embeddings
+        off.load_state_dict(m.state_dict(), strict=False)
+        assert not torch.allclose(off.logits(x), base, atol=1e-3)
+        m.ve_layer_scales.zero_()  # the per-layer scales gate the whole path
+        assert torch.allclose(off.logits(x), m.logits(x), atol=1e-6)
+
+
+def test_value_embedding_of_a_position_reads_its_own_token_only():
+    torch.manual_seed(0)
+    ve = tg.ValueEmbedding(config(ve_dim=8))
+    with torch.no_grad():
+        ve.proj.weight.normal_()
+        x = tokens()
+        out = ve(x)
+        x2 = x.clone()
+        x2[:, 7] = (x2[:, 7] + 1) % VOCAB
+        out2 = ve(x2)
+    assert out.shape == (2, 24, KV_HEADS * HEAD_DIM)
+    assert torch.equal(out2[:, :7], out[:, :7]) and torch.equal(out2[:, 8:], out[:, 8:])
+    assert not torch.allclose(out2[:, 7], out[:, 7])
+
+
+def test_negative_layer_ids_count_from_the_end():
+    assert tg.parse_layer_set("-2,-1", 11, "VE_LAYERS") == {9, 10}
+    assert tg.parse_layer_set("0,-1", 4, "VE_LAYERS") == {0, 3}
+    assert tg.parse_layer_set("-2,-1", 1, "VE_LAYERS") == {0}  # the default holds at any depth
+    with pytest.raises(ValueError, match=r"VE_LAYERS.*\[0, 3\]"):
+        tg.parse_layer_set("4", 4, "VE_LAYERS")
+
+
 def test_xsa_removes_the_own_value_component_per_kv_group():
     torch.manual_seed(0)
     y, v = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
@@ -215,9 +261,16 @@ def test_orthogonal_init_and_projection_scales():
         s = torch.linalg.svdvals(block.mlp.proj.weight)
         assert torch.allclose(s, torch.full_like(s, 1 / math.sqrt(2 * 3)), atol=1e-5)
         assert not block.attn.proj.weight.any()
-    assert not m.bigram.proj.weight.any()
+    p = m.bigram.proj.weight  # BIGRAM_INIT=zero_table: zero rows, an orthogonal projection [32, 128]
+    assert not m.bigram.table.weight.any() and torch.allclose(p @ p.T, torch.eye(DIM), atol=1e-5)
+    other = tg.GPT(config(num_layers=3, bigram_init="zero_proj")).bigram
+    assert not other.proj.weight.any() and 0.9 < other.table.weight.std() < 1.1
     plain = tg.GPT(config(num_layers=3, ortho_init=False))
     assert not plain.blocks[0].mlp.proj.weight.any()  # the baseline: zero output projections
+    zero = tg.GPT(config(num_layers=3, mlp_proj_init="zero"))  # the record's: MLP outputs start at zero too
+    assert not any(block.mlp.proj.weight.any() for block in zero.blocks)
+    fc = zero.blocks[0].mlp.fc.weight  # the rest of the orthogonal init stays
+    assert torch.allclose(fc.T @ fc, torch.eye(DIM), atol=1e-5)
 
 
 def test_fp16_names_are_the_small_control_tensors():
@@ -242,9 +295,10 @@ def block_params(d: int, kv: int, heads: int, mult: int) -> int:
 def test_recurrence_unique_parameters_match_the_formula():
     P, K, C = 1, 3, 2
     m = tg.GPT(config(num_layers=P + K + C, recurrence=True, recur_prelude=P, recur_passes=K, recur_coda=C,
-                      bigram_buckets=32, bigram_dim=8))
+                      bigram_buckets=32, bigram_dim=8, ve_layers="0,-1", ve_dim=8))
     kv = KV_HEADS * HEAD_DIM
     expected = (VOCAB * DIM + (32 * 8 + 8 * DIM + 1) + DIM  # embedding, bigram, smear gate
+                + (VOCAB * 8 + 8 * kv + 1) + 2  # value embedding: table, projection, scale; 2 layer scales
                 + (P + 1 + C) * block_params(DIM, kv, HEADS, MLP_MULT)
                 + K * DIM  # iteration vectors
                 + 2 * ((P + K + C) // 2) * DIM)  # skip weights and gates over the effective depth
@@ -318,6 +372,8 @@ def test_training_switches_mini_recurrence_on_at_its_fraction(tiny_data, tmp_pat
     ({"ROPE_DIMS": "15"}, ["ROPE_DIMS", "even"]),
     ({"XSA_LAYERS": "0,11"}, ["XSA_LAYERS", "[0, 10]"]),
     ({"XSA_LAYERS": "first"}, ["XSA_LAYERS", "comma-separated"]),
+    ({"VE_LAYERS": "11"}, ["VE_LAYERS", "[0, 10]", "negative"]),
+    ({"VE_DIM": "0"}, ["VE_DIM", "[1, 4096]"]),
     ({"BIGRAM_BUCKETS": "1"}, ["BIGRAM_BUCKETS"]),
     ({"RECURRENCE": "1", "RECUR_PASSES": "5"}, ["RECURRENCE", "NUM_LAYERS=11", "= 9"]),
     ({"RECURRENCE": "1", "MINI_RECUR_REPEATS": "1"}, ["MINI_RECUR_REPEATS", "RECURRENCE"]),
@@ -329,9 +385,11 @@ def test_bad_architecture_values_name_the_variable(env, words):
 
 
 def test_model_config_follows_the_hyperparameters():
-    h = tg.Hyperparameters.from_env({"XSA_LAYERS": "1,2", "SMEAR_GATE": "0", "BIGRAM_DIM": "96"})
+    h = tg.Hyperparameters.from_env({"XSA_LAYERS": "1,2", "SMEAR_GATE": "0", "BIGRAM_DIM": "96", "VE_LAYERS": "none",
+                                     "VE_DIM": "64"})
     cfg = tg.ModelConfig.from_hparams(h)
     assert (cfg.xsa_layers, cfg.smear_gate, cfg.bigram_dim, cfg.bos_id) == ("1,2", False, 96, 1)
+    assert (cfg.ve_layers, cfg.ve_dim) == ("none", 64)
     assert type(cfg) is tg.ModelConfig and not hasattr(cfg, "seed")
 
 

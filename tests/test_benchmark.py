@@ -86,7 +86,7 @@ def test_flops_per_token_counts_each_pass_and_the_tied_head_once():
 
     import train_gpt as tg
     cfg = tg.ModelConfig(vocab_size=64, num_layers=2, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                         rope_dims=4, bigram_buckets=0)
+                         rope_dims=4, bigram_buckets=0, ve_layers="none")
     model = tg.GPT(cfg)
     block = sum(m.weight.numel() for m in model.blocks[0].modules() if isinstance(m, tg.CastedLinear))
     # per block: q 16x16, k and v 8x16 each (one kv head of 8 dims), out 16x16, mlp 32x16 and 16x32
@@ -94,3 +94,6 @@ def test_flops_per_token_counts_each_pass_and_the_tied_head_once():
     assert benchmark.flops_per_token(model, seq_len=10) == 6 * (2 * block + 64 * 16) + 12 * 2 * 10 * 16
     repeated = tg.GPT(dataclasses.replace(cfg, mini_recur_repeats=1, mini_recur_first=0, mini_recur_last=0))
     assert benchmark.flops_per_token(repeated, 10) == 6 * (3 * block + 64 * 16) + 12 * 3 * 10 * 16
+    # value embeddings on two layers: one 4 -> 8 (kv width) projection per token, shared by both layers
+    with_ve = tg.GPT(dataclasses.replace(cfg, ve_layers="-2,-1", ve_dim=4))
+    assert benchmark.flops_per_token(with_ve, 10) == benchmark.flops_per_token(model, 10) + 6 * 4 * 8

@@ -320,9 +320,9 @@ def test_a_run_with_every_addition(tiny_data, tmp_path):
                    QUANT_EMBED_BITS="7", LQER_TOP="2", COMPRESSOR="pergroup", GPTQ_CALIB_SEQS="16")
     tg.main(env)
     log = (tmp_path / "tiny.txt").read_text()
-    # no GPTQ, but the Hessian-aware clip needs the Hessians: 6 linears x 2 layers, bigram projection,
-    # tied embedding; the bigram table is a lookup without one
-    assert re.search(r"^quantize gptq:0 hessians:14 calib_seqs:16 .* clip:sdclip_hessian$", log, re.M)
+    # no GPTQ, but the Hessian-aware clip needs the Hessians: 6 linears x 2 layers, bigram and
+    # value-embedding projections, tied embedding; the tables are lookups without one
+    assert re.search(r"^quantize gptq:0 hessians:15 calib_seqs:16 .* clip:sdclip_hessian$", log, re.M)
     assert "clip_fallback tensor:bigram.table.weight method:sdclip reason:no_hessian" in log
     assert re.search(r"^quant_plan int6_params:\d+ int7_params:12288 fp16_params:\d+", log, re.M)
     assert len(re.findall(r"^lqer tensor:\S+ rank:4 ", log, re.M)) == 2

@@ -368,8 +368,8 @@ def test_calibration_sees_training_tokens_only(disjoint_data, tmp_path, monkeypa
     tokens = torch.cat(seen)
     assert len(tokens) == 2 * 24 * 64
     assert int(tokens.max()) < VAL_IDS.start
-    # 6 linears x 2 layers + the bigram projection + the tied embedding (through the output head)
-    assert re.search(r"^quantize gptq:1 hessians:14 calib_seqs:24 ", log, re.M)
+    # 6 linears x 2 layers + the bigram and value-embedding projections + the tied embedding (through the head)
+    assert re.search(r"^quantize gptq:1 hessians:15 calib_seqs:24 ", log, re.M)
     assert re.search(r"^gptq_calibration_time:\d+ms reserve:\d+ms$", log, re.M)
     assert re.search(r"^quant_plan int6_params:\d+ int8_params:12288 fp16_params:\d+", log, re.M)
     assert re.search(r"^compression raw_bytes:\d+ zstd:\d+ lzma:\d+ brotli:\d+ pergroup:\d+ chosen:\w+$", log, re.M)
@@ -400,10 +400,10 @@ def test_no_calibration_when_no_quantized_weight_has_a_hessian(monkeypatch):
 
 def test_the_tied_embedding_hessian_comes_from_the_output_head_inputs():
     # The embedding's GPTQ Hessian is X^T X of what the head multiplies by it: the final norm of the
-    # last block's output (one layer: no U-Net skips), not the lookup side.
+    # last block's output (one layer: no U-Net skips, no value embedding), not the lookup side.
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig(vocab_size=64, num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
-                                  mlp_mult=2, rope_dims=4, bigram_buckets=32, bigram_dim=8)).eval()
+                                  mlp_mult=2, rope_dims=4, bigram_buckets=32, bigram_dim=8, ve_layers="none")).eval()
     for p in model.parameters():  # zero-initialized projections would hide a wrong site
         torch.nn.init.normal_(p, std=0.3)
     ids = torch.randint(0, 64, (3, 10))

@@ -168,22 +168,39 @@ def test_momentum_warms_up_then_holds():
 
 def test_adam_groups_follow_parameter_roles():
     model = tiny_model()  # the record model: a bigram table with projection and scale, and gates
-    h = hparams(embed_lr=0.02, gate_lr=0.01)
+    h = hparams(embed_lr=0.02, gate_lr=0.01, embed_weight_decay=0.01)  # scalars: the default decay, 0.04
     adam, muon = tg.build_optimizers(model, h, 0, 1, torch.float32)
     groups = {g["name"]: g for g in adam.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     members = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
     assert members["tied_embed"] == ["tok_emb.weight"]
-    assert members["embed"] == ["bigram.table.weight"]
+    assert members["embed"] == ["bigram.table.weight", "value_embed.table.weight"]
     assert members["gate"] == ["skip_gates", "smear.gate"]
-    assert "bigram.scale" in members["scalar"] and "blocks.0.attn.q_gain" in members["scalar"]
+    for name in ("bigram.scale", "blocks.0.attn.q_gain", "value_embed.scale", "ve_layer_scales"):
+        assert name in members["scalar"]
     assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
-        "tied_embed": (0.035, 0.01), "embed": (0.02, 0.01), "gate": (0.01, 0.0), "scalar": (0.025, 0.0)}
+        "tied_embed": (0.035, 0.01), "embed": (0.02, 0.01), "gate": (0.01, 0.04), "scalar": (0.025, 0.04)}
     every = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
     assert sorted(every) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
-    table = model.bigram.table.weight.numel()
-    assert any(line.startswith(f"optimizer adamw group:embed tensors:1 params:{table} lr:0.02 weight_decay:0.01")
+    tables = model.bigram.table.weight.numel() + model.value_embed.table.weight.numel()
+    assert any(line.startswith(f"optimizer adamw group:embed tensors:2 params:{tables} lr:0.02 weight_decay:0.01")
                for line in tg.describe_optimizers([adam, muon]))
+
+
+def test_embedding_projections_move_to_adam_with_the_scalar_decay():
+    model = tiny_model()
+    h = hparams(embed_proj_optimizer="adam", scalar_weight_decay=0.02)
+    adam, muon = tg.build_optimizers(model, h, 0, 1, torch.float32)
+    groups = {g["name"]: g for g in adam.param_groups}
+    projections = {id(model.bigram.proj.weight), id(model.value_embed.proj.weight)}
+    assert {id(p) for p in groups["embed_proj"]["params"]} == projections
+    assert not projections & {id(p) for g in muon.param_groups for p in g["params"]}
+    assert "other" not in {g["name"] for g in muon.param_groups}  # no Muon matrix is left outside the blocks
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
+        "tied_embed": (0.035, 0.04), "embed": (0.035, 0.04), "embed_proj": (0.025, 0.02), "gate": (0.025, 0.02),
+        "scalar": (0.025, 0.02)}
+    every = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())
 
 
 # ---- EMA and SWA --------------------------------------------------------------------------------
@@ -304,6 +321,24 @@ def test_qat_runs_every_quantized_matrix_through_the_grid():
         assert torch.allclose(out, snapped.logits(x), atol=1e-5)
         qat.switch_off()
         assert (model.logits(x) - out).abs().max() > 1e-4  # 10x the tolerance above: the grid mattered
+
+
+def test_eager_forward_skips_the_fake_quantization_while_qat_is_off(monkeypatch):
+    calls = []
+    real = tg.fake_quant
+    monkeypatch.setattr(tg, "fake_quant", lambda *a: calls.append(1) or real(*a))
+    model = tiny_model()
+    qat = qat_on(model, "hard")
+    x, y = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        model(x, y)
+        assert not calls  # off: not even computed
+        qat.apply(5, switched_on())
+        model(x, y)
+        assert len(calls) == len(qat.layers)
+        with qat.paused():
+            model(x, y)
+        assert len(calls) == len(qat.layers)
 
 
 def test_qat_switches_on_inside_a_compiled_model_with_one_recompile_and_costs_nothing_while_off(one_thread):

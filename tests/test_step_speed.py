@@ -61,6 +61,7 @@ class ReferenceMuon(torch.optim.Optimizer):
 
 H = dict(grad_clip_norm=0.3, matrix_lr_split_layer=1, muon_weight_decay=0.04, embed_weight_decay=0.01)
 STEPS = 3
+GRID = 256  # gradients are multiples of 1/GRID
 
 
 def hparams() -> tg.Hyperparameters:
@@ -86,10 +87,14 @@ def reference_optimizers(model, h):
 
 
 def gradient(p: torch.Tensor, step: int, index: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """A deterministic gradient whose mean over the ranks is the one-process gradient."""
+    """A deterministic gradient whose mean over the ranks is the one-process gradient, exactly: on a
+    1/256 grid every rank's value and their mean are exact in fp32. (Rounded means would differ in the
+    last bit, which Adam turns into a visible difference wherever a gradient is near zero: its step is
+    g / |g|, about LR in size, whatever g's size; a table that starts at zero has no large weights to
+    hide that in the relative tolerance.)"""
     gen = torch.Generator().manual_seed(1000 * step + index)
-    full = torch.randn(p.shape, generator=gen)
-    spread = torch.randn(p.shape, generator=gen)
+    full = torch.round(torch.randn(p.shape, generator=gen) * GRID) / GRID
+    spread = torch.round(torch.randn(p.shape, generator=gen) * GRID) / GRID
     return full + (rank - (world_size - 1) / 2) * spread
 
 

@@ -11,15 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-if "PYTEST_XDIST_WORKER" in os.environ:
-    # `pytest -n 2` (README) runs two workers on the 2 cores: more torch threads than cores makes every
-    # step wait for threads that get no core (docs/quickstart.md), in the workers and in the processes
-    # they start.
-    import torch
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-
 TINY_VOCAB = 384
 
 

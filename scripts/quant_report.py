@@ -245,6 +245,15 @@ def quantize_like_a_run(state: dict, hessians: dict, fp16_names, h: tg.Hyperpara
     return tg.add_lqer(packed, state, tg.LQERConfig.from_hparams(h), quiet, hessians)
 
 
+def variant_encoder(state: dict, hessians: dict, fp16_names, h: tg.Hyperparameters, overrides: dict):
+    """A frontier variant quantized like a run (TODAY's quantizer plus its overrides) -> its
+    encode(compressor=...), which returns the artifact's bytes."""
+    hv = dataclasses.replace(h, **(TODAY | overrides))
+    packed = quantize_like_a_run(state, hessians, fp16_names, hv)
+    return functools.partial(tg.serialize_artifact, packed, shuffle=hv.byte_shuffle, storage=hv.quant_storage,
+                             sort_roles=hv.pergroup_sort)
+
+
 def frontier_report(path: Path, extra: list[str], only: list[str]) -> None:
     """val_bpb and bytes of each FRONTIER_VARIANTS entry (and --variant ones) on a trained checkpoint:
     gap to the float weights, its first-order part g.e, the artifact bytes with the best single-stream
@@ -269,11 +278,8 @@ def frontier_report(path: Path, extra: list[str], only: list[str]) -> None:
     for label, overrides in variants.items():
         if only and label not in only and not any(label.startswith(o) for o in only):
             continue
-        hv = dataclasses.replace(h, **(TODAY | overrides))
         t0 = time.perf_counter()
-        packed = quantize_like_a_run(state, hessians, fp16_names, hv)
-        encode = functools.partial(tg.serialize_artifact, packed, shuffle=hv.byte_shuffle, storage=hv.quant_storage,
-                                   sort_roles=hv.pergroup_sort)
+        encode = variant_encoder(state, hessians, fp16_names, h, overrides)
         single = min((encode(compressor=c) for c in tg.CODEC_IDS), key=len)
         grouped = encode(compressor="pergroup")
         weights = tg.dequantize_state_dict(tg.deserialize_artifact(single)[1])
@@ -305,11 +311,8 @@ def frontier_sizes(checkpoint: Path | None, only: list[str]) -> None:
     for label, overrides in FRONTIER_VARIANTS.items():
         if only and not any(label.startswith(o) for o in only):
             continue
-        hv = dataclasses.replace(h, **(TODAY | overrides))
         t0 = time.perf_counter()
-        packed = quantize_like_a_run(state, hessians, fp16_names, hv)
-        encode = functools.partial(tg.serialize_artifact, packed, shuffle=hv.byte_shuffle, storage=hv.quant_storage,
-                                   sort_roles=hv.pergroup_sort)
+        encode = variant_encoder(state, hessians, fp16_names, h, overrides)
         single, grouped = len(encode(compressor="brotli")), len(encode(compressor="pergroup"))
         print(f"| {label} | {single:,} | {grouped:,} | {8 * min(single, grouped) / params:.4f} | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)

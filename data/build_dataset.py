@@ -28,9 +28,9 @@ any overlap). The manifest and the summary give the counts.
 The whole input is held in memory; use --max-train-docs to cap very large inputs.
 
 Run:
-    python data/synthetic_text.py --docs 3000 --seed 0 --out /tmp/syn.jsonl
-    python data/build_dataset.py --input /tmp/syn.jsonl --val-docs 300 --vocab-size 1024 \\
-        --output-dir /tmp/ds --tokenizer-prefix /tmp/tok/test_1024_bpe
+    python data/synthetic_text.py --docs 3000 --seed 0 --out syn.jsonl
+    python data/build_dataset.py --input syn.jsonl --val-docs 300 --vocab-size 1024 \\
+        --output-dir syn_ds --tokenizer-prefix syn_tok/test_1024_bpe
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ MODES = {  # QAT hard on the default model; each other mode once, on a small one
     "mini_recurrence_qat_hard": dict(qat="hard", num_layers=3, mini_recur_repeats=1, mini_recur_first=1,
                                      mini_recur_last=1),
     "qat_off": dict(qat="off"),
+    # PRESET=april's model parts: two residual lanes, the loop in its U-Net form, gated attention output,
+    # the input-dependent SmearGate, no BigramHash or value embeddings.
+    "april_parts_qat_off": dict(qat="off", num_layers=4, parallel_start_layer=3, mini_recur_repeats=1,
+                                mini_recur_first=1, mini_recur_last=2, mini_recur_unet=True, attn_out_gate=True,
+                                smear_gate_form="input", gate_window=12, bigram_buckets=0, ve_layers="none"),
 }
 
 

@@ -223,6 +223,35 @@ def test_a_new_document_boundary_at_t_changes_nothing_before_it(reference):
         assert torch.allclose(after[pos], base[pos], atol=1e-6), pos
 
 
+def one_more_document(val: torch.Tensor, change: str) -> tuple[torch.Tensor, int]:
+    """The stream with one more document after position t, and t: a BOS made of token 400 (splitting the
+    last document), or the stream going on into a new document after its last token."""
+    if change == "bos":
+        changed = val.clone()
+        changed[400] = BOS
+        return changed, 400
+    tail = torch.from_numpy(np.random.default_rng(1).integers(2, VOCAB, 40).astype(np.int32))
+    tail[0] = BOS
+    return torch.cat((val, tail)), len(val) - 1
+
+
+@pytest.mark.parametrize("prefix_docs,phases", [(8, 2), (12, 3), (300, 3)])
+def test_phase_cuts_do_not_depend_on_the_documents_still_to_come(prefix_docs, phases):
+    """A stream of fewer documents than PHASED_TTT_PREFIX_DOCS (7, then 8; docs/ttt.md's CPU measurement had
+    300 against 2500): where a global SGD phase is cut must not depend on how many documents come later, so
+    one more document after t changes no score up to t (docs/challenge.md). Fails on the rule that cut
+    the prefix min(PHASED_TTT_PREFIX_DOCS, documents in the stream) in equal parts."""
+    val, s = stream(), spec(prefix_docs=prefix_docs, phases=phases)
+    base = distributions(model(), val, s)[0]
+    for change in ("bos", "appended"):
+        changed, t = one_more_document(val, change)
+        counts = [len(tg.document_spans(v.numpy(), BOS)) for v in (val, changed)]
+        assert counts[1] == counts[0] + 1 <= prefix_docs
+        after = distributions(model(), changed, s)[0]
+        for pos in range(1, t + 1):  # batches move with the new document: float rounding only
+            assert torch.allclose(after[pos], base[pos], atol=1e-6), f"{change} after {t} changed {pos}"
+
+
 def test_global_sgd_learns_only_from_scored_targets(monkeypatch):
     val, scored_so_far, checks = stream(), set(), []
     sgd = tg.global_sgd

@@ -3,9 +3,10 @@
 Document masking: the masked path equals running each document alone, a token's prediction does not depend
 on other documents, and the varlen path (FlashAttention's interface, emulated on CPU) equals the mask.
 TTT: every target is scored exactly once, with a full normalized distribution; changing token t changes no
-distribution at any position <= t, through the LoRAs and the global SGD; the global SGD learns only from
-scored tokens; a document's result does not depend on its batch; with nothing to learn, TTT is the model
-scoring each document alone; the warm-up uses random tokens and leaves the model as it was; the FLOP
+distribution at any position <= t, through the LoRAs and the global SGD; where a global phase is cut depends
+only on the settings and the documents already scored, never on how many are still to come; the global SGD
+learns only from scored tokens; a document's result does not depend on its batch; with nothing to learn,
+TTT is the model scoring each document alone; the warm-up uses random tokens and leaves the model as it was; the FLOP
 count is what torch counts; two gloo processes under torchrun score as one."""
 
 from __future__ import annotations
@@ -375,9 +376,24 @@ def test_compiled_step_keeps_one_graph_per_shape_kind():
 def test_phases_follow_the_stream():
     s = spec(prefix_docs=2500, phases=3)
     assert tg.ttt_phases(50_000, s) == [(0, 833, True), (833, 1666, True), (1666, 2500, True), (2500, 50_000, False)]
-    assert tg.ttt_phases(2000, s) == [(0, 666, True), (666, 1333, True), (1333, 2000, False)]
+    assert tg.ttt_phases(2000, s) == [(0, 833, True), (833, 1666, True), (1666, 2000, False)]  # cuts from settings
+    assert tg.ttt_phases(300, s) == [(0, 300, False)] and tg.ttt_phases(0, s) == []
     assert tg.ttt_phases(10, spec(prefix_docs=0)) == [(0, 10, False)]
     assert tg.ttt_phases(10, spec(global_epochs=0)) == [(0, 10, False)]
+
+
+def test_a_shorter_stream_has_the_longer_streams_cuts_before_its_end():
+    """The cuts a stream of n documents has are those of any longer stream, up to n: phases are a function of
+    the settings and of the documents already scored."""
+    for prefix, phases, epochs in [(0, 3, 1), (7, 3, 1), (12, 3, 1), (12, 5, 1), (20, 2, 1), (12, 3, 0), (3, 5, 1)]:
+        s = spec(prefix_docs=prefix, phases=phases, global_epochs=epochs)
+        longest = [hi for _, hi, sgd in tg.ttt_phases(40, s) if sgd]
+        for n in range(41):
+            got = tg.ttt_phases(n, s)
+            assert [hi for _, hi, sgd in got if sgd] == [c for c in longest if c < n], (prefix, phases, n)
+            assert [(lo, hi) for lo, hi, _ in got] == list(zip([0] + [hi for _, hi, _ in got][:-1],
+                                                             [hi for _, hi, _ in got]))  # consecutive
+            assert (got[-1][1] if got else 0) == n and not (got and got[-1][2])
 
 
 def test_schedule_covers_each_document_once_and_balances_the_ranks():

@@ -3311,12 +3311,15 @@ def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
 
 def ttt_phases(num_docs: int, s: TTTSettings) -> list[tuple[int, int, bool]]:
     """Consecutive document ranges (lo, hi, global SGD after it), in stream order: the first
-    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest."""
-    prefix = min(s.phased_ttt_prefix_docs, num_docs) if s.global_ttt_epochs > 0 else 0
+    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest.
+    The cuts come from the settings alone, never from num_docs: a cut that depended on how many documents the
+    stream still holds would make earlier scores depend on later tokens (docs/challenge.md). A stream that ends
+    before a cut simply never reaches it (and SGD after its last document would teach nothing)."""
+    prefix = s.phased_ttt_prefix_docs if s.global_ttt_epochs > 0 else 0
     cuts = sorted({prefix * (i + 1) // s.phased_ttt_num_phases for i in range(s.phased_ttt_num_phases)} - {0})
     phases, lo = [], 0
-    for cut in cuts:
-        phases.append((lo, cut, cut < num_docs))  # SGD after the last document would teach nothing
+    for cut in (c for c in cuts if c < num_docs):
+        phases.append((lo, cut, True))
         lo = cut
     if lo < num_docs:
         phases.append((lo, num_docs, False))

@@ -51,7 +51,9 @@ token_original_bytes() cuts a document's text into its tokens' stretches with se
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Iterable
+
+import numpy as np
 
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)  # in this order: the tokenizer's ids 4..7
@@ -69,7 +71,8 @@ _DECODE_RE = re.compile(
     f"|(?P<title>{TITLE})?(?P<word>[a-z](?:{CAPNEXT}?[a-z])*)"
     f"|(?P<other>[^A-Za-z{_OPS}]+)"
 )
-_OPERATOR_RE = re.compile(f"[{_OPS}]")
+_OP_LEAD = tuple(TITLE.encode("utf-8")[:2])  # the UTF-8 of U+E001..U+E004: EE 80 81..84
+_OP_LAST = tuple(op.encode("utf-8")[2] for op in OPERATORS)
 
 
 class CaseOpsError(ValueError):
@@ -135,23 +138,52 @@ def _decode_word(body: str, title: bool) -> str:
     return "".join(letters)
 
 
+def _marker_starts(raw: bytes) -> np.ndarray:
+    """Byte offsets of the operators that act in UTF-8 CaseOps text: every operator but one that an ESC
+    makes literal text. (0xEE starts a 3-byte character, so it is never inside another character.)"""
+    a = np.frombuffer(raw, dtype=np.uint8)
+    if len(a) < OPERATOR_BYTES:
+        return np.zeros(0, dtype=np.int64)
+    last = a[2:]
+    starts = np.flatnonzero((a[:-2] == _OP_LEAD[0]) & (a[1:-1] == _OP_LEAD[1]) & (last >= _OP_LAST[0])
+                            & (last <= _OP_LAST[-1]))
+    is_esc = last[starts] == _OP_LAST[-1]
+    if not is_esc.any():
+        return starts
+    keep, literal_at = [], None  # the offset the pending escape makes literal
+    for start, esc in zip(starts.tolist(), is_esc.tolist()):
+        if start == literal_at:
+            literal_at = None
+            continue
+        if literal_at is not None:
+            raise CaseOpsError(f"byte {literal_at - OPERATOR_BYTES}: an escape not followed by an operator")
+        keep.append(start)
+        if esc:
+            literal_at = start + OPERATOR_BYTES
+    if literal_at is not None:
+        raise CaseOpsError(f"byte {literal_at - OPERATOR_BYTES}: an escape not followed by an operator")
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _span_bytes(raw: bytes, bounds: np.ndarray, is_caseops: bool) -> np.ndarray:
+    """Original bytes of each span [bounds[i], bounds[i+1]) of the UTF-8 text raw (bounds sorted, from 0 to
+    len(raw)): its length, less 3 for each acting operator in it."""
+    counts = np.diff(bounds)
+    if is_caseops:
+        markers = _marker_starts(raw)
+        if len(markers):
+            span = np.searchsorted(bounds, markers, side="right") - 1
+            counts = counts - OPERATOR_BYTES * np.bincount(span, minlength=len(counts))
+    return counts
+
+
 def original_bytes(fragments: Iterable[str]) -> list[int]:
     """Original UTF-8 bytes of each of the consecutive fragments of a CaseOps text: operators 0, an
     escaped operator 3 (it is text), every other character its UTF-8 length. An escape may end one
     fragment and its operator start the next."""
-    counts, escaped_next = [], False
-    for fragment in fragments:
-        n = len(fragment.encode("utf-8", "surrogatepass"))
-        for m in _OPERATOR_RE.finditer(fragment):
-            if escaped_next:
-                escaped_next = False  # the escaped operator itself: text, its bytes stay
-                continue
-            n -= OPERATOR_BYTES
-            escaped_next = m.group() == ESC
-        counts.append(n)
-    if escaped_next:
-        raise CaseOpsError("the text ends with an escape")
-    return counts
+    parts = [f.encode("utf-8", "surrogatepass") for f in fragments]
+    bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)])
+    return _span_bytes(b"".join(parts), bounds, True).tolist()
 
 
 def token_original_bytes(sp, text: str, is_caseops: bool = True) -> tuple[list[int], list[int]]:
@@ -171,23 +203,21 @@ def token_original_bytes(sp, text: str, is_caseops: bool = True) -> tuple[list[i
 def encoding_original_bytes(text: str, proto, is_caseops: bool = True) -> tuple[list[int], list[int]]:
     """token_original_bytes from an encoding already made: text and its sentencepiece proto (a batch of
     documents encodes faster at once: sp.encode(texts, out_type="proto", num_threads=n))."""
-    pieces = list(proto.pieces)
+    pieces = proto.pieces
     raw = text.encode("utf-8", "surrogatepass")
-    # The text in order as [gap before token 0, token 0, gap before token 1, token 1, ..., trailing gap].
-    fragments, pos = [], 0
-    for i, piece in enumerate(pieces):
-        if piece.begin < pos or piece.end < piece.begin:
-            raise ValueError(f"token {i}: offsets [{piece.begin}, {piece.end}) overlap the text before {pos}")
-        fragments += [raw[pos:piece.begin], raw[piece.begin:piece.end]]
-        pos = piece.end
-    fragments.append(raw[pos:])
-    counts = (original_bytes(f.decode("utf-8", "surrogatepass") for f in fragments) if is_caseops
-              else [len(f) for f in fragments])
-    own, gaps = counts[1::2], counts[0::2]
-    bytes_per_token = list(own)
-    with_text = [i for i, n in enumerate(own) if n > 0]
-    for i, gap in enumerate(gaps):
-        if gap and with_text:
-            later = [k for k in with_text if k >= i]
-            bytes_per_token[later[0] if later else with_text[-1]] += gap
-    return [p.id for p in pieces], bytes_per_token
+    # The text cut as [gap before token 0, token 0, gap before token 1, token 1, ..., trailing gap].
+    bounds = np.zeros(2 * len(pieces) + 2, dtype=np.int64)
+    bounds[1:-1] = [offset for p in pieces for offset in (p.begin, p.end)]
+    bounds[-1] = len(raw)
+    backwards = np.flatnonzero(np.diff(bounds) < 0)
+    if len(backwards):
+        i = int(backwards[0])
+        raise ValueError(f"token {max(0, (i - 1) // 2)}: offsets go back from {bounds[i]} to {bounds[i + 1]}")
+    counts = _span_bytes(raw, bounds, is_caseops)
+    own, gaps = counts[1::2].copy(), counts[0::2]
+    with_text = np.flatnonzero(own > 0)
+    gap_at = np.flatnonzero(gaps)
+    if len(gap_at) and len(with_text):
+        to = with_text[np.minimum(np.searchsorted(with_text, gap_at), len(with_text) - 1)]
+        np.add.at(own, to, gaps[gap_at])
+    return [p.id for p in pieces], own.tolist()

@@ -2882,7 +2882,7 @@ def log_fit_cost(base_model: GPT, packed: dict, blob: bytes, h: Hyperparameters,
 
 
 class ExportInputs(NamedTuple):
-    """What quantization receives after training: given to an export hook (scripts/quant_report.py keeps
+    """What quantization receives after training: given to an export hook (lab/quant_report.py keeps
     it to measure quantizers on the trained weights without retraining)."""
     state: dict[str, Tensor]
     plan: dict[str, int]
@@ -3150,7 +3150,7 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpe
 
 TTT_ADAM_EPS = 1e-10  # the public records' AdamW epsilon for the LoRAs
 # Effective bf16 throughput of the LoRA pass per H100, calibrated on a public record's measured TTT time
-# (scripts/ttt_calibrate.py, docs/ttt.md): the FLOP count below, divided by this, predicts 8 x H100 seconds.
+# (lab/ttt_calibrate.py, docs/ttt.md): the FLOP count below, divided by this, predicts 8 x H100 seconds.
 TTT_H100_TFLOPS = 147.0
 EVAL_CAP_SECONDS = 600.0  # the challenge's evaluation budget on 8 x H100
 PREDICTION_WORLD_SIZE = 8

@@ -1,7 +1,7 @@
 """The CUDA path without a GPU: every attention call meets FlashAttention 3's input contract under
 torch's real CUDA bf16 autocast rules, and tensors have the dtypes train_gpt.py's dtype plan says.
 
-On a CPU the model runs on fake CUDA tensors (scripts/cuda_trace.py says how); on a machine with a GPU
+On a CPU the model runs on fake CUDA tensors (lab/cuda_trace.py says how); on a machine with a GPU
 the same tests run on real CUDA tensors. Covered: the default (record) model's training forward and
 backward, both recurrence modes and every QAT mode on a small model, GPTQ calibration, and both
 evaluation entries (train_gpt.evaluate's loop and the model eval_ngram_on_checkpoint.py loads), and
@@ -20,7 +20,7 @@ import torch
 
 import eval_ngram_on_checkpoint as ngram_eval
 import train_gpt as tg
-from scripts import cuda_trace as ct
+from lab import cuda_trace as ct
 
 BF16, FP32 = torch.bfloat16, torch.float32
 REAL = ct.real_cuda()

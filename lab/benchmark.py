@@ -1,10 +1,10 @@
 """Training-step and evaluation speed of train_gpt.py's model on whatever device this process finds,
 next to what the 8 x H100 run should cost, predicted without a GPU.
 
-    python3 scripts/benchmark.py                              # the record config (default env)
+    python3 lab/benchmark.py                              # the record config (default env)
     NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=8192 \\
-      EVAL_SEQ_LEN=128 EVAL_STRIDE=64 OMP_NUM_THREADS=1 python3 scripts/benchmark.py --steps 5 --warmup 2
-    python3 scripts/benchmark.py --predict-only               # the predictions alone (no timing)
+      EVAL_SEQ_LEN=128 EVAL_STRIDE=64 OMP_NUM_THREADS=1 python3 lab/benchmark.py --steps 5 --warmup 2
+    python3 lab/benchmark.py --predict-only               # the predictions alone (no timing)
 
 The model and optimizers come from train_gpt.py's Hyperparameters (env vars) and build_model /
 build_optimizers; batches are random tokens, so no dataset is needed. One step is one micro-batch of
@@ -39,9 +39,9 @@ import torch._dynamo.testing
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-from scripts import cuda_trace as ct  # noqa: E402
+from lab import cuda_trace as ct  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results.jsonl"
+DEFAULT_OUT = ROOT / "lab" / "results.jsonl"
 RECORD_WORLD_SIZE = 8
 # H100 SXM peaks the roofline assumes (NVIDIA datasheet): dense bf16 matmul, HBM3 bandwidth, NVLink 4
 # bandwidth per direction per GPU.
@@ -117,7 +117,7 @@ def counted_flops_per_token(model: tg.GPT, seq_len: int) -> float:
 
 def saved_activation_bytes(h: tg.Hyperparameters, seqs: int) -> dict[str, float]:
     """Bytes the training forward saves for the backward on one GPU (seqs sequences of TRAIN_SEQ_LEN),
-    from the joint graph traced on fake CUDA tensors under bf16 autocast (scripts/cuda_trace.py) and
+    from the joint graph traced on fake CUDA tensors under bf16 autocast (lab/cuda_trace.py) and
     split by AOT autograd's partitioners: "compiled" is torch.compile's (min-cut, recomputing cheap ops),
     "eager" saves what plain autograd would. Parameters the backward reads are not counted."""
     from torch._functorch.aot_autograd import aot_function, make_boxed_func

@@ -1,15 +1,15 @@
 """Quantization measurements for the README: GPTQ against round-to-nearest on a trained model, artifact
 bytes per compressor, byte shuffle and storage, and the speed of the 6-bit packing.
 
-    python3 scripts/quant_report.py pack-bench                   # time to pack 27 M values, one core
-    python3 scripts/quant_report.py train --out DIR              # train with train_gpt.py's env settings,
+    python3 lab/quant_report.py pack-bench                   # time to pack 27 M values, one core
+    python3 lab/quant_report.py train --out DIR              # train with train_gpt.py's env settings,
                                                                  # keep the float weights and Hessians
-    python3 scripts/quant_report.py gptq DIR/float.pt            # float / round-to-nearest / GPTQ bpb
-    python3 scripts/quant_report.py sizes --checkpoint DIR/float.pt
-    python3 scripts/quant_report.py sizes                        # the default 27 M model, random init
-    python3 scripts/quant_report.py frontier DIR/float.pt        # SDClip, int7, LQER, per-group: bpb, bytes
-    python3 scripts/quant_report.py sizes --frontier             # their bytes on the default 27 M model
-    PRESET=april python3 scripts/quant_report.py sizes --frontier  # ... on the April model (36 M)
+    python3 lab/quant_report.py gptq DIR/float.pt            # float / round-to-nearest / GPTQ bpb
+    python3 lab/quant_report.py sizes --checkpoint DIR/float.pt
+    python3 lab/quant_report.py sizes                        # the default 27 M model, random init
+    python3 lab/quant_report.py frontier DIR/float.pt        # SDClip, int7, LQER, per-group: bpb, bytes
+    python3 lab/quant_report.py sizes --frontier             # their bytes on the default 27 M model
+    PRESET=april python3 lab/quant_report.py sizes --frontier  # ... on the April model (36 M)
 
 `train` runs train_gpt.main() unchanged (model and data come from the usual variables: DATA_PATH,
 TOKENIZER_PATH, NUM_LAYERS, ...) and saves what its quantization step receives: the trained float

@@ -1,6 +1,6 @@
 """Calibrate train_gpt.py's TTT time prediction on a public record's measured TTT pass, then predict ours.
 
-    python3 scripts/ttt_calibrate.py LOG [LOG ...]
+    python3 lab/ttt_calibrate.py LOG [LOG ...]
 
 LOG: train logs of a public record with per-document LoRA TTT on 8 x H100 (for example the three logs of
 records/track_10min_16mb/2026-04-10_VarLenAttn/logs/ in the challenge repository). Each log prints its

@@ -19,7 +19,7 @@ joint forward+backward graph is traced there. On a machine with a GPU none of th
 checks run on real CUDA tensors (tests/test_cuda_path.py).
 
 Used by tests/test_cuda_path.py (FlashAttention's input contract, the dtype plan) and by
-scripts/benchmark.py (activation memory from the saved tensors of the joint graph).
+lab/benchmark.py (activation memory from the saved tensors of the joint graph).
 """
 
 from __future__ import annotations

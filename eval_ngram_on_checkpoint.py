@@ -38,11 +38,10 @@ import train_gpt as tg
 class NgramSettings:
     # The artifact.
     artifact_path: str = tg._hp("")  # the .ptz a training run wrote (required)
-    # Experts: the least confidence at which each may fire, and its boost beta (0 turns it off).
-    ngram_token_threshold: float = tg._hp(0.80, lo=0.0, hi=1.0)  # token 16-gram expert
+    # Experts: the least confidence at which each may fire, and its boost beta (0 turns it off). The token
+    # expert's (NGRAM_TOKEN_THRESHOLD, NGRAM_TOKEN_BOOST) are train_gpt.py's settings: its own evaluation tilts too.
     ngram_within_threshold: float = tg._hp(0.45, lo=0.0, hi=1.0)  # within-word expert
     ngram_word_threshold: float = tg._hp(0.65, lo=0.0, hi=1.0)  # word-start expert
-    ngram_token_boost: float = tg._hp(2.625, lo=0.0, hi=20.0)  # token 16-gram expert
     ngram_within_boost: float = tg._hp(0.75, lo=0.0, hi=20.0)  # within-word expert
     ngram_word_boost: float = tg._hp(0.75, lo=0.0, hi=20.0)  # word-start expert
     ngram_agree_boost: float = tg._hp(0.5, lo=0.0, hi=20.0)  # added when two gated experts agree
@@ -66,11 +65,13 @@ class NgramSettings:
                                   "(OUT_DIR/RUN_ID.ptz)")
         return settings
 
-    def tilt(self) -> ng.TiltConfig:
+    def tilt(self, h: tg.EvalSettings) -> ng.TiltConfig:
         return ng.TiltConfig(
-            (self.ngram_token_threshold, self.ngram_within_threshold, self.ngram_word_threshold),
-            (self.ngram_token_boost, self.ngram_within_boost, self.ngram_word_boost), self.ngram_agree_boost)
+            (h.ngram_token_threshold, self.ngram_within_threshold, self.ngram_word_threshold),
+            (h.ngram_token_boost, self.ngram_within_boost, self.ngram_word_boost), self.ngram_agree_boost)
 
+
+TOKEN_EXPERT_SETTINGS = ("ngram_token_threshold", "ngram_token_boost")  # defined in train_gpt.EvalSettings
 
 # Running sums over the scored positions (float64, all-reduced across ranks).
 SUMS = ("plain_nats", "tilted_nats", "cache_nats", "tokens", "bytes", *(f"fired_{e}" for e in ng.EXPERTS),
@@ -123,12 +124,13 @@ class Experts(NamedTuple):
     masks: object
 
 
-def score(run_pass: Callable, luts: tg.ByteLUTs, experts: Experts, s: NgramSettings) -> dict[str, float]:
+def score(run_pass: Callable, luts: tg.ByteLUTs, experts: Experts, s: NgramSettings,
+          h: tg.EvalSettings) -> dict[str, float]:
     """Plain, tilted (and cache-mixed) nats, summed over this rank's windows or TTT's documents:
     run_pass(sums) runs the model's pass with this score callback (tg.score_windows' or tg.ttt_score's) and
     returns the sums over every rank. The hints of a position come from the stream before it, whatever
     order the documents are scored in."""
-    tilt = s.tilt()
+    tilt = s.tilt(h)
 
     def sums(logits, x, y, scored, pos):
         logp = torch.log_softmax(logits.float()[scored], dim=-1)  # [S, V]: only the scored rows
@@ -167,6 +169,8 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     tg.log_preamble(ctx, env)
     for f in dataclasses.fields(s):
         log(f"ngram_setting {f.name}:{getattr(s, f.name)}")
+    for name in TOKEN_EXPERT_SETTINGS:  # train_gpt.py's settings (its own evaluation tilts with them too)
+        log(f"ngram_setting {name}:{getattr(h, name)}")
 
     if not Path(s.artifact_path).is_file():
         raise FileNotFoundError(f"ARTIFACT_PATH={s.artifact_path}: no such file")
@@ -216,7 +220,7 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     else:
         def run_pass(sums):
             return tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt, phase="ngram_score")
-    sums = score(run_pass, luts, Experts(hint, conf, cache_p, ng.piece_masks(tables, rt.device)), s)
+    sums = score(run_pass, luts, Experts(hint, conf, cache_p, ng.piece_masks(tables, rt.device)), s, h)
     rt.sync()
     t3 = time.perf_counter()
     log_results(log, sums, s.ngram_cache)

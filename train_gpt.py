@@ -123,6 +123,8 @@ class ModelConfig:
     smear_gate_form: str = _hp("channel", choices=("channel", "input"))  # channel: g per channel; input: by x_t[:12]
     gate_window: int = _hp(12, lo=1, hi=8192)  # input dims the input-dependent gates read
     doc_masked_attention: bool = _hp(False)  # attend only within the current document (a BOS starts one)
+    # Model: May parts (docs/may.md). Off by default.
+    asym_logit: bool = _hp(False)  # TTT's soft cap: one per logit sign, from LOGIT_SOFTCAP; global TTT SGD adapts them
 
     @classmethod
     def from_hparams(cls, h: "ModelConfig") -> "ModelConfig":
@@ -327,6 +329,10 @@ class EvalSettings:
     val_batch_size: int = _hp(65_536, lo=1, hi=2**31 - 1)  # tokens per eval forward on each rank
     eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # sliding-window evaluation: window length
     eval_stride: int = _hp(64, lo=1, hi=65536)  # sliding-window evaluation: a new window every this many targets
+    # Evaluation: the token n-gram tilt of the final scores (docs/ngram.md); each hint from earlier tokens only.
+    ngram_tilt: str = _hp("off", choices=("off", "token"))  # token: the 16-gram expert tilts TTT's (TTT=0: windows')
+    ngram_token_threshold: float = _hp(0.80, lo=0.0, hi=1.0)  # token 16-gram expert: the least confidence that may fire
+    ngram_token_boost: float = _hp(2.625, lo=0.0, hi=20.0)  # token 16-gram expert: its boost beta
 
     def val_batch_seqs(self, seq_len: int) -> int:
         """Sequences of seq_len per forward for evaluation and calibration: VAL_BATCH_SIZE tokens."""
@@ -346,7 +352,7 @@ class TTTSettings:
     ttt_chunk_size: int = _hp(48, lo=1, hi=65536)  # tokens scored, then learned from, per step
     ttt_eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # context window within the document
     ttt_batch_size: int = _hp(64, lo=1, hi=65536)  # documents adapted side by side (each its own LoRA)
-    ttt_lora_lr: float = _hp(1e-4, lo=0.0, hi=10.0)  # AdamW LR of the LoRAs
+    ttt_lora_lr: float = _hp(1e-4, lo=0.0, hi=10.0)  # AdamW LR of the LoRAs (a public LR multiplier: the product)
     ttt_beta1: float = _hp(0.0, lo=0.0, hi=0.9999)  # AdamW beta1 of the LoRAs
     ttt_beta2: float = _hp(0.99, lo=0.0, hi=0.99999)  # AdamW beta2 of the LoRAs
     ttt_weight_decay: float = _hp(0.5, lo=0.0, hi=100.0)  # AdamW decoupled weight decay of the LoRAs
@@ -357,11 +363,20 @@ class TTTSettings:
     global_ttt_epochs: int = _hp(1, lo=0, hi=100)  # passes over the scored documents per phase; 0: none
     global_ttt_chunk_tokens: int = _hp(32768, lo=2, hi=2**31 - 1)  # tokens per SGD step (all ranks)
     global_ttt_grad_clip: float = _hp(1.0, lo=0.0, hi=1e6)  # 0: no clipping
+    # Test-time training: May parts (docs/may.md). The defaults are the April behaviour.
+    ttt_lora_targets: str = _hp("q,k,v,o,mlp,head")  # the LoRAs that exist; the public "no_qv": k,o,mlp,head
+    ttt_lora_alpha: float = _hp(0.0, lo=0.0, hi=1e6)  # LoRA output x ALPHA / TTT_LORA_RANK; 0: the rank (x 1)
+    ttt_short_chunks: str = _hp("")  # "256:8,2000:24": chunks starting below position 256 of a document: 8, ...
 
     def check(self) -> None:
         if self.ttt_chunk_size > self.ttt_eval_seq_len:
             raise ValueError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} must be at most "
                              f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a chunk is scored inside one window)")
+        parse_lora_targets(self.ttt_lora_targets)
+        for limit, size in parse_short_chunks(self.ttt_short_chunks):
+            if size > self.ttt_eval_seq_len:
+                raise ValueError(f"TTT_SHORT_CHUNKS={self.ttt_short_chunks!r}: a chunk of {size} must be at most "
+                                 f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len}")
 
 
 # The sections of a run's settings, in the order the log and docs/environment.md list them. Each setting is
@@ -1142,8 +1157,9 @@ class CausalSelfAttention(nn.Module):
 
 
 def adapted(linear: nn.Module, x: Tensor, lora, key: str) -> Tensor:
-    """linear(x), plus the low-rank adapter lora[key](x) when test-time training gives one."""
-    return linear(x) if lora is None else linear(x) + lora[key](x)
+    """linear(x), plus the low-rank adapter lora[key](x) when test-time training gives one (TTT_LORA_TARGETS
+    says which exist)."""
+    return linear(x) if lora is None or key not in lora else linear(x) + lora[key](x)
 
 
 LEAKY_RELU_SLOPE = 0.5
@@ -1394,6 +1410,9 @@ class GPT(nn.Module):
             self.lane_post = nn.Parameter(torch.ones(lanes, 2, 2))
         if cfg.ortho_init:
             self._orthogonal_init()
+        if cfg.asym_logit:  # made by use_asym_logit, for test-time training only: training never sees them
+            self.register_parameter("softcap_pos", None)
+            self.register_parameter("softcap_neg", None)
         self.set_mini_recurrence(True)  # the trained model runs its repeats
 
     def _orthogonal_init(self) -> None:
@@ -1476,12 +1495,31 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def head(self, x: Tensor, lora=None) -> Tensor:
-        """Soft-capped fp32 logits from the final stream x [B, T, D] (lora: adds its head adapter)."""
+        """Soft-capped fp32 logits from the final stream x [B, T, D] (lora: adds its head adapter, if it has one).
+        With the AsymLogit scalars (use_asym_logit) the cap is sp tanh(z / sp) where z > 0, sn tanh(z / sn) else."""
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        if lora is not None:
+        if lora is not None and lora.head is not None:
             logits = logits + lora.head(x)
         logits = logits.float()
-        return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        if not self.cfg.asym_logit or self.softcap_pos is None:
+            return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        sp, sn = self.softcap_pos, self.softcap_neg
+        return torch.where(logits > 0, sp * torch.tanh(logits / sp), sn * torch.tanh(logits / sn))
+
+    def use_asym_logit(self) -> bool:
+        """ASYM_LOGIT=1: give the model its two soft caps, fp32 scalar parameters at LOGIT_SOFTCAP, so that the
+        head computes exactly the single cap's function until something trains them. Test-time training calls
+        this on the model it builds from the artifact (the global SGD is what adapts them; its LoRA steps leave
+        them alone); training never does, so its loss, optimizers and artifact are those of ASYM_LOGIT=0, and the
+        artifact holds no bytes for them: at export they would equal LOGIT_SOFTCAP, which the config records.
+        Returns whether the model has them (idempotent)."""
+        if not self.cfg.asym_logit:
+            return False
+        if self.softcap_pos is None:
+            for name in ("softcap_pos", "softcap_neg"):
+                cap = torch.tensor(self.cfg.logit_softcap, dtype=torch.float32, device=self.tok_emb.weight.device)
+                setattr(self, name, nn.Parameter(cap, requires_grad=self.tok_emb.weight.requires_grad))
+        return True
 
     def matrix_params(self) -> list[nn.Parameter]:
         """The 2-D weights that Muon trains (everything else goes to Adam)."""
@@ -3295,6 +3333,79 @@ TTT_H100_TFLOPS = 147.0
 EVAL_CAP_SECONDS = 600.0  # the challenge's evaluation budget on 8 x H100
 PREDICTION_WORLD_SIZE = 8
 TTT_MIN_BATCHES_PER_RANK = 4  # a phase's batches shrink until each rank gets this many (load balance)
+# A global SGD step costs at least this on 8 x H100, whatever its FLOPs: #2135 logged 288 steps of 32,768 tokens in
+# 24.5-24.6 s (gradients of every weight all-reduced each step, small eager forwards); its FLOPs alone say 6 ms.
+GLOBAL_SGD_STEP_SECONDS = 0.085
+# The TTT compile warm-up on 8 x H100 (random tokens, before the timed pass): #2135's took 91.1-94.5 s with one
+# chunk size, #2014's 136.4-149.0 s with three (chunks of 8 and 24 added): a base and a cost per added chunk size.
+TTT_COMPILE_SECONDS = 92.5
+TTT_COMPILE_SECONDS_PER_CHUNK = 25.6
+LORA_KEYS = ("q", "k", "v", "o", "mlp", "head")  # every adapter DocumentLoRA can make, in the order A is drawn
+
+
+def parse_lora_targets(spec: str) -> tuple[str, ...]:
+    """TTT_LORA_TARGETS "k,o,mlp,head" -> the adapters that exist, in LORA_KEYS order (at least one)."""
+    keys = {k.strip().lower() for k in spec.split(",") if k.strip()}
+    if not keys or keys - set(LORA_KEYS):
+        raise ValueError(f"TTT_LORA_TARGETS={spec!r} is invalid: expected one or more of {','.join(LORA_KEYS)}, "
+                         f"comma-separated")
+    return tuple(k for k in LORA_KEYS if k in keys)
+
+
+def parse_short_chunks(spec: str) -> tuple[tuple[int, int], ...]:
+    """TTT_SHORT_CHUNKS "256:8,2000:24" -> ((256, 8), (2000, 24)): (position limit, chunk size), limits rising."""
+    rules = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        limit, sep, size = item.partition(":")
+        rule = (int(limit), int(size)) if sep and limit.strip().isdigit() and size.strip().isdigit() else None
+        if rule is None or min(rule) < 1 or (rules and rule[0] <= rules[-1][0]):
+            raise ValueError(f"TTT_SHORT_CHUNKS={spec!r} is invalid: expected limit:size pairs of positive integers "
+                             f"with rising limits, e.g. 256:8,2000:24")
+        rules.append(rule)
+    return tuple(rules)
+
+
+class ChunkPlan(NamedTuple):
+    """Where a document's chunks end, by position inside the document alone, the same for every document (so
+    batch-mates stay aligned, and where a chunk ends never depends on where the document ends, which would depend
+    on whether a later token is a BOS): with TTT_SHORT_CHUNKS a chunk starting before a rule's limit has the
+    first such rule's size, every later chunk TTT_CHUNK_SIZE. Chunk k holds the targets edge(k)+1 .. edge(k+1) of
+    its document (relative to its BOS)."""
+    edges: np.ndarray  # int64: 0, then the end of each short chunk; the last is where TTT_CHUNK_SIZE chunks start
+    size: int  # TTT_CHUNK_SIZE
+
+    def edge(self, k: int) -> int:
+        short = len(self.edges) - 1
+        return int(self.edges[k]) if k <= short else int(self.edges[-1]) + (k - short) * self.size
+
+    def edge_array(self, steps: int) -> np.ndarray:
+        """edge(0) .. edge(steps) as int64."""
+        k = np.arange(steps + 1, dtype=np.int64)
+        short = len(self.edges) - 1
+        return np.where(k <= short, self.edges[np.minimum(k, short)], self.edges[-1] + (k - short) * self.size)
+
+    def counts(self, targets: np.ndarray) -> np.ndarray:
+        """Chunks (steps) of documents with these target counts: those that start before the last target."""
+        short, last = len(self.edges) - 1, self.edges[-1]
+        beyond = short + -(-(targets - last) // self.size)
+        return np.where(targets <= last, np.searchsorted(self.edges, targets, side="left"), beyond)
+
+    def sizes(self, steps: int) -> list[int]:
+        return np.diff(self.edge_array(steps)).tolist()
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_plan(spec: str, size: int) -> ChunkPlan:
+    edges, rules = [0], parse_short_chunks(spec)
+    while (rule := next((r for r in rules if edges[-1] < r[0]), None)) is not None:
+        edges.append(edges[-1] + rule[1])
+    return ChunkPlan(np.asarray(edges, dtype=np.int64), size)
+
+
+def chunk_plan(s: TTTSettings) -> ChunkPlan:
+    return _chunk_plan(s.ttt_short_chunks, s.ttt_chunk_size)
 
 
 def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
@@ -3327,20 +3438,26 @@ def ttt_phases(num_docs: int, s: TTTSettings) -> list[tuple[int, int, bool]]:
 
 
 def chunk_counts(targets: np.ndarray, s: TTTSettings) -> np.ndarray:
-    return -(-targets // s.ttt_chunk_size)
+    return chunk_plan(s).counts(targets)
 
 
 def window_width(step: int, s: TTTSettings) -> int:
     """Columns of step `step`'s rows: the context of a full chunk, capped at TTT_EVAL_SEQ_LEN. Every target a
-    row scores at this step lies in its last TTT_CHUNK_SIZE columns."""
-    return min((step + 1) * s.ttt_chunk_size, s.ttt_eval_seq_len)
+    row scores at this step lies in its last chunk_size(step) columns."""
+    return min(chunk_plan(s).edge(step + 1), s.ttt_eval_seq_len)
+
+
+def chunk_size(step: int, s: TTTSettings) -> int:
+    """Targets a full chunk of step `step` holds: TTT_CHUNK_SIZE, or a short chunk's (TTT_SHORT_CHUNKS)."""
+    plan = chunk_plan(s)
+    return plan.edge(step + 1) - plan.edge(step)
 
 
 def document_costs(targets: np.ndarray, s: TTTSettings) -> np.ndarray:
     """Token columns a document's steps process (the sum of its window widths): its share of the work."""
     n = chunk_counts(targets, s)
-    growing = np.minimum(n, s.ttt_eval_seq_len // s.ttt_chunk_size)  # steps whose window is still growing
-    return s.ttt_chunk_size * growing * (growing + 1) // 2 + (n - growing) * s.ttt_eval_seq_len
+    widths = np.minimum(chunk_plan(s).edge_array(int(n.max(initial=0)))[1:], s.ttt_eval_seq_len)
+    return np.concatenate(([0], np.cumsum(widths)))[n]
 
 
 def assign_batches(costs: np.ndarray, world_size: int) -> list[np.ndarray]:
@@ -3386,12 +3503,13 @@ class BatchedLoRA(nn.Module):
     B starts at zero (the adapted model starts as the artifact's); A from one seeded draw shared by all
     documents, so a document's result does not depend on which batch or rank it lands in."""
 
-    def __init__(self, fan_in: int, fan_out: int, rank: int, generator: torch.Generator):
+    def __init__(self, fan_in: int, fan_out: int, rank: int, generator: torch.Generator, scale: float = 1.0):
         super().__init__()
         bound = 1.0 / math.sqrt(fan_in)
         self.register_buffer("a_init", (2 * torch.rand(rank, fan_in, generator=generator) - 1) * bound)
         self.a = nn.Parameter(self.a_init[None].clone())
         self.b = nn.Parameter(torch.zeros(1, fan_out, rank))
+        self.scale = scale  # TTT_LORA_ALPHA / rank; 1: no multiplication at all (the April behaviour, bit for bit)
 
     def reset(self, rows: int) -> None:
         """Fresh adapters for `rows` documents (new parameters: an optimizer must be made for them)."""
@@ -3399,22 +3517,26 @@ class BatchedLoRA(nn.Module):
         self.b = nn.Parameter(self.b.new_zeros(rows, *self.b.shape[1:]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x @ self.a.transpose(1, 2)) @ self.b.transpose(1, 2)
+        out = (x @ self.a.transpose(1, 2)) @ self.b.transpose(1, 2)
+        return out if self.scale == 1.0 else out * self.scale
 
 
 class DocumentLoRA(nn.Module):
     """A batch of documents' adapters: per pass of the model's plan (a shared block gets one per pass) on
-    Q, K, V, O and beside the MLP (its normalized input to its output), and on the output head."""
+    Q, K, V, O and beside the MLP (its normalized input to its output), and on the output head; `adapters`
+    (TTT_LORA_TARGETS) says which exist (the model's weights alone where one does not), `scale` multiplies
+    their outputs (TTT_LORA_ALPHA / rank)."""
 
-    def __init__(self, model: GPT, rank: int, seed: int):
+    def __init__(self, model: GPT, rank: int, seed: int, adapters: tuple[str, ...] = LORA_KEYS, scale: float = 1.0):
         super().__init__()
         cfg, g = model.cfg, torch.Generator().manual_seed(seed)
         d = cfg.model_dim
         kv = cfg.num_kv_heads * (d // cfg.num_heads)
         shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
-        self.layers = nn.ModuleList(nn.ModuleDict({key: BatchedLoRA(i, o, rank, g) for key, (i, o) in shapes.items()})
+        self.layers = nn.ModuleList(nn.ModuleDict({key: BatchedLoRA(i, o, rank, g, scale)
+                                                   for key, (i, o) in shapes.items() if key in adapters})
                                     for _ in model.plan)
-        self.head = BatchedLoRA(d, cfg.vocab_size, rank, g)
+        self.head = BatchedLoRA(d, cfg.vocab_size, rank, g, scale) if "head" in adapters else None
 
     def reset(self, rows: int) -> None:
         for m in self.modules():
@@ -3438,17 +3560,32 @@ class DocumentLoRA(nn.Module):
             for p, state in opt.state.items()})
 
 
+def document_lora(model: GPT, s: TTTSettings) -> DocumentLoRA:
+    """The adapters the settings ask for: TTT_LORA_RANK, TTT_LORA_TARGETS, TTT_LORA_ALPHA (0: the rank)."""
+    scale = s.ttt_lora_alpha / s.ttt_lora_rank if s.ttt_lora_alpha > 0 else 1.0
+    return DocumentLoRA(model, s.ttt_lora_rank, s.seed, parse_lora_targets(s.ttt_lora_targets), scale)
+
+
 def ttt_optimizer(lora: DocumentLoRA, s: TTTSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(lora.parameters(), lr=s.ttt_lora_lr, betas=(s.ttt_beta1, s.ttt_beta2), eps=TTT_ADAM_EPS,
                              weight_decay=s.ttt_weight_decay)
 
 
-def ttt_forward(model: GPT, chunk: int) -> Callable[[Tensor, DocumentLoRA], Tensor]:
-    """(rows [B, W] of single documents, their LoRAs) -> logits [B, chunk, V] of the last chunk columns, the
-    only ones a step scores or learns from (the head runs on those alone)."""
-    def forward(x: Tensor, lora: DocumentLoRA) -> Tensor:
-        return model.head(model.hidden(x, lora, rows_are_documents=True)[:, -chunk:], lora)
+def ttt_forward(model: GPT, chunk: int) -> Callable[..., Tensor]:
+    """(rows [B, W] of single documents, their LoRAs[, the step's chunk]) -> logits [B, chunk, V] of the last chunk
+    columns, the only ones a step scores or learns from (the head runs on those alone). `chunk`: TTT_CHUNK_SIZE,
+    the default; a short chunk (TTT_SHORT_CHUNKS) is passed with the call. With ASYM_LOGIT=1 the model gets its
+    two soft caps here (GPT.use_asym_logit), before anything compiles or freezes its parameters."""
+    model.use_asym_logit()
+
+    def forward(x: Tensor, lora: DocumentLoRA, cols: int = chunk) -> Tensor:
+        return model.head(model.hidden(x, lora, rows_are_documents=True)[:, -cols:], lora)
     return forward
+
+
+def call_forward(forward: Callable, x: Tensor, lora: DocumentLoRA, chunk: int, s: TTTSettings) -> Tensor:
+    """forward(x, lora), naming the chunk only when it is a short one: the default call stays the April one."""
+    return forward(x, lora) if chunk == s.ttt_chunk_size else forward(x, lora, chunk)
 
 
 def logit_sums(luts: ByteLUTs) -> Callable:
@@ -3468,15 +3605,17 @@ def step_rows(val_tokens: Tensor, start: Tensor, targets: Tensor, step: int, s: 
     them), zero-padded past the document's end; it scores the chunk's targets, which no earlier step scored.
     The span never depends on where the document ends: the context of a target must not depend on whether
     a later token is a BOS."""
-    width, c = window_width(step, s), s.ttt_chunk_size
-    begin = (step + 1) * c - width  # relative index of the rows' first input
-    end = torch.clamp(targets, max=(step + 1) * c)  # relative index of the chunk's last target
+    plan = chunk_plan(s)
+    lo, hi = plan.edge(step), plan.edge(step + 1)  # the chunk: relative inputs lo .. hi - 1
+    width, c = window_width(step, s), hi - lo
+    begin = hi - width  # relative index of the rows' first input
+    end = torch.clamp(targets, max=hi)  # relative index of the chunk's last target
     inputs = begin + torch.arange(width, device=start.device)[None, :]
     valid = inputs < end[:, None]  # also false on every column of a finished document
     pos = (start[:, None] + inputs).clamp_max(len(val_tokens) - 2)
     x_all = torch.where(valid, val_tokens[pos].long(), 0)
     y = torch.where(valid, val_tokens[pos + 1].long(), 0)
-    scored = valid & (inputs >= step * c)
+    scored = valid & (inputs >= lo)
     last = slice(width - c, width)
     return x_all, x_all[:, last], y[:, last], scored[:, last], (pos + 1)[:, last]
 
@@ -3500,15 +3639,16 @@ def adapt_batch(forward: Callable, lora: DocumentLoRA, score: Callable, val_toke
             lora.keep_rows(keep, opt)
             rows, start, targets = rows[live], start[keep], targets[keep]
         x, xl, yl, scored, pos = step_rows(val_tokens, start, targets, step, s)
+        c = chunk_size(step, s)
         with rt.autocast():
-            logits = forward(x, lora)
+            logits = call_forward(forward, x, lora, c, s)
         with torch.no_grad():
             sums = score(logits.detach(), xl, yl, scored, pos)
         total = sums if total is None else total + sums
         learns = step < chunks[rows] - 1  # not the document's last chunk
         if learns.any():
             nll = F.cross_entropy(logits.flatten(0, 1).float(), yl.flatten(), reduction="none").view_as(yl)
-            per_doc = (nll * scored).sum(dim=1) / s.ttt_chunk_size  # a learning row scores exactly a full chunk
+            per_doc = (nll * scored).sum(dim=1) / c  # a learning row scores exactly a full chunk
             (per_doc * _to_device(torch.from_numpy(learns), val_tokens.device)).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -3565,7 +3705,7 @@ def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, s: Hyperparameter
     plan, phases = ttt_schedule(spans, s, rt.world_size)[rt.rank], ttt_phases(len(spans), s)
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = DocumentLoRA(model, s.ttt_lora_rank, s.seed).to(val_tokens.device)
+    lora = document_lora(model, s).to(val_tokens.device)
     total, t0 = None, time.perf_counter()
     progress = Progress("ttt", sum(len(docs) for batches, _ in plan for docs in batches), rt.is_main, unit="doc")
     for k, ((batches, sgd_after), (lo, hi, _)) in enumerate(zip(plan, phases)):
@@ -3579,6 +3719,8 @@ def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, s: Hyperparameter
             t1 = time.perf_counter()
             steps = global_sgd(model, prefix, s, rt)
             line += f" global_sgd_tokens:{len(prefix)} steps:{steps} sgd_time:{1000 * (time.perf_counter() - t1):.0f}ms"
+            if model.use_asym_logit():  # what the phase made of the two soft caps (ASYM_LOGIT=1)
+                line += f" softcap_pos:{model.softcap_pos.item():.6f} softcap_neg:{model.softcap_neg.item():.6f}"
         if log is not None:
             log(line + f" elapsed:{1000 * (time.perf_counter() - t0):.0f}ms")
     progress.close()
@@ -3593,45 +3735,77 @@ def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, s: Hyperparameter
     return total
 
 
-def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, s: Hyperparameters, rt: Runtime,
-                 forward: Callable | None = None, log=None) -> tuple[float, float]:
-    """(val_loss, val_bpb) of score-first TTT over every target of val_tokens, each scored once."""
-    nats, tokens, nbytes = ttt_score(model, logit_sums(luts), val_tokens, s, rt, forward, log).tolist()
-    return nats / tokens, nats / math.log(2) / nbytes
+class Scores(NamedTuple):
+    """A final evaluation's numbers: val_loss (nats per target) and val_bpb; with the n-gram tilt, the tilted
+    ones and the share of scored targets the tilt fired on (else None)."""
+    val_loss: float
+    val_bpb: float
+    tilted_loss: float | None = None
+    tilted_bpb: float | None = None
+    fired: float | None = None
+
+    @classmethod
+    def from_sums(cls, sums: list[float]) -> "Scores":
+        """From [nats, tokens, bytes] (logit_sums), or [..., tilted nats, tilted targets] (ngram_tilt_sums)."""
+        nats, tokens, nbytes = sums[:3]
+        if len(sums) == 3:
+            return cls(nats / tokens, nats / math.log(2) / nbytes)
+        return cls(nats / tokens, nats / math.log(2) / nbytes, sums[3] / tokens, sums[3] / math.log(2) / nbytes,
+                   sums[4] / tokens)
+
+
+def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, ctx: RunContext, forward: Callable | None = None,
+                 hints: "NgramHints | None" = None) -> Scores:
+    """Score-first TTT over every target of val_tokens, each scored once; with the token n-gram hints, its scores
+    tilted as well (TTT itself learns from the untilted loss: the tilt only touches what is scored)."""
+    score = logit_sums(luts) if hints is None else ngram_tilt_sums(luts, hints, ctx.h)
+    return Scores.from_sums(ttt_score(model, score, val_tokens, ctx.h, ctx.rt, forward, ctx.log).tolist())
+
+
+def warm_up_shapes(s: TTTSettings) -> list[tuple[int, int]]:
+    """(chunk, window width) of each kind of step the TTT loop compiles: per chunk size, the first width it meets
+    and TTT_EVAL_SEQ_LEN (or the widest it reaches, for a short chunk), in order of width."""
+    plan = chunk_plan(s)
+    widths = {}
+    for step in range(len(plan.edges) + s.ttt_eval_seq_len // s.ttt_chunk_size + 1):
+        widths.setdefault(chunk_size(step, s), set()).add(window_width(step, s))
+    return sorted(((c, w) for c, ws in widths.items() for w in {min(ws), max(ws)}), key=lambda cw: (cw[1], cw[0]))
 
 
 def ttt_warm_up(forward: Callable, model: GPT, s: Hyperparameters, rt: Runtime) -> None:
-    """Compile the TTT step on random tokens (never validation tokens), at the first and the widest window,
-    then drop what it learned: the LoRAs it trains are its own, and the model's weights stay frozen."""
+    """Compile the TTT step on random tokens (never validation tokens), at the first and the widest window of
+    each chunk size, then drop what it learned: the LoRAs it trains are its own, and the model's weights stay
+    frozen."""
     g = torch.Generator(device="cpu").manual_seed(s.seed)
-    lora = DocumentLoRA(model, s.ttt_lora_rank, s.seed).to(rt.device)
+    lora = document_lora(model, s).to(rt.device)
     lora.reset(s.ttt_batch_size)
     opt = ttt_optimizer(lora, s)
     for p in model.parameters():
         p.requires_grad_(False)
-    for width in sorted({window_width(0, s), s.ttt_eval_seq_len}):
+    for chunk, width in warm_up_shapes(s):
         x = torch.randint(0, model.cfg.vocab_size, (s.ttt_batch_size, width + 1), generator=g).to(rt.device)
         with rt.autocast():
-            logits = forward(x[:, :-1], lora)
-        F.cross_entropy(logits.flatten(0, 1).float(), x[:, -s.ttt_chunk_size:].flatten()).backward()
+            logits = call_forward(forward, x[:, :-1], lora, chunk, s)
+        F.cross_entropy(logits.flatten(0, 1).float(), x[:, -chunk:].flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
 
 def ttt_step_flops(cfg: ModelConfig, lora_rank: int, rows: int, width: int, head_cols: int,
-                   backward: str) -> tuple[float, float]:
+                   backward: str, adapters: tuple[str, ...] = LORA_KEYS) -> tuple[float, float]:
     """(matrix-product FLOPs, attention FLOPs) of one step on `rows` rows of `width` tokens, the head on their
-    last head_cols columns: the forward (2 per weight and token, the LoRAs' too; causal attention 2 x 2 x
-    MODEL_DIM per query and key), then the backward: "none"; "lora" (TTT: input gradients through the frozen
-    weights, 1x their forward, and the LoRAs' own gradients, 2x theirs); "model" (global SGD: no LoRAs,
-    every weight's gradient, 2x). Attention's backward is 2x its forward."""
+    last head_cols columns: the forward (2 per weight and token, the LoRAs' too, those in `adapters`; causal
+    attention 2 x 2 x MODEL_DIM per query and key), then the backward: "none"; "lora" (TTT: input gradients
+    through the frozen weights, 1x their forward, and the LoRAs' own gradients, 2x theirs); "model" (global SGD:
+    no LoRAs, every weight's gradient, 2x). Attention's backward is 2x its forward."""
     d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
     passes = len(layer_plan(cfg, True))
     frozen = width * (2 * passes * (2 * d * d + 2 * d * kv + 2 * cfg.mlp_mult * d * d)
                       + (2 * cfg.bigram_dim * d if cfg.bigram_buckets else 0)) + head_cols * 2 * d * cfg.vocab_size
+    fans = {"q": d + d, "k": d + kv, "v": d + kv, "o": d + d, "mlp": d + d}  # A's and B's widths of each adapter
     lora = 0 if backward == "model" else lora_rank * (
-        width * 2 * passes * (2 * d + 2 * (d + kv) + 2 * d + 2 * d)  # q, k, v, o, mlp
-        + head_cols * 2 * (d + cfg.vocab_size))  # the head
+        width * 2 * passes * sum(fans[key] for key in adapters if key in fans)
+        + (head_cols * 2 * (d + cfg.vocab_size) if "head" in adapters else 0))
     attention = passes * 2 * d * width * (width + 1)
     grad = {"none": (0, 0, 0), "lora": (1, 2, 2), "model": (2, 0, 2)}[backward]
     return rows * ((1 + grad[0]) * frozen + (1 + grad[1]) * lora), rows * (1 + grad[2]) * attention
@@ -3642,12 +3816,14 @@ def ttt_batch_flops(cfg: ModelConfig, s: TTTSettings, targets: np.ndarray, publi
     on the chunk's columns, with its backward on the steps that learn. public_loop: the public records' loop
     instead, which keeps every row to the end and runs the head on every column."""
     chunks, rows, total = chunk_counts(targets, s), len(targets), 0.0
+    adapters = parse_lora_targets(s.ttt_lora_targets)
     for step in range(int(chunks.max(initial=0))):
         live = int((chunks > step).sum())
         rows = live if not public_loop and 2 * live <= rows else rows
         backward = "lora" if (chunks > step + 1).any() else "none"
         width = window_width(step, s)
-        total += sum(ttt_step_flops(cfg, s.ttt_lora_rank, rows, width, width if public_loop else s.ttt_chunk_size, backward))
+        head_cols = width if public_loop else chunk_size(step, s)
+        total += sum(ttt_step_flops(cfg, s.ttt_lora_rank, rows, width, head_cols, backward, adapters))
     return total
 
 
@@ -3674,6 +3850,42 @@ def predict_ttt_seconds(cfg: ModelConfig, spans: np.ndarray, s: TTTSettings, wor
     return busiest / (tflops * 1e12), sum(map(sum, lora)) + sum(sgd)
 
 
+def global_sgd_steps(num_tokens: int, s: TTTSettings) -> int:
+    """The steps global_sgd takes on a scored prefix of num_tokens tokens (its TTT_EVAL_SEQ_LEN windows,
+    GLOBAL_TTT_CHUNK_TOKENS per step, GLOBAL_TTT_EPOCHS times)."""
+    windows, per_step = (num_tokens - 1) // s.ttt_eval_seq_len, max(1, s.global_ttt_chunk_tokens // s.ttt_eval_seq_len)
+    return -(-windows // per_step) * s.global_ttt_epochs
+
+
+class EvalBudget(NamedTuple):
+    """The evaluation's predicted seconds on 8 x H100, by part (predict_eval_seconds)."""
+    ttt: float  # the TTT pass: its LoRA phases (each as long as its busiest rank) and its global SGD
+    sgd: float  # ... of which the global SGD
+    sgd_steps: int
+    flops: float  # the TTT pass's FLOPs (LoRA passes and global SGD)
+    ngram: float  # the n-gram hints' precompute (NGRAM_TILT=token), inside the timed pass
+    compile: float  # the TTT compile warm-up on random tokens, before it
+
+
+def predict_eval_seconds(cfg: ModelConfig, spans: np.ndarray, s: Hyperparameters,
+                         world_size: int = PREDICTION_WORLD_SIZE, tflops: float = TTT_H100_TFLOPS) -> EvalBudget:
+    """The TTT evaluation's parts on world_size H100s: the LoRA phases by their FLOPs at the calibrated throughput
+    (predict_ttt_seconds); each global SGD phase at least GLOBAL_SGD_STEP_SECONDS a step (it is not FLOP-bound:
+    one phase instead of three shows here); the token n-gram precompute on one CPU core; the compile warm-up,
+    a calibrated base plus a share per added chunk size (TTT_SHORT_CHUNKS). The tilt itself (a gather and a
+    log1p per scored target, on the GPU) is below this resolution and counted as nothing."""
+    lora, sgd = ttt_flops(cfg, spans, s, world_size)
+    phases = ttt_phases(len(spans), s)
+    steps = [global_sgd_steps(int(spans[hi - 1, 1]) + 1, s) if sgd_after else 0 for _, hi, sgd_after in phases]
+    sgd_s = sum(max(n * GLOBAL_SGD_STEP_SECONDS, f / world_size / (tflops * 1e12)) for n, f in zip(steps, sgd))
+    ttt = sum(max(ranks) for ranks in lora) / (tflops * 1e12) + sgd_s
+    num_tokens = int(spans[-1, 1]) + 1 if len(spans) else 0
+    ngram = num_tokens / NGRAM_HINT_TOKENS_PER_S if s.ngram_tilt == "token" else 0.0
+    chunk_sizes = len({c for c, _ in warm_up_shapes(s)})
+    compile_s = TTT_COMPILE_SECONDS + TTT_COMPILE_SECONDS_PER_CHUNK * (chunk_sizes - 1) if s.compile else 0.0
+    return EvalBudget(ttt, sgd_s, sum(steps), sum(map(sum, lora)) + sum(sgd), ngram, compile_s)
+
+
 def predict_window_eval_seconds(cfg: ModelConfig, num_tokens: int, spec: EvalSpec,
                                 world_size: int = PREDICTION_WORLD_SIZE, tflops: float = TTT_H100_TFLOPS) -> float:
     """Predicted seconds of one window evaluation (score_windows) on world_size H100s: its forward FLOPs (the
@@ -3682,6 +3894,147 @@ def predict_window_eval_seconds(cfg: ModelConfig, num_tokens: int, spec: EvalSpe
     windows = 1 + max(0, -(-(num_tokens - 1 - spec.seq_len) // spec.stride))
     rows = -(-windows // world_size)
     return sum(ttt_step_flops(cfg, 0, rows, spec.seq_len, spec.seq_len, "none")) / (tflops * 1e12)
+
+
+# ---- the token n-gram tilt (NGRAM_TILT=token, docs/ngram.md) -------------------------------------------
+# One online expert, the public "token 16-gram": at each position, the continuation that most often followed the
+# same 15 tokens earlier in the stream is the hint h, its share of them the confidence. The scored distribution
+# is tilted towards h, p'(a) = p(a) e^(beta [a == h]) / (1 + q (e^beta - 1)) with q = p(h): normalized for any h.
+# Everything that decides the tilt at target t (h, the confidence, whether it fires) comes from the tokens before
+# t and the model's own distribution, never from the target; the other two public experts (within-word,
+# word-start) stay out (they gated on the target itself: docs/ngram.md). TTT learns from the untilted loss.
+
+NGRAM_TOKEN_CONTEXT = 15  # the token expert's context: the previous 15 tokens (a 16-gram)
+# token_ngram_hints' speed on one core, the budget's precompute term: measured 3.0-3.3 M tokens per CPU second
+# on 20 M-token streams whose 16-grams rarely repeat (as in text: #2135 hinted 1.3% of FineWeb's positions), 1.0 M
+# on one 78% hinted (docs/ngram.md); 2 M assumed: about 31 s for the sp1024 split, where the public C pass took 200 s.
+NGRAM_HINT_TOKENS_PER_S = 2.0e6
+# Odd 64-bit multipliers of the context fingerprint, tried in turn until no two different contexts share one
+# (checked on every pair the sort brings together): the hints are exact whatever the hash does.
+NGRAM_HASH_MULTIPLIERS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
+
+
+def _context_keys(tokens: np.ndarray, context: int, multiplier: int) -> np.ndarray:
+    """uint64 [N - context]: a fingerprint (a polynomial mod 2^64) of tokens[j : j + context], for each j."""
+    t, m = tokens.astype(np.uint64), len(tokens) - context
+    key, mult = np.zeros(m, dtype=np.uint64), np.uint64(multiplier)
+    for i in range(context):
+        key *= mult
+        key += t[i:i + m]
+    return key
+
+
+def _group_contexts(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """(j sorted by the context tokens[j : j + context], then by j; whether each sorted j has the previous one's
+    context), exactly: a fingerprint shared by two different contexts is caught and the next multiplier tried."""
+    for multiplier in NGRAM_HASH_MULTIPLIERS:
+        key = _context_keys(tokens, context, multiplier)
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        same = key[1:] == key[:-1]
+        a, b = order[:-1][same], order[1:][same]
+        equal = np.ones(len(a), dtype=bool)
+        for i in range(context):
+            equal &= tokens[a + i] == tokens[b + i]
+        if equal.all():
+            return order, same
+    raise RuntimeError("every n-gram context fingerprint collided: add a multiplier to NGRAM_HASH_MULTIPLIERS")
+
+
+def token_ngram_hints(tokens: np.ndarray, context: int = NGRAM_TOKEN_CONTEXT) -> tuple[np.ndarray, np.ndarray]:
+    """(hint int32 [N], -1: none; confidence float32 [N]) of the token expert at every position t of the stream,
+    from tokens[:t] alone: among the earlier positions whose previous `context` tokens are t's, the token that
+    followed most often (ties: the first to reach the count) and its share of them. Equal to
+    online_ngram.reference_hints' token expert (tests/test_ngram.py), computed by sorting rather than one
+    position at a time: each context's positions in stream order, the running count of each continuation, the
+    running maximum of those counts and the position that first reached it."""
+    tokens = np.asarray(tokens)
+    n = len(tokens)
+    hint, conf = np.full(n, -1, dtype=np.int32), np.zeros(n, dtype=np.float32)
+    if n - context < 2:
+        return hint, conf
+    order, same = _group_contexts(tokens, context)
+    first = np.concatenate(([True], ~same))  # a sorted position that starts its context's group
+    group = np.cumsum(first) - 1
+    keep = np.bincount(group)[group] > 1  # a context seen once hints nothing and is hinted nothing
+    order, first = order[keep], first[keep]
+    group = np.cumsum(first) - 1
+    idx = np.arange(len(order))
+    y = tokens[order + context].astype(np.int64)  # the token that followed this occurrence of the context
+    pair = group * (int(y.max(initial=0)) + 1) + y
+    by_pair = np.argsort(pair, kind="stable")  # (context, continuation) runs, each in stream order
+    run_first = np.concatenate(([True], pair[by_pair][1:] != pair[by_pair][:-1]))
+    occ = np.empty(len(order), dtype=np.int64)
+    occ[by_pair] = idx - np.maximum.accumulate(np.where(run_first, idx, 0)) + 1  # count so far, itself included
+    offset = group * (len(order) + 1)  # keeps the running maximum inside each group
+    best = np.maximum.accumulate(occ + offset) - offset
+    record = first | (best > np.concatenate(([0], best[:-1])))  # a count above every earlier one: a new best
+    holder = np.maximum.accumulate(np.where(record, idx, 0))
+    group_start = np.maximum.accumulate(np.where(first, idx, 0))
+    i = idx[~first]  # hinted: the state after the group's previous occurrence
+    pos = order[i] + context
+    hint[pos] = y[holder[i - 1]]
+    conf[pos] = (best[i - 1] / (i - group_start[i])).astype(np.float32)
+    return hint, conf
+
+
+class NgramHints(NamedTuple):
+    """The token expert's hints for every position of the validation stream, on the scoring device."""
+    hint: Tensor  # int32 [N]: the hinted token for target position t, -1: none
+    conf: Tensor  # float32 [N]: its confidence
+    seconds: float  # the precompute's wall time (rank 0's build and the broadcast)
+
+
+def ngram_hints(val_np: np.ndarray, rt: Runtime) -> NgramHints:
+    """Rank 0 builds the hints over the whole stream once and broadcasts them; each rank tilts its own targets."""
+    t0 = time.perf_counter()
+    hint = torch.empty(len(val_np), dtype=torch.int32, device=rt.device)
+    conf = torch.empty(len(val_np), dtype=torch.float32, device=rt.device)
+    if rt.is_main:
+        h, c = token_ngram_hints(val_np)
+        hint.copy_(torch.from_numpy(h))
+        conf.copy_(torch.from_numpy(c))
+    if rt.world_size > 1:
+        dist.broadcast(hint, 0)
+        dist.broadcast(conf, 0)
+    rt.sync()
+    return NgramHints(hint, conf, time.perf_counter() - t0)
+
+
+def token_tilt(logp_hint: Tensor, hint: Tensor, conf: Tensor, s: EvalSettings) -> tuple[Tensor, Tensor]:
+    """(fires, log Z) at each position, Z = 1 + q (e^beta - 1), q = exp(logp_hint) the model's probability of the
+    hint: it fires where there is a hint whose confidence reaches NGRAM_TOKEN_THRESHOLD and whose expected gain
+    confidence x beta - log Z is positive (the public tilt skipped the gain test: it tilted even where the model
+    already gave the hint most of its mass, and lost on average there)."""
+    log_z = torch.log1p(logp_hint.exp() * math.expm1(s.ngram_token_boost))
+    fires = (hint >= 0) & (conf >= s.ngram_token_threshold) & (conf * s.ngram_token_boost - log_z > 0)
+    return fires, log_z
+
+
+def tilt_log_probs(logp: Tensor, hint: Tensor, conf: Tensor, s: EvalSettings) -> Tensor:
+    """The tilted log-distribution [..., V] over the whole vocabulary, from the model's logp [..., V] (what
+    ngram_tilt_sums scores at the target; the tests check it sums to 1)."""
+    h = hint.clamp_min(0).long()[..., None]
+    fires, log_z = token_tilt(logp.gather(-1, h)[..., 0], hint, conf, s)
+    boost = torch.zeros_like(logp).scatter(-1, h, s.ngram_token_boost)
+    return torch.where(fires[..., None], logp + boost - log_z[..., None], logp)
+
+
+def ngram_tilt_sums(luts: ByteLUTs, hints: NgramHints, s: EvalSettings) -> Callable:
+    """A score callback on logits: logit_sums' [nats, tokens, bytes] (the same numbers, from the same
+    cross-entropy), then the tilted nats and the number of targets the tilt fired on."""
+    plain = logit_sums(luts)
+
+    def sums(logits, x, y, scored, pos):
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        hint, conf = hints.hint[pos], hints.conf[pos]
+        logp_hint = torch.log_softmax(logits.float(), dim=-1).gather(-1, hint.clamp_min(0).long()[..., None])[..., 0]
+        fires, log_z = token_tilt(logp_hint, hint, conf, s)
+        tilted = nll + torch.where(fires, log_z - s.ngram_token_boost * (y == hint), 0.0)
+        mask = scored.double()
+        extra = torch.stack(((tilted.double() * mask).sum(), (fires.double() * mask).sum()))
+        return torch.cat((plain(logits, x, y, scored, pos), extra))
+    return sums
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -4458,21 +4811,25 @@ def timed_eval(label: str, model: nn.Module, val_tokens: Tensor, luts: ByteLUTs,
 
 
 def log_ttt_budget(cfg: ModelConfig, val_tokens: np.ndarray, h: Hyperparameters, log, windows: bool = True) -> None:
-    """Before training: the TTT pass's FLOPs and its predicted time on 8 x H100, and whether the evaluation
-    (with windows: the round trip's and the sliding window's passes before TTT) fits the budget (a `legality`
-    line), so that a run that could not be submitted says so at once. Compile warm-ups are not counted."""
+    """Before training: the TTT pass's FLOPs and its predicted time on 8 x H100, and whether the evaluation fits
+    the budget (a `legality` line), so that a run that could not be submitted says so at once: the TTT pass (its
+    LoRA phases with their context and chunks, the global SGD by its steps), with windows the round trip's and the
+    sliding window's passes before it, the n-gram precompute (NGRAM_TILT=token) and the TTT compile warm-up, and
+    the margin left to the cap (predict_eval_seconds)."""
     spans = document_spans(val_tokens, cfg.bos_id)
-    seconds, flops = predict_ttt_seconds(cfg, spans, h)
-    log(f"ttt_budget docs:{len(spans)} flops:{flops:.4g} assumed_tflops_per_gpu:{TTT_H100_TFLOPS:g} "
-        f"predicted_{PREDICTION_WORLD_SIZE}xh100:{seconds:.1f}s")
+    b = predict_eval_seconds(cfg, spans, h)
+    log(f"ttt_budget docs:{len(spans)} flops:{b.flops:.4g} assumed_tflops_per_gpu:{TTT_H100_TFLOPS:g} "
+        f"predicted_{PREDICTION_WORLD_SIZE}xh100:{b.ttt:.1f}s")
     before = sum(predict_window_eval_seconds(cfg, len(val_tokens), s) for s in (EvalSpec.plain(h), EvalSpec.sliding(h))
                  ) if windows else 0.0
-    total = seconds + before
+    total = b.ttt + before + b.ngram + b.compile
     advice = "" if total <= EVAL_CAP_SECONDS else \
         " (set TTT=0, or raise TTT_CHUNK_SIZE / lower TTT_EVAL_SEQ_LEN or PHASED_TTT_PREFIX_DOCS)"
     log_legality(log, "ttt_eval", ("within" if total <= EVAL_CAP_SECONDS else "over") + advice,
-                 **{f"predicted_{PREDICTION_WORLD_SIZE}xh100": f"{seconds:.1f}s", "windows": f"{before:.1f}s",
-                    "total": f"{total:.1f}s", "cap": f"{EVAL_CAP_SECONDS:.0f}s"})
+                 **{f"predicted_{PREDICTION_WORLD_SIZE}xh100": f"{b.ttt:.1f}s", "global_sgd": f"{b.sgd:.1f}s",
+                    "sgd_steps": b.sgd_steps, "windows": f"{before:.1f}s", "ngram": f"{b.ngram:.1f}s",
+                    "compile": f"{b.compile:.1f}s", "total": f"{total:.1f}s",
+                    "margin": f"{EVAL_CAP_SECONDS - total:.1f}s", "cap": f"{EVAL_CAP_SECONDS:.0f}s"})
 
 
 def compile_ttt_forward(model: GPT, ctx: RunContext) -> Callable:
@@ -4506,18 +4863,49 @@ def run_ttt(cfg: ModelConfig, weights: dict[str, Tensor], val_tokens: Tensor, lu
     t0 = rt.clock()
     forward = compile_ttt_forward(model, ctx)
     t1 = rt.clock()
-    loss, bpb = ttt_evaluate(model, val_tokens, luts, h, rt, forward, ctx.log)
+    # The n-gram hints are built inside the timed pass, after the warm-up (which saw random tokens only).
+    hints = ngram_hints(val_tokens.cpu().numpy(), rt) if h.ngram_tilt == "token" else None
+    if hints is not None:
+        ctx.log(f"ngram_hints expert:token context:{NGRAM_TOKEN_CONTEXT} tokens:{len(hints.hint)} "
+                f"time:{1000 * hints.seconds:.0f}ms")
+    scores = ttt_evaluate(model, val_tokens, luts, ctx, forward, hints)
     rt.sync()
     seconds = rt.clock() - t1
-    ctx.log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * seconds:.0f}ms "
-            f"compile_time:{1000 * (t1 - t0):.0f}ms chunk:{h.ttt_chunk_size} seq_len:{h.ttt_eval_seq_len} "
-            f"lora_rank:{h.ttt_lora_rank}")
+    ctx.log(f"final_ttt_exact val_loss:{scores.val_loss:.8f} val_bpb:{scores.val_bpb:.8f} "
+            f"eval_time:{1000 * seconds:.0f}ms compile_time:{1000 * (t1 - t0):.0f}ms chunk:{h.ttt_chunk_size} "
+            f"seq_len:{h.ttt_eval_seq_len} lora_rank:{h.ttt_lora_rank}")
+    if hints is not None:  # its time is final_ttt_exact's (one pass scores both)
+        log_ngram_final("final_ttt_ngram_exact", scores, h, ctx.log)
     on = f"{rt.world_size}x{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'}"
     judged = rt.world_size == PREDICTION_WORLD_SIZE and "H100" in on
     total = seconds + t1 - t0 + windows_s
     verdict = ("within" if total <= EVAL_CAP_SECONDS else "over") if judged else "not_8xh100"
     log_legality(ctx.log, "ttt_eval", verdict, measured=f"{seconds + t1 - t0:.1f}s", windows=f"{windows_s:.1f}s",
                  total=f"{total:.1f}s", on=on.replace(" ", "_"), cap=f"{EVAL_CAP_SECONDS:.0f}s")
+
+
+def log_ngram_final(label: str, scores: Scores, h: Hyperparameters, log) -> None:
+    """The tilted score's own final line, after the untilted one of the same pass (it carries no eval_time: the
+    pass's time is on that line already)."""
+    log(f"{label} val_loss:{scores.tilted_loss:.8f} val_bpb:{scores.tilted_bpb:.8f} expert:token "
+        f"threshold:{h.ngram_token_threshold:g} boost:{h.ngram_token_boost:g} fired:{scores.fired:.6f}")
+
+
+def run_ngram_windows(model: GPT, val_tokens: Tensor, luts: ByteLUTs, ctx: RunContext) -> float:
+    """NGRAM_TILT=token with TTT=0: the sliding window's scores tilted (final_sliding_window_ngram_exact), one more
+    sliding pass on the model's logits, its hints built inside it. Returns its seconds."""
+    rt = ctx.rt
+    t0 = rt.clock()
+    hints = ngram_hints(val_tokens.cpu().numpy(), rt)
+    spec = EvalSpec.sliding(ctx.h)
+    sums = score_windows(lambda x, y: model.logits(x), ngram_tilt_sums(luts, hints, ctx.h), val_tokens, spec, rt,
+                         phase="ngram_sliding")
+    rt.sync()
+    seconds = rt.clock() - t0
+    ctx.log(f"ngram_hints expert:token context:{NGRAM_TOKEN_CONTEXT} tokens:{len(hints.hint)} "
+            f"time:{1000 * hints.seconds:.0f}ms ngram_sliding_time:{1000 * seconds:.0f}ms")
+    log_ngram_final("final_sliding_window_ngram_exact", Scores.from_sums(sums.tolist()), ctx.h, ctx.log)
+    return seconds
 
 
 def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) -> None:
@@ -4621,6 +5009,8 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, EvalSpec.sliding(h), ctx)
     if h.ttt:
         run_ttt(cfg, shipped, val_tokens, luts, ctx, windows_s=rt.clock() - t0)
+    elif h.ngram_tilt == "token":
+        run_ngram_windows(base, val_tokens, luts, ctx)
 
 
 def cli() -> None:

@@ -3755,7 +3755,7 @@ class Scores(NamedTuple):
 
 
 def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, ctx: RunContext, forward: Callable | None = None,
-                 hints: "NgramHints | None" = None) -> Scores:
+                 hints: NgramHints | None = None) -> Scores:
     """Score-first TTT over every target of val_tokens, each scored once; with the token n-gram hints, its scores
     tilted as well (TTT itself learns from the untilted loss: the tilt only touches what is scored)."""
     score = logit_sums(luts) if hints is None else ngram_tilt_sums(luts, hints, ctx.h)

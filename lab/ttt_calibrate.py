@@ -119,6 +119,25 @@ def main() -> None:
         phases = " ".join(f"{max(r):.3g}/{min(r):.3g}" for r in lora)
         print(f"train_gpt.py defaults, {args.tokens} tokens, 8 x H100 at {value:.1f} TFLOP/s ({label}): {secs:.1f} s "
               f"({total:.4g} FLOPs; per phase busiest/least busy rank {phases}; global SGD {sum(sgd):.4g})")
+    # The whole evaluation as the `legality ttt_eval` line predicts it (train_gpt.predict_eval_seconds), for the
+    # defaults and for each May evaluation part on top of them (docs/may.md).
+    windows = sum(tg.predict_window_eval_seconds(our_cfg, int(spans[-1, 1]) + 1, s)
+                  for s in (tg.EvalSpec.plain(ours), tg.EvalSpec.sliding(ours)))
+    variants = {"defaults": {}, "1 global phase": dict(phased_ttt_num_phases=1),
+                "no_qv targets": dict(ttt_lora_targets="k,o,mlp,head"),
+                "short chunks": dict(ttt_short_chunks="256:8,2000:24"), "token tilt": dict(ngram_tilt="token"),
+                "context 2560": dict(ttt_eval_seq_len=2560, eval_seq_len=2560)}
+    variants["all of them"] = {k: v for d in variants.values() for k, v in d.items()}
+    for label, overrides in variants.items():
+        h = dataclasses.replace(ours, **overrides)
+        b = tg.predict_eval_seconds(our_cfg, spans, h)
+        win = windows if "eval_seq_len" not in overrides else sum(
+            tg.predict_window_eval_seconds(our_cfg, int(spans[-1, 1]) + 1, s)
+            for s in (tg.EvalSpec.plain(h), tg.EvalSpec.sliding(h)))
+        total = b.ttt + win + b.ngram + b.compile
+        print(f"budget {label}: ttt {b.ttt:.1f} s (global SGD {b.sgd:.1f} s, {b.sgd_steps} steps), windows {win:.1f} s, "
+              f"n-gram {b.ngram:.1f} s, compile {b.compile:.1f} s: total {total:.1f} s, margin "
+              f"{tg.EVAL_CAP_SECONDS - total:.1f} s")
 
 
 if __name__ == "__main__":

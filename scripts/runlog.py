@@ -15,7 +15,8 @@ The log contract (train_gpt.py's Logger and log_preamble; README "Reading the lo
 Final evaluations are read generically (every `final_<name>` line with val_loss and val_bpb), so new
 evaluations need no change here. A log is complete (its run finished) when it has a step line, the
 artifact line and the submission line (final_ttt_exact when the run has TTT on, else
-final_sliding_window_exact). Shared by scripts/sweep.py, scripts/summarize.py and
+final_sliding_window_exact; with NGRAM_TILT=token their tilted forms, final_ttt_ngram_exact or
+final_sliding_window_ngram_exact). Shared by scripts/sweep.py, scripts/summarize.py and
 scripts/make_record.py; this module has no command line.
 """
 
@@ -31,6 +32,7 @@ SOURCE_OPEN = re.compile(r"^=+ source: train_gpt\.py =+$")
 SOURCE_CLOSE = "=" * 100
 SUBMISSION_METRIC = "final_sliding_window_exact"  # without test-time training
 TTT_SUBMISSION_METRIC = "final_ttt_exact"  # with it (TTT=1): score-first TTT after the sliding window
+NGRAM_SUFFIX = "_ngram"  # NGRAM_TILT=token: the tilted line of the same pass (final_ttt_ngram_exact, ...)
 # Settings that name one seed's run inside a sweep; every other hparam must agree between seeds.
 PER_SEED_HPARAMS = ("seed", "run_id", "out_dir")
 
@@ -84,8 +86,9 @@ class RunLog:
 
     @property
     def submission_metric(self) -> str:
-        """The line a run submits: TTT's when the run has TTT on (its `hparam ttt:True`), else the sliding window's."""
-        return TTT_SUBMISSION_METRIC if self.hparams.get("ttt") == "True" else SUBMISSION_METRIC
+        """The line a run submits: TTT's when the run has TTT on (its `hparam ttt:True`), else the sliding window's;
+        their tilted form when it has the n-gram tilt on (`hparam ngram_tilt:token`)."""
+        return submission_metric_for(self.hparams)
 
     @property
     def submission(self) -> FinalEval:
@@ -93,6 +96,11 @@ class RunLog:
 
     def configuration(self) -> dict[str, str]:
         return {k: v for k, v in self.hparams.items() if k not in PER_SEED_HPARAMS}
+
+
+def submission_metric_for(hparams: dict[str, str]) -> str:
+    metric = TTT_SUBMISSION_METRIC if hparams.get("ttt") == "True" else SUBMISSION_METRIC
+    return metric.replace("_exact", f"{NGRAM_SUFFIX}_exact") if hparams.get("ngram_tilt") == "token" else metric
 
 
 def source_hash(source: str) -> str:

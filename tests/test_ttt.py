@@ -12,6 +12,7 @@ count is what torch counts; two gloo processes under torchrun score as one."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -472,7 +473,8 @@ def test_budget_line_says_when_the_evaluation_would_not_fit(monkeypatch):
     h = tg.Hyperparameters(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
                            rope_dims=4, bos_id=BOS, bigram_buckets=32, bigram_dim=8)
     cfg, val = tg.ModelConfig.from_hparams(h), stream().numpy()
-    ttt = tg.predict_ttt_seconds(cfg, tg.document_spans(val, BOS), h)[0]
+    parts = tg.predict_eval_seconds(cfg, tg.document_spans(val, BOS), h)
+    ttt = parts.ttt + parts.ngram + parts.compile  # everything but the window passes
     windows = sum(tg.predict_window_eval_seconds(cfg, len(val), s)
                   for s in (tg.EvalSpec.plain(h), tg.EvalSpec.sliding(h)))
     lines = []
@@ -482,3 +484,214 @@ def test_budget_line_says_when_the_evaluation_would_not_fit(monkeypatch):
     tg.log_ttt_budget(cfg, val, h, lines.append, windows=False)  # the n-gram evaluation: TTT alone
     verdicts = [line.split(" verdict:")[1].split()[0] for line in lines if line.startswith("legality")]
     assert verdicts == ["within", "over", "within"]
+    margins = [float(re.search(r" margin:(\S+)s ", line)[1]) for line in lines if line.startswith("legality")]
+    assert margins[0] == pytest.approx(600 - ttt - windows, abs=0.11) and margins[1] < 0 < margins[2]
+
+
+# ---- May parts (docs/may.md): AsymLogit, LoRA targets and alpha, short chunks, one global phase -------------
+
+
+def test_asym_logit_starts_as_the_single_cap_bit_for_bit_and_costs_no_artifact_bytes():
+    plain, asym = model(config()), model(config(asym_logit=True))
+    assert plain.state_dict().keys() == asym.state_dict().keys()  # training's model: nothing to store or train
+    assert sorted(n for n, _ in asym.named_parameters()) == sorted(n for n, _ in plain.named_parameters())
+    x = stream()[None, :64].long()
+    with torch.no_grad():
+        before = asym.logits(x)
+        assert asym.use_asym_logit() and not plain.use_asym_logit()
+        assert {n: p.dtype for n, p in asym.named_parameters() if "softcap" in n} == {
+            "softcap_pos": torch.float32, "softcap_neg": torch.float32}
+        assert asym.softcap_pos.item() == asym.softcap_neg.item() == asym.cfg.logit_softcap
+        assert torch.equal(asym.logits(x), before) and torch.equal(before, plain.logits(x))
+        asym.softcap_pos.fill_(5.0)  # a positive cap of 5: positive logits below 5, negative ones as before
+        after = asym.logits(x)
+    assert after.max() < 5.0 and torch.equal(after[before <= 0], before[before <= 0])
+
+
+def test_lora_steps_leave_the_soft_caps_and_the_global_sgd_moves_them():
+    m = model(config(asym_logit=True, logit_softcap=3.0))  # a low cap: the logits reach where tanh bends
+    tg.ttt_score(m, tg.logit_sums(_unit_bytes()), stream(), spec(phased_ttt_prefix_docs=0), CPU)
+    assert m.softcap_pos.item() == m.softcap_neg.item() == 3.0  # LoRA steps only: unchanged
+    tg.ttt_score(m, tg.logit_sums(_unit_bytes()), stream(), spec(phased_ttt_prefix_docs=4, global_ttt_lr=0.1), CPU)
+    assert m.softcap_pos.item() != 3.0 and m.softcap_neg.item() != 3.0  # the global SGD adapted both
+    assert not m.softcap_pos.requires_grad
+
+
+def test_lora_targets_make_only_the_listed_adapters():
+    m = model()
+    lora = tg.document_lora(m, spec(ttt_lora_targets="k,o,mlp,head"))
+    assert [sorted(layer.keys()) for layer in lora.layers] == [["k", "mlp", "o"]] * len(m.plan)
+    assert lora.head is not None and tg.document_lora(m, spec(ttt_lora_targets="q,v")).head is None
+    assert tg.parse_lora_targets("head, q") == ("q", "head")
+    everything = tg.document_lora(m, spec())  # the default: every adapter, A drawn in the April order
+    april = tg.DocumentLoRA(m, 4, 1)
+    assert all(torch.equal(a, b) for a, b in zip(everything.state_dict().values(), april.state_dict().values()))
+
+
+def test_lora_alpha_scales_the_adapter_output_and_the_default_is_the_rank():
+    m, x = model(), torch.randn(2, 5, 32)
+    base, doubled = tg.document_lora(m, spec()), tg.document_lora(m, spec(ttt_lora_alpha=8.0))  # rank 4: x 2
+    same = tg.document_lora(m, spec(ttt_lora_alpha=4.0))
+    for lora in (base, doubled, same):
+        lora.reset(2)
+        with torch.no_grad():
+            for layer in lora.layers:
+                layer["q"].b.copy_(torch.linspace(-1, 1, layer["q"].b.numel()).view_as(layer["q"].b))
+    out = [lora.layers[0]["q"](x) for lora in (base, doubled, same)]
+    assert base.layers[0]["q"].scale == 1.0 and torch.equal(out[2], out[0]) and torch.equal(out[1], 2 * out[0])
+
+
+@pytest.mark.parametrize("targets", ["k,o,mlp,head", "q,v,o,mlp,head"])
+def test_flop_count_follows_the_lora_targets_and_chunks(targets):
+    from torch.utils.flop_counter import FlopCounterMode
+    m, val = model(), stream()
+    s = spec(phased_ttt_prefix_docs=0, ttt_lora_targets=targets, ttt_short_chunks="6:2,13:3")
+    spans = tg.document_spans(val.numpy(), BOS)
+    lora = tg.document_lora(m, s)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        tg.adapt_batch(tg.ttt_forward(m, s.ttt_chunk_size), lora, tg.logit_sums(_unit_bytes()), val, spans[:3], s, CPU)
+    cfg, targets_ = m.cfg, spans[:3, 1] - spans[:3, 0]
+    adapters = tg.parse_lora_targets(targets)
+    attention, chunks, rows = 0.0, tg.chunk_counts(targets_, s), len(targets_)
+    for step in range(int(chunks.max())):
+        live = int((chunks > step).sum())
+        rows = live if 2 * live <= rows else rows
+        attention += tg.ttt_step_flops(cfg, s.ttt_lora_rank, rows, tg.window_width(step, s), tg.chunk_size(step, s),
+                                       "lora" if (chunks > step + 1).any() else "none", adapters)[1]
+    expected = tg.ttt_batch_flops(cfg, s, targets_) - attention
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.08)
+    assert tg.ttt_batch_flops(cfg, s, targets_) < tg.ttt_batch_flops(cfg, spec(ttt_short_chunks="6:2,13:3"), targets_)
+
+
+def test_short_chunks_are_cut_by_position_in_the_document():
+    s = spec(ttt_chunk_size=48, ttt_eval_seq_len=2048, ttt_short_chunks="256:8,2000:24")
+    plan = tg.chunk_plan(s)
+    assert plan.edge(32) == 256 and plan.edge(33) == 280 and plan.edge(105) == 2008 and plan.edge(106) == 2056
+    assert tg.chunk_counts(np.array([0, 1, 8, 9, 256, 257, 2008, 2009, 3000]), s).tolist() == \
+        [0, 1, 1, 2, 32, 33, 105, 106, 126]  # 3,000 targets: 32 + 73 + 21 steps (docs/may.md)
+    assert [tg.chunk_size(k, s) for k in (0, 31, 32, 104, 105)] == [8, 8, 24, 24, 48]
+    assert tg.warm_up_shapes(s) == [(8, 8), (8, 256), (24, 280), (24, 2008), (48, 2048)]  # each chunk's widths
+    assert tg.warm_up_shapes(spec(ttt_chunk_size=48, ttt_eval_seq_len=2048)) == [(48, 48), (48, 2048)]  # April's
+    plain = spec(ttt_chunk_size=48, ttt_eval_seq_len=2048)
+    targets = np.random.default_rng(0).integers(1, 5000, 300)
+    assert tg.chunk_counts(targets, plain).tolist() == (-(-targets // 48)).tolist()  # no short chunks: as before
+    g = np.minimum(-(-targets // 48), 2048 // 48)
+    closed_form = 48 * g * (g + 1) // 2 + (-(-targets // 48) - g) * 2048  # the April formula
+    assert tg.document_costs(targets, plain).tolist() == closed_form.tolist()
+    for bad in ("256", "256:0", "2000:24,256:8", "a:8", "256:4096"):
+        with pytest.raises(ValueError, match="TTT_SHORT_CHUNKS"):
+            spec(ttt_short_chunks=bad).check()
+    with pytest.raises(ValueError, match="TTT_LORA_TARGETS"):
+        spec(ttt_lora_targets="q,x").check()
+
+
+MAY = dict(ttt_short_chunks="6:2,13:3", ttt_lora_targets="k,o,mlp,head", ttt_lora_alpha=6.0)
+
+
+@pytest.fixture(scope="module")
+def may_reference():
+    val, s = stream(), spec(**MAY)
+    return val, s, distributions(model(config(asym_logit=True)), val, s)
+
+
+def test_every_target_is_scored_once_with_the_may_parts(may_reference):
+    val, s, (_, counts) = may_reference
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+    ragged = stream(430, bos=(3, 37, 38, 120, 200, 290, 429))
+    _, counts = distributions(model(config(asym_logit=True)), ragged, spec(**{**MAY, "ttt_eval_seq_len": 12}))
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+
+
+@pytest.mark.parametrize("t", [2, 40, 130, 360])
+def test_changing_token_t_changes_nothing_up_to_t_with_the_may_parts(may_reference, t):
+    val, s, (base, _) = may_reference
+    changed = val.clone()
+    changed[t] = (int(val[t]) - 2 + 5) % (VOCAB - 2) + 2
+    after = distributions(model(config(asym_logit=True)), changed, s)[0]
+    assert all(torch.equal(after[pos], base[pos]) for pos in range(1, t + 1))
+    assert t + 1 in [pos for pos in range(t + 1, len(val)) if not torch.equal(after[pos], base[pos])]
+
+
+def test_a_bos_after_t_changes_nothing_before_it_with_short_chunks(may_reference):
+    """The short chunks follow the position in the document: ending a document early (a BOS) moves no chunk edge
+    of what comes before it."""
+    val, s, (base, _) = may_reference
+    for t in (150, 205, 352):  # early in a document (inside the short chunks), later, just after a short one
+        changed = val.clone()
+        changed[t] = BOS
+        after = distributions(model(config(asym_logit=True)), changed, s)[0]
+        for pos in range(1, t + 1):
+            assert torch.allclose(after[pos], base[pos], atol=1e-6), (t, pos)
+
+
+def test_without_learning_short_chunks_score_each_document_alone():
+    val, m = stream(), model()
+    s = spec(ttt_lora_lr=0.0, ttt_weight_decay=0.0, phased_ttt_prefix_docs=0, ttt_short_chunks="6:2,13:3")
+    got, plan = distributions(m, val, s)[0], tg.chunk_plan(s)
+    for start, end in tg.document_spans(val.numpy(), BOS):
+        for target in range(start + 1, end + 1):
+            k = int(tg.chunk_counts(np.array([target - start]), s)[0]) - 1  # the chunk holding the target
+            lo = max(start, start + plan.edge(k + 1) - s.ttt_eval_seq_len)
+            with torch.no_grad():
+                logits = m.logits(val[None, lo:target].long())[0, -1]
+            assert torch.allclose(got[target], torch.log_softmax(logits.double(), -1), atol=1e-5), target
+
+
+def test_compiled_step_with_short_chunks_keeps_few_graphs():
+    import torch._dynamo.testing as dt
+    m, val, s = model(), stream(), spec(ttt_short_chunks="6:2,13:3")
+    counter = dt.CompileCounter()
+    forward = torch.compile(tg.ttt_forward(m, s.ttt_chunk_size), backend=counter, dynamic=True)
+    tg.ttt_warm_up(forward, m, s, CPU)
+    seen = counter.frame_count
+    eager = tg.ttt_score(model(), tg.logit_sums(_unit_bytes()), val, s, CPU)
+    compiled = tg.ttt_score(m, tg.logit_sums(_unit_bytes()), val, s, CPU, forward=forward)
+    assert torch.allclose(compiled, eager, rtol=1e-9)
+    assert counter.frame_count == seen <= 4  # the warm-up met every kind of step the pass runs
+
+
+def test_global_sgd_steps_are_what_global_sgd_takes():
+    m, val, s = model(), stream(), spec(global_ttt_chunk_tokens=32)
+    assert tg.global_sgd(m, val[:300], s, CPU) == tg.global_sgd_steps(300, s) == 9
+    assert tg.global_sgd_steps(300, spec(global_ttt_chunk_tokens=32, global_ttt_epochs=2)) == 18
+    assert tg.global_sgd_steps(16, s) == 0
+
+
+def _split(num_docs: int = 50_000, seed: int = 0) -> np.ndarray:
+    """Document spans like FineWeb's validation split at sp1024: 50,000 documents, about 62 M tokens."""
+    lengths = np.random.default_rng(seed).lognormal(6.6, 0.9, num_docs).astype(np.int64) + 2
+    ends = np.cumsum(lengths)
+    return np.stack((ends - lengths, ends), axis=1)
+
+
+def test_one_global_phase_shows_its_saving_in_the_budget():
+    h, spans = tg.Hyperparameters(), _split()
+    cfg = tg.ModelConfig.from_hparams(h)
+    three, one = (tg.predict_eval_seconds(cfg, spans, tg.Hyperparameters(phased_ttt_num_phases=n)) for n in (3, 1))
+    assert one.sgd_steps == tg.global_sgd_steps(int(spans[2499, 1]) + 1, h)  # one phase on the first 2,500 documents
+    assert three.sgd_steps > 1.9 * one.sgd_steps  # three phases: 1/3, 2/3 and all of them
+    assert one.sgd == pytest.approx(one.sgd_steps * tg.GLOBAL_SGD_STEP_SECONDS)  # not FLOP-bound at this size
+    assert three.sgd - one.sgd > 5.0 and three.ttt > one.ttt
+    tokens = np.full(spans[-1, 1] + 1, 7, dtype=np.int32)
+    tokens[spans[:, 0]] = BOS
+    lines = []
+    for n in (3, 1):
+        tg.log_ttt_budget(cfg, tokens, tg.Hyperparameters(phased_ttt_num_phases=n), lines.append)
+    totals = [float(re.search(r" total:(\S+)s", line)[1]) for line in lines if line.startswith("legality")]
+    assert totals[0] - totals[1] == pytest.approx(three.ttt - one.ttt, abs=0.2)
+
+
+def test_budget_counts_the_ngram_precompute_the_chunks_and_the_warm_up():
+    h, spans = tg.Hyperparameters(), _split(5000)
+    cfg = tg.ModelConfig.from_hparams(h)
+    base = tg.predict_eval_seconds(cfg, spans, h)
+    tilted = tg.predict_eval_seconds(cfg, spans, tg.Hyperparameters(ngram_tilt="token"))
+    short = tg.predict_eval_seconds(cfg, spans, tg.Hyperparameters(ttt_short_chunks="256:8,2000:24"))
+    assert base.ngram == 0 and tilted.ngram == pytest.approx((spans[-1, 1] + 1) / tg.NGRAM_HINT_TOKENS_PER_S)
+    assert tilted._replace(ngram=0.0) == base
+    assert base.compile == tg.TTT_COMPILE_SECONDS
+    assert short.compile == base.compile + 2 * tg.TTT_COMPILE_SECONDS_PER_CHUNK  # chunks of 8 and 24 added
+    assert short.ttt > base.ttt  # more, smaller steps
+    assert tg.predict_eval_seconds(cfg, spans, tg.Hyperparameters(compile=False)).compile == 0

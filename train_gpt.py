@@ -3720,7 +3720,7 @@ def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, s: Hyperparameter
             steps = global_sgd(model, prefix, s, rt)
             line += f" global_sgd_tokens:{len(prefix)} steps:{steps} sgd_time:{1000 * (time.perf_counter() - t1):.0f}ms"
             if model.use_asym_logit():  # what the phase made of the two soft caps (ASYM_LOGIT=1)
-                line += f" softcap_pos:{model.softcap_pos.item():.6f} softcap_neg:{model.softcap_neg.item():.6f}"
+                line += f" softcap_pos:{model.softcap_pos.item():.7f} softcap_neg:{model.softcap_neg.item():.7f}"
         if log is not None:
             log(line + f" elapsed:{1000 * (time.perf_counter() - t0):.0f}ms")
     progress.close()

@@ -193,6 +193,15 @@ PRESETS: dict[str, dict[str, str]] = {
         "CLIP_METHOD": "sdclip", "QUANT_EMBED_BITS": "7",  # the record's quantizer (LQER is on by default)
     },
 }
+# PRESET=may: the best audited run of the final leaderboard (challenge PR #2135, 1.05651) on top of April, as far as
+# our settings reach (docs/may.md): longer evaluation and TTT context, one global TTT phase, its TTT LoRA LR and
+# weight decay, #2060's matrix LR and LQER group, 32 calibration batches (32 x 48 sequences of 2048).
+PRESETS["may"] = {
+    **PRESETS["april"],
+    "EVAL_SEQ_LEN": "2560", "TTT_EVAL_SEQ_LEN": "2560", "PHASED_TTT_NUM_PHASES": "1",
+    "TTT_LORA_LR": "8e-5", "TTT_WEIGHT_DECAY": "2.0", "MATRIX_LR": "0.028", "MATRIX_LR_LATE": "0.028",
+    "LQER_GROUP": "32", "GPTQ_CALIB_SEQS": "1536",
+}
 
 
 @dataclass(frozen=True)
@@ -200,7 +209,7 @@ class RunSettings:
     """Which run: its data, where it writes, its seed and how it runs. None of these change what a
     step computes except SEED."""
     # Run: preset, data and identity.
-    preset: str = _hp("seed", choices=tuple(PRESETS))  # seed (the defaults) or april; explicit variables win
+    preset: str = _hp("seed", choices=tuple(PRESETS))  # seed (the defaults), april or may; explicit variables win
     data_path: str = _hp("./data/datasets/fineweb10B_sp1024")  # folder of fineweb_train_*.bin and fineweb_val_*.bin
     tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")  # sentencepiece model (bpb bytes, BOS check)
     run_id: str = _hp("")  # empty: a fresh id, shared by all ranks (RunState.run_id)
@@ -216,6 +225,8 @@ class ScheduleSettings:
     """How long training runs and what changes during it (the Schedule reads these)."""
     # Schedule: length and batch.
     train_seq_len: int = _hp(2048, lo=2, hi=65536)  # training sequence length (and the plain evaluation's windows)
+    train_seq_schedule: str = _hp("")  # "len@frac,...": rows of len tokens until that share of the run; empty: TRAIN_SEQ_LEN
+    seq_change_warmup_steps: int = _hp(0, lo=0, hi=10**6)  # after each TRAIN_SEQ_SCHEDULE switch: LR x (k+1)/N for N steps
     train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)  # per step: TRAIN_SEQ_LEN x 8k sequences
     iterations: int = _hp(20_000, lo=0, hi=10**9)  # step limit (or the budget, if sooner)
     max_wallclock_seconds: float = _hp(600.0, lo=0.0, hi=1e7)  # 0: no cap, ITERATIONS decides
@@ -239,12 +250,36 @@ class ScheduleSettings:
     qat_soft_alpha_end: float = _hp(16.0, lo=0.0, hi=1e4)  # ... reached QAT_SOFT_RAMP_STEPS later
     qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)  # steps of that ramp
 
+    def seq_stages(self) -> tuple[tuple[int, float], ...]:
+        """((length, end), ...): rows of `length` tokens while the run's progress is at most `end` (the last
+        stage also past it); without TRAIN_SEQ_SCHEDULE, TRAIN_SEQ_LEN throughout."""
+        return parse_seq_schedule(self.train_seq_schedule) or ((self.train_seq_len, 1.0),)
+
+    def train_block_len(self) -> int:
+        """Tokens of the coprime loader's blocks: the least common multiple of the stage lengths, so that a
+        block cuts into whole rows of every stage (TRAIN_SEQ_LEN without a schedule)."""
+        return math.lcm(*(length for length, _ in self.seq_stages()))
+
     def check(self) -> None:
         seqs = self.train_batch_tokens // self.train_seq_len
         if self.train_batch_tokens % self.train_seq_len or seqs % MICRO_BATCHES_PER_STEP:
             raise ValueError(
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be TRAIN_SEQ_LEN={self.train_seq_len} "
                 f"times a multiple of {MICRO_BATCHES_PER_STEP} sequences")
+        stages = parse_seq_schedule(self.train_seq_schedule)
+        if stages and max(length for length, _ in stages) != self.train_seq_len:
+            raise ValueError(f"TRAIN_SEQ_LEN={self.train_seq_len} must be the longest length of TRAIN_SEQ_SCHEDULE="
+                             f"{self.train_seq_schedule} ({max(length for length, _ in stages)}): it sizes the "
+                             f"evaluation windows and the calibration rows")
+        micro = self.train_batch_tokens // MICRO_BATCHES_PER_STEP
+        if stages and micro % self.train_block_len():
+            raise ValueError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} / {MICRO_BATCHES_PER_STEP} micro-batches "
+                             f"= {micro} tokens must be a multiple of every TRAIN_SEQ_SCHEDULE={self.train_seq_schedule} "
+                             f"length and of their least common multiple {self.train_block_len()} (the loader's "
+                             f"block, cut into whole rows of each length)")
+        if self.seq_change_warmup_steps and not stages:
+            raise ValueError(f"SEQ_CHANGE_WARMUP_STEPS={self.seq_change_warmup_steps} needs TRAIN_SEQ_SCHEDULE "
+                             f"(it re-ramps the LR after each switch of the sequence length)")
         if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time out of "
                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
@@ -301,6 +336,7 @@ class QuantSettings:
     gptq_calib_seqs: int = _hp(512, lo=1, hi=10**6)  # training sequences of TRAIN_SEQ_LEN, all ranks
     gptq_damp: float = _hp(0.01, lo=1e-6, hi=10.0)  # added to diag(H), as a fraction of its mean
     gptq_block: int = _hp(128, lo=1, hi=65536)  # columns per lazy-update block
+    awq_groups: int = _hp(0, lo=0, hi=10_000)  # AWQ-lite: the top activation-weighted 64-column groups kept int8; 0: off
     # Row clips: percentile search (measured best) or SDClip (docs/quantization.md, "The frontier").
     clip_method: str = _hp("percentile", choices=("percentile", "sdclip", "sdclip_hessian"))  # per-row clip rule
     sdclip_k_mlp: float = _hp(11.5, lo=0.1, hi=1000.0)  # SDClip clip = k * std(row): blocks.*.mlp.* matrices
@@ -318,6 +354,9 @@ class QuantSettings:
 
     def check(self) -> None:
         parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
+        if self.awq_groups and not self.gptq:
+            raise ValueError(f"AWQ_GROUPS={self.awq_groups} needs GPTQ=1: the groups are chosen from GPTQ's "
+                             f"calibration Hessians and rounded inside its column loop")
 
 
 @dataclass(frozen=True)
@@ -444,6 +483,9 @@ class RunState:
     run_id: str  # RUN_ID, or a fresh id shared by all ranks
     gptq_reserve_seconds: float  # GPTQ_RESERVE_SECONDS, or the reserve measured in the warm-up
     reserve_from: str = "setting"  # "setting" or "measured"
+    # Measured with the reserve (0: not measured): what the calibration after training may still start before the cap.
+    calib_batch_seconds: float = 0.0  # one calibration batch, on the slowest rank
+    gptq_quantize_seconds: float = 0.0  # the quantization after calibration, on the slowest rank
 
 
 @dataclass
@@ -533,6 +575,28 @@ def parse_quant_plan(text: str) -> list[tuple[str, int]]:
                              f"{', '.join(map(str, PLAN_BITS))}")
         rules.append((pattern, int(bits)))
     return rules
+
+
+def parse_seq_schedule(text: str) -> tuple[tuple[int, float], ...]:
+    """TRAIN_SEQ_SCHEDULE "1024@0.1,2048@0.7,3072@1.0" -> ((1024, 0.1), (2048, 0.7), (3072, 1.0)); () when
+    empty. The ends are shares of the run (Schedule.progress), rising, the last 1."""
+    stages = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        length, sep, end = item.partition("@")
+        try:
+            stage = (int(length), float(end))
+        except ValueError:
+            stage = None
+        if not sep or stage is None or not 2 <= stage[0] <= 65536 or not 0.0 < stage[1] <= 1.0:
+            raise ValueError(f"TRAIN_SEQ_SCHEDULE entry {item!r} is invalid: expected length@end, a length in "
+                             f"[2, 65536] and an end in (0, 1] (the share of the run it lasts until)")
+        stages.append(stage)
+    ends = [end for _, end in stages]
+    if stages and (any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0):
+        raise ValueError(f"TRAIN_SEQ_SCHEDULE={text} is invalid: the ends must rise and the last must be 1.0")
+    return tuple(stages)
 
 
 def grad_accum_steps(world_size: int) -> int:
@@ -820,17 +884,20 @@ class CoprimeBlockOrder:
 
 
 class CoprimeLoader:
-    """Sequences are blocks of seq_len + 1 tokens at multiples of seq_len in any shard, in the seeded
-    CoprimeBlockOrder; each step's global batch is its next S blocks and rank r reads only its slice
-    [r*S/W, (r+1)*S/W), so the ranks are disjoint and the global batch is the same for every W."""
+    """Blocks of seq_len + 1 tokens at multiples of seq_len in any shard, in the seeded CoprimeBlockOrder;
+    each step's global batch is its next S blocks and rank r reads only its slice [r*S/W, (r+1)*S/W), so the
+    ranks are disjoint and the global batch is the same for every W. A step of shorter rows (TRAIN_SEQ_SCHEDULE:
+    seq_len is then the stages' least common multiple) cuts each block into consecutive rows of its length,
+    every token an input once and a target once, as in a block of full length; the tokens of a step, and
+    the order the blocks come in, do not depend on the length."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seq_len: int,
                  seed: int):
         tokens = [open_data_shard(f) for f in files]
         counts = [(len(t) - 1) // seq_len for t in tokens]  # a block also needs its last target
         if not any(counts):
-            raise DataError(f"no training shard in {Path(files[0]).parent} holds "
-                             f"TRAIN_SEQ_LEN+1={seq_len + 1} tokens")
+            raise DataError(f"no training shard in {Path(files[0]).parent} holds a block of {seq_len + 1} tokens "
+                             f"(TRAIN_SEQ_LEN+1, or with TRAIN_SEQ_SCHEDULE its lengths' least common multiple + 1)")
         self.tokens = [t for t, n in zip(tokens, counts) if n]
         self.order = CoprimeBlockOrder([n for n in counts if n], seed)
         self.rank, self.world_size, self.device, self.seq_len = rank, world_size, device, seq_len
@@ -842,14 +909,16 @@ class CoprimeLoader:
         self.order.load_state_dict(state)
 
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        if seq_len != self.seq_len:
-            raise ValueError(f"this loader cuts blocks of {self.seq_len} tokens, not {seq_len}")
-        seqs_per_rank = global_tokens // seq_len // self.world_size
-        shards, blocks = self.order.take(seqs_per_rank * self.world_size)
-        mine = slice(self.rank * seqs_per_rank, (self.rank + 1) * seqs_per_rank)
-        rows = [self.tokens[s][b * seq_len:(b + 1) * seq_len + 1] for s, b in zip(shards[mine], blocks[mine])]
+        """This rank's rows of seq_len tokens (a divisor of the block length) and their targets."""
+        block = self.seq_len
+        if block % seq_len:
+            raise ValueError(f"this loader cuts blocks of {block} tokens: rows of {seq_len} do not divide them")
+        blocks_per_rank = global_tokens // block // self.world_size
+        shards, blocks = self.order.take(blocks_per_rank * self.world_size)
+        mine = slice(self.rank * blocks_per_rank, (self.rank + 1) * blocks_per_rank)
+        rows = [self.tokens[s][b * block:(b + 1) * block + 1] for s, b in zip(shards[mine], blocks[mine])]
         local = torch.from_numpy(np.stack(rows).astype(np.int64))
-        x, y = local[:, :-1].contiguous(), local[:, 1:].contiguous()
+        x, y = local[:, :-1].reshape(-1, seq_len).contiguous(), local[:, 1:].reshape(-1, seq_len).contiguous()
         return _to_device(x, self.device), _to_device(y, self.device)
 
 
@@ -857,7 +926,7 @@ def make_train_loader(h: Hyperparameters, rt: Runtime):
     files = find_shards(h.data_path, "train")
     if h.train_loader == "sequential":
         return DistributedTokenLoader(files, rt.rank, rt.world_size, rt.device)
-    return CoprimeLoader(files, rt.rank, rt.world_size, rt.device, h.train_seq_len, h.seed)
+    return CoprimeLoader(files, rt.rank, rt.world_size, rt.device, h.train_block_len(), h.seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1870,8 +1939,15 @@ GPTQ_DAMP_RAISE = 10.0  # on a failed Cholesky factorization the damping is mult
 GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
 DEMOTE_TO = {8: 7, 7: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_FORMAT_VERSION = 4  # 3: the CRC covers the header fields, the manifest records the model config;
-# 4: LQER factors, per-group streams
+ARTIFACT_FORMAT_VERSION = 5  # 3: the CRC covers the header fields, the manifest records the model config;
+# 4: LQER factors, per-group streams; 5: AWQ-lite groups. The newest this code reads and writes: an artifact
+# without AWQ groups is written as format 4, byte for byte what it was before format 5.
+ARTIFACT_FORMAT_PLAIN = 4
+READABLE_ARTIFACT_FORMATS = (ARTIFACT_FORMAT_PLAIN, ARTIFACT_FORMAT_VERSION)
+# AWQ-lite (AWQ_GROUPS): groups of this many consecutive input columns, the most activation-weighted over all
+# matrices quantized below AWQ_BITS, are rounded on AWQ_BITS levels of the row's own clip inside GPTQ.
+AWQ_GROUP_COLS = 64
+AWQ_BITS = 8
 ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
 CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
@@ -1996,6 +2072,46 @@ def clip_scales(w: Tensor, bits: int, sd_k: float | None = None, input_power: Te
     return (clips / qmax(bits)).clamp_min(SCALE_FLOOR).half().float()
 
 
+def awq_scale(scale: Tensor, bits: int) -> Tensor:
+    """The step of an AWQ group's columns in rows of `bits` with step `scale`: the same clip width on AWQ_BITS
+    levels (clip / 127). Derived from the stored fp16 row scale, in fp32, alike in GPTQ and at loading, so
+    the artifact stores no scale for it and the round trip is exact."""
+    return scale.float() * qmax(bits) / qmax(AWQ_BITS)
+
+
+def awq_columns(starts, cols: int) -> Tensor:
+    """[cols] bool: the columns of the AWQ groups that start at `starts`."""
+    mask = torch.zeros(cols, dtype=torch.bool)
+    for start in starts:
+        mask[start:start + AWQ_GROUP_COLS] = True
+    return mask
+
+
+def awq_group_scores(w: Tensor, input_power: Tensor) -> Tensor:
+    """[groups] scores of w's consecutive AWQ_GROUP_COLS input columns (the last group may be narrower): the
+    sum over a group's columns of the input's RMS (sqrt diag H) times the column's mean |w|, the weight the
+    column carries into the layer's output (the public AWQ-lite's activation RMS x mean |W|)."""
+    col = input_power.detach().float().cpu().clamp_min(0).sqrt() * w.detach().float().cpu().abs().mean(dim=0)
+    groups = -(-col.numel() // AWQ_GROUP_COLS)
+    return F.pad(col, (0, groups * AWQ_GROUP_COLS - col.numel())).view(groups, AWQ_GROUP_COLS).sum(dim=1)
+
+
+def select_awq_groups(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor],
+                      count: int) -> dict[str, list[int]]:
+    """name -> sorted start columns of the `count` best-scored groups (awq_group_scores) over every tensor the
+    plan quantizes below AWQ_BITS that has a Hessian (ties: state order, then column). All ranks hold the same
+    weights and all-reduced Hessians, so all choose the same groups."""
+    scored = []
+    for order, name in enumerate(n for n in state if n in hessians and plan.get(n, FP16_BITS) < AWQ_BITS):
+        w = state[name].detach().reshape(state[name].size(0), -1)
+        scores = awq_group_scores(w, hessians[name].diagonal())
+        scored += [(-score, order, g * AWQ_GROUP_COLS, name) for g, score in enumerate(scores.tolist())]
+    chosen: dict[str, list[int]] = {}
+    for _, _, start, name in sorted(scored)[:count]:
+        chosen.setdefault(name, []).append(start)
+    return {name: sorted(starts) for name, starts in chosen.items()}
+
+
 def round_to_grid(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     """Integer levels (as floats) of w on the per-row grid `scale` [rows]."""
     return torch.clamp(torch.round(w / scale[:, None]), -qmax(bits), qmax(bits))
@@ -2038,36 +2154,48 @@ def damped_inverse_cholesky(h: Tensor, damp: float, name: str, log) -> Tensor:
     raise RuntimeError(f"GPTQ {name}: Cholesky factorization failed even with damping {damp:g} x mean diag(H)")
 
 
-def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> Tensor:
+def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int, fine: Tensor | None = None) -> Tensor:
     """GPTQ on columns already in quantization order: round column j, then spread its error over the
     later columns through row j of U (upper Cholesky factor of H^-1). Within a block of columns the
     updates are applied at once; later blocks get one matrix product per block (the lazy batch update
     that keeps this fast). Returns the integer levels as floats. w [..., rows, cols], u [..., cols, cols]
     and scale [..., rows]: leading dims batch independent matrices through the same column loop, which
-    on a GPU is launch-bound (a handful of small kernels per column, whatever the batch)."""
+    on a GPU is launch-bound (a handful of small kernels per column, whatever the batch). fine [..., cols]
+    (bool, in quantization order): the AWQ columns, rounded on AWQ_BITS levels of step awq_scale."""
     w = w.clone()
     q = torch.zeros_like(w)
     cols = w.size(-1)
+    if fine is not None:
+        steps = torch.where(fine[..., None, :], awq_scale(scale, bits)[..., None], scale[..., None])
+        lims = torch.where(fine, qmax(AWQ_BITS), qmax(bits)).to(w.dtype)[..., None, :]
     for i in range(0, cols, block):
         end = min(i + block, cols)
         wb, ub = w[..., i:end], u[..., i:end, i:end]
         errs = torch.zeros_like(wb)
         for j in range(end - i):
-            q[..., i + j] = torch.clamp(torch.round(wb[..., j] / scale), -qmax(bits), qmax(bits))
-            errs[..., j] = (wb[..., j] - q[..., i + j] * scale) / ub[..., j, j, None]
+            if fine is None:
+                q[..., i + j] = torch.clamp(torch.round(wb[..., j] / scale), -qmax(bits), qmax(bits))
+                errs[..., j] = (wb[..., j] - q[..., i + j] * scale) / ub[..., j, j, None]
+            else:
+                step, lim = steps[..., i + j], lims[..., i + j]
+                q[..., i + j] = torch.minimum(torch.maximum(torch.round(wb[..., j] / step), -lim), lim)
+                errs[..., j] = (wb[..., j] - q[..., i + j] * step) / ub[..., j, j, None]
             wb[..., j:] -= errs[..., j:j + 1] * ub[..., j:j + 1, j:]
         w[..., end:] -= errs @ u[..., i:end, end:]
     return q
 
 
 def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, names: list[str], q: QuantSettings,
-                        log) -> list[tuple[Tensor, Tensor]]:
+                        log, groups: list[list[int]] | None = None) -> list[tuple[Tensor, Tensor]]:
     """GPTQ of several same-shape matrices, each with its own Hessian, column order and row clips
     (clip_rule), through one batched column loop. Act-order: columns by decreasing diag H. Combined with
     the clip search: GPTQ runs on all candidate scales at once (rows are independent given H, so the
     candidates are stacked as extra rows) and each row keeps the candidate with the least output error
-    (w - q s) H (w - q s)^T. SDClip has one candidate; its Hessian-aware form weighs rows by diag H."""
-    prepared = []
+    (w - q s) H (w - q s)^T. SDClip has one candidate; its Hessian-aware form weighs rows by diag H.
+    groups: each matrix's AWQ group starts (AWQ_BITS columns, the error feedback unchanged)."""
+    prepared, fine = [], None
+    if groups is not None and any(groups):
+        fine = torch.stack([awq_columns(g, ws[0].size(1)) for g in groups]).to(ws[0].device)
     for w, h, name in zip(ws, hs, names):
         clip = clip_rule(q, name)
         w, h = w.float().clone(), h.float().clone()
@@ -2077,15 +2205,19 @@ def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, names: li
         w[:, dead] = 0.0
         order = torch.argsort(h.diagonal(), descending=True)
         w, h, power = w[:, order], h[order][:, order], power[order]
+        if fine is not None:
+            fine[len(prepared)] = fine[len(prepared)][order]
         scales = clip_scales(w, bits, clip.get("sd_k"), power, clip.get("hessian_lambda", 0.0))
         prepared.append((w, h, order, damped_inverse_cholesky(h, q.gptq_damp, name, log), scales))
     P, R = prepared[0][4].shape
     levels = gptq_columns(torch.stack([w.repeat(P, 1) for w, *_ in prepared]),
                           torch.stack([u for *_, u, _ in prepared]),
-                          torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, q.gptq_block)
+                          torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, q.gptq_block, fine)
     out = []
-    for (w, h, order, _, scales), qi in zip(prepared, levels.view(len(prepared), P, R, -1)):
-        e = qi * scales[:, :, None] - w
+    for i, ((w, h, order, _, scales), qi) in enumerate(zip(prepared, levels.view(len(prepared), P, R, -1))):
+        steps = scales[:, :, None] if fine is None else torch.where(fine[i], awq_scale(scales, bits)[:, :, None],
+                                                                    scales[:, :, None])
+        e = qi * steps - w
         err = ((e @ h) * e).sum(dim=2)
         qi, scale = pick_rows(err, qi, scales)
         out.append((qi[:, torch.argsort(order)], scale))
@@ -2115,29 +2247,36 @@ def quant_chunks(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[
 
 
 def quantize_chunk(state: dict[str, Tensor], names: list[str], plan: dict[str, int],
-                   hessians: dict[str, Tensor], q: QuantSettings, log) -> dict[str, dict]:
+                   hessians: dict[str, Tensor], q: QuantSettings, log, awq: dict[str, list[int]] | None = None
+                   ) -> dict[str, dict]:
     """Entries (quantize_state_dict's) of one quant_chunks chunk. Without GPTQ, Hessians serve the
-    Hessian-aware clip only."""
+    Hessian-aware clip only. awq: name -> AWQ group starts (GPTQ tensors only; the entry keeps them)."""
+    awq = awq or {}
     bits = plan[names[0]]
     ws = [state[n].detach().reshape(state[n].size(0), -1) for n in names]
     for n in names:
         if clip_rule(q, n).get("hessian_lambda") and n not in hessians:  # e.g. a lookup table: no inputs
             log(f"clip_fallback tensor:{n} method:sdclip reason:no_hessian")
     if q.gptq and names[0] in hessians:
-        results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, names, q, log)
+        results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, names, q, log,
+                                      [awq.get(n, []) for n in names])
     else:
+        if any(n in awq for n in names):
+            raise ValueError(f"AWQ groups need GPTQ with a Hessian: {', '.join(n for n in names if n in awq)}")
         results = [quantize_rows_rtn(w, bits, input_power=hessians[n].diagonal().to(w.device) if n in hessians
                                      else None, **clip_rule(q, n)) for n, w in zip(names, ws)]
     return {n: {"shape": list(state[n].shape), "dtype": str(state[n].dtype).removeprefix("torch."), "kind": "int",
-                "bits": bits, "q": levels.cpu(), "scale": scale.cpu()} for n, (levels, scale) in zip(names, results)}
+                "bits": bits, "q": levels.cpu(), "scale": scale.cpu(), **({"awq": list(awq[n])} if awq.get(n) else {})}
+            for n, (levels, scale) in zip(names, results)}
 
 
 def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
                         hessians: dict[str, Tensor] | None = None, q: QuantSettings = QuantSettings(),
-                        log=print) -> dict[str, dict]:
+                        log=print, awq: dict[str, list[int]] | None = None) -> dict[str, dict]:
     """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
     tensors (GPTQ when GPTQ=1 and `hessians` has the name, batched by shape, else round-to-nearest; the
-    row clips by clip_rule), {"kind": "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for
+    row clips by clip_rule; "awq": the AWQ group starts of the tensors in `awq`, whose columns hold
+    AWQ_BITS levels), {"kind": "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for
     anything else; every entry keeps "shape", "dtype". plan defaults to build_quant_plan's; names in
     fp16_names are stored as fp16 whatever the plan. Hessians given with GPTQ=0 serve the Hessian-aware
     clip only."""
@@ -2145,7 +2284,7 @@ def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: 
     hessians = hessians or {}
     ints = {}
     for chunk in quant_chunks(state, plan, hessians if q.gptq else {}, fp16_names):
-        ints.update(quantize_chunk(state, chunk, plan, hessians, q, log))
+        ints.update(quantize_chunk(state, chunk, plan, hessians, q, log, awq))
     return assemble_entries(state, ints)
 
 
@@ -2220,8 +2359,12 @@ def lqer_product(f: dict) -> Tensor:
 
 
 def int_weights(entry: dict) -> Tensor:
-    """[rows, cols] float32 weights of an "int" entry: levels times row scales, plus LQER's A B."""
+    """[rows, cols] float32 weights of an "int" entry: levels times row scales (an AWQ group's columns: times
+    awq_scale), plus LQER's A B."""
     w = entry["q"].float() * entry["scale"].float()[:, None]
+    if entry.get("awq"):
+        cols = awq_columns(entry["awq"], w.size(1))
+        w[:, cols] = entry["q"][:, cols].float() * awq_scale(entry["scale"], entry["bits"])[:, None]
     if "lqer" in entry:
         w = w + lqer_product(entry["lqer"]).float()
     return w
@@ -2288,17 +2431,18 @@ def assign_chunks(chunks: list[list[str]], state: dict[str, Tensor], world_size:
 
 
 def quantize_distributed(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor],
-                         q: QuantSettings, rt: Runtime, log) -> tuple[dict[str, dict] | None, list[float]]:
+                         q: QuantSettings, rt: Runtime, log, awq: dict[str, list[int]] | None = None
+                         ) -> tuple[dict[str, dict] | None, list[float]]:
     """quantize_state_dict with its chunks spread over the ranks and gathered on rank 0, which gets the
     entries (the same bytes as one process: chunks are fixed, whoever computes them); other ranks get
-    None. Also returns every rank's seconds of quantization (rank order)."""
+    None. Also returns every rank's seconds of quantization (rank order). awq: as quantize_state_dict's."""
     chunks = quant_chunks(state, plan, hessians if q.gptq else {})
     owners = assign_chunks(chunks, state, rt.world_size)
     t0 = time.perf_counter()
     ints = {}
     for chunk, owner in zip(chunks, owners):
         if owner == rt.rank:
-            ints.update(quantize_chunk(state, chunk, plan, hessians, q, log))
+            ints.update(quantize_chunk(state, chunk, plan, hessians, q, log, awq))
     rt.sync()
     mine = (ints, time.perf_counter() - t0)
     if rt.world_size == 1:
@@ -2392,7 +2536,34 @@ def collect_hessians(model: nn.Module, batches, names, rt: Runtime) -> dict[str,
         dist.all_reduce(tokens)
         for h in hessians.values():
             dist.all_reduce(h)
-    return {k: h / tokens.clamp_min(1).float() for k, h in hessians.items()}
+    if tokens.item() == 0:  # no batch at all (CalibrationCut at the cap): no Hessians, not zero ones
+        return {}
+    return {k: h / tokens.float() for k, h in hessians.items()}
+
+
+class CalibrationCut:
+    """Calibration reads training data, so it must end by the training cap: wrap() stops the batches before
+    one that would end past `deadline` (on rt.clock). The next batch is expected to take the mean of those so
+    far; the first, `batch_seconds` (measured in the warm-up; 0 if not measured: the first batch then only
+    needs to start before the deadline). Each rank cuts on its own clock; collect_hessians sums what they
+    took."""
+
+    def __init__(self, rt: Runtime, deadline: float, batch_seconds: float = 0.0):
+        self.rt, self.deadline, self.batch_seconds = rt, deadline, batch_seconds
+        self.taken, self.cut = 0, False
+
+    def wrap(self, batches):
+        start = None
+        for batch in batches:
+            self.rt.sync()  # the device's time, not the host's queue
+            now = self.rt.clock()
+            start = now if start is None else start
+            expected = (now - start) / self.taken if self.taken else self.batch_seconds
+            if now + expected > self.deadline:
+                self.cut = True
+                return
+            self.taken += 1
+            yield batch
 
 
 # ---- fitting a byte target ------------------------------------------------------------------------
@@ -2405,14 +2576,31 @@ def entropy_bytes(q: Tensor) -> float:
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
 
+def awq_estimate_groups(state: dict[str, Tensor], plan: dict[str, int], count: int) -> dict[str, list[int]]:
+    """Where estimate_model_bytes charges AWQ_GROUPS before any Hessian exists: on the tensors below AWQ_BITS
+    with the most rows (the costliest groups: a group's extra bits scale with its rows), as many groups per
+    tensor as it has. An upper bound, not the choice the calibrated run makes."""
+    eligible = sorted((n for n, t in state.items() if t.is_floating_point() and t.ndim >= 2
+                       and plan.get(n, FP16_BITS) < AWQ_BITS), key=lambda n: -state[n].size(0))
+    chosen: dict[str, list[int]] = {}
+    for name in eligible:
+        cols = state[name][0].numel()
+        take = min(count - sum(map(len, chosen.values())), -(-cols // AWQ_GROUP_COLS))
+        if take <= 0:
+            break
+        chosen[name] = [g * AWQ_GROUP_COLS for g in range(take)]
+    return chosen
+
+
 @torch.no_grad()
 def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], q: QuantSettings = QuantSettings()) -> int:
     """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
-    of its round-to-nearest levels (row clips by clip_rule; no Hessian-aware term) plus fp16 row scales,
-    2 bytes per fp16 value, raw bytes otherwise. A quantized tensor that is all zero (at init: the bigram
-    table, output projections) counts as Gaussian values of its shape, as trained it will not stay zero
-    (a seeded generator: the run's RNG is untouched)."""
+    of its round-to-nearest levels (row clips by clip_rule; no Hessian-aware term; AWQ_GROUPS charged by
+    awq_estimate_groups) plus fp16 row scales, 2 bytes per fp16 value, raw bytes otherwise. A quantized
+    tensor that is all zero (at init: the bigram table, output projections) counts as Gaussian values of its
+    shape, as trained it will not stay zero (a seeded generator: the run's RNG is untouched)."""
     total = 0.0
+    awq = awq_estimate_groups(state, plan, q.awq_groups) if q.awq_groups else {}
     for name, t in state.items():
         bits = plan.get(name, FP16_BITS)
         if not t.is_floating_point():
@@ -2424,6 +2612,9 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], q: Quan
             if not w.any():
                 w = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.device)
             levels, scale = quantize_rows_rtn(w, bits, **clip_rule(q, name))
+            if name in awq:
+                cols = awq_columns(awq[name], w.size(1))
+                levels[:, cols] = round_to_grid(w[:, cols].float(), awq_scale(scale, bits), AWQ_BITS).to(torch.int8)
             total += entropy_bytes(levels) + 2 * scale.numel()
     return int(total)
 
@@ -2458,11 +2649,11 @@ def demotion(w: Tensor, bits: int, input_power: Tensor, **clip) -> tuple[float, 
 
 
 def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log,
-                   q: QuantSettings = QuantSettings()) -> list:
+                   q: QuantSettings = QuantSettings(), awq: dict[str, list[int]] | None = None) -> list:
     """[(noise per byte saved, name, new bits, bytes saved)] for every tensor that can still be demoted,
     least harmful first. Without a Hessian (GPTQ=0, or a lookup table such as the bigram table) the
     inputs count as unit power (the tied head's inputs are RMS-normalized, so on average that is their
-    true scale) and the log says so."""
+    true scale) and the log says so. A tensor's AWQ columns (awq) stay at AWQ_BITS: they are left out."""
     ranked = []
     for name, bits in plan.items():
         if bits not in DEMOTE_TO:
@@ -2472,7 +2663,11 @@ def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dic
         else:
             log(f"quant_fit sensitivity:{name} input_power:unit reason:no_hessian")
             power = torch.ones(state[name][0].numel())
-        noise, saved = demotion(state[name].detach().cpu(), bits, power, **clip_rule(q, name))
+        w = state[name].detach().cpu().reshape(state[name].size(0), -1)
+        if (awq or {}).get(name):
+            rest = ~awq_columns(awq[name], w.size(1))
+            w, power = w[:, rest], power[rest]
+        noise, saved = demotion(w, bits, power, **clip_rule(q, name))
         ranked.append((noise / max(saved, 1.0), name, DEMOTE_TO[bits], saved))
     return sorted(ranked)
 
@@ -2487,7 +2682,7 @@ def fit_byte_target(qz: Quantizer, plan: dict[str, int], packed: dict[str, dict]
     plan, packed = dict(plan), dict(packed)
     stored, blob = finished
     while len(blob) > budget:
-        excess, ranked = len(blob) - budget, rank_demotions(qz.state, plan, qz.hessians, qz.log, qz.q)
+        excess, ranked = len(blob) - budget, rank_demotions(qz.state, plan, qz.hessians, qz.log, qz.q, qz.awq)
         if not ranked:
             raise RuntimeError(f"QUANT_TARGET_BYTES: the artifact needs {budget} bytes or fewer but is "
                                f"{len(blob)} with every quantized tensor at int5")
@@ -2558,8 +2753,10 @@ def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
     for name, e in packed.items():
         item = {"name": name, "kind": e["kind"], "shape": e["shape"], "dtype": e["dtype"], "parts": {}}
         if e["kind"] == "int":
-            packed6 = storage == "packed6" and e["bits"] <= 6
+            packed6 = storage == "packed6" and e["bits"] <= 6 and not e.get("awq")  # AWQ levels need a byte
             item.update(bits=e["bits"], storage="packed6" if packed6 else "byte", rows=e["q"].size(0))
+            if e.get("awq"):
+                item["awq"] = list(e["awq"])
             q = e["q"].numpy()
             parts["q"].append((item, "q", pack6(q).tobytes() if packed6 else q.tobytes()))
             parts["scale"].append((item, "scale", tensor_bytes(e["scale"])))
@@ -2579,7 +2776,8 @@ def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
         offset += len(b)
         chunks.append(b)
     levels_bytes = sum(len(b) for _, _, b in parts["q"])
-    manifest = {"format_version": ARTIFACT_FORMAT_VERSION, "levels_bytes": levels_bytes, "tensors": manifest}
+    version = ARTIFACT_FORMAT_VERSION if any("awq" in item for item in manifest) else ARTIFACT_FORMAT_PLAIN
+    manifest = {"format_version": version, "levels_bytes": levels_bytes, "tensors": manifest}
     return manifest, b"".join(chunks)
 
 
@@ -2600,6 +2798,8 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
             q = unpack6(raw, rows * cols) if item["storage"] == "packed6" else raw.view(np.int8)
             e.update(bits=item["bits"], q=torch.from_numpy(q.copy()).view(rows, cols),
                      scale=tensor_from_bytes(part(item, "scale"), torch.float16, [rows]))
+            if "awq" in item:
+                e["awq"] = list(item["awq"])
             if "lqer" in item:
                 lq, r = item["lqer"], item["lqer"]["rank"]
                 e["lqer"] = {"a": tensor_from_bytes(part(item, "lqer_a"), torch.int8, [rows, r]),
@@ -2857,7 +3057,7 @@ def serialize_artifact(packed: dict[str, dict], config: ModelConfig | None = Non
         log(f"compression raw_bytes:{len(data)} " + " ".join(f"{n}:{len(b)}" for n, (_, b, _) in options.items())
             + f" chosen:{best}")
     codec_id, body, streams = options[best]
-    fields = _ARTIFACT_FIELDS.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle))
+    fields = _ARTIFACT_FIELDS.pack(ARTIFACT_MAGIC, manifest["format_version"], codec_id, int(shuffle))
     return _ARTIFACT_HEADER.pack(*_ARTIFACT_FIELDS.unpack(fields), artifact_crc(fields, streams)) + body
 
 
@@ -2875,9 +3075,9 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | N
     magic, version, codec_id, shuffle, crc = _ARTIFACT_HEADER.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
         raise DataError(f"{source}: not a train_gpt.py artifact (magic {magic!r})")
-    if version != ARTIFACT_FORMAT_VERSION:
-        raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads format "
-                         f"{ARTIFACT_FORMAT_VERSION}")
+    if version not in READABLE_ARTIFACT_FORMATS:
+        raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads formats "
+                         f"{' and '.join(map(str, READABLE_ARTIFACT_FORMATS))}")
     if (codec_id not in CODECS and codec_id != PERGROUP_ID) or shuffle not in (0, 1):
         raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
     body = blob[_ARTIFACT_HEADER.size:]
@@ -2951,10 +3151,12 @@ def calibrates(q: QuantSettings) -> bool:
     return q.gptq or q.clip_method == "sdclip_hessian"
 
 
-def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
+def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
+              cut: CalibrationCut | None = None) -> dict[str, Tensor]:
     """GPTQ Hessians of every quantized weight with a site (the linear layers and the tied embedding)
     from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0
-    (unless CLIP_METHOD=sdclip_hessian needs their diagonals). Forward batches have the evaluation's size."""
+    (unless CLIP_METHOD=sdclip_hessian needs their diagonals). Forward batches have the evaluation's size.
+    cut: stops the batches at the training cap (fewer sequences; {} if none was taken)."""
     if not calibrates(h):
         return {}
     targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
@@ -2965,7 +3167,12 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
                                   batch_seqs, rt)
     mine = len(range(rt.rank, h.gptq_calib_seqs, rt.world_size))
     progress = Progress("calibration", -(-mine // batch_seqs), rt.is_main)
-    return collect_hessians(base_model, progress.wrap(batches), targets, rt)
+    return collect_hessians(base_model, progress.wrap(cut.wrap(batches) if cut else batches), targets, rt)
+
+
+def calibration_batch_count(h: Hyperparameters, rt: Runtime) -> int:
+    """Forward batches of calibration on this rank (calibrate's)."""
+    return -(-len(range(rt.rank, h.gptq_calib_seqs, rt.world_size)) // h.val_batch_seqs(h.train_seq_len))
 
 
 FIT_PROBE_SEQS = 32  # training sequences on which the fitter's cost is estimated
@@ -3014,20 +3221,26 @@ GPTQ_RESERVE_SLACK_SECONDS = 1.0  # ...plus this, for jitter and damping retries
 
 
 def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
-              log) -> tuple[dict[str, dict] | None, dict[str, Tensor], dict[str, float]]:
-    """What counts as training time after training: GPTQ calibration on training shards (all ranks)
-    and quantization (chunks spread over the ranks, gathered on rank 0). Returns (rank 0's entries,
-    None elsewhere; the Hessians; timings in ms: hessian, quantize, total, and the slowest and fastest
-    rank's own quantization)."""
+              log, cut: CalibrationCut | None = None) -> tuple[dict[str, dict] | None, dict[str, Tensor], dict[str, float]]:
+    """What counts as training time after training: GPTQ calibration on training shards (all ranks; `cut`
+    stops it at the training cap), the choice of the AWQ groups and quantization (chunks spread over the
+    ranks, gathered on rank 0). Returns (rank 0's entries, None elsewhere; the Hessians; timings in ms on
+    rt.clock: hessian, quantize, total, and the slowest and fastest rank's own quantization)."""
     rt.sync()
-    t0 = time.perf_counter()
+    t0 = rt.clock()
     with full_fp32_matmul():
-        hessians = calibrate(base_model, plan, h, rt)
+        hessians = calibrate(base_model, plan, h, rt, cut)
         rt.sync()
-        t1 = time.perf_counter()
-        packed, rank_seconds = quantize_distributed(base_model.state_dict(), plan, hessians, h, rt, log)
+        t1 = rt.clock()
+        state = base_model.state_dict()
+        awq = select_awq_groups(state, plan, hessians, h.awq_groups) if h.awq_groups else {}
+        packed, rank_seconds = quantize_distributed(state, plan, hessians, h, rt, log, awq)
     rt.sync()
-    t2 = time.perf_counter()
+    t2 = rt.clock()
+    if cut is not None and cut.cut:
+        log(f"gptq_calibration_cut batches:{cut.taken}/{calibration_batch_count(h, rt)} reason:training_cap "
+            f"hessians:{len(hessians)} (GPTQ_CALIB_SEQS={h.gptq_calib_seqs} did not fit the time left: "
+            f"GPTQ_RESERVE_MEASURE=1 or a larger GPTQ_RESERVE_SECONDS keeps them all)")
     times = dict(hessian=1000 * (t1 - t0), quantize=1000 * (t2 - t1), total=1000 * (t2 - t0),
                  rank_max=1000 * max(rank_seconds, default=0.0), rank_min=1000 * min(rank_seconds, default=0.0))
     return packed, hessians, times
@@ -3044,10 +3257,11 @@ def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], ctx: RunContext)
     _, hessians, times = gptq_work(base_model, plan, h, rt, ctx.log)
     if not hessians:
         return  # nothing to calibrate: no reserve needed beyond the fixed one
-    total = torch.tensor([times["total"]], device=rt.device)
+    batch = times.get("hessian", 0.0) / max(1, calibration_batch_count(h, rt))
+    slowest = torch.tensor([times["total"], batch, times.get("quantize", 0.0)], device=rt.device)
     if rt.world_size > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.MAX)
-    measured = total.item() / 1000
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    measured, ctx.state.calib_batch_seconds, ctx.state.gptq_quantize_seconds = (slowest / 1000).tolist()
     reserve = GPTQ_RESERVE_MARGIN * measured + GPTQ_RESERVE_SLACK_SECONDS
     ctx.log(f"gptq_reserve measured:{1000 * measured:.0f}ms reserve:{1000 * reserve:.0f}ms "
             f"(x{GPTQ_RESERVE_MARGIN} + {GPTQ_RESERVE_SLACK_SECONDS:g}s; GPTQ_RESERVE_MEASURE=0 keeps "
@@ -3067,11 +3281,12 @@ class Quantizer:
     q: QuantSettings
     config: ModelConfig | None
     log: Callable
+    awq: dict[str, list[int]] = field(default_factory=dict)  # the AWQ groups chosen after calibration
 
     def quantize(self, plan: dict[str, int], names=None) -> dict[str, dict]:
-        """Entries of every tensor (or of `names` only, under the same plan)."""
+        """Entries of every tensor (or of `names` only, under the same plan; their AWQ groups kept)."""
         state = self.state if names is None else {n: self.state[n] for n in names}
-        return quantize_state_dict(state, plan=plan, hessians=self.hessians, q=self.q, log=self.log)
+        return quantize_state_dict(state, plan=plan, hessians=self.hessians, q=self.q, log=self.log, awq=self.awq)
 
     def finish(self, packed: dict[str, dict]) -> tuple[dict[str, dict], bytes]:
         """(what the artifact stores: the entries with their LQER factors, the artifact's bytes). LQER is
@@ -3089,7 +3304,11 @@ def export_model(base_model: GPT, plan: dict[str, int], train_ms: float, luts: B
     if given, sees the quantizer's inputs on rank 0. Logs whether training (train_ms) plus calibration
     stayed inside the wallclock cap (a `legality` line) and, with luts, a fit's estimated bpb cost."""
     h, rt, log, code_bytes = ctx.h, ctx.rt, ctx.log, ctx.code.bytes_code
-    packed, hessians, times = gptq_work(base_model, plan, h, rt, log)
+    cut = None
+    if h.max_wallclock_seconds > 0:  # Hessians by the cap, less the quantization the warm-up measured after them
+        left = h.max_wallclock_seconds - train_ms / 1000 - ctx.state.gptq_quantize_seconds
+        cut = CalibrationCut(rt, rt.clock() + left, ctx.state.calib_batch_seconds)
+    packed, hessians, times = gptq_work(base_model, plan, h, rt, log, cut)
     if not rt.is_main:
         return None
     t2 = time.perf_counter()
@@ -3102,7 +3321,9 @@ def export_model(base_model: GPT, plan: dict[str, int], train_ms: float, luts: B
     if hessians:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
         log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * ctx.state.gptq_reserve_seconds:.0f}ms")
         log_calibration_legality(times["total"], train_ms, ctx)
-    qz = Quantizer(state, hessians, h, base_model.cfg, log)
+    if h.awq_groups:
+        log_awq_groups(packed, state, hessians, h, log)
+    qz = Quantizer(state, hessians, h, base_model.cfg, log, {n: e["awq"] for n, e in packed.items() if e.get("awq")})
     stored, blob = qz.finish(packed)
     if h.quant_target_bytes > 0:
         log(f"quant_fit bytes_total:{code_bytes + len(blob)} target:{h.quant_target_bytes} "
@@ -3116,6 +3337,20 @@ def export_model(base_model: GPT, plan: dict[str, int], train_ms: float, luts: B
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
         f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
     return blob
+
+
+def log_awq_groups(packed: dict[str, dict], state: dict[str, Tensor], hessians: dict[str, Tensor],
+                   h: Hyperparameters, log) -> None:
+    """One `awq` line per chosen group (tensor, first column, width, score, bits) and a total."""
+    chosen = {name: e for name, e in packed.items() if e.get("awq")}
+    for name, e in chosen.items():
+        w = state[name].detach().reshape(state[name].size(0), -1)
+        scores = awq_group_scores(w, hessians[name].diagonal())
+        for start in e["awq"]:
+            log(f"awq tensor:{name} start:{start} cols:{min(AWQ_GROUP_COLS, w.size(1) - start)} "
+                f"score:{scores[start // AWQ_GROUP_COLS].item():.6g} bits:{e['bits']}->{AWQ_BITS}")
+    log(f"awq groups:{sum(len(e['awq']) for e in chosen.values())} of:AWQ_GROUPS={h.awq_groups} "
+        f"tensors:{len(chosen)} cols:{AWQ_GROUP_COLS} bits:{AWQ_BITS} score:input_rms_x_mean_abs_w")
 
 
 def log_calibration_legality(calibration_ms: float, train_ms: float, ctx: RunContext) -> None:
@@ -3713,16 +3948,20 @@ class StepSettings:
     repeats_on: bool  # mini recurrence
     ema_decay: float  # the EMA update after this step
     swa_take: bool  # after this step, its weights join the SWA average
+    seq_len: int = 0  # tokens per row (TRAIN_SEQ_SCHEDULE); 0, in settings built by hand: TRAIN_SEQ_LEN
+    seq_start: bool = False  # this step starts a TRAIN_SEQ_SCHEDULE stage (its first step included)
 
 
 class Schedule:
     """The one place that decides what changes during training, from the step number and the training time
     so far: LR warmdown, Muon momentum warmup, QAT (on for good from the first step under
-    QAT_LR_THRESHOLD, then the soft-round ramp), mini recurrence, weight averaging, and when to stop.
+    QAT_LR_THRESHOLD, then the soft-round ramp), mini recurrence, the sequence length (TRAIN_SEQ_SCHEDULE,
+    with the LR re-ramp after each switch), weight averaging, and when to stop.
 
     The run ends at ITERATIONS or at the training budget (the cap minus the GPTQ reserve, kept for the
     calibration after training, which reads training data and so counts as training), whichever comes
-    first; progress follows the same limit, so a step-limited run warms down too."""
+    first; progress follows the same limit, so a step-limited run warms down too. `at` is called once per
+    step, in order: the length switches are found as the steps go (state_dict keeps them for a resume)."""
 
     def __init__(self, h: Hyperparameters, reserve_seconds: float | None = None):
         """reserve_seconds: the GPTQ reserve of the run (RunState); GPTQ_RESERVE_SECONDS by default."""
@@ -3730,13 +3969,28 @@ class Schedule:
         self.h, self.reserve_seconds = h, reserve_seconds
         capped = h.max_wallclock_seconds > 0
         self.budget_ms = 1000.0 * (h.max_wallclock_seconds - reserve_seconds) if capped else 0.0
+        self.stages = h.seq_stages()
         self.qat_start: int | None = None  # the step QAT switched on
+        self.seq_len: int | None = None  # the length of the last step decided
+        self.seq_switch: int | None = None  # the step the length last changed (not step 0): the LR re-ramps from it
 
     def state_dict(self) -> dict:
-        return {"qat_start": self.qat_start}
+        return {"qat_start": self.qat_start, "seq_len": self.seq_len, "seq_switch": self.seq_switch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.qat_start = state["qat_start"]
+        self.qat_start, self.seq_len, self.seq_switch = state["qat_start"], state["seq_len"], state["seq_switch"]
+
+    def seq_len_at(self, progress: float) -> int:
+        """The length of the first stage whose end is at or past `progress` (the last one after its end)."""
+        return next((length for length, end in self.stages if progress <= end), self.stages[-1][0])
+
+    def seq_ramp(self, step: int) -> float:
+        """The LR factor of the re-ramp: (k + 1) / N on the k-th step after a switch, for N =
+        SEQ_CHANGE_WARMUP_STEPS steps; 1 elsewhere and from step 0 (the LR warm-up is the optimizers')."""
+        n = self.h.seq_change_warmup_steps
+        if self.seq_switch is None or n == 0 or step - self.seq_switch >= n:
+            return 1.0
+        return (step - self.seq_switch + 1) / n
 
     def progress(self, step: int, elapsed_ms: float) -> float:
         """Steps of ITERATIONS or time of the budget, whichever is further along (ends the run first)."""
@@ -3755,9 +4009,15 @@ class Schedule:
         # weights; the ramp makes the EMA span about (EMA_WARMUP_STEPS + t) / 9 steps until that is longer.
         ema_decay = min(h.ema_decay, (1 + step) / (EMA_WARMUP_STEPS + step))
         swa_take = h.final_weights == "swa" and lr_mult < 1.0 and (step + 1) % h.swa_every == 0
-        return StepSettings(progress, lr_mult, muon_momentum_at(step, h), qat_on,
+        seq_len = self.seq_len_at(progress)
+        seq_start = seq_len != self.seq_len
+        if seq_start and self.seq_len is not None:
+            self.seq_switch = step
+        self.seq_len = seq_len
+        # The re-ramp scales the LR only: QAT and SWA follow the warmdown, which it does not move.
+        return StepSettings(progress, lr_mult * self.seq_ramp(step), muon_momentum_at(step, h), qat_on,
                             self.qat_alpha(step) if qat_on else 1.0, progress >= h.mini_recur_start_frac,
-                            ema_decay, swa_take)
+                            ema_decay, swa_take, seq_len, seq_start)
 
     def qat_alpha(self, step: int) -> float:
         h = self.h
@@ -3778,12 +4038,16 @@ class Schedule:
                 f"momentum_warmup_steps:{h.muon_momentum_warmup_steps} qat:{h.qat} "
                 f"qat_below_lr_mult:{h.qat_lr_threshold} final_weights:{h.final_weights} ema_decay:{h.ema_decay} "
                 f"ema_warmup:(1+t)/({EMA_WARMUP_STEPS}+t) swa_every:{h.swa_every} "
-                f"mini_recur_start_frac:{h.mini_recur_start_frac}")
+                f"mini_recur_start_frac:{h.mini_recur_start_frac} "
+                f"train_seq:{','.join(f'{length}@{end:g}' for length, end in self.stages)} "
+                f"seq_change_warmup_steps:{h.seq_change_warmup_steps}")
 
 
-def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime) -> Tensor:
-    """One optimizer step over the global batch; returns the mean micro-batch loss on this rank."""
-    x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
+def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime,
+               seq_len: int = 0) -> Tensor:
+    """One optimizer step over the global batch of TRAIN_BATCH_TOKENS in rows of seq_len tokens (0:
+    TRAIN_SEQ_LEN); returns the mean micro-batch loss on this rank."""
+    x, y = loader.next_batch(h.train_batch_tokens, seq_len or h.train_seq_len)
     total = torch.zeros((), device=rt.device)
     for xm, ym in zip(x.chunk(rt.grad_accum), y.chunk(rt.grad_accum)):
         with rt.autocast():
@@ -3826,18 +4090,56 @@ def optimizer_step(optimizers: list, h: OptimizerSettings, rt: Runtime) -> None:
 
 def graph_states(h: Hyperparameters) -> list[tuple[bool, bool]]:
     """(QAT on, mini-recurrence repeats on) of every training graph the timed run will use: each is a
-    separate compiled graph, so prime_kernels visits them all."""
+    separate compiled graph, so prime_kernels visits them all (with each sequence length, train_shapes)."""
     qat = (False, True) if h.qat != "off" else (False,)
     repeats = (False, True) if h.mini_recur_repeats and h.mini_recur_start_frac > 0 else (True,)
     return [(q, r) for q in qat for r in repeats]
 
 
+def train_shapes(h: Hyperparameters) -> list[tuple[int, bool]]:
+    """(sequence length, repeats on) of every pair the timed run meets: a TRAIN_SEQ_SCHEDULE stage, which
+    covers the progress (previous end, its end], runs without the repeats if it starts before
+    MINI_RECUR_START_FRAC and with them if it ends at or after it. Without a schedule, TRAIN_SEQ_LEN with
+    each graph_states repeats state."""
+    looped = h.mini_recur_repeats and h.mini_recur_start_frac > 0
+    pairs, start = [], 0.0
+    for length, end in h.seq_stages():
+        if not looped:
+            pairs.append((length, True))
+        else:
+            pairs += [(length, on) for on in (False, True) if (start < h.mini_recur_start_frac if not on
+                                                                 else end >= h.mini_recur_start_frac)]
+        start = end
+    return list(dict.fromkeys(pairs))
+
+
+def warmup_graphs(h: Hyperparameters) -> list[tuple[int, bool, bool]]:
+    """(sequence length, QAT on, repeats on) of every training graph the timed run may compile (QAT with every
+    shape: priming one it never meets costs only warm-up time, missing one costs a compile in the timed run)."""
+    return [(length, q, r) for q in dict.fromkeys(q for q, _ in graph_states(h)) for length, r in train_shapes(h)]
+
+
+def graph_name(h: Hyperparameters, graph: tuple[int, bool, bool]) -> str:
+    length, q, r = graph
+    return (f"seq{length}_" if h.train_seq_schedule else "") + f"qat{int(q)}_repeats{int(r)}"
+
+
+# Dynamo's default recompile limit (graphs per frame), which the graphs of a run without TRAIN_SEQ_SCHEDULE
+# fit; past it a frame runs eagerly with only a warning, so each further length's graphs raise it.
+DYNAMO_RECOMPILE_LIMIT = 8
+
+
 def prime_kernels(trainee: Trainee, ctx: RunContext) -> None:
-    """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every graph_states state
-    so that no switch in the timed run compiles, then restore the initial weights, optimizer state and
+    """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every warmup_graphs graph
+    (sequence length, QAT, repeats) so that no switch in the timed run compiles, then restore the initial weights, optimizer state and
     switches, so the timed run starts from step 0 exactly as without priming. Where nothing compiles
     (CPU, COMPILE=0) there is nothing to prime: the steps would only cost time."""
     (model, base_model, optimizers), h, rt, log = trainee, ctx.h, ctx.rt, ctx.log
+    states = warmup_graphs(h)
+    needed = DYNAMO_RECOMPILE_LIMIT + len(states) - len(graph_states(h))  # room for the schedule's lengths too
+    if is_compiled(model) and torch._dynamo.config.recompile_limit < needed:
+        log(f"dynamo recompile_limit:{torch._dynamo.config.recompile_limit}->{needed} training_graphs:{len(states)}")
+        torch._dynamo.config.recompile_limit = needed
     if h.warmup_steps == 0:
         return
     if not is_compiled(model):
@@ -3849,13 +4151,12 @@ def prime_kernels(trainee: Trainee, ctx: RunContext) -> None:
     plan, layers = base_model.plan, [m for m in base_model.modules() if isinstance(m, CastedLinear)]
     loader = make_train_loader(h, rt)
     set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
-    states = graph_states(h)
     t0 = rt.clock()
     for i in Progress("warmup", h.warmup_steps, rt.is_main, unit="step").wrap(range(h.warmup_steps)):
-        qat_on, repeats_on = states[i * len(states) // h.warmup_steps]
+        seq_len, qat_on, repeats_on = states[i * len(states) // h.warmup_steps]
         set_qat(layers, qat_on)
         base_model.set_mini_recurrence(repeats_on)
-        train_step(model, optimizers, loader, h, rt)
+        train_step(model, optimizers, loader, h, rt, seq_len)
     rt.sync()
     set_qat(layers, False)
     base_model.plan = plan
@@ -3863,7 +4164,7 @@ def prime_kernels(trainee: Trainee, ctx: RunContext) -> None:
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
     primed = {i * len(states) // h.warmup_steps for i in range(h.warmup_steps)}
-    names = [f"qat{int(q)}_repeats{int(r)}" for q, r in states]
+    names = [graph_name(h, g) for g in states]
     log(f"warmup steps:{h.warmup_steps} graphs:{','.join(names[i] for i in sorted(primed))} "
         f"time:{1000 * (rt.clock() - t0):.0f}ms (weights reset)")
     if len(primed) < len(states):
@@ -4281,7 +4582,10 @@ def train(trainee: Trainee, eval_fn: Callable, ctx: RunContext, control: RunCont
         qat.apply(step, s)
         if base_model.set_mini_recurrence(s.repeats_on):  # a compiled model recompiles once per state
             log(f"mini_recurrence:{'on' if s.repeats_on else 'off'} step:{step} progress:{s.progress:.4f}")
-        loss = train_step(model, optimizers, loader, h, rt)
+        if s.seq_start and h.train_seq_schedule:
+            log(f"train_seq_len:{s.seq_len} step:{step} progress:{s.progress:.4f} "
+                f"lr_ramp_steps:{h.seq_change_warmup_steps if step else 0}")
+        loss = train_step(model, optimizers, loader, h, rt, s.seq_len)
         step += 1
         average.update(s)
         elapsed = train_ms + 1000 * (rt.clock() - t0)

@@ -374,3 +374,32 @@ def test_april_loop_graphs_are_both_compiled_in_warm_up(tiny_data, tmp_path):
         assert torch.isfinite(tg.train_step(compiled, optimizers, loader, h, rt))
     assert states[0] is False and states[-1] is True  # the run crossed the switch
     assert counter.frame_count == 2  # and compiled nothing more
+
+
+def test_every_sequence_length_is_compiled_in_warm_up(tiny_data, tmp_path):
+    """TRAIN_SEQ_SCHEDULE with the loop: the warm-up traces each (length, loop) pair the run meets (dynamic=False:
+    one graph per shape), so neither a length switch nor the loop switch compiles in the timed run."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    h = tg.Hyperparameters.from_env(april_tiny_env(tiny_data, tmp_path, WARMUP_STEPS="4",
+                                                   TRAIN_SEQ_SCHEDULE="16@0.2,32@0.5,64@1.0", SEQ_CHANGE_WARMUP_STEPS="2"))
+    base = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+    counter = CompileCounter()
+    compiled = torch.compile(base, backend=counter, dynamic=False, fullgraph=True)
+    rt = cpu_runtime()
+    optimizers = tg.build_optimizers(base, h, rt)
+    logs = []
+    tg.prime_kernels(tg.Trainee(compiled, base, optimizers), run_context(h, logs.append, rt))
+    assert counter.frame_count == 4
+    assert logs[-1].startswith("warmup steps:4 graphs:seq16_qat0_repeats0,seq32_qat0_repeats0,"
+                               "seq32_qat0_repeats1,seq64_qat0_repeats1 ")
+    schedule, loader = tg.Schedule(h, h.gptq_reserve_seconds), tg.make_train_loader(h, rt)
+    met = []
+    for step in range(h.iterations):
+        s = schedule.at(step, 0.0)
+        base.set_mini_recurrence(s.repeats_on)
+        met.append((s.seq_len, s.repeats_on))
+        assert torch.isfinite(tg.train_step(compiled, optimizers, loader, h, rt, s.seq_len))
+    assert list(dict.fromkeys(met)) == tg.train_shapes(h)  # the run met every primed pair
+    assert counter.frame_count == 4  # and compiled nothing more

@@ -3318,7 +3318,7 @@ def export_model(base_model: GPT, plan: dict[str, int], train_ms: float, luts: B
     log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if hessians else 0} "
         f"hessian_time:{times['hessian']:.0f}ms quantize_time:{times['quantize']:.0f}ms ranks:{rt.world_size} "
         f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f} clip:{h.clip_method}")
-    if hessians:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
+    if hessians or (cut is not None and cut.cut):  # all work after training on training data: inside the reserve
         log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * ctx.state.gptq_reserve_seconds:.0f}ms")
         log_calibration_legality(times["total"], train_ms, ctx)
     if h.awq_groups:

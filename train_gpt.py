@@ -225,8 +225,8 @@ class ScheduleSettings:
     """How long training runs and what changes during it (the Schedule reads these)."""
     # Schedule: length and batch.
     train_seq_len: int = _hp(2048, lo=2, hi=65536)  # training sequence length (and the plain evaluation's windows)
-    train_seq_schedule: str = _hp("")  # "len@frac,...": rows of len tokens until that share of the run; empty: TRAIN_SEQ_LEN
-    seq_change_warmup_steps: int = _hp(0, lo=0, hi=10**6)  # after each TRAIN_SEQ_SCHEDULE switch: LR x (k+1)/N for N steps
+    train_seq_schedule: str = _hp("")  # "len@end,...": rows of len tokens until that share of the run; empty: off
+    seq_change_warmup_steps: int = _hp(0, lo=0, hi=10**6)  # N: LR x (k+1)/N on the k-th step after a length switch
     train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)  # per step: TRAIN_SEQ_LEN x 8k sequences
     iterations: int = _hp(20_000, lo=0, hi=10**9)  # step limit (or the budget, if sooner)
     max_wallclock_seconds: float = _hp(600.0, lo=0.0, hi=1e7)  # 0: no cap, ITERATIONS decides
@@ -274,9 +274,9 @@ class ScheduleSettings:
         micro = self.train_batch_tokens // MICRO_BATCHES_PER_STEP
         if stages and micro % self.train_block_len():
             raise ValueError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} / {MICRO_BATCHES_PER_STEP} micro-batches "
-                             f"= {micro} tokens must be a multiple of every TRAIN_SEQ_SCHEDULE={self.train_seq_schedule} "
-                             f"length and of their least common multiple {self.train_block_len()} (the loader's "
-                             f"block, cut into whole rows of each length)")
+                             f"= {micro} tokens must be a multiple of the least common multiple of the "
+                             f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule} lengths, {self.train_block_len()} "
+                             f"(the loader's block, cut into whole rows of each length)")
         if self.seq_change_warmup_steps and not stages:
             raise ValueError(f"SEQ_CHANGE_WARMUP_STEPS={self.seq_change_warmup_steps} needs TRAIN_SEQ_SCHEDULE "
                              f"(it re-ramps the LR after each switch of the sequence length)")
@@ -336,7 +336,7 @@ class QuantSettings:
     gptq_calib_seqs: int = _hp(512, lo=1, hi=10**6)  # training sequences of TRAIN_SEQ_LEN, all ranks
     gptq_damp: float = _hp(0.01, lo=1e-6, hi=10.0)  # added to diag(H), as a fraction of its mean
     gptq_block: int = _hp(128, lo=1, hi=65536)  # columns per lazy-update block
-    awq_groups: int = _hp(0, lo=0, hi=10_000)  # AWQ-lite: the top activation-weighted 64-column groups kept int8; 0: off
+    awq_groups: int = _hp(0, lo=0, hi=10_000)  # AWQ-lite: the most activation-weighted 64-column groups at int8
     # Row clips: percentile search (measured best) or SDClip (docs/quantization.md, "The frontier").
     clip_method: str = _hp("percentile", choices=("percentile", "sdclip", "sdclip_hessian"))  # per-row clip rule
     sdclip_k_mlp: float = _hp(11.5, lo=0.1, hi=1000.0)  # SDClip clip = k * std(row): blocks.*.mlp.* matrices
@@ -3220,8 +3220,8 @@ GPTQ_RESERVE_MARGIN = 1.5  # a measured reserve: this many times the warm-up's c
 GPTQ_RESERVE_SLACK_SECONDS = 1.0  # ...plus this, for jitter and damping retries
 
 
-def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
-              log, cut: CalibrationCut | None = None) -> tuple[dict[str, dict] | None, dict[str, Tensor], dict[str, float]]:
+def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime, log,
+              cut: CalibrationCut | None = None) -> tuple[dict[str, dict] | None, dict[str, Tensor], dict[str, float]]:
     """What counts as training time after training: GPTQ calibration on training shards (all ranks; `cut`
     stops it at the training cap), the choice of the AWQ groups and quantization (chunks spread over the
     ranks, gathered on rank 0). Returns (rank 0's entries, None elsewhere; the Hessians; timings in ms on
@@ -4131,9 +4131,9 @@ DYNAMO_RECOMPILE_LIMIT = 8
 
 def prime_kernels(trainee: Trainee, ctx: RunContext) -> None:
     """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every warmup_graphs graph
-    (sequence length, QAT, repeats) so that no switch in the timed run compiles, then restore the initial weights, optimizer state and
-    switches, so the timed run starts from step 0 exactly as without priming. Where nothing compiles
-    (CPU, COMPILE=0) there is nothing to prime: the steps would only cost time."""
+    (sequence length, QAT, repeats) so that no switch in the timed run compiles, then restore the initial
+    weights, optimizer state and switches, so the timed run starts from step 0 exactly as without priming.
+    Where nothing compiles (CPU, COMPILE=0) there is nothing to prime: the steps would only cost time."""
     (model, base_model, optimizers), h, rt, log = trainee, ctx.h, ctx.rt, ctx.log
     states = warmup_graphs(h)
     needed = DYNAMO_RECOMPILE_LIMIT + len(states) - len(graph_states(h))  # room for the schedule's lengths too

@@ -4137,9 +4137,11 @@ def prime_kernels(trainee: Trainee, ctx: RunContext) -> None:
     (model, base_model, optimizers), h, rt, log = trainee, ctx.h, ctx.rt, ctx.log
     states = warmup_graphs(h)
     needed = DYNAMO_RECOMPILE_LIMIT + len(states) - len(graph_states(h))  # room for the schedule's lengths too
-    if is_compiled(model) and torch._dynamo.config.recompile_limit < needed:
-        log(f"dynamo recompile_limit:{torch._dynamo.config.recompile_limit}->{needed} training_graphs:{len(states)}")
-        torch._dynamo.config.recompile_limit = needed
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    if is_compiled(model) and getattr(config, limit) < needed:
+        log(f"dynamo {limit}:{getattr(config, limit)}->{needed} training_graphs:{len(states)}")
+        setattr(config, limit, needed)
     if h.warmup_steps == 0:
         return
     if not is_compiled(model):

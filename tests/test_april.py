@@ -303,9 +303,10 @@ def test_describe_preset_names_what_it_set_and_what_was_overridden():
 
 
 def april_tiny_env(data, out, **overrides):
-    """PRESET=april at the tiny test size: the sizes and data come from tiny_env (explicit, so they win),
-    the layer ids of the parts shrink with the depth."""
-    return tiny_env(data, out, PRESET="april", NUM_LAYERS="4", PARALLEL_START_LAYER="3", MINI_RECUR_FIRST="1",
+    """PRESET=april (or another preset on top of it) at the tiny test size: the sizes and data come from
+    tiny_env (explicit, so they win), the layer ids of the parts shrink with the depth."""
+    overrides.setdefault("PRESET", "april")
+    return tiny_env(data, out, NUM_LAYERS="4", PARALLEL_START_LAYER="3", MINI_RECUR_FIRST="1",
                     MINI_RECUR_LAST="2", GATE_WINDOW="8", VAL_LOSS_EVERY="0", EVAL_STRIDE="32", **overrides)
 
 
@@ -431,16 +432,16 @@ def test_may_preset_is_april_plus_the_best_may_run_and_explicit_settings_win():
 
 def test_may_preset_runs_end_to_end_with_one_global_ttt_phase(tiny_data, tmp_path):
     env = april_tiny_env(tiny_data, tmp_path, PRESET="may", RUN_ID="may", ITERATIONS="6", TTT="1",
-                         TTT_CHUNK_SIZE="16", TTT_LORA_RANK="4", TTT_BATCH_SIZE="8", PHASED_TTT_PREFIX_DOCS="12",
-                         GLOBAL_TTT_CHUNK_TOKENS="512")
+                         TTT_EVAL_SEQ_LEN="64", TTT_CHUNK_SIZE="16", TTT_LORA_RANK="4", TTT_BATCH_SIZE="8",
+                         PHASED_TTT_PREFIX_DOCS="12", GLOBAL_TTT_CHUNK_TOKENS="512")  # TTT at 2,560: minutes here
     tg.main(env)
     log = (tmp_path / "may.txt").read_text()
     assert [m[0] for m in FINAL.findall(log)] == ["final_float_exact", "final_roundtrip_exact",
                                                   "final_sliding_window_exact", "final_ttt_exact"]
-    for line in ("hparam preset:may", "hparam phased_ttt_num_phases:1", "hparam ttt_eval_seq_len:2560",
+    for line in ("hparam preset:may", "hparam phased_ttt_num_phases:1", "hparam ttt_weight_decay:2.0",
                  "hparam matrix_lr:0.028", "hparam lqer_group:32", "hparam gptq_calib_seqs:64"):
         assert line + "\n" in log
     preset = re.search(r"^preset name:may set:(\S+) overridden:(\S+)$", log, re.M)
-    assert "PHASED_TTT_NUM_PHASES=1" in preset[1] and "GPTQ_CALIB_SEQS" in preset[2].split(",")
+    assert "PHASED_TTT_NUM_PHASES=1" in preset[1] and {"GPTQ_CALIB_SEQS", "TTT_EVAL_SEQ_LEN"} <= set(preset[2].split(","))
     assert len(re.findall(r"^ttt_phase .* global_sgd_tokens:", log, re.M)) == 1  # one global phase
     assert re.search(r"^lqer tensors:\d+ rank:4 a_bits:2 b_bits:4 group:32 ", log, re.M)

@@ -648,11 +648,18 @@ def shard_token_count(path: str | Path) -> int:
     return count
 
 
+def split_files(data_path: str, split: str) -> list[str]:
+    """fineweb_<split>_<digits>.bin in order: the glob fineweb_val_*.bin also matches the byte sidecar
+    fineweb_val_bytes_*.bin, which is never a token shard."""
+    name = re.compile(rf"fineweb_{re.escape(split)}_\d+\.bin")
+    return sorted(f for f in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
+                  if name.fullmatch(os.path.basename(f)))
+
+
 def find_shards(data_path: str, split: str) -> list[str]:
-    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    files = split_files(data_path, split)
     if not files:
-        raise FileNotFoundError(f"no {split} shards match {pattern}: {FETCH_HINT}")
+        raise FileNotFoundError(f"no {split} shards fineweb_{split}_NNNNNN.bin in {data_path}: {FETCH_HINT}")
     return files
 
 

@@ -550,6 +550,13 @@ def test_download_the_public_caseops_variant_with_its_sidecar(tmp_path):
                                                + repo.bodies[f"{REMOTE_DIR}/fineweb_val_000001.bin"])
     assert int(load_byte_sidecar(local, BOS).sum()) == 12 * 6 + 3 + 20
     assert json.loads((local / "dataset_manifest.json").read_text()) == record
+    # train_gpt.py's `dataset` line agrees: the sidecar is neither hashed as validation tokens (which made
+    # the download look `modified`) nor read as them.
+    import train_gpt as tg
+    tokenizer = tmp_path / "data" / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    info = tg.dataset_provenance(str(local), str(tokenizer))
+    assert (info["source"], info["val_sha256"]) == ("challenge", record["val"]["sha256"]), info
+    assert len(tg.load_validation_tokens(str(local))) == 70
     # The variant's own repo is the default.
     assert dl.parse_args(["--variant", VARIANT]).repo_id == "romeerp/parameter-golf-caseops-v1"
     assert dl.parse_args(["--variant", "sp1024"]).repo_id == dl.REPO_ID

@@ -178,8 +178,8 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, str]] = {
     "seed": {},  # the defaults: the 2026-03-29 stack
     "april": {  # the 2026-04-27 record's training configuration at sp8192, with what we have (docs/april.md)
-        "VOCAB_SIZE": "8192", "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
-        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+        # Its data: the CaseOps variant (docs/data.md); DATA_VARIANT=sp8192 is the plain sp8192.
+        "VOCAB_SIZE": "8192", "DATA_VARIANT": "sp8192_lossless_caps_caseops_v1_reserved",
         "MLP_MULT": "4", "MLP_ACTIVATION": "leaky_relu2", "QK_GAIN_INIT": "5.0", "BIGRAM_BUCKETS": "0",
         "VE_LAYERS": "none",  # the April record has no value embeddings
         "SMEAR_GATE_FORM": "input", "ATTN_OUT_GATE": "1", "ATTN_GATE_SCALE": "0.5", "PARALLEL_START_LAYER": "8",
@@ -195,12 +195,31 @@ PRESETS: dict[str, dict[str, str]] = {
 }
 
 
+VARIANT_NAME = re.compile(r"sp(\d+)((?:_[A-Za-z0-9]+)*)")
+
+
+def variant_paths(variant: str) -> dict[str, str]:
+    """DATA_PATH and TOKENIZER_PATH of a published variant where `data/cached_challenge_fineweb.py --variant
+    <variant>` puts it: sp8192 -> ./data/datasets/fineweb10B_sp8192 and ./data/tokenizers/fineweb_8192_bpe.model;
+    a suffix after the vocabulary follows `_bpe` in the tokenizer's name (sp8192_lossless_caps_caseops_v1_reserved
+    -> fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model). {} for no variant."""
+    if not variant:
+        return {}
+    m = VARIANT_NAME.fullmatch(variant)
+    if m is None:
+        raise SettingError(f"DATA_VARIANT={variant!r} is not a variant name sp<vocab>[_<suffix>] (sp1024, sp8192, "
+                           f"sp8192_lossless_caps_caseops_v1_reserved)")
+    return {"DATA_PATH": f"./data/datasets/fineweb10B_{variant}",
+            "TOKENIZER_PATH": f"./data/tokenizers/fineweb_{m[1]}_bpe{m[2]}.model"}
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Which run: its data, where it writes, its seed and how it runs. None of these change what a
     step computes except SEED."""
     # Run: preset, data and identity.
     preset: str = _hp("seed", choices=tuple(PRESETS))  # seed (the defaults) or april; explicit variables win
+    data_variant: str = _hp("")  # a published variant (sp8192, ...): DATA_PATH, TOKENIZER_PATH where it is downloaded
     data_path: str = _hp("./data/datasets/fineweb10B_sp1024")  # folder of fineweb_train_*.bin and fineweb_val_*.bin
     tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")  # sentencepiece model (bpb bytes, BOS check)
     run_id: str = _hp("")  # empty: a fresh id, shared by all ranks (RunState.run_id)
@@ -388,6 +407,7 @@ class Hyperparameters(TTTSettings, EvalSettings, QuantSettings, OptimizerSetting
             preset = _parse_env_value("PRESET", env.get("PRESET", cls.preset), cls.preset,
                                       cls.__dataclass_fields__["preset"].metadata)
             settings = {**PRESETS[preset], **env}  # a variable set explicitly wins over the preset
+            settings = {**variant_paths(settings.get("DATA_VARIANT", "")), **settings}  # ... and over DATA_VARIANT
             values = {f.name: _parse_env_value(f.name.upper(), settings[f.name.upper()], f.default, f.metadata)
                       for f in fields if f.name.upper() in settings}
             hp = cls(**values)
@@ -667,6 +687,62 @@ def load_validation_tokens(data_path: str) -> np.ndarray:
     return np.concatenate([load_data_shard(f) for f in find_shards(data_path, "val")])
 
 
+# A CaseOps dataset (docs/data.md) ships beside each fineweb_val_NNNNNN.bin a sidecar fineweb_val_bytes_NNNNNN.bin
+# in the shard format: per validation token, the UTF-8 bytes of the ORIGINAL text it stands for (BOS and the
+# case operators 0). Its tokens' own bytes are the transformed text's, so bits per byte divide by these.
+BYTE_SIDECAR_SPLIT = "val_bytes"
+
+
+def load_byte_sidecar(data_path: str, bos_id: int) -> tuple[np.ndarray, list[str]] | None:
+    """(the sidecar's values aligned with load_validation_tokens, its files), or None for a dataset without one
+    (then its manifest must not describe one: a transformed dataset without its sidecar cannot be scored).
+    Sidecar i must belong to validation shard i: present, as many values as the shard has tokens, 0 at every
+    BOS; anything else is a DataError naming the file and what is wrong."""
+    sidecars = split_files(data_path, BYTE_SIDECAR_SPLIT)
+    if not sidecars:
+        check_no_sidecar_expected(data_path)
+        return None
+    shards = find_shards(data_path, "val")
+    expected = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_"))
+                for f in shards]
+    orphans = sorted(set(sidecars) - set(expected))
+    if orphans:
+        raise DataError(f"{orphans[0]}: a byte sidecar without its validation shard "
+                        f"{os.path.basename(orphans[0]).replace('fineweb_val_bytes_', 'fineweb_val_')}")
+    parts = []
+    for shard, sidecar in zip(shards, expected):
+        if not os.path.isfile(sidecar):
+            raise DataError(f"{sidecar}: missing: the byte sidecar of {os.path.basename(shard)} (the other "
+                            f"validation shards have one)")
+        n_tokens, n_values = shard_token_count(shard), shard_token_count(sidecar)
+        if n_tokens != n_values:
+            raise DataError(f"{sidecar}: {n_values} byte counts for the {n_tokens} tokens of "
+                            f"{os.path.basename(shard)}: the sidecar does not belong to these shards")
+        values = load_data_shard(sidecar)
+        bad = np.flatnonzero((load_data_shard(shard) == bos_id) & (values != 0))
+        if len(bad):
+            raise DataError(f"{sidecar}: BOS at position {int(bad[0])} counts {int(values[bad[0]])} bytes, expected 0: "
+                            f"the sidecar does not belong to these shards")
+        parts.append(values)
+    return np.concatenate(parts), expected
+
+
+def check_no_sidecar_expected(data_path: str) -> None:
+    """A dataset whose manifest names a text transform or a byte sidecar, but that has no sidecar file, is
+    refused: its tokens' bytes are not the original text's."""
+    path = Path(data_path) / DATASET_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        transform, described = manifest.get("text_transform") or "identity", bool(manifest.get("val_bytes"))
+    except (OSError, ValueError, AttributeError):
+        return  # no readable manifest: the tokenizer check (check_byte_source) still applies
+    if transform != "identity" or described:
+        raise DataError(f"{data_path}: its {DATASET_MANIFEST} says text_transform:{transform}"
+                        f"{' and describes a byte sidecar' if described else ''}, but no fineweb_val_bytes_NNNNNN.bin "
+                        f"is there: bits per byte must count the original text's bytes (fetch or build the "
+                        f"dataset again)")
+
+
 # Beside the shards, by data/cached_challenge_fineweb.py (source "challenge") or data/build_dataset.py
 # (source "custom"): the sha256 of the validation shards and tokenizer, which every run checks and logs.
 DATASET_MANIFEST = "dataset_manifest.json"
@@ -689,16 +765,21 @@ def dataset_provenance(data_path: str, tokenizer_path: str) -> dict[str, str]:
     info = {"name": Path(data_path).resolve().name, "source": "unknown",
             "val_sha256": sha256_files(find_shards(data_path, "val")),
             "tokenizer_sha256": sha256_files([tokenizer_path])}
+    sidecars = split_files(data_path, BYTE_SIDECAR_SPLIT)
+    if sidecars:  # it decides the score as much as the tokens do
+        info["val_bytes_sha256"] = sha256_files(sidecars)
     path = Path(data_path) / DATASET_MANIFEST
     if not path.is_file():
         return info | {"reason": f"no_{DATASET_MANIFEST}"}
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         recorded = {"val_sha256": manifest["val"]["sha256"], "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
+        if sidecars or manifest.get("val_bytes"):
+            recorded["val_bytes_sha256"] = (manifest.get("val_bytes") or {}).get("sha256")
         source, repo = str(manifest["source"]), manifest.get("repo_id")
     except (ValueError, KeyError, TypeError) as e:
         return info | {"reason": f"unreadable_{DATASET_MANIFEST}:{type(e).__name__}"}
-    differs = [k.removesuffix("_sha256") for k, v in recorded.items() if info[k] != v]
+    differs = [k.removesuffix("_sha256") for k, v in recorded.items() if info.get(k) != v]
     info["source"] = "modified" if differs else source
     if repo:
         info["repo"] = str(repo)
@@ -888,6 +969,33 @@ class ByteLUTs:
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids] + space.to(torch.int32)
 
+    source = "tokenizer"  # a byte counter (ByteCounter): the bytes of the text the tokens decode to
+
+    def count(self, x: Tensor, y: Tensor, target_pos: Tensor) -> Tensor:
+        return self.token_bytes(x, y)
+
+
+@dataclass
+class SidecarBytes:
+    """A byte counter from the validation byte sidecar (load_byte_sidecar): target k of the validation stream is
+    worth values[k] bytes of the original text, whatever the tokens are."""
+    values: Tensor  # int32 [N], aligned with the validation tokens
+    files: int
+
+    source = "sidecar"
+
+    def to(self, device) -> "SidecarBytes":
+        return SidecarBytes(self.values.to(device), self.files)
+
+    def count(self, x: Tensor, y: Tensor, target_pos: Tensor) -> Tensor:
+        return self.values[target_pos]
+
+
+# The bpb denominator of every scoring path: count(x, y, target_pos) -> the bytes of each target (y, after x, at
+# target_pos in the validation stream), a gather on the device (no host sync).
+ByteCounter = ByteLUTs | SidecarBytes
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # data/caseops.py's operators (tested equal)
+
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
     """Every piece type: control, unknown and unused ids (and ids past the tokenizer) are boundaries; a
@@ -912,6 +1020,37 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs
             piece = piece[len(SPACE_MARK):]
         base[i] = len(piece.replace(SPACE_MARK, " ").encode("utf-8"))
     return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def validation_byte_counter(luts: ByteLUTs, sp: spm.SentencePieceProcessor, data_path: str,
+                            bos_id: int) -> ByteCounter:
+    """What every score divides by: the dataset's byte sidecar if it has one, else the tokenizer's tables
+    (luts). A tokenizer with the CaseOps operators as pieces and no sidecar is refused: its tables count
+    the transformed text (3 bytes per operator), not the original."""
+    sidecar = load_byte_sidecar(data_path, bos_id)
+    if sidecar is not None:
+        return SidecarBytes(torch.from_numpy(sidecar[0].astype(np.int32)), len(sidecar[1]))
+    ops = [op for op in CASEOPS_OPERATORS if sp.piece_to_id(op) != sp.unk_id()]
+    if ops:
+        raise DataError(f"the tokenizer has the CaseOps operator pieces {', '.join(f'U+{ord(c):04X}' for c in ops)} "
+                        f"but {data_path} has no byte sidecar fineweb_val_bytes_NNNNNN.bin: bits per byte must count "
+                        f"the original text's bytes (use the dataset built or fetched with this tokenizer)")
+    return luts
+
+
+BYTE_TOTAL_CHUNK = 1 << 22
+
+
+def describe_byte_counter(counter: ByteCounter, val_tokens: Tensor) -> str:
+    """The `val_bytes` line: where the bytes come from and their total over every target (tokens 1..N-1), the
+    number each final val_bpb divides by."""
+    total, n = 0, len(val_tokens)
+    for a in range(1, n, BYTE_TOTAL_CHUNK):  # in chunks: int64 copies of a whole split would take GBs
+        b = min(a + BYTE_TOTAL_CHUNK, n)
+        pos = torch.arange(a, b, device=val_tokens.device)
+        total += int(counter.count(val_tokens[a - 1:b - 1].long(), val_tokens[a:b].long(), pos).sum())
+    files = f" files:{counter.files}" if isinstance(counter, SidecarBytes) else ""
+    return f"val_bytes source:{counter.source}{files} total:{total} targets:{len(val_tokens) - 1}"
 
 
 def check_tokenizer(sp: spm.SentencePieceProcessor, cfg: ModelConfig, path: str) -> None:
@@ -2998,14 +3137,15 @@ def log_fit_cost(base_model: GPT, unfitted: dict[str, dict], fitted: dict[str, d
                  ctx: RunContext) -> None:
     """The fit's cost: bpb of the unfitted and fitted weights (each as the artifact would store it, LQER
     included) on the first FIT_PROBE_SEQS training sequences (seen in training: a relative estimate; the
-    final evaluations measure the artifact)."""
+    final evaluations measure the artifact). The bytes are the tokenizer's (probe_bytes:tokenizer): training
+    data has no byte sidecar, so on a CaseOps dataset each operator counts its 3 bytes of UTF-8 here."""
     h, rt = ctx.h, ctx.rt
     batches = list(calibration_batches(find_shards(h.data_path, "train"), FIT_PROBE_SEQS, h.train_seq_len,
                                        h.val_batch_seqs(h.train_seq_len), Runtime.single(rt.device)))
     before = probe_bpb(base_model, dequantize_state_dict(unfitted), batches, luts, rt)
     after = probe_bpb(base_model, dequantize_state_dict(fitted), batches, luts, rt)
     ctx.log(f"quant_fit cost_est_bpb:{after - before:+.6f} probe_bpb_unfitted:{before:.6f} "
-            f"probe_bpb_fitted:{after:.6f} probe:{FIT_PROBE_SEQS}_training_seqs")
+            f"probe_bpb_fitted:{after:.6f} probe:{FIT_PROBE_SEQS}_training_seqs probe_bytes:{luts.source}")
 
 
 class ExportInputs(NamedTuple):
@@ -3261,20 +3401,21 @@ def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: 
     return total
 
 
-def bpb_sums(luts: ByteLUTs) -> Callable:
-    """score_windows' score for evaluate: [nats, tokens, bytes] of the scored targets. The scored mask
-    multiplies rather than indexes: a boolean index has a data-dependent size, which the host must wait
-    for, every batch."""
-    def nats_tokens_bytes(nll, x, y, scored, _):
+def bpb_sums(counter: ByteCounter) -> Callable:
+    """score_windows' score for evaluate: [nats, tokens, bytes] of the scored targets, the bytes as the counter
+    gives them (the tokenizer's tables, or the byte sidecar at target_pos). The scored mask multiplies rather
+    than indexes: a boolean index has a data-dependent size, which the host must wait for, every batch."""
+    def nats_tokens_bytes(nll, x, y, scored, target_pos):
         mask = scored.double()
-        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y) * mask).sum()))
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (counter.count(x, y, target_pos) * mask).sum()))
     return nats_tokens_bytes
 
 
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rt: Runtime,
+def evaluate(model: nn.Module, val_tokens: Tensor, counter: ByteCounter, spec: EvalSpec, rt: Runtime,
              phase: str | None = None) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
-    nats, tokens, nbytes = score_windows(model, bpb_sums(luts), val_tokens, spec, rt, phase).tolist()
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once; the bytes are
+    counter's (validation_byte_counter)."""
+    nats, tokens, nbytes = score_windows(model, bpb_sums(counter), val_tokens, spec, rt, phase).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
@@ -3458,13 +3599,14 @@ def ttt_forward(model: GPT, chunk: int) -> Callable[[Tensor, DocumentLoRA], Tens
     return forward
 
 
-def logit_sums(luts: ByteLUTs) -> Callable:
+def logit_sums(counter: ByteCounter) -> Callable:
     """A score callback on logits: [nats, tokens, bytes] over the scored targets, as float64 (no boolean
-    indexing: the mask multiplies)."""
-    def sums(logits, x, y, scored, _):
+    indexing: the mask multiplies); the bytes as bpb_sums counts them."""
+    def sums(logits, x, y, scored, target_pos):
         nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         mask = scored.double()
-        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y).double() * mask).sum()))
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(),
+                            (counter.count(x, y, target_pos).double() * mask).sum()))
     return sums
 
 
@@ -3600,10 +3742,10 @@ def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, s: Hyperparameter
     return total
 
 
-def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, s: Hyperparameters, rt: Runtime,
+def ttt_evaluate(model: GPT, val_tokens: Tensor, counter: ByteCounter, s: Hyperparameters, rt: Runtime,
                  forward: Callable | None = None, log=None) -> tuple[float, float]:
     """(val_loss, val_bpb) of score-first TTT over every target of val_tokens, each scored once."""
-    nats, tokens, nbytes = ttt_score(model, logit_sums(luts), val_tokens, s, rt, forward, log).tolist()
+    nats, tokens, nbytes = ttt_score(model, logit_sums(counter), val_tokens, s, rt, forward, log).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
@@ -4411,8 +4553,9 @@ def log_preamble(ctx: RunContext, env) -> None:
 
 
 def describe_preset(name: str, env) -> str:
-    """One log line: the preset, the variables it set, and those of its variables the environment set instead."""
-    preset = PRESETS[name]
+    """One log line: the preset, the variables it set, and those of its variables the environment set instead
+    (its DATA_VARIANT's paths count as its own unless the environment sets DATA_VARIANT)."""
+    preset = PRESETS[name] | ({} if "DATA_VARIANT" in env else variant_paths(PRESETS[name].get("DATA_VARIANT", "")))
     applied = ",".join(f"{k}={v}" for k, v in preset.items() if k not in env) or "none"
     return f"preset name:{name} set:{applied} overridden:{','.join(k for k in preset if k in env) or 'none'}"
 
@@ -4452,12 +4595,12 @@ def compile_for_training(base: GPT, plan: dict[str, int], h: Hyperparameters, rt
     return compiled, compiled, orthogonalize
 
 
-def timed_eval(label: str, model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec,
+def timed_eval(label: str, model: nn.Module, val_tokens: Tensor, counter: ByteCounter, spec: EvalSpec,
                ctx: RunContext) -> tuple[float, float]:
     rt = ctx.rt
     rt.sync()
     t0 = rt.clock()
-    loss, bpb = evaluate(model, val_tokens, luts, spec, rt, phase=label)
+    loss, bpb = evaluate(model, val_tokens, counter, spec, rt, phase=label)
     rt.sync()
     ctx.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval:{spec.name} seq_len:{spec.seq_len} "
             f"stride:{spec.stride} eval_time:{1000 * (rt.clock() - t0):.0f}ms")
@@ -4502,7 +4645,7 @@ def compile_ttt_forward(model: GPT, ctx: RunContext) -> Callable:
     return compiled
 
 
-def run_ttt(cfg: ModelConfig, weights: dict[str, Tensor], val_tokens: Tensor, luts: ByteLUTs, ctx: RunContext,
+def run_ttt(cfg: ModelConfig, weights: dict[str, Tensor], val_tokens: Tensor, counter: ByteCounter, ctx: RunContext,
             windows_s: float = 0.0) -> None:
     """final_ttt_exact: score-first TTT on a model of its own built from the artifact's weights, so what adapts
     is the quantized model as shipped (the model the earlier lines scored is left as it is).
@@ -4513,7 +4656,7 @@ def run_ttt(cfg: ModelConfig, weights: dict[str, Tensor], val_tokens: Tensor, lu
     t0 = rt.clock()
     forward = compile_ttt_forward(model, ctx)
     t1 = rt.clock()
-    loss, bpb = ttt_evaluate(model, val_tokens, luts, h, rt, forward, ctx.log)
+    loss, bpb = ttt_evaluate(model, val_tokens, counter, h, rt, forward, ctx.log)
     rt.sync()
     seconds = rt.clock() - t1
     ctx.log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * seconds:.0f}ms "
@@ -4582,6 +4725,8 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     val_tokens = torch.from_numpy(val_np.astype(np.int32)).to(rt.device)
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
+    val_bytes = validation_byte_counter(luts, sp, h.data_path, h.bos_id).to(rt.device)
+    log(describe_byte_counter(val_bytes, val_tokens))
     if rt.is_main:
         log_dataset(dataset_provenance(h.data_path, h.tokenizer_path), log)
     if h.ttt:
@@ -4599,7 +4744,7 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
         log(line)
 
     def eval_fn():
-        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt, phase="val")
+        return evaluate(eval_model, val_tokens, val_bytes, EvalSpec.plain(h), rt, phase="val")
 
     prime_kernels(trainee, ctx)
     if resume is None:  # a resumed run keeps the reserve its first start measured (in its run state)
@@ -4624,10 +4769,10 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     cfg, shipped = load_artifact(artifact)  # read once: what the file holds is what every final line scores
     base.load_state_dict(shipped)
     t0 = rt.clock()
-    timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), ctx)
-    timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, EvalSpec.sliding(h), ctx)
+    timed_eval("final_roundtrip_exact", eval_model, val_tokens, val_bytes, EvalSpec.plain(h), ctx)
+    timed_eval("final_sliding_window_exact", eval_model, val_tokens, val_bytes, EvalSpec.sliding(h), ctx)
     if h.ttt:
-        run_ttt(cfg, shipped, val_tokens, luts, ctx, windows_s=rt.clock() - t0)
+        run_ttt(cfg, shipped, val_tokens, val_bytes, ctx, windows_s=rt.clock() - t0)
 
 
 def cli() -> None:

@@ -735,7 +735,7 @@ def check_no_sidecar_expected(data_path: str) -> None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         transform, described = manifest.get("text_transform") or "identity", bool(manifest.get("val_bytes"))
     except (OSError, ValueError, AttributeError):
-        return  # no readable manifest: the tokenizer check (check_byte_source) still applies
+        return  # no readable manifest: the tokenizer check (validation_byte_counter) still applies
     if transform != "identity" or described:
         raise DataError(f"{data_path}: its {DATASET_MANIFEST} says text_transform:{transform}"
                         f"{' and describes a byte sidecar' if described else ''}, but no fineweb_val_bytes_NNNNNN.bin "

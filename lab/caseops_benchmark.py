@@ -59,7 +59,8 @@ def build(kind: str, args, val_input: Path) -> tuple[Path, Path]:
     """(dataset folder, tokenizer model) of one tokenization, built unless its manifest is there."""
     data, prefix = args.out / f"data_{kind}", args.out / "tok" / f"{kind}_{args.vocab}"
     model = Path(f"{prefix}.model")
-    if not (data / "dataset_manifest.json").exists():
+    manifest = data / "dataset_manifest.json"
+    if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
         cmd = [sys.executable, str(ROOT / "data" / "build_dataset.py"),
                "--input", *[str(args.corpus / f) for f in TRAIN_FILES], "--val-input", str(val_input),
                "--vocab-size", str(args.vocab), "--output-dir", str(data), "--tokenizer-prefix", str(prefix),
@@ -70,10 +71,10 @@ def build(kind: str, args, val_input: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
+    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus", help="the stand-in corpus")
     p.add_argument("--out", type=Path, default=Path("bench/caseops"))
     p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-tokens", type=int, default=4096, help="TRAIN_BATCH_TOKENS (TRAIN_SEQ_LEN x a multiple of 8)")
     p.add_argument("--val-docs", type=int, default=100)
     p.add_argument("--jobs", type=int, default=2, help="runs side by side")

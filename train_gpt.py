@@ -260,7 +260,8 @@ class Hyperparameters(ModelConfig):
     quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 7, 8 or 16); later ones win
     quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
-    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli", "pergroup"))  # auto: smallest
+    # auto: the smallest of one stream and per-group streams over every installed codec of AUTO_CODECS
+    compressor: str = _hp("auto", choices=("auto", "pergroup", "zstd", "lzma", "brotli", "ppmd", "zpaq", "lrzip"))
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
     pergroup_sort: str = _hp("tok_emb.weight,attn.c_q.weight,mlp.fc.weight")  # roles whose rows are sorted
     gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)
@@ -354,6 +355,9 @@ class Hyperparameters(ModelConfig):
                              f"WARMDOWN_FLOOR={self.warmdown_floor}, MIN_LR={self.min_lr}); set QAT=off or "
                              f"change them")
         parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
+        if codec_missing(self.compressor):  # so does a codec that is not installed
+            raise ValueError(f"COMPRESSOR={self.compressor}: that codec is not installed here "
+                             f"({codec_missing(self.compressor)})")
         if self.ttt_chunk_size > self.ttt_eval_seq_len:
             raise ValueError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} must be at most "
                              f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a chunk is scored inside one window)")
@@ -1699,16 +1703,27 @@ GPTQ_DAMP_RAISE = 10.0  # on a failed Cholesky factorization the damping is mult
 GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
 DEMOTE_TO = {8: 7, 7: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_FORMAT_VERSION = 4  # 3: the CRC covers the header fields, the manifest records the model config;
-# 4: LQER factors, per-group streams
+ARTIFACT_FORMAT_VERSION = 5  # 3: the CRC covers the header fields, the manifest records the model config;
+# 4: LQER factors, per-group streams; 5: codec ids 4-6 (PPMd, ZPAQ, lrzip)
+READ_FORMAT_VERSIONS = (4, 5)  # 4 is 5 without the new codecs: it loads unchanged
 ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
-CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
+PPMD_ORDER, PPMD_MEMORY_MB, ZPAQ_LEVEL = 3, 64, 5  # measured: docs/quantization.md, "Codecs"
+CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header (and per stream)
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
         lambda b: zstandard.ZstdDecompressor().decompress(b)),
     2: ("lzma", lambda b: lzma.compress(b, preset=LZMA_PRESET), lzma.decompress),
     3: ("brotli", lambda b: brotli.compress(b, quality=BROTLI_QUALITY), brotli.decompress),
+    4: ("ppmd", lambda b: ppmd_compress(b), lambda b: ppmd_decompress(b)),  # (defined with the storage code)
+    5: ("zpaq", lambda b: optional_module(*CODEC_NEEDS["zpaq"]).compress(b, level=ZPAQ_LEVEL),
+        lambda b: optional_module(*CODEC_NEEDS["zpaq"]).decompress(b)),
+    6: ("lrzip", lambda b: lrzip_run(b, "-z", "-L", "9"), lambda b: lrzip_run(b, "-d")),
 }
 CODEC_IDS = {name: cid for cid, (name, _, _) in CODECS.items()}
+# What a codec needs besides this file's imports: a package from requirements.txt, or (lrzip, the
+# record's ZPAQ back end) a program that COMPRESSOR=auto never requires.
+CODEC_NEEDS = {"ppmd": ("pyppmd", "pip install pyppmd"), "zpaq": ("zpaq", "pip install zpaq"),
+               "lrzip": ("lrzip", "apt-get install lrzip")}
+AUTO_CODECS = ("zstd", "lzma", "brotli", "ppmd", "zpaq")  # what auto and pergroup try, if installed
 # Header: magic, format version, codec id, byte shuffle (0/1), then a CRC-32 of those fields and the
 # decompressed payload together (brotli has no checksum of its own, a flipped bit must not load as
 # slightly different weights, and a flipped shuffle flag must not load as scrambled ones).
@@ -2497,6 +2512,82 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
     return packed
 
 
+def optional_module(package: str, install: str):
+    """An optional package's module (a codec, the minifier); ImportError saying how to install it."""
+    try:
+        return __import__(package)
+    except ImportError:
+        raise ImportError(f"the {package} package is not installed ({install}; requirements.txt has it)") from None
+
+
+def codec_missing(name: str) -> str | None:
+    """None if codec `name` runs here, else what installs it."""
+    if name not in CODEC_NEEDS:
+        return None
+    package, install = CODEC_NEEDS[name]
+    if name == "lrzip":
+        return None if shutil.which(package) else install
+    try:
+        optional_module(package, install)
+    except ImportError:
+        return install
+    return None
+
+
+def installed_codecs(log=None) -> list[str]:
+    """The AUTO_CODECS that run here (COMPRESSOR=auto and pergroup try these); each missing one logged."""
+    names = []
+    for name in AUTO_CODECS:
+        missing = codec_missing(name)
+        if missing is None:
+            names.append(name)
+        elif log is not None:
+            log(f"compression codec_missing:{name} install:'{missing}' (auto goes on without it)")
+    return names
+
+
+_PPMD_LENGTH = struct.Struct("<I")
+
+
+def ppmd_compress(b: bytes) -> bytes:
+    """PPMd variant H (7-Zip's), after the raw length, which its decoder needs (pyppmd's variant I marks
+    the end itself, but failed to decode some level streams here)."""
+    encoder = optional_module(*CODEC_NEEDS["ppmd"]).Ppmd7Encoder(PPMD_ORDER, PPMD_MEMORY_MB << 20)
+    chunks = [encoder.encode(b[i:i + (1 << 16)]) for i in range(0, len(b), 1 << 16)]
+    return _PPMD_LENGTH.pack(len(b)) + b"".join(chunks) + encoder.flush()
+
+
+def ppmd_decompress(b: bytes) -> bytes:
+    (size,) = _PPMD_LENGTH.unpack_from(b)
+    decoder = optional_module(*CODEC_NEEDS["ppmd"]).Ppmd7Decoder(PPMD_ORDER, PPMD_MEMORY_MB << 20)
+    out = decoder.decode(b[_PPMD_LENGTH.size:], size)
+    if len(out) != size:
+        raise ValueError(f"PPMd stream decodes to {len(out)} bytes, not {size}")
+    return out
+
+
+def lrzip_run(data: bytes, *flags: str) -> bytes:
+    """The lrzip program through a pipe. -N 0: lrzip lowers its own priority by default, and on a busy
+    machine then waits for minutes."""
+    if shutil.which("lrzip") is None:
+        raise ImportError(f"the lrzip program is not installed ({CODEC_NEEDS['lrzip'][1]})")
+    proc = subprocess.run(["lrzip", *flags, "-q", "-N", "0"], input=data, capture_output=True)
+    if proc.returncode != 0:
+        raise ValueError(f"lrzip {' '.join(flags)} exited {proc.returncode}: "
+                         f"{proc.stderr.decode(errors='replace')[-300:]}")
+    return proc.stdout
+
+
+def optional_versions() -> str:
+    """" pyppmd:1.3.1 zpaq:0.3.7 ..." for the optional packages installed here (the log's versions line,
+    from which make_record writes a record's requirements.txt)."""
+    versions = []
+    for dist in ("pyppmd", "zpaq", "python-minifier"):
+        with contextlib.suppress(ImportError):
+            versions.append(f" {dist}:{__import__('importlib.metadata').metadata.version(dist)}")
+    return "".join(versions)
+
+
 def compress_all(raw: bytes, names: list[str]) -> dict[str, bytes]:
     """raw compressed by each named codec, in threads (the codecs release the GIL)."""
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
@@ -2507,6 +2598,9 @@ def decompress_stream(codec_id: int, body: bytes, source: str, what: str) -> byt
     if codec_id not in CODECS:
         raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id} ({what})")
     name, _, decompress = CODECS[codec_id]
+    missing = codec_missing(name)
+    if missing is not None:
+        raise DataError(f"{source}: its {what} is compressed with {name}, which is not installed here: {missing}")
     try:
         return decompress(body)
     except Exception as e:  # each codec raises its own types for a damaged stream
@@ -2609,11 +2703,14 @@ def outside_levels(data_len: int, items: list[dict]) -> list[tuple[int, int]]:
     return list(zip(edges[0::2], edges[1::2]))
 
 
-def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None) -> tuple[bytes, list[bytes]]:
+def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None,
+                  codecs: list[str] | None = None) -> tuple[bytes, list[bytes]]:
     """(stream table + compressed streams, the uncompressed streams) of the per-group form: stream 0 is
     the manifest (with each group's role, tensors and layout) and the data outside the grouped levels;
-    then each group's one or two streams. Every stream of every layout is compressed by every codec
-    (one thread pool); each group keeps its smallest layout, each stream its smallest codec."""
+    then each group's one or two streams. Every stream of every layout is compressed by every codec of
+    `codecs` (default: the installed AUTO_CODECS; one thread pool); each group keeps its smallest layout,
+    each stream its smallest codec."""
+    codecs = installed_codecs() if codecs is None else codecs
     groups = level_groups(manifest)
     if log is not None and sort_roles - groups.keys():
         log(f"compression_pergroup sort_roles_absent:{','.join(sorted(sort_roles - groups.keys()))}")
@@ -2629,7 +2726,7 @@ def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=N
     with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
         jobs = {(role, layout, i, codec): pool.submit(CODECS[CODEC_IDS[codec]][1], raw)
                 for role, layouts in candidates.items() for layout, raws in layouts.items()
-                for i, raw in enumerate(raws) for codec in CODEC_IDS}
+                for i, raw in enumerate(raws) for codec in codecs}
         best = {}  # (role, layout, i) -> (codec, body)
         for (role, layout, i, codec), job in jobs.items():
             body = job.result()
@@ -2644,11 +2741,12 @@ def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=N
         streams += [(*best[role, layout, i], raw) for i, raw in enumerate(layouts[layout])]
         if log is not None:
             log(f"compression_group role:{role} tensors:{len(groups[role])} layout:{layout} "
-                + " ".join(f"{k}:{v}" for k, v in sizes.items()))
+                + " ".join(f"{k}:{v}" for k, v in sizes.items())
+                + " codecs:" + ",".join(best[role, layout, i][0] for i in range(len(layouts[layout]))))
     items = [it for its in groups.values() for it in its]
     rest = b"".join(data[a:b] for a, b in outside_levels(len(data), items))
     head = manifest_bytes(dict(manifest, groups=meta, data_bytes=len(data))) + rest
-    codec, body = min(compress_all(head, list(CODEC_IDS)).items(), key=lambda kv: len(kv[1]))
+    codec, body = min(compress_all(head, codecs).items(), key=lambda kv: len(kv[1]))
     streams.insert(0, (codec, body, head))
     table = _STREAM_COUNT.pack(len(streams)) + b"".join(_STREAM_ENTRY.pack(CODEC_IDS[c], len(b)) for c, b, _ in streams)
     return table + b"".join(b for _, b, _ in streams), [raw for *_, raw in streams]
@@ -2718,22 +2816,22 @@ def serialize_artifact(packed: dict[str, dict], config: ModelConfig | None = Non
                        storage: str = Hyperparameters.quant_storage, log=None,
                        sort_roles: frozenset[str] | str = Hyperparameters.pergroup_sort) -> bytes:
     """The artifact: header, then the compressed manifest (with the model config, when given) and tensors.
-    COMPRESSOR zstd, lzma or brotli: one stream; pergroup: the per-group streams; auto: every one of
-    them, the smallest kept and every size logged. The CRC-32 covers the header fields and every
-    uncompressed stream."""
+    COMPRESSOR naming a codec: one stream; pergroup: the per-group streams, each by the smallest
+    installed codec; auto: one stream by each installed codec and the per-group streams, the smallest
+    kept and every size logged. The CRC-32 covers the header fields and every uncompressed stream."""
     manifest, data = encode_payload(packed, storage)
     if config is not None:
         manifest["model"] = dataclasses.asdict(config)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
     options = {}  # name -> (codec id, body, the uncompressed streams)
+    codecs = installed_codecs(log) if compressor in ("auto", "pergroup") else [compressor]
     if compressor != "pergroup":
         payload = manifest_bytes(manifest) + data
-        names = list(CODEC_IDS) if compressor == "auto" else [compressor]
-        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, names).items()})
+        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, codecs).items()})
     if compressor in ("pergroup", "auto"):
         roles = parse_roles(sort_roles) if isinstance(sort_roles, str) else sort_roles
-        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log))
+        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log, codecs))
     best = min(options, key=lambda n: len(options[n][1]))
     if log is not None:
         log(f"compression raw_bytes:{len(data)} " + " ".join(f"{n}:{len(b)}" for n, (_, b, _) in options.items())
@@ -2757,9 +2855,9 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | N
     magic, version, codec_id, shuffle, crc = _ARTIFACT_HEADER.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
         raise DataError(f"{source}: not a train_gpt.py artifact (magic {magic!r})")
-    if version != ARTIFACT_FORMAT_VERSION:
-        raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads format "
-                         f"{ARTIFACT_FORMAT_VERSION}")
+    if version not in READ_FORMAT_VERSIONS:
+        raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads formats "
+                         f"{', '.join(map(str, READ_FORMAT_VERSIONS))}")
     if (codec_id not in CODECS and codec_id != PERGROUP_ID) or shuffle not in (0, 1):
         raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
     body = blob[_ARTIFACT_HEADER.size:]
@@ -2785,36 +2883,101 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 # ---- the shipped code ------------------------------------------------------------------------------
-# A record ships this file as a two-line wrapper that decompresses (brotli, base85) and execs it
-# (scripts/compact_train_gpt.py; tests/test_compact.py). bytes_code is always that shipped size, whichever
-# form ran: the log, the fitter and the record folder count one number.
+# A record ships this file as a four-line compact file (scripts/compact_train_gpt.py): a coding line, the
+# sha256 of this readable source, and a line that decompresses the program (ZPAQ) and execs it under the
+# name train_gpt.py. The program is this source minified by python-minifier: docstrings, annotations
+# outside classes and long local and global names go, nothing else changes (tests/test_compact.py runs a
+# pipeline from both files and compares them byte for byte). The compressed bytes sit in a latin-1
+# string literal (1.2% longer than the bytes, base85: 25%). bytes_code is always that shipped size,
+# whichever form ran: the log, the fitter and the record folder count one number.
 
-COMPACT_BROTLI_QUALITY, COMPACT_BROTLI_WINDOW_BITS = 11, 24  # the largest window: the source is one context
-COMPACT_WRAPPER = ('import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("{blob}")),'
-                   '"train_gpt.py","exec"))\n')
-_COMPACT_RE = re.compile(re.escape(COMPACT_WRAPPER).replace(re.escape("{blob}"), '([^"]*)'))
+# Measured smallest (docs/quantization.md, "Code bytes"); Muon keeps its name, which the log prints.
+COMPACT_MINIFY = {"remove_literal_statements": True, "rename_globals": True, "hoist_literals": False,
+                  "preserve_globals": ["Muon"]}
+MINIFIER_NEEDS = ("python_minifier", "pip install python-minifier")
+COMPACT_WRAPPER = ('#coding:latin1\n#train_gpt.py sha256:{sha}\nimport zpaq\n'
+                   'exec(compile(zpaq.decompress("""{blob}""".encode("latin1")),"train_gpt.py","exec"))\n')
+_COMPACT_RE = re.compile(re.escape(COMPACT_WRAPPER).replace(re.escape("{sha}"), "([0-9a-f]{64})")
+                         .replace(re.escape("{blob}"), "(.*)"), re.S)
+_LITERAL_ESCAPE = re.compile(r'\\(000|0|r|\\|")')
+_LITERAL_CHAR = {"000": "\0", "0": "\0", "r": "\r", "\\": "\\", '"': '"'}
 
 
-def compact_code(source: bytes) -> str:
-    blob = brotli.compress(source, quality=COMPACT_BROTLI_QUALITY, lgwin=COMPACT_BROTLI_WINDOW_BITS)
-    return COMPACT_WRAPPER.format(blob=base64.b85encode(blob).decode("ascii"))  # base85 has no quote or backslash
+def latin1_literal(blob: bytes) -> str:
+    """blob as the inside of a triple-quoted literal in a latin-1 file: every byte is the character of
+    the same number, except the four that Python would read otherwise, escaped: NUL (refused in a
+    source file), CR (read as a newline), the backslash, and a quote that is followed by a quote or ends
+    the blob (it could close the literal)."""
+    out = []
+    for i, c in enumerate(blob):
+        after = blob[i + 1] if i + 1 < len(blob) else -1
+        if c == 0:  # before an octal digit, \0 would read as a longer octal escape
+            out.append("\\000" if 48 <= after <= 55 else "\\0")
+        elif c == 13:
+            out.append("\\r")
+        elif c == 92:
+            out.append("\\\\")
+        elif c == 34 and after in (-1, 34):
+            out.append('\\"')
+        else:
+            out.append(chr(c))
+    return "".join(out)
+
+
+def latin1_blob(literal: str) -> bytes:
+    """Inverse of latin1_literal."""
+    return _LITERAL_ESCAPE.sub(lambda m: _LITERAL_CHAR[m[1]], literal).encode("latin-1")
+
+
+def minify_code(source: str) -> str:
+    return optional_module(*MINIFIER_NEEDS).minify(source, **COMPACT_MINIFY)
+
+
+@functools.lru_cache(maxsize=8)  # every run counts its own code: a process running many pays once
+def compact_code(source: bytes) -> bytes:
+    """The compact file of a readable train_gpt.py, as bytes (latin-1). ImportError naming the package
+    when python-minifier or zpaq is missing."""
+    blob = optional_module(*CODEC_NEEDS["zpaq"]).compress(minify_code(source.decode("utf-8")).encode("utf-8"),
+                                                           level=ZPAQ_LEVEL)
+    return COMPACT_WRAPPER.format(sha=hashlib.sha256(source).hexdigest(), blob=latin1_literal(blob)).encode("latin-1")
+
+
+def compact_program(data: bytes) -> tuple[str, str] | None:
+    """(the readable source's sha256, the program) a compact file holds; None if data is not one."""
+    match = _COMPACT_RE.fullmatch(data.decode("latin-1"))
+    if match is None:
+        return None
+    return match[1], optional_module(*CODEC_NEEDS["zpaq"]).decompress(latin1_blob(match[2])).decode("utf-8")
+
+
+def code_bound(source: bytes) -> int:
+    """An upper bound of the compact file's size without python-minifier or zpaq: the older compact form
+    (brotli and base85 of the unminified source, and its wrapper), 2.5x the compact file's size here."""
+    return len(base64.b85encode(brotli.compress(source, quality=11, lgwin=24))) + 100
 
 
 @dataclass(frozen=True)
 class CodeForm:
-    """The code that runs: its readable source (embedded in the log) and the bytes it ships as."""
-    source: str
+    """The code that runs and the bytes it ships as."""
+    source: str  # the code that ran, embedded in the log: the readable source or a compact file's program
     form: str  # "readable" or "compact": which file ran
-    bytes_code: int  # the compact wrapper's size: what a record folder ships and the cap counts
+    bytes_code: int  # the compact file's size: what a record folder ships and the cap counts
+    source_sha256: str  # of the readable source (a compact file names it): the code a checkpoint resumes with
+    bound_because: str = ""  # why bytes_code is only an upper bound; "" when it is the shipped size
 
 
-def code_form(text: str) -> CodeForm:
-    """The compact wrapper counts as itself, a readable file as the wrapper it would ship as."""
-    match = _COMPACT_RE.fullmatch(text)
-    if match:
-        source = brotli.decompress(base64.b85decode(match[1])).decode("utf-8")
-        return CodeForm(source, "compact", len(text.encode("utf-8")))
-    return CodeForm(text, "readable", len(compact_code(text.encode("utf-8"))))
+def code_form(data: bytes | str) -> CodeForm:
+    """A compact file counts as itself, a readable file as the compact file it would ship as; without
+    the tools that make the compact file, as an upper bound of it (code_bound), saying why."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    compact = compact_program(data)
+    if compact is not None:
+        return CodeForm(compact[1], "compact", len(data), compact[0])
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return CodeForm(data.decode("utf-8"), "readable", len(compact_code(data)), sha)
+    except ImportError as e:
+        return CodeForm(data.decode("utf-8"), "readable", code_bound(data), sha, str(e))
 
 
 def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None) -> None:
@@ -4092,7 +4255,7 @@ def read_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict, dict]:
 RESUME_FREE_SETTINGS = ("resume_from", "cpu_threads")
 
 
-def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_size: int) -> Hyperparameters:
+def resumed_hparams(h: Hyperparameters, env, shared: dict, source_sha256: str, world_size: int) -> Hyperparameters:
     """The checkpoint's settings; a setting the environment gives another value, other code or another
     number of processes would not continue the same run, and is refused."""
     saved = shared["hparams"]
@@ -4102,7 +4265,7 @@ def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_si
     if differ:
         raise SettingError(f"RESUME_FROM={h.resume_from}: the checkpoint's run has other settings: "
                           f"{', '.join(differ)}; unset them (the checkpoint's are used)")
-    if shared["code_sha256"] != hashlib.sha256(source.encode("utf-8")).hexdigest():
+    if shared["code_sha256"] != source_sha256:  # of the readable source: either form of one code resumes
         raise SettingError(f"RESUME_FROM={h.resume_from}: train_gpt.py changed since the checkpoint was written; "
                           f"a run resumes with its own code")
     if shared["world_size"] != world_size:
@@ -4305,7 +4468,8 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
         f"activations:{activations} ns_dtype:{rt.ns_dtype} cpu_threads:{torch.get_num_threads()} "
         f"cpu_threads_from:{rt.threads_from}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
+        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}"
+        + optional_versions())
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)
     log("env " + " ".join(f"{k}:{env[k]}" for k in sorted(names) if k in env))
     if rt.device.type == "cuda":
@@ -4455,10 +4619,10 @@ def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) ->
 
 def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = None, export_hook=None) -> None:
     interrupts = interrupts or Interrupts(verbose=False)
-    code = code_form(Path(__file__).read_text(encoding="utf-8"))  # the readable source, whichever form ran
+    code = code_form(Path(__file__).read_bytes())  # the code that ran and its shipped size, whichever form ran
     resume = read_checkpoint(h.resume_from, rt.rank) if h.resume_from else None
     if resume is not None:
-        h = resumed_hparams(h, env, resume[0], code.source, rt.world_size)
+        h = resumed_hparams(h, env, resume[0], code.source_sha256, rt.world_size)
     h = shared_run_id(h, rt)
     out_dir = Path(h.out_dir)
     log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None, resume[0]["log"] if resume else "")
@@ -4470,7 +4634,11 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     else:  # the log so far came with the checkpoint: it goes on as one run's log, saying where it resumed
         log(f"resume from:{h.resume_from} step:{resume[0]['step']} train_time:{resume[0]['train_ms']:.0f}ms "
             f"signal:{resume[0]['signal']} world_size:{rt.world_size} cpu_threads:{torch.get_num_threads()}")
-    log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))}")
+    log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))} "
+        f"source_sha256:{code.source_sha256}")
+    if code.bound_because:
+        log(f"warning: bytes_code:{code.bytes_code} is an upper bound of the shipped train_gpt.py, which this "
+            f"machine cannot make ({code.bound_because}): the byte target leaves the model fewer bytes than it could")
     seed_everything(h.seed)
 
     sp = load_tokenizer(h.tokenizer_path)
@@ -4502,8 +4670,7 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     prime_kernels(model, optimizers, base, h, rt, log)
     if resume is None:  # a resumed run's settings already hold the reserve its first start measured
         h = measure_gptq_reserve(base, plan, h, rt, log)
-    control = RunControl(interrupts, checkpoint_path(h), hashlib.sha256(code.source.encode("utf-8")).hexdigest(),
-                         log.path, resume)
+    control = RunControl(interrupts, checkpoint_path(h), code.source_sha256, log.path, resume)
     result = train(model, optimizers, base, eval_fn, h, rt, log, control)
     log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
         f"train_time:{result.train_ms:.0f}ms")

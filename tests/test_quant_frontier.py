@@ -290,8 +290,8 @@ def test_each_group_keeps_its_smallest_layout():
     q[1::2] = torch.randint(-20, 21, (1, q.size(1)), dtype=torch.int8)
     logged = []
     tg.serialize_artifact(packed, compressor="pergroup", log=logged.append, sort_roles="mlp.fc.weight")
-    lines = {m[1]: m for m in (re.fullmatch(r"compression_group role:(\S+) tensors:(\d+) layout:(\w+) (.*)", x)
-                               for x in logged) if m}
+    lines = {m[1]: m for m in (re.fullmatch(r"compression_group role:(\S+) tensors:(\d+) layout:(\w+) (.*) codecs:\S+",
+                                            x) for x in logged) if m}
     assert set(lines) == {"attn.c_q.weight", "mlp.fc.weight", "tok_emb.weight"}
     for role, m in lines.items():
         sizes = {k: int(v) for k, v in (kv.split(":") for kv in m[4].split())}

@@ -90,18 +90,18 @@ def test_resume_refuses_other_settings_other_code_and_other_world_sizes(tiny_dat
             tg.main(env)
     ckpt = tmp_path / "cut.ckpt"
     shared, _ = tg.read_checkpoint(ckpt)
-    source = (ROOT / "train_gpt.py").read_text()
+    code = tg.code_form((ROOT / "train_gpt.py").read_bytes()).source_sha256  # either form's: the readable's
     resumed = dict(env, RESUME_FROM=str(ckpt), CPU_THREADS="1")  # the threads may change
-    h = tg.resumed_hparams(tg.Hyperparameters.from_env(resumed), resumed, shared, source, 1)
+    h = tg.resumed_hparams(tg.Hyperparameters.from_env(resumed), resumed, shared, code, 1)
     assert (h.iterations, h.run_id, h.resume_from, h.cpu_threads) == (6, "cut", str(ckpt), 1)
     other = dict(resumed, MODEL_DIM="64", SEED="7")
     with pytest.raises(ValueError, match="the checkpoint's run has other settings") as err:
-        tg.resumed_hparams(tg.Hyperparameters.from_env(other), other, shared, source, 1)
+        tg.resumed_hparams(tg.Hyperparameters.from_env(other), other, shared, code, 1)
     assert "MODEL_DIM=64 (the run: 32)" in str(err.value) and "SEED=7 (the run: 1337)" in str(err.value)
     with pytest.raises(ValueError, match="train_gpt.py changed since the checkpoint was written"):
-        tg.resumed_hparams(tg.Hyperparameters.from_env(resumed), resumed, shared, source + "#", 1)
+        tg.resumed_hparams(tg.Hyperparameters.from_env(resumed), resumed, shared, code[::-1], 1)
     with pytest.raises(ValueError, match="the run had 1 processes, this one 2: resume with --nproc_per_node=1"):
-        tg.resumed_hparams(tg.Hyperparameters.from_env(resumed), resumed, shared, source, 2)
+        tg.resumed_hparams(tg.Hyperparameters.from_env(resumed), resumed, shared, code, 2)
     with pytest.raises(ValueError, match=r"RESUME_FROM=.*nope: not a checkpoint \(shared.pt is missing\)"):
         tg.read_checkpoint(tmp_path / "nope")
 

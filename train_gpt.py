@@ -58,6 +58,7 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------------
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal cap on code bytes + compressed model bytes
+COMPRESSORS = ("auto", "pergroup", "zstd", "lzma", "brotli", "zpaq", "lrzip")  # the last five: CODECS
 # The global batch is always cut into this many micro-batches, spread over the ranks, so that a step
 # computes the same thing on 1, 2, 4 or 8 processes (each process accumulates 8 / world_size of them).
 MICRO_BATCHES_PER_STEP = 8
@@ -260,8 +261,7 @@ class Hyperparameters(ModelConfig):
     quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 7, 8 or 16); later ones win
     quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
-    # auto: the smallest of one stream and per-group streams over every installed codec of AUTO_CODECS
-    compressor: str = _hp("auto", choices=("auto", "pergroup", "zstd", "lzma", "brotli", "ppmd", "zpaq", "lrzip"))
+    compressor: str = _hp("auto", choices=COMPRESSORS)  # auto: the smallest of one stream and per group, any codec
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
     pergroup_sort: str = _hp("tok_emb.weight,attn.c_q.weight,mlp.fc.weight")  # roles whose rows are sorted
     gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)
@@ -1704,26 +1704,26 @@ GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
 DEMOTE_TO = {8: 7, 7: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
 ARTIFACT_FORMAT_VERSION = 5  # 3: the CRC covers the header fields, the manifest records the model config;
-# 4: LQER factors, per-group streams; 5: codec ids 4-6 (PPMd, ZPAQ, lrzip)
+# 4: LQER factors, per-group streams; 5: codec ids 4 (ZPAQ) and 5 (lrzip)
 READ_FORMAT_VERSIONS = (4, 5)  # 4 is 5 without the new codecs: it loads unchanged
-ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
-PPMD_ORDER, PPMD_MEMORY_MB, ZPAQ_LEVEL = 3, 64, 5  # measured: docs/quantization.md, "Codecs"
+ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY, ZPAQ_LEVEL = 22, 9, 11, 5
 CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header (and per stream)
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
         lambda b: zstandard.ZstdDecompressor().decompress(b)),
     2: ("lzma", lambda b: lzma.compress(b, preset=LZMA_PRESET), lzma.decompress),
     3: ("brotli", lambda b: brotli.compress(b, quality=BROTLI_QUALITY), brotli.decompress),
-    4: ("ppmd", lambda b: ppmd_compress(b), lambda b: ppmd_decompress(b)),  # (defined with the storage code)
-    5: ("zpaq", lambda b: optional_module(*CODEC_NEEDS["zpaq"]).compress(b, level=ZPAQ_LEVEL),
+    4: ("zpaq", lambda b: optional_module(*CODEC_NEEDS["zpaq"]).compress(b, level=ZPAQ_LEVEL),
         lambda b: optional_module(*CODEC_NEEDS["zpaq"]).decompress(b)),
-    6: ("lrzip", lambda b: lrzip_run(b, "-z", "-L", "9"), lambda b: lrzip_run(b, "-d")),
+    # -T: without it lrzip stores a stream that fails its LZ4 test (every int6 group here) uncompressed
+    5: ("lrzip", lambda b: lrzip_run(b, "-z", "-L", "9", "-T"), lambda b: lrzip_run(b, "-d")),
 }
 CODEC_IDS = {name: cid for cid, (name, _, _) in CODECS.items()}
 # What a codec needs besides this file's imports: a package from requirements.txt, or (lrzip, the
-# record's ZPAQ back end) a program that COMPRESSOR=auto never requires.
-CODEC_NEEDS = {"ppmd": ("pyppmd", "pip install pyppmd"), "zpaq": ("zpaq", "pip install zpaq"),
-               "lrzip": ("lrzip", "apt-get install lrzip")}
-AUTO_CODECS = ("zstd", "lzma", "brotli", "ppmd", "zpaq")  # what auto and pergroup try, if installed
+# April record's ZPAQ back end, measured no better than auto here) a program only COMPRESSOR=lrzip uses.
+CODEC_NEEDS = {"zpaq": ("zpaq", "pip install zpaq"), "lrzip": ("lrzip", "apt-get install lrzip")}
+# COMPRESSOR=auto and pergroup: the fast codecs on every stream of every layout, then the slow ones
+# (context mixing, 0.2-1 MB/s each way) on each group's chosen layout only (docs/quantization.md, "Codecs").
+FAST_CODECS, SLOW_CODECS = ("zstd", "lzma", "brotli"), ("zpaq",)
 # Header: magic, format version, codec id, byte shuffle (0/1), then a CRC-32 of those fields and the
 # decompressed payload together (brotli has no checksum of its own, a flipped bit must not load as
 # slightly different weights, and a flipped shuffle flag must not load as scrambled ones).
@@ -2534,36 +2534,16 @@ def codec_missing(name: str) -> str | None:
     return None
 
 
-def installed_codecs(log=None) -> list[str]:
-    """The AUTO_CODECS that run here (COMPRESSOR=auto and pergroup try these); each missing one logged."""
-    names = []
-    for name in AUTO_CODECS:
+def usable_codecs(names, log=None) -> list[str]:
+    """Those of `names` that run here; each missing one logged."""
+    usable = []
+    for name in names:
         missing = codec_missing(name)
         if missing is None:
-            names.append(name)
+            usable.append(name)
         elif log is not None:
             log(f"compression codec_missing:{name} install:'{missing}' (auto goes on without it)")
-    return names
-
-
-_PPMD_LENGTH = struct.Struct("<I")
-
-
-def ppmd_compress(b: bytes) -> bytes:
-    """PPMd variant H (7-Zip's), after the raw length, which its decoder needs (pyppmd's variant I marks
-    the end itself, but failed to decode some level streams here)."""
-    encoder = optional_module(*CODEC_NEEDS["ppmd"]).Ppmd7Encoder(PPMD_ORDER, PPMD_MEMORY_MB << 20)
-    chunks = [encoder.encode(b[i:i + (1 << 16)]) for i in range(0, len(b), 1 << 16)]
-    return _PPMD_LENGTH.pack(len(b)) + b"".join(chunks) + encoder.flush()
-
-
-def ppmd_decompress(b: bytes) -> bytes:
-    (size,) = _PPMD_LENGTH.unpack_from(b)
-    decoder = optional_module(*CODEC_NEEDS["ppmd"]).Ppmd7Decoder(PPMD_ORDER, PPMD_MEMORY_MB << 20)
-    out = decoder.decode(b[_PPMD_LENGTH.size:], size)
-    if len(out) != size:
-        raise ValueError(f"PPMd stream decodes to {len(out)} bytes, not {size}")
-    return out
+    return usable
 
 
 def lrzip_run(data: bytes, *flags: str) -> bytes:
@@ -2579,10 +2559,10 @@ def lrzip_run(data: bytes, *flags: str) -> bytes:
 
 
 def optional_versions() -> str:
-    """" pyppmd:1.3.1 zpaq:0.3.7 ..." for the optional packages installed here (the log's versions line,
+    """" zpaq:0.3.7 python-minifier:3.4.0" for the optional packages installed here (the log's versions line,
     from which make_record writes a record's requirements.txt)."""
     versions = []
-    for dist in ("pyppmd", "zpaq", "python-minifier"):
+    for dist in ("zpaq", "python-minifier"):
         with contextlib.suppress(ImportError):
             versions.append(f" {dist}:{__import__('importlib.metadata').metadata.version(dist)}")
     return "".join(versions)
@@ -2704,13 +2684,15 @@ def outside_levels(data_len: int, items: list[dict]) -> list[tuple[int, int]]:
 
 
 def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None,
-                  codecs: list[str] | None = None) -> tuple[bytes, list[bytes]]:
+                  fast: list[str] | None = None, slow: list[str] | None = None) -> tuple[bytes, list[bytes]]:
     """(stream table + compressed streams, the uncompressed streams) of the per-group form: stream 0 is
     the manifest (with each group's role, tensors and layout) and the data outside the grouped levels;
-    then each group's one or two streams. Every stream of every layout is compressed by every codec of
-    `codecs` (default: the installed AUTO_CODECS; one thread pool); each group keeps its smallest layout,
-    each stream its smallest codec."""
-    codecs = installed_codecs() if codecs is None else codecs
+    then each group's one or two streams. Every stream of every layout goes through every `fast` codec
+    and each group keeps its smallest layout; then that layout's streams and stream 0 also go through
+    the `slow` codecs (default: FAST_CODECS and the SLOW_CODECS installed here), and each stream keeps
+    its smallest codec. One thread pool: the codecs release the GIL."""
+    fast = list(FAST_CODECS) if fast is None else fast
+    slow = usable_codecs(SLOW_CODECS) if slow is None else slow
     groups = level_groups(manifest)
     if log is not None and sort_roles - groups.keys():
         log(f"compression_pergroup sort_roles_absent:{','.join(sorted(sort_roles - groups.keys()))}")
@@ -2723,30 +2705,39 @@ def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=N
             candidates[role] = group_layouts(levels, sortable)
         else:  # bit-packed levels: kept as they are
             candidates[role] = {"rows": [b"".join(data[a:a + n] for a, n in (it["parts"]["q"] for it in items))]}
-    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        jobs = {(role, layout, i, codec): pool.submit(CODECS[CODEC_IDS[codec]][1], raw)
-                for role, layouts in candidates.items() for layout, raws in layouts.items()
-                for i, raw in enumerate(raws) for codec in codecs}
-        best = {}  # (role, layout, i) -> (codec, body)
-        for (role, layout, i, codec), job in jobs.items():
+    best = {}  # (role, layout, i) -> (codec, body)
+
+    def compress_into_best(pool, jobs: dict) -> None:
+        futures = {key: pool.submit(CODECS[CODEC_IDS[key[-1]]][1], raw) for key, raw in jobs.items()}
+        for (role, layout, i, codec), job in futures.items():
             body = job.result()
             if (role, layout, i) not in best or len(body) < len(best[role, layout, i][1]):
                 best[role, layout, i] = (codec, body)
+
+    chosen = {}
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        compress_into_best(pool, {(role, layout, i, codec): raw for role, layouts in candidates.items()
+                                  for layout, raws in layouts.items() for i, raw in enumerate(raws) for codec in fast})
+        for role, layouts in candidates.items():
+            sizes = {layout: sum(len(best[role, layout, i][1]) for i in range(len(raws)))
+                     for layout, raws in layouts.items()}
+            chosen[role] = (min(sizes, key=sizes.get), sizes)
+        compress_into_best(pool, {(role, chosen[role][0], i, codec): raw for role, layouts in candidates.items()
+                                  for i, raw in enumerate(layouts[chosen[role][0]]) for codec in slow})
     meta, streams = [], []
     for role, layouts in candidates.items():
-        sizes = {layout: sum(len(best[role, layout, i][1]) for i in range(len(raws)))
-                 for layout, raws in layouts.items()}
-        layout = min(sizes, key=sizes.get)
+        layout, sizes = chosen[role]
         meta.append({"role": role, "tensors": [it["name"] for it in groups[role]], "layout": layout})
         streams += [(*best[role, layout, i], raw) for i, raw in enumerate(layouts[layout])]
         if log is not None:
             log(f"compression_group role:{role} tensors:{len(groups[role])} layout:{layout} "
-                + " ".join(f"{k}:{v}" for k, v in sizes.items())
-                + " codecs:" + ",".join(best[role, layout, i][0] for i in range(len(layouts[layout]))))
+                + " ".join(f"{k}:{v}" for k, v in sizes.items()) + " codecs:"
+                + ",".join(f"{best[role, layout, i][0]}:{len(best[role, layout, i][1])}"
+                           for i in range(len(layouts[layout]))))
     items = [it for its in groups.values() for it in its]
     rest = b"".join(data[a:b] for a, b in outside_levels(len(data), items))
     head = manifest_bytes(dict(manifest, groups=meta, data_bytes=len(data))) + rest
-    codec, body = min(compress_all(head, codecs).items(), key=lambda kv: len(kv[1]))
+    codec, body = min(compress_all(head, fast + slow).items(), key=lambda kv: len(kv[1]))
     streams.insert(0, (codec, body, head))
     table = _STREAM_COUNT.pack(len(streams)) + b"".join(_STREAM_ENTRY.pack(CODEC_IDS[c], len(b)) for c, b, _ in streams)
     return table + b"".join(b for _, b, _ in streams), [raw for *_, raw in streams]
@@ -2816,22 +2807,23 @@ def serialize_artifact(packed: dict[str, dict], config: ModelConfig | None = Non
                        storage: str = Hyperparameters.quant_storage, log=None,
                        sort_roles: frozenset[str] | str = Hyperparameters.pergroup_sort) -> bytes:
     """The artifact: header, then the compressed manifest (with the model config, when given) and tensors.
-    COMPRESSOR naming a codec: one stream; pergroup: the per-group streams, each by the smallest
-    installed codec; auto: one stream by each installed codec and the per-group streams, the smallest
-    kept and every size logged. The CRC-32 covers the header fields and every uncompressed stream."""
+    COMPRESSOR naming a codec: one stream; pergroup: the per-group streams (pergroup_body), with zpaq
+    where it is installed; auto: those and one stream by each fast codec, the smallest kept and every
+    size logged. The CRC-32 covers the header fields and every uncompressed stream."""
     manifest, data = encode_payload(packed, storage)
     if config is not None:
         manifest["model"] = dataclasses.asdict(config)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
     options = {}  # name -> (codec id, body, the uncompressed streams)
-    codecs = installed_codecs(log) if compressor in ("auto", "pergroup") else [compressor]
-    if compressor != "pergroup":
+    single = {"auto": list(FAST_CODECS), "pergroup": []}.get(compressor, [compressor])
+    if single:
         payload = manifest_bytes(manifest) + data
-        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, codecs).items()})
-    if compressor in ("pergroup", "auto"):
+        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, single).items()})
+    if compressor in ("auto", "pergroup"):
         roles = parse_roles(sort_roles) if isinstance(sort_roles, str) else sort_roles
-        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log, codecs))
+        slow = usable_codecs(SLOW_CODECS, log)
+        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log, list(FAST_CODECS), slow))
     best = min(options, key=lambda n: len(options[n][1]))
     if log is not None:
         log(f"compression raw_bytes:{len(data)} " + " ".join(f"{n}:{len(b)}" for n, (_, b, _) in options.items())

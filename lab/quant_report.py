@@ -10,6 +10,7 @@ bytes per compressor, byte shuffle and storage, and the speed of the 6-bit packi
     python3 lab/quant_report.py frontier DIR/float.pt        # SDClip, int7, LQER, per-group: bpb, bytes
     python3 lab/quant_report.py sizes --frontier             # their bytes on the default 27 M model
     python3 lab/quant_report.py codecs --checkpoint DIR/float.pt  # per-group bytes and seconds per codec
+    python3 lab/quant_report.py code-bytes                   # the shipped code: minifier, codec, embedding
     PRESET=april python3 lab/quant_report.py sizes --frontier  # ... on the April model (36 M)
 
 `train` runs train_gpt.main() unchanged (model and data come from the usual variables: DATA_PATH,
@@ -329,9 +330,8 @@ def codecs_report(checkpoint: Path | None, codecs: list[str]) -> None:
     """Per-group compression codec by codec, on a checkpoint quantized like its run (or the default model
     at random init): for every group (and the stream of everything else) its bytes, compression and
     decompression seconds under each codec (best layout for that codec; one thread, one stream at a
-    time), then the artifact's model bytes under each choice: one stream per codec, per-group streams all
-    in one codec, and per-group with the smallest codec per stream (COMPRESSOR=auto's choice among
-    AUTO_CODECS, and with lrzip added)."""
+    time), then the model bytes under each choice: one stream per codec, per-group streams all in one
+    codec, and COMPRESSOR=auto as a run does it (threads), with and without zpaq."""
     if checkpoint is None:
         state, h, _ = random_default_state()
         hessians, fp16_names, what = {}, build_model(h).fp16_param_names(), "random init"
@@ -410,14 +410,69 @@ def codecs_report(checkpoint: Path | None, codecs: list[str]) -> None:
         return int(size), tc, td
 
     rows += [(f"per-group, {c} only", *pergroup([c])) for c in codecs]
-    auto = [c for c in codecs if c in tg.AUTO_CODECS]
-    rows.append((f"per-group, smallest of {', '.join(auto)} (auto)", *pergroup(auto)))
     if "lrzip" in codecs:
         rows.append((f"per-group, smallest of {', '.join(codecs)}", *pergroup(codecs)))
+    for label, hide in (("COMPRESSOR=auto (zstd, lzma, brotli; zpaq on the chosen layouts)", False),
+                        ("COMPRESSOR=auto without zpaq (before this change)", True)):
+        saved = sys.modules.get("zpaq")
+        if hide:
+            sys.modules["zpaq"] = None  # import fails: auto goes on without it
+        try:
+            blob, tc = timed(lambda: tg.serialize_artifact(packed, compressor="auto", shuffle=h.byte_shuffle,
+                                                           storage=h.quant_storage, sort_roles=h.pergroup_sort))
+            _, td = timed(tg.deserialize_artifact, blob)
+        finally:
+            sys.modules["zpaq"] = saved
+        rows.append((label + ", threads", len(blob) - tg._ARTIFACT_HEADER.size, tc, td))
     for label, size, tc, td in rows:
         print(f"| {label} | {size:,} | {size - base:+,} ({(size - base) / base:+.1%}) | {tc:.1f} | {td:.1f} |")
     print("(per-group rows: the groups' compressed streams plus the stream of everything else, without the "
-          "stream table; seconds: one thread, summed over the streams)")
+          "stream table; seconds: one thread, summed over the streams; auto rows: the artifact less its header, "
+          "wall seconds with the run's threads)")
+
+
+# python-minifier settings compared for the shipped code (COMPACT_MINIFY is the smallest)
+MINIFY_VARIANTS = {
+    "none (the source as it is)": None,
+    "python-minifier defaults": {},
+    "+ remove docstrings (remove_literal_statements)": {"remove_literal_statements": True},
+    "+ no literal hoisting": {"remove_literal_statements": True, "hoist_literals": False},
+    "+ rename globals": {"remove_literal_statements": True, "rename_globals": True},
+    "+ rename globals, no hoisting (Muon kept: COMPACT_MINIFY)": tg.COMPACT_MINIFY,
+}
+
+
+def code_bytes_report(path: Path) -> None:
+    """The shipped code's bytes by minifier setting and codec, and by how the compressed bytes sit in a
+    Python file (base85 text, or the latin-1 literal that compact_code writes)."""
+    import base64
+    import lzma
+
+    import brotli
+    import zpaq
+    source = path.read_text(encoding="utf-8")
+    print(f"{path}: {len(source.encode()):,} bytes, compact file {len(tg.compact_code(source.encode())):,} bytes")
+    raw_lzma = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0,
+                 "nice_len": 273}]
+    codecs = {"brotli q11 w24": lambda b: brotli.compress(b, quality=11, lgwin=24),
+              "lzma 9e": lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME),
+              "lzma raw lc3 lp0 pb0": lambda b: lzma.compress(b, format=lzma.FORMAT_RAW, filters=raw_lzma),
+              "zstd 22": tg.CODECS[tg.CODEC_IDS["zstd"]][1],
+              "ZPAQ 4": lambda b: zpaq.compress(b, level=4), "ZPAQ 5": lambda b: zpaq.compress(b, level=5)}
+    print(f"| minifier | program bytes | {' | '.join(codecs)} |\n|---|---|{'---|' * len(codecs)}")
+    chosen = b""
+    for label, options in MINIFY_VARIANTS.items():
+        program = (source if options is None else tg.optional_module(*tg.MINIFIER_NEEDS).minify(source, **options))
+        program = program.encode("utf-8")
+        print(f"| {label} | {len(program):,} | " + " | ".join(f"{len(c(program)):,}" for c in codecs.values()) + " |",
+              flush=True)
+        chosen = program
+    blob = zpaq.compress(chosen, level=tg.ZPAQ_LEVEL)
+    latin1 = len(tg.latin1_literal(blob).encode("latin-1"))
+    print(f"\nembedding {len(blob):,} compressed bytes: base85 {len(base64.b85encode(blob)):,} "
+          f"(+{len(base64.b85encode(blob)) / len(blob) - 1:.1%}), latin-1 literal {latin1:,} "
+          f"(+{latin1 / len(blob) - 1:.1%}); the wrapper's own lines: "
+          f"{len(tg.COMPACT_WRAPPER.format(sha='0' * 64, blob='').encode())} bytes")
 
 
 def main() -> None:
@@ -444,8 +499,12 @@ def main() -> None:
     codec.add_argument("--checkpoint", type=Path, help="default: the default model at random init")
     codec.add_argument("--codec", action="append", default=[],
                        help="codecs to measure (default: every installed one, lrzip too)")
+    code = sub.add_parser("code-bytes", help="the shipped code's bytes by minifier setting, codec and embedding")
+    code.add_argument("source", type=Path, nargs="?", default=Path(tg.__file__))
     args = parser.parse_args()
-    if args.command == "codecs":
+    if args.command == "code-bytes":
+        code_bytes_report(args.source)
+    elif args.command == "codecs":
         codecs_report(args.checkpoint, args.codec or [c for c in tg.CODEC_IDS if tg.codec_missing(c) is None])
     elif args.command == "pack-bench":
         pack_bench(args.values)

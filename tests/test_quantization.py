@@ -264,11 +264,10 @@ def assert_same_packed(a, b):
 
 
 LRZIP = pytest.mark.skipif(tg.codec_missing("lrzip") is not None, reason="the lrzip program is not installed")
-SLOW_CODECS = ("ppmd", "zpaq", "lrzip")  # context models: 0.1-1 MB/s, so one combination each
+SLOW_CODECS = ("zpaq", "lrzip")  # context mixing: 0.2-1 MB/s, so one combination each
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "lzma", "brotli", "ppmd", "zpaq",
-                                        pytest.param("lrzip", marks=LRZIP)])
+@pytest.mark.parametrize("compressor", ["zstd", "lzma", "brotli", "zpaq", pytest.param("lrzip", marks=LRZIP)])
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("storage", ["byte", "packed6"])
 def test_every_codec_and_storage_round_trips(compressor, shuffle, storage):
@@ -305,9 +304,7 @@ def test_auto_keeps_the_smallest_codec():
     packed = little_model()
     logged = []
     auto = tg.serialize_artifact(packed, compressor="auto", log=logged.append)
-    codecs = tg.installed_codecs()
-    assert codecs == list(tg.AUTO_CODECS)  # requirements.txt installs every one
-    sizes = {c: len(tg.serialize_artifact(packed, compressor=c)) for c in [*codecs, "pergroup"]}
+    sizes = {c: len(tg.serialize_artifact(packed, compressor=c)) for c in [*tg.FAST_CODECS, "pergroup"]}
     assert len(auto) == min(sizes.values())
     best = min(sizes, key=sizes.get)
     assert auto[6] == (tg.PERGROUP_ID if best == "pergroup" else tg.CODEC_IDS[best])
@@ -330,7 +327,7 @@ def test_a_missing_codec_is_named_when_loading_when_starting_and_skipped_by_auto
     logged = []
     blob = tg.serialize_artifact(little_model(), compressor="auto", log=logged.append)
     assert "compression codec_missing:zpaq install:'pip install zpaq' (auto goes on without it)" in logged
-    assert " zpaq:" not in next(x for x in logged if x.startswith("compression raw_bytes"))
+    assert not any("zpaq:" in x for x in logged if x.startswith("compression"))
     assert_same_packed(tg.deserialize_artifact(blob)[1], little_model())
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, tiny_env
+from conftest import cpu_runtime, ROOT, tiny_env
 
 TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) lr_mult:(\S+)", re.M)
 VAL = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+)", re.M)
@@ -129,11 +129,11 @@ def test_a_stop_after_training_says_what_was_kept(tiny_data, tmp_path, monkeypat
 @pytest.mark.parametrize("kind", ["coprime", "sequential"])
 def test_the_data_loader_continues_where_it_stopped(tiny_data, kind):
     h = tg.Hyperparameters.from_env(tiny_env(tiny_data, tiny_data["output_dir"], TRAIN_LOADER=kind))
-    a = tg.make_train_loader(h, 0, 1, torch.device("cpu"))
+    a = tg.make_train_loader(h, cpu_runtime())
     for _ in range(7):  # more than one pass of the coprime order over the tiny shards
         a.next_batch(h.train_batch_tokens, h.train_seq_len)
     state = a.state_dict()
-    b = tg.make_train_loader(h, 0, 1, torch.device("cpu"))
+    b = tg.make_train_loader(h, cpu_runtime())
     b.load_state_dict(torch.load(_roundtrip(state), weights_only=True))
     for _ in range(9):
         xa, ya = a.next_batch(h.train_batch_tokens, h.train_seq_len)

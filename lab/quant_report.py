@@ -446,6 +446,38 @@ MINIFY_VARIANTS = {
 }
 
 
+def section_costs(source: str, program: str, compressed: int) -> None:
+    """What each section of the readable source costs in the compact file: its functions and classes
+    cut from the minified program (which keeps them in the same order), the ZPAQ bytes that saves."""
+    import ast
+    import re
+
+    import zpaq
+    lines, heads = source.splitlines(), []
+    for i, line in enumerate(lines):
+        if m := re.match(r"^# ---- (.+?) -+$", line):
+            heads.append((i + 1, m[1]))
+        elif re.match(r"^# -{90,}$", line) and i + 2 < len(lines) and re.match(r"^# -{90,}$", lines[i + 2]):
+            heads.append((i + 2, lines[i + 1][2:].strip().upper()))
+    defs = [[n for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+            for text in (source, program)]
+    if len(defs[0]) != len(defs[1]):  # the names differ (renamed), their order does not
+        raise SystemExit("the minified program's definitions do not follow the source's")
+    cut: dict[str, list[tuple[int, int]]] = {}
+    for readable, minified in zip(*defs):
+        section = next((h for start, h in reversed(heads) if start <= readable.lineno), "(top)")
+        first = (minified.decorator_list[0] if minified.decorator_list else minified).lineno - 1
+        cut.setdefault(section, []).append((first, minified.end_lineno))
+    program_lines = program.splitlines(keepends=True)
+    print("| section | definitions | minified chars | compact bytes it costs |\n|---|---|---|---|")
+    for section, spans in cut.items():
+        gone = {i for a, b in spans for i in range(a, b)}
+        rest = "".join(line for i, line in enumerate(program_lines) if i not in gone).encode()
+        chars = sum(len(program_lines[i]) for i in gone)
+        saved = compressed - len(zpaq.compress(rest, level=tg.ZPAQ_LEVEL))
+        print(f"| {section} | {len(spans)} | {chars:,} | {saved:,} |", flush=True)
+
+
 def code_bytes_report(path: Path) -> None:
     """The shipped code's bytes by minifier setting and codec, and by how the compressed bytes sit in a
     Python file (base85 text, or the latin-1 literal that compact_code writes)."""
@@ -476,7 +508,8 @@ def code_bytes_report(path: Path) -> None:
     print(f"\nembedding {len(blob):,} compressed bytes: base85 {len(base64.b85encode(blob)):,} "
           f"(+{len(base64.b85encode(blob)) / len(blob) - 1:.1%}), latin-1 literal {latin1:,} "
           f"(+{latin1 / len(blob) - 1:.1%}); the wrapper's own lines: "
-          f"{len(tg.COMPACT_WRAPPER.format(sha='0' * 64, blob='').encode())} bytes")
+          f"{len(tg.COMPACT_WRAPPER.format(sha='0' * 64, blob='').encode())} bytes\n")
+    section_costs(source, chosen.decode("utf-8"), len(blob))
 
 
 def main() -> None:

@@ -3072,7 +3072,7 @@ class CodeForm:
     source: str  # the code that ran, embedded in the log: the readable source or a compact file's program
     form: str  # "readable" or "compact": which file ran
     bytes_code: int  # the compact file's size: what a record folder ships and the cap counts
-    source_sha256: str  # of the readable source (a compact file names it): the code a checkpoint resumes with
+    source_sha256: str = ""  # of the readable source (a compact file names it): the code a checkpoint resumes with
     bound_because: str = ""  # why bytes_code is only an upper bound; "" when it is the shipped size
 
 

@@ -2999,7 +2999,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 # name train_gpt.py. The program is this source minified by python-minifier: docstrings, annotations
 # outside classes and long local and global names go, nothing else changes (tests/test_compact.py runs a
 # pipeline from both files and compares them byte for byte). The compressed bytes sit in a latin-1
-# string literal (1.2% longer than the bytes, base85: 25%). bytes_code is always that shipped size,
+# string literal (1.3% longer than the bytes, base85: 25%). bytes_code is always that shipped size,
 # whichever form ran: the log, the fitter and the record folder count one number.
 
 # Measured smallest (docs/quantization.md, "Code bytes"); Muon keeps its name, which the log prints.

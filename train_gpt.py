@@ -295,7 +295,7 @@ class QuantSettings:
     quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 7, 8 or 16); later ones win
     quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
-    compressor: str = _hp("auto", choices=COMPRESSORS)  # auto: the smallest of one stream and per group, any codec
+    compressor: str = _hp("auto", choices=COMPRESSORS)  # auto: the smallest of one stream and per group (not lrzip)
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
     pergroup_sort: str = _hp("tok_emb.weight,attn.c_q.weight,mlp.fc.weight")  # roles whose rows are sorted
     gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)

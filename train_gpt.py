@@ -3077,6 +3077,21 @@ class CodeForm:
     bound_because: str = ""  # why bytes_code is only an upper bound; "" when it is the shipped size
 
 
+def compact_size(source: bytes) -> int:
+    """len(compact_code(source)), remembered in the temporary folder under the sha256 of the source, of
+    this code's compaction settings and of the tools' versions: every process of a run (and of the
+    tests) would otherwise spend seconds minifying the same source."""
+    optional_module(*MINIFIER_NEEDS), optional_module(*CODEC_NEEDS["zpaq"])  # missing: no size to remember
+    recipe = f"{COMPACT_MINIFY}{COMPACT_WRAPPER}{ZPAQ_LEVEL}{optional_versions()}".encode()
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / "train_gpt_compact" / hashlib.sha256(source + recipe).hexdigest()
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text())
+    size = len(compact_code(source))
+    with contextlib.suppress(OSError):
+        write_atomic(path, str(size).encode())
+    return size
+
+
 def code_form(data: bytes | str) -> CodeForm:
     """A compact file counts as itself, a readable file as the compact file it would ship as; without
     the tools that make the compact file, as an upper bound of it (code_bound), saying why."""
@@ -3086,7 +3101,7 @@ def code_form(data: bytes | str) -> CodeForm:
         return CodeForm(compact[1], "compact", len(data), compact[0])
     sha = hashlib.sha256(data).hexdigest()
     try:
-        return CodeForm(data.decode("utf-8"), "readable", len(compact_code(data)), sha)
+        return CodeForm(data.decode("utf-8"), "readable", compact_size(data), sha)
     except ImportError as e:
         return CodeForm(data.decode("utf-8"), "readable", code_bound(data), sha, str(e))
 

@@ -81,6 +81,21 @@ def test_without_the_minifier_bytes_code_is_an_upper_bound_that_says_why(monkeyp
     assert "python_minifier" in bound.bound_because and "pip install python-minifier" in bound.bound_because
 
 
+def test_a_readable_file_counts_its_compact_size_once_per_machine(tmp_path, monkeypatch):
+    readable = (ROOT / "train_gpt.py").read_bytes()
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    size = tg.code_form(readable).bytes_code
+    assert [int(p.read_text()) for p in (tmp_path / "train_gpt_compact").iterdir()] == [size]
+
+    def minified_again(source):
+        raise AssertionError("minified again")
+
+    monkeypatch.setattr(tg, "compact_code", minified_again)  # a second process: remembered, not minified again
+    assert tg.code_form(readable).bytes_code == size
+    with pytest.raises(AssertionError, match="minified again"):  # another source is another key
+        tg.code_form(readable + b"\n")
+
+
 def normalized(log: str) -> list[str]:
     """The log after the embedded source, without what may differ between two runs of one program:
     times, the output folder, and the code line (it says which form ran)."""

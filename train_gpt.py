@@ -3482,12 +3482,15 @@ def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
 
 def ttt_phases(num_docs: int, s: TTTSettings) -> list[tuple[int, int, bool]]:
     """Consecutive document ranges (lo, hi, global SGD after it), in stream order: the first
-    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest."""
-    prefix = min(s.phased_ttt_prefix_docs, num_docs) if s.global_ttt_epochs > 0 else 0
+    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest.
+    The cuts come from the settings alone, never from num_docs: a cut that depended on how many documents the
+    stream still holds would make earlier scores depend on later tokens (docs/challenge.md). A stream that ends
+    before a cut simply never reaches it (and SGD after its last document would teach nothing)."""
+    prefix = s.phased_ttt_prefix_docs if s.global_ttt_epochs > 0 else 0
     cuts = sorted({prefix * (i + 1) // s.phased_ttt_num_phases for i in range(s.phased_ttt_num_phases)} - {0})
     phases, lo = [], 0
-    for cut in cuts:
-        phases.append((lo, cut, cut < num_docs))  # SGD after the last document would teach nothing
+    for cut in (c for c in cuts if c < num_docs):
+        phases.append((lo, cut, True))
         lo = cut
     if lo < num_docs:
         phases.append((lo, num_docs, False))
@@ -4156,7 +4159,8 @@ def set_qat(layers, on: bool, alpha: float = 1.0) -> None:
 
 
 class StopVote:
-    """Whether every rank stops after this step, for each reason (the wallclock budget, a signal),
+    """Whether every rank stops after this step, for each reason (the wallclock budget; a signal, voted as
+    its number so that every rank names the same one),
     decided alike on all of them without stalling the device. Each step's local votes (from host time
     and the signal handler) are max-reduced over the ranks on the device, copied to pinned host memory
     without blocking, and read one step later, after waiting for that copy only: the host waits for
@@ -4176,7 +4180,7 @@ class StopVote:
         t = torch.zeros(self.reasons, dtype=torch.int32, device=self.rt.device)
         for i, vote in enumerate(votes):
             if vote:
-                t[i].fill_(1)  # a kernel, not a copy from pageable host memory (which would wait)
+                t[i].fill_(int(vote))  # a kernel, not a copy from pageable host memory (which would wait)
         if self.rt.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         host, done = self.host[self.step % 2], None
@@ -4190,7 +4194,7 @@ class StopVote:
             return (False,) * self.reasons
         if previous[1] is not None:
             previous[1].synchronize()
-        return tuple(bool(v) for v in previous[0].tolist())  # a host tensor: no device sync
+        return tuple(previous[0].tolist())  # a host tensor: no device sync
 
 
 STOP_LOOKAHEAD = 2  # a vote read one step late stops one step later: it must see two steps ahead
@@ -4230,12 +4234,20 @@ class TrainResult:
 
 
 # ---- interrupts, checkpoints and resume -------------------------------------------------------------
-# SIGINT (Ctrl-C) or SIGTERM (a scheduler; torchrun passes its own on to the workers) during training
-# stops the run after the current step, once all ranks agree, and writes a checkpoint from which
-# RESUME_FROM continues the run exactly; outside the training loop they end the run at once. Either way
-# the run says what was kept.
+# SIGINT (Ctrl-C) or SIGTERM (a scheduler at the time limit; torchrun passes its own on to the workers and
+# kills them 30 s later) gets one answer per phase of the run, and is never dropped (docs/resume.md):
+#   start-up (settings, data, model, compile warm-up)   at once
+#   training steps                                      after the next step, all ranks together: a checkpoint,
+#                                                       from which RESUME_FROM continues the run exactly
+#   the end of training (its last evaluation, the       once the artifact is written, all ranks together:
+#     final weights, calibration, quantization, export)   a few seconds, and the trained model is kept
+#   the final evaluations (round trip, sliding, TTT)    at once: the artifact is written already
+# "At once" acts on every rank that receives the signal (torchrun forwards it to all of them; a rank it
+# did not reach is stopped by torchrun when its peers exit). A second signal always stops at once. Either
+# way the run says what was kept and exits with 128 + the signal number.
 
 SIGNAL_REPEAT_GRACE_S = 2.0  # Ctrl-C under torchrun reaches a worker twice (terminal, then torchrun)
+AT_ONCE, AFTER_STEP, AT_ARTIFACT = "at once", "after the next step", "once the artifact is written"
 CHECKPOINT_VERSION = 1
 
 
@@ -4246,15 +4258,17 @@ class RunInterrupted(Exception):
 
 
 class Interrupts:
-    """The SIGINT/SIGTERM handler. While `deferring` (the training loop) a signal only sets `received`,
-    which the ranks' StopVote carries (read one step late: the run stops after the next step); elsewhere it raises RunInterrupted at once. A signal repeated after
-    SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a checkpoint being written).
-    `kept` lists what the run has written so far, for the message when it stops."""
+    """The SIGINT/SIGTERM handler. The run names each phase it enters and that phase's answer (enter): where
+    the answer is AT_ONCE a signal raises RunInterrupted there and then; elsewhere it only sets `received`,
+    which the phase's end acts on (training: the ranks' StopVote; the end of training: agreed_signal after the
+    artifact). A signal repeated after SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a
+    checkpoint being written). `kept` lists what the run has written so far, for the message when it stops."""
 
     def __init__(self, verbose: bool = True):
         self.received: int | None = None
         self.first_at = 0.0
-        self.deferring, self.verbose, self.kept, self.previous = False, verbose, [], {}
+        self.phase, self.answer, self.note = "start-up", AT_ONCE, ""
+        self.verbose, self.kept, self.previous = verbose, [], {}
         self.log = None  # the run's Logger, once it has one
 
     def install(self) -> None:
@@ -4266,18 +4280,35 @@ class Interrupts:
             signal.signal(sig, handler)
         self.previous = {}
 
+    def enter(self, phase: str, answer: str, note: str = "") -> None:
+        """From now on the run is in `phase`, where a signal is answered `answer` (note: what it waits for).
+        Entering an AT_ONCE phase with a request still pending acts on it: a request is never dropped."""
+        self.phase, self.answer, self.note = phase, answer, note
+        if answer == AT_ONCE and self.received is not None:
+            raise RunInterrupted(self.received)
+
     def handle(self, signum: int, frame) -> None:
         now = time.monotonic()
         if self.received is not None and now - self.first_at < SIGNAL_REPEAT_GRACE_S:
             return  # the same stop request, delivered twice
         first = self.received is None
         self.received, self.first_at = signum, now if first else self.first_at
-        if self.deferring and first:
+        if self.answer != AT_ONCE and first:
             if self.verbose:
-                print(f"{signal.Signals(signum).name}: stopping after the next step to write a checkpoint "
+                print(f"{signal.Signals(signum).name} during {self.phase}: stopping {self.answer}{self.note} "
                       f"(send it again to stop at once)", flush=True)
             return
         raise RunInterrupted(signum)
+
+
+def agreed_signal(interrupts: Interrupts, rt: Runtime) -> int | None:
+    """The signal some rank received (the largest number if several), the same on every rank, or None: the
+    ranks decide together at the end of a phase whose answer waited for it (one blocking all-reduce)."""
+    if rt.world_size == 1:
+        return interrupts.received
+    t = torch.tensor([interrupts.received or 0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
 
 
 def checkpoint_path(h: Hyperparameters, state: RunState) -> Path:
@@ -4421,7 +4452,7 @@ def train(trainee: Trainee, eval_fn: Callable, ctx: RunContext, control: RunCont
     control = control or RunControl(Interrupts(verbose=False), checkpoint_path(h, ctx.state), "", None)
     if control.resume is not None:
         step, train_ms, stop_at = restore_training(control.resume, trainee, parts)
-    control.interrupts.deferring = True  # a signal now stops the run after the current step
+    control.interrupts.enter("training", AFTER_STEP, " to write a checkpoint")
     rt.sync()
     t0 = rt.clock()
 
@@ -4431,8 +4462,12 @@ def train(trainee: Trainee, eval_fn: Callable, ctx: RunContext, control: RunCont
 
     while True:
         last = step == h.iterations or step == stop_at
-        if last and any_rank(control.interrupts.received is not None, rt):  # a signal whose vote was not read
-            stop(control.interrupts.received or signal.SIGTERM)
+        if last and (signum := agreed_signal(control.interrupts, rt)):  # a signal whose vote was not read yet
+            stop(signum)
+        if last:  # no step follows: a signal from here on waits for the artifact (run)
+            control.interrupts.enter("the end of training", AT_ARTIFACT,
+                                     f" (its last evaluation, the final weights' and the export, whose calibration "
+                                     f"and quantization take about {ctx.state.gptq_reserve_seconds:.0f} s)")
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.sync()
             train_ms += 1000 * (rt.clock() - t0)  # evaluation does not count as training
@@ -4459,15 +4494,14 @@ def train(trainee: Trainee, eval_fn: Callable, ctx: RunContext, control: RunCont
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{s.lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        overruns, interrupted = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
-                                          control.interrupts.received is not None)
+        overruns, signum = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
+                                     control.interrupts.received or 0)
         if stop_at is None and overruns:
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
-        if interrupted:
+        if signum:
             rt.sync()
-            stop(control.interrupts.received or signal.SIGTERM)
-    control.interrupts.deferring = False
+            stop(signum)
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
     return TrainResult(val_loss, val_bpb, step, train_ms, average)
 
@@ -4786,6 +4820,9 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     save_artifact(blob, artifact, ctx)
     interrupts.kept.append(f"the artifact {artifact} (score it: ARTIFACT_PATH={artifact} "
                            f"python eval_ngram_on_checkpoint.py)")
+    if signum := agreed_signal(interrupts, rt):  # a signal during the end of training: acted on now
+        raise RunInterrupted(signum)
+    interrupts.enter("the final evaluations", AT_ONCE)
     cfg, shipped = load_artifact(artifact)  # read once: what the file holds is what every final line scores
     base.load_state_dict(shipped)
     t0 = rt.clock()

@@ -241,7 +241,7 @@ def check_submission_bytes(artifact: Path, log) -> None:
     fail, with both counts, if code plus model reach the cap."""
     # train_gpt.py counts as it ships (its compact wrapper, as in train_gpt.py's own bytes_code); the
     # evaluation files ship as they are.
-    files = {p.name: tg.code_form(p.read_text()).bytes_code if p.name == "train_gpt.py" else p.stat().st_size
+    files = {p.name: tg.code_form(p.read_bytes()).bytes_code if p.name == "train_gpt.py" else p.stat().st_size
              for p in code_files()}
     code, model = sum(files.values()), artifact.stat().st_size
     log("ngram_artifact " + " ".join(f"{name}:{size}" for name, size in files.items()) +

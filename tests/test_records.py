@@ -19,7 +19,6 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from scripts.compact_train_gpt import compact_source
 from scipy import stats
 
 from conftest import ROOT, tiny_env
@@ -29,6 +28,8 @@ from scripts.runlog import LogError, load_runs
 from scripts.summarize import welch_one_sided
 from scripts.summarize import main as summarize_main
 from scripts.sweep import DEFAULT_SEEDS, SweepError, launch_command, run_sweep
+import train_gpt as tg
+from train_gpt import compact_code
 
 SWEEP_SETTINGS = dict(ITERATIONS=4, VAL_LOSS_EVERY=4, WARMUP_STEPS=0, EVAL_STRIDE=32, VAL_BATCH_SIZE=4096)
 FINAL = re.compile(r"^(final_\w+) val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})", re.M)
@@ -223,9 +224,9 @@ def test_record_folder(sweep, tmp_path, capsys):
     numbers = {seed: log_numbers(text) for seed, text in sweep.logs.items()}
     for seed, text in record_logs.items():
         assert (folder / f"train_seed{seed}.log").read_text() == text
-    # The compact self-extracting form of exactly the source that ran, and that source beside it.
-    shipped = (folder / "train_gpt.py").read_text()
-    assert shipped == compact_source((ROOT / "train_gpt.py").read_bytes())
+    # The compact form of exactly the source that ran, and that source beside it.
+    shipped = (folder / "train_gpt.py").read_bytes()
+    assert shipped == compact_code((ROOT / "train_gpt.py").read_bytes())
     assert len(shipped) < len((ROOT / "train_gpt.py").read_bytes()) / 2
     assert (folder / "train_gpt_readable.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
     assert re.search(r"^torch==\S+", (folder / "requirements.txt").read_text(), re.M)
@@ -278,6 +279,28 @@ def test_record_folder(sweep, tmp_path, capsys):
 
     with pytest.raises(RecordError, match="already exists"):
         make_record([logs], META, baseline, tmp_path / "records")
+
+
+def as_compact_run(seed: int, text: str) -> str:
+    """The log as a run of the compact train_gpt.py would write it: the minified program embedded, the
+    code line saying form:compact (the program's size) and naming the readable source."""
+    readable = (ROOT / "train_gpt.py").read_text()
+    program = tg.minify_code(readable)
+    text = text.replace(readable, program, 1)
+    return re.sub(r"^code form:readable (bytes_code:\d+) bytes_source:\d+ ",
+                  rf"code form:compact \1 bytes_source:{len(program.encode())} ", text, count=1, flags=re.M)
+
+
+def test_a_compact_run_ships_the_readable_source_its_log_names(sweep, tmp_path):
+    baseline = baseline_behind(sweep, 0.2)
+    logs = copy_logs(sweep, tmp_path / "logs", then(as_record_run, as_compact_run))
+    folder = make_record([logs], META, baseline, tmp_path / "records")
+    assert (folder / "train_gpt.py").read_bytes() == compact_code((ROOT / "train_gpt.py").read_bytes())
+    assert (folder / "train_gpt_readable.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    other = tmp_path / "other.py"
+    other.write_bytes((ROOT / "train_gpt.py").read_bytes() + b"\n")
+    with pytest.raises(RecordError, match=f"and {other} is another file: give that source with --source"):
+        make_record([logs], META, baseline, tmp_path / "records2", source=other)
 
 
 def test_a_cpu_run_on_built_data_is_refused_as_a_record_and_written_as_a_non_record(sweep, tmp_path):

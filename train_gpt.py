@@ -2826,9 +2826,9 @@ def optional_versions() -> str:
     """" zpaq:0.3.7 python-minifier:3.4.0" for the optional packages installed here (the log's versions line,
     from which make_record writes a record's requirements.txt)."""
     versions = []
-    for dist in ("zpaq", "python-minifier"):
+    for package in ("zpaq", "python-minifier"):
         with contextlib.suppress(ImportError):
-            versions.append(f" {dist}:{__import__('importlib.metadata').metadata.version(dist)}")
+            versions.append(f" {package}:{__import__('importlib.metadata').metadata.version(package)}")
     return "".join(versions)
 
 
@@ -4986,12 +4986,20 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
 
 def cli() -> None:
     """main() for the command line: a wrong setting or missing or corrupt data ends the run with one line
-    (on stderr, exit status 2) instead of a traceback; anything else keeps its traceback."""
+    (on stderr, exit status 2) instead of a traceback; anything else keeps its traceback. A finished worker
+    of several (torchrun) leaves without the interpreter's finalization: its process group is destroyed
+    already, and a finished 2-process gloo worker was seen to abort there under load ("terminate called
+    without an active exception", SIGABRT: a C++ thread still joinable at teardown; once in about 100 runs),
+    which fails the whole torchrun job after the run has written everything."""
     try:
         main()
     except (SettingError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

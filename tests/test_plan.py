@@ -160,3 +160,40 @@ def test_synthetic_documents_hold_the_tokens_asked_for():
     assert len(spans) == pr.VAL_DOCUMENTS
     assert np.all(spans[1:, 0] == spans[:-1, 1])
     assert abs(spans[-1, 1] / 40_000_000 - 1) < 0.01
+
+
+def test_make_record_puts_the_plan_beside_what_the_logs_measured(tmp_path, capsys):
+    from scripts.make_record import find_plan, plan_section
+    from scripts.runlog import FinalEval, RunLog
+    rc, _ = run_plan(tmp_path, capsys, ["--val-tokens", "2000000", "--json", str(tmp_path / "plan.json")])
+    plan = find_plan([tmp_path / "seed_1.txt"])
+    h = plan["h"]
+    runs = []
+    for seed, steps in ((1, 1000), (2, 1010)):
+        run = RunLog(tmp_path / f"seed_{seed}.txt", "", hparams={k: str(v) for k, v in h.items()}, steps=steps,
+                     train_time_ms=90_000.0)
+        run.hparams.update(seed=str(seed), num_layers="2")
+        run.finals["final_sliding_window_exact"] = FinalEval(1.0, 1.0, 50_000.0)
+        runs.append(run)
+    text = plan_section(runs, plan, {1: 1_000_000, 2: 1_000_100})
+    assert f"{plan['train']['steps']:,} against 1,005 steps" in text and "against 89.6 ms/step" in text
+    assert "against 1,000,100 (largest seed)" in text and "against 50 s" in text
+    assert "other settings" not in text
+    runs[0].hparams["num_layers"] = runs[1].hparams["num_layers"] = "3"
+    assert "other settings: num_layers differ" in plan_section(runs, plan, {1: 1, 2: 1})
+    assert "not planned" in plan_section(runs, None, {1: 1})
+
+
+def test_the_sweep_plans_first_and_stops_on_a_limit_over(tmp_path, monkeypatch, capsys):
+    import scripts.sweep as sweep
+    ran = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda *args: ran.append(args))
+    env = dict(bare_env(), DATA_PATH=str(tmp_path / "no_data"), OMP_NUM_THREADS="1", **TINY, TTT="0")
+    sweep.main(["--out-dir", str(tmp_path / "ok"), "--seeds", "1"], env=env)
+    assert len(ran) == 1 and json.loads((tmp_path / "ok" / "plan.json").read_text())["h"]["num_layers"] == 2
+    over = dict(env, NUM_LAYERS="4", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4", QUANT_PLAN="*=16")  # 28 MB
+    with pytest.raises(SystemExit, match="predicts a limit over"):
+        sweep.main(["--out-dir", str(tmp_path / "over"), "--seeds", "1"], env=over)
+    assert len(ran) == 1  # nothing ran
+    sweep.main(["--out-dir", str(tmp_path / "over"), "--seeds", "1", "--skip-plan"], env=over)
+    assert len(ran) == 2

@@ -4,6 +4,7 @@ bf16 autocast, torch.compile's min-cut partition). The trace takes 10-60 s a mod
 exact enough to fit a formula that takes none.
 
     OMP_NUM_THREADS=1 python3 lab/fit_memory.py          # ~10 min on one core: the fit and its residuals
+    python3 lab/fit_memory.py --refit                     # the fit again from the kept traces (seconds)
 
 Per-token bytes = (saved bytes at 2 sequences - at 1 sequence) / TRAIN_SEQ_LEN: the weights' bf16 copies the
 graph also saves cancel. The configurations are shallow (the trace's cost grows with the passes, the bytes
@@ -36,10 +37,11 @@ FIT = {
                                    VE_LAYERS="none"),
     "april_6L_v8192": dict(SMALL_APRIL, VOCAB_SIZE="8192"),
     "april_4L_d384_lanes": dict(PRESET="april", NUM_LAYERS="4", PARALLEL_START_LAYER="1", MINI_RECUR_REPEATS="0",
-                                MODEL_DIM="384", NUM_HEADS="6", NUM_KV_HEADS="2", VOCAB_SIZE="1024"),
+                                MINI_RECUR_UNET="0", MODEL_DIM="384", NUM_HEADS="6", NUM_KV_HEADS="2", VOCAB_SIZE="1024"),
     "seed_2L_seq1024": dict(NUM_LAYERS="2", TRAIN_SEQ_LEN="1024"),
 }
 HELD_OUT = {"seed": dict(PRESET="seed"), "april": dict(PRESET="april")}
+TRACES = ROOT / "lab" / "fit_memory_traces.json"  # the traced bytes per token of each FIT configuration, kept
 
 
 def per_token_bytes(env: dict) -> float:
@@ -54,12 +56,17 @@ def features(env: dict) -> dict[str, float]:
 
 
 def main() -> None:
+    refit = "--refit" in sys.argv[1:]
     torch.set_num_threads(1)
     names = list(pr.ACTIVATION_BYTES)
     rows, targets = [], []
+    traces = json.loads(TRACES.read_text()) if TRACES.exists() else {}
     for label, env in FIT.items():
         t0 = time.perf_counter()
-        y = per_token_bytes(env)
+        if label not in traces or traces[label]["env"] != env:
+            traces[label] = {"env": env, "bytes_per_token": per_token_bytes(env)}
+            TRACES.write_text(json.dumps(traces, indent=1) + "\n")
+        y = traces[label]["bytes_per_token"]
         f = features(env)
         rows.append([f[n] for n in names])
         targets.append(y)
@@ -70,6 +77,8 @@ def main() -> None:
     for (label, _), row, y in zip(FIT.items(), rows, targets):
         pred = float(np.dot(coef, row))
         print(f"  fit {label}: traced {y:,.0f} formula {pred:,.0f} ({100 * (pred - y) / y:+.1f}%)")
+    if refit:
+        return
     for label, env in HELD_OUT.items():
         h = tg.Hyperparameters.from_env(env)
         seqs = h.train_batch_tokens // pr.WORLD // h.train_seq_len

@@ -1,6 +1,7 @@
 """Facts from the public runs' logs, for fitting and checking lab/predict.py (docs/plan.md).
 
-    python3 lab/public_runs.py extract [--repo DIR]   # reads the mirrored challenge repository, writes
+    python3 lab/public_runs.py extract --repo DIR     # DIR: a clone (or bare mirror) of the challenge
+                                                      # repository with refs/pull/2135/head fetched; writes
                                                       # lab/public_runs.json
     python3 lab/public_runs.py show                   # the stored facts, one line per seed
 
@@ -25,7 +26,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FILE = ROOT / "lab" / "public_runs.json"
-MIRROR = Path("/work/.mirror/openai+parameter-golf/repo")
 TRACK = "records/track_10min_16mb"
 
 # The runs: id -> (git ref, folder, seed logs, where the configuration comes from).
@@ -224,9 +224,11 @@ def show(data: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("extract", "show"))
-    ap.add_argument("--repo", type=Path, default=MIRROR, help="the challenge repository (a git directory)")
+    ap.add_argument("--repo", type=Path, help="the challenge repository (a git directory); extract needs it")
     args = ap.parse_args()
     if args.command == "extract":
+        if args.repo is None:
+            ap.error("extract needs --repo")
         data = extract(args.repo)
         DATA_FILE.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {DATA_FILE}")

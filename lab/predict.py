@@ -37,7 +37,7 @@ GIB = 2**30
 # fitted on its mean step; the 2026-04-09 record is the held-out check) and the class train_gpt.py belongs to;
 # "fused" adds the April records' Triton kernels (fused softcapped cross-entropy, varlen attention), fitted on
 # the 2026-04-27 record's steps before its loop starts (its later steps and PR #2135 are held out).
-TRAIN_MFU = {"compiled": 0.3386, "fused": 0.3651}
+TRAIN_MFU = {"compiled": 0.3386, "fused": 0.3005}
 OUR_CODE_CLASS = "compiled"
 # Forward-only window passes (train_gpt.ttt_step_flops' count, the head on every column): effective TFLOP/s per
 # GPU of the sliding window (overlapping windows) and of the plain pass (the round trip's), both fitted on the
@@ -90,6 +90,7 @@ class Segment:
     end: float
     repeats_on: bool
     seq_len: int
+    attention_context: float = 0.0  # the T of the attention FLOPs (attention_context)
     flops_per_token: float = 0.0
     ms_per_step: float = 0.0
 
@@ -99,22 +100,23 @@ class Segment:
 
 
 def parse_seq_schedule(text: str, seq_len: int) -> list[tuple[float, int]]:
-    """TRAIN_SEQ_SCHEDULE (not a train_gpt.py setting yet: designed here first): "FRAC:LEN,FRAC:LEN,...", the
-    sequence length from each share of the training budget on, e.g. "0:1024,0.1:2048,0.7:3072" (the first at
-    0; shares rising; the batch in tokens unchanged). Empty: TRAIN_SEQ_LEN throughout."""
+    """TRAIN_SEQ_SCHEDULE, in the form PR #2014 introduced (not a train_gpt.py setting yet: planned here first):
+    "LEN@UNTIL,LEN@UNTIL,...", each sequence length until that share of the training budget, e.g.
+    "1024@0.1,2048@0.7,3072@1.0" (the shares rising, the last 1.0; the batch in tokens unchanged). Returns
+    [(share where each length starts, length)]; empty text: TRAIN_SEQ_LEN throughout."""
     if not text.strip():
         return [(0.0, seq_len)]
     try:
-        pairs = [(float(f), int(n)) for f, n in (part.split(":") for part in text.split(","))]
+        stages = [(int(n), float(f)) for n, f in (part.split("@") for part in text.split(","))]
     except ValueError:
-        raise PlanError(f"TRAIN_SEQ_SCHEDULE={text!r} is invalid: expected FRAC:LEN,FRAC:LEN,... "
-                        f"(e.g. 0:1024,0.1:2048,0.7:3072)") from None
-    fracs = [f for f, _ in pairs]
-    if fracs[0] != 0.0 or any(b <= a for a, b in zip(fracs, fracs[1:])) or fracs[-1] >= 1.0:
-        raise PlanError(f"TRAIN_SEQ_SCHEDULE={text!r}: the shares must start at 0 and rise, below 1")
-    if any(n < 2 for _, n in pairs):
+        raise PlanError(f"TRAIN_SEQ_SCHEDULE={text!r} is invalid: expected LEN@UNTIL,LEN@UNTIL,... "
+                        f"(e.g. 1024@0.1,2048@0.7,3072@1.0)") from None
+    ends = [f for _, f in stages]
+    if any(not 0 < f <= 1 for f in ends) or any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0:
+        raise PlanError(f"TRAIN_SEQ_SCHEDULE={text!r}: the shares must rise in (0, 1] and the last be 1.0")
+    if any(n < 2 for n, _ in stages):
         raise PlanError(f"TRAIN_SEQ_SCHEDULE={text!r}: every length must be at least 2")
-    return pairs
+    return [(start, n) for start, (n, _) in zip([0.0, *ends[:-1]], stages)]
 
 
 def segments(h: tg.Hyperparameters, seq_schedule: str = "") -> list[Segment]:
@@ -135,8 +137,26 @@ def segments(h: tg.Hyperparameters, seq_schedule: str = "") -> list[Segment]:
     return out
 
 
-def flops_per_token(model: tg.GPT, repeats_on: bool, seq_len: int) -> float:
-    """Training FLOPs per token (scripts/benchmark.py's formula) of the model's plan in that state."""
+def attention_context(seq_len: int, spans: np.ndarray | None, sample_tokens: int = 4_000_000) -> float:
+    """The T of the FLOP count's attention term (12 x passes x T x width per token, the causal half not taken
+    off). Without document masking every query attends to its whole window: T = seq_len. With it (FlashAttention
+    varlen: DOC_MASKED_ATTENTION=1), a query attends only to its document's earlier tokens in its row, so
+    T = twice the mean keys per token over rows of seq_len cut from the stream of these documents (the first
+    sample_tokens of it), which equals seq_len for documents longer than every row."""
+    if spans is None:
+        return float(seq_len)
+    lengths = spans[:, 1] - spans[:, 0]
+    n = int(np.searchsorted(np.cumsum(lengths), sample_tokens)) + 1
+    lengths = lengths[:n]
+    pos = np.arange(int(lengths.sum()))
+    in_doc = pos - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    keys = np.minimum(in_doc, pos % seq_len) + 1
+    return float(2 * keys.mean())
+
+
+def flops_per_token(model: tg.GPT, repeats_on: bool, seq_len: float) -> float:
+    """Training FLOPs per token (scripts/benchmark.py's formula) of the model's plan in that state; seq_len is the
+    attention term's T (attention_context)."""
     saved = model.plan
     model.set_mini_recurrence(repeats_on)
     try:
@@ -158,13 +178,17 @@ class TrainPlan:
     limited_by: str  # "wallclock" or "iterations"
 
 
-def train_plan(model: tg.GPT, h: tg.Hyperparameters, reserve_s: float, mfu: float,
-               seq_schedule: str = "") -> TrainPlan:
-    """Step time of each segment (its FLOPs at `mfu` of the peak) and the steps that fit the budget."""
+def train_plan(model: tg.GPT, h: tg.Hyperparameters, reserve_s: float, mfu: float, seq_schedule: str = "",
+               spans: np.ndarray | None = None) -> TrainPlan:
+    """Step time of each segment (its FLOPs at `mfu` of the peak) and the steps that fit the budget. spans: the
+    documents' lengths (the validation split's stand in for the training data's) where attention is masked to
+    the document (DOC_MASKED_ATTENTION=1); ignored otherwise."""
     segs = []
     for s in segments(h, seq_schedule):
-        f = flops_per_token(model, s.repeats_on, s.seq_len)
-        segs.append(dataclasses.replace(s, flops_per_token=f, ms_per_step=1000 * f * tokens_per_gpu(h) / (mfu * PEAK_FLOPS)))
+        t = attention_context(s.seq_len, spans if h.doc_masked_attention else None)
+        f = flops_per_token(model, s.repeats_on, t)
+        segs.append(dataclasses.replace(s, attention_context=t, flops_per_token=f,
+                                        ms_per_step=1000 * f * tokens_per_gpu(h) / (mfu * PEAK_FLOPS)))
     budget = h.max_wallclock_seconds - reserve_s if h.max_wallclock_seconds > 0 else 0.0
     if budget > 0:
         steps = sum(s.share * budget * 1000 / s.ms_per_step for s in segs)
@@ -387,9 +411,9 @@ def eval_graphs(h: tg.Hyperparameters, num_tokens: int) -> int:
     return 1 + (per_rank % sliding.batch_windows != 0)
 
 
-def eval_plan(h: tg.Hyperparameters, val_tokens: int | None = None) -> EvalPlan:
+def eval_plan(h: tg.Hyperparameters, tokens: int, spans: np.ndarray, source: str) -> EvalPlan:
+    """The evaluation after training, on `tokens` validation tokens in documents `spans` (validation())."""
     cfg = tg.ModelConfig.from_hparams(h)
-    tokens, spans, source = validation(h, val_tokens)
     roundtrip = window_seconds(cfg, tokens, tg.EvalSpec.plain(h))
     sliding = window_seconds(cfg, tokens, tg.EvalSpec.sliding(h))
     ttt = flops = 0.0
@@ -464,8 +488,10 @@ def make_plan(h: tg.Hyperparameters, seq_schedule: str = "", val_tokens: int | N
     passes = (len(model.plans[False]), len(model.plans[True]))
     calibration = calibration_plan(model, h)
     mfu = TRAIN_MFU[code_class]
-    train = train_plan(model, h, calibration.reserve_s if h.max_wallclock_seconds > 0 else 0.0, mfu, seq_schedule)
+    tokens, spans, source = validation(h, val_tokens)
+    train = train_plan(model, h, calibration.reserve_s if h.max_wallclock_seconds > 0 else 0.0, mfu, seq_schedule,
+                       spans)
     memory = memory_plan(model, h, train.segments)
     artifact = artifact_plan(model, h, shipped_code_bytes() if bytes_code is None else bytes_code)
-    evaluation = eval_plan(h, val_tokens)
+    evaluation = eval_plan(h, tokens, spans, source)
     return Plan(h, params, passes, mfu, code_class, seq_schedule, train, memory, artifact, calibration, evaluation)

@@ -38,6 +38,8 @@ RUNS = {
                    ("train_seed42.log", "train_seed0.log", "train_seed1234.log")),
     "pr2135": ("refs/pull/2135/head", f"{TRACK}/2026-05-01_SP8192_PR2130Base_Calib32",
                ("train_seed42.log", "train_seed0.log", "train_seed314.log")),
+    "pr2014": ("refs/pull/2014/head", f"{TRACK}/2026-04-30_SP8192_CaseOps_Progressive3k_ShortDocTTT",
+               ("train_seed42.log", "train_seed0.log", "train_seed314.log")),
 }
 # The 2026-03-29 record logs no settings: its README's command (BIGRAM_VOCAB_SIZE=2816 BIGRAM_DIM=112
 # XSA_LAST_N=11 USE_GPTQ=1 GPTQ_RESERVE_MS=14000 TTT_ENABLED=0) over its train_gpt.py defaults.
@@ -92,6 +94,10 @@ SETTING = re.compile(r"^  (\w+): (.*)$")
 # The phased TTT's global SGD logs each step (`tttg: cN/M ... t:S`, S since the phase's SGD began; N restarts
 # at 1 each phase): its steps and seconds, summed over the phases.
 SGD_STEP = re.compile(r"^tttg: c(\d+)/\d+ lr:\S+ t:([\d.]+)s")
+# Where the step shape changes: the loop's start (`layer_loop:enabled step:S frac:F`) and a new sequence length
+# (`growth_stage:seq_len:L progress:F step:S`, PR #2014's TRAIN_SEQ_SCHEDULE).
+SHAPE_CHANGE = re.compile(r"^(?:layer_loop:enabled step:(\d+) frac:([\d.]+)|growth_stage:seq_len:\d+ progress:([\d.]+) "
+                          r"step:(\d+))")
 
 
 def git_show(repo: Path, ref: str, path: str) -> str:
@@ -112,7 +118,11 @@ def read_log(text: str) -> tuple[dict, dict, dict]:
     """(facts, the line number of each fact, the `Hyperparameters:` block's settings)."""
     facts, lines, settings = {}, {}, {}
     sgd_phases = []  # (steps, seconds) of each phase's global SGD
+    changes = []  # (share of the budget, step) where the step shape changed
     for number, line in enumerate(text.splitlines(), 1):
+        if m := SHAPE_CHANGE.match(line):
+            changes.append((float(m[2]), int(m[1])) if m[1] else (float(m[3]), int(m[4])))
+            lines.setdefault("shape_changes", number)
         if m := SGD_STEP.match(line):
             step, seconds = int(m[1]), float(m[2])
             if step == 1 or not sgd_phases:
@@ -128,6 +138,8 @@ def read_log(text: str) -> tuple[dict, dict, dict]:
                 value = parse_value(m[1])
                 facts[name] = value / 1000 if name in MILLISECONDS else value
                 lines[name] = number
+    if changes:
+        facts["shape_changes"] = sorted(changes)
     if sgd_phases:
         facts["global_sgd_steps"] = sum(n for n, _ in sgd_phases)
         facts["global_sgd_s"] = round(sum(t for _, t in sgd_phases), 3)
@@ -139,16 +151,15 @@ def read_log(text: str) -> tuple[dict, dict, dict]:
 
 
 def derived(facts: dict) -> dict:
-    """Step times: the whole run's mean, and for a run whose loop starts part-way, the mean before and after
-    (the loop starts at a share of the training budget: budget = train time of the last step, within a step)."""
+    """Step times: the whole run's mean, and the mean of each share of the budget with one step shape (cut where
+    the loop starts and where the sequence length changes; the budget is the last step's training time, within
+    a step), as [start share, end share, ms per step]."""
     out = {}
     if "steps" in facts:
         out["ms_per_step"] = round(facts["train_time_ms"] / facts["steps"], 3)
-    if "loop_start_step" in facts:
-        start_ms = facts["loop_start_frac"] * facts["train_time_ms"]
-        out["ms_per_step_loop_off"] = round(start_ms / facts["loop_start_step"], 3)
-        out["ms_per_step_loop_on"] = round((facts["train_time_ms"] - start_ms)
-                                           / (facts["steps"] - facts["loop_start_step"]), 3)
+        cuts = [(0.0, 0), *facts.get("shape_changes", []), (1.0, facts["steps"])]
+        out["segments"] = [[a, b, round((b - a) * facts["train_time_ms"] / (t - s), 3)]
+                           for (a, s), (b, t) in zip(cuts, cuts[1:])]
     return out
 
 

@@ -14,8 +14,8 @@ reserve; the whole evaluation (round trip, sliding window, TTT, compile warm-ups
 a bad setting. The model of each number, what it was fitted on and its error on the public runs:
 docs/plan.md (lab/predict.py, lab/calibrate_plan.py).
 
-TRAIN_SEQ_SCHEDULE ("FRAC:LEN,...", e.g. 0:1024,0.1:2048,0.7:3072) is planned here before train_gpt.py has it:
-when train_gpt.py does not know the variable, the plan takes it and the run would ignore it.
+TRAIN_SEQ_SCHEDULE ("LEN@UNTIL,...", PR #2014's form, e.g. 1024@0.1,2048@0.7,3072@1.0) is planned here before
+train_gpt.py has it: when train_gpt.py does not know the variable, the plan takes it and the run would ignore it.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ per token, optimizer state per GPU and GPTQ column count.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -31,12 +32,13 @@ PEAK_FLOPS = bm.H100_BF16_FLOPS  # dense bf16 per GPU
 H100_MEMORY_GIB = 79.6  # an H100 80GB HBM3 as nvidia-smi reports it (81,559 MiB)
 GIB = 2**30
 
-# ---- Fitted on the public runs (docs/plan.md, "Fitted and held out"); lab/calibrate_plan.py refits them ----
+# ---- Fitted on the public runs (docs/plan.md, "Fitted, held out, assumed"); lab/calibrate_plan.py refits them ----
 # Achieved share of the bf16 peak in training (step time = training FLOPs of the step / (share x peak)), per
 # class of code: "compiled" is plain PyTorch under torch.compile with FlashAttention 3 (the 2026-03-29 record,
 # fitted on its mean step; the 2026-04-09 record is the held-out check) and the class train_gpt.py belongs to;
-# "fused" adds the April records' Triton kernels (fused softcapped cross-entropy, varlen attention), fitted on
-# the 2026-04-27 record's steps before its loop starts (its later steps and PR #2135 are held out).
+# "fused" adds the April records' Triton kernels (fused softcapped cross-entropy, varlen attention, whose FLOPs
+# attention_context counts per document), fitted on the 2026-04-27 record's steps before its loop starts (its
+# later steps, PR #2135 and PR #2014 are held out).
 TRAIN_MFU = {"compiled": 0.3386, "fused": 0.3005}
 OUR_CODE_CLASS = "compiled"
 # Forward-only window passes (train_gpt.ttt_step_flops' count, the head on every column): effective TFLOP/s per
@@ -481,17 +483,23 @@ class Plan:
 def make_plan(h: tg.Hyperparameters, seq_schedule: str = "", val_tokens: int | None = None,
               code_class: str = OUR_CODE_CLASS, bytes_code: int | None = None) -> Plan:
     """The plan of a run with these settings: the model built exactly as the run builds it (on the CPU)."""
-    cfg = tg.ModelConfig.from_hparams(h)
-    torch.manual_seed(h.seed)  # the run's initial weights (train_gpt.seed_everything), for the byte estimate
-    model = tg.build_model(cfg, torch.device("cpu"))
-    params = sum(p.numel() for p in model.parameters())
-    passes = (len(model.plans[False]), len(model.plans[True]))
-    calibration = calibration_plan(model, h)
+    def documents_and_evaluation() -> tuple[np.ndarray, EvalPlan]:
+        tokens, spans, source = validation(h, val_tokens)
+        return spans, eval_plan(h, tokens, spans, source)
+
+    # The evaluation (numpy and Python loops) in a thread, while this one builds the model and estimates its bytes
+    # (torch kernels, which leave the interpreter free).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        evaluated = pool.submit(documents_and_evaluation)
+        torch.manual_seed(h.seed)  # the run's initial weights (train_gpt.seed_everything), for the byte estimate
+        model = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+        calibration = calibration_plan(model, h)
+        artifact = artifact_plan(model, h, shipped_code_bytes() if bytes_code is None else bytes_code)
+        spans, evaluation = evaluated.result()
     mfu = TRAIN_MFU[code_class]
-    tokens, spans, source = validation(h, val_tokens)
     train = train_plan(model, h, calibration.reserve_s if h.max_wallclock_seconds > 0 else 0.0, mfu, seq_schedule,
                        spans)
     memory = memory_plan(model, h, train.segments)
-    artifact = artifact_plan(model, h, shipped_code_bytes() if bytes_code is None else bytes_code)
-    evaluation = eval_plan(h, tokens, spans, source)
+    params = sum(p.numel() for p in model.parameters())
+    passes = (len(model.plans[False]), len(model.plans[True]))
     return Plan(h, params, passes, mfu, code_class, seq_schedule, train, memory, artifact, calibration, evaluation)

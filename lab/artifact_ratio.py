@@ -2,7 +2,8 @@
 on models small enough to train here: the data behind the trained/init ratio of lab/predict.py.
 
     OMP_NUM_THREADS=1 python3 lab/artifact_ratio.py --data bench/corpus_sp1024 \
-        --tokenizer bench/corpus_1024_bpe.model --steps 0 250 1000 --out lab/artifact_ratio.jsonl
+        --tokenizer bench/corpus_1024_bpe.model --steps 0 300 1200 --out lab/artifact_ratio.jsonl
+    python3 lab/artifact_ratio.py --table             # the results as docs/plan.md shows them
 
 For each configuration below and each step count, train_gpt.main() runs unchanged (one process, no
 wallclock cap, no byte fitting: QUANT_TARGET_BYTES=0) with an export hook that also estimates the trained
@@ -10,8 +11,10 @@ weights; one JSON line per run:
   est_init     train_gpt.estimate_model_bytes of the initial weights (the `artifact_estimate` line less code)
   est_trained  the same estimator on the weights the quantizer receives after training
   bytes_model  the artifact's compressed model bytes (the `artifact` line): what the cap counts
-Step count 0 exports the initial weights, which measures the estimator alone. `bench/` is built by
-scripts/corpus_benchmark.sh (the benchmark corpus, sp1024). Runs go two at a time (--jobs).
+Step count 0 exports the initial weights, whose zero-initialized tensors (the bigram table, the output
+projections) the estimator counts as Gaussian (trained, they will not stay zero) while the artifact stores
+them as zeros. `bench/` is built by scripts/corpus_benchmark.sh (the benchmark corpus, sp1024). Runs go two at
+a time (--jobs).
 """
 
 from __future__ import annotations
@@ -65,16 +68,34 @@ def one(config: str, steps: int, data: str, tokenizer: str) -> dict:
                 bytes_model=int(artifact[2]), env={k: v for k, v in CONFIGS[config].items()})
 
 
+def table(path: Path) -> str:
+    rows = ["| configuration | steps | params | estimate at init | estimate of the trained weights | artifact "
+            "(bytes_model) | artifact / estimate at init | artifact / estimate of the same weights |",
+            "|---|---|---|---|---|---|---|---|"]
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        rows.append(f"| {r['config']} | {r['steps']} | {r['params']:,} | {r['est_init']:,} | {r['est_trained']:,} | "
+                    f"{r['bytes_model']:,} | {r['bytes_model'] / r['est_init']:.4f} | "
+                    f"{r['bytes_model'] / r['est_trained']:.4f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--tokenizer", required=True)
-    ap.add_argument("--steps", type=int, nargs="+", default=[0, 250, 1000])
+    ap.add_argument("--data", help="the benchmark corpus' shards (needed to train)")
+    ap.add_argument("--tokenizer", help="its tokenizer model (needed to train)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[0, 300, 1200])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", type=Path, default=ROOT / "lab" / "artifact_ratio.jsonl")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--one", nargs=2, metavar=("CONFIG", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--table", action="store_true", help="print --out's results as a markdown table and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
+    if not (args.data and args.tokenizer):
+        ap.error("--data and --tokenizer are needed to train")
     if args.one:
         print("RESULT " + json.dumps(one(args.one[0], int(args.one[1]), args.data, args.tokenizer)), flush=True)
         return

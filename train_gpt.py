@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
-# Hyperparameters
+# Settings
 # ----------------------------------------------------------------------------------------------------
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal cap on code bytes + compressed model bytes
@@ -196,25 +196,69 @@ PRESETS: dict[str, dict[str, str]] = {
 
 
 @dataclass(frozen=True)
-class Hyperparameters(ModelConfig):
-    """Everything a run reads from the environment: the model's fields (inherited from ModelConfig) and how
-    it is trained, quantized and evaluated."""
-    # Preset.
+class RunSettings:
+    """Which run: its data, where it writes, its seed and how it runs. None of these change what a
+    step computes except SEED."""
+    # Run: preset, data and identity.
     preset: str = _hp("seed", choices=tuple(PRESETS))  # seed (the defaults) or april; explicit variables win
-    # Data and run identity.
     data_path: str = _hp("./data/datasets/fineweb10B_sp1024")  # folder of fineweb_train_*.bin and fineweb_val_*.bin
     tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")  # sentencepiece model (bpb bytes, BOS check)
-    run_id: str = _hp("")  # empty: a fresh id, shared by all ranks
+    run_id: str = _hp("")  # empty: a fresh id, shared by all ranks (RunState.run_id)
     out_dir: str = _hp("logs")  # the log <RUN_ID>.txt and the artifact <RUN_ID>.ptz go here
     seed: int = _hp(1337, lo=0, hi=2**31 - 1)  # init, data order, everything random: the same seed gives the same run
-    # Training length and batch.
+    compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
+    cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
+    resume_from: str = _hp("")  # a checkpoint a stopped run wrote (<OUT_DIR>/<RUN_ID>.ckpt): continue that run
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """How long training runs and what changes during it (the Schedule reads these)."""
+    # Schedule: length and batch.
     train_seq_len: int = _hp(2048, lo=2, hi=65536)  # training sequence length (and the plain evaluation's windows)
     train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)  # per step: TRAIN_SEQ_LEN x 8k sequences
     iterations: int = _hp(20_000, lo=0, hi=10**9)  # step limit (or the budget, if sooner)
     max_wallclock_seconds: float = _hp(600.0, lo=0.0, hi=1e7)  # 0: no cap, ITERATIONS decides
     warmup_steps: int = _hp(20, lo=0, hi=10**6)  # compile/kernel priming steps, then weights reset
+    train_loader: str = _hp("coprime", choices=("coprime", "sequential"))  # seeded blocks, or file order
+    val_loss_every: int = _hp(1000, lo=0, hi=10**9)  # 0: only at the end
+    train_log_every: int = _hp(200, lo=0, hi=10**9)  # 0: no step lines
+    # Schedule: LR, weight averaging, QAT and the mini recurrence.
     warmdown_frac: float = _hp(0.5, lo=0.0, hi=1.0)  # last fraction of the budget: LR falls to 0
+    warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
+    min_lr: float = _hp(0.0, lo=0.0, hi=1.0)  # the LR multiplier never falls below it (the public MIN_LR: a clamp)
     mini_recur_start_frac: float = _hp(0.0, lo=0.0, hi=0.999)  # mini recurrence repeats start at this share of training
+    gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
+    gptq_reserve_measure: bool = _hp(True)  # warm-up times calibration + GPTQ and reserves 1.5x that + 1 s
+    final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
+    ema_decay: float = _hp(0.997, lo=0.0, hi=0.999999)  # EMA of the weights, updated every step
+    swa_every: int = _hp(50, lo=1, hi=10**9)  # SWA checkpoint period (steps) during the warmdown
+    qat: str = _hp("hard", choices=("off", "hard", "soft"))  # fake int6: straight-through or soft-round
+    qat_lr_threshold: float = _hp(0.15, lo=0.0, hi=1.0)  # QAT switches on once the LR multiplier is below
+    qat_soft_alpha_start: float = _hp(1.0, lo=0.0, hi=1e4)  # soft-round sharpness when QAT switches on
+    qat_soft_alpha_end: float = _hp(16.0, lo=0.0, hi=1e4)  # ... reached QAT_SOFT_RAMP_STEPS later
+    qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)  # steps of that ramp
+
+    def check(self) -> None:
+        seqs = self.train_batch_tokens // self.train_seq_len
+        if self.train_batch_tokens % self.train_seq_len or seqs % MICRO_BATCHES_PER_STEP:
+            raise ValueError(
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be TRAIN_SEQ_LEN={self.train_seq_len} "
+                f"times a multiple of {MICRO_BATCHES_PER_STEP} sequences")
+        if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
+            raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time out of "
+                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        lowest = max(self.warmdown_floor, self.min_lr)
+        if self.qat != "off" and (self.warmdown_frac == 0 or lowest >= self.qat_lr_threshold):
+            raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
+                             f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
+                             f"WARMDOWN_FLOOR={self.warmdown_floor}, MIN_LR={self.min_lr}); set QAT=off or "
+                             f"change them")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Muon for the block matrices, AdamW for the rest (build_optimizers reads these)."""
     # Optimizer.
     matrix_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # Muon LR below MATRIX_LR_SPLIT_LAYER
     scalar_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # AdamW LR of the remaining vectors and scalars
@@ -238,21 +282,11 @@ class Hyperparameters(ModelConfig):
     embed_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
     scalar_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # AdamW decay on gates, scalars (and Adam projections)
     embed_proj_optimizer: str = _hp("muon", choices=("muon", "adam"))  # bigram/value-embedding projections
-    # Schedule, weight averaging and QAT.
-    warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
-    min_lr: float = _hp(0.0, lo=0.0, hi=1.0)  # the LR multiplier never falls below it (the public MIN_LR: a clamp)
-    gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
-    gptq_reserve_measure: bool = _hp(True)  # warm-up times calibration + GPTQ and reserves 1.5x that + 1 s
-    final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
-    ema_decay: float = _hp(0.997, lo=0.0, hi=0.999999)  # EMA of the weights, updated every step
-    swa_every: int = _hp(50, lo=1, hi=10**9)  # SWA checkpoint period (steps) during the warmdown
-    qat: str = _hp("hard", choices=("off", "hard", "soft"))  # fake int6: straight-through or soft-round
-    qat_lr_threshold: float = _hp(0.15, lo=0.0, hi=1.0)  # QAT switches on once the LR multiplier is below
-    qat_soft_alpha_start: float = _hp(1.0, lo=0.0, hi=1e4)  # soft-round sharpness when QAT switches on
-    qat_soft_alpha_end: float = _hp(16.0, lo=0.0, hi=1e4)  # ... reached QAT_SOFT_RAMP_STEPS later
-    qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)  # steps of that ramp
-    # Data order.
-    train_loader: str = _hp("coprime", choices=("coprime", "sequential"))  # seeded blocks, or file order
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Quantization, the row clips, LQER and compression (the export reads these)."""
     # Quantization and compression.
     quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 7, 8))  # block matrices: int6 per row
     quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 7, 8, 16))  # tied embedding; 16 = fp16
@@ -281,13 +315,32 @@ class Hyperparameters(ModelConfig):
     lqer_b_bits: int = _hp(4, lo=2, hi=8)  # B's levels, one scale per LQER_GROUP values
     lqer_group: int = _hp(64, lo=1, hi=2**20)  # values of B per scale
     lqer_select: str = _hp("error", choices=("error", "hessian"))  # largest ||W - W_q||_F, or most output error removed
-    # Evaluation and logging.
+
+    def check(self) -> None:
+        parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The evaluation passes: plain windows, the sliding window, batch sizes."""
+    # Evaluation.
     val_batch_size: int = _hp(65_536, lo=1, hi=2**31 - 1)  # tokens per eval forward on each rank
-    val_loss_every: int = _hp(1000, lo=0, hi=10**9)  # 0: only at the end
-    train_log_every: int = _hp(200, lo=0, hi=10**9)  # 0: no step lines
     eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # sliding-window evaluation: window length
     eval_stride: int = _hp(64, lo=1, hi=65536)  # sliding-window evaluation: a new window every this many targets
-    # Score-first test-time training (docs/ttt.md): final_ttt_exact, after the sliding-window score.
+
+    def val_batch_seqs(self, seq_len: int) -> int:
+        """Sequences of seq_len per forward for evaluation and calibration: VAL_BATCH_SIZE tokens."""
+        return max(1, self.val_batch_size // seq_len)
+
+    def check(self) -> None:
+        if self.eval_stride > self.eval_seq_len:
+            raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+
+
+@dataclass(frozen=True)
+class TTTSettings:
+    """Score-first test-time training (docs/ttt.md): final_ttt_exact, after the sliding-window score."""
+    # Test-time training.
     ttt: bool = _hp(True)  # adapt to each validation document while scoring it (on the artifact's weights)
     ttt_lora_rank: int = _hp(80, lo=1, hi=4096)  # rank of each document's LoRA (Q, K, V, O, MLP, head)
     ttt_chunk_size: int = _hp(48, lo=1, hi=65536)  # tokens scored, then learned from, per step
@@ -304,10 +357,25 @@ class Hyperparameters(ModelConfig):
     global_ttt_epochs: int = _hp(1, lo=0, hi=100)  # passes over the scored documents per phase; 0: none
     global_ttt_chunk_tokens: int = _hp(32768, lo=2, hi=2**31 - 1)  # tokens per SGD step (all ranks)
     global_ttt_grad_clip: float = _hp(1.0, lo=0.0, hi=1e6)  # 0: no clipping
-    # Runtime.
-    compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
-    cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
-    resume_from: str = _hp("")  # a checkpoint a stopped run wrote (<OUT_DIR>/<RUN_ID>.ckpt): continue that run
+
+    def check(self) -> None:
+        if self.ttt_chunk_size > self.ttt_eval_seq_len:
+            raise ValueError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} must be at most "
+                             f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a chunk is scored inside one window)")
+
+
+# The sections of a run's settings, in the order the log and docs/environment.md list them. Each setting is
+# defined once, in its section; a function that needs one section takes that section (a Hyperparameters is
+# every section at once, so it can be passed wherever one is asked for).
+SETTING_SECTIONS = (RunSettings, ModelConfig, ScheduleSettings, OptimizerSettings, QuantSettings, EvalSettings,
+                    TTTSettings)
+
+
+@dataclass(frozen=True)
+class Hyperparameters(TTTSettings, EvalSettings, QuantSettings, OptimizerSettings, ScheduleSettings, ModelConfig,
+                      RunSettings):
+    """Everything a run reads from the environment: every section's settings, read once at start-up,
+    validated, logged, and read-only afterwards (what a run measures lives in RunState)."""
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -330,33 +398,68 @@ class Hyperparameters(ModelConfig):
             raise SettingError(str(e)) from None
         return hp
 
-    def val_batch_seqs(self, seq_len: int) -> int:
-        """Sequences of seq_len per forward for evaluation and calibration: VAL_BATCH_SIZE tokens."""
-        return max(1, self.val_batch_size // seq_len)
-
     def check(self) -> None:
-        """Cross-field rules (the model's, then the run's); each error names the variables involved."""
-        super().check()
-        seqs = self.train_batch_tokens // self.train_seq_len
-        if self.train_batch_tokens % self.train_seq_len or seqs % MICRO_BATCHES_PER_STEP:
-            raise ValueError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be TRAIN_SEQ_LEN={self.train_seq_len} "
-                f"times a multiple of {MICRO_BATCHES_PER_STEP} sequences")
-        if self.eval_stride > self.eval_seq_len:
-            raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
-        if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
-            raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time out of "
-                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        lowest = max(self.warmdown_floor, self.min_lr)
-        if self.qat != "off" and (self.warmdown_frac == 0 or lowest >= self.qat_lr_threshold):
-            raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
-                             f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
-                             f"WARMDOWN_FLOOR={self.warmdown_floor}, MIN_LR={self.min_lr}); set QAT=off or "
-                             f"change them")
-        parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
-        if self.ttt_chunk_size > self.ttt_eval_seq_len:
-            raise ValueError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} must be at most "
-                             f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a chunk is scored inside one window)")
+        """Each section's rules, in order; each error names the variables involved."""
+        for section in SETTING_SECTIONS:
+            if "check" in vars(section):
+                section.check(self)
+
+
+# ---- the run: where it runs, what it measured ----------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where and how this process runs; everything derived from the environment, not from flags."""
+    rank: int
+    world_size: int
+    device: torch.device
+    grad_accum: int
+    autocast: Callable
+    ns_dtype: torch.dtype
+    threads_from: str = ""  # how torch's CPU thread count was chosen (choose_cpu_threads)
+    clock: Callable[[], float] = time.perf_counter  # seconds; tests inject one to test time rules exactly
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @classmethod
+    def single(cls, device: str | torch.device = "cpu") -> "Runtime":
+        """One process on `device` (tools and tests): fp32 on a CPU, bf16 autocast on CUDA."""
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+        return cls(0, 1, device, MICRO_BATCHES_PER_STEP, autocast, torch.bfloat16 if cuda else torch.float32)
+
+
+@dataclass
+class RunState:
+    """What a run draws or measures at start-up, beside its read-only settings: saved in a checkpoint as its
+    own part, so a resumed run keeps them."""
+    run_id: str  # RUN_ID, or a fresh id shared by all ranks
+    gptq_reserve_seconds: float  # GPTQ_RESERVE_SECONDS, or the reserve measured in the warm-up
+    reserve_from: str = "setting"  # "setting" or "measured"
+
+
+@dataclass
+class RunContext:
+    """What every phase of a run reads: the settings, where it runs, what it measured, its log and its code."""
+    h: Hyperparameters
+    rt: Runtime
+    state: RunState
+    log: Callable[..., None]
+    code: CodeForm
+
+
+def log_legality(log, rule: str, verdict: str, **judged_on) -> None:
+    """Every `legality` line has this one form: the rule, its verdict (within / over, or why it is not
+    judged), then what it was judged on, so that a log reader finds each rule's verdict the same way."""
+    log(" ".join([f"legality {rule} verdict:{verdict}", *(f"{k}:{v}" for k, v in judged_on.items())]))
 
 
 SETTING_TYPO_CUTOFF = 0.85  # difflib similarity above which an unknown variable is taken for a mistyped setting
@@ -414,6 +517,24 @@ def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
     return frozenset(layer if layer >= 0 else max(0, num_layers + layer) for layer in layers)
 
 
+FP16_BITS = 16  # in a plan: keep the tensor as fp16
+PLAN_BITS = (5, 6, 7, 8, FP16_BITS)
+
+
+def parse_quant_plan(text: str) -> list[tuple[str, int]]:
+    """QUANT_PLAN "glob=bits,glob=bits" -> [(glob, bits)]; globs match state-dict names (fnmatch)."""
+    rules = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        pattern, sep, bits = (part.strip() for part in item.partition("="))
+        if not sep or not pattern or bits not in {str(b) for b in PLAN_BITS}:
+            raise ValueError(f"QUANT_PLAN entry {item!r} is invalid: expected glob=bits with bits one of "
+                             f"{', '.join(map(str, PLAN_BITS))}")
+        rules.append((pattern, int(bits)))
+    return rules
+
+
 def grad_accum_steps(world_size: int) -> int:
     if world_size < 1 or MICRO_BATCHES_PER_STEP % world_size:
         raise SettingError(f"WORLD_SIZE={world_size} must divide {MICRO_BATCHES_PER_STEP} (1, 2, 4 or 8 processes)")
@@ -425,17 +546,27 @@ def grad_accum_steps(world_size: int) -> int:
 PROGRESS_EVERY_S = 30.0  # without a terminal, a long phase prints a line at least this often
 
 
+@dataclass(frozen=True)
+class ProgressSink:
+    """Where and how often Progress reports (tests give their own output and clock)."""
+    every_s: float | None = None  # None: PROGRESS_EVERY_S
+    bar: bool | None = None  # None: a bar when stderr is a terminal
+    out: object = None  # a file for the lines (default: stdout)
+    clock: Callable[[], float] = time.perf_counter
+
+
 class Progress:
     """done/total of a long phase on the main process: a tqdm bar when stderr is a terminal, else a
     `progress` line on stdout every PROGRESS_EVERY_S seconds with the time left (not in the log file)."""
 
     def __init__(self, phase: str, total: int, enabled: bool = True, unit: str = "batch",
-                 every_s: float | None = None, bar: bool | None = None, out=None, clock=time.perf_counter):
-        self.phase, self.total, self.unit, self.clock = phase, total, unit, clock
-        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
-        self.enabled, self.done, self.out = enabled and total > 0, 0, out
-        self.t0 = self.last = clock()
-        bar = sys.stderr.isatty() if bar is None else bar
+                 sink: ProgressSink | None = None):
+        sink = sink or ProgressSink()
+        self.phase, self.total, self.unit, self.clock = phase, total, unit, sink.clock
+        self.every_s = PROGRESS_EVERY_S if sink.every_s is None else sink.every_s
+        self.enabled, self.done, self.out = enabled and total > 0, 0, sink.out
+        self.t0 = self.last = self.clock()
+        bar = sys.stderr.isatty() if sink.bar is None else sink.bar
         self.bar = (tqdm(total=total, desc=phase, unit=unit, leave=False, dynamic_ncols=True)
                     if self.enabled and bar else None)
 
@@ -722,11 +853,11 @@ class CoprimeLoader:
         return _to_device(x, self.device), _to_device(y, self.device)
 
 
-def make_train_loader(h: Hyperparameters, rank: int, world_size: int, device: torch.device):
+def make_train_loader(h: Hyperparameters, rt: Runtime):
     files = find_shards(h.data_path, "train")
     if h.train_loader == "sequential":
-        return DistributedTokenLoader(files, rank, world_size, device)
-    return CoprimeLoader(files, rank, world_size, device, h.train_seq_len, h.seed)
+        return DistributedTokenLoader(files, rt.rank, rt.world_size, rt.device)
+    return CoprimeLoader(files, rt.rank, rt.world_size, rt.device, h.train_seq_len, h.seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1039,6 +1170,18 @@ class MLP(nn.Module):
         return self.proj(self.activation(self.fc(x)))
 
 
+class PassInputs(NamedTuple):
+    """What one pass through a block reads besides its stream. input_scale and xsa are Python constants of
+    the layer position (a shared block has several); lora: this pass's test-time adapters (the MLP's runs
+    beside it, from its input to its output); ve: this pass's scaled value embedding."""
+    x0: Tensor  # the first layer's input (the residual mix blends it in)
+    input_scale: float
+    xsa: bool
+    docs: DocLayout | None = None
+    lora: object = None
+    ve: Tensor | None = None
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, attention: Callable):
         super().__init__()
@@ -1050,25 +1193,20 @@ class Block(nn.Module):
         # Row 0 weighs the stream, row 1 the first-layer input x0: starts as the plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool, docs: DocLayout | None = None,
-                lora=None, ve: Tensor | None = None) -> Tensor:
-        """input_scale and xsa are Python constants of the layer position (a shared block has several);
-        lora: this pass's test-time adapters (the MLP's runs beside it, from its input to its output);
-        ve: this pass's scaled value embedding, or None."""
+    def forward(self, x: Tensor, p: PassInputs) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa, docs, lora, ve)
-        return x + self.mlp_scale.to(x.dtype) * adapted(self.mlp, rms_norm(x) * input_scale, lora, "mlp")
+        x = mix[0] * x + mix[1] * p.x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * p.input_scale, p.xsa, p.docs, p.lora, p.ve)
+        return x + self.mlp_scale.to(x.dtype) * adapted(self.mlp, rms_norm(x) * p.input_scale, p.lora, "mlp")
 
-    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, input_scale: float, xsa: bool,
-                      resid: Tensor, post: Tensor, docs: DocLayout | None = None,
-                      lora=None, ve: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, p: PassInputs, resid: Tensor,
+                      post: Tensor) -> tuple[Tensor, Tensor]:
         """Parallel residuals: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both from the
         lanes as they entered the block; lane_i = resid[i] * lane_i + post[0, i] * attn + post[1, i] * mlp."""
         mix = self.resid_mix.to(lane0.dtype)
-        attn_in = mix[0] * lane0 + mix[1] * x0
-        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * input_scale, xsa, docs, lora, ve)
-        m = self.mlp_scale.to(lane1.dtype) * adapted(self.mlp, rms_norm(lane1) * input_scale, lora, "mlp")
+        attn_in = mix[0] * lane0 + mix[1] * p.x0
+        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * p.input_scale, p.xsa, p.docs, p.lora, p.ve)
+        m = self.mlp_scale.to(lane1.dtype) * adapted(self.mlp, rms_norm(lane1) * p.input_scale, p.lora, "mlp")
         resid, post = resid.to(lane0.dtype), post.to(lane0.dtype)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
@@ -1325,12 +1463,12 @@ class GPT(nn.Module):
                 lane1 = None if lane1 is None else lane1 + self.iteration_vectors[p.iteration].to(x.dtype)
             block, layer_lora = self.blocks[p.block], None if lora is None else lora.layers[i]
             layer_ve = ve * self.ve_layer_scales[p.ve].to(x.dtype) if p.ve >= 0 else None
+            inputs = PassInputs(x0, p.input_scale, p.xsa, docs, layer_lora, layer_ve)
             if p.lanes < 0:
-                x = block(x, x0, p.input_scale, p.xsa, docs, layer_lora, layer_ve)
+                x = block(x, inputs)
             else:
-                x, lane1 = block.forward_lanes(x, x if lane1 is None else lane1, x0, p.input_scale, p.xsa,
-                                               self.lane_resid[p.lanes], self.lane_post[p.lanes], docs, layer_lora,
-                                               layer_ve)
+                x, lane1 = block.forward_lanes(x, x if lane1 is None else lane1, inputs, self.lane_resid[p.lanes],
+                                               self.lane_post[p.lanes])
             if p.push:
                 skips.append(x if lane1 is None else (x + lane1) / 2)
         if lane1 is not None:
@@ -1470,13 +1608,14 @@ class Muon(torch.optim.Optimizer):
     A matrix without a gradient counts as a zero gradient (its momentum and weight decay still apply).
     """
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
-                 rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.bfloat16,
-                 orthogonalize=newton_schulz5, ns_coeffs: str = "quintic", row_normalize: bool = False):
-        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
+    def __init__(self, params, h: OptimizerSettings, rt: Runtime, orthogonalize=newton_schulz5):
+        """params: tensors or groups (a group's own lr, momentum, weight_decay or backend_steps win over h's:
+        MATRIX_LR, MUON_MOMENTUM, MUON_WEIGHT_DECAY, MUON_BACKEND_STEPS)."""
+        defaults = dict(lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
+                        weight_decay=h.muon_weight_decay)
         super().__init__(params, defaults)
-        self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
-        self.ns_coeffs, self.row_normalize = NS_COEFF_SETS[ns_coeffs], row_normalize
+        self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rt.rank, rt.world_size, rt.ns_dtype, orthogonalize
+        self.ns_coeffs, self.row_normalize = NS_COEFF_SETS[h.muon_ns_coeffs], h.muon_row_normalize
         self.stacks: list[MatrixStack] = []
         self._works: list = []
 
@@ -1586,6 +1725,43 @@ class Muon(torch.optim.Optimizer):
         self._works.clear()
 
 
+GRAD_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+
+
+def average_gradients(params: list[Tensor], rt: Runtime) -> None:
+    """Replace every gradient by its mean over the ranks: one all-reduce of one flat buffer. A missing
+    gradient counts as zero, so every rank reduces the same layout. Training and TTT's global SGD share it."""
+    if rt.world_size == 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= rt.world_size
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g
+
+
+def clip_global_norm(full: list[Tensor], shards: list[Tensor], max_norm: float, rt: Runtime) -> None:
+    """torch.nn.utils.clip_grad_norm_ of the whole averaged gradient, where `full` gradients are whole on
+    every rank and `shards` are disjoint slices, one per rank (Muon's): the slices' squares are summed
+    over the ranks. The coefficient stays on the device. Training and TTT's global SGD share it."""
+    device = (full or shards)[0].device
+    sq = torch.zeros((), device=device)
+    if shards:
+        sq = torch.stack(torch._foreach_norm(shards)).square().sum()
+    if shards and rt.world_size > 1:
+        dist.all_reduce(sq)
+    if full:
+        sq = sq + torch.stack(torch._foreach_norm(full)).square().sum()
+    coef = (max_norm / (sq.sqrt() + GRAD_CLIP_EPS)).clamp(max=1.0)
+    for grads in (full, shards):
+        if grads:
+            torch._foreach_mul_(grads, coef)
+
+
 def embed_projections(model: GPT) -> list[nn.Parameter]:
     """The projections of the input-side tables (bigram, value embedding): the matrices outside the blocks
     that EMBED_PROJ_OPTIMIZER hands to Muon or to Adam."""
@@ -1639,17 +1815,14 @@ def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
             for role, params in roles.items() if params]
 
 
-def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
-                     ns_dtype: torch.dtype, orthogonalize=newton_schulz5) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, h: OptimizerSettings, rt: Runtime,
+                     orthogonalize=newton_schulz5) -> list[torch.optim.Optimizer]:
     """AdamW for the embeddings, gates and scalars; Muon for the block matrices. Each group keeps its
     configured LR as base_lr, which the schedule multiplies."""
     # fused: one kernel for all tensors, and its step counter stays a tensor (the default implementation
     # reads it with .item() every step: a host sync on CUDA).
     adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=True)
-    muon = Muon(muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
-                backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay, rank=rank,
-                world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize, ns_coeffs=h.muon_ns_coeffs,
-                row_normalize=h.muon_row_normalize)
+    muon = Muon(muon_groups(model, h), h, rt, orthogonalize)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -1690,8 +1863,6 @@ def set_step_hparams(optimizers: list[torch.optim.Optimizer], lr_mult: float, mo
 # payload holding a JSON manifest (every tensor's kind, bits, shape, dtype, storage and byte ranges)
 # and the tensor bytes.
 
-FP16_BITS = 16  # in a plan: keep the tensor as fp16
-PLAN_BITS = (5, 6, 7, 8, FP16_BITS)
 EMBEDDING_NAME = "tok_emb.weight"
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # candidate clips, as quantiles of |w| per row
 SCALE_FLOOR = torch.finfo(torch.float16).tiny  # an all-zero row still gets a positive, representable scale
@@ -1739,20 +1910,6 @@ def fake_quant(w: Tensor, levels: int, soft_alpha: Tensor | None = None) -> Tens
 
 
 # ---- the plan -------------------------------------------------------------------------------------
-
-
-def parse_quant_plan(text: str) -> list[tuple[str, int]]:
-    """QUANT_PLAN "glob=bits,glob=bits" -> [(glob, bits)]; globs match state-dict names (fnmatch)."""
-    rules = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        pattern, sep, bits = (part.strip() for part in item.partition("="))
-        if not sep or not pattern or bits not in {str(b) for b in PLAN_BITS}:
-            raise ValueError(f"QUANT_PLAN entry {item!r} is invalid: expected glob=bits with bits one of "
-                             f"{', '.join(map(str, PLAN_BITS))}")
-        rules.append((pattern, int(bits)))
-    return rules
 
 
 def build_quant_plan(state: dict[str, Tensor], fp16_names=frozenset(), bits: int = Hyperparameters.quant_bits,
@@ -1804,28 +1961,14 @@ def row_quantiles(a: Tensor, quantiles: tuple[float, ...]) -> Tensor:
     return s[:, lo].T * (1 - frac[:, None]) + s[:, hi].T * frac[:, None]
 
 
-@dataclass(frozen=True)
-class ClipConfig:
-    """How each row's clip is chosen: CLIP_METHOD and the SDCLIP_* values."""
-    method: str = "percentile"
-    k_mlp: float = Hyperparameters.sdclip_k_mlp
-    k_attn: float = Hyperparameters.sdclip_k_attn
-    k_embed: float = Hyperparameters.sdclip_k_embed
-    k_other: float = Hyperparameters.sdclip_k_other
-    hessian_lambda: float = Hyperparameters.sdclip_hessian_lambda
-
-    @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "ClipConfig":
-        return cls(h.clip_method, h.sdclip_k_mlp, h.sdclip_k_attn, h.sdclip_k_embed, h.sdclip_k_other,
-                   h.sdclip_hessian_lambda)
-
-    def row_kwargs(self, name: str) -> dict:
-        """clip_scales' keyword arguments for tensor `name` ({} for the percentile search)."""
-        if self.method == "percentile":
-            return {}
-        k = (self.k_embed if name == EMBEDDING_NAME else self.k_mlp if ".mlp." in name
-             else self.k_attn if ".attn." in name else self.k_other)
-        return {"sd_k": k, "hessian_lambda": self.hessian_lambda if self.method == "sdclip_hessian" else 0.0}
+def clip_rule(q: QuantSettings, name: str) -> dict:
+    """clip_scales' keyword arguments for tensor `name` under CLIP_METHOD ({} for the percentile search):
+    SDClip's k by the tensor's class (MLP, attention, the tied embedding, anything else)."""
+    if q.clip_method == "percentile":
+        return {}
+    k = (q.sdclip_k_embed if name == EMBEDDING_NAME else q.sdclip_k_mlp if ".mlp." in name
+         else q.sdclip_k_attn if ".attn." in name else q.sdclip_k_other)
+    return {"sd_k": k, "hessian_lambda": q.sdclip_hessian_lambda if q.clip_method == "sdclip_hessian" else 0.0}
 
 
 def row_importance(w: Tensor, input_power: Tensor) -> Tensor:
@@ -1917,23 +2060,16 @@ def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> 
     return q
 
 
-def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int, name: str,
-                       log, **clip) -> tuple[Tensor, Tensor]:
-    """GPTQ with act-order (columns by decreasing diag H) combined with the clip search: GPTQ runs on
-    all candidate scales at once (rows are independent given H, so the candidates are stacked as extra
-    rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T. With
-    SDClip (`clip`: clip_scales' keyword arguments) there is one candidate; its Hessian-aware form
-    weighs rows by diag H."""
-    return quantize_gptq_batch([w], [h], bits, damp, block, [name], log, [clip])[0]
-
-
-def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, damp: float, block: int,
-                        names: list[str], log, clips: list[dict] | None = None) -> list[tuple[Tensor, Tensor]]:
-    """quantize_rows_gptq of several same-shape matrices, each with its own Hessian, column order and
-    clip rule (`clips`: clip_scales' keyword arguments per matrix, all of one method), through one
-    batched column loop."""
+def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, names: list[str], q: QuantSettings,
+                        log) -> list[tuple[Tensor, Tensor]]:
+    """GPTQ of several same-shape matrices, each with its own Hessian, column order and row clips
+    (clip_rule), through one batched column loop. Act-order: columns by decreasing diag H. Combined with
+    the clip search: GPTQ runs on all candidate scales at once (rows are independent given H, so the
+    candidates are stacked as extra rows) and each row keeps the candidate with the least output error
+    (w - q s) H (w - q s)^T. SDClip has one candidate; its Hessian-aware form weighs rows by diag H."""
     prepared = []
-    for w, h, name, clip in zip(ws, hs, names, clips or [{}] * len(ws)):
+    for w, h, name in zip(ws, hs, names):
+        clip = clip_rule(q, name)
         w, h = w.float().clone(), h.float().clone()
         power = h.diagonal().clone()
         dead = power == 0  # inputs that were always zero: their weights cannot matter, set them to 0
@@ -1942,12 +2078,13 @@ def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, damp: flo
         order = torch.argsort(h.diagonal(), descending=True)
         w, h, power = w[:, order], h[order][:, order], power[order]
         scales = clip_scales(w, bits, clip.get("sd_k"), power, clip.get("hessian_lambda", 0.0))
-        prepared.append((w, h, order, damped_inverse_cholesky(h, damp, name, log), scales))
+        prepared.append((w, h, order, damped_inverse_cholesky(h, q.gptq_damp, name, log), scales))
     P, R = prepared[0][4].shape
-    q = gptq_columns(torch.stack([w.repeat(P, 1) for w, *_ in prepared]), torch.stack([u for *_, u, _ in prepared]),
-                     torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, block)
+    levels = gptq_columns(torch.stack([w.repeat(P, 1) for w, *_ in prepared]),
+                          torch.stack([u for *_, u, _ in prepared]),
+                          torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, q.gptq_block)
     out = []
-    for (w, h, order, _, scales), qi in zip(prepared, q.view(len(prepared), P, R, -1)):
+    for (w, h, order, _, scales), qi in zip(prepared, levels.view(len(prepared), P, R, -1)):
         e = qi * scales[:, :, None] - w
         err = ((e @ h) * e).sum(dim=2)
         qi, scale = pick_rows(err, qi, scales)
@@ -1978,41 +2115,37 @@ def quant_chunks(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[
 
 
 def quantize_chunk(state: dict[str, Tensor], names: list[str], plan: dict[str, int],
-                   hessians: dict[str, Tensor], damp: float, block: int, log, clip: ClipConfig = ClipConfig(),
-                   gptq: bool = True) -> dict[str, dict]:
-    """Entries (quantize_state_dict's) of one quant_chunks chunk. Without `gptq`, Hessians serve the
+                   hessians: dict[str, Tensor], q: QuantSettings, log) -> dict[str, dict]:
+    """Entries (quantize_state_dict's) of one quant_chunks chunk. Without GPTQ, Hessians serve the
     Hessian-aware clip only."""
     bits = plan[names[0]]
     ws = [state[n].detach().reshape(state[n].size(0), -1) for n in names]
-    kws = [clip.row_kwargs(n) for n in names]
-    for n, kw in zip(names, kws):
-        if kw.get("hessian_lambda") and n not in hessians:  # e.g. a lookup table: no inputs to weigh
+    for n in names:
+        if clip_rule(q, n).get("hessian_lambda") and n not in hessians:  # e.g. a lookup table: no inputs
             log(f"clip_fallback tensor:{n} method:sdclip reason:no_hessian")
-    if gptq and names[0] in hessians:
-        results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, damp, block,
-                                      names, log, kws)
+    if q.gptq and names[0] in hessians:
+        results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, names, q, log)
     else:
         results = [quantize_rows_rtn(w, bits, input_power=hessians[n].diagonal().to(w.device) if n in hessians
-                                     else None, **kw) for n, w, kw in zip(names, ws, kws)]
+                                     else None, **clip_rule(q, n)) for n, w in zip(names, ws)]
     return {n: {"shape": list(state[n].shape), "dtype": str(state[n].dtype).removeprefix("torch."), "kind": "int",
-                "bits": bits, "q": q.cpu(), "scale": scale.cpu()} for n, (q, scale) in zip(names, results)}
+                "bits": bits, "q": levels.cpu(), "scale": scale.cpu()} for n, (levels, scale) in zip(names, results)}
 
 
 def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
-                        hessians: dict[str, Tensor] | None = None, damp: float = Hyperparameters.gptq_damp,
-                        block: int = Hyperparameters.gptq_block, log=print, clip: ClipConfig = ClipConfig(),
-                        gptq: bool = True) -> dict[str, dict]:
+                        hessians: dict[str, Tensor] | None = None, q: QuantSettings = QuantSettings(),
+                        log=print) -> dict[str, dict]:
     """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
-    tensors (GPTQ when `gptq` and `hessians` has the name, batched by shape, else round-to-nearest; the
-    row clips by `clip`), {"kind": "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for
+    tensors (GPTQ when GPTQ=1 and `hessians` has the name, batched by shape, else round-to-nearest; the
+    row clips by clip_rule), {"kind": "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for
     anything else; every entry keeps "shape", "dtype". plan defaults to build_quant_plan's; names in
-    fp16_names are stored as fp16 whatever the plan. Hessians given with gptq=False serve the
-    Hessian-aware clip only."""
+    fp16_names are stored as fp16 whatever the plan. Hessians given with GPTQ=0 serve the Hessian-aware
+    clip only."""
     plan = build_quant_plan(state, fp16_names) if plan is None else plan
     hessians = hessians or {}
     ints = {}
-    for chunk in quant_chunks(state, plan, hessians if gptq else {}, fp16_names):
-        ints.update(quantize_chunk(state, chunk, plan, hessians, damp, block, log, clip, gptq))
+    for chunk in quant_chunks(state, plan, hessians if q.gptq else {}, fp16_names):
+        ints.update(quantize_chunk(state, chunk, plan, hessians, q, log))
     return assemble_entries(state, ints)
 
 
@@ -2036,20 +2169,6 @@ def assemble_entries(state: dict[str, Tensor], ints: dict[str, dict]) -> dict[st
 # ---- LQER: a low-rank correction of the largest quantization errors -----------------------------
 
 LQER_SCALE_STEPS = 21  # candidate scales per factor group, searched for the least squared error
-
-
-@dataclass(frozen=True)
-class LQERConfig:
-    top: int = Hyperparameters.lqer_top  # 0: off
-    rank: int = Hyperparameters.lqer_rank
-    a_bits: int = Hyperparameters.lqer_a_bits
-    b_bits: int = Hyperparameters.lqer_b_bits
-    group: int = Hyperparameters.lqer_group
-    select: str = Hyperparameters.lqer_select
-
-    @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "LQERConfig":
-        return cls(h.lqer_top, h.lqer_rank, h.lqer_a_bits, h.lqer_b_bits, h.lqer_group, h.lqer_select)
 
 
 def signed_levels(bits: int) -> tuple[int, int]:
@@ -2082,16 +2201,16 @@ def dequantize_factor(q: Tensor, scale: Tensor, group: int) -> Tensor:
     return g.reshape(-1)[:flat.numel()].reshape(q.shape)
 
 
-def lqer_factors(err: Tensor, cfg: LQERConfig) -> dict:
+def lqer_factors(err: Tensor, q: QuantSettings) -> dict:
     """Quantized rank-r factors of err ~ A B from its SVD U S V^T: A = U_r S_r on LQER_A_BITS levels
     with one scale for the tensor, B = V_r^T on LQER_B_BITS levels with a scale per LQER_GROUP values.
     (Fitting A to the rounded B by least squares was measured: 0.1% less error, not worth it.)"""
     u, sv, vh = torch.linalg.svd(err.detach().cpu().double(), full_matrices=False)
-    r = min(cfg.rank, sv.numel())
-    a, a_scale = quantize_factor(u[:, :r] * sv[:r], cfg.a_bits, u.size(0) * r)
-    b, b_scale = quantize_factor(vh[:r], cfg.b_bits, cfg.group)
-    return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "group": cfg.group,
-            "a_bits": cfg.a_bits, "b_bits": cfg.b_bits}
+    r = min(q.lqer_rank, sv.numel())
+    a, a_scale = quantize_factor(u[:, :r] * sv[:r], q.lqer_a_bits, u.size(0) * r)
+    b, b_scale = quantize_factor(vh[:r], q.lqer_b_bits, q.lqer_group)
+    return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "group": q.lqer_group,
+            "a_bits": q.lqer_a_bits, "b_bits": q.lqer_b_bits}
 
 
 def lqer_product(f: dict) -> Tensor:
@@ -2113,30 +2232,30 @@ def output_error(err: Tensor, h: Tensor) -> float:
     return float(((err @ h) * err).sum())
 
 
-def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig, log=print,
+def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], q: QuantSettings, log=print,
              hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
-    """packed with LQER factors on cfg.top quantized tensors (a new dict; entries it does not touch are
+    """packed with LQER factors on q.lqer_top quantized tensors (a new dict; entries it does not touch are
     shared). LQER_SELECT=error takes those of largest ||E||_F, E = W - W_q (the record's rule);
     hessian computes the factors of every tensor with a Hessian and takes those that remove the most
     output error tr(E H E^T) - tr(R H R^T), R = E - A B: the largest ||E||_F is often a lookup table's
     error with no low-rank structure. A correction that would not lower ||E||_F is dropped."""
-    if cfg.top == 0:
+    if q.lqer_top == 0:
         return packed
     errors = {name: state[name].detach().double().cpu().reshape(e["q"].shape) - int_weights(e).double()
               for name, e in packed.items() if e["kind"] == "int"}
     norms = {name: float(err.norm()) for name, err in errors.items()}
     weighed = {name: hessians[name].detach().double().cpu() for name in errors
-               if cfg.select == "hessian" and name in (hessians or {})}
+               if q.lqer_select == "hessian" and name in (hessians or {})}
     if weighed:
-        factors = {name: lqer_factors(errors[name], cfg) for name in weighed}
+        factors = {name: lqer_factors(errors[name], q) for name in weighed}
         gain = {name: output_error(errors[name], h) - output_error(errors[name] - lqer_product(factors[name]), h)
                 for name, h in weighed.items()}
-        chosen = sorted(gain, key=gain.get, reverse=True)[:cfg.top]
+        chosen = sorted(gain, key=gain.get, reverse=True)[:q.lqer_top]
     else:
-        if cfg.select == "hessian":
+        if q.lqer_select == "hessian":
             log("lqer_fallback select:error reason:no_hessians")
-        chosen = sorted(norms, key=norms.get, reverse=True)[:cfg.top]
-        factors = {name: lqer_factors(errors[name], cfg) for name in chosen}
+        chosen = sorted(norms, key=norms.get, reverse=True)[:q.lqer_top]
+        factors = {name: lqer_factors(errors[name], q) for name in chosen}
     out, total_raw, total_entropy = dict(packed), 0, 0.0
     for name in chosen:
         f = factors[name]
@@ -2150,8 +2269,8 @@ def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig,
         total_raw, total_entropy = total_raw + raw, total_entropy + entropy
         log(f"lqer tensor:{name} rank:{f['a'].size(1)} err_frob:{norms[name]:.6g}->{after:.6g} "
             f"bytes_raw:{raw} bytes_entropy:{entropy:.0f}")
-    log(f"lqer tensors:{sum('lqer' in e for e in out.values())} rank:{cfg.rank} a_bits:{cfg.a_bits} "
-        f"b_bits:{cfg.b_bits} group:{cfg.group} bytes_raw:{total_raw} bytes_entropy:{total_entropy:.0f}")
+    log(f"lqer tensors:{sum('lqer' in e for e in out.values())} rank:{q.lqer_rank} a_bits:{q.lqer_a_bits} "
+        f"b_bits:{q.lqer_b_bits} group:{q.lqer_group} bytes_raw:{total_raw} bytes_entropy:{total_entropy:.0f}")
     return out
 
 
@@ -2169,17 +2288,17 @@ def assign_chunks(chunks: list[list[str]], state: dict[str, Tensor], world_size:
 
 
 def quantize_distributed(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor],
-                         h: Hyperparameters, rt: Runtime, log) -> tuple[dict[str, dict] | None, list[float]]:
+                         q: QuantSettings, rt: Runtime, log) -> tuple[dict[str, dict] | None, list[float]]:
     """quantize_state_dict with its chunks spread over the ranks and gathered on rank 0, which gets the
     entries (the same bytes as one process: chunks are fixed, whoever computes them); other ranks get
     None. Also returns every rank's seconds of quantization (rank order)."""
-    chunks = quant_chunks(state, plan, hessians if h.gptq else {})
+    chunks = quant_chunks(state, plan, hessians if q.gptq else {})
     owners = assign_chunks(chunks, state, rt.world_size)
     t0 = time.perf_counter()
-    ints, clip = {}, ClipConfig.from_hparams(h)
+    ints = {}
     for chunk, owner in zip(chunks, owners):
         if owner == rt.rank:
-            ints.update(quantize_chunk(state, chunk, plan, hessians, h.gptq_damp, h.gptq_block, log, clip, h.gptq))
+            ints.update(quantize_chunk(state, chunk, plan, hessians, q, log))
     rt.sync()
     mine = (ints, time.perf_counter() - t0)
     if rt.world_size == 1:
@@ -2218,14 +2337,13 @@ def full_fp32_matmul():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def calibration_batches(train_files: list[str], num_seqs: int, seq_len: int, batch_seqs: int, rank: int,
-                        world_size: int, device: torch.device):
+def calibration_batches(train_files: list[str], num_seqs: int, seq_len: int, batch_seqs: int, rt: Runtime):
     """(inputs, targets) batches of this rank's share (every world_size-th sequence) of the first
     num_seqs training sequences. Takes training shards only: validation never reaches calibration."""
     tokens = TokenStream(train_files).take(num_seqs * (seq_len + 1))
-    seqs = torch.from_numpy(tokens.astype(np.int64)).view(num_seqs, seq_len + 1)[rank::world_size]
+    seqs = torch.from_numpy(tokens.astype(np.int64)).view(num_seqs, seq_len + 1)[rt.rank::rt.world_size]
     for b in range(0, len(seqs), batch_seqs):
-        chunk = seqs[b:b + batch_seqs].to(device)
+        chunk = seqs[b:b + batch_seqs].to(rt.device)
         yield chunk[:, :-1], chunk[:, 1:]
 
 
@@ -2242,8 +2360,7 @@ def hessian_sites(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, names, autocast=contextlib.nullcontext,
-                     world_size: int = 1) -> dict[str, Tensor]:
+def collect_hessians(model: nn.Module, batches, names, rt: Runtime) -> dict[str, Tensor]:
     """H = X^T X / tokens for every weight in `names` that has a site (hessian_sites), over the batches
     of every rank (summed with an all-reduce, so all ranks return the same H)."""
     hessians, hooks = {}, []
@@ -2265,13 +2382,13 @@ def collect_hessians(model: nn.Module, batches, names, autocast=contextlib.nullc
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for x, y in batches:
-            with autocast():
+            with rt.autocast():
                 model(x, y)
             tokens += x.numel()
     finally:
         for hook in hooks:
             hook.remove()
-    if world_size > 1:
+    if rt.world_size > 1:
         dist.all_reduce(tokens)
         for h in hessians.values():
             dist.all_reduce(h)
@@ -2289,9 +2406,9 @@ def entropy_bytes(q: Tensor) -> float:
 
 
 @torch.no_grad()
-def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], clip: ClipConfig = ClipConfig()) -> int:
+def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], q: QuantSettings = QuantSettings()) -> int:
     """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
-    of its round-to-nearest levels (row clips by `clip`; no Hessian-aware term) plus fp16 row scales,
+    of its round-to-nearest levels (row clips by clip_rule; no Hessian-aware term) plus fp16 row scales,
     2 bytes per fp16 value, raw bytes otherwise. A quantized tensor that is all zero (at init: the bigram
     table, output projections) counts as Gaussian values of its shape, as trained it will not stay zero
     (a seeded generator: the run's RNG is untouched)."""
@@ -2306,15 +2423,15 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], clip: C
             w = t.detach().reshape(t.size(0), -1)
             if not w.any():
                 w = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.device)
-            q, scale = quantize_rows_rtn(w, bits, **clip.row_kwargs(name))
-            total += entropy_bytes(q) + 2 * scale.numel()
+            levels, scale = quantize_rows_rtn(w, bits, **clip_rule(q, name))
+            total += entropy_bytes(levels) + 2 * scale.numel()
     return int(total)
 
 
 def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: CodeForm, h: Hyperparameters,
                           log) -> int:
     """bytes_total estimated at start-up (initial weights), with a warning when over the target."""
-    total = code.bytes_code + estimate_model_bytes(state, plan, ClipConfig.from_hparams(h))
+    total = code.bytes_code + estimate_model_bytes(state, plan, h)
     log(f"artifact_estimate bytes_total:{total} bytes_code:{code.bytes_code} cap:{ARTIFACT_CAP_BYTES} "
         f"target:{h.quant_target_bytes} basis:initial_weights")
     if h.quant_target_bytes == 0 and total >= ARTIFACT_CAP_BYTES:
@@ -2341,7 +2458,7 @@ def demotion(w: Tensor, bits: int, input_power: Tensor, **clip) -> tuple[float, 
 
 
 def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log,
-                   clip: ClipConfig = ClipConfig()) -> list:
+                   q: QuantSettings = QuantSettings()) -> list:
     """[(noise per byte saved, name, new bits, bytes saved)] for every tensor that can still be demoted,
     least harmful first. Without a Hessian (GPTQ=0, or a lookup table such as the bigram table) the
     inputs count as unit power (the tied head's inputs are RMS-normalized, so on average that is their
@@ -2355,35 +2472,36 @@ def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dic
         else:
             log(f"quant_fit sensitivity:{name} input_power:unit reason:no_hessian")
             power = torch.ones(state[name][0].numel())
-        noise, saved = demotion(state[name].detach().cpu(), bits, power, **clip.row_kwargs(name))
+        noise, saved = demotion(state[name].detach().cpu(), bits, power, **clip_rule(q, name))
         ranked.append((noise / max(saved, 1.0), name, DEMOTE_TO[bits], saved))
     return sorted(ranked)
 
 
-def fit_byte_target(state, plan: dict[str, int], packed: dict, blob: bytes, budget: int, quantize: Callable,
-                    encode: Callable, hessians: dict[str, Tensor], log,
-                    clip: ClipConfig = ClipConfig()) -> tuple[dict[str, int], bytes]:
-    """Demote the least sensitive tensors (8 -> 7 -> 6 -> 5 bits) until the artifact fits in `budget` bytes.
+def fit_byte_target(qz: Quantizer, plan: dict[str, int], packed: dict[str, dict],
+                    finished: tuple[dict[str, dict], bytes], budget: int) -> tuple[dict[str, int], dict[str, dict], bytes]:
+    """Demote the least sensitive tensors (8 -> 7 -> 6 -> 5 bits) until the artifact fits in `budget` bytes;
+    (the plan, what the artifact stores, its bytes). finished: qz.finish(packed), already computed.
 
     Each round picks, by rank_demotions, enough demotions for the estimated savings to cover the
     excess, re-quantizes only those tensors and compresses again; the estimate is checked, not trusted."""
     plan, packed = dict(plan), dict(packed)
+    stored, blob = finished
     while len(blob) > budget:
-        excess, ranked = len(blob) - budget, rank_demotions(state, plan, hessians, log, clip)
+        excess, ranked = len(blob) - budget, rank_demotions(qz.state, plan, qz.hessians, qz.log, qz.q)
         if not ranked:
             raise RuntimeError(f"QUANT_TARGET_BYTES: the artifact needs {budget} bytes or fewer but is "
                                f"{len(blob)} with every quantized tensor at int5")
         saved, changed = 0.0, {}
         for _, name, bits, est in ranked:
             changed[name], saved = bits, saved + est
-            log(f"quant_fit demote:{name} bits:{plan[name]}->{bits} est_saved_bytes:{est:.0f}")
+            qz.log(f"quant_fit demote:{name} bits:{plan[name]}->{bits} est_saved_bytes:{est:.0f}")
             if saved >= excess:
                 break
         plan.update(changed)
-        packed.update(quantize({n: state[n] for n in changed}, plan=plan))
-        blob = encode(packed)
-        log(f"quant_fit bytes_model:{len(blob)} budget:{budget}")
-    return plan, blob
+        packed.update(qz.quantize(plan, changed))
+        stored, blob = qz.finish(packed)
+        qz.log(f"quant_fit bytes_model:{len(blob)} budget:{budget}")
+    return plan, stored, blob
 
 
 # ---- storage and compression ----------------------------------------------------------------------
@@ -2828,9 +2946,9 @@ def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None
 # ---- export: what runs after training -----------------------------------------------------------
 
 
-def calibrates(h: Hyperparameters) -> bool:
+def calibrates(q: QuantSettings) -> bool:
     """Whether the run computes Hessians after training: for GPTQ, or for the Hessian-aware SDClip."""
-    return h.gptq or h.clip_method == "sdclip_hessian"
+    return q.gptq or q.clip_method == "sdclip_hessian"
 
 
 def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
@@ -2844,24 +2962,24 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
         return {}
     batch_seqs = h.val_batch_seqs(h.train_seq_len)
     batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
-                                  batch_seqs, rt.rank, rt.world_size, rt.device)
+                                  batch_seqs, rt)
     mine = len(range(rt.rank, h.gptq_calib_seqs, rt.world_size))
     progress = Progress("calibration", -(-mine // batch_seqs), rt.is_main)
-    return collect_hessians(base_model, progress.wrap(batches), targets, rt.autocast, rt.world_size)
+    return collect_hessians(base_model, progress.wrap(batches), targets, rt)
 
 
 FIT_PROBE_SEQS = 32  # training sequences on which the fitter's cost is estimated
 
 
 @torch.no_grad()
-def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, autocast) -> float:
+def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, rt: Runtime) -> float:
     """bpb of `model` with `weights` on these batches (its own weights put back): an estimate, not a score."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(weights)
     try:
         nats = nbytes = 0.0
         for x, y in batches:
-            with autocast():
+            with rt.autocast():
                 nats += model(x, y).double().sum().item()
             nbytes += luts.token_bytes(x, y).sum().item()
     finally:
@@ -2869,20 +2987,22 @@ def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, a
     return nats / math.log(2) / nbytes
 
 
-def log_fit_cost(base_model: GPT, packed: dict, blob: bytes, h: Hyperparameters, rt: Runtime, luts: ByteLUTs,
-                 log) -> None:
-    """The fit's cost: bpb of the unfitted and fitted weights on the first FIT_PROBE_SEQS training
-    sequences (seen in training: a relative estimate; the final evaluations measure the artifact)."""
+def log_fit_cost(base_model: GPT, unfitted: dict[str, dict], fitted: dict[str, dict], luts: ByteLUTs,
+                 ctx: RunContext) -> None:
+    """The fit's cost: bpb of the unfitted and fitted weights (each as the artifact would store it, LQER
+    included) on the first FIT_PROBE_SEQS training sequences (seen in training: a relative estimate; the
+    final evaluations measure the artifact)."""
+    h, rt = ctx.h, ctx.rt
     batches = list(calibration_batches(find_shards(h.data_path, "train"), FIT_PROBE_SEQS, h.train_seq_len,
-                                       h.val_batch_seqs(h.train_seq_len), 0, 1, rt.device))
-    before = probe_bpb(base_model, dequantize_state_dict(packed), batches, luts, rt.autocast)
-    after = probe_bpb(base_model, dequantize_state_dict(deserialize_artifact(blob)[1]), batches, luts, rt.autocast)
-    log(f"quant_fit cost_est_bpb:{after - before:+.6f} probe_bpb_unfitted:{before:.6f} probe_bpb_fitted:{after:.6f} "
-        f"probe:{FIT_PROBE_SEQS}_training_seqs")
+                                       h.val_batch_seqs(h.train_seq_len), Runtime.single(rt.device)))
+    before = probe_bpb(base_model, dequantize_state_dict(unfitted), batches, luts, rt)
+    after = probe_bpb(base_model, dequantize_state_dict(fitted), batches, luts, rt)
+    ctx.log(f"quant_fit cost_est_bpb:{after - before:+.6f} probe_bpb_unfitted:{before:.6f} "
+            f"probe_bpb_fitted:{after:.6f} probe:{FIT_PROBE_SEQS}_training_seqs")
 
 
 class ExportInputs(NamedTuple):
-    """What quantization receives after training: given to an export hook (scripts/quant_report.py keeps
+    """What quantization receives after training: given to an export hook (lab/quant_report.py keeps
     it to measure quantizers on the trained weights without retraining)."""
     state: dict[str, Tensor]
     plan: dict[str, int]
@@ -2913,38 +3033,62 @@ def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
     return packed, hessians, times
 
 
-def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
-                         log) -> Hyperparameters:
+def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], ctx: RunContext) -> None:
     """GPTQ_RESERVE_MEASURE=1 (with calibration and a wallclock cap): run gptq_work once on the initial weights,
     before the timed run (its result is discarded; only its time matters, which does not depend on the
     weights), and reserve GPTQ_RESERVE_MARGIN x that time + GPTQ_RESERVE_SLACK_SECONDS instead of
-    GPTQ_RESERVE_SECONDS. The slowest rank's time counts."""
+    GPTQ_RESERVE_SECONDS (in ctx.state). The slowest rank's time counts."""
+    h, rt = ctx.h, ctx.rt
     if not (calibrates(h) and h.gptq_reserve_measure and h.max_wallclock_seconds > 0):
-        return h
-    _, hessians, times = gptq_work(base_model, plan, h, rt, log)
+        return
+    _, hessians, times = gptq_work(base_model, plan, h, rt, ctx.log)
     if not hessians:
-        return h  # nothing to calibrate: no reserve needed beyond the fixed one
+        return  # nothing to calibrate: no reserve needed beyond the fixed one
     total = torch.tensor([times["total"]], device=rt.device)
     if rt.world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.MAX)
     measured = total.item() / 1000
     reserve = GPTQ_RESERVE_MARGIN * measured + GPTQ_RESERVE_SLACK_SECONDS
-    log(f"gptq_reserve measured:{1000 * measured:.0f}ms reserve:{1000 * reserve:.0f}ms "
-        f"(x{GPTQ_RESERVE_MARGIN} + {GPTQ_RESERVE_SLACK_SECONDS:g}s; GPTQ_RESERVE_MEASURE=0 keeps "
-        f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds:g})")
+    ctx.log(f"gptq_reserve measured:{1000 * measured:.0f}ms reserve:{1000 * reserve:.0f}ms "
+            f"(x{GPTQ_RESERVE_MARGIN} + {GPTQ_RESERVE_SLACK_SECONDS:g}s; GPTQ_RESERVE_MEASURE=0 keeps "
+            f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds:g})")
     if reserve >= h.max_wallclock_seconds:
         raise SettingError(f"the measured GPTQ reserve {reserve:.1f}s leaves no training time out of "
                            f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: lower GPTQ_CALIB_SEQS or set GPTQ=0")
-    return dataclasses.replace(h, gptq_reserve_seconds=reserve)
+    ctx.state.gptq_reserve_seconds, ctx.state.reserve_from = reserve, "measured"
 
 
-def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
-                 log, hook: Callable[[ExportInputs], None] | None = None, train_ms: float = 0.0,
-                 luts: ByteLUTs | None = None) -> bytes | None:
+@dataclass
+class Quantizer:
+    """Trained weights and the rules that make them an artifact: quantize (GPTQ with these Hessians, the row
+    clips), then finish (LQER, serialization). The export and the byte fitter share one."""
+    state: dict[str, Tensor]
+    hessians: dict[str, Tensor]
+    q: QuantSettings
+    config: ModelConfig | None
+    log: Callable
+
+    def quantize(self, plan: dict[str, int], names=None) -> dict[str, dict]:
+        """Entries of every tensor (or of `names` only, under the same plan)."""
+        state = self.state if names is None else {n: self.state[n] for n in names}
+        return quantize_state_dict(state, plan=plan, hessians=self.hessians, q=self.q, log=self.log)
+
+    def finish(self, packed: dict[str, dict]) -> tuple[dict[str, dict], bytes]:
+        """(what the artifact stores: the entries with their LQER factors, the artifact's bytes). LQER is
+        recomputed whenever fitting changes the tensors."""
+        stored = add_lqer(packed, self.state, self.q, self.log, self.hessians)
+        q = self.q
+        return stored, serialize_artifact(stored, config=self.config, compressor=q.compressor, shuffle=q.byte_shuffle,
+                                          storage=q.quant_storage, log=self.log, sort_roles=q.pergroup_sort)
+
+
+def export_model(base_model: GPT, plan: dict[str, int], train_ms: float, luts: ByteLUTs | None, ctx: RunContext,
+                 hook: Callable[[ExportInputs], None] | None = None) -> bytes | None:
     """After training: gptq_work (calibration and quantization, all ranks), then compression and
     QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None). `hook`,
     if given, sees the quantizer's inputs on rank 0. Logs whether training (train_ms) plus calibration
     stayed inside the wallclock cap (a `legality` line) and, with luts, a fit's estimated bpb cost."""
+    h, rt, log, code_bytes = ctx.h, ctx.rt, ctx.log, ctx.code.bytes_code
     packed, hessians, times = gptq_work(base_model, plan, h, rt, log)
     if not rt.is_main:
         return None
@@ -2952,59 +3096,52 @@ def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hype
     state = base_model.state_dict()
     if hook is not None:
         hook(ExportInputs(state, dict(plan), hessians))
-    clip = ClipConfig.from_hparams(h)
     log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if hessians else 0} "
         f"hessian_time:{times['hessian']:.0f}ms quantize_time:{times['quantize']:.0f}ms ranks:{rt.world_size} "
-        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f} clip:{clip.method}")
+        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f} clip:{h.clip_method}")
     if hessians:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
-        log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
-        log_calibration_legality(times["total"], train_ms, h, log)
-    quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
-                                 log=log, clip=clip, gptq=h.gptq)
-    serialize = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
-                                  shuffle=h.byte_shuffle, storage=h.quant_storage, log=log, sort_roles=h.pergroup_sort)
-    lqer = LQERConfig.from_hparams(h)
-
-    def encode(packed: dict) -> bytes:  # LQER is recomputed whenever fitting changes the tensors
-        return serialize(add_lqer(packed, state, lqer, log, hessians))
-
-    blob = encode(packed)
+        log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * ctx.state.gptq_reserve_seconds:.0f}ms")
+        log_calibration_legality(times["total"], train_ms, ctx)
+    qz = Quantizer(state, hessians, h, base_model.cfg, log)
+    stored, blob = qz.finish(packed)
     if h.quant_target_bytes > 0:
         log(f"quant_fit bytes_total:{code_bytes + len(blob)} target:{h.quant_target_bytes} "
             f"fit_needed:{int(code_bytes + len(blob) > h.quant_target_bytes)}")
         with full_fp32_matmul():
-            fitted_plan, fitted = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes,
-                                                  quantize, encode, hessians, log, clip)
-        if fitted_plan != plan and luts is not None:  # unfitted: as stored, LQER included
-            log_fit_cost(base_model, deserialize_artifact(blob)[1], fitted, h, rt, luts, log)
-        blob = fitted
+            fitted_plan, fitted, blob = fit_byte_target(qz, plan, packed, (stored, blob),
+                                                            h.quant_target_bytes - code_bytes)
+        if fitted_plan != plan and luts is not None:
+            log_fit_cost(base_model, stored, fitted, luts, ctx)
     params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
         f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
     return blob
 
 
-def log_calibration_legality(calibration_ms: float, train_ms: float, h: Hyperparameters, log) -> None:
-    """The rule: work after training that reads training data counts as training time. With a cap, a
-    `legality` line says whether calibration fit its reserve and training plus calibration the cap."""
+def log_calibration_legality(calibration_ms: float, train_ms: float, ctx: RunContext) -> None:
+    """The rule: work after training that reads training data counts as training time. With a cap, the
+    `legality` line says whether training plus calibration stayed within it, and calibration within its reserve."""
+    h = ctx.h
     if h.max_wallclock_seconds <= 0:
-        log(f"legality gptq_calibration:no_cap calibration_time:{calibration_ms:.0f}ms")
+        log_legality(ctx.log, "gptq_calibration", "no_cap", calibration_time=f"{calibration_ms:.0f}ms")
         return
-    cap_ms, reserve_ms = 1000 * h.max_wallclock_seconds, 1000 * h.gptq_reserve_seconds
-    within = "within_reserve" if calibration_ms <= reserve_ms else "over_reserve"
+    cap_ms, reserve_ms = 1000 * h.max_wallclock_seconds, 1000 * ctx.state.gptq_reserve_seconds
     total = train_ms + calibration_ms
-    log(f"legality gptq_calibration:{within} calibration_time:{calibration_ms:.0f}ms reserve:{reserve_ms:.0f}ms "
-        f"train_plus_calibration:{total:.0f}ms cap:{cap_ms:.0f}ms {'within_cap' if total <= cap_ms else 'over_cap'}")
+    log_legality(ctx.log, "gptq_calibration", "within" if total <= cap_ms else "over",
+                 calibration_time=f"{calibration_ms:.0f}ms", reserve=f"{reserve_ms:.0f}ms",
+                 reserve_kept="yes" if calibration_ms <= reserve_ms else "no",
+                 train_plus_calibration=f"{total:.0f}ms", cap=f"{cap_ms:.0f}ms")
 
 
-def save_artifact(blob: bytes | None, path: Path, code_bytes: int, rt: Runtime, log) -> None:
+def save_artifact(blob: bytes | None, path: Path, ctx: RunContext) -> None:
     """Write the artifact (rank 0), log byte counts, enforce the cap."""
-    if rt.is_main:
+    if ctx.rt.is_main:
+        code_bytes = ctx.code.bytes_code
         write_atomic(path, blob)
-        log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{len(blob)} "
-            f"bytes_total:{code_bytes + len(blob)} cap:{ARTIFACT_CAP_BYTES}")
+        ctx.log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{len(blob)} "
+                f"bytes_total:{code_bytes + len(blob)} cap:{ARTIFACT_CAP_BYTES}")
         check_artifact_cap(code_bytes, len(blob))
-    if rt.world_size > 1:
+    if ctx.rt.world_size > 1:
         dist.barrier()
 
 
@@ -3099,19 +3236,20 @@ def eval_batches(val_tokens: Tensor, spec: EvalSpec, rank: int = 0, world_size: 
 
 
 @torch.no_grad()
-def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: EvalSpec, rank: int = 0,
-                  world_size: int = 1, autocast=contextlib.nullcontext, phase: str | None = None) -> Tensor:
+def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: EvalSpec, rt: Runtime,
+                  phase: str | None = None) -> Tensor:
     """The one evaluation loop: out = forward(x, y) on each of this rank's batches (under autocast), then
     score(out, x, y, scored, target_pos), a 1-D float64 tensor of sums, added over batches and ranks.
     Rank 0 shows its progress under the name `phase` (default: the spec's)."""
     total = None
-    progress = Progress(phase or spec.name, num_eval_batches(len(val_tokens), spec, rank, world_size), rank == 0)
-    for x, y, scored, pos in progress.wrap(eval_batches(val_tokens, spec, rank, world_size)):
-        with autocast():
+    progress = Progress(phase or spec.name, num_eval_batches(len(val_tokens), spec, rt.rank, rt.world_size),
+                        rt.is_main)
+    for x, y, scored, pos in progress.wrap(eval_batches(val_tokens, spec, rt.rank, rt.world_size)):
+        with rt.autocast():
             out = forward(x, y)
         sums = score(out, x, y, scored, pos)
         total = sums if total is None else total + sums
-    if world_size > 1:
+    if rt.world_size > 1:
         dist.all_reduce(total)
     return total
 
@@ -3126,15 +3264,17 @@ def bpb_sums(luts: ByteLUTs) -> Callable:
     return nats_tokens_bytes
 
 
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rank: int = 0,
-             world_size: int = 1, autocast=contextlib.nullcontext, phase: str | None = None) -> tuple[float, float]:
+def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rt: Runtime,
+             phase: str | None = None) -> tuple[float, float]:
     """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
-    nats, tokens, nbytes = score_windows(model, bpb_sums(luts), val_tokens, spec, rank, world_size,
-                                         autocast, phase).tolist()
+    nats, tokens, nbytes = score_windows(model, bpb_sums(luts), val_tokens, spec, rt, phase).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
-# ---- score-first test-time training (docs/ttt.md) -------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# Test-time training
+# ----------------------------------------------------------------------------------------------------
+# Score-first test-time training (docs/ttt.md).
 # The model keeps learning from validation tokens it has already scored, legally:
 #   * per document, a fresh LoRA (Q, K, V, O, a low-rank path beside the MLP, and the output head) learns
 #     chunk by chunk: each chunk of TTT_CHUNK_SIZE targets is scored with the full softmax first, then
@@ -3150,38 +3290,11 @@ def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpe
 
 TTT_ADAM_EPS = 1e-10  # the public records' AdamW epsilon for the LoRAs
 # Effective bf16 throughput of the LoRA pass per H100, calibrated on a public record's measured TTT time
-# (scripts/ttt_calibrate.py, docs/ttt.md): the FLOP count below, divided by this, predicts 8 x H100 seconds.
+# (lab/ttt_calibrate.py, docs/ttt.md): the FLOP count below, divided by this, predicts 8 x H100 seconds.
 TTT_H100_TFLOPS = 147.0
 EVAL_CAP_SECONDS = 600.0  # the challenge's evaluation budget on 8 x H100
 PREDICTION_WORLD_SIZE = 8
 TTT_MIN_BATCHES_PER_RANK = 4  # a phase's batches shrink until each rank gets this many (load balance)
-
-
-class TTTSpec(NamedTuple):
-    """The TTT settings (the TTT_*, PHASED_TTT_* and GLOBAL_TTT_* variables)."""
-    lora_rank: int
-    chunk: int  # targets scored, then learned from, per step
-    seq_len: int  # context window inside a document
-    batch_docs: int
-    lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    prefix_docs: int  # the global phases cover the first this many documents of the stream
-    phases: int
-    global_lr: float
-    global_momentum: float
-    global_epochs: int
-    global_chunk_tokens: int  # tokens per global SGD step, all ranks together
-    global_grad_clip: float
-    micro_batch_seqs: int  # sequences per forward of the global SGD (VAL_BATCH_SIZE tokens)
-    seed: int  # the LoRAs' initial A (one draw, shared by every document)
-
-    @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "TTTSpec":
-        return cls(h.ttt_lora_rank, h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_batch_size, h.ttt_lora_lr,
-                   (h.ttt_beta1, h.ttt_beta2), h.ttt_weight_decay, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases,
-                   h.global_ttt_lr, h.global_ttt_momentum, h.global_ttt_epochs, h.global_ttt_chunk_tokens,
-                   h.global_ttt_grad_clip, h.val_batch_seqs(h.ttt_eval_seq_len), h.seed)
 
 
 def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
@@ -3196,35 +3309,38 @@ def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
     return np.stack((starts[keep], ends[keep]), axis=1).astype(np.int64)
 
 
-def ttt_phases(num_docs: int, spec: TTTSpec) -> list[tuple[int, int, bool]]:
+def ttt_phases(num_docs: int, s: TTTSettings) -> list[tuple[int, int, bool]]:
     """Consecutive document ranges (lo, hi, global SGD after it), in stream order: the first
-    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest."""
-    prefix = min(spec.prefix_docs, num_docs) if spec.global_epochs > 0 else 0
-    cuts = sorted({prefix * (i + 1) // spec.phases for i in range(spec.phases)} - {0})
+    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest.
+    The cuts come from the settings alone, never from num_docs: a cut that depended on how many documents the
+    stream still holds would make earlier scores depend on later tokens (docs/challenge.md). A stream that ends
+    before a cut simply never reaches it (and SGD after its last document would teach nothing)."""
+    prefix = s.phased_ttt_prefix_docs if s.global_ttt_epochs > 0 else 0
+    cuts = sorted({prefix * (i + 1) // s.phased_ttt_num_phases for i in range(s.phased_ttt_num_phases)} - {0})
     phases, lo = [], 0
-    for cut in cuts:
-        phases.append((lo, cut, cut < num_docs))  # SGD after the last document would teach nothing
+    for cut in (c for c in cuts if c < num_docs):
+        phases.append((lo, cut, True))
         lo = cut
     if lo < num_docs:
         phases.append((lo, num_docs, False))
     return phases
 
 
-def chunk_counts(targets: np.ndarray, spec: TTTSpec) -> np.ndarray:
-    return -(-targets // spec.chunk)
+def chunk_counts(targets: np.ndarray, s: TTTSettings) -> np.ndarray:
+    return -(-targets // s.ttt_chunk_size)
 
 
-def window_width(step: int, spec: TTTSpec) -> int:
+def window_width(step: int, s: TTTSettings) -> int:
     """Columns of step `step`'s rows: the context of a full chunk, capped at TTT_EVAL_SEQ_LEN. Every target a
     row scores at this step lies in its last TTT_CHUNK_SIZE columns."""
-    return min((step + 1) * spec.chunk, spec.seq_len)
+    return min((step + 1) * s.ttt_chunk_size, s.ttt_eval_seq_len)
 
 
-def document_costs(targets: np.ndarray, spec: TTTSpec) -> np.ndarray:
+def document_costs(targets: np.ndarray, s: TTTSettings) -> np.ndarray:
     """Token columns a document's steps process (the sum of its window widths): its share of the work."""
-    n = chunk_counts(targets, spec)
-    growing = np.minimum(n, spec.seq_len // spec.chunk)  # steps whose window is still growing
-    return spec.chunk * growing * (growing + 1) // 2 + (n - growing) * spec.seq_len
+    n = chunk_counts(targets, s)
+    growing = np.minimum(n, s.ttt_eval_seq_len // s.ttt_chunk_size)  # steps whose window is still growing
+    return s.ttt_chunk_size * growing * (growing + 1) // 2 + (n - growing) * s.ttt_eval_seq_len
 
 
 def assign_batches(costs: np.ndarray, world_size: int) -> list[np.ndarray]:
@@ -3240,20 +3356,20 @@ def assign_batches(costs: np.ndarray, world_size: int) -> list[np.ndarray]:
     return [np.asarray(s, dtype=np.int64) for s in shares]
 
 
-def ttt_schedule(spans: np.ndarray, spec: TTTSpec, world_size: int) -> list[list[tuple[list[np.ndarray], bool]]]:
+def ttt_schedule(spans: np.ndarray, s: TTTSettings, world_size: int) -> list[list[tuple[list[np.ndarray], bool]]]:
     """Per rank, per phase: (its batches of document indices, longest first; global SGD after the phase).
     A phase's documents are sorted by length and cut into batches of at most TTT_BATCH_SIZE documents (the
     remainder goes with the shortest), so that batch-mates finish together, and of at most a
     1/(TTT_MIN_BATCHES_PER_RANK x ranks) share of the phase's work, so that the batch of its longest
     documents does not keep one rank busy while the others wait for the global SGD; the batches are then
     spread over the ranks."""
-    costs = document_costs(spans[:, 1] - spans[:, 0], spec)
+    costs = document_costs(spans[:, 1] - spans[:, 0], s)
     plan = [[] for _ in range(world_size)]
-    for lo, hi, sgd_after in ttt_phases(len(spans), spec):
+    for lo, hi, sgd_after in ttt_phases(len(spans), s):
         cap = costs[lo:hi].sum() / (world_size * TTT_MIN_BATCHES_PER_RANK)
         batches, batch, load = [], [], 0
         for doc in lo + np.argsort(-costs[lo:hi], kind="stable"):
-            if batch and (len(batch) == spec.batch_docs or load + costs[doc] > cap):
+            if batch and (len(batch) == s.ttt_batch_size or load + costs[doc] > cap):
                 batches.append(np.asarray(batch))
                 batch, load = [], 0
             batch.append(doc)
@@ -3322,9 +3438,9 @@ class DocumentLoRA(nn.Module):
             for p, state in opt.state.items()})
 
 
-def ttt_optimizer(lora: DocumentLoRA, spec: TTTSpec) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(lora.parameters(), lr=spec.lr, betas=spec.betas, eps=TTT_ADAM_EPS,
-                             weight_decay=spec.weight_decay)
+def ttt_optimizer(lora: DocumentLoRA, s: TTTSettings) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(lora.parameters(), lr=s.ttt_lora_lr, betas=(s.ttt_beta1, s.ttt_beta2), eps=TTT_ADAM_EPS,
+                             weight_decay=s.ttt_weight_decay)
 
 
 def ttt_forward(model: GPT, chunk: int) -> Callable[[Tensor, DocumentLoRA], Tensor]:
@@ -3345,14 +3461,14 @@ def logit_sums(luts: ByteLUTs) -> Callable:
     return sums
 
 
-def step_rows(val_tokens: Tensor, start: Tensor, targets: Tensor, step: int, spec: TTTSpec):
+def step_rows(val_tokens: Tensor, start: Tensor, targets: Tensor, step: int, s: TTTSettings):
     """Step `step` of a batch of documents (start, targets [B] on the device): the rows x_all [B, width], and
     for their last `chunk` columns the inputs x, targets y, scored and target_pos. Every row holds the same
     span of its document's positions, those before the end of chunk `step` (at most TTT_EVAL_SEQ_LEN of
     them), zero-padded past the document's end; it scores the chunk's targets, which no earlier step scored.
     The span never depends on where the document ends: the context of a target must not depend on whether
     a later token is a BOS."""
-    width, c = window_width(step, spec), spec.chunk
+    width, c = window_width(step, s), s.ttt_chunk_size
     begin = (step + 1) * c - width  # relative index of the rows' first input
     end = torch.clamp(targets, max=(step + 1) * c)  # relative index of the chunk's last target
     inputs = begin + torch.arange(width, device=start.device)[None, :]
@@ -3366,13 +3482,13 @@ def step_rows(val_tokens: Tensor, start: Tensor, targets: Tensor, step: int, spe
 
 
 def adapt_batch(forward: Callable, lora: DocumentLoRA, score: Callable, val_tokens: Tensor, spans: np.ndarray,
-                spec: TTTSpec, autocast) -> Tensor | None:
+                s: TTTSettings, rt: Runtime) -> Tensor | None:
     """Score a batch of documents chunk by chunk, each row with its own fresh LoRA: forward, score the chunk,
     then (if the document goes on) one AdamW step on that chunk's loss. Returns the score's sums (None for
     no documents). Once half the rows' documents have ended, those rows are dropped."""
     lora.reset(len(spans))
-    opt = ttt_optimizer(lora, spec)  # fresh moments and step counts: nothing carries over between batches
-    chunks = chunk_counts(spans[:, 1] - spans[:, 0], spec)
+    opt = ttt_optimizer(lora, s)  # fresh moments and step counts: nothing carries over between batches
+    chunks = chunk_counts(spans[:, 1] - spans[:, 0], s)
     rows = np.arange(len(spans))  # the batch's documents that still have a row
     start, targets = (_to_device(torch.from_numpy(spans[:, i].copy()), val_tokens.device) for i in (0, 1))
     targets = targets - start
@@ -3383,8 +3499,8 @@ def adapt_batch(forward: Callable, lora: DocumentLoRA, score: Callable, val_toke
             keep = _to_device(torch.from_numpy(live), val_tokens.device)
             lora.keep_rows(keep, opt)
             rows, start, targets = rows[live], start[keep], targets[keep]
-        x, xl, yl, scored, pos = step_rows(val_tokens, start, targets, step, spec)
-        with autocast():
+        x, xl, yl, scored, pos = step_rows(val_tokens, start, targets, step, s)
+        with rt.autocast():
             logits = forward(x, lora)
         with torch.no_grad():
             sums = score(logits.detach(), xl, yl, scored, pos)
@@ -3392,46 +3508,45 @@ def adapt_batch(forward: Callable, lora: DocumentLoRA, score: Callable, val_toke
         learns = step < chunks[rows] - 1  # not the document's last chunk
         if learns.any():
             nll = F.cross_entropy(logits.flatten(0, 1).float(), yl.flatten(), reduction="none").view_as(yl)
-            per_doc = (nll * scored).sum(dim=1) / spec.chunk  # a learning row scores exactly a full chunk
+            per_doc = (nll * scored).sum(dim=1) / s.ttt_chunk_size  # a learning row scores exactly a full chunk
             (per_doc * _to_device(torch.from_numpy(learns), val_tokens.device)).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     return total
 
 
-def global_sgd(model: GPT, tokens: Tensor, spec: TTTSpec, rank: int, world_size: int, autocast) -> int:
+def global_sgd(model: GPT, tokens: Tensor, s: Hyperparameters, rt: Runtime) -> int:
     """GLOBAL_TTT_EPOCHS of SGD (momentum, cosine LR to 0, gradient clipping) on the whole model over
     `tokens`, the already-scored stream prefix, cut into TTT_EVAL_SEQ_LEN windows; GLOBAL_TTT_CHUNK_TOKENS
-    per step, the windows of a step split over the ranks and the gradients summed. Returns the steps."""
-    W = spec.seq_len
+    per step, the windows of a step split over the ranks, their gradients averaged and clipped as in
+    training. Returns the steps."""
+    W = s.ttt_eval_seq_len
     num_seqs = (len(tokens) - 1) // W
-    per_step = max(1, spec.global_chunk_tokens // W)
+    per_step = max(1, s.global_ttt_chunk_tokens // W)
     steps = -(-num_seqs // per_step)
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=spec.global_lr, momentum=spec.global_momentum)
-    total = steps * spec.global_epochs
+    opt = torch.optim.SGD(params, lr=s.global_ttt_lr, momentum=s.global_ttt_momentum)
+    total = steps * s.global_ttt_epochs
     cols = torch.arange(W + 1, device=tokens.device)
     for k in range(total):
         first = (k % steps) * per_step
         seqs = np.arange(first, min(first + per_step, num_seqs))
         for group in opt.param_groups:
-            group["lr"] = spec.global_lr * 0.5 * (1 + math.cos(math.pi * k / total))
-        mine = np.array_split(seqs, world_size)[rank]
-        for b in range(0, len(mine), spec.micro_batch_seqs):
-            starts = torch.from_numpy(mine[b:b + spec.micro_batch_seqs] * W).to(tokens.device)
+            group["lr"] = s.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * k / total))
+        mine = np.array_split(seqs, rt.world_size)[rt.rank]
+        for b in range(0, len(mine), s.val_batch_seqs(s.ttt_eval_seq_len)):
+            starts = torch.from_numpy(mine[b:b + s.val_batch_seqs(s.ttt_eval_seq_len)] * W).to(tokens.device)
             rows = tokens[starts[:, None] + cols].long()
-            with autocast():
+            with rt.autocast():
                 nll = model(rows[:, :-1], rows[:, 1:])
-            (nll.sum() / (len(seqs) * W)).backward()  # the step's mean over all ranks' tokens
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if world_size > 1:
-                dist.all_reduce(p.grad)
-        if spec.global_grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.global_grad_clip)
+            # The step's mean over all ranks' tokens, once the ranks' gradients are averaged (exact: the
+            # world size is a power of two).
+            (nll.sum() * rt.world_size / (len(seqs) * W)).backward()
+        average_gradients(params, rt)
+        if s.global_ttt_grad_clip > 0:
+            clip_global_norm([p.grad for p in params], [], s.global_ttt_grad_clip, rt)
         opt.step()
         opt.zero_grad(set_to_none=True)
     for p in params:
@@ -3439,67 +3554,66 @@ def global_sgd(model: GPT, tokens: Tensor, spec: TTTSpec, rank: int, world_size:
     return total
 
 
-def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, spec: TTTSpec, rank: int = 0, world_size: int = 1,
-              autocast=contextlib.nullcontext, forward: Callable | None = None, log=None) -> Tensor:
+def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, s: Hyperparameters, rt: Runtime,
+              forward: Callable | None = None, log=None) -> Tensor:
     """The TTT evaluation loop: every document of val_tokens scored by score(logits, x, y, scored, target_pos)
     (as score_windows' callback, on the last chunk columns) while it adapts, phase by phase with global SGD
     in between; the float64 sums, added over batches and ranks. Changes the model's weights (global SGD):
     give it a model built for this pass from the artifact. forward: ttt_forward(model, chunk), compiled."""
-    forward = forward or ttt_forward(model, spec.chunk)
+    forward = forward or ttt_forward(model, s.ttt_chunk_size)
     spans = document_spans(val_tokens.cpu().numpy(), model.cfg.bos_id)
-    plan, phases = ttt_schedule(spans, spec, world_size)[rank], ttt_phases(len(spans), spec)
+    plan, phases = ttt_schedule(spans, s, rt.world_size)[rt.rank], ttt_phases(len(spans), s)
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = DocumentLoRA(model, spec.lora_rank, spec.seed).to(val_tokens.device)
+    lora = DocumentLoRA(model, s.ttt_lora_rank, s.seed).to(val_tokens.device)
     total, t0 = None, time.perf_counter()
-    progress = Progress("ttt", sum(len(docs) for batches, _ in plan for docs in batches), rank == 0, unit="doc")
+    progress = Progress("ttt", sum(len(docs) for batches, _ in plan for docs in batches), rt.is_main, unit="doc")
     for k, ((batches, sgd_after), (lo, hi, _)) in enumerate(zip(plan, phases)):
         for docs in batches:
-            sums = adapt_batch(forward, lora, score, val_tokens, spans[docs], spec, autocast)
+            sums = adapt_batch(forward, lora, score, val_tokens, spans[docs], s, rt)
             total = sums if total is None else total + sums
             progress.update(len(docs))
         line = f"ttt_phase {k + 1}/{len(phases)} docs:{lo}-{hi} rank0_batches:{len(batches)}"
         if sgd_after:
             prefix = val_tokens[:spans[hi - 1, 1] + 1]  # every target here is scored already, on every rank
             t1 = time.perf_counter()
-            steps = global_sgd(model, prefix, spec, rank, world_size, autocast)
+            steps = global_sgd(model, prefix, s, rt)
             line += f" global_sgd_tokens:{len(prefix)} steps:{steps} sgd_time:{1000 * (time.perf_counter() - t1):.0f}ms"
         if log is not None:
             log(line + f" elapsed:{1000 * (time.perf_counter() - t0):.0f}ms")
     progress.close()
     if total is None:  # no document came to this rank: its sums are zeros of the score's shape
         lora.reset(1)
-        x = torch.zeros(1, spec.chunk + 1, dtype=torch.long, device=val_tokens.device)
-        with torch.no_grad(), autocast():
+        x = torch.zeros(1, s.ttt_chunk_size + 1, dtype=torch.long, device=val_tokens.device)
+        with torch.no_grad(), rt.autocast():
             logits = forward(x[:, :-1], lora)
         total = score(logits, x[:, :-1], x[:, 1:], torch.zeros_like(x[:, 1:], dtype=torch.bool), x[:, 1:])
-    if world_size > 1:
+    if rt.world_size > 1:
         dist.all_reduce(total)
     return total
 
 
-def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, spec: TTTSpec, rank: int = 0, world_size: int = 1,
-                 autocast=contextlib.nullcontext, forward: Callable | None = None, log=None) -> tuple[float, float]:
+def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, s: Hyperparameters, rt: Runtime,
+                 forward: Callable | None = None, log=None) -> tuple[float, float]:
     """(val_loss, val_bpb) of score-first TTT over every target of val_tokens, each scored once."""
-    nats, tokens, nbytes = ttt_score(model, logit_sums(luts), val_tokens, spec, rank, world_size, autocast,
-                                     forward, log).tolist()
+    nats, tokens, nbytes = ttt_score(model, logit_sums(luts), val_tokens, s, rt, forward, log).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
-def ttt_warm_up(forward: Callable, model: GPT, spec: TTTSpec, device: torch.device, autocast) -> None:
+def ttt_warm_up(forward: Callable, model: GPT, s: Hyperparameters, rt: Runtime) -> None:
     """Compile the TTT step on random tokens (never validation tokens), at the first and the widest window,
     then drop what it learned: the LoRAs it trains are its own, and the model's weights stay frozen."""
-    g = torch.Generator(device="cpu").manual_seed(spec.seed)
-    lora = DocumentLoRA(model, spec.lora_rank, spec.seed).to(device)
-    lora.reset(spec.batch_docs)
-    opt = ttt_optimizer(lora, spec)
+    g = torch.Generator(device="cpu").manual_seed(s.seed)
+    lora = DocumentLoRA(model, s.ttt_lora_rank, s.seed).to(rt.device)
+    lora.reset(s.ttt_batch_size)
+    opt = ttt_optimizer(lora, s)
     for p in model.parameters():
         p.requires_grad_(False)
-    for width in sorted({window_width(0, spec), spec.seq_len}):
-        x = torch.randint(0, model.cfg.vocab_size, (spec.batch_docs, width + 1), generator=g).to(device)
-        with autocast():
+    for width in sorted({window_width(0, s), s.ttt_eval_seq_len}):
+        x = torch.randint(0, model.cfg.vocab_size, (s.ttt_batch_size, width + 1), generator=g).to(rt.device)
+        with rt.autocast():
             logits = forward(x[:, :-1], lora)
-        F.cross_entropy(logits.flatten(0, 1).float(), x[:, -spec.chunk:].flatten()).backward()
+        F.cross_entropy(logits.flatten(0, 1).float(), x[:, -s.ttt_chunk_size:].flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -3523,39 +3637,39 @@ def ttt_step_flops(cfg: ModelConfig, lora_rank: int, rows: int, width: int, head
     return rows * ((1 + grad[0]) * frozen + (1 + grad[1]) * lora), rows * (1 + grad[2]) * attention
 
 
-def ttt_batch_flops(cfg: ModelConfig, spec: TTTSpec, targets: np.ndarray, public_loop: bool = False) -> float:
+def ttt_batch_flops(cfg: ModelConfig, s: TTTSettings, targets: np.ndarray, public_loop: bool = False) -> float:
     """FLOPs of adapt_batch on documents with these target counts: each step on the rows it keeps, the head
     on the chunk's columns, with its backward on the steps that learn. public_loop: the public records' loop
     instead, which keeps every row to the end and runs the head on every column."""
-    chunks, rows, total = chunk_counts(targets, spec), len(targets), 0.0
+    chunks, rows, total = chunk_counts(targets, s), len(targets), 0.0
     for step in range(int(chunks.max(initial=0))):
         live = int((chunks > step).sum())
         rows = live if not public_loop and 2 * live <= rows else rows
         backward = "lora" if (chunks > step + 1).any() else "none"
-        width = window_width(step, spec)
-        total += sum(ttt_step_flops(cfg, spec.lora_rank, rows, width, width if public_loop else spec.chunk, backward))
+        width = window_width(step, s)
+        total += sum(ttt_step_flops(cfg, s.ttt_lora_rank, rows, width, width if public_loop else s.ttt_chunk_size, backward))
     return total
 
 
-def ttt_flops(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec,
+def ttt_flops(cfg: ModelConfig, spans: np.ndarray, s: TTTSettings,
               world_size: int) -> tuple[list[list[float]], list[float]]:
     """(FLOPs of each phase's LoRA pass on each rank, FLOPs of the global SGD after each phase), on the schedule
     the loop runs."""
     targets = spans[:, 1] - spans[:, 0]
-    schedule = ttt_schedule(spans, spec, world_size)
-    phases = ttt_phases(len(spans), spec)
-    lora = [[sum(ttt_batch_flops(cfg, spec, targets[docs]) for docs in schedule[r][k][0]) for r in range(world_size)]
+    schedule = ttt_schedule(spans, s, world_size)
+    phases = ttt_phases(len(spans), s)
+    lora = [[sum(ttt_batch_flops(cfg, s, targets[docs]) for docs in schedule[r][k][0]) for r in range(world_size)]
             for k in range(len(phases))]
-    sgd = [spec.global_epochs * sum(ttt_step_flops(cfg, 0, spans[hi - 1, 1] // spec.seq_len, spec.seq_len, spec.seq_len,
+    sgd = [s.global_ttt_epochs * sum(ttt_step_flops(cfg, 0, spans[hi - 1, 1] // s.ttt_eval_seq_len, s.ttt_eval_seq_len, s.ttt_eval_seq_len,
                                                    "model")) if sgd_after else 0.0 for lo, hi, sgd_after in phases]
     return lora, sgd
 
 
-def predict_ttt_seconds(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec, world_size: int = PREDICTION_WORLD_SIZE,
+def predict_ttt_seconds(cfg: ModelConfig, spans: np.ndarray, s: TTTSettings, world_size: int = PREDICTION_WORLD_SIZE,
                         tflops: float = TTT_H100_TFLOPS) -> tuple[float, float]:
     """(predicted seconds of the TTT pass on world_size H100s, its total FLOPs) at the calibrated throughput:
     each phase lasts as long as its busiest rank (the global SGD waits for all), then its SGD, shared."""
-    lora, sgd = ttt_flops(cfg, spans, spec, world_size)
+    lora, sgd = ttt_flops(cfg, spans, s, world_size)
     busiest = sum(max(ranks) for ranks in lora) + sum(sgd) / world_size
     return busiest / (tflops * 1e12), sum(map(sum, lora)) + sum(sgd)
 
@@ -3606,14 +3720,16 @@ class Schedule:
     so far: LR warmdown, Muon momentum warmup, QAT (on for good from the first step under
     QAT_LR_THRESHOLD, then the soft-round ramp), mini recurrence, weight averaging, and when to stop.
 
-    The run ends at ITERATIONS or at the training budget (the cap minus GPTQ_RESERVE_SECONDS, kept for the
+    The run ends at ITERATIONS or at the training budget (the cap minus the GPTQ reserve, kept for the
     calibration after training, which reads training data and so counts as training), whichever comes
     first; progress follows the same limit, so a step-limited run warms down too."""
 
-    def __init__(self, h: Hyperparameters):
-        self.h = h
+    def __init__(self, h: Hyperparameters, reserve_seconds: float | None = None):
+        """reserve_seconds: the GPTQ reserve of the run (RunState); GPTQ_RESERVE_SECONDS by default."""
+        reserve_seconds = h.gptq_reserve_seconds if reserve_seconds is None else reserve_seconds
+        self.h, self.reserve_seconds = h, reserve_seconds
         capped = h.max_wallclock_seconds > 0
-        self.budget_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if capped else 0.0
+        self.budget_ms = 1000.0 * (h.max_wallclock_seconds - reserve_seconds) if capped else 0.0
         self.qat_start: int | None = None  # the step QAT switched on
 
     def state_dict(self) -> dict:
@@ -3655,7 +3771,7 @@ class Schedule:
 
     def describe(self) -> str:
         h = self.h
-        return (f"schedule train_budget:{self.budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
+        return (f"schedule train_budget:{self.budget_ms:.0f}ms gptq_reserve:{1000 * self.reserve_seconds:.0f}ms "
                 f"iterations:{h.iterations} ends:first_of_iterations_and_budget warmdown_frac:{h.warmdown_frac} "
                 f"warmdown_floor:{h.warmdown_floor} min_lr:{h.min_lr} "
                 f"momentum:{h.muon_momentum_warmup_start}->{h.muon_momentum} "
@@ -3663,29 +3779,6 @@ class Schedule:
                 f"qat_below_lr_mult:{h.qat_lr_threshold} final_weights:{h.final_weights} ema_decay:{h.ema_decay} "
                 f"ema_warmup:(1+t)/({EMA_WARMUP_STEPS}+t) swa_every:{h.swa_every} "
                 f"mini_recur_start_frac:{h.mini_recur_start_frac}")
-
-
-@dataclass
-class Runtime:
-    """Where and how this process runs; everything derived from the environment, not from flags."""
-    rank: int
-    world_size: int
-    device: torch.device
-    grad_accum: int
-    autocast: Callable
-    ns_dtype: torch.dtype
-    threads_from: str = ""  # how torch's CPU thread count was chosen (choose_cpu_threads)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-
-GRAD_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 
 
 def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime) -> Tensor:
@@ -3697,7 +3790,7 @@ def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, r
             loss = model(xm, ym).mean()
         (loss / rt.grad_accum).backward()
         total += loss.detach()
-    optimizer_step(optimizers, h, rt.world_size)
+    optimizer_step(optimizers, h, rt)
     return total / rt.grad_accum
 
 
@@ -3706,7 +3799,7 @@ def is_compiled(model: nn.Module) -> bool:
     return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
 
 
-def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) -> None:
+def optimizer_step(optimizers: list, h: OptimizerSettings, rt: Runtime) -> None:
     """Average the gradients over the ranks, clip their global norm, step every optimizer, drop the
     gradients. Muon's reduce-scatter is in flight while the other gradients are all-reduced, its
     all-gather while Adam steps. Nothing here waits for the device."""
@@ -3715,12 +3808,12 @@ def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) ->
     for opt in muons:
         opt.launch_reduce_scatter()
     params = [p for opt in others for group in opt.param_groups for p in group["params"]]
-    if world_size > 1:
-        average_gradients(params, world_size)
+    if rt.world_size > 1:
+        average_gradients(params, rt)
     grads = [p.grad for p in params if p.grad is not None]
     shards = [shard for opt in muons for shard in opt.wait_reduce_scatter()]
     if h.grad_clip_norm > 0:
-        clip_global_norm(grads, shards, h.grad_clip_norm, world_size)
+        clip_global_norm(grads, shards, h.grad_clip_norm, rt)
     for opt in muons:
         opt.launch_all_gather()
     for opt in others:
@@ -3731,34 +3824,6 @@ def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) ->
         opt.zero_grad(set_to_none=True)
 
 
-def average_gradients(params: list[Tensor], world_size: int) -> None:
-    """Replace every gradient by its mean over the ranks: one all-reduce of one flat buffer. A missing
-    gradient counts as zero, so every rank reduces the same layout."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world_size
-    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
-        p.grad = g
-
-
-def clip_global_norm(full: list[Tensor], shards: list[Tensor], max_norm: float, world_size: int) -> None:
-    """torch.nn.utils.clip_grad_norm_ of the whole averaged gradient, where `full` gradients are whole on
-    every rank and `shards` are disjoint slices, one per rank (Muon's): the slices' squares are summed
-    over the ranks. The coefficient stays on the device."""
-    device = (full or shards)[0].device
-    sq = torch.zeros((), device=device)
-    if shards:
-        sq = torch.stack(torch._foreach_norm(shards)).square().sum()
-    if world_size > 1:
-        dist.all_reduce(sq)
-    if full:
-        sq = sq + torch.stack(torch._foreach_norm(full)).square().sum()
-    coef = (max_norm / (sq.sqrt() + GRAD_CLIP_EPS)).clamp(max=1.0)
-    torch._foreach_mul_(full, coef)
-    torch._foreach_mul_(shards, coef)
-
-
 def graph_states(h: Hyperparameters) -> list[tuple[bool, bool]]:
     """(QAT on, mini-recurrence repeats on) of every training graph the timed run will use: each is a
     separate compiled graph, so prime_kernels visits them all."""
@@ -3767,11 +3832,12 @@ def graph_states(h: Hyperparameters) -> list[tuple[bool, bool]]:
     return [(q, r) for q in qat for r in repeats]
 
 
-def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Runtime, log) -> None:
+def prime_kernels(trainee: Trainee, ctx: RunContext) -> None:
     """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every graph_states state
     so that no switch in the timed run compiles, then restore the initial weights, optimizer state and
     switches, so the timed run starts from step 0 exactly as without priming. Where nothing compiles
     (CPU, COMPILE=0) there is nothing to prime: the steps would only cost time."""
+    (model, base_model, optimizers), h, rt, log = trainee, ctx.h, ctx.rt, ctx.log
     if h.warmup_steps == 0:
         return
     if not is_compiled(model):
@@ -3781,10 +3847,10 @@ def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Ru
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     plan, layers = base_model.plan, [m for m in base_model.modules() if isinstance(m, CastedLinear)]
-    loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
+    loader = make_train_loader(h, rt)
     set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
     states = graph_states(h)
-    t0 = time.perf_counter()
+    t0 = rt.clock()
     for i in Progress("warmup", h.warmup_steps, rt.is_main, unit="step").wrap(range(h.warmup_steps)):
         qat_on, repeats_on = states[i * len(states) // h.warmup_steps]
         set_qat(layers, qat_on)
@@ -3799,7 +3865,7 @@ def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Ru
     primed = {i * len(states) // h.warmup_steps for i in range(h.warmup_steps)}
     names = [f"qat{int(q)}_repeats{int(r)}" for q, r in states]
     log(f"warmup steps:{h.warmup_steps} graphs:{','.join(names[i] for i in sorted(primed))} "
-        f"time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+        f"time:{1000 * (rt.clock() - t0):.0f}ms (weights reset)")
     if len(primed) < len(states):
         log(f"warning: WARMUP_STEPS={h.warmup_steps} leaves graphs unprimed: "
             f"{','.join(n for i, n in enumerate(names) if i not in primed)} compile during the timed run")
@@ -3922,7 +3988,8 @@ def set_qat(layers, on: bool, alpha: float = 1.0) -> None:
 
 
 class StopVote:
-    """Whether every rank stops after this step, for each reason (the wallclock budget, a signal),
+    """Whether every rank stops after this step, for each reason (the wallclock budget; a signal, voted as
+    its number so that every rank names the same one),
     decided alike on all of them without stalling the device. Each step's local votes (from host time
     and the signal handler) are max-reduced over the ranks on the device, copied to pinned host memory
     without blocking, and read one step later, after waiting for that copy only: the host waits for
@@ -3942,7 +4009,7 @@ class StopVote:
         t = torch.zeros(self.reasons, dtype=torch.int32, device=self.rt.device)
         for i, vote in enumerate(votes):
             if vote:
-                t[i].fill_(1)  # a kernel, not a copy from pageable host memory (which would wait)
+                t[i].fill_(int(vote))  # a kernel, not a copy from pageable host memory (which would wait)
         if self.rt.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         host, done = self.host[self.step % 2], None
@@ -3956,7 +4023,7 @@ class StopVote:
             return (False,) * self.reasons
         if previous[1] is not None:
             previous[1].synchronize()
-        return tuple(bool(v) for v in previous[0].tolist())  # a host tensor: no device sync
+        return tuple(previous[0].tolist())  # a host tensor: no device sync
 
 
 STOP_LOOKAHEAD = 2  # a vote read one step late stops one step later: it must see two steps ahead
@@ -3971,6 +4038,21 @@ def any_rank(flag: bool, rt: Runtime) -> bool:
     return bool(t.item())
 
 
+class Trainee(NamedTuple):
+    """What training updates: the model it calls (compiled on CUDA), the module that owns the weights (saved,
+    averaged, checkpointed) and the optimizers."""
+    model: nn.Module
+    base: GPT
+    optimizers: list
+
+
+class LoopPosition(NamedTuple):
+    """Where the training loop stands: steps done, training time so far, the step the budget stops it at."""
+    step: int
+    train_ms: float
+    stop_at: int | None
+
+
 @dataclass
 class TrainResult:
     val_loss: float  # the raw weights after the last step
@@ -3981,12 +4063,20 @@ class TrainResult:
 
 
 # ---- interrupts, checkpoints and resume -------------------------------------------------------------
-# SIGINT (Ctrl-C) or SIGTERM (a scheduler; torchrun passes its own on to the workers) during training
-# stops the run after the current step, once all ranks agree, and writes a checkpoint from which
-# RESUME_FROM continues the run exactly; outside the training loop they end the run at once. Either way
-# the run says what was kept.
+# SIGINT (Ctrl-C) or SIGTERM (a scheduler at the time limit; torchrun passes its own on to the workers and
+# kills them 30 s later) gets one answer per phase of the run, and is never dropped (docs/resume.md):
+#   start-up (settings, data, model, compile warm-up)   at once
+#   training steps                                      after the next step, all ranks together: a checkpoint,
+#                                                       from which RESUME_FROM continues the run exactly
+#   the end of training (its last evaluation, the       once the artifact is written, all ranks together:
+#     final weights, calibration, quantization, export)   a few seconds, and the trained model is kept
+#   the final evaluations (round trip, sliding, TTT)    at once: the artifact is written already
+# "At once" acts on every rank that receives the signal (torchrun forwards it to all of them; a rank it
+# did not reach is stopped by torchrun when its peers exit). A second signal always stops at once. Either
+# way the run says what was kept and exits with 128 + the signal number.
 
 SIGNAL_REPEAT_GRACE_S = 2.0  # Ctrl-C under torchrun reaches a worker twice (terminal, then torchrun)
+AT_ONCE, AFTER_STEP, AT_ARTIFACT = "at once", "after the next step", "once the artifact is written"
 CHECKPOINT_VERSION = 1
 
 
@@ -3997,15 +4087,17 @@ class RunInterrupted(Exception):
 
 
 class Interrupts:
-    """The SIGINT/SIGTERM handler. While `deferring` (the training loop) a signal only sets `received`,
-    which the ranks' StopVote carries (read one step late: the run stops after the next step); elsewhere it raises RunInterrupted at once. A signal repeated after
-    SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a checkpoint being written).
-    `kept` lists what the run has written so far, for the message when it stops."""
+    """The SIGINT/SIGTERM handler. The run names each phase it enters and that phase's answer (enter): where
+    the answer is AT_ONCE a signal raises RunInterrupted there and then; elsewhere it only sets `received`,
+    which the phase's end acts on (training: the ranks' StopVote; the end of training: agreed_signal after the
+    artifact). A signal repeated after SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a
+    checkpoint being written). `kept` lists what the run has written so far, for the message when it stops."""
 
     def __init__(self, verbose: bool = True):
         self.received: int | None = None
         self.first_at = 0.0
-        self.deferring, self.verbose, self.kept, self.previous = False, verbose, [], {}
+        self.phase, self.answer, self.note = "start-up", AT_ONCE, ""
+        self.verbose, self.kept, self.previous = verbose, [], {}
         self.log = None  # the run's Logger, once it has one
 
     def install(self) -> None:
@@ -4017,22 +4109,39 @@ class Interrupts:
             signal.signal(sig, handler)
         self.previous = {}
 
+    def enter(self, phase: str, answer: str, note: str = "") -> None:
+        """From now on the run is in `phase`, where a signal is answered `answer` (note: what it waits for).
+        Entering an AT_ONCE phase with a request still pending acts on it: a request is never dropped."""
+        self.phase, self.answer, self.note = phase, answer, note
+        if answer == AT_ONCE and self.received is not None:
+            raise RunInterrupted(self.received)
+
     def handle(self, signum: int, frame) -> None:
         now = time.monotonic()
         if self.received is not None and now - self.first_at < SIGNAL_REPEAT_GRACE_S:
             return  # the same stop request, delivered twice
         first = self.received is None
         self.received, self.first_at = signum, now if first else self.first_at
-        if self.deferring and first:
+        if self.answer != AT_ONCE and first:
             if self.verbose:
-                print(f"{signal.Signals(signum).name}: stopping after the next step to write a checkpoint "
+                print(f"{signal.Signals(signum).name} during {self.phase}: stopping {self.answer}{self.note} "
                       f"(send it again to stop at once)", flush=True)
             return
         raise RunInterrupted(signum)
 
 
-def checkpoint_path(h: Hyperparameters) -> Path:
-    return Path(h.out_dir) / f"{h.run_id}.ckpt"
+def agreed_signal(interrupts: Interrupts, rt: Runtime) -> int | None:
+    """The signal some rank received (the largest number if several), the same on every rank, or None: the
+    ranks decide together at the end of a phase whose answer waited for it (one blocking all-reduce)."""
+    if rt.world_size == 1:
+        return interrupts.received
+    t = torch.tensor([interrupts.received or 0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
+def checkpoint_path(h: Hyperparameters, state: RunState) -> Path:
+    return Path(h.out_dir) / f"{state.run_id}.ckpt"
 
 
 def rng_state() -> dict:
@@ -4122,32 +4231,34 @@ class RunControl:
     resume: tuple[dict, dict] | None = None
 
 
-def restore_training(resume: tuple[dict, dict], base_model: GPT, optimizers: list, parts: dict) -> tuple:
-    """Load a checkpoint into the model, optimizers and the loop's parts; (step, train_ms, stop_at)."""
+def restore_training(resume: tuple[dict, dict], trainee: Trainee, parts: dict) -> LoopPosition:
+    """Load a checkpoint into the model, optimizers and the loop's parts; where the loop stood."""
     shared, own = resume
-    base_model.load_state_dict(shared["model"])
-    for opt, state in zip(optimizers, own["optimizers"], strict=True):
+    trainee.base.load_state_dict(shared["model"])
+    for opt, state in zip(trainee.optimizers, own["optimizers"], strict=True):
         opt.load_state_dict(state)
     for name, part in parts.items():
         part.load_state_dict(shared["parts"][name])
     set_rng_state(own["rng"])
-    return shared["step"], shared["train_ms"], shared["stop_at"]
+    return LoopPosition(shared["step"], shared["train_ms"], shared["stop_at"])
 
 
-def stop_with_checkpoint(signum: int, step: int, train_ms: float, stop_at: int | None, base_model: GPT,
-                         optimizers: list, parts: dict, control: RunControl, h: Hyperparameters, rt: Runtime, log):
-    """Write the checkpoint of the state after `step` and end the run, saying how to resume it."""
+def stop_with_checkpoint(signum: int, at: LoopPosition, trainee: Trainee, parts: dict, control: RunControl,
+                         ctx: RunContext):
+    """Write the checkpoint of the state after step `at.step` and end the run, saying how to resume it."""
+    h, rt = ctx.h, ctx.rt
     name = signal.Signals(signum).name
-    log(f"interrupted signal:{name} step:{step}/{h.iterations} train_time:{train_ms:.0f}ms checkpoint:{control.path}")
-    shared = {"version": CHECKPOINT_VERSION, "hparams": dataclasses.asdict(h), "world_size": rt.world_size,
-              "code_sha256": control.code_sha256, "step": step, "train_ms": train_ms, "stop_at": stop_at,
-              "signal": name, "model": base_model.state_dict(),
+    ctx.log(f"interrupted signal:{name} step:{at.step}/{h.iterations} train_time:{at.train_ms:.0f}ms "
+            f"checkpoint:{control.path}")
+    shared = {"version": CHECKPOINT_VERSION, "hparams": dataclasses.asdict(h), "run_state": dataclasses.asdict(ctx.state),
+              "world_size": rt.world_size, "code_sha256": control.code_sha256, "step": at.step, "train_ms": at.train_ms,
+              "stop_at": at.stop_at, "signal": name, "model": trainee.base.state_dict(),
               "parts": {k: part.state_dict() for k, part in parts.items()},
               "log": control.log_path.read_text(encoding="utf-8") if control.log_path else ""}
-    own = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state()}
+    own = {"optimizers": [opt.state_dict() for opt in trainee.optimizers], "rng": rng_state()}
     write_checkpoint(control.path, shared, own, rt)
     control.interrupts.kept.append(f"the checkpoint {control.path} (weights, optimizer state, averages, schedule, "
-                                   f"data position, RNG, after step {step}/{h.iterations})")
+                                   f"data position, RNG, after step {at.step}/{h.iterations})")
     raise RunInterrupted(signum, f"resume with: {resume_command(control.path, rt.world_size)}")
 
 
@@ -4157,39 +4268,47 @@ def resume_command(path: Path, world_size: int) -> str:
     return f"RESUME_FROM={path} {launcher}"
 
 
-def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
-          log, control: RunControl | None = None) -> TrainResult:
+def train(trainee: Trainee, eval_fn: Callable, ctx: RunContext, control: RunControl | None = None) -> TrainResult:
     """The timed loop; the Schedule decides every step's settings and when to stop. A signal stops it after
     the step it interrupts (a checkpoint, then RunInterrupted); control.resume continues a stopped run."""
-    loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
-    schedule, average, qat = Schedule(h), WeightAverage(base_model, h), QATSwitch(base_model, log)
+    (model, base_model, optimizers), h, rt, log = trainee, ctx.h, ctx.rt, ctx.log
+    loader = make_train_loader(h, rt)
+    schedule, average = Schedule(h, ctx.state.gptq_reserve_seconds), WeightAverage(base_model, h)
+    qat = QATSwitch(base_model, log)
     log(schedule.describe())
     train_ms, step, stop_at, stop_vote = 0.0, 0, None, StopVote(rt)
     parts = {"loader": loader, "average": average, "schedule": schedule, "qat": qat}  # a checkpoint holds their state
-    control = control or RunControl(Interrupts(verbose=False), checkpoint_path(h), "", None)
+    control = control or RunControl(Interrupts(verbose=False), checkpoint_path(h, ctx.state), "", None)
     if control.resume is not None:
-        step, train_ms, stop_at = restore_training(control.resume, base_model, optimizers, parts)
-    control.interrupts.deferring = True  # a signal now stops the run after the current step
+        step, train_ms, stop_at = restore_training(control.resume, trainee, parts)
+    control.interrupts.enter("training", AFTER_STEP, " to write a checkpoint")
     rt.sync()
-    t0 = time.perf_counter()
+    t0 = rt.clock()
+
+    def stop(signum: int) -> None:
+        stop_with_checkpoint(signum, LoopPosition(step, train_ms + 1000 * (rt.clock() - t0), stop_at), trainee,
+                             parts, control, ctx)
+
     while True:
         last = step == h.iterations or step == stop_at
-        if last and any_rank(control.interrupts.received is not None, rt):  # a signal whose vote was not read
-            stop_with_checkpoint(control.interrupts.received or signal.SIGTERM, step,
-                                 train_ms + 1000 * (time.perf_counter() - t0), stop_at, base_model, optimizers,
-                                 parts, control, h, rt, log)
+        if last and (signum := agreed_signal(control.interrupts, rt)):  # a signal whose vote was not read yet
+            stop(signum)
+        if last:  # no step follows: a signal from here on waits for the artifact (run)
+            control.interrupts.enter("the end of training", AT_ARTIFACT,
+                                     f" (its last evaluation, the final weights' and the export, whose calibration "
+                                     f"and quantization take about {ctx.state.gptq_reserve_seconds:.0f} s)")
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.sync()
-            train_ms += 1000 * (time.perf_counter() - t0)  # evaluation does not count as training
+            train_ms += 1000 * (rt.clock() - t0)  # evaluation does not count as training
             with qat.paused():
                 val_loss, val_bpb = eval_fn()
             log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             rt.sync()
-            t0 = time.perf_counter()
+            t0 = rt.clock()
         if last:
             break
-        s = schedule.at(step, train_ms + 1000 * (time.perf_counter() - t0))
+        s = schedule.at(step, train_ms + 1000 * (rt.clock() - t0))
         set_step_hparams(optimizers, s.lr_mult, s.momentum)
         qat.apply(step, s)
         if base_model.set_mini_recurrence(s.repeats_on):  # a compiled model recompiles once per state
@@ -4197,24 +4316,21 @@ def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparamet
         loss = train_step(model, optimizers, loader, h, rt)
         step += 1
         average.update(s)
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        elapsed = train_ms + 1000 * (rt.clock() - t0)
         if h.train_log_every > 0 and (step % h.train_log_every == 0 or step <= 10):
             if rt.world_size > 1:  # gloo has no AVG reduction
                 dist.all_reduce(loss)
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{s.lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        overruns, interrupted = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
-                                          control.interrupts.received is not None)
+        overruns, signum = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
+                                     control.interrupts.received or 0)
         if stop_at is None and overruns:
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
-        if interrupted:
+        if signum:
             rt.sync()
-            stop_with_checkpoint(control.interrupts.received or signal.SIGTERM, step,
-                                 train_ms + 1000 * (time.perf_counter() - t0), stop_at, base_model, optimizers,
-                                 parts, control, h, rt, log)
-    control.interrupts.deferring = False
+            stop(signum)
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
     return TrainResult(val_loss, val_bpb, step, train_ms, average)
 
@@ -4283,21 +4399,25 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
     return Runtime(rank, world_size, device, accum, autocast, ns_dtype, threads_from)
 
 
-def shared_run_id(h: Hyperparameters, rt: Runtime) -> Hyperparameters:
+def shared_run_id(h: Hyperparameters, rt: Runtime) -> str:
+    """RUN_ID, or a fresh id drawn on rank 0 and shared with every rank."""
     if h.run_id:
-        return h
+        return h.run_id
     ids = [time.strftime("%Y%m%d_%H%M%S") + "_" + uuid.uuid4().hex[:6]]
     if rt.world_size > 1:
         dist.broadcast_object_list(ids, src=0)
-    return dataclasses.replace(h, run_id=ids[0])
+    return ids[0]
 
 
-def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env) -> None:
+def log_preamble(ctx: RunContext, env) -> None:
+    log, h, rt = ctx.log, ctx.h, ctx.rt
     log("=" * 40 + " source: train_gpt.py " + "=" * 40, console=False)
-    log(source, console=False)
+    log(ctx.code.source, console=False)
     log("=" * 100, console=False)
     for f in dataclasses.fields(h):
         log(f"hparam {f.name}:{getattr(h, f.name)}")
+    log(f"run_state run_id:{ctx.state.run_id} gptq_reserve_seconds:{ctx.state.gptq_reserve_seconds:g} "
+        f"reserve_from:{ctx.state.reserve_from}")
     log(describe_preset(h.preset, env))
     with rt.autocast():
         activations = str(activation_dtype(torch.zeros((), device=rt.device))).removeprefix("torch.")
@@ -4356,14 +4476,15 @@ def compile_for_training(base: GPT, plan: dict[str, int], h: Hyperparameters, rt
     return compiled, compiled, orthogonalize
 
 
-def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec,
-               rt: Runtime, log) -> tuple[float, float]:
+def timed_eval(label: str, model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec,
+               ctx: RunContext) -> tuple[float, float]:
+    rt = ctx.rt
     rt.sync()
-    t0 = time.perf_counter()
-    loss, bpb = evaluate(eval_model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast, phase=label)
+    t0 = rt.clock()
+    loss, bpb = evaluate(model, val_tokens, luts, spec, rt, phase=label)
     rt.sync()
-    log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval:{spec.name} seq_len:{spec.seq_len} "
-        f"stride:{spec.stride} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    ctx.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval:{spec.name} seq_len:{spec.seq_len} "
+            f"stride:{spec.stride} eval_time:{1000 * (rt.clock() - t0):.0f}ms")
     return loss, bpb
 
 
@@ -4371,61 +4492,63 @@ def log_ttt_budget(cfg: ModelConfig, val_tokens: np.ndarray, h: Hyperparameters,
     """Before training: the TTT pass's FLOPs and its predicted time on 8 x H100, and whether the evaluation
     (with windows: the round trip's and the sliding window's passes before TTT) fits the budget (a `legality`
     line), so that a run that could not be submitted says so at once. Compile warm-ups are not counted."""
-    spec = TTTSpec.from_hparams(h)
     spans = document_spans(val_tokens, cfg.bos_id)
-    seconds, flops = predict_ttt_seconds(cfg, spans, spec)
+    seconds, flops = predict_ttt_seconds(cfg, spans, h)
     log(f"ttt_budget docs:{len(spans)} flops:{flops:.4g} assumed_tflops_per_gpu:{TTT_H100_TFLOPS:g} "
         f"predicted_{PREDICTION_WORLD_SIZE}xh100:{seconds:.1f}s")
     before = sum(predict_window_eval_seconds(cfg, len(val_tokens), s) for s in (EvalSpec.plain(h), EvalSpec.sliding(h))
                  ) if windows else 0.0
     total = seconds + before
-    verdict = "within" if total <= EVAL_CAP_SECONDS else \
-        "over (set TTT=0, or raise TTT_CHUNK_SIZE / lower TTT_EVAL_SEQ_LEN or PHASED_TTT_PREFIX_DOCS)"
-    log(f"legality ttt_eval predicted_{PREDICTION_WORLD_SIZE}xh100:{seconds:.1f}s windows:{before:.1f}s "
-        f"total:{total:.1f}s cap:{EVAL_CAP_SECONDS:.0f}s verdict:{verdict}")
+    advice = "" if total <= EVAL_CAP_SECONDS else \
+        " (set TTT=0, or raise TTT_CHUNK_SIZE / lower TTT_EVAL_SEQ_LEN or PHASED_TTT_PREFIX_DOCS)"
+    log_legality(log, "ttt_eval", ("within" if total <= EVAL_CAP_SECONDS else "over") + advice,
+                 **{f"predicted_{PREDICTION_WORLD_SIZE}xh100": f"{seconds:.1f}s", "windows": f"{before:.1f}s",
+                    "total": f"{total:.1f}s", "cap": f"{EVAL_CAP_SECONDS:.0f}s"})
 
 
-def compile_ttt_forward(model: GPT, spec: TTTSpec, h: Hyperparameters, rt: Runtime, log) -> Callable:
+def compile_ttt_forward(model: GPT, ctx: RunContext) -> Callable:
     """The TTT step's forward, compiled on CUDA (one graph with dynamic shapes: widths and row counts vary)
     and warmed up on random tokens; eager elsewhere, or if compiling fails (logged)."""
-    forward = ttt_forward(model, spec.chunk)
+    h, rt = ctx.h, ctx.rt
+    forward = ttt_forward(model, h.ttt_chunk_size)
     if rt.device.type != "cuda" or not h.compile:
         return forward
-    t0 = time.perf_counter()
+    t0 = rt.clock()
     compiled = torch.compile(forward, dynamic=True)
     try:
-        ttt_warm_up(compiled, model, spec, rt.device, rt.autocast)
+        ttt_warm_up(compiled, model, h, rt)
     except Exception as e:  # noqa: BLE001 (any compiler failure): the eager step computes the same thing
-        log(f"ttt_compile failed:{type(e).__name__} running:eager ({str(e).splitlines()[0][:200] if str(e) else ''})")
+        ctx.log(f"ttt_compile failed:{type(e).__name__} running:eager "
+                f"({str(e).splitlines()[0][:200] if str(e) else ''})")
         return forward
     rt.sync()
-    log(f"ttt_compile warm_up:random_tokens time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    ctx.log(f"ttt_compile warm_up:random_tokens time:{1000 * (rt.clock() - t0):.0f}ms")
     return compiled
 
 
-def run_ttt(artifact: Path, val_tokens: Tensor, luts: ByteLUTs, h: Hyperparameters, rt: Runtime, log,
+def run_ttt(cfg: ModelConfig, weights: dict[str, Tensor], val_tokens: Tensor, luts: ByteLUTs, ctx: RunContext,
             windows_s: float = 0.0) -> None:
-    """final_ttt_exact: score-first TTT on a model rebuilt from the artifact file, so what adapts is the
-    quantized model as shipped (the training model is left as it is: the earlier lines stay valid).
+    """final_ttt_exact: score-first TTT on a model of its own built from the artifact's weights, so what adapts
+    is the quantized model as shipped (the model the earlier lines scored is left as it is).
     windows_s: the evaluation time before it (the window passes), judged with it against the cap."""
-    cfg, state = load_artifact(artifact)
+    h, rt = ctx.h, ctx.rt
     model = build_model(cfg, rt.device)
-    model.load_state_dict(state)
-    spec = TTTSpec.from_hparams(h)
-    t0 = time.perf_counter()
-    forward = compile_ttt_forward(model, spec, h, rt, log)
-    t1 = time.perf_counter()
-    loss, bpb = ttt_evaluate(model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast, forward, log)
+    model.load_state_dict(weights)
+    t0 = rt.clock()
+    forward = compile_ttt_forward(model, ctx)
+    t1 = rt.clock()
+    loss, bpb = ttt_evaluate(model, val_tokens, luts, h, rt, forward, ctx.log)
     rt.sync()
-    seconds = time.perf_counter() - t1
-    log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * seconds:.0f}ms "
-        f"compile_time:{1000 * (t1 - t0):.0f}ms chunk:{spec.chunk} seq_len:{spec.seq_len} lora_rank:{spec.lora_rank}")
+    seconds = rt.clock() - t1
+    ctx.log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * seconds:.0f}ms "
+            f"compile_time:{1000 * (t1 - t0):.0f}ms chunk:{h.ttt_chunk_size} seq_len:{h.ttt_eval_seq_len} "
+            f"lora_rank:{h.ttt_lora_rank}")
     on = f"{rt.world_size}x{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'}"
     judged = rt.world_size == PREDICTION_WORLD_SIZE and "H100" in on
     total = seconds + t1 - t0 + windows_s
     verdict = ("within" if total <= EVAL_CAP_SECONDS else "over") if judged else "not_8xh100"
-    log(f"legality ttt_eval measured:{seconds + t1 - t0:.1f}s windows:{windows_s:.1f}s total:{total:.1f}s "
-        f"on:{on.replace(' ', '_')} cap:{EVAL_CAP_SECONDS:.0f}s verdict:{verdict}")
+    log_legality(ctx.log, "ttt_eval", verdict, measured=f"{seconds + t1 - t0:.1f}s", windows=f"{windows_s:.1f}s",
+                 total=f"{total:.1f}s", on=on.replace(" ", "_"), cap=f"{EVAL_CAP_SECONDS:.0f}s")
 
 
 def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) -> None:
@@ -4454,19 +4577,23 @@ def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) ->
 
 
 def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = None, export_hook=None) -> None:
+    """Settings -> data -> model -> train -> export -> reload -> evaluate -> TTT (docs/architecture.md)."""
     interrupts = interrupts or Interrupts(verbose=False)
     code = code_form(Path(__file__).read_text(encoding="utf-8"))  # the readable source, whichever form ran
     resume = read_checkpoint(h.resume_from, rt.rank) if h.resume_from else None
     if resume is not None:
         h = resumed_hparams(h, env, resume[0], code.source, rt.world_size)
-    h = shared_run_id(h, rt)
+        state = RunState(**resume[0]["run_state"])  # the run id and reserve of the run's first start
+    else:
+        state = RunState(shared_run_id(h, rt), h.gptq_reserve_seconds)
     out_dir = Path(h.out_dir)
-    log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None, resume[0]["log"] if resume else "")
+    log = Logger(out_dir / f"{state.run_id}.txt" if rt.is_main else None, resume[0]["log"] if resume else "")
+    ctx = RunContext(h, rt, state, log, code)
     interrupts.log = log
     if log.path is not None:
         interrupts.kept.append(f"the log {log.path}")
     if resume is None:
-        log_preamble(log, h, rt, code.source, env)
+        log_preamble(ctx, env)
     else:  # the log so far came with the checkpoint: it goes on as one run's log, saying where it resumed
         log(f"resume from:{h.resume_from} step:{resume[0]['step']} train_time:{resume[0]['train_ms']:.0f}ms "
             f"signal:{resume[0]['signal']} world_size:{rt.world_size} cpu_threads:{torch.get_num_threads()}")
@@ -4491,20 +4618,19 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     if rt.is_main:
         log_artifact_estimate(base.state_dict(), plan, code, h, log)
     model, eval_model, orthogonalize = compile_for_training(base, plan, h, rt, log)
-    optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
-    for line in describe_optimizers(optimizers):
+    trainee = Trainee(model, base, build_optimizers(base, h, rt, orthogonalize))
+    for line in describe_optimizers(trainee.optimizers):
         log(line)
 
     def eval_fn():
-        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt.rank, rt.world_size, rt.autocast,
-                        phase="val")
+        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt, phase="val")
 
-    prime_kernels(model, optimizers, base, h, rt, log)
-    if resume is None:  # a resumed run's settings already hold the reserve its first start measured
-        h = measure_gptq_reserve(base, plan, h, rt, log)
-    control = RunControl(interrupts, checkpoint_path(h), hashlib.sha256(code.source.encode("utf-8")).hexdigest(),
+    prime_kernels(trainee, ctx)
+    if resume is None:  # a resumed run keeps the reserve its first start measured (in its run state)
+        measure_gptq_reserve(base, plan, ctx)
+    control = RunControl(interrupts, checkpoint_path(h, state), hashlib.sha256(code.source.encode("utf-8")).hexdigest(),
                          log.path, resume)
-    result = train(model, optimizers, base, eval_fn, h, rt, log, control)
+    result = train(trainee, eval_fn, ctx, control)
     log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
         f"train_time:{result.train_ms:.0f}ms")
     weights = select_final_weights(result.average, h, log)
@@ -4514,18 +4640,21 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
         log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() >> 20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")
 
-    artifact = out_dir / f"{h.run_id}.ptz"
-    blob = export_model(base, plan, code.bytes_code, h, rt, log, export_hook, result.train_ms, luts)
-    save_artifact(blob, artifact, code.bytes_code, rt, log)
+    artifact = out_dir / f"{state.run_id}.ptz"
+    blob = export_model(base, plan, result.train_ms, luts, ctx, export_hook)
+    save_artifact(blob, artifact, ctx)
     interrupts.kept.append(f"the artifact {artifact} (score it: ARTIFACT_PATH={artifact} "
                            f"python eval_ngram_on_checkpoint.py)")
-    _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
-    base.load_state_dict(state)
-    t0 = time.perf_counter()
-    timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), rt, log)
-    timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, EvalSpec.sliding(h), rt, log)
+    if signum := agreed_signal(interrupts, rt):  # a signal during the end of training: acted on now
+        raise RunInterrupted(signum)
+    interrupts.enter("the final evaluations", AT_ONCE)
+    cfg, shipped = load_artifact(artifact)  # read once: what the file holds is what every final line scores
+    base.load_state_dict(shipped)
+    t0 = rt.clock()
+    timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), ctx)
+    timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, EvalSpec.sliding(h), ctx)
     if h.ttt:
-        run_ttt(artifact, val_tokens, luts, h, rt, log, windows_s=time.perf_counter() - t0)
+        run_ttt(cfg, shipped, val_tokens, luts, ctx, windows_s=rt.clock() - t0)
 
 
 def cli() -> None:

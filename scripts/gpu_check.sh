@@ -3,7 +3,7 @@
 # H200, no network. Parts, in order (name them to run only some):
 #   env    torch, CUDA, the GPU, FlashAttention 3/2 availability, the attention backend train_gpt picks
 #   tests  tests/test_cuda_path.py on real CUDA tensors (FlashAttention's contract, dtypes, no host sync)
-#   bench  scripts/benchmark.py at the 8-GPU per-rank batch: ms/step, tokens/s, MFU, peak memory,
+#   bench  lab/benchmark.py at the 8-GPU per-rank batch: ms/step, tokens/s, MFU, peak memory,
 #          compile time and graph count, next to the predictions
 #   train  a default-config train_gpt.py run, 120 s timed (about 4 minutes with warm-up, compilation,
 #          GPTQ, zstd compression and a sliding-window evaluation) on a small dataset
@@ -12,7 +12,7 @@
 #   bash scripts/gpu_check.sh [--cpu] [--data DIR] [--tokenizer FILE] [PART ...]
 #
 # prepare copies the first GPU_CHECK_TRAIN_TOKENS (8 M) training tokens and the validation shard of a
-# challenge-format dataset (e.g. bench/corpus_sp1024 from scripts/corpus_benchmark.sh) and its
+# challenge-format dataset (e.g. bench/corpus_sp1024 from lab/corpus_benchmark.sh) and its
 # tokenizer into .gpu_check/ (16 MB), and downloads the wheels the GPU image lacks (zstandard, brotli,
 # for Python 3.12) into .whl/: both are git-ignored and travel with the device tool's `carry`.
 # Results go to $OUT (the device tool's output folder) or gpu_check_out/: gpu_check.log (everything),
@@ -114,7 +114,7 @@ for part in "${PARTS[@]}"; do
         tests/test_cuda_path.py "${PYTEST_ARGS[@]}"
       ;;
     bench)
-      run_part bench "$T_BENCH" "$OUT_DIR/bench.txt" env "${TINY[@]}" "$PY" scripts/benchmark.py "${BENCH_ARGS[@]}" \
+      run_part bench "$T_BENCH" "$OUT_DIR/bench.txt" env "${TINY[@]}" "$PY" lab/benchmark.py "${BENCH_ARGS[@]}" \
         --out "$OUT_DIR/results.jsonl"
       ;;
     train)

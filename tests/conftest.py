@@ -48,6 +48,34 @@ def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:
     return env
 
 
+def cpu_runtime(rank: int = 0, world_size: int = 1):
+    """train_gpt.Runtime of one CPU process (or rank `rank` of `world_size` gloo processes)."""
+    import contextlib
+
+    import torch
+
+    import train_gpt
+    return train_gpt.Runtime(rank, world_size, torch.device("cpu"), train_gpt.grad_accum_steps(world_size),
+                             contextlib.nullcontext, torch.float32)
+
+
+def run_context(h=None, log=print, rt=None, run_id: str = "test"):
+    """train_gpt.RunContext for calling a phase of a run directly: the settings (defaults if None), a CPU
+    runtime, the run state of a fresh start, the readable source as its code."""
+    import train_gpt
+    h = h or train_gpt.Hyperparameters()
+    code = train_gpt.CodeForm("", "readable", 0)
+    return train_gpt.RunContext(h, rt or cpu_runtime(), train_gpt.RunState(run_id, h.gptq_reserve_seconds), log, code)
+
+
+def gptq_one(w, h, bits: int = 6, damp: float = 0.01, block: int = 32, name: str = "w", **quant):
+    """GPTQ of one matrix with Hessian h: quantize_gptq_batch on a batch of one (quant: QuantSettings fields,
+    e.g. clip_method="sdclip", sdclip_k_other=12.85 for a matrix named "w")."""
+    import train_gpt
+    q = train_gpt.QuantSettings(gptq_damp=damp, gptq_block=block, **quant)
+    return train_gpt.quantize_gptq_batch([w], [h], bits, [name], q, print)[0]
+
+
 def bare_env() -> dict:
     """This process's environment without any train_gpt.py setting: each test sets its own."""
     return {k: v for k, v in os.environ.items() if k.upper() not in _HPARAM_NAMES}

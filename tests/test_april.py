@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, assert_env_error, tiny_env
+from conftest import ROOT, assert_env_error, cpu_runtime, run_context, tiny_env
 from test_architecture import BASELINE, BOS, assert_causal, DIM, HEADS, LAYERS, RECORD, VOCAB, config, model, tokens
 
 WINDOW = 6
@@ -361,12 +361,12 @@ def test_april_loop_graphs_are_both_compiled_in_warm_up(tiny_data, tmp_path):
     base = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
     counter = CompileCounter()  # traces with dynamo, runs eagerly: checks the guards, not codegen
     compiled = torch.compile(base, backend=counter, dynamic=False, fullgraph=True)
-    optimizers = tg.build_optimizers(base, h, 0, 1, torch.float32)
-    rt = tg.Runtime(0, 1, torch.device("cpu"), tg.grad_accum_steps(1), contextlib.nullcontext, torch.float32)
+    rt = cpu_runtime()
+    optimizers = tg.build_optimizers(base, h, rt)
     logs = []
-    tg.prime_kernels(compiled, optimizers, base, h, rt, logs.append)
+    tg.prime_kernels(tg.Trainee(compiled, base, optimizers), run_context(h, logs.append, rt))
     assert counter.frame_count == 2 and "graphs:qat0_repeats0,qat0_repeats1 " in logs[0]
-    schedule, loader = tg.Schedule(h), tg.make_train_loader(h, 0, 1, rt.device)
+    schedule, loader = tg.Schedule(h, h.gptq_reserve_seconds), tg.make_train_loader(h, rt)
     states = []
     for step in range(h.iterations):
         states.append(schedule.at(step, 0.0).repeats_on)

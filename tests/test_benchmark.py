@@ -1,4 +1,4 @@
-"""scripts/benchmark.py on CPU: a tiny config, a few steps, one JSON line with every key and sane numbers.
+"""lab/benchmark.py on CPU: a tiny config, a few steps, one JSON line with every key and sane numbers.
 
 No timing thresholds: speed is what the benchmark reports, not what a test asserts.
 
@@ -15,7 +15,7 @@ import os
 import pytest
 
 from conftest import tiny_env
-from scripts import benchmark
+from lab import benchmark
 
 KEYS = {"device", "torch", "config", "ms_per_step", "tokens_per_s", "mfu", "peak_mem_gib", "optimizer_share",
         "compile_s", "graphs", "eval_tokens_per_s", "date", "flops_per_token", "predicted", "attention"}

@@ -75,7 +75,7 @@ def test_bpb_formula_on_a_stream(tiny_data):
             return torch.full(y.shape, float(np.log(vocab)))
 
     tokens = torch.tensor(stream, dtype=torch.int32)
-    loss, bpb = tg.evaluate(Uniform(), tokens, luts, tg.EvalSpec("sliding", 32, 8, 4))
+    loss, bpb = tg.evaluate(Uniform(), tokens, luts, tg.EvalSpec("sliding", 32, 8, 4), tg.Runtime.single())
     nats = float(np.float32(np.log(vocab)))  # the model's float32 constant, summed in float64
     assert abs(loss - nats) < 1e-12
     assert abs(bpb - (len(stream) - 1) * nats / np.log(2) / nbytes) < 1e-12

@@ -17,11 +17,11 @@ README_MAX_LINES = 250
 
 def test_the_settings_table_is_generated_from_the_source():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("env_table", ROOT / "scripts" / "env_table.py")
+    spec = importlib.util.spec_from_file_location("env_table", ROOT / "lab" / "env_table.py")
     env_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(env_table)
     text = env_table.render()
-    assert (ROOT / "docs" / "environment.md").read_text() == text, "run python3 scripts/env_table.py"
+    assert (ROOT / "docs" / "environment.md").read_text() == text, "run python3 lab/env_table.py"
     import train_gpt as tg
     import dataclasses
     for f in dataclasses.fields(tg.Hyperparameters):  # every setting is documented, with a meaning

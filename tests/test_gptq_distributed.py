@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
+from conftest import cpu_runtime, gptq_one, run_context
 
 
 def layer_hessian(cols: int, seed: int) -> torch.Tensor:
@@ -45,10 +46,10 @@ def state_and_hessians() -> tuple[dict, dict, dict]:
 def test_batched_gptq_equals_one_matrix_at_a_time():
     state, hessians, plan = state_and_hessians()
     names = [f"a{i}.weight" for i in range(5)]
-    batched = tg.quantize_gptq_batch([state[n] for n in names], [hessians[n] for n in names], 6, 0.01, 8, names,
-                                     print)
+    batched = tg.quantize_gptq_batch([state[n] for n in names], [hessians[n] for n in names], 6, names,
+                                     tg.QuantSettings(gptq_block=8), print)
     for name, (q, scale) in zip(names, batched):
-        q1, scale1 = tg.quantize_rows_gptq(state[name], hessians[name], 6, 0.01, 8, name, print)
+        q1, scale1 = gptq_one(state[name], hessians[name], block=8, name=name)
         assert torch.equal(q, q1) and torch.equal(scale, scale1), name
 
 
@@ -75,7 +76,7 @@ def _worker(rank: int, world_size: int, init_file: str, out: str, batch: int) ->
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         state, hessians, plan = state_and_hessians()
-        rt = tg.Runtime(rank, world_size, torch.device("cpu"), 1, None, torch.float32)
+        rt = cpu_runtime(rank, world_size)
         packed, seconds = tg.quantize_distributed(state, plan, hessians, tg.Hyperparameters(gptq_block=8), rt, print)
         if rank == 0:
             assert len(seconds) == world_size
@@ -90,9 +91,8 @@ def _worker(rank: int, world_size: int, init_file: str, out: str, batch: int) ->
 def test_two_gloo_processes_write_the_bytes_of_one(tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "GPTQ_BATCH", 3)
     state, hessians, plan = state_and_hessians()
-    one = artifact(tg.quantize_state_dict(state, plan=plan, hessians=hessians, block=8))
-    rt = tg.Runtime(0, 1, torch.device("cpu"), 1, None, torch.float32)
-    packed, _ = tg.quantize_distributed(state, plan, hessians, tg.Hyperparameters(gptq_block=8), rt, print)
+    one = artifact(tg.quantize_state_dict(state, plan=plan, hessians=hessians, q=tg.QuantSettings(gptq_block=8)))
+    packed, _ = tg.quantize_distributed(state, plan, hessians, tg.Hyperparameters(gptq_block=8), cpu_runtime(), print)
     assert artifact(packed) == one
     out = tmp_path / "two.ptz"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), 3), nprocs=2, join=True)
@@ -100,15 +100,18 @@ def test_two_gloo_processes_write_the_bytes_of_one(tmp_path, monkeypatch):
 
 
 def test_calibration_past_its_reserve_is_a_legality_line():
-    h = tg.Hyperparameters(max_wallclock_seconds=600, gptq_reserve_seconds=10)
     lines = []
-    tg.log_calibration_legality(9000, 590_000, h, lines.append)
-    tg.log_calibration_legality(12_000, 590_000, h, lines.append)
+    ctx = run_context(tg.Hyperparameters(max_wallclock_seconds=600, gptq_reserve_seconds=10), lines.append)
+    tg.log_calibration_legality(9000, 590_000, ctx)
+    tg.log_calibration_legality(12_000, 590_000, ctx)
+    tg.log_calibration_legality(8000, 595_000, ctx)
     assert lines == [
-        "legality gptq_calibration:within_reserve calibration_time:9000ms reserve:10000ms "
-        "train_plus_calibration:599000ms cap:600000ms within_cap",
-        "legality gptq_calibration:over_reserve calibration_time:12000ms reserve:10000ms "
-        "train_plus_calibration:602000ms cap:600000ms over_cap"]
+        "legality gptq_calibration verdict:within calibration_time:9000ms reserve:10000ms reserve_kept:yes "
+        "train_plus_calibration:599000ms cap:600000ms",
+        "legality gptq_calibration verdict:over calibration_time:12000ms reserve:10000ms reserve_kept:no "
+        "train_plus_calibration:602000ms cap:600000ms",
+        "legality gptq_calibration verdict:over calibration_time:8000ms reserve:10000ms reserve_kept:yes "
+        "train_plus_calibration:603000ms cap:600000ms"]
 
 
 def test_the_reserve_is_measured_in_the_warm_up(monkeypatch):
@@ -119,15 +122,18 @@ def test_the_reserve_is_measured_in_the_warm_up(monkeypatch):
         return None, {"w": torch.eye(2)}, dict(total=2000.0)
 
     monkeypatch.setattr(tg, "gptq_work", work)
-    rt = tg.Runtime(0, 1, torch.device("cpu"), 1, None, torch.float32)
     h = tg.Hyperparameters(max_wallclock_seconds=600)
     lines = []
-    measured = tg.measure_gptq_reserve(None, {}, h, rt, lines.append)
-    assert measured == dataclasses.replace(h, gptq_reserve_seconds=1.5 * 2 + 1)
+    ctx = run_context(h, lines.append)
+    tg.measure_gptq_reserve(None, {}, ctx)
+    assert (ctx.state.gptq_reserve_seconds, ctx.state.reserve_from) == (1.5 * 2 + 1, "measured")
+    assert ctx.h is h  # the settings stay as they were read: the measurement is run state
     assert lines[0].startswith("gptq_reserve measured:2000ms reserve:4000ms")
     for unmeasured in (dataclasses.replace(h, gptq_reserve_measure=False), dataclasses.replace(h, gptq=False),
                        dataclasses.replace(h, max_wallclock_seconds=0)):
-        assert tg.measure_gptq_reserve(None, {}, unmeasured, rt, lines.append) is unmeasured
+        ctx = run_context(unmeasured, lines.append)
+        tg.measure_gptq_reserve(None, {}, ctx)
+        assert (ctx.state.gptq_reserve_seconds, ctx.state.reserve_from) == (unmeasured.gptq_reserve_seconds, "setting")
     assert len(calls) == 1
     with pytest.raises(tg.SettingError, match="MAX_WALLCLOCK_SECONDS=4"):
-        tg.measure_gptq_reserve(None, {}, dataclasses.replace(h, max_wallclock_seconds=4), rt, lines.append)
+        tg.measure_gptq_reserve(None, {}, run_context(dataclasses.replace(h, max_wallclock_seconds=4), lines.append))

@@ -1,4 +1,4 @@
-"""scripts/parity_benchmark.py without the record script: the CPU shim on a stand-in that uses every
+"""lab/parity_benchmark.py without the record script: the CPU shim on a stand-in that uses every
 CUDA facility a record script uses, the result parsing of both log formats, the scaled settings, and
 the whole benchmark (the stand-in as the reference, a tiny run of ours) end to end."""
 
@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, TINY_VOCAB
 
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "lab"))
 import parity_benchmark as pb  # noqa: E402
 
 # A stand-in record script: it touches every shimmed facility the way the 2026-03-29 record does, checks
@@ -65,7 +65,7 @@ def stand_in(tmp_path):
 
 
 def test_shim_runs_a_cuda_script_on_cpu_in_fp32(stand_in, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "parity_benchmark.py"), "shim", str(stand_in)],
+    proc = subprocess.run([sys.executable, str(ROOT / "lab" / "parity_benchmark.py"), "shim", str(stand_in)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
@@ -79,7 +79,7 @@ def test_shim_runs_a_cuda_script_on_cpu_in_fp32(stand_in, tmp_path):
 def test_shim_failure_is_the_scripts_own_error(tmp_path):
     bad = tmp_path / "train_gpt.py"
     bad.write_text("import torch\nraise SystemExit('record stopped: ' + str(torch.device('cuda', 1)))\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "parity_benchmark.py"), "shim", str(bad)],
+    proc = subprocess.run([sys.executable, str(ROOT / "lab" / "parity_benchmark.py"), "shim", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "record stopped: cpu" in proc.stderr
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import assert_env_error, tiny_env
+from conftest import assert_env_error, gptq_one, tiny_env
 from test_quantization import assert_same_packed, correlated_layer, output_error
 
 # ---- SDClip -------------------------------------------------------------------------------------
@@ -31,13 +31,15 @@ def test_sdclip_scale_is_k_std_over_qmax():
 
 
 def test_sdclip_k_follows_the_tensor_class():
-    clip = tg.ClipConfig("sdclip", k_mlp=1.0, k_attn=2.0, k_embed=3.0, k_other=4.0, hessian_lambda=0.5)
-    k = {n: clip.row_kwargs(n) for n in ("blocks.0.mlp.fc.weight", "blocks.3.attn.c_k.weight",
+    q = tg.QuantSettings(clip_method="sdclip", sdclip_k_mlp=1.0, sdclip_k_attn=2.0, sdclip_k_embed=3.0,
+                         sdclip_k_other=4.0, sdclip_hessian_lambda=0.5)
+    k = {n: tg.clip_rule(q, n) for n in ("blocks.0.mlp.fc.weight", "blocks.3.attn.c_k.weight",
                                          "tok_emb.weight", "bigram.proj.weight")}
     assert [v["sd_k"] for v in k.values()] == [1.0, 2.0, 3.0, 4.0]
     assert all(v["hessian_lambda"] == 0.0 for v in k.values())  # plain sdclip ignores the Hessian
-    assert tg.ClipConfig("sdclip_hessian", hessian_lambda=0.5).row_kwargs("x.weight")["hessian_lambda"] == 0.5
-    assert tg.ClipConfig().row_kwargs("blocks.0.mlp.fc.weight") == {}  # percentile search
+    hessian = tg.QuantSettings(clip_method="sdclip_hessian", sdclip_hessian_lambda=0.5)
+    assert tg.clip_rule(hessian, "x.weight")["hessian_lambda"] == 0.5
+    assert tg.clip_rule(tg.QuantSettings(), "blocks.0.mlp.fc.weight") == {}  # percentile search
 
 
 def test_hessian_aware_sdclip_widens_the_rows_that_carry_strong_inputs():
@@ -64,10 +66,10 @@ def test_sdclip_is_coarser_and_smaller_than_the_percentile_search():
 def test_gptq_with_sdclip_keeps_the_sdclip_scales_and_beats_round_to_nearest():
     w, x, h = correlated_layer()
     q_rtn, s_rtn = tg.quantize_rows_rtn(w, 6, sd_k=12.85)
-    q, s = tg.quantize_rows_gptq(w, h, 6, 0.01, 32, "w", print, sd_k=12.85)
+    q, s = gptq_one(w, h, clip_method="sdclip", sdclip_k_other=12.85)
     assert torch.equal(s, s_rtn)
     assert output_error(w, q, s, x) < 0.5 * output_error(w, q_rtn, s_rtn, x)
-    q_h, s_h = tg.quantize_rows_gptq(w, h, 6, 0.01, 32, "w", print, sd_k=12.85, hessian_lambda=0.175)
+    q_h, s_h = gptq_one(w, h, clip_method="sdclip_hessian", sdclip_k_other=12.85, sdclip_hessian_lambda=0.175)
     assert not torch.equal(s_h, s)
 
 
@@ -76,10 +78,10 @@ def test_round_to_nearest_uses_hessians_only_for_the_clip_and_logs_a_missing_one
     state = {"a.weight": w, "table.weight": w.clone()}
     plan = {"a.weight": 6, "table.weight": 6}
     logged = []
-    packed = tg.quantize_state_dict(state, plan=plan, hessians={"a.weight": h}, log=logged.append,
-                                    clip=tg.ClipConfig("sdclip_hessian"), gptq=False)
-    ref_q, ref_s = tg.quantize_rows_rtn(w, 6, sd_k=tg.ClipConfig().k_other, input_power=h.diagonal(),
-                                        hessian_lambda=tg.ClipConfig().hessian_lambda)
+    q = tg.QuantSettings(clip_method="sdclip_hessian", gptq=False)
+    packed = tg.quantize_state_dict(state, plan=plan, hessians={"a.weight": h}, q=q, log=logged.append)
+    ref_q, ref_s = tg.quantize_rows_rtn(w, 6, sd_k=q.sdclip_k_other, input_power=h.diagonal(),
+                                        hessian_lambda=q.sdclip_hessian_lambda)
     assert torch.equal(packed["a.weight"]["q"], ref_q) and torch.equal(packed["a.weight"]["scale"], ref_s)
     assert not torch.equal(packed["table.weight"]["scale"], ref_s)
     assert logged == ["clip_fallback tensor:table.weight method:sdclip reason:no_hessian"]
@@ -143,7 +145,7 @@ def test_lqer_lowers_the_error_within_the_rank_bound_and_picks_the_largest_error
     plan = {n: 5 if n != "bias" else tg.FP16_BITS for n in state}
     packed = tg.quantize_state_dict(state, plan=plan)
     logged = []
-    cfg = tg.LQERConfig(top=2, rank=4, a_bits=2, b_bits=4, group=64)
+    cfg = tg.QuantSettings(lqer_top=2, lqer_rank=4, lqer_a_bits=2, lqer_b_bits=4, lqer_group=64)
     corrected = tg.add_lqer(packed, state, cfg, logged.append)
     assert [n for n, e in corrected.items() if "lqer" in e] == ["blocks.1.mlp.fc.weight", "blocks.2.mlp.fc.weight"]
     assert packed["blocks.2.mlp.fc.weight"].get("lqer") is None  # the input is not modified
@@ -179,15 +181,16 @@ def test_lqer_hessian_selection_prefers_a_correctable_error_to_a_larger_noisy_on
     hessians = {"noisy.weight": torch.eye(64), "low_rank.weight": torch.eye(64)}
     assert errors["table.weight"].norm() > errors["noisy.weight"].norm() > errors["low_rank.weight"].norm()
     logged = []
-    by_error = tg.add_lqer(packed, state, tg.LQERConfig(top=1, rank=1, select="error"), logged.append, hessians)
-    by_output = tg.add_lqer(packed, state, tg.LQERConfig(top=1, rank=1, select="hessian"), logged.append, hessians)
+    by_error = tg.add_lqer(packed, state, tg.QuantSettings(lqer_top=1, lqer_rank=1, lqer_select="error"), logged.append, hessians)
+    by_output = tg.add_lqer(packed, state, tg.QuantSettings(lqer_top=1, lqer_rank=1, lqer_select="hessian"), logged.append,
+                            hessians)
     assert [n for n, e in by_error.items() if "lqer" in e] == ["table.weight"]
     assert [n for n, e in by_output.items() if "lqer" in e] == ["low_rank.weight"]
     left = {n: (state[n] - tg.int_weights(e)).norm() / errors[n].norm()
             for d in (by_error, by_output) for n, e in d.items() if "lqer" in e}
     assert left["low_rank.weight"] < 0.5 and left["table.weight"] > 0.9
     assert not any("fallback" in x for x in logged)
-    fallback = tg.add_lqer(packed, state, tg.LQERConfig(top=1, rank=1, select="hessian"), logged.append)
+    fallback = tg.add_lqer(packed, state, tg.QuantSettings(lqer_top=1, lqer_rank=1, lqer_select="hessian"), logged.append)
     assert "lqer" in fallback["table.weight"] and "lqer_fallback select:error reason:no_hessians" in logged
 
 
@@ -195,7 +198,7 @@ def test_lqer_hessian_selection_prefers_a_correctable_error_to_a_larger_noisy_on
 def test_lqer_round_trips_exactly_through_the_artifact(compressor, tmp_path):
     state = lqer_state()
     packed = tg.add_lqer(tg.quantize_state_dict(state, plan={n: 6 for n in state if n != "bias"} | {"bias": 16}),
-                         state, tg.LQERConfig(top=3, rank=3, group=50), lambda _: None)
+                         state, tg.QuantSettings(lqer_top=3, lqer_rank=3, lqer_group=50), lambda _: None)
     path = tmp_path / "lqer.ptz"
     tg.write_atomic(path, tg.serialize_artifact(packed, compressor=compressor))
     restored = tg.deserialize_artifact(path.read_bytes(), str(path))[1]

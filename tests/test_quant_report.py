@@ -1,4 +1,4 @@
-"""scripts/quant_report.py: the first-order column g.e must be the bpb's actual first-order change;
+"""lab/quant_report.py: the first-order column g.e must be the bpb's actual first-order change;
 frontier variants are read like the environment."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 import train_gpt as tg
 from conftest import tiny_env
-from scripts import quant_report
+from lab import quant_report
 
 
 def test_val_gradient_predicts_a_small_weight_change(tiny_data, tmp_path):

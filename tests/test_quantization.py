@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import tiny_env
+from conftest import cpu_runtime, gptq_one, tiny_env
 from data.shards import write_shard
 
 # ---- round-to-nearest and the clip search -------------------------------------------------------
@@ -69,7 +69,7 @@ def output_error(w, q, scale, x):
 def test_gptq_beats_round_to_nearest_on_the_layer_output(bits):
     w, x, h = correlated_layer()
     rtn = output_error(w, *tg.quantize_rows_rtn(w, bits), x)
-    gptq = output_error(w, *tg.quantize_rows_gptq(w, h, bits, 0.01, 32, "w", print), x)
+    gptq = output_error(w, *gptq_one(w, h, bits), x)
     assert gptq < 0.3 * rtn  # measured: about 0.13
 
 
@@ -100,7 +100,7 @@ def test_blocked_gptq_matches_the_reference():
 def test_gptq_act_order_and_dead_inputs():
     w, x, h = correlated_layer(rows=16, cols=64, tokens=2000, seed=4)
     h[5, :] = h[:, 5] = 0.0  # an input that is always zero
-    q, scale = tg.quantize_rows_gptq(w, h, 6, 0.01, 16, "w", print)
+    q, scale = gptq_one(w, h, block=16)
     assert not q[:, 5].any()  # its weights cannot matter: quantized to 0
     x[:, 5] = 0.0
     rtn = output_error(w, *tg.quantize_rows_rtn(w, 6), x)
@@ -138,7 +138,7 @@ def test_hessians_come_from_the_inputs_of_each_linear():
 
     net = Net()
     batches = [torch.randint(0, 16, (2, 5)), torch.randint(0, 16, (1, 7))]
-    hessians = tg.collect_hessians(net, [(x, x) for x in batches], {"fc.weight", "out.weight"})
+    hessians = tg.collect_hessians(net, [(x, x) for x in batches], {"fc.weight", "out.weight"}, cpu_runtime())
     assert set(hessians) == {"fc.weight", "out.weight"}
     x = torch.cat([net.emb(b).reshape(-1, 8) for b in batches]).detach()
     hidden = torch.relu(net.fc(x)).detach()
@@ -206,18 +206,17 @@ def test_byte_target_demotes_the_least_sensitive_tensor_first():
     hessians = {"a.weight": 100 * torch.eye(256), "b.weight": torch.eye(256)}
     plan = {"a.weight": 6, "b.weight": 6}
     logged = []
-    quantize = lambda s, plan: tg.quantize_state_dict(s, plan=plan, hessians=hessians, log=logged.append)
-    encode = lambda p: tg.serialize_artifact(p, compressor="zstd")
-    packed = quantize(state, plan)
-    blob = encode(packed)
-    int5 = len(encode(quantize(state, {"a.weight": 5, "b.weight": 5})))
+    qz = tg.Quantizer(state, hessians, tg.QuantSettings(compressor="zstd", lqer_top=0), None, logged.append)
+    packed = qz.quantize(plan)
+    stored, blob = qz.finish(packed)
+    int5 = len(qz.finish(qz.quantize({"a.weight": 5, "b.weight": 5}))[1])
     budget = len(blob) - (len(blob) - int5) // 4  # one demotion is enough, not two
-    new_plan, fitted = tg.fit_byte_target(state, plan, packed, blob, budget, quantize, encode, hessians,
-                                          logged.append)
+    new_plan, stored, fitted = tg.fit_byte_target(qz, plan, packed, (stored, blob), budget)
     assert new_plan == {"a.weight": 6, "b.weight": 5} and len(fitted) <= budget
-    assert "quant_fit demote:b.weight bits:6->5" in logged[0]
+    assert stored["b.weight"]["bits"] == 5 and fitted == qz.finish(stored)[1]  # what it stores is what it wrote
+    assert "quant_fit demote:b.weight bits:6->5" in [x for x in logged if x.startswith("quant_fit")][0]
     with pytest.raises(RuntimeError, match="QUANT_TARGET_BYTES"):
-        tg.fit_byte_target(state, plan, packed, blob, 1000, quantize, encode, hessians, logged.append)
+        tg.fit_byte_target(qz, plan, packed, qz.finish(packed), 1000)
 
 
 # ---- storage, codecs and the artifact -----------------------------------------------------------
@@ -394,8 +393,7 @@ def test_no_calibration_when_no_quantized_weight_has_a_hessian(monkeypatch):
     plan = {name: tg.FP16_BITS for name in model.state_dict()} | {"bigram.table.weight": 8}
     monkeypatch.setattr(tg, "collect_hessians", lambda *a, **k: pytest.fail("calibration ran"))
     h = tg.Hyperparameters.from_env({"DATA_PATH": "/nonexistent"})
-    rt = tg.Runtime(0, 1, torch.device("cpu"), 8, None, torch.float32)
-    assert tg.calibrate(model, plan, h, rt) == {}
+    assert tg.calibrate(model, plan, h, cpu_runtime()) == {}
 
 
 def test_the_tied_embedding_hessian_comes_from_the_output_head_inputs():
@@ -407,11 +405,11 @@ def test_the_tied_embedding_hessian_comes_from_the_output_head_inputs():
     for p in model.parameters():  # zero-initialized projections would hide a wrong site
         torch.nn.init.normal_(p, std=0.3)
     ids = torch.randint(0, 64, (3, 10))
-    hessians = tg.collect_hessians(model, [(ids, ids)], {"tok_emb.weight", "blocks.0.mlp.fc.weight"})
+    hessians = tg.collect_hessians(model, [(ids, ids)], {"tok_emb.weight", "blocks.0.mlp.fc.weight"}, cpu_runtime())
     with torch.no_grad():
         x0 = model.embed(ids)
         p = model.plan[0]
-        x = tg.rms_norm(model.blocks[0](x0, x0, p.input_scale, p.xsa)).reshape(-1, 16)
+        x = tg.rms_norm(model.blocks[0](x0, tg.PassInputs(x0, p.input_scale, p.xsa))).reshape(-1, 16)
     assert hessians["tok_emb.weight"].shape == (16, 16)
     assert torch.allclose(hessians["tok_emb.weight"], x.T @ x / 30, atol=1e-5)
     assert not torch.allclose(hessians["tok_emb.weight"], hessians["blocks.0.mlp.fc.weight"], atol=1e-3)

@@ -16,7 +16,7 @@ import torch._dynamo.testing
 from torch import nn
 
 import train_gpt as tg
-from conftest import assert_env_error, tiny_env
+from conftest import cpu_runtime, assert_env_error, tiny_env
 from test_config_and_data import _positional_shards
 from test_model_eval import tiny_model
 from test_pipeline import run_in_process
@@ -95,7 +95,7 @@ def test_contradictory_recipe_settings_are_errors(env, words):
 
 def muon_step(model: tg.GPT, grads: dict, h: tg.Hyperparameters, lr_scale: dict | None = None) -> dict:
     """Weight change of every Muon matrix after one step with the given grads (layer -> LR factor)."""
-    muon = tg.build_optimizers(model, h, 0, 1, torch.float32)[1]
+    muon = tg.build_optimizers(model, h, cpu_runtime())[1]
     for group in muon.param_groups:
         group["base_lr"] *= (lr_scale or {}).get(group["name"], 1.0)
     tg.set_step_hparams([muon], 1.0, tg.muon_momentum_at(0, h))
@@ -128,7 +128,7 @@ def test_halving_a_layers_lr_halves_its_update_but_scaling_its_gradient_does_not
 
 def test_default_split_lr_is_per_layer():
     model = tiny_model(layers=7)
-    muon = tg.build_optimizers(model, hparams(), 0, 1, torch.float32)[1]
+    muon = tg.build_optimizers(model, hparams(), cpu_runtime())[1]
     lrs = {g["name"]: g["lr"] for g in muon.param_groups}
     # The bigram projection is the one Muon matrix outside the blocks: group "other" at MATRIX_LR.
     assert lrs == {**{f"layer{i}": 0.025 if i < 5 else 0.030 for i in range(7)}, "other": 0.025}
@@ -147,7 +147,7 @@ def test_muon_weight_decay_is_decoupled():
     for wd in (0.0, 0.5):
         p = nn.Parameter(w0.clone())
         p.grad = grad.clone()
-        tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=wd, ns_dtype=torch.float32).step()
+        tg.Muon([p], tg.Hyperparameters(matrix_lr=0.1, muon_momentum=0.9, muon_weight_decay=wd), cpu_runtime()).step()
         out.append(p.detach())
     # W <- W (1 - lr wd) - lr U: the decay is the only difference, and it does not go through Newton-Schulz.
     assert torch.allclose(out[1], out[0] - 0.1 * 0.5 * w0, atol=1e-6)
@@ -157,7 +157,7 @@ def test_momentum_warms_up_then_holds():
     h = hparams()
     assert [tg.muon_momentum_at(s, h) for s in (0, 750, 1500, 6000)] == pytest.approx([0.92, 0.955, 0.99, 0.99])
     assert tg.muon_momentum_at(0, hparams(muon_momentum_warmup_steps=0)) == 0.99
-    adam, muon = tg.build_optimizers(tiny_model(), h, 0, 1, torch.float32)
+    adam, muon = tg.build_optimizers(tiny_model(), h, cpu_runtime())
     tg.set_step_hparams([adam, muon], 0.5, 0.95)
     assert all(g["momentum"] == 0.95 and g["lr"] == g["base_lr"] * 0.5 for g in muon.param_groups)
     assert all("momentum" not in g and g["lr"] == g["base_lr"] * 0.5 for g in adam.param_groups)
@@ -169,7 +169,7 @@ def test_momentum_warms_up_then_holds():
 def test_adam_groups_follow_parameter_roles():
     model = tiny_model()  # the record model: a bigram table with projection and scale, and gates
     h = hparams(embed_lr=0.02, gate_lr=0.01, embed_weight_decay=0.01)  # scalars: the default decay, 0.04
-    adam, muon = tg.build_optimizers(model, h, 0, 1, torch.float32)
+    adam, muon = tg.build_optimizers(model, h, cpu_runtime())
     groups = {g["name"]: g for g in adam.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     members = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
@@ -190,7 +190,7 @@ def test_adam_groups_follow_parameter_roles():
 def test_embedding_projections_move_to_adam_with_the_scalar_decay():
     model = tiny_model()
     h = hparams(embed_proj_optimizer="adam", scalar_weight_decay=0.02)
-    adam, muon = tg.build_optimizers(model, h, 0, 1, torch.float32)
+    adam, muon = tg.build_optimizers(model, h, cpu_runtime())
     groups = {g["name"]: g for g in adam.param_groups}
     projections = {id(model.bigram.proj.weight), id(model.value_embed.proj.weight)}
     assert {id(p) for p in groups["embed_proj"]["params"]} == projections

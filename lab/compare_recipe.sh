@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Plain training loop vs the optimization recipe (docs/recipe.md) at equal wallclock, small model, CPU.
 #
-#   bash scripts/compare_recipe.sh [SECONDS]        (default 300 s of training per arm)
-#   ARMS="plain recipe recipe_record" bash scripts/compare_recipe.sh
+#   bash lab/compare_recipe.sh [SECONDS]        (default 300 s of training per arm)
+#   ARMS="plain recipe recipe_record" bash lab/compare_recipe.sh
 #
 # The arms run AT THE SAME TIME, one thread each, so that on a shared machine they face the same load;
 # a step-count difference between them is then the cost of the recipe, not of the neighbours.
@@ -14,7 +14,7 @@
 #                  (momentum warmup 1500 steps, EMA 0.997), to show what they do to a short run.
 # All arms keep the warmdown (it predates the recipe), the model and the quantization of train_gpt.py's
 # defaults, and GPTQ_RESERVE_SECONDS=0 (calibration then runs after the budget, alike in every arm).
-# Data: DATA_PATH / TOKENIZER_PATH, by default the corpus benchmark in /work/bench_data.
+# Data: DATA_PATH and TOKENIZER_PATH must be set (lab/corpus_benchmark.sh builds such a dataset from text).
 # Logs go to $OUT_ROOT/<arm>.txt; the table is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +23,9 @@ SECONDS_PER_ARM=${1:-300}
 OUT_ROOT=${OUT_ROOT:-bench/compare_recipe}
 mkdir -p "$OUT_ROOT"
 
-export DATA_PATH=${DATA_PATH:-/work/bench_data/corpus_sp1024}
-export TOKENIZER_PATH=${TOKENIZER_PATH:-/work/bench_data/corpus_1024_bpe.model}
+: "${DATA_PATH:?set DATA_PATH to a dataset folder (lab/corpus_benchmark.sh builds one)}"
+: "${TOKENIZER_PATH:?set TOKENIZER_PATH to its sentencepiece model}"
+export DATA_PATH TOKENIZER_PATH
 export OMP_NUM_THREADS=1 OUT_DIR=$OUT_ROOT
 export NUM_LAYERS=6 MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=3 MATRIX_LR_SPLIT_LAYER=3
 export TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096 ITERATIONS=1000000 MAX_WALLCLOCK_SECONDS=$SECONDS_PER_ARM

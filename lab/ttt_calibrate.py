@@ -1,6 +1,6 @@
 """Calibrate train_gpt.py's TTT time prediction on a public record's measured TTT pass, then predict ours.
 
-    python3 scripts/ttt_calibrate.py LOG [LOG ...]
+    python3 lab/ttt_calibrate.py LOG [LOG ...]
 
 LOG: train logs of a public record with per-document LoRA TTT on 8 x H100 (for example the three logs of
 records/track_10min_16mb/2026-04-10_VarLenAttn/logs/ in the challenge repository). Each log prints its
@@ -70,7 +70,7 @@ def document_lengths(run: PublicRun, batch_docs: int) -> list[np.ndarray]:
     return [np.rint(np.linspace(lo, hi, size)).astype(np.int64) for lo, hi, size in zip(lows, highs, sizes)]
 
 
-def public_config(s: dict[str, str]) -> tuple[tg.ModelConfig, tg.TTTSpec]:
+def public_config(s: dict[str, str]) -> tuple[tg.ModelConfig, tg.Hyperparameters]:
     """The record's architecture as far as FLOPs go (its loop of layers LOOP_START..LOOP_END, NUM_LOOPS extra
     times, is our mini recurrence), and its TTT settings."""
     loops = int(s.get("num_loops", 0))
@@ -78,11 +78,10 @@ def public_config(s: dict[str, str]) -> tuple[tg.ModelConfig, tg.TTTSpec]:
                          num_heads=int(s["num_heads"]), num_kv_heads=int(s["num_kv_heads"]),
                          mlp_mult=int(float(s["mlp_mult"])), bigram_buckets=0, mini_recur_repeats=loops,
                          mini_recur_first=int(s.get("loop_start", 0)), mini_recur_last=int(s.get("loop_end", 0)))
-    h = tg.Hyperparameters()
-    spec = tg.TTTSpec.from_hparams(dataclasses.replace(
-        h, ttt_lora_rank=int(s["ttt_lora_rank"]), ttt_chunk_size=int(s["ttt_chunk_size"]),
-        ttt_eval_seq_len=int(s["ttt_eval_seq_len"]), ttt_batch_size=int(s["ttt_batch_size"]), phased_ttt_prefix_docs=0))
-    return cfg, spec
+    ttt = tg.Hyperparameters(ttt_lora_rank=int(s["ttt_lora_rank"]), ttt_chunk_size=int(s["ttt_chunk_size"]),
+                             ttt_eval_seq_len=int(s["ttt_eval_seq_len"]), ttt_batch_size=int(s["ttt_batch_size"]),
+                             phased_ttt_prefix_docs=0)
+    return cfg, ttt
 
 
 def main() -> None:
@@ -94,7 +93,7 @@ def main() -> None:
     run = read_logs(args.logs)
     cfg, spec = public_config(run.settings)
     world = int(run.settings.get("world_size", tg.PREDICTION_WORLD_SIZE))
-    lengths = document_lengths(run, spec.batch_docs)
+    lengths = document_lengths(run, spec.ttt_batch_size)
     flops = sum(tg.ttt_batch_flops(cfg, spec, docs - 1, public_loop=True) for docs in lengths)  # targets: length - 1
     seconds = float(np.mean(run.seconds))
     tflops = flops / world / seconds / 1e12
@@ -113,7 +112,7 @@ def main() -> None:
     ends = np.cumsum(targets)
     spans = np.stack((ends - targets, ends), axis=1)
     ours = tg.Hyperparameters()
-    our_cfg, our_spec = tg.ModelConfig.from_hparams(ours), tg.TTTSpec.from_hparams(ours)
+    our_cfg, our_spec = tg.ModelConfig.from_hparams(ours), ours
     for label, value in (("calibrated", tflops), ("in train_gpt.py", tg.TTT_H100_TFLOPS)):
         secs, total = tg.predict_ttt_seconds(our_cfg, spans, our_spec, tflops=value)
         lora, sgd = tg.ttt_flops(our_cfg, spans, our_spec, tg.PREDICTION_WORLD_SIZE)

@@ -2,12 +2,12 @@
 stack plus each April part alone, and PRESET=april, each with two seeds, trained with the same steps and
 data, then quantized and evaluated like a real run. Prints a markdown table.
 
-    OMP_NUM_THREADS=1 python3 scripts/ablate_april.py --data DIR --tokenizer FILE --out DIR
-    OMP_NUM_THREADS=1 python3 scripts/ablate_april.py ... --vocab-data DIR2 --vocab-tokenizer FILE2   # + a row
+    OMP_NUM_THREADS=1 python3 lab/ablate_april.py --data DIR --tokenizer FILE --out DIR
+    OMP_NUM_THREADS=1 python3 lab/ablate_april.py ... --vocab-data DIR2 --vocab-tokenizer FILE2   # + a row
                                                                    # for PRESET=april on a larger vocabulary
 
 Runs one variant at a time (train_gpt.py in a subprocess) and reuses a finished log, so an interrupted
-ablation resumes (scripts/ablate_architecture.py's runner). Validation is the first --val-docs documents of
+ablation resumes (lab/ablate_architecture.py's runner). Validation is the first --val-docs documents of
 the validation split, the same text for every tokenizer, so that rows on different vocabularies compare in
 bits per byte.
 """
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.shards import write_shard  # noqa: E402
-from scripts.ablate_architecture import FINAL, PARAMS, SMALL, run_variant  # noqa: E402
+from lab.ablate_architecture import FINAL, PARAMS, SMALL, run_variant  # noqa: E402
 from train_gpt import PRESETS, find_shards, load_validation_tokens  # noqa: E402
 
 # The small model of the architecture ablation, 6 layers deep so that the April shape fits: layers 2..3 loop

@@ -1,11 +1,11 @@
 """Reference parity: a public record train_gpt.py and ours, trained side by side on CPU at the same small
 size, on the same data, for the same number of steps; prints both scripts' results per seed.
 
-    OMP_NUM_THREADS=1 python3 scripts/parity_benchmark.py --reference PATH/TO/record/train_gpt.py \
+    OMP_NUM_THREADS=1 python3 lab/parity_benchmark.py --reference PATH/TO/record/train_gpt.py \
         --data DATA_DIR --tokenizer TOKENIZER.model [--seeds 1337,42] [--steps 300] [--out bench/parity]
 
     # ours with other settings (one variant = one name and its environment), two seeds each:
-    python3 scripts/parity_benchmark.py ... --no-reference --variant "relu2:MLP_ACTIVATION=relu2"
+    python3 lab/parity_benchmark.py ... --no-reference --variant "relu2:MLP_ACTIVATION=relu2"
 
 Nothing is fetched: the record script is a file the user points at (for example from a clone of the
 challenge repository: records/track_10min_16mb/2026-03-29_Loader_FullGPTQ_XSA11_BigramHash2816/).

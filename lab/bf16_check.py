@@ -2,7 +2,7 @@
 CPU bf16 autocast (bf16 activations, stream and Newton-Schulz, fp32 master weights and optimizer state:
 the plan CUDA runs use), compared with the seed-to-seed spread of the fp32 runs.
 
-    python3 scripts/bf16_check.py --data-path bench/corpus_sp1024 --tokenizer bench/corpus_1024_bpe.model
+    python3 lab/bf16_check.py --data-path bench/corpus_sp1024 --tokenizer bench/corpus_1024_bpe.model
 
 CPU autocast has its own op lists (CUDA's run a few more ops in fp32), but the casts train_gpt.py makes
 itself (the stream, the head, the norms) follow the autocast dtype on either device. Steps, not

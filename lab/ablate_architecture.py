@@ -2,7 +2,7 @@
 baseline plus each part alone, and all parts (the defaults), each trained with the same steps, seed and
 data, then quantized and evaluated like a real run. Prints a markdown table.
 
-    OMP_NUM_THREADS=1 python3 scripts/ablate_architecture.py --data DIR --tokenizer FILE --out DIR
+    OMP_NUM_THREADS=1 python3 lab/ablate_architecture.py --data DIR --tokenizer FILE --out DIR
 
 Variables set in the environment override the small config (NUM_LAYERS=6 ...), not the variants' own
 switches. Runs one variant at a time (train_gpt.py in a subprocess) and reuses a variant's log when it

@@ -1,15 +1,15 @@
 """Quantization measurements for the README: GPTQ against round-to-nearest on a trained model, artifact
 bytes per compressor, byte shuffle and storage, and the speed of the 6-bit packing.
 
-    python3 scripts/quant_report.py pack-bench                   # time to pack 27 M values, one core
-    python3 scripts/quant_report.py train --out DIR              # train with train_gpt.py's env settings,
+    python3 lab/quant_report.py pack-bench                   # time to pack 27 M values, one core
+    python3 lab/quant_report.py train --out DIR              # train with train_gpt.py's env settings,
                                                                  # keep the float weights and Hessians
-    python3 scripts/quant_report.py gptq DIR/float.pt            # float / round-to-nearest / GPTQ bpb
-    python3 scripts/quant_report.py sizes --checkpoint DIR/float.pt
-    python3 scripts/quant_report.py sizes                        # the default 27 M model, random init
-    python3 scripts/quant_report.py frontier DIR/float.pt        # SDClip, int7, LQER, per-group: bpb, bytes
-    python3 scripts/quant_report.py sizes --frontier             # their bytes on the default 27 M model
-    PRESET=april python3 scripts/quant_report.py sizes --frontier  # ... on the April model (36 M)
+    python3 lab/quant_report.py gptq DIR/float.pt            # float / round-to-nearest / GPTQ bpb
+    python3 lab/quant_report.py sizes --checkpoint DIR/float.pt
+    python3 lab/quant_report.py sizes                        # the default 27 M model, random init
+    python3 lab/quant_report.py frontier DIR/float.pt        # SDClip, int7, LQER, per-group: bpb, bytes
+    python3 lab/quant_report.py sizes --frontier             # their bytes on the default 27 M model
+    PRESET=april python3 lab/quant_report.py sizes --frontier  # ... on the April model (36 M)
 
 `train` runs train_gpt.main() unchanged (model and data come from the usual variables: DATA_PATH,
 TOKENIZER_PATH, NUM_LAYERS, ...) and saves what its quantization step receives: the trained float
@@ -66,6 +66,12 @@ def train(out: Path) -> None:
     print(f"saved {out / 'float.pt'} tensors:{len(captured['state'])} hessians:{len(captured['hessians'])}")
 
 
+def gptq_only(h: tg.Hyperparameters) -> tg.QuantSettings:
+    """GPTQ with the run's damping and block, every other quantizer setting at its default (the
+    percentile clip, no LQER): the baseline the reports compare against."""
+    return tg.QuantSettings(gptq_damp=h.gptq_damp, gptq_block=h.gptq_block)
+
+
 def load_checkpoint(path: Path) -> tuple[dict, tg.Hyperparameters]:
     ckpt = torch.load(path, weights_only=True)
     return ckpt, tg.Hyperparameters.from_env(ckpt["env"])
@@ -78,7 +84,7 @@ def build_model(h: tg.Hyperparameters) -> tg.GPT:
 def val_bpb(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts) -> float:
     """Plain evaluation (non-overlapping windows of TRAIN_SEQ_LEN), the final_roundtrip_exact number."""
     model.load_state_dict(state)
-    _, bpb = tg.evaluate(model, val_tokens, luts, tg.EvalSpec.plain(h))
+    _, bpb = tg.evaluate(model, val_tokens, luts, tg.EvalSpec.plain(h), tg.Runtime.single())
     return bpb
 
 
@@ -133,7 +139,7 @@ def gptq_report(path: Path, breakdown_bits: int) -> None:
 
     def row(label: str, plan: dict[str, int]) -> None:
         for method, hs in (("round-to-nearest", None), ("GPTQ", hessians)):
-            packed = tg.quantize_state_dict(state, plan=plan, hessians=hs, damp=h.gptq_damp, block=h.gptq_block)
+            packed = tg.quantize_state_dict(state, plan=plan, hessians=hs, q=gptq_only(h))
             weights = tg.dequantize_state_dict(packed)
             bpb = val_bpb(model, weights, h, val_tokens, luts)
             first = sum(float((grads[n] * (weights[n].float() - state[n].float())).sum())
@@ -184,7 +190,7 @@ def sizes_report(checkpoint: Path | None) -> None:
         state, plan, what = ckpt["state"], ckpt["plan"], f"trained ({checkpoint})"
         model = build_model(h)
         hessians = complete_hessians(model, state, ckpt["hessians"], plan, h)
-    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block)
+    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians, q=gptq_only(h))
     params = sum(t.numel() for t in state.values())
     bits = {}
     for name, b in plan.items():
@@ -239,10 +245,8 @@ def quantize_like_a_run(state: dict, hessians: dict, fp16_names, h: tg.Hyperpara
     """What export_model would store for these weights and Hessians (no byte-target fitting)."""
     plan = tg.plan_from_hparams(state, h, fp16_names)
     quiet = lambda *_: None  # noqa: E731
-    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians if (h.gptq or h.clip_method ==
-                                    "sdclip_hessian") else {}, damp=h.gptq_damp, block=h.gptq_block, log=quiet,
-                                    clip=tg.ClipConfig.from_hparams(h), gptq=h.gptq)
-    return tg.add_lqer(packed, state, tg.LQERConfig.from_hparams(h), quiet, hessians)
+    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians if tg.calibrates(h) else {}, q=h, log=quiet)
+    return tg.add_lqer(packed, state, h, quiet, hessians)
 
 
 def variant_encoder(state: dict, hessians: dict, fp16_names, h: tg.Hyperparameters, overrides: dict):

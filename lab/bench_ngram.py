@@ -1,6 +1,6 @@
 """Throughput of the n-gram hint pass (online_ngram_state.c) on one core.
 
-    python3 scripts/bench_ngram.py --data DIR --tokenizer MODEL [--split val] [--tokens N] [--repeats 3] [--cache]
+    python3 lab/bench_ngram.py --data DIR --tokenizer MODEL [--split val] [--tokens N] [--repeats 3] [--cache]
 
 Reads the first N tokens of the split's shards, runs the hint pass (and the cache pass with --cache)
 `repeats` times and prints, per run, the wall time and the CPU time of the calling thread (the pass is

@@ -1,10 +1,10 @@
 """Training-step and evaluation speed of train_gpt.py's model on whatever device this process finds,
 next to what the 8 x H100 run should cost, predicted without a GPU.
 
-    python3 scripts/benchmark.py                              # the record config (default env)
+    python3 lab/benchmark.py                              # the record config (default env)
     NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=8192 \\
-      EVAL_SEQ_LEN=128 EVAL_STRIDE=64 OMP_NUM_THREADS=1 python3 scripts/benchmark.py --steps 5 --warmup 2
-    python3 scripts/benchmark.py --predict-only               # the predictions alone (no timing)
+      EVAL_SEQ_LEN=128 EVAL_STRIDE=64 OMP_NUM_THREADS=1 python3 lab/benchmark.py --steps 5 --warmup 2
+    python3 lab/benchmark.py --predict-only               # the predictions alone (no timing)
 
 The model and optimizers come from train_gpt.py's Hyperparameters (env vars) and build_model /
 build_optimizers; batches are random tokens, so no dataset is needed. One step is one micro-batch of
@@ -23,6 +23,7 @@ predicted where both exist.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -39,9 +40,9 @@ import torch._dynamo.testing
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-from scripts import cuda_trace as ct  # noqa: E402
+from lab import cuda_trace as ct  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results.jsonl"
+DEFAULT_OUT = ROOT / "lab" / "results.jsonl"
 RECORD_WORLD_SIZE = 8
 # H100 SXM peaks the roofline assumes (NVIDIA datasheet): dense bf16 matmul, HBM3 bandwidth, NVLink 4
 # bandwidth per direction per GPU.
@@ -117,7 +118,7 @@ def counted_flops_per_token(model: tg.GPT, seq_len: int) -> float:
 
 def saved_activation_bytes(h: tg.Hyperparameters, seqs: int) -> dict[str, float]:
     """Bytes the training forward saves for the backward on one GPU (seqs sequences of TRAIN_SEQ_LEN),
-    from the joint graph traced on fake CUDA tensors under bf16 autocast (scripts/cuda_trace.py) and
+    from the joint graph traced on fake CUDA tensors under bf16 autocast (lab/cuda_trace.py) and
     split by AOT autograd's partitioners: "compiled" is torch.compile's (min-cut, recomputing cheap ops),
     "eager" saves what plain autograd would. Parameters the backward reads are not counted."""
     from torch._functorch.aot_autograd import aot_function, make_boxed_func
@@ -152,11 +153,17 @@ def saved_activation_bytes(h: tg.Hyperparameters, seqs: int) -> dict[str, float]
     return out
 
 
+def rank0_of(world_size: int) -> tg.Runtime:
+    """Rank 0 of world_size GPUs, for planning only (no process group: nothing here communicates)."""
+    return tg.Runtime(0, world_size, torch.device("cpu"), tg.grad_accum_steps(world_size), contextlib.nullcontext,
+                      torch.bfloat16)
+
+
 def communication_bytes(model: tg.GPT, h: tg.Hyperparameters, world_size: int) -> dict[str, float]:
     """What one optimizer step moves per GPU: the tensor each collective reduces or gathers ("payload";
     Muon's stacks padded to whole slices), and the bytes a ring sends per GPU ("bus": all-reduce
     2 (W-1)/W of its payload, reduce-scatter and all-gather (W-1)/W)."""
-    muon = tg.build_optimizers(model, h, 0, world_size, torch.bfloat16)[1]
+    muon = tg.build_optimizers(model, h, rank0_of(world_size))[1]
     stacks = muon._build_stacks()
     adam = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.matrix_params())
     payload = dict(adam_all_reduce=4.0 * adam,
@@ -172,7 +179,7 @@ def state_bytes(model: tg.GPT, h: tg.Hyperparameters, world_size: int) -> float:
     world_size (rank 0, which owns the most matrices)."""
     params = sum(p.numel() for p in model.parameters())
     matrices = sum(p.numel() for p in model.matrix_params())
-    muon = tg.build_optimizers(model, h, 0, world_size, torch.bfloat16)[1]
+    muon = tg.build_optimizers(model, h, rank0_of(world_size))[1]
     stacks = muon._build_stacks()
     owned = sum(st.params[i].numel() for st in stacks for i in st.owned(0))
     buffers = sum(t.numel() * t.element_size() for st in stacks for t in (st.grads, st.shard, st.mine, st.updates))
@@ -274,7 +281,7 @@ def step_phases(model, optimizers, loader, h: tg.Hyperparameters, rt: tg.Runtime
             loss = model(x, y).mean()
         loss.backward()
 
-    return timed(forward_backward, rt), timed(lambda: tg.optimizer_step(optimizers, h, rt.world_size), rt)
+    return timed(forward_backward, rt), timed(lambda: tg.optimizer_step(optimizers, h, rt), rt)
 
 
 def eval_speed(eval_model, h: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -> float:
@@ -284,7 +291,7 @@ def eval_speed(eval_model, h: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -
     luts = tg.ByteLUTs(ones, torch.zeros_like(ones, dtype=torch.bool), torch.zeros_like(ones, dtype=torch.bool))
     luts = luts.to(rt.device)
     def run():
-        tg.evaluate(eval_model, val, luts, tg.EvalSpec.sliding(h), autocast=rt.autocast)
+        tg.evaluate(eval_model, val, luts, tg.EvalSpec.sliding(h), rt)
     run()
     return (tokens - 1) / timed(run, rt)
 
@@ -302,7 +309,7 @@ def benchmark(h: tg.Hyperparameters, steps: int, warmup: int, eval_tokens: int) 
     base = tg.build_model(tg.ModelConfig.from_hparams(h), rt.device)
     plan = tg.plan_from_hparams(base.state_dict(), h, base.fp16_param_names())
     model, eval_model, orthogonalize = tg.compile_for_training(base, plan, h, rt, log_nothing)
-    optimizers = tg.build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
+    optimizers = tg.build_optimizers(base, h, rt, orthogonalize)
     loader = RandomLoader(h.vocab_size, rt.device, h.seed)
     compiles = rt.device.type == "cuda" and h.compile
     first = sum(step_phases(model, optimizers, loader, h, rt))

@@ -4,7 +4,7 @@
 # small train_gpt.py run limited by steps (not wallclock), so its result does not depend on how
 # loaded the machine is. ../shared/corpus exists only on the development machines, not in a clone.
 #
-#   bash scripts/corpus_benchmark.sh            # build once (about 20 s), then train (~20 min, 1 core)
+#   bash lab/corpus_benchmark.sh            # build once (about 20 s), then train (~20 min, 1 core)
 #
 # BENCH_DIR (default bench/) holds the data and the run; train_gpt.py variables override the config.
 set -euo pipefail

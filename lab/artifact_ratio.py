@@ -13,7 +13,7 @@ weights; one JSON line per run:
   bytes_model  the artifact's compressed model bytes (the `artifact` line): what the cap counts
 Step count 0 exports the initial weights, whose zero-initialized tensors (the bigram table, the output
 projections) the estimator counts as Gaussian (trained, they will not stay zero) while the artifact stores
-them as zeros. `bench/` is built by scripts/corpus_benchmark.sh (the benchmark corpus, sp1024). Runs go two at
+them as zeros. `bench/` is built by lab/corpus_benchmark.sh (the benchmark corpus, sp1024). Runs go two at
 a time (--jobs).
 """
 
@@ -56,7 +56,7 @@ def one(config: str, steps: int, data: str, tokenizer: str) -> dict:
 
     def hook(inputs) -> None:
         h = tg.Hyperparameters.from_env(env)
-        seen["est_trained"] = tg.estimate_model_bytes(inputs.state, inputs.plan, tg.ClipConfig.from_hparams(h))
+        seen["est_trained"] = tg.estimate_model_bytes(inputs.state, inputs.plan, h)
 
     tg.main(env, export_hook=hook)
     log = Path(out, "run.txt").read_text(encoding="utf-8")

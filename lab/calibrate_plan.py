@@ -119,15 +119,15 @@ def logged_segments(run: dict) -> dict[tuple[float, float], list[float]]:
     return out
 
 
-def public_ttt_lora_seconds(cfg: tg.ModelConfig, spec: tg.TTTSpec, spans: np.ndarray) -> float:
+def public_ttt_lora_seconds(cfg: tg.ModelConfig, s: tg.TTTSettings, spans: np.ndarray) -> float:
     """The LoRA part of the public records' phased TTT on 8 x H100: their loop (every row to the end, the head on
     every column: train_gpt.ttt_batch_flops(public_loop=True)) over batches of TTT_BATCH_SIZE documents of
     similar length, claimed by the ranks from one queue (so the work divides evenly), at TTT_H100_TFLOPS. Their
     global SGD learns from documents picked by their queue's order (not the stream's), so its steps are taken
     from their logs rather than predicted."""
     targets = np.sort(spans[:, 1] - spans[:, 0])
-    lora = sum(tg.ttt_batch_flops(cfg, spec, targets[i:i + spec.batch_docs], public_loop=True)
-               for i in range(0, len(targets), spec.batch_docs))
+    lora = sum(tg.ttt_batch_flops(cfg, s, targets[i:i + s.ttt_batch_size], public_loop=True)
+               for i in range(0, len(targets), s.ttt_batch_size))
     return lora / pr.WORLD / (tg.TTT_H100_TFLOPS * 1e12)
 
 
@@ -219,7 +219,7 @@ def run_rows(run_id: str, data: dict) -> tuple[list[Row], dict]:
         lora_only = [s["facts"]["ttt_eval_s"] - s["facts"].get("global_sgd_s", 0.0)
                      - s["facts"].get("ngram_precompute_s", 0.0) for s in seeds]
         note += "; logged: its TTT time less its global SGD's" + (" and n-gram precompute's" if precompute else "")
-        rows.append(Row(run_id, "ttt LoRA s", public_ttt_lora_seconds(cfg, tg.TTTSpec.from_hparams(h), spans),
+        rows.append(Row(run_id, "ttt LoRA s", public_ttt_lora_seconds(cfg, h, spans),
                         (min(lora_only), max(lora_only)), note=note))
         per_step = [s["facts"]["global_sgd_s"] / s["facts"]["global_sgd_steps"] for s in seeds]
         rows.append(Row(run_id, "global SGD s/step", pr.SGD_STEP_S, (min(per_step), max(per_step)),

@@ -1,5 +1,5 @@
 """Fit lab/predict.py's ACTIVATION_BYTES: the bytes a training step saves for its backward, per token, as a
-linear function of the model's shape, from scripts/benchmark.py's traced joint graph (fake CUDA tensors,
+linear function of the model's shape, from lab/benchmark.py's traced joint graph (fake CUDA tensors,
 bf16 autocast, torch.compile's min-cut partition). The trace takes 10-60 s a model: too slow for a plan,
 exact enough to fit a formula that takes none.
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 from lab import predict as pr  # noqa: E402
-from scripts import benchmark as bm  # noqa: E402
+from lab import benchmark as bm  # noqa: E402
 
 SMALL_APRIL = dict(PRESET="april", NUM_LAYERS="6", MINI_RECUR_FIRST="2", MINI_RECUR_LAST="3", PARALLEL_START_LAYER="4")
 FIT = {

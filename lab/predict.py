@@ -5,7 +5,7 @@ refits every constant below and prints the table of docs/plan.md).
 
 What it reuses rather than restates: train_gpt.py's settings, model builder, byte estimate
 (estimate_model_bytes), code size (code_form), TTT and window-evaluation FLOP counts and time predictions
-(predict_ttt_seconds, predict_window_eval_seconds, ttt_step_flops), and scripts/benchmark.py's training FLOPs
+(predict_ttt_seconds, predict_window_eval_seconds, ttt_step_flops), and lab/benchmark.py's training FLOPs
 per token, optimizer state per GPU and GPTQ column count.
 """
 
@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-from scripts import benchmark as bm  # noqa: E402
+from lab import benchmark as bm  # noqa: E402
 
 WORLD = tg.PREDICTION_WORLD_SIZE  # 8 x H100
 PEAK_FLOPS = bm.H100_BF16_FLOPS  # dense bf16 per GPU
@@ -64,7 +64,7 @@ TTT_COMPILE_S = 98.0
 # round-trip passes of one code and one amount of work took 8.7-25.5 s (2026-04-09) and 10.6-50.0 s (04-27).
 EVAL_COMPILE_S = 15.0
 GPTQ_COLUMN_STEP_S = 50e-6  # one step of a batched GPTQ column loop (a handful of small kernels)
-# Saved activations per token (bytes), from scripts/benchmark.py's traced joint graph (min-cut partition, as
+# Saved activations per token (bytes), from lab/benchmark.py's traced joint graph (min-cut partition, as
 # torch.compile saves) on the configurations of lab/fit_memory.py (7 features, 7 distinct shallow models), by
 # least squares; held out, the full seed and April models' traces: 25.06 GiB (formula 25.06) and 47.15 GiB
 # (46.99) at 48 x 2048 tokens. "vocab" is mostly the fp32 logits of the loss (8 bytes a logit).
@@ -157,7 +157,7 @@ def attention_context(seq_len: int, spans: np.ndarray | None, sample_tokens: int
 
 
 def flops_per_token(model: tg.GPT, repeats_on: bool, seq_len: float) -> float:
-    """Training FLOPs per token (scripts/benchmark.py's formula) of the model's plan in that state; seq_len is the
+    """Training FLOPs per token (lab/benchmark.py's formula) of the model's plan in that state; seq_len is the
     attention term's T (attention_context)."""
     saved = model.plan
     model.set_mini_recurrence(repeats_on)
@@ -226,7 +226,7 @@ def activation_bytes(model: tg.GPT, repeats_on: bool, tokens: int) -> float:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    state_gib: float  # weights, gradients, optimizer state, Muon buffers, EMA (scripts/benchmark.py)
+    state_gib: float  # weights, gradients, optimizer state, Muon buffers, EMA (lab/benchmark.py)
     activation_gib: float  # the largest segment's saved activations
     peak_gib: float
 
@@ -254,25 +254,24 @@ def lqer_bytes(model: tg.GPT, plan: dict[str, int], h: tg.Hyperparameters) -> in
     """LQER's factors, as add_lqer counts them (order-0 entropy at full use of the levels + fp16 scales), on the
     LQER_TOP largest quantized tensors (which ones it corrects depends on the trained errors; the largest
     is the likely choice and the count differs little between them)."""
-    cfg = tg.LQERConfig.from_hparams(h)
-    if cfg.top == 0:
+    if h.lqer_top == 0:
         return 0
     state = model.state_dict()
     names = sorted((n for n, b in plan.items() if b != tg.FP16_BITS and state[n].dim() == 2),
-                   key=lambda n: state[n].numel(), reverse=True)[:cfg.top]
+                   key=lambda n: state[n].numel(), reverse=True)[:h.lqer_top]
     total = 0.0
     for n in names:
         rows, cols = state[n].shape
-        r = min(cfg.rank, rows, cols)
+        r = min(h.lqer_rank, rows, cols)
         b_values = r * cols
-        total += rows * r * cfg.a_bits / 8 + 2 + b_values * cfg.b_bits / 8 + 2 * math.ceil(b_values / cfg.group)
+        total += rows * r * h.lqer_a_bits / 8 + 2 + b_values * h.lqer_b_bits / 8 + 2 * math.ceil(b_values / h.lqer_group)
     return int(total)
 
 
 def artifact_plan(model: tg.GPT, h: tg.Hyperparameters, bytes_code: int, ratio: float | None = None) -> ArtifactPlan:
     state = model.state_dict()
     plan = tg.plan_from_hparams(state, h, model.fp16_param_names())
-    estimate = tg.estimate_model_bytes(state, plan, tg.ClipConfig.from_hparams(h))
+    estimate = tg.estimate_model_bytes(state, plan, h)
     ratio = ARTIFACT_RATIO[h.clip_method] if ratio is None else ratio
     extra = lqer_bytes(model, plan, h)
     predicted = int(ratio * estimate) + extra
@@ -365,22 +364,22 @@ def window_seconds(cfg: tg.ModelConfig, num_tokens: int, spec: tg.EvalSpec) -> f
     return tg.predict_window_eval_seconds(cfg, num_tokens, spec, WORLD, rate)
 
 
-def sgd_steps(prefix_tokens: int, spec: tg.TTTSpec) -> int:
+def sgd_steps(prefix_tokens: int, s: tg.TTTSettings) -> int:
     """Steps of one global SGD phase of train_gpt.global_sgd over the scored prefix."""
-    seqs = prefix_tokens // spec.seq_len
-    return spec.global_epochs * -(-seqs // max(1, spec.global_chunk_tokens // spec.seq_len))
+    seqs = prefix_tokens // s.ttt_eval_seq_len
+    return s.global_ttt_epochs * -(-seqs // max(1, s.global_ttt_chunk_tokens // s.ttt_eval_seq_len))
 
 
-def ttt_seconds(cfg: tg.ModelConfig, spans: np.ndarray, spec: tg.TTTSpec) -> tuple[float, float, int]:
+def ttt_seconds(cfg: tg.ModelConfig, spans: np.ndarray, s: tg.TTTSettings) -> tuple[float, float, int]:
     """(seconds, FLOPs, global SGD steps) of train_gpt.py's TTT pass on 8 x H100: train_gpt.predict_ttt_seconds'
     count (each phase as long as its busiest rank, at TTT_H100_TFLOPS), except that a global SGD phase takes at
     least SGD_STEP_S a step."""
-    lora, sgd = tg.ttt_flops(cfg, spans, spec, WORLD)
+    lora, sgd = tg.ttt_flops(cfg, spans, s, WORLD)
     rate = tg.TTT_H100_TFLOPS * 1e12
     seconds, steps = sum(max(ranks) for ranks in lora) / rate, 0
-    for (lo, hi, after), flops in zip(tg.ttt_phases(len(spans), spec), sgd):
+    for (lo, hi, after), flops in zip(tg.ttt_phases(len(spans), s), sgd):
         if after:
-            n = sgd_steps(int(spans[hi - 1, 1]), spec)
+            n = sgd_steps(int(spans[hi - 1, 1]), s)
             seconds += max(flops / WORLD / rate, n * SGD_STEP_S)
             steps += n
     return seconds, sum(map(sum, lora)) + sum(sgd), steps
@@ -422,7 +421,7 @@ def eval_plan(h: tg.Hyperparameters, tokens: int, spans: np.ndarray, source: str
     steps = 0
     compile_s = EVAL_COMPILE_S * eval_graphs(h, tokens)
     if h.ttt:
-        ttt, flops, steps = ttt_seconds(cfg, spans, tg.TTTSpec.from_hparams(h))
+        ttt, flops, steps = ttt_seconds(cfg, spans, h)
         compile_s += TTT_COMPILE_S
     total = roundtrip + sliding + ttt + compile_s
     return EvalPlan(roundtrip, sliding, float(ttt), float(flops), steps, compile_s, 0.0, float(total), tokens,

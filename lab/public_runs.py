@@ -9,7 +9,7 @@ Each seed's numbers come from its log (the path and the line of each number are 
 configuration from the log's `Hyperparameters:` block, or for the 2026-03-29 record, which logs no such
 block, from its README's command over its train_gpt.py defaults (the path is stored too). The validation
 documents' lengths (for the TTT prediction without the data) are rebuilt from the phased-TTT logs of the
-2026-04-27 record and PR #2135 by scripts/ttt_calibrate.py's interpolation and stored as points. Nothing here is our interpretation:
+2026-04-27 record and PR #2135 by lab/ttt_calibrate.py's interpolation and stored as points. Nothing here is our interpretation:
 how each run maps onto our settings is lab/predict.py's PUBLIC_AS_OURS.
 """
 
@@ -167,10 +167,10 @@ def document_lengths(repo: Path) -> np.ndarray:
     """The 50,000 validation documents' lengths (CaseOps sp8192 tokens), longest first, rebuilt from the
     phased-TTT logs of the 2026-04-27 record and PR #2135 (six seeds): each `ttp: bN/782 ... dl:LO-HI` line gives
     the shortest and longest document of batch N (64 documents of similar length; batch 782, the longest, holds
-    the last 16); scripts/ttt_calibrate.py spreads each batch's lengths over its range and interpolates the
+    the last 16); lab/ttt_calibrate.py spreads each batch's lengths over its range and interpolates the
     batches no log shows."""
     sys.path.insert(0, str(ROOT))
-    from scripts import ttt_calibrate
+    from lab import ttt_calibrate
     batches, total = {}, 0
     for run_id in DOC_LENGTH_RUNS:
         ref, folder, logs = RUNS[run_id]
@@ -189,7 +189,7 @@ def document_points(repo: Path) -> dict:
     ranks = sorted(set(range(0, DOC_TOP, DOC_TOP_STEP)) |
                    set(np.linspace(DOC_TOP, len(lengths) - 1, DOC_QUANTILES).round().astype(int).tolist()))
     return {"source": f"the `ttp: bN/{total} ... dl:LO-HI` lines of {', '.join(DOC_LENGTH_RUNS)} "
-                      f"({seen} of {total} batches), rebuilt by scripts/ttt_calibrate.document_lengths",
+                      f"({seen} of {total} batches), rebuilt by lab/ttt_calibrate.document_lengths",
             "documents": int(len(lengths)), "tokens": int(lengths.sum()), "vocab": "sp8192 CaseOps",
             "ranks": ranks, "lengths": [int(lengths[r]) for r in ranks]}
 

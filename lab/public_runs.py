@@ -221,6 +221,15 @@ def extract(repo: Path) -> dict:
     return out
 
 
+def dumps(value, indent: int = 0) -> str:
+    """JSON with one key per line and every list on one line (a list holds numbers here)."""
+    if not isinstance(value, dict) or not value:
+        return json.dumps(value)
+    pad = " " * (indent + 1)
+    items = ",\n".join(f"{pad}{json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in value.items())
+    return "{\n" + items + "\n" + " " * indent + "}"
+
+
 def load() -> dict:
     return json.loads(DATA_FILE.read_text(encoding="utf-8"))
 
@@ -241,7 +250,7 @@ def main() -> None:
         if args.repo is None:
             ap.error("extract needs --repo")
         data = extract(args.repo)
-        DATA_FILE.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        DATA_FILE.write_text(dumps(data) + "\n", encoding="utf-8")
         print(f"wrote {DATA_FILE}")
     show(load())
 

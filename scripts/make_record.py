@@ -62,6 +62,7 @@ PUBLISHED_DATA_REPOS = ("willdepueoai/parameter-golf", "kevclark/parameter-golf"
 # Set by the launcher (torchrun) or per seed by the sweep: not part of the command a reader reruns.
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SEED", "RUN_ID", "OUT_DIR")
 PLOT_NAME = "train_curves.png"
+PLAN_FILE = "plan.json"  # scripts/plan.py --json, which scripts/sweep.py writes into the sweep's folder
 SHIPPED, READABLE = "train_gpt.py", "train_gpt_readable.py"
 
 
@@ -178,6 +179,35 @@ def requirements_text(runs: list[RunLog]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def find_plan(logs: list[str | Path]) -> dict | None:
+    """The plan scripts/plan.py wrote beside the logs (a sweep folder's plan.json), or None."""
+    for p in map(Path, logs):
+        path = (p if p.is_dir() else p.parent) / PLAN_FILE
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def plan_section(runs: list[RunLog], plan: dict | None, totals: dict[int, int]) -> str:
+    """The plan beside what the logs measured: a line or two of the README."""
+    if plan is None:
+        return (f"No `{PLAN_FILE}` beside the logs: the run was not planned (`python3 scripts/plan.py --json "
+                f"{PLAN_FILE}`; scripts/sweep.py writes one).")
+    differ = sorted(k for k in runs[0].configuration() if k in plan["h"] and str(plan["h"][k]) != runs[0].hparams[k])
+    ms = sum(r.train_time_ms / r.steps for r in runs) / len(runs)
+    steps = sum(r.steps for r in runs) / len(runs)
+    planned_ms = 1000 * plan["train"]["train_s"] / max(1, plan["train"]["steps"])
+    seconds = max(r.eval_time_ms for r in runs) / 1000
+    total = max(totals.values())
+    text = (f"Planned (scripts/plan.py) against measured: {planned_ms:.3g} against {ms:.3g} ms/step, "
+            f"{plan['train']['steps']:,} against {steps:,.0f} steps, bytes_total {plan['artifact']['bytes_total']:,} "
+            f"against {total:,} (largest seed), evaluation {plan['evaluation']['total_s']:.0f} against {seconds:.0f} s "
+            f"(longest seed). The plan predicts 8 x H100.")
+    if differ:
+        text += f" The plan was made for other settings: {', '.join(differ)} differ from the logs'."
+    return text
+
+
 @dataclass(frozen=True)
 class Record:
     """Everything the folder says, computed before anything is written."""
@@ -192,6 +222,7 @@ class Record:
     command: str
     requirements: str
     track: str  # "record" or "non-record"
+    plan: dict | None = None  # scripts/plan.py's prediction for the sweep, when it wrote one
 
     def failed(self, record_only: bool | None = None) -> list[Check]:
         return [c for c in self.checks if not c.ok and (record_only is None or c.record_only == record_only)]
@@ -305,6 +336,8 @@ sample std.
 
 {resumed_text(runs)}
 
+{plan_section(runs, rec.plan, rec.totals)}
+
 ## Significance
 
 {significance}
@@ -398,7 +431,8 @@ def prepare(logs: list[str | Path], meta: Meta, baseline: list[float] | None, sh
     totals = shipped_totals(runs, code_bytes)
     test = welch_one_sided([r.submission.val_loss for r in runs], baseline) if baseline else None
     return Record(runs, meta, baseline, test, code_bytes, readable.stat().st_size, totals,
-                  record_checks(runs, totals, test), launch_line(runs), requirements_text(runs), track)
+                  record_checks(runs, totals, test), launch_line(runs), requirements_text(runs), track,
+                  find_plan(logs))
 
 
 def write_record(rec: Record, shipped: Path, folder: Path) -> None:

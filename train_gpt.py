@@ -58,6 +58,7 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------------
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal cap on code bytes + compressed model bytes
+COMPRESSORS = ("auto", "pergroup", "zstd", "lzma", "brotli", "zpaq", "lrzip")  # the last five: CODECS
 # The global batch is always cut into this many micro-batches, spread over the ranks, so that a step
 # computes the same thing on 1, 2, 4 or 8 processes (each process accumulates 8 / world_size of them).
 MICRO_BATCHES_PER_STEP = 8
@@ -178,8 +179,8 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, str]] = {
     "seed": {},  # the defaults: the 2026-03-29 stack
     "april": {  # the 2026-04-27 record's training configuration at sp8192, with what we have (docs/april.md)
-        "VOCAB_SIZE": "8192", "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
-        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+        # Its data: the CaseOps variant (docs/data.md); DATA_VARIANT=sp8192 is the plain sp8192.
+        "VOCAB_SIZE": "8192", "DATA_VARIANT": "sp8192_lossless_caps_caseops_v1_reserved",
         "MLP_MULT": "4", "MLP_ACTIVATION": "leaky_relu2", "QK_GAIN_INIT": "5.0", "BIGRAM_BUCKETS": "0",
         "VE_LAYERS": "none",  # the April record has no value embeddings
         "SMEAR_GATE_FORM": "input", "ATTN_OUT_GATE": "1", "ATTN_GATE_SCALE": "0.5", "PARALLEL_START_LAYER": "8",
@@ -204,12 +205,31 @@ PRESETS["may"] = {
 }
 
 
+VARIANT_NAME = re.compile(r"sp(\d+)((?:_[A-Za-z0-9]+)*)")
+
+
+def variant_paths(variant: str) -> dict[str, str]:
+    """DATA_PATH and TOKENIZER_PATH of a published variant where `data/cached_challenge_fineweb.py --variant
+    <variant>` puts it: sp8192 -> ./data/datasets/fineweb10B_sp8192 and ./data/tokenizers/fineweb_8192_bpe.model;
+    a suffix after the vocabulary follows `_bpe` in the tokenizer's name (sp8192_lossless_caps_caseops_v1_reserved
+    -> fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model). {} for no variant."""
+    if not variant:
+        return {}
+    m = VARIANT_NAME.fullmatch(variant)
+    if m is None:
+        raise SettingError(f"DATA_VARIANT={variant!r} is not a variant name sp<vocab>[_<suffix>] (sp1024, sp8192, "
+                           f"sp8192_lossless_caps_caseops_v1_reserved)")
+    return {"DATA_PATH": f"./data/datasets/fineweb10B_{variant}",
+            "TOKENIZER_PATH": f"./data/tokenizers/fineweb_{m[1]}_bpe{m[2]}.model"}
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Which run: its data, where it writes, its seed and how it runs. None of these change what a
     step computes except SEED."""
     # Run: preset, data and identity.
     preset: str = _hp("seed", choices=tuple(PRESETS))  # seed (the defaults), april or may; explicit variables win
+    data_variant: str = _hp("")  # a published variant (sp8192, ...): DATA_PATH, TOKENIZER_PATH where it is downloaded
     data_path: str = _hp("./data/datasets/fineweb10B_sp1024")  # folder of fineweb_train_*.bin and fineweb_val_*.bin
     tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")  # sentencepiece model (bpb bytes, BOS check)
     run_id: str = _hp("")  # empty: a fresh id, shared by all ranks (RunState.run_id)
@@ -329,7 +349,7 @@ class QuantSettings:
     quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 7, 8 or 16); later ones win
     quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
-    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli", "pergroup"))  # auto: smallest
+    compressor: str = _hp("auto", choices=COMPRESSORS)  # auto: the smallest of one stream and per group (not lrzip)
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
     pergroup_sort: str = _hp("tok_emb.weight,attn.c_q.weight,mlp.fc.weight")  # roles whose rows are sorted
     gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)
@@ -357,6 +377,9 @@ class QuantSettings:
         if self.awq_groups and not self.gptq:
             raise ValueError(f"AWQ_GROUPS={self.awq_groups} needs GPTQ=1: the groups are chosen from GPTQ's "
                              f"calibration Hessians and rounded inside its column loop")
+        if codec_missing(self.compressor):  # so does a codec that is not installed
+            raise ValueError(f"COMPRESSOR={self.compressor}: that codec is not installed here "
+                             f"({codec_missing(self.compressor)})")
 
 
 @dataclass(frozen=True)
@@ -427,6 +450,7 @@ class Hyperparameters(TTTSettings, EvalSettings, QuantSettings, OptimizerSetting
             preset = _parse_env_value("PRESET", env.get("PRESET", cls.preset), cls.preset,
                                       cls.__dataclass_fields__["preset"].metadata)
             settings = {**PRESETS[preset], **env}  # a variable set explicitly wins over the preset
+            settings = {**variant_paths(settings.get("DATA_VARIANT", "")), **settings}  # ... and over DATA_VARIANT
             values = {f.name: _parse_env_value(f.name.upper(), settings[f.name.upper()], f.default, f.metadata)
                       for f in fields if f.name.upper() in settings}
             hp = cls(**values)
@@ -440,7 +464,7 @@ class Hyperparameters(TTTSettings, EvalSettings, QuantSettings, OptimizerSetting
     def check(self) -> None:
         """Each section's rules, in order; each error names the variables involved."""
         for section in SETTING_SECTIONS:
-            if "check" in vars(section):
+            if "check" in section.__dict__:  # not vars(): it would stop python-minifier renaming (compact_code)
                 section.check(self)
 
 
@@ -712,16 +736,79 @@ def shard_token_count(path: str | Path) -> int:
     return count
 
 
+def split_files(data_path: str, split: str) -> list[str]:
+    """fineweb_<split>_<digits>.bin in order: the glob fineweb_val_*.bin also matches the byte sidecar
+    fineweb_val_bytes_*.bin, which is never a token shard."""
+    name = re.compile(rf"fineweb_{re.escape(split)}_\d+\.bin")
+    return sorted(f for f in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
+                  if name.fullmatch(os.path.basename(f)))
+
+
 def find_shards(data_path: str, split: str) -> list[str]:
-    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    files = split_files(data_path, split)
     if not files:
-        raise FileNotFoundError(f"no {split} shards match {pattern}: {FETCH_HINT}")
+        raise FileNotFoundError(f"no {split} shards fineweb_{split}_NNNNNN.bin in {data_path}: {FETCH_HINT}")
     return files
 
 
 def load_validation_tokens(data_path: str) -> np.ndarray:
     return np.concatenate([load_data_shard(f) for f in find_shards(data_path, "val")])
+
+
+# A CaseOps dataset (docs/data.md) ships beside each fineweb_val_NNNNNN.bin a sidecar fineweb_val_bytes_NNNNNN.bin
+# in the shard format: per validation token, the UTF-8 bytes of the ORIGINAL text it stands for (BOS and the
+# case operators 0). Its tokens' own bytes are the transformed text's, so bits per byte divide by these.
+BYTE_SIDECAR_SPLIT = "val_bytes"
+
+
+def load_byte_sidecar(data_path: str, bos_id: int) -> tuple[np.ndarray, list[str]] | None:
+    """(the sidecar's values aligned with load_validation_tokens, its files), or None for a dataset without one
+    (then its manifest must not describe one: a transformed dataset without its sidecar cannot be scored).
+    Sidecar i must belong to validation shard i: present, as many values as the shard has tokens, 0 at every
+    BOS; anything else is a DataError naming the file and what is wrong."""
+    sidecars = split_files(data_path, BYTE_SIDECAR_SPLIT)
+    if not sidecars:
+        check_no_sidecar_expected(data_path)
+        return None
+    shards = find_shards(data_path, "val")
+    expected = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_"))
+                for f in shards]
+    orphans = sorted(set(sidecars) - set(expected))
+    if orphans:
+        raise DataError(f"{orphans[0]}: a byte sidecar without its validation shard "
+                        f"{os.path.basename(orphans[0]).replace('fineweb_val_bytes_', 'fineweb_val_')}")
+    parts = []
+    for shard, sidecar in zip(shards, expected):
+        if not os.path.isfile(sidecar):
+            raise DataError(f"{sidecar}: missing: the byte sidecar of {os.path.basename(shard)} (the other "
+                            f"validation shards have one)")
+        n_tokens, n_values = shard_token_count(shard), shard_token_count(sidecar)
+        if n_tokens != n_values:
+            raise DataError(f"{sidecar}: {n_values} byte counts for the {n_tokens} tokens of "
+                            f"{os.path.basename(shard)}: the sidecar does not belong to these shards")
+        values = load_data_shard(sidecar)
+        bad = np.flatnonzero((load_data_shard(shard) == bos_id) & (values != 0))
+        if len(bad):
+            raise DataError(f"{sidecar}: BOS at position {int(bad[0])} counts {int(values[bad[0]])} bytes, expected 0: "
+                            f"the sidecar does not belong to these shards")
+        parts.append(values)
+    return np.concatenate(parts), expected
+
+
+def check_no_sidecar_expected(data_path: str) -> None:
+    """A dataset whose manifest names a text transform or a byte sidecar, but that has no sidecar file, is
+    refused: its tokens' bytes are not the original text's."""
+    path = Path(data_path) / DATASET_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        transform, described = manifest.get("text_transform") or "identity", bool(manifest.get("val_bytes"))
+    except (OSError, ValueError, AttributeError):
+        return  # no readable manifest: the tokenizer check (validation_byte_counter) still applies
+    if transform != "identity" or described:
+        raise DataError(f"{data_path}: its {DATASET_MANIFEST} says text_transform:{transform}"
+                        f"{' and describes a byte sidecar' if described else ''}, but no fineweb_val_bytes_NNNNNN.bin "
+                        f"is there: bits per byte must count the original text's bytes (fetch or build the "
+                        f"dataset again)")
 
 
 # Beside the shards, by data/cached_challenge_fineweb.py (source "challenge") or data/build_dataset.py
@@ -746,16 +833,21 @@ def dataset_provenance(data_path: str, tokenizer_path: str) -> dict[str, str]:
     info = {"name": Path(data_path).resolve().name, "source": "unknown",
             "val_sha256": sha256_files(find_shards(data_path, "val")),
             "tokenizer_sha256": sha256_files([tokenizer_path])}
+    sidecars = split_files(data_path, BYTE_SIDECAR_SPLIT)
+    if sidecars:  # it decides the score as much as the tokens do
+        info["val_bytes_sha256"] = sha256_files(sidecars)
     path = Path(data_path) / DATASET_MANIFEST
     if not path.is_file():
         return info | {"reason": f"no_{DATASET_MANIFEST}"}
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         recorded = {"val_sha256": manifest["val"]["sha256"], "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
+        if sidecars or manifest.get("val_bytes"):
+            recorded["val_bytes_sha256"] = (manifest.get("val_bytes") or {}).get("sha256")
         source, repo = str(manifest["source"]), manifest.get("repo_id")
     except (ValueError, KeyError, TypeError) as e:
         return info | {"reason": f"unreadable_{DATASET_MANIFEST}:{type(e).__name__}"}
-    differs = [k.removesuffix("_sha256") for k, v in recorded.items() if info[k] != v]
+    differs = [k.removesuffix("_sha256") for k, v in recorded.items() if info.get(k) != v]
     info["source"] = "modified" if differs else source
     if repo:
         info["repo"] = str(repo)
@@ -950,6 +1042,33 @@ class ByteLUTs:
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids] + space.to(torch.int32)
 
+    source = "tokenizer"  # a byte counter (ByteCounter): the bytes of the text the tokens decode to
+
+    def count(self, x: Tensor, y: Tensor, target_pos: Tensor) -> Tensor:
+        return self.token_bytes(x, y)
+
+
+@dataclass
+class SidecarBytes:
+    """A byte counter from the validation byte sidecar (load_byte_sidecar): target k of the validation stream is
+    worth values[k] bytes of the original text, whatever the tokens are."""
+    values: Tensor  # int32 [N], aligned with the validation tokens
+    files: int
+
+    source = "sidecar"
+
+    def to(self, device) -> "SidecarBytes":
+        return SidecarBytes(self.values.to(device), self.files)
+
+    def count(self, x: Tensor, y: Tensor, target_pos: Tensor) -> Tensor:
+        return self.values[target_pos]
+
+
+# The bpb denominator of every scoring path: count(x, y, target_pos) -> the bytes of each target (y, after x, at
+# target_pos in the validation stream), a gather on the device (no host sync).
+ByteCounter = ByteLUTs | SidecarBytes
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # data/caseops.py's operators (tested equal)
+
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
     """Every piece type: control, unknown and unused ids (and ids past the tokenizer) are boundaries; a
@@ -974,6 +1093,37 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs
             piece = piece[len(SPACE_MARK):]
         base[i] = len(piece.replace(SPACE_MARK, " ").encode("utf-8"))
     return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def validation_byte_counter(luts: ByteLUTs, sp: spm.SentencePieceProcessor, data_path: str,
+                            bos_id: int) -> ByteCounter:
+    """What every score divides by: the dataset's byte sidecar if it has one, else the tokenizer's tables
+    (luts). A tokenizer with the CaseOps operators as pieces and no sidecar is refused: its tables count
+    the transformed text (3 bytes per operator), not the original."""
+    sidecar = load_byte_sidecar(data_path, bos_id)
+    if sidecar is not None:
+        return SidecarBytes(torch.from_numpy(sidecar[0].astype(np.int32)), len(sidecar[1]))
+    ops = [op for op in CASEOPS_OPERATORS if sp.piece_to_id(op) != sp.unk_id()]
+    if ops:
+        raise DataError(f"the tokenizer has the CaseOps operator pieces {', '.join(f'U+{ord(c):04X}' for c in ops)} "
+                        f"but {data_path} has no byte sidecar fineweb_val_bytes_NNNNNN.bin: bits per byte must count "
+                        f"the original text's bytes (use the dataset built or fetched with this tokenizer)")
+    return luts
+
+
+BYTE_TOTAL_CHUNK = 1 << 22
+
+
+def describe_byte_counter(counter: ByteCounter, val_tokens: Tensor) -> str:
+    """The `val_bytes` line: where the bytes come from and their total over every target (tokens 1..N-1), the
+    number each final val_bpb divides by."""
+    total, n = 0, len(val_tokens)
+    for a in range(1, n, BYTE_TOTAL_CHUNK):  # in chunks: int64 copies of a whole split would take GBs
+        b = min(a + BYTE_TOTAL_CHUNK, n)
+        pos = torch.arange(a, b, device=val_tokens.device)
+        total += int(counter.count(val_tokens[a - 1:b - 1].long(), val_tokens[a:b].long(), pos).sum())
+    files = f" files:{counter.files}" if isinstance(counter, SidecarBytes) else ""
+    return f"val_bytes source:{counter.source}{files} total:{total} targets:{len(val_tokens) - 1}"
 
 
 def check_tokenizer(sp: spm.SentencePieceProcessor, cfg: ModelConfig, path: str) -> None:
@@ -1940,22 +2090,30 @@ GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
 DEMOTE_TO = {8: 7, 7: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
 ARTIFACT_FORMAT_VERSION = 5  # 3: the CRC covers the header fields, the manifest records the model config;
-# 4: LQER factors, per-group streams; 5: AWQ-lite groups. The newest this code reads and writes: an artifact
-# without AWQ groups is written as format 4, byte for byte what it was before format 5.
-ARTIFACT_FORMAT_PLAIN = 4
-READABLE_ARTIFACT_FORMATS = (ARTIFACT_FORMAT_PLAIN, ARTIFACT_FORMAT_VERSION)
+# 4: LQER factors, per-group streams; 5: codec ids 4 (ZPAQ) and 5 (lrzip), AWQ-lite groups in the manifest
+READ_FORMAT_VERSIONS = (4, 5)  # 4 is 5 without the new codecs and AWQ groups: it loads unchanged
 # AWQ-lite (AWQ_GROUPS): groups of this many consecutive input columns, the most activation-weighted over all
 # matrices quantized below AWQ_BITS, are rounded on AWQ_BITS levels of the row's own clip inside GPTQ.
 AWQ_GROUP_COLS = 64
 AWQ_BITS = 8
-ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
-CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
+ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY, ZPAQ_LEVEL = 22, 9, 11, 5
+CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header (and per stream)
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
         lambda b: zstandard.ZstdDecompressor().decompress(b)),
     2: ("lzma", lambda b: lzma.compress(b, preset=LZMA_PRESET), lzma.decompress),
     3: ("brotli", lambda b: brotli.compress(b, quality=BROTLI_QUALITY), brotli.decompress),
+    4: ("zpaq", lambda b: optional_module(*CODEC_NEEDS["zpaq"]).compress(b, level=ZPAQ_LEVEL),
+        lambda b: optional_module(*CODEC_NEEDS["zpaq"]).decompress(b)),
+    # -T: without it lrzip stores a stream that fails its LZ4 test (every int6 group here) uncompressed
+    5: ("lrzip", lambda b: lrzip_run(b, "-z", "-L", "9", "-T"), lambda b: lrzip_run(b, "-d")),
 }
 CODEC_IDS = {name: cid for cid, (name, _, _) in CODECS.items()}
+# What a codec needs besides this file's imports: a package from requirements.txt, or (lrzip, the
+# April record's ZPAQ back end, measured no better than auto here) a program only COMPRESSOR=lrzip uses.
+CODEC_NEEDS = {"zpaq": ("zpaq", "pip install zpaq"), "lrzip": ("lrzip", "apt-get install lrzip")}
+# COMPRESSOR=auto and pergroup: the fast codecs on every stream of every layout, then the slow ones
+# (context mixing, 0.2-1 MB/s each way) on each group's chosen layout only (docs/quantization.md, "Codecs").
+FAST_CODECS, SLOW_CODECS = ("zstd", "lzma", "brotli"), ("zpaq",)
 # Header: magic, format version, codec id, byte shuffle (0/1), then a CRC-32 of those fields and the
 # decompressed payload together (brotli has no checksum of its own, a flipped bit must not load as
 # slightly different weights, and a flipped shuffle flag must not load as scrambled ones).
@@ -2776,8 +2934,7 @@ def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
         offset += len(b)
         chunks.append(b)
     levels_bytes = sum(len(b) for _, _, b in parts["q"])
-    version = ARTIFACT_FORMAT_VERSION if any("awq" in item for item in manifest) else ARTIFACT_FORMAT_PLAIN
-    manifest = {"format_version": version, "levels_bytes": levels_bytes, "tensors": manifest}
+    manifest = {"format_version": ARTIFACT_FORMAT_VERSION, "levels_bytes": levels_bytes, "tensors": manifest}
     return manifest, b"".join(chunks)
 
 
@@ -2815,6 +2972,62 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
     return packed
 
 
+def optional_module(package: str, install: str):
+    """An optional package's module (a codec, the minifier); ImportError saying how to install it."""
+    try:
+        return __import__(package)
+    except ImportError:
+        raise ImportError(f"the {package} package is not installed ({install}; requirements.txt has it)") from None
+
+
+def codec_missing(name: str) -> str | None:
+    """None if codec `name` runs here, else what installs it."""
+    if name not in CODEC_NEEDS:
+        return None
+    package, install = CODEC_NEEDS[name]
+    if name == "lrzip":
+        return None if shutil.which(package) else install
+    try:
+        optional_module(package, install)
+    except ImportError:
+        return install
+    return None
+
+
+def usable_codecs(names, log=None) -> list[str]:
+    """Those of `names` that run here; each missing one logged."""
+    usable = []
+    for name in names:
+        missing = codec_missing(name)
+        if missing is None:
+            usable.append(name)
+        elif log is not None:
+            log(f"compression codec_missing:{name} install:'{missing}' (auto goes on without it)")
+    return usable
+
+
+def lrzip_run(data: bytes, *flags: str) -> bytes:
+    """The lrzip program through a pipe. -N 0: lrzip lowers its own priority by default, and on a busy
+    machine then waits for minutes."""
+    if shutil.which("lrzip") is None:
+        raise ImportError(f"the lrzip program is not installed ({CODEC_NEEDS['lrzip'][1]})")
+    proc = subprocess.run(["lrzip", *flags, "-q", "-N", "0"], input=data, capture_output=True)
+    if proc.returncode != 0:
+        raise ValueError(f"lrzip {' '.join(flags)} exited {proc.returncode}: "
+                         f"{proc.stderr.decode(errors='replace')[-300:]}")
+    return proc.stdout
+
+
+def optional_versions() -> str:
+    """" zpaq:0.3.7 python-minifier:3.4.0" for the optional packages installed here (the log's versions line,
+    from which make_record writes a record's requirements.txt)."""
+    versions = []
+    for package in ("zpaq", "python-minifier"):
+        with contextlib.suppress(ImportError):
+            versions.append(f" {package}:{__import__('importlib.metadata').metadata.version(package)}")
+    return "".join(versions)
+
+
 def compress_all(raw: bytes, names: list[str]) -> dict[str, bytes]:
     """raw compressed by each named codec, in threads (the codecs release the GIL)."""
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
@@ -2825,6 +3038,9 @@ def decompress_stream(codec_id: int, body: bytes, source: str, what: str) -> byt
     if codec_id not in CODECS:
         raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id} ({what})")
     name, _, decompress = CODECS[codec_id]
+    missing = codec_missing(name)
+    if missing is not None:
+        raise DataError(f"{source}: its {what} is compressed with {name}, which is not installed here: {missing}")
     try:
         return decompress(body)
     except Exception as e:  # each codec raises its own types for a damaged stream
@@ -2927,11 +3143,16 @@ def outside_levels(data_len: int, items: list[dict]) -> list[tuple[int, int]]:
     return list(zip(edges[0::2], edges[1::2]))
 
 
-def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None) -> tuple[bytes, list[bytes]]:
+def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None,
+                  fast: list[str] | None = None, slow: list[str] | None = None) -> tuple[bytes, list[bytes]]:
     """(stream table + compressed streams, the uncompressed streams) of the per-group form: stream 0 is
     the manifest (with each group's role, tensors and layout) and the data outside the grouped levels;
-    then each group's one or two streams. Every stream of every layout is compressed by every codec
-    (one thread pool); each group keeps its smallest layout, each stream its smallest codec."""
+    then each group's one or two streams. Every stream of every layout goes through every `fast` codec
+    and each group keeps its smallest layout; then that layout's streams and stream 0 also go through
+    the `slow` codecs (default: FAST_CODECS and the SLOW_CODECS installed here), and each stream keeps
+    its smallest codec. One thread pool: the codecs release the GIL."""
+    fast = list(FAST_CODECS) if fast is None else fast
+    slow = usable_codecs(SLOW_CODECS) if slow is None else slow
     groups = level_groups(manifest)
     if log is not None and sort_roles - groups.keys():
         log(f"compression_pergroup sort_roles_absent:{','.join(sorted(sort_roles - groups.keys()))}")
@@ -2944,29 +3165,39 @@ def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=N
             candidates[role] = group_layouts(levels, sortable)
         else:  # bit-packed levels: kept as they are
             candidates[role] = {"rows": [b"".join(data[a:a + n] for a, n in (it["parts"]["q"] for it in items))]}
-    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        jobs = {(role, layout, i, codec): pool.submit(CODECS[CODEC_IDS[codec]][1], raw)
-                for role, layouts in candidates.items() for layout, raws in layouts.items()
-                for i, raw in enumerate(raws) for codec in CODEC_IDS}
-        best = {}  # (role, layout, i) -> (codec, body)
-        for (role, layout, i, codec), job in jobs.items():
+    best = {}  # (role, layout, i) -> (codec, body)
+
+    def compress_into_best(pool, jobs: dict) -> None:
+        futures = {key: pool.submit(CODECS[CODEC_IDS[key[-1]]][1], raw) for key, raw in jobs.items()}
+        for (role, layout, i, codec), job in futures.items():
             body = job.result()
             if (role, layout, i) not in best or len(body) < len(best[role, layout, i][1]):
                 best[role, layout, i] = (codec, body)
+
+    chosen = {}
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        compress_into_best(pool, {(role, layout, i, codec): raw for role, layouts in candidates.items()
+                                  for layout, raws in layouts.items() for i, raw in enumerate(raws) for codec in fast})
+        for role, layouts in candidates.items():
+            sizes = {layout: sum(len(best[role, layout, i][1]) for i in range(len(raws)))
+                     for layout, raws in layouts.items()}
+            chosen[role] = (min(sizes, key=sizes.get), sizes)
+        compress_into_best(pool, {(role, chosen[role][0], i, codec): raw for role, layouts in candidates.items()
+                                  for i, raw in enumerate(layouts[chosen[role][0]]) for codec in slow})
     meta, streams = [], []
     for role, layouts in candidates.items():
-        sizes = {layout: sum(len(best[role, layout, i][1]) for i in range(len(raws)))
-                 for layout, raws in layouts.items()}
-        layout = min(sizes, key=sizes.get)
+        layout, sizes = chosen[role]
         meta.append({"role": role, "tensors": [it["name"] for it in groups[role]], "layout": layout})
         streams += [(*best[role, layout, i], raw) for i, raw in enumerate(layouts[layout])]
         if log is not None:
             log(f"compression_group role:{role} tensors:{len(groups[role])} layout:{layout} "
-                + " ".join(f"{k}:{v}" for k, v in sizes.items()))
+                + " ".join(f"{k}:{v}" for k, v in sizes.items()) + " codecs:"
+                + ",".join(f"{best[role, layout, i][0]}:{len(best[role, layout, i][1])}"
+                           for i in range(len(layouts[layout]))))
     items = [it for its in groups.values() for it in its]
     rest = b"".join(data[a:b] for a, b in outside_levels(len(data), items))
     head = manifest_bytes(dict(manifest, groups=meta, data_bytes=len(data))) + rest
-    codec, body = min(compress_all(head, list(CODEC_IDS)).items(), key=lambda kv: len(kv[1]))
+    codec, body = min(compress_all(head, fast + slow).items(), key=lambda kv: len(kv[1]))
     streams.insert(0, (codec, body, head))
     table = _STREAM_COUNT.pack(len(streams)) + b"".join(_STREAM_ENTRY.pack(CODEC_IDS[c], len(b)) for c, b, _ in streams)
     return table + b"".join(b for _, b, _ in streams), [raw for *_, raw in streams]
@@ -3007,14 +3238,15 @@ def unpack_streams(body: bytes, source: str) -> list[bytes]:
     pos = _STREAM_COUNT.size + count * _STREAM_ENTRY.size
     if pos > len(body) or count == 0:
         raise DataError(f"{source}: corrupt or truncated artifact: stream table of {count} streams")
-    streams = []
+    jobs = []
     for i in range(count):
         codec_id, size = _STREAM_ENTRY.unpack_from(body, _STREAM_COUNT.size + i * _STREAM_ENTRY.size)
         if pos + size > len(body):
             raise DataError(f"{source}: corrupt or truncated artifact: stream {i} ends past the data")
-        streams.append(decompress_stream(codec_id, body[pos:pos + size], source, f"stream {i}"))
+        jobs.append((codec_id, body[pos:pos + size], source, f"stream {i}"))
         pos += size
-    return streams
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:  # ZPAQ: ~1 MB/s a thread
+        return list(pool.map(lambda job: decompress_stream(*job), jobs))
 
 
 def manifest_bytes(manifest: dict) -> bytes:
@@ -3036,22 +3268,23 @@ def serialize_artifact(packed: dict[str, dict], config: ModelConfig | None = Non
                        storage: str = Hyperparameters.quant_storage, log=None,
                        sort_roles: frozenset[str] | str = Hyperparameters.pergroup_sort) -> bytes:
     """The artifact: header, then the compressed manifest (with the model config, when given) and tensors.
-    COMPRESSOR zstd, lzma or brotli: one stream; pergroup: the per-group streams; auto: every one of
-    them, the smallest kept and every size logged. The CRC-32 covers the header fields and every
-    uncompressed stream."""
+    COMPRESSOR naming a codec: one stream; pergroup: the per-group streams (pergroup_body), with zpaq
+    where it is installed; auto: those and one stream by each fast codec, the smallest kept and every
+    size logged. The CRC-32 covers the header fields and every uncompressed stream."""
     manifest, data = encode_payload(packed, storage)
     if config is not None:
         manifest["model"] = dataclasses.asdict(config)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
     options = {}  # name -> (codec id, body, the uncompressed streams)
-    if compressor != "pergroup":
+    single = {"auto": list(FAST_CODECS), "pergroup": []}.get(compressor, [compressor])
+    if single:
         payload = manifest_bytes(manifest) + data
-        names = list(CODEC_IDS) if compressor == "auto" else [compressor]
-        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, names).items()})
-    if compressor in ("pergroup", "auto"):
+        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, single).items()})
+    if compressor in ("auto", "pergroup"):
         roles = parse_roles(sort_roles) if isinstance(sort_roles, str) else sort_roles
-        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log))
+        slow = usable_codecs(SLOW_CODECS, log)
+        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log, list(FAST_CODECS), slow))
     best = min(options, key=lambda n: len(options[n][1]))
     if log is not None:
         log(f"compression raw_bytes:{len(data)} " + " ".join(f"{n}:{len(b)}" for n, (_, b, _) in options.items())
@@ -3075,9 +3308,9 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | N
     magic, version, codec_id, shuffle, crc = _ARTIFACT_HEADER.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
         raise DataError(f"{source}: not a train_gpt.py artifact (magic {magic!r})")
-    if version not in READABLE_ARTIFACT_FORMATS:
+    if version not in READ_FORMAT_VERSIONS:
         raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads formats "
-                         f"{' and '.join(map(str, READABLE_ARTIFACT_FORMATS))}")
+                         f"{', '.join(map(str, READ_FORMAT_VERSIONS))}")
     if (codec_id not in CODECS and codec_id != PERGROUP_ID) or shuffle not in (0, 1):
         raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
     body = blob[_ARTIFACT_HEADER.size:]
@@ -3103,36 +3336,116 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 # ---- the shipped code ------------------------------------------------------------------------------
-# A record ships this file as a two-line wrapper that decompresses (brotli, base85) and execs it
-# (scripts/compact_train_gpt.py; tests/test_compact.py). bytes_code is always that shipped size, whichever
-# form ran: the log, the fitter and the record folder count one number.
+# A record ships this file as a four-line compact file (scripts/compact_train_gpt.py): a coding line, the
+# sha256 of this readable source, and a line that decompresses the program (ZPAQ) and execs it under the
+# name train_gpt.py. The program is this source minified by python-minifier: docstrings, annotations
+# outside classes and long local and global names go, nothing else changes (tests/test_compact.py runs a
+# pipeline from both files and compares them byte for byte). The compressed bytes sit in a latin-1
+# string literal (1.3% longer than the bytes, base85: 25%). bytes_code is always that shipped size,
+# whichever form ran: the log, the fitter and the record folder count one number.
 
-COMPACT_BROTLI_QUALITY, COMPACT_BROTLI_WINDOW_BITS = 11, 24  # the largest window: the source is one context
-COMPACT_WRAPPER = ('import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("{blob}")),'
-                   '"train_gpt.py","exec"))\n')
-_COMPACT_RE = re.compile(re.escape(COMPACT_WRAPPER).replace(re.escape("{blob}"), '([^"]*)'))
+# Measured smallest (docs/quantization.md, "Code bytes"); Muon keeps its name, which the log prints.
+COMPACT_MINIFY = {"remove_literal_statements": True, "rename_globals": True, "hoist_literals": False,
+                  "preserve_globals": ["Muon"]}
+MINIFIER_NEEDS = ("python_minifier", "pip install python-minifier")
+COMPACT_WRAPPER = ('#coding:latin1\n#train_gpt.py sha256:{sha}\nimport zpaq\n'
+                   'exec(compile(zpaq.decompress("""{blob}""".encode("latin1")),"train_gpt.py","exec"))\n')
+_COMPACT_RE = re.compile(re.escape(COMPACT_WRAPPER).replace(re.escape("{sha}"), "([0-9a-f]{64})")
+                         .replace(re.escape("{blob}"), "(.*)"), re.S)
+_LITERAL_ESCAPE = re.compile(r'\\(000|0|r|\\|")')
+_LITERAL_CHAR = {"000": "\0", "0": "\0", "r": "\r", "\\": "\\", '"': '"'}
 
 
-def compact_code(source: bytes) -> str:
-    blob = brotli.compress(source, quality=COMPACT_BROTLI_QUALITY, lgwin=COMPACT_BROTLI_WINDOW_BITS)
-    return COMPACT_WRAPPER.format(blob=base64.b85encode(blob).decode("ascii"))  # base85 has no quote or backslash
+def latin1_literal(blob: bytes) -> str:
+    """blob as the inside of a triple-quoted literal in a latin-1 file: every byte is the character of
+    the same number, except the four that Python would read otherwise, escaped: NUL (refused in a
+    source file), CR (read as a newline), the backslash, and a quote that is followed by a quote or ends
+    the blob (it could close the literal)."""
+    out = []
+    for i, c in enumerate(blob):
+        after = blob[i + 1] if i + 1 < len(blob) else -1
+        if c == 0:  # before an octal digit, \0 would read as a longer octal escape
+            out.append("\\000" if 48 <= after <= 55 else "\\0")
+        elif c == 13:
+            out.append("\\r")
+        elif c == 92:
+            out.append("\\\\")
+        elif c == 34 and after in (-1, 34):
+            out.append('\\"')
+        else:
+            out.append(chr(c))
+    return "".join(out)
+
+
+def latin1_blob(literal: str) -> bytes:
+    """Inverse of latin1_literal."""
+    return _LITERAL_ESCAPE.sub(lambda m: _LITERAL_CHAR[m[1]], literal).encode("latin-1")
+
+
+def minify_code(source: str) -> str:
+    return optional_module(*MINIFIER_NEEDS).minify(source, **COMPACT_MINIFY)
+
+
+@functools.lru_cache(maxsize=8)  # every run counts its own code: a process running many pays once
+def compact_code(source: bytes) -> bytes:
+    """The compact file of a readable train_gpt.py, as bytes (latin-1). ImportError naming the package
+    when python-minifier or zpaq is missing."""
+    blob = optional_module(*CODEC_NEEDS["zpaq"]).compress(minify_code(source.decode("utf-8")).encode("utf-8"),
+                                                           level=ZPAQ_LEVEL)
+    return COMPACT_WRAPPER.format(sha=hashlib.sha256(source).hexdigest(), blob=latin1_literal(blob)).encode("latin-1")
+
+
+def compact_program(data: bytes) -> tuple[str, str] | None:
+    """(the readable source's sha256, the program) a compact file holds; None if data is not one."""
+    match = _COMPACT_RE.fullmatch(data.decode("latin-1"))
+    if match is None:
+        return None
+    return match[1], optional_module(*CODEC_NEEDS["zpaq"]).decompress(latin1_blob(match[2])).decode("utf-8")
+
+
+def code_bound(source: bytes) -> int:
+    """An upper bound of the compact file's size without python-minifier or zpaq: the older compact form
+    (brotli and base85 of the unminified source, and its wrapper), 2.5x the compact file's size here."""
+    return len(base64.b85encode(brotli.compress(source, quality=11, lgwin=24))) + 100
 
 
 @dataclass(frozen=True)
 class CodeForm:
-    """The code that runs: its readable source (embedded in the log) and the bytes it ships as."""
-    source: str
+    """The code that runs and the bytes it ships as."""
+    source: str  # the code that ran, embedded in the log: the readable source or a compact file's program
     form: str  # "readable" or "compact": which file ran
-    bytes_code: int  # the compact wrapper's size: what a record folder ships and the cap counts
+    bytes_code: int  # the compact file's size: what a record folder ships and the cap counts
+    source_sha256: str = ""  # of the readable source (a compact file names it): the code a checkpoint resumes with
+    bound_because: str = ""  # why bytes_code is only an upper bound; "" when it is the shipped size
 
 
-def code_form(text: str) -> CodeForm:
-    """The compact wrapper counts as itself, a readable file as the wrapper it would ship as."""
-    match = _COMPACT_RE.fullmatch(text)
-    if match:
-        source = brotli.decompress(base64.b85decode(match[1])).decode("utf-8")
-        return CodeForm(source, "compact", len(text.encode("utf-8")))
-    return CodeForm(text, "readable", len(compact_code(text.encode("utf-8"))))
+def compact_size(source: bytes) -> int:
+    """len(compact_code(source)), remembered in the temporary folder under the sha256 of the source, of
+    this code's compaction settings and of the tools' versions: every process of a run (and of the
+    tests) would otherwise spend seconds minifying the same source."""
+    optional_module(*MINIFIER_NEEDS), optional_module(*CODEC_NEEDS["zpaq"])  # missing: no size to remember
+    recipe = f"{COMPACT_MINIFY}{COMPACT_WRAPPER}{ZPAQ_LEVEL}{optional_versions()}".encode()
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / "train_gpt_compact" / hashlib.sha256(source + recipe).hexdigest()
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text())
+    size = len(compact_code(source))
+    with contextlib.suppress(OSError):
+        write_atomic(path, str(size).encode())
+    return size
+
+
+def code_form(data: bytes | str) -> CodeForm:
+    """A compact file counts as itself, a readable file as the compact file it would ship as; without
+    the tools that make the compact file, as an upper bound of it (code_bound), saying why."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    compact = compact_program(data)
+    if compact is not None:
+        return CodeForm(compact[1], "compact", len(data), compact[0])
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return CodeForm(data.decode("utf-8"), "readable", compact_size(data), sha)
+    except ImportError as e:
+        return CodeForm(data.decode("utf-8"), "readable", code_bound(data), sha, str(e))
 
 
 def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None) -> None:
@@ -3198,14 +3511,15 @@ def log_fit_cost(base_model: GPT, unfitted: dict[str, dict], fitted: dict[str, d
                  ctx: RunContext) -> None:
     """The fit's cost: bpb of the unfitted and fitted weights (each as the artifact would store it, LQER
     included) on the first FIT_PROBE_SEQS training sequences (seen in training: a relative estimate; the
-    final evaluations measure the artifact)."""
+    final evaluations measure the artifact). The bytes are the tokenizer's (probe_bytes:tokenizer): training
+    data has no byte sidecar, so on a CaseOps dataset each operator counts its 3 bytes of UTF-8 here."""
     h, rt = ctx.h, ctx.rt
     batches = list(calibration_batches(find_shards(h.data_path, "train"), FIT_PROBE_SEQS, h.train_seq_len,
                                        h.val_batch_seqs(h.train_seq_len), Runtime.single(rt.device)))
     before = probe_bpb(base_model, dequantize_state_dict(unfitted), batches, luts, rt)
     after = probe_bpb(base_model, dequantize_state_dict(fitted), batches, luts, rt)
     ctx.log(f"quant_fit cost_est_bpb:{after - before:+.6f} probe_bpb_unfitted:{before:.6f} "
-            f"probe_bpb_fitted:{after:.6f} probe:{FIT_PROBE_SEQS}_training_seqs")
+            f"probe_bpb_fitted:{after:.6f} probe:{FIT_PROBE_SEQS}_training_seqs probe_bytes:{luts.source}")
 
 
 class ExportInputs(NamedTuple):
@@ -3489,20 +3803,21 @@ def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: 
     return total
 
 
-def bpb_sums(luts: ByteLUTs) -> Callable:
-    """score_windows' score for evaluate: [nats, tokens, bytes] of the scored targets. The scored mask
-    multiplies rather than indexes: a boolean index has a data-dependent size, which the host must wait
-    for, every batch."""
-    def nats_tokens_bytes(nll, x, y, scored, _):
+def bpb_sums(counter: ByteCounter) -> Callable:
+    """score_windows' score for evaluate: [nats, tokens, bytes] of the scored targets, the bytes as the counter
+    gives them (the tokenizer's tables, or the byte sidecar at target_pos). The scored mask multiplies rather
+    than indexes: a boolean index has a data-dependent size, which the host must wait for, every batch."""
+    def nats_tokens_bytes(nll, x, y, scored, target_pos):
         mask = scored.double()
-        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y) * mask).sum()))
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (counter.count(x, y, target_pos) * mask).sum()))
     return nats_tokens_bytes
 
 
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rt: Runtime,
+def evaluate(model: nn.Module, val_tokens: Tensor, counter: ByteCounter, spec: EvalSpec, rt: Runtime,
              phase: str | None = None) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
-    nats, tokens, nbytes = score_windows(model, bpb_sums(luts), val_tokens, spec, rt, phase).tolist()
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once; the bytes are
+    counter's (validation_byte_counter)."""
+    nats, tokens, nbytes = score_windows(model, bpb_sums(counter), val_tokens, spec, rt, phase).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
@@ -3686,13 +4001,14 @@ def ttt_forward(model: GPT, chunk: int) -> Callable[[Tensor, DocumentLoRA], Tens
     return forward
 
 
-def logit_sums(luts: ByteLUTs) -> Callable:
+def logit_sums(counter: ByteCounter) -> Callable:
     """A score callback on logits: [nats, tokens, bytes] over the scored targets, as float64 (no boolean
-    indexing: the mask multiplies)."""
-    def sums(logits, x, y, scored, _):
+    indexing: the mask multiplies); the bytes as bpb_sums counts them."""
+    def sums(logits, x, y, scored, target_pos):
         nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         mask = scored.double()
-        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y).double() * mask).sum()))
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(),
+                            (counter.count(x, y, target_pos).double() * mask).sum()))
     return sums
 
 
@@ -3828,10 +4144,10 @@ def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, s: Hyperparameter
     return total
 
 
-def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, s: Hyperparameters, rt: Runtime,
+def ttt_evaluate(model: GPT, val_tokens: Tensor, counter: ByteCounter, s: Hyperparameters, rt: Runtime,
                  forward: Callable | None = None, log=None) -> tuple[float, float]:
     """(val_loss, val_bpb) of score-first TTT over every target of val_tokens, each scored once."""
-    nats, tokens, nbytes = ttt_score(model, logit_sums(luts), val_tokens, s, rt, forward, log).tolist()
+    nats, tokens, nbytes = ttt_score(model, logit_sums(counter), val_tokens, s, rt, forward, log).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
@@ -4291,7 +4607,8 @@ def set_qat(layers, on: bool, alpha: float = 1.0) -> None:
 
 
 class StopVote:
-    """Whether every rank stops after this step, for each reason (the wallclock budget, a signal),
+    """Whether every rank stops after this step, for each reason (the wallclock budget; a signal, voted as
+    its number so that every rank names the same one),
     decided alike on all of them without stalling the device. Each step's local votes (from host time
     and the signal handler) are max-reduced over the ranks on the device, copied to pinned host memory
     without blocking, and read one step later, after waiting for that copy only: the host waits for
@@ -4311,7 +4628,7 @@ class StopVote:
         t = torch.zeros(self.reasons, dtype=torch.int32, device=self.rt.device)
         for i, vote in enumerate(votes):
             if vote:
-                t[i].fill_(1)  # a kernel, not a copy from pageable host memory (which would wait)
+                t[i].fill_(int(vote))  # a kernel, not a copy from pageable host memory (which would wait)
         if self.rt.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         host, done = self.host[self.step % 2], None
@@ -4325,7 +4642,7 @@ class StopVote:
             return (False,) * self.reasons
         if previous[1] is not None:
             previous[1].synchronize()
-        return tuple(bool(v) for v in previous[0].tolist())  # a host tensor: no device sync
+        return tuple(previous[0].tolist())  # a host tensor: no device sync
 
 
 STOP_LOOKAHEAD = 2  # a vote read one step late stops one step later: it must see two steps ahead
@@ -4365,12 +4682,20 @@ class TrainResult:
 
 
 # ---- interrupts, checkpoints and resume -------------------------------------------------------------
-# SIGINT (Ctrl-C) or SIGTERM (a scheduler; torchrun passes its own on to the workers) during training
-# stops the run after the current step, once all ranks agree, and writes a checkpoint from which
-# RESUME_FROM continues the run exactly; outside the training loop they end the run at once. Either way
-# the run says what was kept.
+# SIGINT (Ctrl-C) or SIGTERM (a scheduler at the time limit; torchrun passes its own on to the workers and
+# kills them 30 s later) gets one answer per phase of the run, and is never dropped (docs/resume.md):
+#   start-up (settings, data, model, compile warm-up)   at once
+#   training steps                                      after the next step, all ranks together: a checkpoint,
+#                                                       from which RESUME_FROM continues the run exactly
+#   the end of training (its last evaluation, the       once the artifact is written, all ranks together:
+#     final weights, calibration, quantization, export)   a few seconds, and the trained model is kept
+#   the final evaluations (round trip, sliding, TTT)    at once: the artifact is written already
+# "At once" acts on every rank that receives the signal (torchrun forwards it to all of them; a rank it
+# did not reach is stopped by torchrun when its peers exit). A second signal always stops at once. Either
+# way the run says what was kept and exits with 128 + the signal number.
 
 SIGNAL_REPEAT_GRACE_S = 2.0  # Ctrl-C under torchrun reaches a worker twice (terminal, then torchrun)
+AT_ONCE, AFTER_STEP, AT_ARTIFACT = "at once", "after the next step", "once the artifact is written"
 CHECKPOINT_VERSION = 1
 
 
@@ -4381,15 +4706,17 @@ class RunInterrupted(Exception):
 
 
 class Interrupts:
-    """The SIGINT/SIGTERM handler. While `deferring` (the training loop) a signal only sets `received`,
-    which the ranks' StopVote carries (read one step late: the run stops after the next step); elsewhere it raises RunInterrupted at once. A signal repeated after
-    SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a checkpoint being written).
-    `kept` lists what the run has written so far, for the message when it stops."""
+    """The SIGINT/SIGTERM handler. The run names each phase it enters and that phase's answer (enter): where
+    the answer is AT_ONCE a signal raises RunInterrupted there and then; elsewhere it only sets `received`,
+    which the phase's end acts on (training: the ranks' StopVote; the end of training: agreed_signal after the
+    artifact). A signal repeated after SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a
+    checkpoint being written). `kept` lists what the run has written so far, for the message when it stops."""
 
     def __init__(self, verbose: bool = True):
         self.received: int | None = None
         self.first_at = 0.0
-        self.deferring, self.verbose, self.kept, self.previous = False, verbose, [], {}
+        self.phase, self.answer, self.note = "start-up", AT_ONCE, ""
+        self.verbose, self.kept, self.previous = verbose, [], {}
         self.log = None  # the run's Logger, once it has one
 
     def install(self) -> None:
@@ -4401,18 +4728,35 @@ class Interrupts:
             signal.signal(sig, handler)
         self.previous = {}
 
+    def enter(self, phase: str, answer: str, note: str = "") -> None:
+        """From now on the run is in `phase`, where a signal is answered `answer` (note: what it waits for).
+        Entering an AT_ONCE phase with a request still pending acts on it: a request is never dropped."""
+        self.phase, self.answer, self.note = phase, answer, note
+        if answer == AT_ONCE and self.received is not None:
+            raise RunInterrupted(self.received)
+
     def handle(self, signum: int, frame) -> None:
         now = time.monotonic()
         if self.received is not None and now - self.first_at < SIGNAL_REPEAT_GRACE_S:
             return  # the same stop request, delivered twice
         first = self.received is None
         self.received, self.first_at = signum, now if first else self.first_at
-        if self.deferring and first:
+        if self.answer != AT_ONCE and first:
             if self.verbose:
-                print(f"{signal.Signals(signum).name}: stopping after the next step to write a checkpoint "
+                print(f"{signal.Signals(signum).name} during {self.phase}: stopping {self.answer}{self.note} "
                       f"(send it again to stop at once)", flush=True)
             return
         raise RunInterrupted(signum)
+
+
+def agreed_signal(interrupts: Interrupts, rt: Runtime) -> int | None:
+    """The signal some rank received (the largest number if several), the same on every rank, or None: the
+    ranks decide together at the end of a phase whose answer waited for it (one blocking all-reduce)."""
+    if rt.world_size == 1:
+        return interrupts.received
+    t = torch.tensor([interrupts.received or 0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
 
 
 def checkpoint_path(h: Hyperparameters, state: RunState) -> Path:
@@ -4476,7 +4820,7 @@ def read_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict, dict]:
 RESUME_FREE_SETTINGS = ("resume_from", "cpu_threads")
 
 
-def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_size: int) -> Hyperparameters:
+def resumed_hparams(h: Hyperparameters, env, shared: dict, source_sha256: str, world_size: int) -> Hyperparameters:
     """The checkpoint's settings; a setting the environment gives another value, other code or another
     number of processes would not continue the same run, and is refused."""
     saved = shared["hparams"]
@@ -4486,7 +4830,7 @@ def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_si
     if differ:
         raise SettingError(f"RESUME_FROM={h.resume_from}: the checkpoint's run has other settings: "
                           f"{', '.join(differ)}; unset them (the checkpoint's are used)")
-    if shared["code_sha256"] != hashlib.sha256(source.encode("utf-8")).hexdigest():
+    if shared["code_sha256"] != source_sha256:  # of the readable source: either form of one code resumes
         raise SettingError(f"RESUME_FROM={h.resume_from}: train_gpt.py changed since the checkpoint was written; "
                           f"a run resumes with its own code")
     if shared["world_size"] != world_size:
@@ -4556,7 +4900,7 @@ def train(trainee: Trainee, eval_fn: Callable, ctx: RunContext, control: RunCont
     control = control or RunControl(Interrupts(verbose=False), checkpoint_path(h, ctx.state), "", None)
     if control.resume is not None:
         step, train_ms, stop_at = restore_training(control.resume, trainee, parts)
-    control.interrupts.deferring = True  # a signal now stops the run after the current step
+    control.interrupts.enter("training", AFTER_STEP, " to write a checkpoint")
     rt.sync()
     t0 = rt.clock()
 
@@ -4566,8 +4910,12 @@ def train(trainee: Trainee, eval_fn: Callable, ctx: RunContext, control: RunCont
 
     while True:
         last = step == h.iterations or step == stop_at
-        if last and any_rank(control.interrupts.received is not None, rt):  # a signal whose vote was not read
-            stop(control.interrupts.received or signal.SIGTERM)
+        if last and (signum := agreed_signal(control.interrupts, rt)):  # a signal whose vote was not read yet
+            stop(signum)
+        if last:  # no step follows: a signal from here on waits for the artifact (run)
+            control.interrupts.enter("the end of training", AT_ARTIFACT,
+                                     f" (its last evaluation, the final weights' and the export, whose calibration "
+                                     f"and quantization take about {ctx.state.gptq_reserve_seconds:.0f} s)")
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.sync()
             train_ms += 1000 * (rt.clock() - t0)  # evaluation does not count as training
@@ -4597,15 +4945,14 @@ def train(trainee: Trainee, eval_fn: Callable, ctx: RunContext, control: RunCont
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{s.lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        overruns, interrupted = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
-                                          control.interrupts.received is not None)
+        overruns, signum = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
+                                     control.interrupts.received or 0)
         if stop_at is None and overruns:
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
-        if interrupted:
+        if signum:
             rt.sync()
-            stop(control.interrupts.received or signal.SIGTERM)
-    control.interrupts.deferring = False
+            stop(signum)
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
     return TrainResult(val_loss, val_bpb, step, train_ms, average)
 
@@ -4700,7 +5047,8 @@ def log_preamble(ctx: RunContext, env) -> None:
         f"activations:{activations} ns_dtype:{rt.ns_dtype} cpu_threads:{torch.get_num_threads()} "
         f"cpu_threads_from:{rt.threads_from}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
+        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}"
+        + optional_versions())
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)
     log("env " + " ".join(f"{k}:{env[k]}" for k in sorted(names) if k in env))
     if rt.device.type == "cuda":
@@ -4710,8 +5058,9 @@ def log_preamble(ctx: RunContext, env) -> None:
 
 
 def describe_preset(name: str, env) -> str:
-    """One log line: the preset, the variables it set, and those of its variables the environment set instead."""
-    preset = PRESETS[name]
+    """One log line: the preset, the variables it set, and those of its variables the environment set instead
+    (its DATA_VARIANT's paths count as its own unless the environment sets DATA_VARIANT)."""
+    preset = PRESETS[name] | ({} if "DATA_VARIANT" in env else variant_paths(PRESETS[name].get("DATA_VARIANT", "")))
     applied = ",".join(f"{k}={v}" for k, v in preset.items() if k not in env) or "none"
     return f"preset name:{name} set:{applied} overridden:{','.join(k for k in preset if k in env) or 'none'}"
 
@@ -4751,12 +5100,12 @@ def compile_for_training(base: GPT, plan: dict[str, int], h: Hyperparameters, rt
     return compiled, compiled, orthogonalize
 
 
-def timed_eval(label: str, model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec,
+def timed_eval(label: str, model: nn.Module, val_tokens: Tensor, counter: ByteCounter, spec: EvalSpec,
                ctx: RunContext) -> tuple[float, float]:
     rt = ctx.rt
     rt.sync()
     t0 = rt.clock()
-    loss, bpb = evaluate(model, val_tokens, luts, spec, rt, phase=label)
+    loss, bpb = evaluate(model, val_tokens, counter, spec, rt, phase=label)
     rt.sync()
     ctx.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval:{spec.name} seq_len:{spec.seq_len} "
             f"stride:{spec.stride} eval_time:{1000 * (rt.clock() - t0):.0f}ms")
@@ -4801,7 +5150,7 @@ def compile_ttt_forward(model: GPT, ctx: RunContext) -> Callable:
     return compiled
 
 
-def run_ttt(cfg: ModelConfig, weights: dict[str, Tensor], val_tokens: Tensor, luts: ByteLUTs, ctx: RunContext,
+def run_ttt(cfg: ModelConfig, weights: dict[str, Tensor], val_tokens: Tensor, counter: ByteCounter, ctx: RunContext,
             windows_s: float = 0.0) -> None:
     """final_ttt_exact: score-first TTT on a model of its own built from the artifact's weights, so what adapts
     is the quantized model as shipped (the model the earlier lines scored is left as it is).
@@ -4812,7 +5161,7 @@ def run_ttt(cfg: ModelConfig, weights: dict[str, Tensor], val_tokens: Tensor, lu
     t0 = rt.clock()
     forward = compile_ttt_forward(model, ctx)
     t1 = rt.clock()
-    loss, bpb = ttt_evaluate(model, val_tokens, luts, h, rt, forward, ctx.log)
+    loss, bpb = ttt_evaluate(model, val_tokens, counter, h, rt, forward, ctx.log)
     rt.sync()
     seconds = rt.clock() - t1
     ctx.log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * seconds:.0f}ms "
@@ -4854,10 +5203,10 @@ def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) ->
 def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = None, export_hook=None) -> None:
     """Settings -> data -> model -> train -> export -> reload -> evaluate -> TTT (docs/architecture.md)."""
     interrupts = interrupts or Interrupts(verbose=False)
-    code = code_form(Path(__file__).read_text(encoding="utf-8"))  # the readable source, whichever form ran
+    code = code_form(Path(__file__).read_bytes())  # the code that ran and its shipped size, whichever form ran
     resume = read_checkpoint(h.resume_from, rt.rank) if h.resume_from else None
     if resume is not None:
-        h = resumed_hparams(h, env, resume[0], code.source, rt.world_size)
+        h = resumed_hparams(h, env, resume[0], code.source_sha256, rt.world_size)
         state = RunState(**resume[0]["run_state"])  # the run id and reserve of the run's first start
     else:
         state = RunState(shared_run_id(h, rt), h.gptq_reserve_seconds)
@@ -4872,7 +5221,11 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     else:  # the log so far came with the checkpoint: it goes on as one run's log, saying where it resumed
         log(f"resume from:{h.resume_from} step:{resume[0]['step']} train_time:{resume[0]['train_ms']:.0f}ms "
             f"signal:{resume[0]['signal']} world_size:{rt.world_size} cpu_threads:{torch.get_num_threads()}")
-    log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))}")
+    log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))} "
+        f"source_sha256:{code.source_sha256}")
+    if code.bound_because:
+        log(f"warning: bytes_code:{code.bytes_code} is an upper bound of the shipped train_gpt.py, which this "
+            f"machine cannot make ({code.bound_because}): the byte target leaves the model fewer bytes than it could")
     seed_everything(h.seed)
 
     sp = load_tokenizer(h.tokenizer_path)
@@ -4881,6 +5234,8 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     val_tokens = torch.from_numpy(val_np.astype(np.int32)).to(rt.device)
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
+    val_bytes = validation_byte_counter(luts, sp, h.data_path, h.bos_id).to(rt.device)
+    log(describe_byte_counter(val_bytes, val_tokens))
     if rt.is_main:
         log_dataset(dataset_provenance(h.data_path, h.tokenizer_path), log)
     if h.ttt:
@@ -4898,13 +5253,12 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
         log(line)
 
     def eval_fn():
-        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt, phase="val")
+        return evaluate(eval_model, val_tokens, val_bytes, EvalSpec.plain(h), rt, phase="val")
 
     prime_kernels(trainee, ctx)
     if resume is None:  # a resumed run keeps the reserve its first start measured (in its run state)
         measure_gptq_reserve(base, plan, ctx)
-    control = RunControl(interrupts, checkpoint_path(h, state), hashlib.sha256(code.source.encode("utf-8")).hexdigest(),
-                         log.path, resume)
+    control = RunControl(interrupts, checkpoint_path(h, state), code.source_sha256, log.path, resume)
     result = train(trainee, eval_fn, ctx, control)
     log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
         f"train_time:{result.train_ms:.0f}ms")
@@ -4920,23 +5274,34 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     save_artifact(blob, artifact, ctx)
     interrupts.kept.append(f"the artifact {artifact} (score it: ARTIFACT_PATH={artifact} "
                            f"python eval_ngram_on_checkpoint.py)")
+    if signum := agreed_signal(interrupts, rt):  # a signal during the end of training: acted on now
+        raise RunInterrupted(signum)
+    interrupts.enter("the final evaluations", AT_ONCE)
     cfg, shipped = load_artifact(artifact)  # read once: what the file holds is what every final line scores
     base.load_state_dict(shipped)
     t0 = rt.clock()
-    timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), ctx)
-    timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, EvalSpec.sliding(h), ctx)
+    timed_eval("final_roundtrip_exact", eval_model, val_tokens, val_bytes, EvalSpec.plain(h), ctx)
+    timed_eval("final_sliding_window_exact", eval_model, val_tokens, val_bytes, EvalSpec.sliding(h), ctx)
     if h.ttt:
-        run_ttt(cfg, shipped, val_tokens, luts, ctx, windows_s=rt.clock() - t0)
+        run_ttt(cfg, shipped, val_tokens, val_bytes, ctx, windows_s=rt.clock() - t0)
 
 
 def cli() -> None:
     """main() for the command line: a wrong setting or missing or corrupt data ends the run with one line
-    (on stderr, exit status 2) instead of a traceback; anything else keeps its traceback."""
+    (on stderr, exit status 2) instead of a traceback; anything else keeps its traceback. A finished worker
+    of several (torchrun) leaves without the interpreter's finalization: its process group is destroyed
+    already, and a finished 2-process gloo worker was seen to abort there under load ("terminate called
+    without an active exception", SIGABRT: a C++ thread still joinable at teardown; once in about 100 runs),
+    which fails the whole torchrun job after the run has written everything."""
     try:
         main()
     except (SettingError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -295,6 +295,32 @@ def test_april_preset_sets_its_values_and_explicit_settings_win():
         assert getattr(april, f.name) == tg._parse_env_value(key, raw, f.default, f.metadata), key
 
 
+def test_april_trains_on_the_caseops_variant_and_the_plain_sp8192_is_one_variable_away(tmp_path):
+    """PRESET=april's data is where `data/cached_challenge_fineweb.py --variant <v>` puts variant v (its own plan
+    of the files, on a manifest of the public layout); DATA_VARIANT=sp8192 is the plain sp8192; an explicit
+    DATA_PATH or TOKENIZER_PATH wins over either."""
+    from pathlib import Path
+
+    import data.cached_challenge_fineweb as dl
+    for env, variant in (({"PRESET": "april"}, dl.CASEOPS_VARIANT), ({"PRESET": "april", "DATA_VARIANT": "sp8192"},
+                                                                     "sp8192"), ({"DATA_VARIANT": "sp1024"}, "sp1024")):
+        manifest = {"datasets": [{"name": f"fineweb10B_{variant}", "tokenizer_name": "tok", "val_bytes_glob": "x",
+                                  "stats": {"files_train": 1, "files_val": 1}}],
+                    "tokenizers": [{"name": "tok", "model_path": f"tokenizers/fineweb_{variant[2:6]}_bpe"
+                                    f"{variant[6:]}.model"}]}
+        if variant == dl.CASEOPS_VARIANT:  # the public manifest's own names (tests/test_caseops.py's fake hub)
+            assert manifest["tokenizers"][0]["model_path"] == \
+                "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+        plan = dl.plan_downloads(manifest, variant, 1, Path("data"))
+        h = tg.Hyperparameters.from_env(env)
+        assert (h.data_variant, Path(h.data_path), Path(h.tokenizer_path)) == (
+            variant, plan[0].local.parent, next(i.local for i in plan if i.role == "tokenizer"))
+    assert tg.Hyperparameters.from_env({"DATA_VARIANT": "sp1024"}).data_path == tg.Hyperparameters().data_path
+    h = tg.Hyperparameters.from_env({"PRESET": "april", "DATA_PATH": "/d", "TOKENIZER_PATH": "/t.model"})
+    assert (h.data_path, h.tokenizer_path) == ("/d", "/t.model")
+    assert_env_error({"DATA_VARIANT": "fineweb"}, ["DATA_VARIANT='fineweb'", "sp<vocab>"])
+
+
 def test_describe_preset_names_what_it_set_and_what_was_overridden():
     line = tg.describe_preset("april", {"MATRIX_LR": "0.03"})
     assert line.startswith("preset name:april set:VOCAB_SIZE=8192,")

@@ -124,9 +124,10 @@ class Experts(NamedTuple):
     masks: object
 
 
-def score(run_pass: Callable, luts: tg.ByteLUTs, experts: Experts, s: NgramSettings,
+def score(run_pass: Callable, luts: tg.ByteLUTs, counter: tg.ByteCounter, experts: Experts, s: NgramSettings,
           h: tg.EvalSettings) -> dict[str, float]:
-    """Plain, tilted (and cache-mixed) nats, summed over this rank's windows or TTT's documents:
+    """Plain, tilted (and cache-mixed) nats, summed over this rank's windows or TTT's documents, and the bytes
+    as counter gives them (the byte sidecar when the dataset has one; luts: the pieces' word boundaries):
     run_pass(sums) runs the model's pass with this score callback (tg.score_windows' or tg.ttt_score's) and
     returns the sums over every rank. The hints of a position come from the stream before it, whatever
     order the documents are scored in."""
@@ -144,7 +145,7 @@ def score(run_pass: Callable, luts: tg.ByteLUTs, experts: Experts, s: NgramSetti
             mixed = ng.mix_logprobs(plain, experts.cache_p[ps], ng.cache_weight(logp, s.ngram_cache_weight))
         fired = [(expert == e).sum() for e in range(len(ng.EXPERTS))]
         values = [-plain.double().sum(), -tilted.double().sum(), -mixed.double().sum(), scored.sum(),
-                  luts.token_bytes(xs, ys).sum(), *fired, agreed.sum()]
+                  counter.count(xs, ys, ps).sum(), *fired, agreed.sum()]
         return torch.stack([v.double() for v in values])
 
     return dict(zip(SUMS, run_pass(sums).tolist()))
@@ -183,6 +184,8 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     tokens = tg.load_validation_tokens(h.data_path)
     val_tokens = torch.from_numpy(tokens.astype(np.int32)).to(rt.device)
     log(f"data val_tokens:{len(tokens)} tokenizer_pieces:{sp.vocab_size()}")
+    counter = tg.validation_byte_counter(luts, sp, h.data_path, cfg.bos_id).to(rt.device)
+    log(tg.describe_byte_counter(counter, val_tokens))
     model, logits_fn, compiled = load_model(cfg, state, h, rt, log)
     spec = tg.EvalSpec.sliding(h)
     if s.ngram_ttt:
@@ -220,7 +223,7 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     else:
         def run_pass(sums):
             return tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt, phase="ngram_score")
-    sums = score(run_pass, luts, Experts(hint, conf, cache_p, ng.piece_masks(tables, rt.device)), s, h)
+    sums = score(run_pass, luts, counter, Experts(hint, conf, cache_p, ng.piece_masks(tables, rt.device)), s, h)
     rt.sync()
     t3 = time.perf_counter()
     log_results(log, sums, s.ngram_cache)
@@ -241,7 +244,7 @@ def check_submission_bytes(artifact: Path, log) -> None:
     fail, with both counts, if code plus model reach the cap."""
     # train_gpt.py counts as it ships (its compact wrapper, as in train_gpt.py's own bytes_code); the
     # evaluation files ship as they are.
-    files = {p.name: tg.code_form(p.read_text()).bytes_code if p.name == "train_gpt.py" else p.stat().st_size
+    files = {p.name: tg.code_form(p.read_bytes()).bytes_code if p.name == "train_gpt.py" else p.stat().st_size
              for p in code_files()}
     code, model = sum(files.values()), artifact.stat().st_size
     log("ngram_artifact " + " ".join(f"{name}:{size}" for name, size in files.items()) +

@@ -7,7 +7,8 @@ The log contract (train_gpt.py's Logger and log_preamble; README "Reading the lo
     runtime world_size:.. / versions ..:.. / env KEY:value ... / gpu name:..
     step:N/M train_loss:.. ... train_time:..ms, step:N/M val_loss:.. val_bpb:.. train_time:..ms
     final_<name> val_loss:.. val_bpb:.. [eval_time:..ms] [compile_time:..ms]  every final evaluation, any name
-    code form:.. bytes_code:.. bytes_source:..  the shipped (compact) size and the embedded source's size
+    code form:.. bytes_code:.. bytes_source:.. source_sha256:..  the shipped (compact) size, the embedded
+                                               source's size, the readable source's sha256
     dataset name:.. source:.. val_sha256:.. tokenizer_sha256:..     which data the run trained and scored on
     artifact path:.. bytes_code:.. bytes_model:.. bytes_total:..
     resume from:.. step:N train_time:..ms signal:..  where a run stopped by a signal went on from its checkpoint
@@ -73,7 +74,9 @@ class RunLog:
 
     @property
     def code_hash(self) -> str:
-        return source_hash(self.source)
+        """sha256 of the readable train_gpt.py: the code line names it (a compact run embeds its minified
+        program, not the readable source); older logs embed the readable source."""
+        return self.code.get("source_sha256") or source_hash(self.source)
 
     @property
     def seed(self) -> int:
@@ -235,7 +238,7 @@ def common_value(runs: list[RunLog], what: str, get: Callable[[RunLog], Hashable
 
 def check_one_experiment(runs: list[RunLog]) -> None:
     """Seeds of one experiment: same code, same settings but the seed, the same final evaluations."""
-    checks = [("the code (sha256 of the embedded train_gpt.py)", lambda r: r.code_hash[:16]),
+    checks = [("the code (sha256 of the readable train_gpt.py)", lambda r: r.code_hash[:16]),
               ("the final evaluations", lambda r: " ".join(r.finals))]
     names = sorted({name for run in runs for name in run.configuration()})
     checks += [(f"hparam {n}", lambda r, n=n: r.hparams.get(n, "(no line)")) for n in names]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,28 @@ def tiny_data(tmp_path_factory) -> dict:
                            shard_tokens=60_000)
     result["val_texts"] = val
     return result
+
+
+def vary_case(text: str, rng: random.Random) -> str:
+    """Web-like capitalization: some words all caps, some capitalized, a few mixed."""
+    words = text.split(" ")
+    for i, w in enumerate(words):
+        r = rng.random()
+        words[i] = w.upper() if r < 0.08 else w.capitalize() if r < 0.2 else w[:1] + w[1:].title() if r < 0.23 else w
+    return " ".join(words)
+
+
+def stable_docs(n: int, seed: int) -> list[str]:
+    """Synthetic documents with web-like case whose bytes sentencepiece's nmt_nfkc normalization keeps (no
+    whitespace runs, no compatibility characters; a newline becomes a space, byte for byte), so the
+    tokenizer's own byte count and the original text's agree (CaseOps tests: tests/test_caseops.py, test_bpb.py)."""
+    from data.synthetic_text import generate_documents
+    rng = random.Random(seed)
+    docs = []
+    for doc in generate_documents(n, seed=seed):
+        doc = "".join(ch for ch in doc.replace("\n\n", "\n") if unicodedata.normalize("NFKC", ch) == ch)
+        docs.append(vary_case(doc, rng).strip())  # the normalizer drops leading and trailing whitespace
+    return docs
 
 
 def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:

@@ -14,7 +14,6 @@ import random
 import shutil
 import subprocess
 import sys
-import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from data.shards import (ShardError, find_shards, load_byte_sidecar, read_shard,
                          write_shard)
 from data.synthetic_text import generate_documents  # noqa: E402
 from data.token_stats import build_byte_tables, unigram_baselines  # noqa: E402
+from conftest import stable_docs  # noqa: E402
 
 BOS = 1
 PROPERTY = settings(max_examples=400, derandomize=True, database=None, deadline=None)
@@ -166,27 +166,6 @@ def test_original_bytes_counts_operators_zero_and_escaped_operators_three():
 
 VOCAB, SHARD_TOKENS = 512, 3_000
 N_VAL, N_TRAIN = 30, 300
-
-
-def vary_case(text: str, rng: random.Random) -> str:
-    """Web-like capitalization: some words all caps, some capitalized, a few mixed."""
-    words = text.split(" ")
-    for i, w in enumerate(words):
-        r = rng.random()
-        words[i] = w.upper() if r < 0.08 else w.capitalize() if r < 0.2 else w[:1] + w[1:].title() if r < 0.23 else w
-    return " ".join(words)
-
-
-def stable_docs(n: int, seed: int) -> list[str]:
-    """Documents whose bytes sentencepiece's nmt_nfkc normalization keeps (no whitespace runs, no
-    compatibility characters; a newline becomes a space, byte for byte), so the tokenizer's own byte count
-    and the original text's agree."""
-    rng = random.Random(seed)
-    docs = []
-    for doc in generate_documents(n, seed=seed):
-        doc = "".join(ch for ch in doc.replace("\n\n", "\n") if unicodedata.normalize("NFKC", ch) == ch)
-        docs.append(vary_case(doc, rng).strip())  # the normalizer drops leading and trailing whitespace
-    return docs
 
 
 # The normalization changes these (whitespace runs, leading whitespace, a ligature, a control character),
@@ -550,6 +529,13 @@ def test_download_the_public_caseops_variant_with_its_sidecar(tmp_path):
                                                + repo.bodies[f"{REMOTE_DIR}/fineweb_val_000001.bin"])
     assert int(load_byte_sidecar(local, BOS).sum()) == 12 * 6 + 3 + 20
     assert json.loads((local / "dataset_manifest.json").read_text()) == record
+    # train_gpt.py's `dataset` line agrees: the sidecar is neither hashed as validation tokens (which made
+    # the download look `modified`) nor read as them.
+    import train_gpt as tg
+    tokenizer = tmp_path / "data" / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    info = tg.dataset_provenance(str(local), str(tokenizer))
+    assert (info["source"], info["val_sha256"]) == ("challenge", record["val"]["sha256"]), info
+    assert len(tg.load_validation_tokens(str(local))) == 70
     # The variant's own repo is the default.
     assert dl.parse_args(["--variant", VARIANT]).repo_id == "romeerp/parameter-golf-caseops-v1"
     assert dl.parse_args(["--variant", "sp1024"]).repo_id == dl.REPO_ID

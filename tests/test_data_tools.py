@@ -120,14 +120,21 @@ def test_data_shard_reader_and_constants_are_train_gpts(tmp_path):
 
 
 def test_find_shards_never_takes_a_byte_sidecar_for_tokens(tmp_path):
+    """data/'s find_shards and train_gpt.py's pick the same files: a byte sidecar (fineweb_val_bytes_*.bin,
+    which the glob fineweb_val_*.bin also matches) is neither read as tokens nor hashed as validation data."""
+    import train_gpt as tg
     from data.shards import find_byte_sidecars, find_shards
     for name in ("fineweb_val_000001.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin",
                  "fineweb_train_000000.bin", "fineweb_val_000000.bin.tmp", "fineweb_val_x.bin"):
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in find_shards(tmp_path, "val")] == ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+    assert [Path(p).name for p in tg.find_shards(str(tmp_path), "val")] == ["fineweb_val_000000.bin",
+                                                                            "fineweb_val_000001.bin"]
     assert [p.name for p in find_byte_sidecars(tmp_path)] == ["fineweb_val_bytes_000000.bin"]
     with pytest.raises(FileNotFoundError, match="no test shards"):
         find_shards(tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match="no test shards"):
+        tg.find_shards(str(tmp_path), "test")
 
 
 DATA_TOOLS = ["build_dataset", "cached_challenge_fineweb", "caseops", "check_disjoint", "progress", "shards",

@@ -146,7 +146,7 @@ def test_the_fitter_brings_a_run_under_its_target_and_logs_the_cost(tiny_data, t
     assert re.search(rf"^quant_fit bytes_total:\d+ target:{target} fit_needed:1$", log, re.M)
     assert re.search(r"^quant_fit demote:\S+ bits:\d->\d est_saved_bytes:\d+$", log, re.M)
     cost = re.search(r"^quant_fit cost_est_bpb:([+-]\d+\.\d+) probe_bpb_unfitted:(\d+\.\d+) "
-                     r"probe_bpb_fitted:(\d+\.\d+) probe:32_training_seqs$", log, re.M)
+                     r"probe_bpb_fitted:(\d+\.\d+) probe:32_training_seqs probe_bytes:tokenizer$", log, re.M)
     assert cost and float(cost[1]) == pytest.approx(float(cost[3]) - float(cost[2]), abs=2e-6)
     total = int(re.search(r"^artifact .*bytes_total:(\d+)", log, re.M)[1])
     assert total <= target

@@ -1,6 +1,7 @@
 """GPTQ inside its reserve: same-shape matrices share one batched column loop, chunks of them spread over
-the ranks give the same artifact bytes as one process, the reserve can be measured in the warm-up, and
-calibration past the reserve is reported on a `legality` line.
+the ranks give the same artifact bytes as one process, the reserve can be measured in the warm-up (and grows
+with GPTQ_CALIB_SEQS), calibration past the reserve is reported on a `legality` line, and no Hessian is
+collected after the training cap.
 
 Run:
     python3 -m pytest -q tests/test_gptq_distributed.py
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import cpu_runtime, gptq_one, run_context
+from conftest import cpu_runtime, gptq_one, run_context, tiny_env
 
 
 def layer_hessian(cols: int, seed: int) -> torch.Tensor:
@@ -137,3 +138,60 @@ def test_the_reserve_is_measured_in_the_warm_up(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(tg.SettingError, match="MAX_WALLCLOCK_SECONDS=4"):
         tg.measure_gptq_reserve(None, {}, run_context(dataclasses.replace(h, max_wallclock_seconds=4), lines.append))
+
+
+class ForwardTime:
+    """An injected clock in which only the model's forwards take time: one second each (a calibration batch)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.now, self.forwards = 0.0, 0
+        model.register_forward_pre_hook(self.tick)
+
+    def tick(self, module, args) -> None:
+        self.now += 1.0
+        self.forwards += 1
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def calibrating_run(tiny_data, tmp_path, **env):
+    """A tiny model with a 600 s cap, its plan, and a context whose clock counts its forwards (16 sequences of
+    64 tokens each: GPTQ_CALIB_SEQS=64 is 4 batches)."""
+    h = tg.Hyperparameters.from_env(tiny_env(tiny_data, tmp_path, MAX_WALLCLOCK_SECONDS="600", COMPRESSOR="zstd",
+                                             **env))
+    base = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+    clock = ForwardTime(base)
+    lines = []
+    ctx = run_context(h, lines.append, dataclasses.replace(cpu_runtime(), clock=clock))
+    return base, tg.plan_from_hparams(base.state_dict(), h, base.fp16_param_names()), ctx, clock, lines
+
+
+@pytest.mark.parametrize("seqs, batches", [(64, 4), (128, 8)])
+def test_the_measured_reserve_covers_the_calibration_it_will_run(tiny_data, tmp_path, seqs, batches):
+    """The warm-up runs calibration with GPTQ_CALIB_SEQS itself: twice the sequences, twice the time reserved."""
+    base, plan, ctx, clock, _ = calibrating_run(tiny_data, tmp_path, GPTQ_CALIB_SEQS=str(seqs))
+    tg.measure_gptq_reserve(base, plan, ctx)
+    assert clock.forwards == batches
+    assert (ctx.state.gptq_reserve_seconds, ctx.state.reserve_from) == (1.5 * batches + 1, "measured")
+    assert ctx.state.calib_batch_seconds == 1.0 and ctx.state.gptq_quantize_seconds == 0.0
+
+
+@pytest.mark.parametrize("train_left_s, taken", [(3.7, 3), (0.4, 0), (100.0, 4)])
+def test_no_hessian_is_collected_after_the_training_cap(tiny_data, tmp_path, train_left_s, taken):
+    """Training ended train_left_s before the cap; the warm-up measured 1 s per batch and 0.5 s of quantization
+    after them: calibration takes only the batches that end by the cap less that, and says so."""
+    base, plan, ctx, clock, lines = calibrating_run(tiny_data, tmp_path, GPTQ_CALIB_SEQS="64")
+    ctx.state.calib_batch_seconds, ctx.state.gptq_quantize_seconds = 1.0, 0.5
+    blob = tg.export_model(base, plan, 600_000 - 1000 * train_left_s, None, ctx)
+    assert clock.forwards == taken and (taken == 0 or clock.now <= train_left_s - 0.5)
+    cut = [x for x in lines if x.startswith("gptq_calibration_cut")]
+    assert cut == ([] if taken == 4 else [f"gptq_calibration_cut batches:{taken}/4 reason:training_cap "
+                                          f"hessians:{15 if taken else 0} (GPTQ_CALIB_SEQS=64 did not fit the time "
+                                          f"left: GPTQ_RESERVE_MEASURE=1 or a larger GPTQ_RESERVE_SECONDS keeps them all)"])
+    legality = [x for x in lines if x.startswith("legality gptq_calibration")]
+    assert legality == ([f"legality gptq_calibration verdict:within calibration_time:{1000 * taken}ms "
+                         f"reserve:10000ms reserve_kept:yes train_plus_calibration:{600_000 - 1000 * train_left_s + 1000 * taken:.0f}ms "
+                         f"cap:600000ms"])
+    assert any(x.startswith(f"quantize gptq:1 hessians:{15 if taken else 0} ") for x in lines)
+    tg.dequantize_state_dict(tg.deserialize_artifact(blob)[1])  # a whole artifact either way (round-to-nearest: 0)

@@ -249,6 +249,10 @@ def test_an_evaluation_reads_the_device_once_at_the_end():
     with HostReads() as reads:
         tg.evaluate(model, val, luts, spec, runtime())
     assert reads.ops == [], reads.ops  # .tolist() of the sums: one copy, no per-element reads
+    sidecar = tg.SidecarBytes(torch.randint(0, 5, (200,), dtype=torch.int32), 1)  # the bytes of a CaseOps dataset
+    with HostReads() as reads:
+        tg.evaluate(model, val, sidecar, spec, runtime())
+    assert reads.ops == [], reads.ops
 
 
 def test_the_stop_vote_is_read_one_step_late_and_agreed():

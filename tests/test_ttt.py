@@ -485,7 +485,8 @@ def test_budget_line_says_when_the_evaluation_would_not_fit(monkeypatch):
     verdicts = [line.split(" verdict:")[1].split()[0] for line in lines if line.startswith("legality")]
     assert verdicts == ["within", "over", "within"]
     margins = [float(re.search(r" margin:(\S+)s ", line)[1]) for line in lines if line.startswith("legality")]
-    assert margins[0] == pytest.approx(600 - ttt - windows, abs=0.11) and margins[1] < 0 < margins[2]
+    # the tiny model's window passes take microseconds: the second and third margins print as -0.0 and 0.0
+    assert margins[0] == pytest.approx(600 - ttt - windows, abs=0.11) and margins[1] <= 0 <= margins[2]
 
 
 # ---- May parts (docs/may.md): AsymLogit, LoRA targets and alpha, short chunks, one global phase -------------
@@ -649,7 +650,10 @@ def test_compiled_step_with_short_chunks_keeps_few_graphs():
     eager = tg.ttt_score(model(), tg.logit_sums(_unit_bytes()), val, s, CPU)
     compiled = tg.ttt_score(m, tg.logit_sums(_unit_bytes()), val, s, CPU, forward=forward)
     assert torch.allclose(compiled, eager, rtol=1e-9)
-    assert counter.frame_count == seen <= 4  # the warm-up met every kind of step the pass runs
+    # The warm-up met every window kind at the full batch; a batch's later, smaller row counts add at most two
+    # graphs (the rows' dimension goes dynamic, a chunk's width equal to its size is specialized), as without
+    # short chunks (test_compiled_step_keeps_one_graph_per_shape_kind).
+    assert 2 <= seen < counter.frame_count <= seen + 2
 
 
 def test_global_sgd_steps_are_what_global_sgd_takes():

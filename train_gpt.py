@@ -2719,7 +2719,7 @@ def collect_hessians(model: nn.Module, batches, names, rt: Runtime) -> dict[str,
             cols = model.get_parameter(key).size(1)  # every site's weight is [out, in]
             hessians[key] = torch.zeros(cols, cols, device=device)
             hooks.append(module.register_forward_hook(accumulate(hessians[key], reads_output)))
-    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0  # counted on the host: one process reads no device value
     try:
         for x, y in batches:
             with rt.autocast():
@@ -2729,12 +2729,14 @@ def collect_hessians(model: nn.Module, batches, names, rt: Runtime) -> dict[str,
         for hook in hooks:
             hook.remove()
     if rt.world_size > 1:
-        dist.all_reduce(tokens)
+        total = torch.tensor(float(tokens), dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        tokens = int(total.item())
         for h in hessians.values():
             dist.all_reduce(h)
-    if tokens.item() == 0:  # no batch at all (CalibrationCut at the cap): no Hessians, not zero ones
+    if tokens == 0:  # no batch at all (CalibrationCut at the cap): no Hessians, not zero ones
         return {}
-    return {k: h / tokens.float() for k, h in hessians.items()}
+    return {k: h / tokens for k, h in hessians.items()}
 
 
 class CalibrationCut:

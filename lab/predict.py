@@ -102,23 +102,15 @@ class Segment:
 
 
 def parse_seq_schedule(text: str, seq_len: int) -> list[tuple[float, int]]:
-    """TRAIN_SEQ_SCHEDULE, in the form PR #2014 introduced (not a train_gpt.py setting yet: planned here first):
-    "LEN@UNTIL,LEN@UNTIL,...", each sequence length until that share of the training budget, e.g.
-    "1024@0.1,2048@0.7,3072@1.0" (the shares rising, the last 1.0; the batch in tokens unchanged). Returns
+    """TRAIN_SEQ_SCHEDULE ("LEN@UNTIL,...", PR #2014's form, read by train_gpt.py's own parser) as
     [(share where each length starts, length)]; empty text: TRAIN_SEQ_LEN throughout."""
-    if not text.strip():
-        return [(0.0, seq_len)]
     try:
-        stages = [(int(n), float(f)) for n, f in (part.split("@") for part in text.split(","))]
-    except ValueError:
-        raise PlanError(f"TRAIN_SEQ_SCHEDULE={text!r} is invalid: expected LEN@UNTIL,LEN@UNTIL,... "
-                        f"(e.g. 1024@0.1,2048@0.7,3072@1.0)") from None
-    ends = [f for _, f in stages]
-    if any(not 0 < f <= 1 for f in ends) or any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0:
-        raise PlanError(f"TRAIN_SEQ_SCHEDULE={text!r}: the shares must rise in (0, 1] and the last be 1.0")
-    if any(n < 2 for n, _ in stages):
-        raise PlanError(f"TRAIN_SEQ_SCHEDULE={text!r}: every length must be at least 2")
-    return [(start, n) for start, (n, _) in zip([0.0, *ends[:-1]], stages)]
+        stages = tg.parse_seq_schedule(text)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    if not stages:
+        return [(0.0, seq_len)]
+    return [(start, n) for start, (n, _) in zip([0.0, *(end for _, end in stages[:-1])], stages)]
 
 
 def segments(h: tg.Hyperparameters, seq_schedule: str = "") -> list[Segment]:

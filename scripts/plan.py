@@ -14,8 +14,8 @@ reserve; the whole evaluation (round trip, sliding window, TTT, compile warm-ups
 a bad setting. The model of each number, what it was fitted on and its error on the public runs:
 docs/plan.md (lab/predict.py, lab/calibrate_plan.py).
 
-TRAIN_SEQ_SCHEDULE ("LEN@UNTIL,...", PR #2014's form, e.g. 1024@0.1,2048@0.7,3072@1.0) is planned here before
-train_gpt.py has it: when train_gpt.py does not know the variable, the plan takes it and the run would ignore it.
+TRAIN_SEQ_SCHEDULE ("LEN@UNTIL,...", PR #2014's form, e.g. 1024@0.1,2048@0.7,3072@1.0) is planned as one segment per
+length, read by train_gpt.py's own parser.
 """
 
 from __future__ import annotations
@@ -33,22 +33,10 @@ sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 from lab import predict as pr  # noqa: E402
 
-SEQ_SCHEDULE_VAR = "TRAIN_SEQ_SCHEDULE"
-
-
 def settings(env: dict) -> tuple[tg.Hyperparameters, str, str]:
-    """(settings, the sequence-length schedule, a note): train_gpt's parser on env; TRAIN_SEQ_SCHEDULE from the
-    settings if train_gpt.py has it, else taken out of env and planned here alone."""
-    env = dict(env)
-    known = {f.name for f in dataclasses.fields(tg.Hyperparameters)}
-    note = ""
-    if "train_seq_schedule" in known:
-        h = tg.Hyperparameters.from_env(env)
-        return h, getattr(h, "train_seq_schedule"), note
-    schedule = env.pop(SEQ_SCHEDULE_VAR, "")
-    if schedule:
-        note = f"{SEQ_SCHEDULE_VAR} is not a train_gpt.py setting yet: planned here, a run would ignore it"
-    return tg.Hyperparameters.from_env(env), schedule, note
+    """(settings, the sequence-length schedule, a note): train_gpt's parser on env."""
+    h = tg.Hyperparameters.from_env(dict(env))
+    return h, h.train_seq_schedule, ""
 
 
 def gib(x: float) -> str:

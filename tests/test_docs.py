@@ -54,3 +54,21 @@ def test_code_cites_the_docs_not_a_missing_spec():
     needle = "SPEC" + " section"  # spelled apart so that this file does not cite it
     cited = [f for f in files if needle in (ROOT / f).read_text(errors="replace")]
     assert not cited, f"these cite a spec the repository does not have: {cited}"
+
+
+def train_gpt_sections() -> list[str]:
+    """The banner sections and `# ---- ` subsections of train_gpt.py, in order."""
+    lines = (ROOT / "train_gpt.py").read_text().splitlines()
+    banner = re.compile(r"^# -{80,}$")
+    sections = [lines[i + 1][2:] for i in range(len(lines) - 2) if banner.match(lines[i]) and banner.match(lines[i + 2])]
+    subsections = [m[1] for line in lines if (m := re.match(r"^# ---- (.+?)(?: \(.*)? -+$", line))]
+    return sections + subsections
+
+
+def test_readme_map_names_every_section_and_subsection():
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Where to change what"):]
+    rows = [r.split("|")[1].strip().lstrip(". ").lower() for r in table.splitlines() if r.startswith("| ")][1:]  # [0]: the header
+    for name in train_gpt_sections():
+        assert any(name.lower().startswith(row) or row.startswith(name.lower().split(":")[0]) for row in rows), \
+            f"README's map has no row for the section {name!r}"

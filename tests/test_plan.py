@@ -142,10 +142,11 @@ def test_a_bad_sequence_schedule_is_refused(text):
         pr.parse_seq_schedule(text, 2048)
 
 
-def test_the_schedule_variable_is_planned_while_train_gpt_lacks_it():
+def test_the_schedule_variable_is_train_gpts_own_setting():
     env = dict(bare_env(), TRAIN_SEQ_SCHEDULE="1024@0.5,2048@1.0")
     h, schedule, note = plan_script.settings(env)
-    assert schedule == "1024@0.5,2048@1.0" and "not a train_gpt.py setting" in note
+    assert schedule == h.train_seq_schedule == "1024@0.5,2048@1.0" and note == ""
+    assert pr.parse_seq_schedule(schedule, h.train_seq_len) == [(0.0, 1024), (0.5, 2048)]
 
 
 def test_a_step_limited_run_takes_its_iterations():

@@ -204,6 +204,9 @@ PRESETS["may"] = {
     "EVAL_SEQ_LEN": "2560", "TTT_EVAL_SEQ_LEN": "2560", "PHASED_TTT_NUM_PHASES": "1",
     "TTT_LORA_LR": "8e-5", "TTT_WEIGHT_DECAY": "2.0", "MATRIX_LR": "0.028", "MATRIX_LR_LATE": "0.028",
     "LQER_GROUP": "32", "GPTQ_CALIB_SEQS": "1536",
+    # Its evaluation parts: both soft caps, no LoRA on K, LoRA output x 144 / rank 80 (the LR above is for that
+    # scale), the token n-gram tilt.
+    "ASYM_LOGIT": "1", "TTT_LORA_TARGETS": "q,v,o,mlp,head", "TTT_LORA_ALPHA": "144", "NGRAM_TILT": "token",
 }
 
 

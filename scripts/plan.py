@@ -65,7 +65,7 @@ def block(plan: pr.Plan, seconds: float, note: str) -> list[str]:
                  f"+ lqer:{a.lqer_bytes:,} = bytes_model:{a.bytes_model:,} + bytes_code:{a.bytes_code:,} = "
                  f"bytes_total:{a.bytes_total:,} cap:{tg.ARTIFACT_CAP_BYTES:,}")
     how = ("GPTQ_RESERVE_MEASURE=1: 1.5 x measured + 1 s" if c.measured_reserve else
-           f"fixed GPTQ_RESERVE_SECONDS" if c.measured_s else "no calibration")
+           "fixed GPTQ_RESERVE_SECONDS" if c.measured_s else "no calibration")
     lines.append(f"plan calibration hessians:{c.hessian_s:.1f}s gptq:{c.quantize_s:.1f}s measured:{c.measured_s:.1f}s "
                  f"reserve:{c.reserve_s:.1f}s ({how})")
     lines.append(f"plan eval val_tokens:{e.val_tokens:,} documents:{e.documents:,} ({e.source}) "

@@ -437,7 +437,8 @@ def test_every_sequence_length_is_compiled_in_warm_up(tiny_data, tmp_path):
 
 MAY_OVER_APRIL = {"EVAL_SEQ_LEN": "2560", "TTT_EVAL_SEQ_LEN": "2560", "PHASED_TTT_NUM_PHASES": "1",
                   "TTT_LORA_LR": "8e-5", "TTT_WEIGHT_DECAY": "2.0", "MATRIX_LR": "0.028", "MATRIX_LR_LATE": "0.028",
-                  "LQER_GROUP": "32", "GPTQ_CALIB_SEQS": "1536"}
+                  "LQER_GROUP": "32", "GPTQ_CALIB_SEQS": "1536", "ASYM_LOGIT": "1", "TTT_LORA_TARGETS": "q,v,o,mlp,head",
+                  "TTT_LORA_ALPHA": "144", "NGRAM_TILT": "token"}
 
 
 def test_may_preset_is_april_plus_the_best_may_run_and_explicit_settings_win():
@@ -463,8 +464,10 @@ def test_may_preset_runs_end_to_end_with_one_global_ttt_phase(tiny_data, tmp_pat
     tg.main(env)
     log = (tmp_path / "may.txt").read_text()
     assert [m[0] for m in FINAL.findall(log)] == ["final_float_exact", "final_roundtrip_exact",
-                                                  "final_sliding_window_exact", "final_ttt_exact"]
-    for line in ("hparam preset:may", "hparam phased_ttt_num_phases:1", "hparam ttt_weight_decay:2.0",
+                                                  "final_sliding_window_exact", "final_ttt_exact",
+                                                  "final_ttt_ngram_exact"]
+    for line in ("hparam preset:may", "hparam phased_ttt_num_phases:1", "hparam asym_logit:True",
+                 "hparam ttt_lora_targets:q,v,o,mlp,head", "hparam ngram_tilt:token", "hparam ttt_weight_decay:2.0",
                  "hparam matrix_lr:0.028", "hparam lqer_group:32", "hparam gptq_calib_seqs:64"):
         assert line + "\n" in log
     preset = re.search(r"^preset name:may set:(\S+) overridden:(\S+)$", log, re.M)

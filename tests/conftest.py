@@ -15,6 +15,10 @@ sys.path.insert(0, str(ROOT))
 
 TINY_VOCAB = 384
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker, so two workers share two cores
+    import torch
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:

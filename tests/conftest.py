@@ -126,3 +126,19 @@ def _hparam_names() -> set[str]:
 
 
 _HPARAM_NAMES = _hparam_names()
+
+
+def tiny_model(seed=0, vocab=64, layers=3):
+    """A small GPT in eval mode whose zero-initialized projections are drawn, so that every block acts."""
+    import torch
+    import train_gpt as tg
+
+    torch.manual_seed(seed)
+    cfg = tg.ModelConfig(vocab_size=vocab, num_layers=layers, model_dim=32, num_heads=4, num_kv_heads=2,
+                         mlp_mult=2, rope_dims=4)
+    model = tg.GPT(cfg)
+    with torch.no_grad():  # zero-initialized projections would make every block a no-op
+        for p in model.parameters():
+            if p.ndim == 2 and not p.any():
+                p.normal_(std=0.05)
+    return model.eval()

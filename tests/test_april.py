@@ -7,7 +7,6 @@ TRAIN_SEQ_SCHEDULE is compiled in the warm-up."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 
 import train_gpt as tg
 from conftest import ROOT, assert_env_error, cpu_runtime, run_context, tiny_env
-from test_architecture import BASELINE, BOS, assert_causal, DIM, HEADS, LAYERS, RECORD, VOCAB, config, model, tokens
+from test_model import BASELINE, BOS, assert_causal, DIM, HEADS, LAYERS, RECORD, VOCAB, config, model, tokens
 
 WINDOW = 6
 APRIL_PARTS = {  # each part alone, on top of the baseline

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import cpu_runtime, gptq_one, tiny_env
+from conftest import cpu_runtime, gptq_one, tiny_env, tiny_model
 from data.shards import write_shard
 
 # ---- round-to-nearest and the clip search -------------------------------------------------------
@@ -461,3 +461,74 @@ def test_the_tied_embedding_hessian_comes_from_the_output_head_inputs():
     assert hessians["tok_emb.weight"].shape == (16, 16)
     assert torch.allclose(hessians["tok_emb.weight"], x.T @ x / 30, atol=1e-5)
     assert not torch.allclose(hessians["tok_emb.weight"], hessians["blocks.0.mlp.fc.weight"], atol=1e-3)
+
+
+# ---- round trips, the artifact and the cap ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [5, 6, 8])
+def test_rows_roundtrip_within_half_a_step_inside_the_clip(bits):
+    w = torch.randn(64, 300) * torch.linspace(0.01, 3, 64)[:, None]
+    q, scale = tg.quantize_rows_rtn(w, bits)
+    s = scale.float()[:, None]
+    err = (tg.dequantize_state_dict({"w": {"kind": "int", "q": q, "scale": scale, "shape": [64, 300],
+                                           "dtype": "float32"}})["w"] - w).abs()
+    assert q.dtype == torch.int8 and q.abs().max() <= tg.qmax(bits)
+    inside = w.abs() <= tg.qmax(bits) * s
+    assert (err[inside] <= (s * 0.5 + 1e-6).expand_as(w)[inside]).all()
+
+
+def test_artifact_roundtrip_restores_the_model(tmp_path):
+    torch.manual_seed(0)
+    cfg = tg.ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2)
+    model = tg.GPT(cfg).eval()
+    with torch.no_grad():
+        model.tok_emb.weight.normal_(std=0.5)
+    packed = tg.quantize_state_dict(model.state_dict())
+    kinds = {name: (entry["kind"], entry.get("bits")) for name, entry in packed.items()}
+    assert kinds["tok_emb.weight"] == ("int", 8)  # 1024 x 64 elements: quantized, the embedding at int8
+    assert kinds["blocks.0.attn.q_gain"] == kinds["blocks.0.attn.c_q.weight"] == ("fp16", None)  # small
+    path = tmp_path / "m.ptz"
+    tg.write_atomic(path, tg.serialize_artifact(packed, config=cfg))
+    loaded_cfg, state = tg.load_artifact(path)
+    assert loaded_cfg == cfg  # the artifact alone rebuilds the model
+    restored = tg.GPT(loaded_cfg).eval()
+    restored.load_state_dict(state)
+    assert all(p.dtype == torch.float32 for p in restored.parameters())
+    x = torch.randint(0, 1024, (2, 16))
+    ref, out = model.logits(x), restored.logits(x)
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()  # int8 rows: well under 1% per weight
+    assert not torch.equal(restored.tok_emb.weight, model.tok_emb.weight)  # really went through int8
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:4], "too short"),
+    (lambda b: b"XXXXX" + b[5:], "not a train_gpt.py artifact"),
+    (lambda b: b[:len(b) // 2], "corrupt or truncated"),
+    (lambda b: b[:7] + bytes(len(b) - 7), "corrupt or truncated"),
+])
+def test_corrupt_artifact_names_the_file(tmp_path, damage, message):
+    path = tmp_path / "bad.ptz"
+    path.write_bytes(damage(tg.serialize_artifact(tg.quantize_state_dict(tiny_model().state_dict()))))
+    with pytest.raises(ValueError, match=message) as err:
+        tg.load_artifact(path)
+    assert str(path) in str(err.value)
+
+
+def test_cap_failure_gives_both_byte_counts():
+    tg.check_artifact_cap(1000, 15_998_999)
+    with pytest.raises(RuntimeError) as err:
+        tg.check_artifact_cap(1000, 15_999_000)
+    assert "bytes_code:1000" in str(err.value) and "bytes_model:15999000" in str(err.value)
+
+
+def test_over_cap_run_keeps_the_artifact_and_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(tg, "ARTIFACT_CAP_BYTES", 5000)
+    logged = []
+    ctx = tg.RunContext(tg.Hyperparameters(), tg.Runtime.single(), tg.RunState("big", 0.0), logged.append,
+                        tg.CodeForm("", "readable", 4000))
+    path = tmp_path / "big.ptz"
+    blob = tg.serialize_artifact(tg.quantize_state_dict(tiny_model().state_dict()), compressor="zstd")
+    with pytest.raises(RuntimeError, match="over the cap"):
+        tg.save_artifact(blob, path, ctx)
+    assert path.exists() and any("bytes_total" in line for line in logged)

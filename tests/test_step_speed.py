@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as tg
 from conftest import cpu_runtime
-from test_model_eval import tiny_model
+from conftest import tiny_model
 
 
 # ---- the reference: Muon as it was before the stacks (one matrix at a time, one all-reduce) ----------

@@ -1,4 +1,5 @@
-"""The April optimizer parts inside the stacked Muon, each checked against a one-matrix-at-a-time
+"""The Optimizer section. Newton-Schulz approaches the polar factor and the Muon update has its expected
+scale; the April optimizer parts inside the stacked Muon, each checked against a one-matrix-at-a-time
 reference (tests/test_step_speed.py's, with the part added the simple way): MuonEq-R (MUON_ROW_NORMALIZE=1,
 each row of the parameter's update at unit norm before Newton-Schulz) and the Polar Express coefficients
 (MUON_NS_COEFFS=polar_express, one triple per iteration), on one process and on two gloo processes; and the
@@ -7,6 +8,7 @@ MIN_LR floor of the LR schedule against the public run's formula."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -15,8 +17,8 @@ import torch.distributed as dist
 
 import train_gpt as tg
 from conftest import cpu_runtime
-from test_model_eval import tiny_model
-from test_step_speed import STEPS, reference_step, run_steps
+from conftest import tiny_model
+from test_step_speed import reference_step, run_steps
 
 VARIANTS = {"row_normalize": dict(muon_row_normalize=True),
             "polar_express": dict(muon_ns_coeffs="polar_express"),
@@ -163,3 +165,29 @@ def test_schedule_uses_min_lr_and_qat_refuses_a_floor_above_its_threshold():
     with pytest.raises(tg.SettingError, match="MIN_LR=0.2"):
         tg.Hyperparameters.from_env({"MIN_LR": "0.2", "QAT": "hard"})
     assert dataclasses.replace(h, min_lr=0.0) != h
+
+
+# ---- Newton-Schulz and the Muon update ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 48), (48, 16)])
+def test_newton_schulz_approximates_the_polar_factor(shape):
+    torch.manual_seed(0)
+    g = torch.randn(shape)
+    x = tg.newton_schulz5(g, 5, torch.float32)
+    u, _, vt = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vt
+    cosine = (x * polar).sum() / (x.norm() * polar.norm())
+    assert cosine > 0.95
+    s = torch.linalg.svdvals(x)
+    assert s.min() > 0.5 and s.max() < 1.3  # the quintic trades exactness for speed: s in ~[0.7, 1.2]
+
+
+def test_muon_update_has_the_expected_scale():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(48, 16))
+    opt = tg.Muon([p], tg.Hyperparameters(matrix_lr=0.1, muon_momentum=0.0), tg.Runtime.single())
+    p.grad = torch.randn(48, 16)
+    opt.step()
+    # Orthogonal update of a 48x16 matrix scaled by sqrt(48/16): Frobenius norm ~ lr*sqrt(16*3).
+    assert abs(p.detach().norm().item() / (0.1 * math.sqrt(16 * 3)) - 1) < 0.25

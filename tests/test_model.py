@@ -1,4 +1,6 @@
-"""The record architecture (docs/architecture.md): every switch keeps the model causal and changes what it
+"""The Model section. A small model is causal, soft-caps its logits, gives normalized distributions and
+per-token cross-entropy, and attends with GQA through SDPA on a CPU. The record architecture
+(docs/architecture.md): every switch keeps the model causal and changes what it
 computes, SmearGate stops at documents, BigramHash keys on context tokens only, depth recurrence
 reuses one block K times, the mini-recurrence switch works eagerly and under torch.compile, and the
 default model has the record's size."""
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import assert_env_error, tiny_env
+from conftest import assert_env_error, tiny_env, tiny_model
 
 VOCAB, DIM, HEADS, KV_HEADS, MLP_MULT, LAYERS, BOS = 64, 32, 4, 2, 2, 4, 1
 HEAD_DIM = DIM // HEADS
@@ -399,3 +401,47 @@ def test_model_config_follows_the_hyperparameters():
 
 def test_model_config_defaults_are_the_record_configuration():
     assert tg.ModelConfig() == tg.ModelConfig.from_hparams(tg.Hyperparameters.from_env({}))
+
+
+# ---- causality, soft cap, loss and attention of a small default-shaped model ------------------------
+
+
+def test_changing_token_t_changes_no_earlier_prediction():
+    model = tiny_model()
+    x = torch.randint(0, 64, (2, 24))
+    base = model.logits(x)
+    for t in (0, 7, 23):
+        x2 = x.clone()
+        x2[:, t] = (x2[:, t] + 1) % 64
+        out = model.logits(x2)
+        assert torch.equal(out[:, :t], base[:, :t])
+        assert not torch.allclose(out[:, t], base[:, t])  # the token itself is seen from position t on
+
+
+def test_logits_are_soft_capped_and_distributions_normalized():
+    model = tiny_model()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(1e4)  # drive raw logits far beyond the cap
+    logits = model.logits(torch.randint(0, 64, (1, 16)))
+    assert logits.abs().max() <= model.cfg.logit_softcap
+    probs = torch.softmax(logits.double(), dim=-1).sum(-1)
+    assert torch.allclose(probs, torch.ones_like(probs), atol=1e-9)
+
+
+def test_forward_is_per_token_cross_entropy():
+    model = tiny_model()
+    x, y = torch.randint(0, 64, (2, 10)), torch.randint(0, 64, (2, 10))
+    logp = torch.log_softmax(model.logits(x), -1)
+    expected = -logp.gather(-1, y[..., None])[..., 0]
+    assert torch.allclose(model(x, y), expected, atol=1e-5)
+
+
+def test_gqa_matches_repeated_kv_heads():
+    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
+    ref = tg._sdpa(q, k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2))
+    assert torch.allclose(tg._sdpa(q, k, v), ref, atol=1e-6)
+
+
+def test_cpu_attention_backend_is_sdpa():
+    name, _, why = tg.select_attention(torch.device("cpu"))
+    assert name == "sdpa" and why

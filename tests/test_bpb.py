@@ -297,3 +297,11 @@ def test_the_downloaded_caseops_variant_trains_and_scores_where_the_preset_looks
                      log, re.M)
     check_finals_divide_by(log, known_text["original_bytes"], ["final_float_exact", "final_roundtrip_exact",
                                                                "final_sliding_window_exact"])
+
+
+def test_bos_id_must_be_the_tokenizers(tiny_data):
+    sp = tg.load_tokenizer(str(tiny_data["tokenizer_model"]))
+    tg.check_tokenizer(sp, tg.ModelConfig(bos_id=sp.bos_id()), "tok.model")
+    with pytest.raises(ValueError, match=f"BOS_ID=2 does not match the tokenizer tok.model, which has BOS id "
+                                         f"{sp.bos_id()}: set BOS_ID={sp.bos_id()}"):
+        tg.check_tokenizer(sp, tg.ModelConfig(bos_id=2), "tok.model")

@@ -17,7 +17,7 @@ from torch import nn
 
 import train_gpt as tg
 from conftest import cpu_runtime, assert_env_error, tiny_env
-from test_config_and_data import _positional_shards
+from test_data import _positional_shards
 from conftest import tiny_model
 from test_pipeline import run_in_process
 

@@ -257,7 +257,7 @@ def test_real_gpu_training_step_runs_with_the_selected_attention(backend):
     assert grads and all(g.dtype == FP32 and torch.isfinite(g).all() for g in grads), name
 
 
-@pytest.mark.skipif(not REAL, reason="needs a CUDA GPU: tests/test_step_speed.py covers the CPU")
+@pytest.mark.skipif(not REAL, reason="needs a CUDA GPU: tests/test_training.py and test_optimizer.py cover the CPU")
 def test_real_gpu_training_step_has_no_host_sync():
     """torch.cuda's sync debug mode turns any host sync inside a training step into an error."""
     h = tg.Hyperparameters(qat="hard", train_seq_len=256, train_batch_tokens=256 * 8 * 4)

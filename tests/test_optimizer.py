@@ -1,6 +1,6 @@
 """The Optimizer section. Newton-Schulz approaches the polar factor and the Muon update has its expected
 scale; the April optimizer parts inside the stacked Muon, each checked against a one-matrix-at-a-time
-reference (tests/test_step_speed.py's, with the part added the simple way): MuonEq-R (MUON_ROW_NORMALIZE=1,
+reference (the Muon before the stacks, with the part added the simple way): MuonEq-R (MUON_ROW_NORMALIZE=1,
 each row of the parameter's update at unit norm before Newton-Schulz) and the Polar Express coefficients
 (MUON_NS_COEFFS=polar_express, one triple per iteration), on one process and on two gloo processes; and the
 MIN_LR floor of the LR schedule against the public run's formula."""
@@ -18,12 +18,13 @@ import torch.distributed as dist
 import train_gpt as tg
 from conftest import cpu_runtime
 from conftest import tiny_model
-from test_step_speed import reference_step, run_steps
 
-VARIANTS = {"row_normalize": dict(muon_row_normalize=True),
+VARIANTS = {"plain": {}, "row_normalize": dict(muon_row_normalize=True),
             "polar_express": dict(muon_ns_coeffs="polar_express"),
             "both": dict(muon_row_normalize=True, muon_ns_coeffs="polar_express")}
 H = dict(grad_clip_norm=0.3, matrix_lr_split_layer=1, muon_weight_decay=0.04, embed_weight_decay=0.01)
+STEPS = 3
+GRID = 256  # gradients are multiples of 1/GRID
 
 
 def reference_orthogonalize(g: torch.Tensor, steps: int, coeffs) -> torch.Tensor:
@@ -63,7 +64,7 @@ class ReferenceMuon(torch.optim.Optimizer):
                 p.add_(g, alpha=-group["lr"])
 
 
-def hparams(variant: str) -> tg.Hyperparameters:
+def hparams(variant: str = "plain") -> tg.Hyperparameters:
     return tg.Hyperparameters(**H, **VARIANTS[variant])
 
 
@@ -75,6 +76,38 @@ def reference_optimizers(model, h):
     for group in muon.param_groups:
         group["base_lr"] = group["lr"]
     return [adam, muon]
+
+
+def reference_step(model, optimizers, h) -> None:
+    """The step before this work: clip every gradient together, Adam, then the reference Muon."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
+def gradient(p: torch.Tensor, step: int, index: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """A deterministic gradient whose mean over the ranks is the one-process gradient, exactly: on a
+    1/256 grid every rank's value and their mean are exact in fp32. (Rounded means would differ in the
+    last bit, which Adam turns into a visible difference wherever a gradient is near zero: its step is
+    g / |g|, about LR in size, whatever g's size; a table that starts at zero has no large weights to
+    hide that in the relative tolerance.)"""
+    gen = torch.Generator().manual_seed(1000 * step + index)
+    full = torch.round(torch.randn(p.shape, generator=gen) * GRID) / GRID
+    spread = torch.round(torch.randn(p.shape, generator=gen) * GRID) / GRID
+    return full + (rank - (world_size - 1) / 2) * spread
+
+
+def run_steps(model, optimizers, step_fn, rank=0, world_size=1) -> None:
+    for step in range(STEPS):
+        momentum = 0.9 + 0.02 * step
+        tg.set_step_hparams(optimizers, 1.0 - 0.2 * step, momentum)
+        for group in optimizers[1].param_groups:  # set_step_hparams knows only train_gpt's Muon
+            group["momentum"] = momentum
+        for i, p in enumerate(model.parameters()):
+            p.grad = gradient(p, step, i, rank, world_size)
+        step_fn(optimizers)
 
 
 def reference_weights(h) -> dict[str, torch.Tensor]:
@@ -90,12 +123,21 @@ def test_stacked_muon_variant_matches_the_reference(variant):
     optimizers = tg.build_optimizers(model, h, cpu_runtime())
     run_steps(model, optimizers, lambda opts: tg.optimizer_step(opts, h, cpu_runtime()))
     muon = optimizers[1]
+    assert len(muon.stacks) < len(model.matrix_params())  # matrices really were batched
     assert any(any(st.transposed) for st in muon.stacks)  # a wide matrix's rows are its stack's columns
     expected = reference_weights(h)
     for name, p in model.named_parameters():
         assert torch.allclose(p, expected[name], atol=2e-6, rtol=1e-5), name
-    plain = reference_weights(tg.Hyperparameters(**H))  # the part is not a no-op
-    assert not all(torch.allclose(p, plain[n], atol=1e-4) for n, p in model.named_parameters())
+    if variant != "plain":  # the part is not a no-op
+        plain = reference_weights(tg.Hyperparameters(**H))
+        assert not all(torch.allclose(p, plain[n], atol=1e-4) for n, p in model.named_parameters())
+
+
+def test_batched_newton_schulz_is_each_matrix_on_its_own():
+    g = torch.randn(5, 24, 40)
+    stacked = tg.newton_schulz5(g, 5, torch.float32)
+    for i in range(5):
+        assert torch.allclose(stacked[i], reference_orthogonalize(g[i], 5, (tg.NS_COEFFS,)), atol=1e-6)
 
 
 def _worker(rank: int, world_size: int, init_file: str, out: str, variant: str) -> None:
@@ -111,12 +153,14 @@ def _worker(rank: int, world_size: int, init_file: str, out: str, variant: str) 
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_with_both_parts_step_like_the_reference(tmp_path):
-    """Each rank row-normalizes and orthogonalizes only its slice of the stacks: the gathered result is the
-    reference's."""
-    expected = reference_weights(hparams("both"))
+@pytest.mark.parametrize("variant", ["plain", "both"])
+def test_two_gloo_processes_step_like_the_reference(tmp_path, variant):
+    """Reduce-scatter, per-rank slices (each rank row-normalizes and orthogonalizes only its own), all-gather
+    and the global-norm clip: the same weights as the reference Muon stepping the mean gradient in one
+    process."""
+    expected = reference_weights(hparams(variant))
     out = str(tmp_path / "weights")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), out, "both"), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), out, variant), nprocs=2, join=True)
     for rank in range(2):
         weights = torch.load(f"{out}.{rank}")
         for name, p in expected.items():

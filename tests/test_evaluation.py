@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import tiny_model
+from conftest import cpu_runtime, tiny_model
 
 
 @pytest.mark.parametrize("n, seq_len, stride", [
@@ -75,3 +75,39 @@ def test_sliding_window_sees_more_context_than_chunks():
     plain, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("plain", 32, 32, 4), tg.Runtime.single())
     sliding, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("sliding", 32, 4, 4), tg.Runtime.single())
     assert sliding < plain / 5
+
+
+@pytest.mark.parametrize("tokens, seq_len, stride, batch, world", [
+    (1000, 64, 16, 4, 1), (1000, 64, 16, 4, 3), (65, 64, 16, 2, 2), (30, 64, 16, 3, 1), (1000, 64, 64, 5, 2),
+    (4097, 128, 32, 7, 8)])
+def test_eval_batch_count_matches_the_batches(tokens, seq_len, stride, batch, world):
+    val = torch.arange(tokens) % 50
+    for rank in range(world):
+        spec = tg.EvalSpec("sliding", seq_len, stride, batch)
+        expected = len(list(tg.eval_batches(val, spec, rank, world)))
+        assert tg.num_eval_batches(tokens, spec, rank, world) == expected
+
+
+class Uniform(torch.nn.Module):
+    def forward(self, x, y):
+        return torch.full(y.shape, 3.0)
+
+
+def luts_for(vocab: int) -> tg.ByteLUTs:
+    return tg.ByteLUTs(torch.ones(vocab, dtype=torch.int32), torch.zeros(vocab, dtype=torch.bool),
+                       torch.zeros(vocab, dtype=torch.bool))
+
+
+def test_evaluation_reports_progress_on_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setattr(tg, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(tg.sys.stderr, "isatty", lambda: False)
+    val = torch.arange(600) % 50
+    spec = tg.EvalSpec("sliding", 32, 8, 4)
+    tg.evaluate(Uniform(), val, luts_for(50), spec, cpu_runtime(), phase="sliding_eval")
+    lines = capsys.readouterr().out.splitlines()
+    total = tg.num_eval_batches(600, spec)
+    assert lines[0].startswith(f"progress phase:sliding_eval done:1/{total} unit:batch")
+    assert len(lines) == total - 1
+    monkeypatch.setattr(tg.dist, "all_reduce", lambda t: None)  # rank 1's share, without a process group
+    tg.evaluate(Uniform(), val, luts_for(50), spec, cpu_runtime(1, 2))
+    assert capsys.readouterr().out == ""

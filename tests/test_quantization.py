@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import cpu_runtime, gptq_one, tiny_env, tiny_model
+from conftest import ROOT, cpu_runtime, gptq_one, tiny_env, tiny_model
 from data.shards import write_shard
 
 # ---- round-to-nearest and the clip search -------------------------------------------------------
@@ -532,3 +532,49 @@ def test_over_cap_run_keeps_the_artifact_and_fails(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="over the cap"):
         tg.save_artifact(blob, path, ctx)
     assert path.exists() and any("bytes_total" in line for line in logged)
+
+
+def test_default_run_fits_under_the_cap():
+    assert tg.Hyperparameters().quant_target_bytes == tg.ARTIFACT_CAP_BYTES - 1  # the fitter is on by default
+
+
+def test_the_fitter_brings_a_run_under_its_target_and_logs_the_cost(tiny_data, tmp_path):
+    # The tiny model weighs about 220 kB, 171 kB with every tensor at int5: a model budget of 185 kB past the
+    # code (which grows as train_gpt.py does) forces demotions that can succeed. Sized without value
+    # embeddings and with random bigram rows: a zero table (the default) would still be nearly empty after
+    # 3 steps, so the artifact would weigh much less than the start-up estimate, which counts it as trained.
+    code = tg.code_form((ROOT / "train_gpt.py").read_text(encoding="utf-8")).bytes_code
+    target = code + 185_000
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS="3", VAL_LOSS_EVERY="0", QUANT_TARGET_BYTES=str(target),
+                   BIGRAM_INIT="zero_proj", VE_LAYERS="none")
+    tg.main(env)
+    log = (tmp_path / "tiny.txt").read_text()
+    estimate = int(re.search(rf"^artifact_estimate bytes_total:(\d+) .*target:{target} basis:initial_weights$", log,
+                             re.M)[1])
+    assert estimate > target and f"warning: the artifact is likely over QUANT_TARGET_BYTES={target}" in log
+    assert re.search(rf"^quant_fit bytes_total:\d+ target:{target} fit_needed:1$", log, re.M)
+    assert re.search(r"^quant_fit demote:\S+ bits:\d->\d est_saved_bytes:\d+$", log, re.M)
+    cost = re.search(r"^quant_fit cost_est_bpb:([+-]\d+\.\d+) probe_bpb_unfitted:(\d+\.\d+) "
+                     r"probe_bpb_fitted:(\d+\.\d+) probe:32_training_seqs probe_bytes:tokenizer$", log, re.M)
+    assert cost and float(cost[1]) == pytest.approx(float(cost[3]) - float(cost[2]), abs=2e-6)
+    total = int(re.search(r"^artifact .*bytes_total:(\d+)", log, re.M)[1])
+    assert total <= target
+    # The start-up estimate comes within 10% of what the unfitted artifact weighed.
+    unfitted = int(re.search(r"^quant_fit bytes_total:(\d+)", log, re.M)[1])
+    assert abs(estimate - unfitted) < 0.1 * unfitted
+
+
+def test_estimate_counts_levels_scales_and_fp16():
+    torch.manual_seed(0)
+    state = {"w": torch.randn(64, 128), "g": torch.randn(64), "n": torch.tensor([3], dtype=torch.int64)}
+    plan = {"w": 6, "g": tg.FP16_BITS}
+    q, _ = tg.quantize_rows_rtn(state["w"], 6)
+    expected = tg.entropy_bytes(q) + 2 * 64 + 2 * 64 + 8
+    assert tg.estimate_model_bytes(state, plan) == int(expected)
+    assert tg.estimate_model_bytes(state, {"w": 8, "g": 16}) > tg.estimate_model_bytes(state, plan)
+    # A tensor that starts at zero (the bigram table) is counted as trained values, not as nothing,
+    # without drawing from the run's random stream.
+    rng = torch.get_rng_state()
+    zero = tg.estimate_model_bytes({**state, "w": torch.zeros(64, 128)}, plan)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert abs(zero - tg.estimate_model_bytes(state, plan)) < 0.02 * zero

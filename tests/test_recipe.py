@@ -19,7 +19,7 @@ import train_gpt as tg
 from conftest import cpu_runtime, assert_env_error, tiny_env
 from test_data import _positional_shards
 from conftest import tiny_model
-from test_pipeline import run_in_process
+from test_main import run_in_process
 
 
 def hparams(**env) -> tg.Hyperparameters:

@@ -3,6 +3,7 @@ variable, near misses), and a bad setting or missing data ends the command-line 
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -75,3 +76,35 @@ def test_a_near_miss_of_a_setting_is_refused_and_other_variables_are_not():
     assert_env_error({"MATRX_LR": "0.1"}, ["MATRX_LR", "MATRIX_LR"])
     tg.Hyperparameters.from_env({"PATH": "/bin", "HOME": "/root", "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0",
                                  "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x", "NGRAM_CACHE": "1"})
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_say_done_total_and_time_left():
+    clock, out = Clock(), io.StringIO()
+    progress = tg.Progress("sliding_eval", 4, sink=tg.ProgressSink(30, False, out, clock))
+    clock.now += 10
+    progress.update()  # 10 s since the start: no line yet
+    clock.now += 20
+    progress.update()  # 30 s: a line, 2 of 4 done in 30 s, 30 s left
+    clock.now += 5
+    progress.update()  # 5 s after the last line: none
+    clock.now += 40
+    progress.update()  # done: the phase's own log line says so, no progress line
+    assert out.getvalue().splitlines() == [
+        "progress phase:sliding_eval done:2/4 unit:batch percent:50.0 elapsed:30s eta:30s"]
+
+
+def test_progress_is_silent_when_disabled_and_counts_wrapped_items():
+    out = io.StringIO()
+    items = list(tg.Progress("x", 3, enabled=False, sink=tg.ProgressSink(0, False, out)).wrap(range(3)))
+    assert items == [0, 1, 2] and out.getvalue() == ""
+    out = io.StringIO()
+    assert list(tg.Progress("x", 3, sink=tg.ProgressSink(0, False, out)).wrap("abc")) == ["a", "b", "c"]
+    assert [line.split()[2] for line in out.getvalue().splitlines()] == ["done:1/3", "done:2/3"]

@@ -10,13 +10,14 @@ Run:
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 import torch._dynamo.testing
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as tg
-from conftest import cpu_runtime, tiny_model
+from conftest import cpu_runtime, run_context, tiny_env, tiny_model
 
 
 # ---- graphs ---------------------------------------------------------------------------------------
@@ -126,3 +127,21 @@ def test_the_stop_vote_is_read_one_step_late_and_agreed():
     assert schedule.budget_ms == 1000.0
     assert schedule.next_step_overruns(801.0, 8, lookahead=2)  # two more steps would end past 1000
     assert not schedule.next_step_overruns(799.0, 8, lookahead=2)
+
+
+def test_priming_restores_the_initial_state_when_it_runs(tiny_data, monkeypatch):
+    env = tiny_env(tiny_data, tiny_data["output_dir"].parent / "unused", WARMUP_STEPS="2")
+    h = tg.Hyperparameters.from_env(env)
+    rt = tg.setup_runtime(h, env)
+    model = tg.GPT(tg.ModelConfig.from_hparams(h))
+    optimizers = tg.build_optimizers(model, h, rt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logged = []
+    trainee, ctx = tg.Trainee(model, model, optimizers), run_context(h, logged.append, rt)
+    tg.prime_kernels(trainee, ctx)
+    assert logged == ["warmup steps:0 skipped:WARMUP_STEPS=2 reason:nothing compiles (cpu run)"]
+    monkeypatch.setattr(tg, "is_compiled", lambda m: True)  # as if compiled: the steps run, then are undone
+    tg.prime_kernels(trainee, ctx)
+    assert re.fullmatch(r"warmup steps:2 graphs:\S+ time:\d+ms \(weights reset\)", logged[-1])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not opt.state for opt in optimizers)

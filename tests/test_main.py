@@ -1,5 +1,6 @@
-"""The whole pipeline on CPU: train, quantize, compress, reload, sliding-window eval; same seed same
-run; one process and two gloo processes give the same losses for the same global batch."""
+"""The Main section: the whole pipeline on CPU (train, quantize, compress, reload, sliding-window eval); same
+seed same run; one process and two gloo processes give the same losses for the same global batch; the CPU
+threads a run chooses and logs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import train_gpt as tg
 from conftest import ROOT, cpu_runtime, run_context, tiny_env
@@ -134,3 +136,28 @@ def test_two_gloo_processes_match_one(tiny_data, tmp_path, tiny_run):
         assert abs(float(a) - float(b)) <= 2e-4  # printed with 4 decimals
     for (name, la, ba), (_, lb, bb) in zip(FINAL.findall(tiny_run[1]), FINAL.findall(log)):
         assert abs(float(la) - float(lb)) < 1e-4 and abs(float(ba) - float(bb)) < 1e-4, name
+
+
+@pytest.mark.parametrize("env, cores, load, procs, expected", [
+    ({"CPU_THREADS": "3"}, 2, 5.0, 1, (3, "CPU_THREADS")),
+    ({"OMP_NUM_THREADS": "2"}, 2, 5.0, 1, (2, "OMP_NUM_THREADS")),
+    ({}, 2, 0.2, 1, (2, "auto(cores=2,load_1min=0.20,processes=1)")),
+    ({}, 2, 1.4, 1, (1, "auto(cores=2,load_1min=1.40,processes=1)")),  # one core busy: one thread
+    ({}, 2, 7.0, 1, (1, "auto(cores=2,load_1min=7.00,processes=1)")),
+    ({}, 8, 0.0, 2, (4, "auto(cores=8,load_1min=0.00,processes=2)")),  # shared among this machine's ranks
+    ({"OMP_NUM_THREADS": ""}, 4, 1.0, 1, (3, "auto(cores=4,load_1min=1.00,processes=1)")),
+])
+def test_cpu_threads_follow_the_setting_or_the_idle_cores(monkeypatch, env, cores, load, procs, expected):
+    monkeypatch.setattr(tg.os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
+    monkeypatch.setattr(tg.os, "getloadavg", lambda: (load, load, load))
+    h = tg.Hyperparameters.from_env(env)
+    assert tg.choose_cpu_threads(h, env, procs) == expected
+
+
+def test_setup_runtime_sets_the_threads_it_logs():
+    before = torch.get_num_threads()
+    try:
+        rt = tg.setup_runtime(tg.Hyperparameters(cpu_threads=1), {"CPU_THREADS": "1"})
+        assert torch.get_num_threads() == 1 and rt.threads_from == "CPU_THREADS"
+    finally:
+        torch.set_num_threads(before)

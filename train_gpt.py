@@ -1272,7 +1272,7 @@ class CastedLinear(nn.Linear):
     QAT: with qat_mode "hard" or "soft" (fixed for a run, set before compiling, like the grid qat_qmax, which
     follows the bits the quantization plan gives this weight) the forward runs through the fake-quantized
     weight while qat_active is True. qat_active is a Python attribute, which torch.compile guards: the
-    graph without QAT carries no fake-quant work, and switching recompiles once (tests/test_recipe.py
+    graph without QAT carries no fake-quant work, and switching recompiles once (tests/test_training.py
     counts it); prime_kernels compiles both graphs before the timed run, and both stay cached. (An
     unguarded flag would be frozen at compile time, QAT never switching on: a known bug of public runs.)
     The soft-round sharpness changes every step, so it is a buffer, read by the graph at run time.

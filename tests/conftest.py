@@ -142,3 +142,21 @@ def tiny_model(seed=0, vocab=64, layers=3):
             if p.ndim == 2 and not p.any():
                 p.normal_(std=0.05)
     return model.eval()
+
+
+def env_settings(**env):
+    """Hyperparameters as the environment would give them: env_settings(matrix_lr=0.1) is MATRIX_LR=0.1."""
+    import train_gpt as tg
+    return tg.Hyperparameters.from_env({k.upper(): str(v) for k, v in env.items()})
+
+
+@pytest.fixture
+def one_thread():
+    """What OMP_NUM_THREADS=1 in tiny_env does for a subprocess: on a loaded machine two threads
+    fighting for cores make a tiny in-process run several times slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -7,17 +7,18 @@ MIN_LR floor of the LR schedule against the public run's formula."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
 import train_gpt as tg
-from conftest import cpu_runtime
-from conftest import tiny_model
+from conftest import cpu_runtime, env_settings, tiny_model
 
 VARIANTS = {"plain": {}, "row_normalize": dict(muon_row_normalize=True),
             "polar_express": dict(muon_ns_coeffs="polar_express"),
@@ -235,3 +236,110 @@ def test_muon_update_has_the_expected_scale():
     opt.step()
     # Orthogonal update of a 48x16 matrix scaled by sqrt(48/16): Frobenius norm ~ lr*sqrt(16*3).
     assert abs(p.detach().norm().item() / (0.1 * math.sqrt(16 * 3)) - 1) < 0.25
+
+
+def muon_step(model: tg.GPT, grads: dict, h: tg.Hyperparameters, lr_scale: dict | None = None) -> dict:
+    """Weight change of every Muon matrix after one step with the given grads (layer -> LR factor)."""
+    muon = tg.build_optimizers(model, h, cpu_runtime())[1]
+    for group in muon.param_groups:
+        group["base_lr"] *= (lr_scale or {}).get(group["name"], 1.0)
+    tg.set_step_hparams([muon], 1.0, tg.muon_momentum_at(0, h))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        if n in grads:
+            p.grad = grads[n].clone()
+    muon.step()
+    matrices = {id(p) for p in model.matrix_params()}
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if id(p) in matrices}
+
+
+def test_halving_a_layers_lr_halves_its_update_but_scaling_its_gradient_does_not():
+    h = env_settings()
+    model = tiny_model(layers=2)
+    torch.manual_seed(1)
+    matrices = {id(p) for p in model.matrix_params()}  # block matrices and any outside (bigram projection)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters() if id(p) in matrices}
+    ref = muon_step(copy.deepcopy(model), grads, h)
+    halved = muon_step(copy.deepcopy(model), grads, h, {"layer1": 0.5})
+    layer1_scaled = {n: g * (0.1 if n.startswith("blocks.1.") else 1) for n, g in grads.items()}
+    scaled = muon_step(copy.deepcopy(model), layer1_scaled, h)
+    for name, delta in ref.items():
+        assert delta.abs().max() > 0
+        factor = 0.5 if name.startswith("blocks.1.") else 1.0
+        assert torch.allclose(halved[name], factor * delta, rtol=1e-4, atol=1e-7), name
+        # Orthogonalization ate the scale; atol is float32 rounding of weight - weight (ulp(0.5) = 6e-8).
+        assert torch.allclose(scaled[name], delta, rtol=1e-4, atol=1e-7), name
+
+
+def test_default_split_lr_is_per_layer():
+    model = tiny_model(layers=7)
+    muon = tg.build_optimizers(model, env_settings(), cpu_runtime())[1]
+    lrs = {g["name"]: g["lr"] for g in muon.param_groups}
+    # The bigram projection is the one Muon matrix outside the blocks: group "other" at MATRIX_LR.
+    assert lrs == {**{f"layer{i}": 0.025 if i < 5 else 0.030 for i in range(7)}, "other": 0.025}
+    grouped = [p for g in muon.param_groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(model.matrix_params())
+    for i, block in enumerate(model.blocks):
+        group = next(g for g in muon.param_groups if g["name"] == f"layer{i}")
+        linears = {id(m.weight) for m in block.modules() if isinstance(m, tg.CastedLinear)}
+        assert {id(p) for p in group["params"]} == linears
+
+
+def test_muon_weight_decay_is_decoupled():
+    torch.manual_seed(0)
+    w0, grad = torch.randn(16, 24), torch.randn(16, 24)
+    out = []
+    for wd in (0.0, 0.5):
+        p = nn.Parameter(w0.clone())
+        p.grad = grad.clone()
+        tg.Muon([p], tg.Hyperparameters(matrix_lr=0.1, muon_momentum=0.9, muon_weight_decay=wd), cpu_runtime()).step()
+        out.append(p.detach())
+    # W <- W (1 - lr wd) - lr U: the decay is the only difference, and it does not go through Newton-Schulz.
+    assert torch.allclose(out[1], out[0] - 0.1 * 0.5 * w0, atol=1e-6)
+
+
+def test_momentum_warms_up_then_holds():
+    h = env_settings()
+    assert [tg.muon_momentum_at(s, h) for s in (0, 750, 1500, 6000)] == pytest.approx([0.92, 0.955, 0.99, 0.99])
+    assert tg.muon_momentum_at(0, env_settings(muon_momentum_warmup_steps=0)) == 0.99
+    adam, muon = tg.build_optimizers(tiny_model(), h, cpu_runtime())
+    tg.set_step_hparams([adam, muon], 0.5, 0.95)
+    assert all(g["momentum"] == 0.95 and g["lr"] == g["base_lr"] * 0.5 for g in muon.param_groups)
+    assert all("momentum" not in g and g["lr"] == g["base_lr"] * 0.5 for g in adam.param_groups)
+
+
+def test_adam_groups_follow_parameter_roles():
+    model = tiny_model()  # the record model: a bigram table with projection and scale, and gates
+    h = env_settings(embed_lr=0.02, gate_lr=0.01, embed_weight_decay=0.01)  # scalars: the default decay, 0.04
+    adam, muon = tg.build_optimizers(model, h, cpu_runtime())
+    groups = {g["name"]: g for g in adam.param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
+    assert members["tied_embed"] == ["tok_emb.weight"]
+    assert members["embed"] == ["bigram.table.weight", "value_embed.table.weight"]
+    assert members["gate"] == ["skip_gates", "smear.gate"]
+    for name in ("bigram.scale", "blocks.0.attn.q_gain", "value_embed.scale", "ve_layer_scales"):
+        assert name in members["scalar"]
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
+        "tied_embed": (0.035, 0.01), "embed": (0.02, 0.01), "gate": (0.01, 0.04), "scalar": (0.025, 0.04)}
+    every = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    tables = model.bigram.table.weight.numel() + model.value_embed.table.weight.numel()
+    assert any(line.startswith(f"optimizer adamw group:embed tensors:2 params:{tables} lr:0.02 weight_decay:0.01")
+               for line in tg.describe_optimizers([adam, muon]))
+
+
+def test_embedding_projections_move_to_adam_with_the_scalar_decay():
+    model = tiny_model()
+    h = env_settings(embed_proj_optimizer="adam", scalar_weight_decay=0.02)
+    adam, muon = tg.build_optimizers(model, h, cpu_runtime())
+    groups = {g["name"]: g for g in adam.param_groups}
+    projections = {id(model.bigram.proj.weight), id(model.value_embed.proj.weight)}
+    assert {id(p) for p in groups["embed_proj"]["params"]} == projections
+    assert not projections & {id(p) for g in muon.param_groups for p in g["params"]}
+    assert "other" not in {g["name"] for g in muon.param_groups}  # no Muon matrix is left outside the blocks
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
+        "tied_embed": (0.035, 0.04), "embed": (0.035, 0.04), "embed_proj": (0.025, 0.02), "gate": (0.025, 0.02),
+        "scalar": (0.025, 0.02)}
+    every = [id(p) for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())

@@ -1,6 +1,6 @@
 """The Main section: the whole pipeline on CPU (train, quantize, compress, reload, sliding-window eval); same
 seed same run; one process and two gloo processes give the same losses for the same global batch; the CPU
-threads a run chooses and logs."""
+threads a run chooses and logs; PRESET=april end to end on 1 and 2 processes, PRESET=may end to end with TTT."""
 
 from __future__ import annotations
 
@@ -161,3 +161,70 @@ def test_setup_runtime_sets_the_threads_it_logs():
         assert torch.get_num_threads() == 1 and rt.threads_from == "CPU_THREADS"
     finally:
         torch.set_num_threads(before)
+
+
+def april_tiny_env(data, out, **overrides):
+    """PRESET=april (or another preset on top of it) at the tiny test size: the sizes and data come from
+    tiny_env (explicit, so they win), the layer ids of the parts shrink with the depth."""
+    overrides.setdefault("PRESET", "april")
+    return tiny_env(data, out, NUM_LAYERS="4", PARALLEL_START_LAYER="3", MINI_RECUR_FIRST="1",
+                    MINI_RECUR_LAST="2", GATE_WINDOW="8", VAL_LOSS_EVERY="0", EVAL_STRIDE="32", **overrides)
+
+
+@pytest.fixture(scope="module")
+def april_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("april")
+    env = april_tiny_env(tiny_data, out, RUN_ID="april")
+    tg.main(env)
+    return env, (out / "april.txt").read_text()
+
+
+def test_april_preset_runs_end_to_end_and_logs_every_value(april_run):
+    env, log = april_run
+    assert {m[0] for m in FINAL.findall(log)} == {"final_float_exact", "final_roundtrip_exact",
+                                                  "final_sliding_window_exact"}
+    assert "hparam preset:april\n" in log and "hparam mlp_activation:leaky_relu2\n" in log
+    assert "hparam mlp_mult:2\n" in log and "hparam num_layers:4\n" in log  # set explicitly: they win
+    assert "hparam parallel_start_layer:3\n" in log and "hparam smear_gate_form:input\n" in log
+    preset = re.search(r"^preset name:april set:(\S+) overridden:(\S+)$", log, re.M)
+    assert "MLP_ACTIVATION=leaky_relu2" in preset[1] and "MLP_MULT" not in preset[1]
+    assert {"VOCAB_SIZE", "MLP_MULT", "PARALLEL_START_LAYER", "DATA_PATH"} <= set(preset[2].split(","))
+    assert re.findall(r"^mini_recurrence:(\w+) step:(\d+)", log, re.M) == [("off", "0"), ("on", "5")]  # 0.35 x 12
+    assert re.search(r"^model params:\d+ unique_blocks:4 passes:8 plan:0,1,2,1,2,1,2,3 .* parallel_passes:7 "
+                     r"doc_masked_attention:\w+$",
+                     log, re.M)
+
+
+def test_april_preset_on_two_gloo_processes_matches_one(tiny_data, tmp_path, april_run):
+    env = april_tiny_env(tiny_data, tmp_path, RUN_ID="april_ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_gpt.py")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "april_ddp.txt").read_text()
+    assert "runtime world_size:2" in log and "preset name:april" in log
+    one, two = TRAIN.findall(april_run[1]), TRAIN.findall(log)
+    assert [s for s, _ in one] == [s for s, _ in two]
+    for (_, a), (_, b) in zip(one, two):
+        assert abs(float(a) - float(b)) <= 2e-4
+    for (name, la, ba), (_, lb, bb) in zip(FINAL.findall(april_run[1]), FINAL.findall(log)):
+        assert abs(float(la) - float(lb)) < 1e-4 and abs(float(ba) - float(bb)) < 1e-4, name
+
+
+def test_may_preset_runs_end_to_end_with_one_global_ttt_phase(tiny_data, tmp_path):
+    env = april_tiny_env(tiny_data, tmp_path, PRESET="may", RUN_ID="may", ITERATIONS="6", TTT="1",
+                         TTT_EVAL_SEQ_LEN="64", TTT_CHUNK_SIZE="16", TTT_LORA_RANK="4", TTT_BATCH_SIZE="8",
+                         PHASED_TTT_PREFIX_DOCS="12", GLOBAL_TTT_CHUNK_TOKENS="512")  # TTT at 2,560: minutes here
+    tg.main(env)
+    log = (tmp_path / "may.txt").read_text()
+    assert [m[0] for m in FINAL.findall(log)] == ["final_float_exact", "final_roundtrip_exact",
+                                                  "final_sliding_window_exact", "final_ttt_exact",
+                                                  "final_ttt_ngram_exact"]
+    for line in ("hparam preset:may", "hparam phased_ttt_num_phases:1", "hparam asym_logit:True",
+                 "hparam ttt_lora_targets:q,v,o,mlp,head", "hparam ngram_tilt:token", "hparam ttt_weight_decay:2.0",
+                 "hparam matrix_lr:0.028", "hparam lqer_group:32", "hparam gptq_calib_seqs:64"):
+        assert line + "\n" in log
+    preset = re.search(r"^preset name:may set:(\S+) overridden:(\S+)$", log, re.M)
+    assert "PHASED_TTT_NUM_PHASES=1" in preset[1] and {"GPTQ_CALIB_SEQS", "TTT_EVAL_SEQ_LEN"} <= set(preset[2].split(","))
+    assert len(re.findall(r"^ttt_phase .* global_sgd_tokens:", log, re.M)) == 1  # one global phase
+    assert re.search(r"^lqer tensors:\d+ rank:4 a_bits:2 b_bits:4 group:32 ", log, re.M)

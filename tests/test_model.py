@@ -3,7 +3,9 @@ per-token cross-entropy, and attends with GQA through SDPA on a CPU. The record 
 (docs/architecture.md): every switch keeps the model causal and changes what it
 computes, SmearGate stops at documents, BigramHash keys on context tokens only, depth recurrence
 reuses one block K times, the mini-recurrence switch works eagerly and under torch.compile, and the
-default model has the record's size."""
+default model has the record's size. The April parts (docs/april.md) the same way, and each adds exactly its
+parameters: parallel residuals keep attention and the MLP on their own lanes, the loop's U-Net, the gates
+start where the public run starts them, the input SmearGate stops at documents."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ HEAD_DIM = DIM // HEADS
 # Every part off: the baseline model (full RoPE, plain additive skips, default init, ...).
 BASELINE = dict(mlp_activation="relu2", rope_dims=HEAD_DIM, block_input_scale=False, unet_gates=False,
                 xsa_layers="none", smear_gate=False, bigram_buckets=0, ve_layers="none", ortho_init=False)
-PARTS = {  # each part alone, on top of the baseline
+WINDOW = 6  # the gates' input window (GATE_WINDOW) at this size
+PARTS = {  # each part alone, on top of the baseline (the March record's, then the April record's)
     "leaky_relu2": dict(mlp_activation="leaky_relu2"),
     "partial_rope": dict(rope_dims=4),
     "block_input_scale": dict(block_input_scale=True),
@@ -33,6 +36,9 @@ PARTS = {  # each part alone, on top of the baseline
     "ortho_init": dict(ortho_init=True),
     "recurrence": dict(recurrence=True, recur_prelude=1, recur_passes=2, recur_coda=1),
     "mini_recurrence": dict(mini_recur_repeats=2, mini_recur_first=1, mini_recur_last=2),
+    "parallel": dict(parallel_start_layer=2),
+    "attn_out_gate": dict(attn_out_gate=True, gate_window=WINDOW),
+    "input_smear_gate": dict(smear_gate=True, smear_gate_form="input", gate_window=WINDOW),
 }
 RECORD = dict(bigram_buckets=32, bigram_dim=8, ve_dim=8)  # the defaults (partial RoPE: 4 of 8 dims), shrunk
 
@@ -61,9 +67,17 @@ def tokens(batch=2, length=24, seed=0) -> torch.Tensor:
     return x
 
 
+APRIL_SMALL = dict(  # the April model's shape on 4 layers: lanes from layer 3, layers 1..2 three times
+    parallel_start_layer=3, attn_out_gate=True, attn_gate_scale=0.5, smear_gate_form="input",
+    gate_window=WINDOW, bigram_buckets=0, mlp_activation="leaky_relu2", qk_gain_init=5.0,
+    mini_recur_repeats=2, mini_recur_first=1, mini_recur_last=2, mini_recur_unet=True)
 CAUSALITY_CASES = {"baseline": BASELINE, **{k: {**BASELINE, **v} for k, v in PARTS.items()}, "record": RECORD,
                    "record+recurrence": {**RECORD, **PARTS["recurrence"]},
-                   "record+mini_recurrence": {**RECORD, **PARTS["mini_recurrence"]}}
+                   "record+mini_recurrence": {**RECORD, **PARTS["mini_recurrence"]},
+                   "parallel_from_layer_1": {**BASELINE, "parallel_start_layer": 1},  # lanes in the encoder half
+                   "record+parallel+recurrence": {**RECORD, "parallel_start_layer": 2, "recurrence": True,
+                                                  "recur_prelude": 1, "recur_passes": 2, "recur_coda": 1},
+                   "april": APRIL_SMALL}
 
 
 def assert_causal(m: tg.GPT, case: str) -> None:
@@ -445,3 +459,201 @@ def test_gqa_matches_repeated_kv_heads():
 def test_cpu_attention_backend_is_sdpa():
     name, _, why = tg.select_attention(torch.device("cpu"))
     assert name == "sdpa" and why
+
+
+@pytest.mark.parametrize("setting, value", [("attn_gate_scale", 0.5), ("gate_window", 3)])
+def test_gate_settings_change_the_output(setting, value):
+    parts = {**BASELINE, **PARTS["attn_out_gate"], "smear_gate": True, "smear_gate_form": "input"}
+    a = model(config(**parts))
+    b = tg.GPT(config(**{**parts, setting: value})).eval()
+    if setting == "gate_window":  # the gates' weights are narrower: load their first columns
+        state = a.state_dict()
+        for name in state:
+            if name.endswith("out_gate") or name == "smear.gate":
+                state[name] = state[name][..., :value]
+        b.load_state_dict(state)
+    else:
+        b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(a.logits(tokens()), b.logits(tokens()), atol=1e-4)
+
+
+def count(cfg: tg.ModelConfig) -> int:
+    return sum(p.numel() for p in tg.GPT(cfg).parameters())
+
+
+def test_each_part_adds_exactly_its_parameters():
+    base = count(config(**BASELINE))
+    assert count(config(**BASELINE, parallel_start_layer=1)) - base == 6 * (LAYERS - 1)  # 2 resid + 2x2 post
+    assert count(config(**{**BASELINE, **PARTS["attn_out_gate"]})) - base == LAYERS * HEADS * WINDOW
+    assert count(config(**{**BASELINE, **PARTS["input_smear_gate"]})) - base == WINDOW + 1  # W, lambda
+    # The channel SmearGate has one gate per channel; the input form replaces it.
+    assert count(config(**{**BASELINE, "smear_gate": True})) - base == DIM
+    # The loop adds no parameter (a repeated layer shares its lane row too) unless its U-Net pairs the 8 passes
+    # of the looped model: 2 more skips than the 4 layers' 2, each a weight and a gate per channel.
+    plain_loop = {**APRIL_SMALL, "mini_recur_unet": False}
+    assert count(config(**plain_loop)) == count(config(**{**plain_loop, "mini_recur_repeats": 0}))
+    assert count(config(**APRIL_SMALL)) - count(config(**plain_loop)) == 2 * 2 * DIM
+
+
+def test_april_preset_size_is_the_record_model_less_what_we_build_differently():
+    h = tg.Hyperparameters.from_env({"PRESET": "april"})
+    with torch.device("meta"):
+        m = tg.GPT(tg.ModelConfig.from_hparams(h))
+    params = sum(p.numel() for p in m.parameters())
+    d, layers, heads, vocab = 512, 11, 8, 8192
+    blocks = layers * (2 * d * d + 2 * d * 256 + 2 * 4 * d * d  # q, proj, k, v, MLP 4x
+                       + 4 * d + heads + heads * 12)  # scales, resid mix, q gain, attention output gate
+    skips = (11 + 2 * 3) // 2  # the U-Net spans the 17 passes of the looped model: 8 skips
+    expected = vocab * d + blocks + 2 * skips * d + 6 * (layers - 8) + 12 + 1
+    assert params == expected
+    # The public run (35,945,671) also has lane weights for its 8 serial layers, which never uses them.
+    assert params == 35_945_671 - 8 * 6
+    assert m.describe().startswith(f"model params:{params} unique_blocks:11 passes:17 "
+                                   "plan:0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10 ")
+    assert m.describe().endswith(" parallel_passes:14,15,16 doc_masked_attention:off")
+
+
+def block_inputs(m: tg.GPT, block: int) -> dict[str, list[torch.Tensor]]:
+    """What the attention and the MLP of one block read, recorded on each call."""
+    seen = {"attn": [], "mlp": []}
+    for name in seen:
+        getattr(m.blocks[block], name).register_forward_hook(
+            lambda mod, args, out, name=name: seen[name].append(args[0].detach().clone()))
+    return seen
+
+
+def test_parallel_mlp_does_not_read_its_own_layers_attention():
+    m = model(config(**{**BASELINE, "parallel_start_layer": 2}))
+    seen = block_inputs(m, 2)
+    x = tokens()
+    with torch.no_grad():
+        m.logits(x)
+        m.blocks[2].attn.c_v.weight.mul_(3.0)  # changes layer 2's attention output only
+        m.logits(x)
+    assert torch.equal(seen["mlp"][0], seen["mlp"][1])  # the MLP read lane 1, untouched by that attention
+
+
+def test_sequential_mlp_reads_its_own_layers_attention():
+    # The check above could fail for the wrong reason; in a plain block the MLP does see the attention.
+    m = model(config(**BASELINE))
+    seen = block_inputs(m, 2)
+    with torch.no_grad():
+        m.logits(tokens())
+        m.blocks[2].attn.c_v.weight.mul_(3.0)
+        m.logits(tokens())
+    assert not torch.allclose(seen["mlp"][0], seen["mlp"][1])
+
+
+def test_lanes_follow_their_weights():
+    m = model(config(**{**BASELINE, "parallel_start_layer": 2}))
+    seen = block_inputs(m, 3)
+    x = tokens()
+    with torch.no_grad():
+        m.logits(x)
+        m.lane_post[0, :, 1] = 0.0  # layer 2 writes nothing to lane 1, which keeps its weight-scaled input
+        m.lane_resid[0, 1] = 1.0
+        m.logits(x)
+        m.lane_post[0, 0, 1] = 2.0  # layer 2's attention into lane 1: layer 3's MLP input moves
+        m.logits(x)
+    lane1_in = seen["mlp"]
+    assert not torch.allclose(lane1_in[0], lane1_in[1]) and not torch.allclose(lane1_in[1], lane1_in[2])
+    assert torch.equal(seen["attn"][1], seen["attn"][2])  # attention reads lane 0, which did not change
+
+
+def test_the_output_is_the_mean_of_the_lanes():
+    m = model(config(**{**BASELINE, "parallel_start_layer": LAYERS - 1}))
+    captured = {}
+    m.final_norm.register_forward_hook(lambda mod, args, out: captured.update(x=args[0]))
+    last = m.blocks[LAYERS - 1]
+    lanes = {}
+    orig = last.forward_lanes
+
+    def spy(*args):
+        lanes["out"] = orig(*args)
+        return lanes["out"]
+    last.forward_lanes = spy
+    with torch.no_grad():
+        m.logits(tokens())
+    assert torch.allclose(captured["x"], (lanes["out"][0] + lanes["out"][1]) / 2)
+
+
+def test_parallel_lane_weights_start_as_in_the_public_run():
+    m = tg.GPT(config(**{**BASELINE, "parallel_start_layer": 1}))
+    assert m.lane_resid.shape == (LAYERS - 1, 2) and (m.lane_resid == 1.1).all()
+    assert m.lane_post.shape == (LAYERS - 1, 2, 2) and (m.lane_post == 1.0).all()
+    plan = tg.layer_plan(config(**APRIL_SMALL), repeats_on=True)
+    assert [p.block for p in plan] == [0, 1, 2, 1, 2, 1, 2, 3]
+    assert [p.lanes for p in plan] == [-1] * 7 + [0]
+    assert {"lane_resid", "lane_post"} <= m.fp16_param_names()
+
+
+def test_loop_unet_spans_the_passes_of_the_looped_model():
+    on, off = (tg.layer_plan(config(**APRIL_SMALL), repeats_on=r) for r in (True, False))
+    assert [p.push for p in on] == [True] * 4 + [False] * 4  # blocks 0, 1, 2, 1 push ...
+    assert [p.pop for p in on] == [-1] * 4 + [0, 1, 2, 3]  # ... blocks 2, 1, 2, 3 pop, in reverse order
+    assert [(p.block, p.push, p.pop) for p in off] == [(0, True, -1), (1, True, -1), (2, False, 0), (3, False, 1)]
+    plain = tg.layer_plan(config(**{**APRIL_SMALL, "mini_recur_unet": False}), repeats_on=True)
+    assert [(p.push, p.pop) for p in plain] == [(True, -1), (True, -1), (False, 0), (False, -1), (False, -1),
+                                                (False, -1), (False, -1), (False, 1)]  # repeats take no part
+    m = tg.GPT(config(**APRIL_SMALL))
+    assert m.skip_weights.shape[0] == 4 and m.skip_gates.shape[0] == 4  # the longer plan's skips
+
+
+def test_loop_unet_changes_the_output_and_needs_the_loop():
+    on = model(config(**APRIL_SMALL))
+    off = tg.GPT(config(**{**APRIL_SMALL, "mini_recur_unet": False})).eval()
+    state = {k: (v[:2] if k.startswith("skip_") else v) for k, v in on.state_dict().items()}
+    off.load_state_dict(state)
+    with torch.no_grad():
+        assert not torch.allclose(on.logits(tokens()), off.logits(tokens()), atol=1e-4)
+    assert_env_error({"MINI_RECUR_UNET": "1"}, ["MINI_RECUR_UNET", "MINI_RECUR_REPEATS"])
+
+
+def test_attention_output_gate_starts_at_one_half_per_head():
+    torch.manual_seed(0)
+    gated = tg.CausalSelfAttention(config(**PARTS["attn_out_gate"]), tg._sdpa)
+    plain = tg.CausalSelfAttention(config(), tg._sdpa)
+    missing, unexpected = plain.load_state_dict(gated.state_dict(), strict=False)
+    assert unexpected == ["out_gate"] and not missing
+    x = torch.randn(2, 10, DIM)
+    with torch.no_grad():
+        for attn in (gated, plain):
+            attn.proj.weight.copy_(torch.eye(DIM))  # the output is the heads' outputs themselves
+        heads = plain(x, True).view(2, 10, HEADS, -1)
+        assert torch.allclose(gated(x, True).view_as(heads), 0.5 * heads, atol=1e-6)
+        gated.out_gate[1] = 1.0  # head 1's gate now reads the first WINDOW dims of its input
+        g = torch.sigmoid(gated.gate_scale * x[..., :WINDOW].sum(-1))
+        expected = 0.5 * heads
+        expected[:, :, 1] = g[..., None] * heads[:, :, 1]
+        assert torch.allclose(gated(x, True).view_as(heads), expected, atol=1e-5)
+
+
+def test_input_smear_gate_is_the_identity_at_init_and_stops_at_documents():
+    torch.manual_seed(0)
+    smear = tg.InputSmearGate(WINDOW, BOS)
+    ids = tokens(batch=1)
+    x = torch.randn(1, ids.size(1), DIM)
+    assert torch.equal(smear(x, ids), x)  # W = 0, lambda = 0
+    with torch.no_grad():
+        smear.gate.normal_()
+        smear.scale.fill_(0.7)
+    out = smear(x, ids)
+    g = torch.sigmoid(x[0, 10, :WINDOW] @ smear.gate)
+    assert torch.allclose(out[0, 10], x[0, 10] + 0.7 * g * x[0, 9])  # x_t + lambda sigmoid(W x_t[:w]) x_{t-1}
+    x2 = x.clone()
+    x2[:, :9] = torch.randn(1, 9, DIM)  # a different previous document
+    assert torch.equal(smear(x2, ids)[:, 9:], out[:, 9:])
+    assert torch.equal(out[:, 9], x[:, 9]) and torch.equal(out[:, 0], x[:, 0])
+
+
+def test_input_smear_gate_acts_before_the_embedding_norm():
+    m = model(config(**{**BASELINE, **PARTS["input_smear_gate"]}))
+    ids = tokens(batch=1)
+    with torch.no_grad():
+        raw = m.tok_emb(ids)
+        assert torch.allclose(m.embed(ids), tg.rms_norm(m.smear(raw, ids)))
+        ids2 = ids.clone()
+        ids2[:, :9] = (ids[:, :9] + 5) % VOCAB
+        ids2[:, :9][ids2[:, :9] == BOS] = 0
+        assert torch.equal(m.embed(ids)[:, 9:], m.embed(ids2)[:, 9:])

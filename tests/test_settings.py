@@ -1,5 +1,7 @@
 """The Settings section: Hyperparameters from the environment (defaults, parsing, errors that name the
-variable, near misses), and a bad setting or missing data ends the command-line run with one line."""
+variable, near misses), and a bad setting or missing data ends the command-line run with one line. The
+presets: PRESET=seed is the defaults, PRESET=april the record's values under the explicit ones (on the CaseOps
+variant), PRESET=may April plus the May leaderboard's best run."""
 
 from __future__ import annotations
 
@@ -108,3 +110,92 @@ def test_progress_is_silent_when_disabled_and_counts_wrapped_items():
     out = io.StringIO()
     assert list(tg.Progress("x", 3, sink=tg.ProgressSink(0, False, out)).wrap("abc")) == ["a", "b", "c"]
     assert [line.split()[2] for line in out.getvalue().splitlines()] == ["done:1/3", "done:2/3"]
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"PARALLEL_START_LAYER": "11"}, ["PARALLEL_START_LAYER=11", "NUM_LAYERS=11"]),
+    ({"PARALLEL_START_LAYER": "5", "MINI_RECUR_REPEATS": "1", "MINI_RECUR_FIRST": "4", "MINI_RECUR_LAST": "5"},
+     ["MINI_RECUR_FIRST=4", "PARALLEL_START_LAYER=5"]),
+    ({"SMEAR_GATE": "0", "SMEAR_GATE_FORM": "input"}, ["SMEAR_GATE_FORM=input", "SMEAR_GATE=1"]),
+    ({"PRESET": "april", "SMEAR_GATE": "0"}, ["SMEAR_GATE_FORM=input", "SMEAR_GATE=1"]),
+    ({"ATTN_OUT_GATE": "1", "GATE_WINDOW": "600"}, ["GATE_WINDOW=600", "MODEL_DIM=512"]),
+    ({"PRESET": "june"}, ["PRESET", "seed, april, may"]),
+    ({"PRESET": "april", "NUM_LAYERS": "6"}, ["PARALLEL_START_LAYER=8", "NUM_LAYERS=6"]),
+])
+def test_bad_settings_name_the_variables(env, words):
+    assert_env_error(env, words)
+
+
+def test_seed_preset_is_the_defaults():
+    assert tg.Hyperparameters.from_env({}) == tg.Hyperparameters.from_env({"PRESET": "seed"})
+    assert tg.PRESETS["seed"] == {}
+
+
+def test_april_preset_sets_its_values_and_explicit_settings_win():
+    h = tg.Hyperparameters.from_env({"PRESET": "april", "MATRIX_LR": "0.03", "SEED": "7"})
+    assert (h.vocab_size, h.mlp_mult, h.parallel_start_layer, h.mini_recur_start_frac) == (8192, 4, 8, 0.35)
+    assert (h.muon_momentum, h.muon_weight_decay, h.beta2, h.ema_decay, h.min_lr, h.warmdown_floor) == (
+        0.97, 0.095, 0.99, 0.9965, 0.1, 0.0)
+    assert (h.muon_ns_coeffs, h.muon_row_normalize) == ("polar_express", True)
+    assert (h.matrix_lr, h.matrix_lr_late, h.seed) == (0.03, 0.026, 7)
+    # Every variable of the preset is a setting, parses and lands in the config.
+    fields = {f.name.upper(): f for f in tg.dataclasses.fields(tg.Hyperparameters)}
+    april = tg.Hyperparameters.from_env({"PRESET": "april"})
+    for key, raw in tg.PRESETS["april"].items():
+        f = fields[key]
+        assert getattr(april, f.name) == tg._parse_env_value(key, raw, f.default, f.metadata), key
+
+
+def test_april_trains_on_the_caseops_variant_and_the_plain_sp8192_is_one_variable_away(tmp_path):
+    """PRESET=april's data is where `data/cached_challenge_fineweb.py --variant <v>` puts variant v (its own plan
+    of the files, on a manifest of the public layout); DATA_VARIANT=sp8192 is the plain sp8192; an explicit
+    DATA_PATH or TOKENIZER_PATH wins over either."""
+    from pathlib import Path
+
+    import data.cached_challenge_fineweb as dl
+    for env, variant in (({"PRESET": "april"}, dl.CASEOPS_VARIANT), ({"PRESET": "april", "DATA_VARIANT": "sp8192"},
+                                                                     "sp8192"), ({"DATA_VARIANT": "sp1024"}, "sp1024")):
+        manifest = {"datasets": [{"name": f"fineweb10B_{variant}", "tokenizer_name": "tok", "val_bytes_glob": "x",
+                                  "stats": {"files_train": 1, "files_val": 1}}],
+                    "tokenizers": [{"name": "tok", "model_path": f"tokenizers/fineweb_{variant[2:6]}_bpe"
+                                    f"{variant[6:]}.model"}]}
+        if variant == dl.CASEOPS_VARIANT:  # the public manifest's own names (tests/test_caseops.py's fake hub)
+            assert manifest["tokenizers"][0]["model_path"] == \
+                "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+        plan = dl.plan_downloads(manifest, variant, 1, Path("data"))
+        h = tg.Hyperparameters.from_env(env)
+        assert (h.data_variant, Path(h.data_path), Path(h.tokenizer_path)) == (
+            variant, plan[0].local.parent, next(i.local for i in plan if i.role == "tokenizer"))
+    assert tg.Hyperparameters.from_env({"DATA_VARIANT": "sp1024"}).data_path == tg.Hyperparameters().data_path
+    h = tg.Hyperparameters.from_env({"PRESET": "april", "DATA_PATH": "/d", "TOKENIZER_PATH": "/t.model"})
+    assert (h.data_path, h.tokenizer_path) == ("/d", "/t.model")
+    assert_env_error({"DATA_VARIANT": "fineweb"}, ["DATA_VARIANT='fineweb'", "sp<vocab>"])
+
+
+def test_describe_preset_names_what_it_set_and_what_was_overridden():
+    line = tg.describe_preset("april", {"MATRIX_LR": "0.03"})
+    assert line.startswith("preset name:april set:VOCAB_SIZE=8192,")
+    assert "MATRIX_LR=" not in line.split(" overridden:")[0] and line.endswith(" overridden:MATRIX_LR")
+    assert tg.describe_preset("seed", {}) == "preset name:seed set:none overridden:none"
+
+
+MAY_OVER_APRIL = {"EVAL_SEQ_LEN": "2560", "TTT_EVAL_SEQ_LEN": "2560", "PHASED_TTT_NUM_PHASES": "1",
+                  "TTT_LORA_LR": "8e-5", "TTT_WEIGHT_DECAY": "2.0", "MATRIX_LR": "0.028", "MATRIX_LR_LATE": "0.028",
+                  "LQER_GROUP": "32", "GPTQ_CALIB_SEQS": "1536", "ASYM_LOGIT": "1", "TTT_LORA_TARGETS": "q,v,o,mlp,head",
+                  "TTT_LORA_ALPHA": "144", "NGRAM_TILT": "token"}
+
+
+def test_may_preset_is_april_plus_the_best_may_run_and_explicit_settings_win():
+    assert tg.PRESETS["may"] == {**tg.PRESETS["april"], **MAY_OVER_APRIL}
+    h = tg.Hyperparameters.from_env({"PRESET": "may", "LQER_GROUP": "64"})
+    assert (h.eval_seq_len, h.ttt_eval_seq_len, h.phased_ttt_num_phases, h.phased_ttt_prefix_docs) == (2560, 2560, 1, 2500)
+    assert (h.ttt_lora_lr, h.ttt_weight_decay, h.matrix_lr, h.matrix_lr_late, h.gptq_calib_seqs) == (
+        8e-5, 2.0, 0.028, 0.028, 1536)
+    assert h.lqer_group == 64 and h.vocab_size == 8192 and h.parallel_start_layer == 8  # explicit wins; April under it
+    # The parts each public May run added beside #2135 stay off (the CPU ablation decides): docs/may.md.
+    assert (h.awq_groups, h.train_seq_schedule) == (0, "")
+    fields = {f.name.upper(): f for f in tg.dataclasses.fields(tg.Hyperparameters)}
+    may = tg.Hyperparameters.from_env({"PRESET": "may"})
+    for key, raw in tg.PRESETS["may"].items():
+        f = fields[key]
+        assert getattr(may, f.name) == tg._parse_env_value(key, raw, f.default, f.metadata), key

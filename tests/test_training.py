@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as tg
 from conftest import assert_env_error, cpu_runtime, env_settings, run_context, tiny_env, tiny_model
-from test_main import run_in_process
+from test_main import april_tiny_env, run_in_process
 
 
 # ---- graphs ---------------------------------------------------------------------------------------
@@ -531,3 +531,58 @@ def test_run_switches_qat_on_and_reports_raw_and_swa_weights(tiny_data, tmp_path
     for group in ("adamw group:tied_embed", "muon group:layer0", "muon group:layer1"):
         assert f"optimizer {group} " in log
     assert math.isfinite(float(final[2]))
+
+
+def test_april_loop_graphs_are_both_compiled_in_warm_up(tiny_data, tmp_path):
+    """The loop switches on at 35% of training: warm-up traces the model with and without the repeats
+    (torch.compile keeps one graph per plan), so the switch in the timed run compiles nothing."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    h = tg.Hyperparameters.from_env(april_tiny_env(tiny_data, tmp_path, WARMUP_STEPS="2"))
+    base = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+    counter = CompileCounter()  # traces with dynamo, runs eagerly: checks the guards, not codegen
+    compiled = torch.compile(base, backend=counter, dynamic=False, fullgraph=True)
+    rt = cpu_runtime()
+    optimizers = tg.build_optimizers(base, h, rt)
+    logs = []
+    tg.prime_kernels(tg.Trainee(compiled, base, optimizers), run_context(h, logs.append, rt))
+    assert counter.frame_count == 2 and "graphs:qat0_repeats0,qat0_repeats1 " in logs[0]
+    schedule, loader = tg.Schedule(h, h.gptq_reserve_seconds), tg.make_train_loader(h, rt)
+    states = []
+    for step in range(h.iterations):
+        states.append(schedule.at(step, 0.0).repeats_on)
+        base.set_mini_recurrence(states[-1])
+        assert torch.isfinite(tg.train_step(compiled, optimizers, loader, h, rt))
+    assert states[0] is False and states[-1] is True  # the run crossed the switch
+    assert counter.frame_count == 2  # and compiled nothing more
+
+
+def test_every_sequence_length_is_compiled_in_warm_up(tiny_data, tmp_path):
+    """TRAIN_SEQ_SCHEDULE with the loop: the warm-up traces each (length, loop) pair the run meets (dynamic=False:
+    one graph per shape), so neither a length switch nor the loop switch compiles in the timed run."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    h = tg.Hyperparameters.from_env(april_tiny_env(tiny_data, tmp_path, WARMUP_STEPS="4",
+                                                   TRAIN_SEQ_SCHEDULE="16@0.2,32@0.5,64@1.0", SEQ_CHANGE_WARMUP_STEPS="2"))
+    base = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+    counter = CompileCounter()
+    compiled = torch.compile(base, backend=counter, dynamic=False, fullgraph=True)
+    rt = cpu_runtime()
+    optimizers = tg.build_optimizers(base, h, rt)
+    logs = []
+    tg.prime_kernels(tg.Trainee(compiled, base, optimizers), run_context(h, logs.append, rt))
+    assert counter.frame_count == 4
+    assert torch._dynamo.config.recompile_limit >= 8 + 2  # room for the two graphs the schedule adds
+    assert logs[-1].startswith("warmup steps:4 graphs:seq16_qat0_repeats0,seq32_qat0_repeats0,"
+                               "seq32_qat0_repeats1,seq64_qat0_repeats1 ")
+    schedule, loader = tg.Schedule(h, h.gptq_reserve_seconds), tg.make_train_loader(h, rt)
+    met = []
+    for step in range(h.iterations):
+        s = schedule.at(step, 0.0)
+        base.set_mini_recurrence(s.repeats_on)
+        met.append((s.seq_len, s.repeats_on))
+        assert torch.isfinite(tg.train_step(compiled, optimizers, loader, h, rt, s.seq_len))
+    assert list(dict.fromkeys(met)) == tg.train_shapes(h)  # the run met every primed pair
+    assert counter.frame_count == 4  # and compiled nothing more

@@ -232,6 +232,9 @@ BUDGET_PARTS = {  # each on top of PRESET=may
     "+AWQ_GROUPS=1": dict(AWQ_GROUPS=1),
     "all evaluation parts (K-off, alpha 144)": dict(ASYM_LOGIT=1, TTT_LORA_TARGETS="q,v,o,mlp,head",
                                                     TTT_LORA_ALPHA=144, NGRAM_TILT="token", **SHORT_CHUNKS),
+    "all evaluation parts, sliding stride 1280": dict(ASYM_LOGIT=1, TTT_LORA_TARGETS="q,v,o,mlp,head",
+                                                      TTT_LORA_ALPHA=144, NGRAM_TILT="token", EVAL_STRIDE=1280,
+                                                      **SHORT_CHUNKS),
     "PRESET=april (for reference)": dict(PRESET="april"),
 }
 LEGALITY = re.compile(r"legality ttt_eval (\S+).*")

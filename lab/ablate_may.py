@@ -179,17 +179,28 @@ def score_variant(name: str, artifact: Path, overrides: dict, small: dict, args,
     return log_path.read_text()
 
 
+def finished(path: Path, last: str) -> bool:
+    return path.exists() and re.search(rf"^{last} ", path.read_text(), re.M) is not None
+
+
 def seed_runs(seed: int, vocab: int, small: dict, args, data: Path) -> dict[str, dict[str, float]]:
-    """Every run of one seed: {part: {final line: val_bpb}}."""
+    """Every run of one seed: {part: {final line: val_bpb}}. The evaluation parts first (they need only the
+    baseline's training), then the training parts. With --report nothing runs: only finished logs are read."""
     base = dict(PRESET="april", VOCAB_SIZE=vocab, MLP_MULT=4, SEED=seed, **LAYER_IDS)
     out = {}
-    base_log = run_variant(f"{BASELINE} seed {seed}", base, small, args, data)
-    out[BASELINE] = final_bpb(base_log)
-    for part, overrides in TRAIN_PARTS.items():  # scored without TTT: its pass would double these runs' time here
-        out[part] = final_bpb(run_variant(f"{part} seed {seed}", {**base, **overrides, "TTT": 0}, small, args, data))
-    artifact = args.out / "logs" / f"{run_id(f'{BASELINE} seed {seed}')}.ptz"
+    base_name = f"{BASELINE} seed {seed}"
+    if args.report and not finished(args.out / "logs" / f"{run_id(base_name)}.txt", "final_ttt_exact"):
+        return out
+    out[BASELINE] = final_bpb(run_variant(base_name, base, small, args, data))
+    artifact = args.out / "logs" / f"{run_id(base_name)}.ptz"
     for part, overrides in EVAL_PARTS.items():
-        out[part] = final_bpb(score_variant(f"{part} seed {seed}", artifact, {**base, **overrides}, small, args, data))
+        name = f"{part} seed {seed}"
+        if not args.report or finished(args.out / "scores" / f"{run_id(name)}.txt", "final_ttt_exact"):
+            out[part] = final_bpb(score_variant(name, artifact, {**base, **overrides}, small, args, data))
+    for part, overrides in TRAIN_PARTS.items():  # scored without TTT: its pass would double these runs' time here
+        name = f"{part} seed {seed}"
+        if not args.report or finished(args.out / "logs" / f"{run_id(name)}.txt", "final_sliding_window_exact"):
+            out[part] = final_bpb(run_variant(name, {**base, **overrides, "TTT": 0}, small, args, data))
     return out
 
 
@@ -202,12 +213,16 @@ def ablate(args) -> None:
     small["ITERATIONS"] = str(args.steps)
     with ThreadPoolExecutor(max_workers=len(SEEDS)) as pool:
         results = list(pool.map(lambda s: seed_runs(s, vocab, small, args, data), SEEDS))
+    if not all(BASELINE in r for r in results):
+        raise SystemExit(f"{args.out}: the baseline has not finished for every seed")
     base = [r[BASELINE] for r in results]
     rows = []
-    for part in TRAIN_PARTS:
-        rows += rows_for(part, [r[part] for r in results], base, TRAIN_METRICS)
+    for part in TRAIN_PARTS:  # a part that has not finished for every seed is left out
+        if all(part in r for r in results):
+            rows += rows_for(part, [r[part] for r in results], base, TRAIN_METRICS)
     for part in EVAL_PARTS:
-        rows += rows_for(part, [r[part] for r in results], base, ("final_ttt_exact", "final_ttt_ngram_exact"))
+        if all(part in r for r in results):
+            rows += rows_for(part, [r[part] for r in results], base, ("final_ttt_exact", "final_ttt_ngram_exact"))
     spread = {SHORT[m]: max(b[m] for b in base) - min(b[m] for b in base) for m in BASE_METRICS}
     print("| baseline | " + " | ".join(f"{SHORT[m]} seed {s}" for m in BASE_METRICS for s in SEEDS) + " |")
     print("|---|" + "---|" * (len(BASE_METRICS) * len(SEEDS)))
@@ -287,6 +302,7 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=2048, help="TRAIN_BATCH_TOKENS (TRAIN_SEQ_LEN x a multiple of 8)")
     p.add_argument("--val-docs", type=int, default=32)
     p.add_argument("--val-tokens", type=int, help="budget: validation tokens (default: the public count)")
+    p.add_argument("--report", action="store_true", help="run nothing: the table of the runs that have finished")
     args = p.parse_args()
     if args.what == "budget":
         budget(args)

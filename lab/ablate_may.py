@@ -70,6 +70,12 @@ EVAL_PARTS = {
     "all evaluation parts": dict(ASYM_LOGIT=1, NGRAM_TILT="token", **LORA_K_OFF, **LORA_ALPHA, **SHORT_CHUNKS,
                                  **ONE_PHASE),
 }
+# Alternatives, not in "all": #1953's mask, and PRESET=may's LoRA LR and weight decay (#2135's).
+EVAL_PARTS.update({
+    "+LoRA no_qv (k,o,mlp,head)": dict(TTT_LORA_TARGETS="k,o,mlp,head"),
+    "+LoRA LR 8e-5, WD 2.0": dict(TTT_LORA_LR=8e-5, TTT_WEIGHT_DECAY=2.0),
+})
+ALTERNATIVES = ("+LoRA no_qv (k,o,mlp,head)", "+LoRA LR 8e-5, WD 2.0")
 # The metrics a table row shows, by what the part can change: a training part every score, an evaluation part
 # only TTT's (and the tilted one where it tilts).
 TRAIN_METRICS = ("final_float_exact", "final_roundtrip_exact", "final_sliding_window_exact")

@@ -51,7 +51,7 @@ BASELINE = "PRESET=april (small)"
 # Training parts, each on top of the baseline, one training per seed. The public schedule 1024,2048,3072 at
 # 10% / 70% / 100% of the run, shrunk to end at the small run's 256 (1:2:4, so that the loader's block, the
 # lengths' least common multiple, divides the 256-token micro-batch), with its 32-step LR re-ramp scaled like
-# the run (32 of about 4,900 steps: 2 of 200).
+# the run (32 of about 4,900 steps: 1 to 2 of 100 to 200).
 TRAIN_PARTS = {
     "+progressive context 64/128/256": dict(TRAIN_SEQ_SCHEDULE="64@0.1,128@0.7,256@1.0", SEQ_CHANGE_WARMUP_STEPS=2),
     "+AWQ_GROUPS=1": dict(AWQ_GROUPS=1),

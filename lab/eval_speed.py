@@ -1,0 +1,126 @@
+"""Why our sliding-window evaluation is slower than the 2026-03-29 record script's on CPU (issue 28): the same
+model size, the same tokens, both evaluation loops timed in one process, one after the other, then variants
+of ours that each change one thing, and a torch.profiler table of where the time goes.
+
+    OMP_NUM_THREADS=1 python3 lab/eval_speed.py --reference RECORD_0329/train_gpt.py [--tokens 32768]
+
+The reference model is built by the record's own code through lab/parity_benchmark.py's shims (its
+Hyperparameters from the same variables the parity benchmark gives it) and evaluated by its own
+eval_val_sliding; ours is built by build_model and evaluated by evaluate(). Both models are at their random
+init: evaluation time does not depend on the weights' values. The tokens are random ids (no BOS), which
+changes nothing either script computes per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "lab"))
+
+import parity_benchmark as pb  # noqa: E402
+
+# The March parity benchmark's size (docs/parity.md) and the record's command line at that depth.
+SIZE = pb.SIZES["march"]
+
+
+def set_env(env: dict[str, str]) -> None:
+    os.environ.update(env)
+
+
+def reference_model(script: Path):
+    """The record module and its GPT at SIZE, built as its main() builds it (fp32 on CPU through the shims)."""
+    set_env({**pb.common_env(SIZE, ROOT, ROOT, 1337), **pb.reference_env(SIZE), "VOCAB_SIZE": "1024"})
+    rec = pb.load_record(script)
+    a = rec.Hyperparameters()
+    model = rec.GPT(vocab_size=a.vocab_size, num_layers=a.num_layers, model_dim=a.model_dim, num_heads=a.num_heads,
+                    num_kv_heads=a.num_kv_heads, mlp_mult=a.mlp_mult, tie_embeddings=a.tie_embeddings,
+                    tied_embed_init_std=a.tied_embed_init_std, logit_softcap=a.logit_softcap, rope_base=a.rope_base,
+                    qk_gain_init=a.qk_gain_init, bigram_vocab_size=a.bigram_vocab_size, bigram_dim=a.bigram_dim,
+                    xsa_last_n=a.xsa_last_n, rope_dims=a.rope_dims, ln_scale=a.ln_scale, ve_enabled=a.ve_enabled,
+                    ve_dim=a.ve_dim, ve_layers=a.ve_layers, neg_slope=a.negative_slope)
+    return rec, a, model.float()
+
+
+def our_model():
+    import train_gpt as tg
+
+    env = {**pb.common_env(SIZE, ROOT, ROOT, 1337), **pb.ours_env(SIZE), "VOCAB_SIZE": "1024"}
+    h = tg.Hyperparameters.from_env({k: v for k, v in env.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")})
+    return tg, h, tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+
+
+def luts(vocab: int):
+    """Byte tables of a made-up vocabulary (2 bytes a piece, a leading space on every other one): the same for
+    both loops, and their time does not depend on the values."""
+    import train_gpt as tg
+
+    base = torch.full((vocab,), 2, dtype=torch.int32)
+    space = torch.arange(vocab) % 2 == 0
+    boundary = torch.zeros(vocab, dtype=torch.bool)
+    boundary[:4] = True
+    return tg.ByteLUTs(base, space, boundary)
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reference", type=Path, required=True, help="the 2026-03-29 record's train_gpt.py")
+    p.add_argument("--tokens", type=int, default=32_768, help="validation tokens scored (random ids)")
+    p.add_argument("--stride", type=int, default=64)
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of each")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.manual_seed(0)
+    rec, ra, ref = reference_model(args.reference.resolve())
+    tg, h, ours = our_model()
+    ref.eval()
+    ours.eval()
+    tokens = torch.randint(4, 1024, (args.tokens + 1,), dtype=torch.int64)
+    lut = luts(1024)
+    seq = SIZE.seq_len
+    print(f"size: {SIZE}; tokens: {args.tokens}; stride {args.stride}; threads {torch.get_num_threads()}")
+    print(f"params: reference {sum(p.numel() for p in ref.parameters())}, ours {sum(p.numel() for p in ours.parameters())}")
+
+    def reference_sliding(batch: int = 32):
+        return rec.eval_val_sliding(ra, ref, 0, 1, torch.device("cpu"), tokens, lut.base_bytes, lut.has_leading_space,
+                                    lut.is_boundary, args.stride, batch_seqs=batch, eval_seq_len=seq)
+
+    def ours_sliding(batch: int = 16, model=None):
+        spec = tg.EvalSpec("sliding", seq, args.stride, batch)
+        return tg.evaluate(model or ours, tokens.to(torch.int32), lut, spec)
+
+    rows = [("reference eval_val_sliding, 32 windows a forward (its default)", lambda: reference_sliding(32)),
+            ("reference eval_val_sliding, 16 windows a forward", lambda: reference_sliding(16)),
+            ("ours evaluate(sliding), 16 windows a forward (the benchmark's VAL_BATCH_SIZE)", lambda: ours_sliding(16)),
+            ("ours evaluate(sliding), 32 windows a forward", lambda: ours_sliding(32)),
+            ("ours, 32 windows, under inference_mode", lambda: ours_sliding(32))]
+    for label, fn in rows:
+        fn_ctx = torch.inference_mode() if "inference_mode" in label else contextlib.nullcontext()
+        with fn_ctx:
+            seconds, (loss, bpb) = timed(fn)
+        print(f"| {label} | {seconds:.2f} s | {1e6 * seconds / args.tokens:.0f} us/token | loss {loss:.4f} |")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for label, fn in (("reference", lambda: reference_sliding(32)), ("ours", lambda: ours_sliding(32))):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"\n== {label} ==")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+if __name__ == "__main__":
+    main()

@@ -503,14 +503,23 @@ def common_env(size: Size, data: Path, tokenizer: Path, seed: int, kind: str = "
     if kind == "april":
         env.update(
             VOCAB_SIZE=vocab_size(tokenizer), TTT_EVAL_SEQ_LEN=size.seq_len, EMA_DECAY=ema_decay(size.steps, kind),
-            # Its command line's TTT settings, ours' defaults; the phases cover the same share of the documents.
-            TTT_LORA_RANK=80, TTT_CHUNK_SIZE=48, TTT_BATCH_SIZE=64, TTT_BETA2=0.99, TTT_WEIGHT_DECAY=0.5,
+            # Its command line's TTT settings, ours' defaults; the LoRA rank the same share of the width (80 of
+            # 512); the phases cover the same share of the documents.
+            TTT_LORA_RANK=lora_rank(size.dim), TTT_CHUNK_SIZE=48, TTT_BATCH_SIZE=64, TTT_BETA2=0.99,
+            TTT_WEIGHT_DECAY=0.5,
             PHASED_TTT_NUM_PHASES=3, PHASED_TTT_PREFIX_DOCS=ttt_prefix_docs,
             # A global SGD step of 32,768 tokens would take a whole small phase in one step (and the record
             # skips each phase's last chunk): 4 sequences a step instead.
             GLOBAL_TTT_CHUNK_TOKENS=4 * size.seq_len,
         )
     return {k: str(v) for k, v in env.items()}
+
+
+APRIL_WIDTH, APRIL_LORA_RANK, APRIL_LORA_ALPHA = 512, 80, 144.0  # its LoRAs' output is x alpha / rank = 1.8
+
+
+def lora_rank(dim: int) -> int:
+    return max(1, round(APRIL_LORA_RANK * dim / APRIL_WIDTH))
 
 
 def vocab_size(tokenizer: Path) -> int:
@@ -550,6 +559,8 @@ def reference_env(size: Size, kind: str = "march") -> dict[str, str]:
             SMEAR_GATE_ENABLED=1, LQER_ENABLED=1, LQER_ASYM_ENABLED=1, LQER_RANK=4, LQER_FACTOR_BITS=4,
             LQER_ASYM_GROUP=64, LQER_TOP_K=3, FUSED_CE_ENABLED=1, COMPRESSOR="pergroup", TTT_ENABLED=1,
             VAL_BATCH_TOKENS=8 * VAL_BATCH_SEQS * size.seq_len,  # divided by its 8 micro-batches
+            # its LoRA output scale alpha / rank stays the full run's 1.8 at the smaller rank
+            TTT_LORA_ALPHA=APRIL_LORA_ALPHA / APRIL_LORA_RANK * lora_rank(size.dim),
         )
     return {k: str(v) for k, v in env.items()}
 

@@ -136,6 +136,8 @@ def test_step_counted_settings_scale_to_the_run():
     assert pb.ema_decay(200, "april") == round(1 - 0.0035 * 4931 / 200, 4)
     assert pb.april_layers(11) == dict(loop_first=3, loop_last=5, parallel_start=8)
     assert pb.april_layers(6) == dict(loop_first=2, loop_last=3, parallel_start=4)
+    # TTT LoRA: the full run's share of the width (80 of 512), and its output scale alpha / rank = 1.8 kept
+    assert pb.lora_rank(128) == 20 and float(pb.reference_env(april, "april")["TTT_LORA_ALPHA"]) / 20 == 1.8
 
 
 def test_variants_and_assignments_are_checked():

@@ -23,10 +23,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 import online_ngram as ng
 import train_gpt as tg
@@ -36,11 +38,10 @@ import train_gpt as tg
 class NgramSettings:
     # The artifact.
     artifact_path: str = tg._hp("")  # the .ptz a training run wrote (required)
-    # Experts: the least confidence at which each may fire, and its boost beta (0 turns it off).
-    ngram_token_threshold: float = tg._hp(0.80, lo=0.0, hi=1.0)  # token 16-gram expert
+    # Experts: the least confidence at which each may fire, and its boost beta (0 turns it off). The token
+    # expert's (NGRAM_TOKEN_THRESHOLD, NGRAM_TOKEN_BOOST) are train_gpt.py's settings: its own evaluation tilts too.
     ngram_within_threshold: float = tg._hp(0.45, lo=0.0, hi=1.0)  # within-word expert
     ngram_word_threshold: float = tg._hp(0.65, lo=0.0, hi=1.0)  # word-start expert
-    ngram_token_boost: float = tg._hp(2.625, lo=0.0, hi=20.0)  # token 16-gram expert
     ngram_within_boost: float = tg._hp(0.75, lo=0.0, hi=20.0)  # within-word expert
     ngram_word_boost: float = tg._hp(0.75, lo=0.0, hi=20.0)  # word-start expert
     ngram_agree_boost: float = tg._hp(0.5, lo=0.0, hi=20.0)  # added when two gated experts agree
@@ -64,11 +65,13 @@ class NgramSettings:
                                   "(OUT_DIR/RUN_ID.ptz)")
         return settings
 
-    def tilt(self) -> ng.TiltConfig:
+    def tilt(self, h: tg.EvalSettings) -> ng.TiltConfig:
         return ng.TiltConfig(
-            (self.ngram_token_threshold, self.ngram_within_threshold, self.ngram_word_threshold),
-            (self.ngram_token_boost, self.ngram_within_boost, self.ngram_word_boost), self.ngram_agree_boost)
+            (h.ngram_token_threshold, self.ngram_within_threshold, self.ngram_word_threshold),
+            (h.ngram_token_boost, self.ngram_within_boost, self.ngram_word_boost), self.ngram_agree_boost)
 
+
+TOKEN_EXPERT_SETTINGS = ("ngram_token_threshold", "ngram_token_boost")  # defined in train_gpt.EvalSettings
 
 # Running sums over the scored positions (float64, all-reduced across ranks).
 SUMS = ("plain_nats", "tilted_nats", "cache_nats", "tokens", "bytes", *(f"fired_{e}" for e in ng.EXPERTS),
@@ -112,35 +115,40 @@ def warm_up(logits_fn, spec: tg.EvalSpec, rt: tg.Runtime) -> None:
     rt.sync()
 
 
-def score(logits_fn, val_tokens, luts: tg.ByteLUTs, hint, conf, cache_p, masks, s: NgramSettings,
-          spec: tg.EvalSpec, rt: tg.Runtime, ttt=None) -> dict[str, float]:
-    """Sliding-window scoring of this rank's windows, or TTT's (ttt: (model, TTTSpec, forward, log)): plain,
-    tilted (and cache-mixed) nats, summed. The hints of a position come from the stream before it, whatever
+class Experts(NamedTuple):
+    """The n-gram experts' proposals for every validation position, on the device: hint and conf
+    [experts, tokens], the cache's probability of each target (or None) and the piece masks."""
+    hint: Tensor
+    conf: Tensor
+    cache_p: Tensor | None
+    masks: object
+
+
+def score(run_pass: Callable, luts: tg.ByteLUTs, counter: tg.ByteCounter, experts: Experts, s: NgramSettings,
+          h: tg.EvalSettings) -> dict[str, float]:
+    """Plain, tilted (and cache-mixed) nats, summed over this rank's windows or TTT's documents, and the bytes
+    as counter gives them (the byte sidecar when the dataset has one; luts: the pieces' word boundaries):
+    run_pass(sums) runs the model's pass with this score callback (tg.score_windows' or tg.ttt_score's) and
+    returns the sums over every rank. The hints of a position come from the stream before it, whatever
     order the documents are scored in."""
-    tilt = s.tilt()
+    tilt = s.tilt(h)
 
     def sums(logits, x, y, scored, pos):
         logp = torch.log_softmax(logits.float()[scored], dim=-1)  # [S, V]: only the scored rows
         xs, ys, ps = x[scored], y[scored], pos[scored]
         plain = logp.gather(1, ys[:, None])[:, 0]
-        hinted, beta, expert, agreed = ng.select_hints(logp, luts.is_boundary[xs], hint[:, ps].long(), conf[:, ps],
-                                                       masks, tilt)
+        hinted, beta, expert, agreed = ng.select_hints(logp, luts.is_boundary[xs], experts.hint[:, ps].long(),
+                                                       experts.conf[:, ps], experts.masks, tilt)
         tilted = ng.tilt_logprobs(logp, hinted, beta).gather(1, ys[:, None])[:, 0]
         mixed = plain
-        if cache_p is not None:
-            mixed = ng.mix_logprobs(plain, cache_p[ps], ng.cache_weight(logp, s.ngram_cache_weight))
+        if experts.cache_p is not None:
+            mixed = ng.mix_logprobs(plain, experts.cache_p[ps], ng.cache_weight(logp, s.ngram_cache_weight))
         fired = [(expert == e).sum() for e in range(len(ng.EXPERTS))]
         values = [-plain.double().sum(), -tilted.double().sum(), -mixed.double().sum(), scored.sum(),
-                  luts.token_bytes(xs, ys).sum(), *fired, agreed.sum()]
+                  counter.count(xs, ys, ps).sum(), *fired, agreed.sum()]
         return torch.stack([v.double() for v in values])
 
-    if ttt is not None:
-        model, ttt_spec, forward, log = ttt
-        total = tg.ttt_score(model, sums, val_tokens, ttt_spec, rt.rank, rt.world_size, rt.autocast, forward, log)
-    else:
-        total = tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt.rank, rt.world_size,
-                                 rt.autocast, phase="ngram_score")
-    return dict(zip(SUMS, total.tolist()))
+    return dict(zip(SUMS, run_pass(sums).tolist()))
 
 
 def log_results(log, sums: dict[str, float], cache: bool) -> None:
@@ -157,9 +165,13 @@ def log_results(log, sums: dict[str, float], cache: bool) -> None:
 def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[str, float]:
     t_start = time.perf_counter()
     log = tg.Logger(Path(h.out_dir) / f"{Path(s.artifact_path).stem}_ngram.txt" if rt.is_main else None)
-    tg.log_preamble(log, h, rt, Path(tg.__file__).read_text(encoding="utf-8"), env)
+    code = tg.code_form(Path(tg.__file__).read_text(encoding="utf-8"))
+    ctx = tg.RunContext(h, rt, tg.RunState(Path(s.artifact_path).stem, h.gptq_reserve_seconds), log, code)
+    tg.log_preamble(ctx, env)
     for f in dataclasses.fields(s):
         log(f"ngram_setting {f.name}:{getattr(s, f.name)}")
+    for name in TOKEN_EXPERT_SETTINGS:  # train_gpt.py's settings (its own evaluation tilts with them too)
+        log(f"ngram_setting {name}:{getattr(h, name)}")
 
     if not Path(s.artifact_path).is_file():
         raise FileNotFoundError(f"ARTIFACT_PATH={s.artifact_path}: no such file")
@@ -172,8 +184,10 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     tokens = tg.load_validation_tokens(h.data_path)
     val_tokens = torch.from_numpy(tokens.astype(np.int32)).to(rt.device)
     log(f"data val_tokens:{len(tokens)} tokenizer_pieces:{sp.vocab_size()}")
+    counter = tg.validation_byte_counter(luts, sp, h.data_path, cfg.bos_id).to(rt.device)
+    log(tg.describe_byte_counter(counter, val_tokens))
     model, logits_fn, compiled = load_model(cfg, state, h, rt, log)
-    spec, ttt_spec = tg.EvalSpec.sliding(h), tg.TTTSpec.from_hparams(h)
+    spec = tg.EvalSpec.sliding(h)
     if s.ngram_ttt:
         tg.log_ttt_budget(cfg, tokens, h, log, windows=False)  # no window pass runs here
 
@@ -184,7 +198,7 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
         hints_job = pool.submit(ng.hint_pass, tokens, tables) if rt.is_main else None
         cache_job = pool.submit(ng.cache_pass, tokens, cfg.vocab_size) if rt.is_main and s.ngram_cache else None
         if s.ngram_ttt:
-            ttt_forward = tg.compile_ttt_forward(model, ttt_spec, h, rt, log)
+            ttt_forward = tg.compile_ttt_forward(model, ctx)
         elif compiled:
             warm_up(logits_fn, spec, rt)
             log(f"compile warm_up_ms:{1000 * (time.perf_counter() - t0):.0f}")
@@ -203,8 +217,13 @@ def run(h: tg.Hyperparameters, s: NgramSettings, rt: tg.Runtime, env) -> dict[st
     rt.sync()
     t2 = time.perf_counter()
 
-    sums = score(logits_fn, val_tokens, luts, hint, conf, cache_p, ng.piece_masks(tables, rt.device), s, spec, rt,
-                 (model, ttt_spec, ttt_forward, log) if s.ngram_ttt else None)
+    if s.ngram_ttt:
+        def run_pass(sums):
+            return tg.ttt_score(model, sums, val_tokens, h, rt, ttt_forward, log)
+    else:
+        def run_pass(sums):
+            return tg.score_windows(lambda x, y: logits_fn(x), sums, val_tokens, spec, rt, phase="ngram_score")
+    sums = score(run_pass, luts, counter, Experts(hint, conf, cache_p, ng.piece_masks(tables, rt.device)), s, h)
     rt.sync()
     t3 = time.perf_counter()
     log_results(log, sums, s.ngram_cache)
@@ -225,7 +244,7 @@ def check_submission_bytes(artifact: Path, log) -> None:
     fail, with both counts, if code plus model reach the cap."""
     # train_gpt.py counts as it ships (its compact wrapper, as in train_gpt.py's own bytes_code); the
     # evaluation files ship as they are.
-    files = {p.name: tg.code_form(p.read_text()).bytes_code if p.name == "train_gpt.py" else p.stat().st_size
+    files = {p.name: tg.code_form(p.read_bytes()).bytes_code if p.name == "train_gpt.py" else p.stat().st_size
              for p in code_files()}
     code, model = sum(files.values()), artifact.stat().st_size
     log("ngram_artifact " + " ".join(f"{name}:{size}" for name, size in files.items()) +

@@ -54,10 +54,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
-# Hyperparameters
+# Settings
 # ----------------------------------------------------------------------------------------------------
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal cap on code bytes + compressed model bytes
+COMPRESSORS = ("auto", "pergroup", "zstd", "lzma", "brotli", "zpaq", "lrzip")  # the last five: CODECS
 # The global batch is always cut into this many micro-batches, spread over the ranks, so that a step
 # computes the same thing on 1, 2, 4 or 8 processes (each process accumulates 8 / world_size of them).
 MICRO_BATCHES_PER_STEP = 8
@@ -123,6 +124,8 @@ class ModelConfig:
     smear_gate_form: str = _hp("channel", choices=("channel", "input"))  # channel: g per channel; input: by x_t[:12]
     gate_window: int = _hp(12, lo=1, hi=8192)  # input dims the input-dependent gates read
     doc_masked_attention: bool = _hp(False)  # attend only within the current document (a BOS starts one)
+    # Model: May parts (docs/may.md). Off by default.
+    asym_logit: bool = _hp(False)  # TTT's soft cap: one per logit sign, from LOGIT_SOFTCAP; global TTT SGD adapts them
 
     @classmethod
     def from_hparams(cls, h: "ModelConfig") -> "ModelConfig":
@@ -178,8 +181,8 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, str]] = {
     "seed": {},  # the defaults: the 2026-03-29 stack
     "april": {  # the 2026-04-27 record's training configuration at sp8192, with what we have (docs/april.md)
-        "VOCAB_SIZE": "8192", "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
-        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+        # Its data: the CaseOps variant (docs/data.md); DATA_VARIANT=sp8192 is the plain sp8192.
+        "VOCAB_SIZE": "8192", "DATA_VARIANT": "sp8192_lossless_caps_caseops_v1_reserved",
         "MLP_MULT": "4", "MLP_ACTIVATION": "leaky_relu2", "QK_GAIN_INIT": "5.0", "BIGRAM_BUCKETS": "0",
         "VE_LAYERS": "none",  # the April record has no value embeddings
         "SMEAR_GATE_FORM": "input", "ATTN_OUT_GATE": "1", "ATTN_GATE_SCALE": "0.5", "PARALLEL_START_LAYER": "8",
@@ -193,28 +196,126 @@ PRESETS: dict[str, dict[str, str]] = {
         "CLIP_METHOD": "sdclip", "QUANT_EMBED_BITS": "7",  # the record's quantizer (LQER is on by default)
     },
 }
+# PRESET=may: the best audited run of the final leaderboard (challenge PR #2135, 1.05651) on top of April, as far as
+# our settings reach (docs/may.md): longer evaluation and TTT context, one global TTT phase, its TTT LoRA LR and
+# weight decay, #2060's matrix LR and LQER group, 32 calibration batches (32 x 48 sequences of 2048).
+PRESETS["may"] = {
+    **PRESETS["april"],
+    "EVAL_SEQ_LEN": "2560", "TTT_EVAL_SEQ_LEN": "2560", "PHASED_TTT_NUM_PHASES": "1",
+    "TTT_LORA_LR": "8e-5", "TTT_WEIGHT_DECAY": "2.0", "MATRIX_LR": "0.028", "MATRIX_LR_LATE": "0.028",
+    "LQER_GROUP": "32", "GPTQ_CALIB_SEQS": "1536",
+}
+
+
+VARIANT_NAME = re.compile(r"sp(\d+)((?:_[A-Za-z0-9]+)*)")
+
+
+def variant_paths(variant: str) -> dict[str, str]:
+    """DATA_PATH and TOKENIZER_PATH of a published variant where `data/cached_challenge_fineweb.py --variant
+    <variant>` puts it: sp8192 -> ./data/datasets/fineweb10B_sp8192 and ./data/tokenizers/fineweb_8192_bpe.model;
+    a suffix after the vocabulary follows `_bpe` in the tokenizer's name (sp8192_lossless_caps_caseops_v1_reserved
+    -> fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model). {} for no variant."""
+    if not variant:
+        return {}
+    m = VARIANT_NAME.fullmatch(variant)
+    if m is None:
+        raise SettingError(f"DATA_VARIANT={variant!r} is not a variant name sp<vocab>[_<suffix>] (sp1024, sp8192, "
+                           f"sp8192_lossless_caps_caseops_v1_reserved)")
+    return {"DATA_PATH": f"./data/datasets/fineweb10B_{variant}",
+            "TOKENIZER_PATH": f"./data/tokenizers/fineweb_{m[1]}_bpe{m[2]}.model"}
 
 
 @dataclass(frozen=True)
-class Hyperparameters(ModelConfig):
-    """Everything a run reads from the environment: the model's fields (inherited from ModelConfig) and how
-    it is trained, quantized and evaluated."""
-    # Preset.
-    preset: str = _hp("seed", choices=tuple(PRESETS))  # seed (the defaults) or april; explicit variables win
-    # Data and run identity.
+class RunSettings:
+    """Which run: its data, where it writes, its seed and how it runs. None of these change what a
+    step computes except SEED."""
+    # Run: preset, data and identity.
+    preset: str = _hp("seed", choices=tuple(PRESETS))  # seed (the defaults), april or may; explicit variables win
+    data_variant: str = _hp("")  # a published variant (sp8192, ...): DATA_PATH, TOKENIZER_PATH where it is downloaded
     data_path: str = _hp("./data/datasets/fineweb10B_sp1024")  # folder of fineweb_train_*.bin and fineweb_val_*.bin
     tokenizer_path: str = _hp("./data/tokenizers/fineweb_1024_bpe.model")  # sentencepiece model (bpb bytes, BOS check)
-    run_id: str = _hp("")  # empty: a fresh id, shared by all ranks
+    run_id: str = _hp("")  # empty: a fresh id, shared by all ranks (RunState.run_id)
     out_dir: str = _hp("logs")  # the log <RUN_ID>.txt and the artifact <RUN_ID>.ptz go here
     seed: int = _hp(1337, lo=0, hi=2**31 - 1)  # init, data order, everything random: the same seed gives the same run
-    # Training length and batch.
+    compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
+    cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
+    resume_from: str = _hp("")  # a checkpoint a stopped run wrote (<OUT_DIR>/<RUN_ID>.ckpt): continue that run
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """How long training runs and what changes during it (the Schedule reads these)."""
+    # Schedule: length and batch.
     train_seq_len: int = _hp(2048, lo=2, hi=65536)  # training sequence length (and the plain evaluation's windows)
+    train_seq_schedule: str = _hp("")  # "len@end,...": rows of len tokens until that share of the run; empty: off
+    seq_change_warmup_steps: int = _hp(0, lo=0, hi=10**6)  # N: LR x (k+1)/N on the k-th step after a length switch
     train_batch_tokens: int = _hp(786_432, lo=16, hi=2**31 - 1)  # per step: TRAIN_SEQ_LEN x 8k sequences
     iterations: int = _hp(20_000, lo=0, hi=10**9)  # step limit (or the budget, if sooner)
     max_wallclock_seconds: float = _hp(600.0, lo=0.0, hi=1e7)  # 0: no cap, ITERATIONS decides
     warmup_steps: int = _hp(20, lo=0, hi=10**6)  # compile/kernel priming steps, then weights reset
+    train_loader: str = _hp("coprime", choices=("coprime", "sequential"))  # seeded blocks, or file order
+    val_loss_every: int = _hp(1000, lo=0, hi=10**9)  # 0: only at the end
+    train_log_every: int = _hp(200, lo=0, hi=10**9)  # 0: no step lines
+    # Schedule: LR, weight averaging, QAT and the mini recurrence.
     warmdown_frac: float = _hp(0.5, lo=0.0, hi=1.0)  # last fraction of the budget: LR falls to 0
+    warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
+    min_lr: float = _hp(0.0, lo=0.0, hi=1.0)  # the LR multiplier never falls below it (the public MIN_LR: a clamp)
     mini_recur_start_frac: float = _hp(0.0, lo=0.0, hi=0.999)  # mini recurrence repeats start at this share of training
+    gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
+    gptq_reserve_measure: bool = _hp(True)  # warm-up times calibration + GPTQ and reserves 1.5x that + 1 s
+    final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
+    ema_decay: float = _hp(0.997, lo=0.0, hi=0.999999)  # EMA of the weights, updated every step
+    swa_every: int = _hp(50, lo=1, hi=10**9)  # SWA checkpoint period (steps) during the warmdown
+    qat: str = _hp("hard", choices=("off", "hard", "soft"))  # fake int6: straight-through or soft-round
+    qat_lr_threshold: float = _hp(0.15, lo=0.0, hi=1.0)  # QAT switches on once the LR multiplier is below
+    qat_soft_alpha_start: float = _hp(1.0, lo=0.0, hi=1e4)  # soft-round sharpness when QAT switches on
+    qat_soft_alpha_end: float = _hp(16.0, lo=0.0, hi=1e4)  # ... reached QAT_SOFT_RAMP_STEPS later
+    qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)  # steps of that ramp
+
+    def seq_stages(self) -> tuple[tuple[int, float], ...]:
+        """((length, end), ...): rows of `length` tokens while the run's progress is at most `end` (the last
+        stage also past it); without TRAIN_SEQ_SCHEDULE, TRAIN_SEQ_LEN throughout."""
+        return parse_seq_schedule(self.train_seq_schedule) or ((self.train_seq_len, 1.0),)
+
+    def train_block_len(self) -> int:
+        """Tokens of the coprime loader's blocks: the least common multiple of the stage lengths, so that a
+        block cuts into whole rows of every stage (TRAIN_SEQ_LEN without a schedule)."""
+        return math.lcm(*(length for length, _ in self.seq_stages()))
+
+    def check(self) -> None:
+        seqs = self.train_batch_tokens // self.train_seq_len
+        if self.train_batch_tokens % self.train_seq_len or seqs % MICRO_BATCHES_PER_STEP:
+            raise ValueError(
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be TRAIN_SEQ_LEN={self.train_seq_len} "
+                f"times a multiple of {MICRO_BATCHES_PER_STEP} sequences")
+        stages = parse_seq_schedule(self.train_seq_schedule)
+        if stages and max(length for length, _ in stages) != self.train_seq_len:
+            raise ValueError(f"TRAIN_SEQ_LEN={self.train_seq_len} must be the longest length of TRAIN_SEQ_SCHEDULE="
+                             f"{self.train_seq_schedule} ({max(length for length, _ in stages)}): it sizes the "
+                             f"evaluation windows and the calibration rows")
+        micro = self.train_batch_tokens // MICRO_BATCHES_PER_STEP
+        if stages and micro % self.train_block_len():
+            raise ValueError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} / {MICRO_BATCHES_PER_STEP} micro-batches "
+                             f"= {micro} tokens must be a multiple of the least common multiple of the "
+                             f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule} lengths, {self.train_block_len()} "
+                             f"(the loader's block, cut into whole rows of each length)")
+        if self.seq_change_warmup_steps and not stages:
+            raise ValueError(f"SEQ_CHANGE_WARMUP_STEPS={self.seq_change_warmup_steps} needs TRAIN_SEQ_SCHEDULE "
+                             f"(it re-ramps the LR after each switch of the sequence length)")
+        if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
+            raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time out of "
+                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        lowest = max(self.warmdown_floor, self.min_lr)
+        if self.qat != "off" and (self.warmdown_frac == 0 or lowest >= self.qat_lr_threshold):
+            raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
+                             f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
+                             f"WARMDOWN_FLOOR={self.warmdown_floor}, MIN_LR={self.min_lr}); set QAT=off or "
+                             f"change them")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Muon for the block matrices, AdamW for the rest (build_optimizers reads these)."""
     # Optimizer.
     matrix_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # Muon LR below MATRIX_LR_SPLIT_LAYER
     scalar_lr: float = _hp(0.025, lo=0.0, hi=10.0)  # AdamW LR of the remaining vectors and scalars
@@ -238,21 +339,11 @@ class Hyperparameters(ModelConfig):
     embed_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # AdamW decay on every embedding table
     scalar_weight_decay: float = _hp(0.04, lo=0.0, hi=1.0)  # AdamW decay on gates, scalars (and Adam projections)
     embed_proj_optimizer: str = _hp("muon", choices=("muon", "adam"))  # bigram/value-embedding projections
-    # Schedule, weight averaging and QAT.
-    warmdown_floor: float = _hp(0.0, lo=0.0, hi=1.0)  # LR multiplier reached at the end of the budget
-    min_lr: float = _hp(0.0, lo=0.0, hi=1.0)  # the LR multiplier never falls below it (the public MIN_LR: a clamp)
-    gptq_reserve_seconds: float = _hp(10.0, lo=0.0, hi=1e7)  # cut from the cap for post-training calibration
-    gptq_reserve_measure: bool = _hp(True)  # warm-up times calibration + GPTQ and reserves 1.5x that + 1 s
-    final_weights: str = _hp("ema", choices=("ema", "swa", "raw"))  # which weights are evaluated and saved
-    ema_decay: float = _hp(0.997, lo=0.0, hi=0.999999)  # EMA of the weights, updated every step
-    swa_every: int = _hp(50, lo=1, hi=10**9)  # SWA checkpoint period (steps) during the warmdown
-    qat: str = _hp("hard", choices=("off", "hard", "soft"))  # fake int6: straight-through or soft-round
-    qat_lr_threshold: float = _hp(0.15, lo=0.0, hi=1.0)  # QAT switches on once the LR multiplier is below
-    qat_soft_alpha_start: float = _hp(1.0, lo=0.0, hi=1e4)  # soft-round sharpness when QAT switches on
-    qat_soft_alpha_end: float = _hp(16.0, lo=0.0, hi=1e4)  # ... reached QAT_SOFT_RAMP_STEPS later
-    qat_soft_ramp_steps: int = _hp(500, lo=0, hi=10**9)  # steps of that ramp
-    # Data order.
-    train_loader: str = _hp("coprime", choices=("coprime", "sequential"))  # seeded blocks, or file order
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Quantization, the row clips, LQER and compression (the export reads these)."""
     # Quantization and compression.
     quant_bits: int = _hp(6, lo=5, hi=8, choices=(5, 6, 7, 8))  # block matrices: int6 per row
     quant_embed_bits: int = _hp(8, lo=5, hi=16, choices=(5, 6, 7, 8, 16))  # tied embedding; 16 = fp16
@@ -260,13 +351,14 @@ class Hyperparameters(ModelConfig):
     quant_plan: str = _hp("")  # overrides "glob=bits,glob=bits" (bits 5, 6, 7, 8 or 16); later ones win
     quant_target_bytes: int = _hp(ARTIFACT_CAP_BYTES - 1, lo=0, hi=ARTIFACT_CAP_BYTES - 1)  # fit to it; 0: off
     quant_storage: str = _hp("byte", choices=("byte", "packed6"))  # one value per byte, or 4 in 3 bytes
-    compressor: str = _hp("auto", choices=("auto", "zstd", "lzma", "brotli", "pergroup"))  # auto: smallest
+    compressor: str = _hp("auto", choices=COMPRESSORS)  # auto: the smallest of one stream and per group (not lrzip)
     byte_shuffle: bool = _hp(True)  # 2-byte values (scales, fp16 tensors): even-offset bytes, then odd
     pergroup_sort: str = _hp("tok_emb.weight,attn.c_q.weight,mlp.fc.weight")  # roles whose rows are sorted
     gptq: bool = _hp(True)  # 0: round-to-nearest (with the clip search)
     gptq_calib_seqs: int = _hp(512, lo=1, hi=10**6)  # training sequences of TRAIN_SEQ_LEN, all ranks
     gptq_damp: float = _hp(0.01, lo=1e-6, hi=10.0)  # added to diag(H), as a fraction of its mean
     gptq_block: int = _hp(128, lo=1, hi=65536)  # columns per lazy-update block
+    awq_groups: int = _hp(0, lo=0, hi=10_000)  # AWQ-lite: the most activation-weighted 64-column groups at int8
     # Row clips: percentile search (measured best) or SDClip (docs/quantization.md, "The frontier").
     clip_method: str = _hp("percentile", choices=("percentile", "sdclip", "sdclip_hessian"))  # per-row clip rule
     sdclip_k_mlp: float = _hp(11.5, lo=0.1, hi=1000.0)  # SDClip clip = k * std(row): blocks.*.mlp.* matrices
@@ -281,19 +373,48 @@ class Hyperparameters(ModelConfig):
     lqer_b_bits: int = _hp(4, lo=2, hi=8)  # B's levels, one scale per LQER_GROUP values
     lqer_group: int = _hp(64, lo=1, hi=2**20)  # values of B per scale
     lqer_select: str = _hp("error", choices=("error", "hessian"))  # largest ||W - W_q||_F, or most output error removed
-    # Evaluation and logging.
+
+    def check(self) -> None:
+        parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
+        if self.awq_groups and not self.gptq:
+            raise ValueError(f"AWQ_GROUPS={self.awq_groups} needs GPTQ=1: the groups are chosen from GPTQ's "
+                             f"calibration Hessians and rounded inside its column loop")
+        if codec_missing(self.compressor):  # so does a codec that is not installed
+            raise ValueError(f"COMPRESSOR={self.compressor}: that codec is not installed here "
+                             f"({codec_missing(self.compressor)})")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The evaluation passes: plain windows, the sliding window, batch sizes."""
+    # Evaluation.
     val_batch_size: int = _hp(65_536, lo=1, hi=2**31 - 1)  # tokens per eval forward on each rank
-    val_loss_every: int = _hp(1000, lo=0, hi=10**9)  # 0: only at the end
-    train_log_every: int = _hp(200, lo=0, hi=10**9)  # 0: no step lines
     eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # sliding-window evaluation: window length
     eval_stride: int = _hp(64, lo=1, hi=65536)  # sliding-window evaluation: a new window every this many targets
-    # Score-first test-time training (docs/ttt.md): final_ttt_exact, after the sliding-window score.
+    # Evaluation: the token n-gram tilt of the final scores (docs/ngram.md); each hint from earlier tokens only.
+    ngram_tilt: str = _hp("off", choices=("off", "token"))  # token: the 16-gram expert tilts TTT's (TTT=0: windows')
+    ngram_token_threshold: float = _hp(0.80, lo=0.0, hi=1.0)  # token 16-gram expert: the least confidence that may fire
+    ngram_token_boost: float = _hp(2.625, lo=0.0, hi=20.0)  # token 16-gram expert: its boost beta
+
+    def val_batch_seqs(self, seq_len: int) -> int:
+        """Sequences of seq_len per forward for evaluation and calibration: VAL_BATCH_SIZE tokens."""
+        return max(1, self.val_batch_size // seq_len)
+
+    def check(self) -> None:
+        if self.eval_stride > self.eval_seq_len:
+            raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+
+
+@dataclass(frozen=True)
+class TTTSettings:
+    """Score-first test-time training (docs/ttt.md): final_ttt_exact, after the sliding-window score."""
+    # Test-time training.
     ttt: bool = _hp(True)  # adapt to each validation document while scoring it (on the artifact's weights)
     ttt_lora_rank: int = _hp(80, lo=1, hi=4096)  # rank of each document's LoRA (Q, K, V, O, MLP, head)
     ttt_chunk_size: int = _hp(48, lo=1, hi=65536)  # tokens scored, then learned from, per step
     ttt_eval_seq_len: int = _hp(2048, lo=2, hi=65536)  # context window within the document
     ttt_batch_size: int = _hp(64, lo=1, hi=65536)  # documents adapted side by side (each its own LoRA)
-    ttt_lora_lr: float = _hp(1e-4, lo=0.0, hi=10.0)  # AdamW LR of the LoRAs
+    ttt_lora_lr: float = _hp(1e-4, lo=0.0, hi=10.0)  # AdamW LR of the LoRAs (a public LR multiplier: the product)
     ttt_beta1: float = _hp(0.0, lo=0.0, hi=0.9999)  # AdamW beta1 of the LoRAs
     ttt_beta2: float = _hp(0.99, lo=0.0, hi=0.99999)  # AdamW beta2 of the LoRAs
     ttt_weight_decay: float = _hp(0.5, lo=0.0, hi=100.0)  # AdamW decoupled weight decay of the LoRAs
@@ -304,10 +425,34 @@ class Hyperparameters(ModelConfig):
     global_ttt_epochs: int = _hp(1, lo=0, hi=100)  # passes over the scored documents per phase; 0: none
     global_ttt_chunk_tokens: int = _hp(32768, lo=2, hi=2**31 - 1)  # tokens per SGD step (all ranks)
     global_ttt_grad_clip: float = _hp(1.0, lo=0.0, hi=1e6)  # 0: no clipping
-    # Runtime.
-    compile: bool = _hp(True)  # torch.compile on CUDA; CPU runs never compile
-    cpu_threads: int = _hp(0, lo=0, hi=4096)  # CPU runs: torch threads per process; 0: auto (see choose_cpu_threads)
-    resume_from: str = _hp("")  # a checkpoint a stopped run wrote (<OUT_DIR>/<RUN_ID>.ckpt): continue that run
+    # Test-time training: May parts (docs/may.md). The defaults are the April behaviour.
+    ttt_lora_targets: str = _hp("q,k,v,o,mlp,head")  # the LoRAs that exist; the public "no_qv": k,o,mlp,head
+    ttt_lora_alpha: float = _hp(0.0, lo=0.0, hi=1e6)  # LoRA output x ALPHA / TTT_LORA_RANK; 0: the rank (x 1)
+    ttt_short_chunks: str = _hp("")  # "256:8,2000:24": chunks starting below position 256 of a document: 8, ...
+
+    def check(self) -> None:
+        if self.ttt_chunk_size > self.ttt_eval_seq_len:
+            raise ValueError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} must be at most "
+                             f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a chunk is scored inside one window)")
+        parse_lora_targets(self.ttt_lora_targets)
+        for limit, size in parse_short_chunks(self.ttt_short_chunks):
+            if size > self.ttt_eval_seq_len:
+                raise ValueError(f"TTT_SHORT_CHUNKS={self.ttt_short_chunks!r}: a chunk of {size} must be at most "
+                                 f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len}")
+
+
+# The sections of a run's settings, in the order the log and docs/environment.md list them. Each setting is
+# defined once, in its section; a function that needs one section takes that section (a Hyperparameters is
+# every section at once, so it can be passed wherever one is asked for).
+SETTING_SECTIONS = (RunSettings, ModelConfig, ScheduleSettings, OptimizerSettings, QuantSettings, EvalSettings,
+                    TTTSettings)
+
+
+@dataclass(frozen=True)
+class Hyperparameters(TTTSettings, EvalSettings, QuantSettings, OptimizerSettings, ScheduleSettings, ModelConfig,
+                      RunSettings):
+    """Everything a run reads from the environment: every section's settings, read once at start-up,
+    validated, logged, and read-only afterwards (what a run measures lives in RunState)."""
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -320,6 +465,7 @@ class Hyperparameters(ModelConfig):
             preset = _parse_env_value("PRESET", env.get("PRESET", cls.preset), cls.preset,
                                       cls.__dataclass_fields__["preset"].metadata)
             settings = {**PRESETS[preset], **env}  # a variable set explicitly wins over the preset
+            settings = {**variant_paths(settings.get("DATA_VARIANT", "")), **settings}  # ... and over DATA_VARIANT
             values = {f.name: _parse_env_value(f.name.upper(), settings[f.name.upper()], f.default, f.metadata)
                       for f in fields if f.name.upper() in settings}
             hp = cls(**values)
@@ -330,33 +476,71 @@ class Hyperparameters(ModelConfig):
             raise SettingError(str(e)) from None
         return hp
 
-    def val_batch_seqs(self, seq_len: int) -> int:
-        """Sequences of seq_len per forward for evaluation and calibration: VAL_BATCH_SIZE tokens."""
-        return max(1, self.val_batch_size // seq_len)
-
     def check(self) -> None:
-        """Cross-field rules (the model's, then the run's); each error names the variables involved."""
-        super().check()
-        seqs = self.train_batch_tokens // self.train_seq_len
-        if self.train_batch_tokens % self.train_seq_len or seqs % MICRO_BATCHES_PER_STEP:
-            raise ValueError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be TRAIN_SEQ_LEN={self.train_seq_len} "
-                f"times a multiple of {MICRO_BATCHES_PER_STEP} sequences")
-        if self.eval_stride > self.eval_seq_len:
-            raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
-        if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
-            raise ValueError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time out of "
-                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        lowest = max(self.warmdown_floor, self.min_lr)
-        if self.qat != "off" and (self.warmdown_frac == 0 or lowest >= self.qat_lr_threshold):
-            raise ValueError(f"QAT={self.qat} would never switch on: the LR multiplier never falls below "
-                             f"QAT_LR_THRESHOLD={self.qat_lr_threshold} (WARMDOWN_FRAC={self.warmdown_frac}, "
-                             f"WARMDOWN_FLOOR={self.warmdown_floor}, MIN_LR={self.min_lr}); set QAT=off or "
-                             f"change them")
-        parse_quant_plan(self.quant_plan)  # a typo fails here, not after training
-        if self.ttt_chunk_size > self.ttt_eval_seq_len:
-            raise ValueError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} must be at most "
-                             f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a chunk is scored inside one window)")
+        """Each section's rules, in order; each error names the variables involved."""
+        for section in SETTING_SECTIONS:
+            if "check" in section.__dict__:  # not vars(): it would stop python-minifier renaming (compact_code)
+                section.check(self)
+
+
+# ---- the run: where it runs, what it measured ----------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where and how this process runs; everything derived from the environment, not from flags."""
+    rank: int
+    world_size: int
+    device: torch.device
+    grad_accum: int
+    autocast: Callable
+    ns_dtype: torch.dtype
+    threads_from: str = ""  # how torch's CPU thread count was chosen (choose_cpu_threads)
+    clock: Callable[[], float] = time.perf_counter  # seconds; tests inject one to test time rules exactly
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @classmethod
+    def single(cls, device: str | torch.device = "cpu") -> "Runtime":
+        """One process on `device` (tools and tests): fp32 on a CPU, bf16 autocast on CUDA."""
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+        return cls(0, 1, device, MICRO_BATCHES_PER_STEP, autocast, torch.bfloat16 if cuda else torch.float32)
+
+
+@dataclass
+class RunState:
+    """What a run draws or measures at start-up, beside its read-only settings: saved in a checkpoint as its
+    own part, so a resumed run keeps them."""
+    run_id: str  # RUN_ID, or a fresh id shared by all ranks
+    gptq_reserve_seconds: float  # GPTQ_RESERVE_SECONDS, or the reserve measured in the warm-up
+    reserve_from: str = "setting"  # "setting" or "measured"
+    # Measured with the reserve (0: not measured): what the calibration after training may still start before the cap.
+    calib_batch_seconds: float = 0.0  # one calibration batch, on the slowest rank
+    gptq_quantize_seconds: float = 0.0  # the quantization after calibration, on the slowest rank
+
+
+@dataclass
+class RunContext:
+    """What every phase of a run reads: the settings, where it runs, what it measured, its log and its code."""
+    h: Hyperparameters
+    rt: Runtime
+    state: RunState
+    log: Callable[..., None]
+    code: CodeForm
+
+
+def log_legality(log, rule: str, verdict: str, **judged_on) -> None:
+    """Every `legality` line has this one form: the rule, its verdict (within / over, or why it is not
+    judged), then what it was judged on, so that a log reader finds each rule's verdict the same way."""
+    log(" ".join([f"legality {rule} verdict:{verdict}", *(f"{k}:{v}" for k, v in judged_on.items())]))
 
 
 SETTING_TYPO_CUTOFF = 0.85  # difflib similarity above which an unknown variable is taken for a mistyped setting
@@ -414,6 +598,46 @@ def parse_layer_set(spec: str, num_layers: int, name: str) -> frozenset[int]:
     return frozenset(layer if layer >= 0 else max(0, num_layers + layer) for layer in layers)
 
 
+FP16_BITS = 16  # in a plan: keep the tensor as fp16
+PLAN_BITS = (5, 6, 7, 8, FP16_BITS)
+
+
+def parse_quant_plan(text: str) -> list[tuple[str, int]]:
+    """QUANT_PLAN "glob=bits,glob=bits" -> [(glob, bits)]; globs match state-dict names (fnmatch)."""
+    rules = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        pattern, sep, bits = (part.strip() for part in item.partition("="))
+        if not sep or not pattern or bits not in {str(b) for b in PLAN_BITS}:
+            raise ValueError(f"QUANT_PLAN entry {item!r} is invalid: expected glob=bits with bits one of "
+                             f"{', '.join(map(str, PLAN_BITS))}")
+        rules.append((pattern, int(bits)))
+    return rules
+
+
+def parse_seq_schedule(text: str) -> tuple[tuple[int, float], ...]:
+    """TRAIN_SEQ_SCHEDULE "1024@0.1,2048@0.7,3072@1.0" -> ((1024, 0.1), (2048, 0.7), (3072, 1.0)); () when
+    empty. The ends are shares of the run (Schedule.progress), rising, the last 1."""
+    stages = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        length, sep, end = item.partition("@")
+        try:
+            stage = (int(length), float(end))
+        except ValueError:
+            stage = None
+        if not sep or stage is None or not 2 <= stage[0] <= 65536 or not 0.0 < stage[1] <= 1.0:
+            raise ValueError(f"TRAIN_SEQ_SCHEDULE entry {item!r} is invalid: expected length@end, a length in "
+                             f"[2, 65536] and an end in (0, 1] (the share of the run it lasts until)")
+        stages.append(stage)
+    ends = [end for _, end in stages]
+    if stages and (any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0):
+        raise ValueError(f"TRAIN_SEQ_SCHEDULE={text} is invalid: the ends must rise and the last must be 1.0")
+    return tuple(stages)
+
+
 def grad_accum_steps(world_size: int) -> int:
     if world_size < 1 or MICRO_BATCHES_PER_STEP % world_size:
         raise SettingError(f"WORLD_SIZE={world_size} must divide {MICRO_BATCHES_PER_STEP} (1, 2, 4 or 8 processes)")
@@ -425,17 +649,27 @@ def grad_accum_steps(world_size: int) -> int:
 PROGRESS_EVERY_S = 30.0  # without a terminal, a long phase prints a line at least this often
 
 
+@dataclass(frozen=True)
+class ProgressSink:
+    """Where and how often Progress reports (tests give their own output and clock)."""
+    every_s: float | None = None  # None: PROGRESS_EVERY_S
+    bar: bool | None = None  # None: a bar when stderr is a terminal
+    out: object = None  # a file for the lines (default: stdout)
+    clock: Callable[[], float] = time.perf_counter
+
+
 class Progress:
     """done/total of a long phase on the main process: a tqdm bar when stderr is a terminal, else a
     `progress` line on stdout every PROGRESS_EVERY_S seconds with the time left (not in the log file)."""
 
     def __init__(self, phase: str, total: int, enabled: bool = True, unit: str = "batch",
-                 every_s: float | None = None, bar: bool | None = None, out=None, clock=time.perf_counter):
-        self.phase, self.total, self.unit, self.clock = phase, total, unit, clock
-        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
-        self.enabled, self.done, self.out = enabled and total > 0, 0, out
-        self.t0 = self.last = clock()
-        bar = sys.stderr.isatty() if bar is None else bar
+                 sink: ProgressSink | None = None):
+        sink = sink or ProgressSink()
+        self.phase, self.total, self.unit, self.clock = phase, total, unit, sink.clock
+        self.every_s = PROGRESS_EVERY_S if sink.every_s is None else sink.every_s
+        self.enabled, self.done, self.out = enabled and total > 0, 0, sink.out
+        self.t0 = self.last = self.clock()
+        bar = sys.stderr.isatty() if sink.bar is None else sink.bar
         self.bar = (tqdm(total=total, desc=phase, unit=unit, leave=False, dynamic_ncols=True)
                     if self.enabled and bar else None)
 
@@ -517,16 +751,79 @@ def shard_token_count(path: str | Path) -> int:
     return count
 
 
+def split_files(data_path: str, split: str) -> list[str]:
+    """fineweb_<split>_<digits>.bin in order: the glob fineweb_val_*.bin also matches the byte sidecar
+    fineweb_val_bytes_*.bin, which is never a token shard."""
+    name = re.compile(rf"fineweb_{re.escape(split)}_\d+\.bin")
+    return sorted(f for f in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
+                  if name.fullmatch(os.path.basename(f)))
+
+
 def find_shards(data_path: str, split: str) -> list[str]:
-    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    files = split_files(data_path, split)
     if not files:
-        raise FileNotFoundError(f"no {split} shards match {pattern}: {FETCH_HINT}")
+        raise FileNotFoundError(f"no {split} shards fineweb_{split}_NNNNNN.bin in {data_path}: {FETCH_HINT}")
     return files
 
 
 def load_validation_tokens(data_path: str) -> np.ndarray:
     return np.concatenate([load_data_shard(f) for f in find_shards(data_path, "val")])
+
+
+# A CaseOps dataset (docs/data.md) ships beside each fineweb_val_NNNNNN.bin a sidecar fineweb_val_bytes_NNNNNN.bin
+# in the shard format: per validation token, the UTF-8 bytes of the ORIGINAL text it stands for (BOS and the
+# case operators 0). Its tokens' own bytes are the transformed text's, so bits per byte divide by these.
+BYTE_SIDECAR_SPLIT = "val_bytes"
+
+
+def load_byte_sidecar(data_path: str, bos_id: int) -> tuple[np.ndarray, list[str]] | None:
+    """(the sidecar's values aligned with load_validation_tokens, its files), or None for a dataset without one
+    (then its manifest must not describe one: a transformed dataset without its sidecar cannot be scored).
+    Sidecar i must belong to validation shard i: present, as many values as the shard has tokens, 0 at every
+    BOS; anything else is a DataError naming the file and what is wrong."""
+    sidecars = split_files(data_path, BYTE_SIDECAR_SPLIT)
+    if not sidecars:
+        check_no_sidecar_expected(data_path)
+        return None
+    shards = find_shards(data_path, "val")
+    expected = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_"))
+                for f in shards]
+    orphans = sorted(set(sidecars) - set(expected))
+    if orphans:
+        raise DataError(f"{orphans[0]}: a byte sidecar without its validation shard "
+                        f"{os.path.basename(orphans[0]).replace('fineweb_val_bytes_', 'fineweb_val_')}")
+    parts = []
+    for shard, sidecar in zip(shards, expected):
+        if not os.path.isfile(sidecar):
+            raise DataError(f"{sidecar}: missing: the byte sidecar of {os.path.basename(shard)} (the other "
+                            f"validation shards have one)")
+        n_tokens, n_values = shard_token_count(shard), shard_token_count(sidecar)
+        if n_tokens != n_values:
+            raise DataError(f"{sidecar}: {n_values} byte counts for the {n_tokens} tokens of "
+                            f"{os.path.basename(shard)}: the sidecar does not belong to these shards")
+        values = load_data_shard(sidecar)
+        bad = np.flatnonzero((load_data_shard(shard) == bos_id) & (values != 0))
+        if len(bad):
+            raise DataError(f"{sidecar}: BOS at position {int(bad[0])} counts {int(values[bad[0]])} bytes, expected 0: "
+                            f"the sidecar does not belong to these shards")
+        parts.append(values)
+    return np.concatenate(parts), expected
+
+
+def check_no_sidecar_expected(data_path: str) -> None:
+    """A dataset whose manifest names a text transform or a byte sidecar, but that has no sidecar file, is
+    refused: its tokens' bytes are not the original text's."""
+    path = Path(data_path) / DATASET_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        transform, described = manifest.get("text_transform") or "identity", bool(manifest.get("val_bytes"))
+    except (OSError, ValueError, AttributeError):
+        return  # no readable manifest: the tokenizer check (validation_byte_counter) still applies
+    if transform != "identity" or described:
+        raise DataError(f"{data_path}: its {DATASET_MANIFEST} says text_transform:{transform}"
+                        f"{' and describes a byte sidecar' if described else ''}, but no fineweb_val_bytes_NNNNNN.bin "
+                        f"is there: bits per byte must count the original text's bytes (fetch or build the "
+                        f"dataset again)")
 
 
 # Beside the shards, by data/cached_challenge_fineweb.py (source "challenge") or data/build_dataset.py
@@ -551,16 +848,21 @@ def dataset_provenance(data_path: str, tokenizer_path: str) -> dict[str, str]:
     info = {"name": Path(data_path).resolve().name, "source": "unknown",
             "val_sha256": sha256_files(find_shards(data_path, "val")),
             "tokenizer_sha256": sha256_files([tokenizer_path])}
+    sidecars = split_files(data_path, BYTE_SIDECAR_SPLIT)
+    if sidecars:  # it decides the score as much as the tokens do
+        info["val_bytes_sha256"] = sha256_files(sidecars)
     path = Path(data_path) / DATASET_MANIFEST
     if not path.is_file():
         return info | {"reason": f"no_{DATASET_MANIFEST}"}
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         recorded = {"val_sha256": manifest["val"]["sha256"], "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
+        if sidecars or manifest.get("val_bytes"):
+            recorded["val_bytes_sha256"] = (manifest.get("val_bytes") or {}).get("sha256")
         source, repo = str(manifest["source"]), manifest.get("repo_id")
     except (ValueError, KeyError, TypeError) as e:
         return info | {"reason": f"unreadable_{DATASET_MANIFEST}:{type(e).__name__}"}
-    differs = [k.removesuffix("_sha256") for k, v in recorded.items() if info[k] != v]
+    differs = [k.removesuffix("_sha256") for k, v in recorded.items() if info.get(k) != v]
     info["source"] = "modified" if differs else source
     if repo:
         info["repo"] = str(repo)
@@ -689,17 +991,20 @@ class CoprimeBlockOrder:
 
 
 class CoprimeLoader:
-    """Sequences are blocks of seq_len + 1 tokens at multiples of seq_len in any shard, in the seeded
-    CoprimeBlockOrder; each step's global batch is its next S blocks and rank r reads only its slice
-    [r*S/W, (r+1)*S/W), so the ranks are disjoint and the global batch is the same for every W."""
+    """Blocks of seq_len + 1 tokens at multiples of seq_len in any shard, in the seeded CoprimeBlockOrder;
+    each step's global batch is its next S blocks and rank r reads only its slice [r*S/W, (r+1)*S/W), so the
+    ranks are disjoint and the global batch is the same for every W. A step of shorter rows (TRAIN_SEQ_SCHEDULE:
+    seq_len is then the stages' least common multiple) cuts each block into consecutive rows of its length,
+    every token an input once and a target once, as in a block of full length; the tokens of a step, and
+    the order the blocks come in, do not depend on the length."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seq_len: int,
                  seed: int):
         tokens = [open_data_shard(f) for f in files]
         counts = [(len(t) - 1) // seq_len for t in tokens]  # a block also needs its last target
         if not any(counts):
-            raise DataError(f"no training shard in {Path(files[0]).parent} holds "
-                             f"TRAIN_SEQ_LEN+1={seq_len + 1} tokens")
+            raise DataError(f"no training shard in {Path(files[0]).parent} holds a block of {seq_len + 1} tokens "
+                             f"(TRAIN_SEQ_LEN+1, or with TRAIN_SEQ_SCHEDULE its lengths' least common multiple + 1)")
         self.tokens = [t for t, n in zip(tokens, counts) if n]
         self.order = CoprimeBlockOrder([n for n in counts if n], seed)
         self.rank, self.world_size, self.device, self.seq_len = rank, world_size, device, seq_len
@@ -711,22 +1016,24 @@ class CoprimeLoader:
         self.order.load_state_dict(state)
 
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        if seq_len != self.seq_len:
-            raise ValueError(f"this loader cuts blocks of {self.seq_len} tokens, not {seq_len}")
-        seqs_per_rank = global_tokens // seq_len // self.world_size
-        shards, blocks = self.order.take(seqs_per_rank * self.world_size)
-        mine = slice(self.rank * seqs_per_rank, (self.rank + 1) * seqs_per_rank)
-        rows = [self.tokens[s][b * seq_len:(b + 1) * seq_len + 1] for s, b in zip(shards[mine], blocks[mine])]
+        """This rank's rows of seq_len tokens (a divisor of the block length) and their targets."""
+        block = self.seq_len
+        if block % seq_len:
+            raise ValueError(f"this loader cuts blocks of {block} tokens: rows of {seq_len} do not divide them")
+        blocks_per_rank = global_tokens // block // self.world_size
+        shards, blocks = self.order.take(blocks_per_rank * self.world_size)
+        mine = slice(self.rank * blocks_per_rank, (self.rank + 1) * blocks_per_rank)
+        rows = [self.tokens[s][b * block:(b + 1) * block + 1] for s, b in zip(shards[mine], blocks[mine])]
         local = torch.from_numpy(np.stack(rows).astype(np.int64))
-        x, y = local[:, :-1].contiguous(), local[:, 1:].contiguous()
+        x, y = local[:, :-1].reshape(-1, seq_len).contiguous(), local[:, 1:].reshape(-1, seq_len).contiguous()
         return _to_device(x, self.device), _to_device(y, self.device)
 
 
-def make_train_loader(h: Hyperparameters, rank: int, world_size: int, device: torch.device):
+def make_train_loader(h: Hyperparameters, rt: Runtime):
     files = find_shards(h.data_path, "train")
     if h.train_loader == "sequential":
-        return DistributedTokenLoader(files, rank, world_size, device)
-    return CoprimeLoader(files, rank, world_size, device, h.train_seq_len, h.seed)
+        return DistributedTokenLoader(files, rt.rank, rt.world_size, rt.device)
+    return CoprimeLoader(files, rt.rank, rt.world_size, rt.device, h.train_block_len(), h.seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -749,6 +1056,33 @@ class ByteLUTs:
     def token_bytes(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids] + space.to(torch.int32)
+
+    source = "tokenizer"  # a byte counter (ByteCounter): the bytes of the text the tokens decode to
+
+    def count(self, x: Tensor, y: Tensor, target_pos: Tensor) -> Tensor:
+        return self.token_bytes(x, y)
+
+
+@dataclass
+class SidecarBytes:
+    """A byte counter from the validation byte sidecar (load_byte_sidecar): target k of the validation stream is
+    worth values[k] bytes of the original text, whatever the tokens are."""
+    values: Tensor  # int32 [N], aligned with the validation tokens
+    files: int
+
+    source = "sidecar"
+
+    def to(self, device) -> "SidecarBytes":
+        return SidecarBytes(self.values.to(device), self.files)
+
+    def count(self, x: Tensor, y: Tensor, target_pos: Tensor) -> Tensor:
+        return self.values[target_pos]
+
+
+# The bpb denominator of every scoring path: count(x, y, target_pos) -> the bytes of each target (y, after x, at
+# target_pos in the validation stream), a gather on the device (no host sync).
+ByteCounter = ByteLUTs | SidecarBytes
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # data/caseops.py's operators (tested equal)
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
@@ -774,6 +1108,37 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs
             piece = piece[len(SPACE_MARK):]
         base[i] = len(piece.replace(SPACE_MARK, " ").encode("utf-8"))
     return ByteLUTs(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def validation_byte_counter(luts: ByteLUTs, sp: spm.SentencePieceProcessor, data_path: str,
+                            bos_id: int) -> ByteCounter:
+    """What every score divides by: the dataset's byte sidecar if it has one, else the tokenizer's tables
+    (luts). A tokenizer with the CaseOps operators as pieces and no sidecar is refused: its tables count
+    the transformed text (3 bytes per operator), not the original."""
+    sidecar = load_byte_sidecar(data_path, bos_id)
+    if sidecar is not None:
+        return SidecarBytes(torch.from_numpy(sidecar[0].astype(np.int32)), len(sidecar[1]))
+    ops = [op for op in CASEOPS_OPERATORS if sp.piece_to_id(op) != sp.unk_id()]
+    if ops:
+        raise DataError(f"the tokenizer has the CaseOps operator pieces {', '.join(f'U+{ord(c):04X}' for c in ops)} "
+                        f"but {data_path} has no byte sidecar fineweb_val_bytes_NNNNNN.bin: bits per byte must count "
+                        f"the original text's bytes (use the dataset built or fetched with this tokenizer)")
+    return luts
+
+
+BYTE_TOTAL_CHUNK = 1 << 22
+
+
+def describe_byte_counter(counter: ByteCounter, val_tokens: Tensor) -> str:
+    """The `val_bytes` line: where the bytes come from and their total over every target (tokens 1..N-1), the
+    number each final val_bpb divides by."""
+    total, n = 0, len(val_tokens)
+    for a in range(1, n, BYTE_TOTAL_CHUNK):  # in chunks: int64 copies of a whole split would take GBs
+        b = min(a + BYTE_TOTAL_CHUNK, n)
+        pos = torch.arange(a, b, device=val_tokens.device)
+        total += int(counter.count(val_tokens[a - 1:b - 1].long(), val_tokens[a:b].long(), pos).sum())
+    files = f" files:{counter.files}" if isinstance(counter, SidecarBytes) else ""
+    return f"val_bytes source:{counter.source}{files} total:{total} targets:{len(val_tokens) - 1}"
 
 
 def check_tokenizer(sp: spm.SentencePieceProcessor, cfg: ModelConfig, path: str) -> None:
@@ -1011,8 +1376,9 @@ class CausalSelfAttention(nn.Module):
 
 
 def adapted(linear: nn.Module, x: Tensor, lora, key: str) -> Tensor:
-    """linear(x), plus the low-rank adapter lora[key](x) when test-time training gives one."""
-    return linear(x) if lora is None else linear(x) + lora[key](x)
+    """linear(x), plus the low-rank adapter lora[key](x) when test-time training gives one (TTT_LORA_TARGETS
+    says which exist)."""
+    return linear(x) if lora is None or key not in lora else linear(x) + lora[key](x)
 
 
 LEAKY_RELU_SLOPE = 0.5
@@ -1039,6 +1405,18 @@ class MLP(nn.Module):
         return self.proj(self.activation(self.fc(x)))
 
 
+class PassInputs(NamedTuple):
+    """What one pass through a block reads besides its stream. input_scale and xsa are Python constants of
+    the layer position (a shared block has several); lora: this pass's test-time adapters (the MLP's runs
+    beside it, from its input to its output); ve: this pass's scaled value embedding."""
+    x0: Tensor  # the first layer's input (the residual mix blends it in)
+    input_scale: float
+    xsa: bool
+    docs: DocLayout | None = None
+    lora: object = None
+    ve: Tensor | None = None
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, attention: Callable):
         super().__init__()
@@ -1050,25 +1428,20 @@ class Block(nn.Module):
         # Row 0 weighs the stream, row 1 the first-layer input x0: starts as the plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, input_scale: float, xsa: bool, docs: DocLayout | None = None,
-                lora=None, ve: Tensor | None = None) -> Tensor:
-        """input_scale and xsa are Python constants of the layer position (a shared block has several);
-        lora: this pass's test-time adapters (the MLP's runs beside it, from its input to its output);
-        ve: this pass's scaled value embedding, or None."""
+    def forward(self, x: Tensor, p: PassInputs) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * input_scale, xsa, docs, lora, ve)
-        return x + self.mlp_scale.to(x.dtype) * adapted(self.mlp, rms_norm(x) * input_scale, lora, "mlp")
+        x = mix[0] * x + mix[1] * p.x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * p.input_scale, p.xsa, p.docs, p.lora, p.ve)
+        return x + self.mlp_scale.to(x.dtype) * adapted(self.mlp, rms_norm(x) * p.input_scale, p.lora, "mlp")
 
-    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, input_scale: float, xsa: bool,
-                      resid: Tensor, post: Tensor, docs: DocLayout | None = None,
-                      lora=None, ve: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, p: PassInputs, resid: Tensor,
+                      post: Tensor) -> tuple[Tensor, Tensor]:
         """Parallel residuals: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both from the
         lanes as they entered the block; lane_i = resid[i] * lane_i + post[0, i] * attn + post[1, i] * mlp."""
         mix = self.resid_mix.to(lane0.dtype)
-        attn_in = mix[0] * lane0 + mix[1] * x0
-        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * input_scale, xsa, docs, lora, ve)
-        m = self.mlp_scale.to(lane1.dtype) * adapted(self.mlp, rms_norm(lane1) * input_scale, lora, "mlp")
+        attn_in = mix[0] * lane0 + mix[1] * p.x0
+        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(attn_in) * p.input_scale, p.xsa, p.docs, p.lora, p.ve)
+        m = self.mlp_scale.to(lane1.dtype) * adapted(self.mlp, rms_norm(lane1) * p.input_scale, p.lora, "mlp")
         resid, post = resid.to(lane0.dtype), post.to(lane0.dtype)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
@@ -1256,6 +1629,9 @@ class GPT(nn.Module):
             self.lane_post = nn.Parameter(torch.ones(lanes, 2, 2))
         if cfg.ortho_init:
             self._orthogonal_init()
+        if cfg.asym_logit:  # made by use_asym_logit, for test-time training only: training never sees them
+            self.register_parameter("softcap_pos", None)
+            self.register_parameter("softcap_neg", None)
         self.set_mini_recurrence(True)  # the trained model runs its repeats
 
     def _orthogonal_init(self) -> None:
@@ -1325,12 +1701,12 @@ class GPT(nn.Module):
                 lane1 = None if lane1 is None else lane1 + self.iteration_vectors[p.iteration].to(x.dtype)
             block, layer_lora = self.blocks[p.block], None if lora is None else lora.layers[i]
             layer_ve = ve * self.ve_layer_scales[p.ve].to(x.dtype) if p.ve >= 0 else None
+            inputs = PassInputs(x0, p.input_scale, p.xsa, docs, layer_lora, layer_ve)
             if p.lanes < 0:
-                x = block(x, x0, p.input_scale, p.xsa, docs, layer_lora, layer_ve)
+                x = block(x, inputs)
             else:
-                x, lane1 = block.forward_lanes(x, x if lane1 is None else lane1, x0, p.input_scale, p.xsa,
-                                               self.lane_resid[p.lanes], self.lane_post[p.lanes], docs, layer_lora,
-                                               layer_ve)
+                x, lane1 = block.forward_lanes(x, x if lane1 is None else lane1, inputs, self.lane_resid[p.lanes],
+                                               self.lane_post[p.lanes])
             if p.push:
                 skips.append(x if lane1 is None else (x + lane1) / 2)
         if lane1 is not None:
@@ -1338,12 +1714,31 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def head(self, x: Tensor, lora=None) -> Tensor:
-        """Soft-capped fp32 logits from the final stream x [B, T, D] (lora: adds its head adapter)."""
+        """Soft-capped fp32 logits from the final stream x [B, T, D] (lora: adds its head adapter, if it has one).
+        With the AsymLogit scalars (use_asym_logit) the cap is sp tanh(z / sp) where z > 0, sn tanh(z / sn) else."""
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        if lora is not None:
+        if lora is not None and lora.head is not None:
             logits = logits + lora.head(x)
         logits = logits.float()
-        return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        if not self.cfg.asym_logit or self.softcap_pos is None:
+            return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        sp, sn = self.softcap_pos, self.softcap_neg
+        return torch.where(logits > 0, sp * torch.tanh(logits / sp), sn * torch.tanh(logits / sn))
+
+    def use_asym_logit(self) -> bool:
+        """ASYM_LOGIT=1: give the model its two soft caps, fp32 scalar parameters at LOGIT_SOFTCAP, so that the
+        head computes exactly the single cap's function until something trains them. Test-time training calls
+        this on the model it builds from the artifact (the global SGD is what adapts them; its LoRA steps leave
+        them alone); training never does, so its loss, optimizers and artifact are those of ASYM_LOGIT=0, and the
+        artifact holds no bytes for them: at export they would equal LOGIT_SOFTCAP, which the config records.
+        Returns whether the model has them (idempotent)."""
+        if not self.cfg.asym_logit:
+            return False
+        if self.softcap_pos is None:
+            for name in ("softcap_pos", "softcap_neg"):
+                cap = torch.tensor(self.cfg.logit_softcap, dtype=torch.float32, device=self.tok_emb.weight.device)
+                setattr(self, name, nn.Parameter(cap, requires_grad=self.tok_emb.weight.requires_grad))
+        return True
 
     def matrix_params(self) -> list[nn.Parameter]:
         """The 2-D weights that Muon trains (everything else goes to Adam)."""
@@ -1470,13 +1865,14 @@ class Muon(torch.optim.Optimizer):
     A matrix without a gradient counts as a zero gradient (its momentum and weight decay still apply).
     """
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
-                 rank: int = 0, world_size: int = 1, ns_dtype: torch.dtype = torch.bfloat16,
-                 orthogonalize=newton_schulz5, ns_coeffs: str = "quintic", row_normalize: bool = False):
-        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
+    def __init__(self, params, h: OptimizerSettings, rt: Runtime, orthogonalize=newton_schulz5):
+        """params: tensors or groups (a group's own lr, momentum, weight_decay or backend_steps win over h's:
+        MATRIX_LR, MUON_MOMENTUM, MUON_WEIGHT_DECAY, MUON_BACKEND_STEPS)."""
+        defaults = dict(lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
+                        weight_decay=h.muon_weight_decay)
         super().__init__(params, defaults)
-        self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
-        self.ns_coeffs, self.row_normalize = NS_COEFF_SETS[ns_coeffs], row_normalize
+        self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rt.rank, rt.world_size, rt.ns_dtype, orthogonalize
+        self.ns_coeffs, self.row_normalize = NS_COEFF_SETS[h.muon_ns_coeffs], h.muon_row_normalize
         self.stacks: list[MatrixStack] = []
         self._works: list = []
 
@@ -1586,6 +1982,43 @@ class Muon(torch.optim.Optimizer):
         self._works.clear()
 
 
+GRAD_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+
+
+def average_gradients(params: list[Tensor], rt: Runtime) -> None:
+    """Replace every gradient by its mean over the ranks: one all-reduce of one flat buffer. A missing
+    gradient counts as zero, so every rank reduces the same layout. Training and TTT's global SGD share it."""
+    if rt.world_size == 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= rt.world_size
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g
+
+
+def clip_global_norm(full: list[Tensor], shards: list[Tensor], max_norm: float, rt: Runtime) -> None:
+    """torch.nn.utils.clip_grad_norm_ of the whole averaged gradient, where `full` gradients are whole on
+    every rank and `shards` are disjoint slices, one per rank (Muon's): the slices' squares are summed
+    over the ranks. The coefficient stays on the device. Training and TTT's global SGD share it."""
+    device = (full or shards)[0].device
+    sq = torch.zeros((), device=device)
+    if shards:
+        sq = torch.stack(torch._foreach_norm(shards)).square().sum()
+    if shards and rt.world_size > 1:
+        dist.all_reduce(sq)
+    if full:
+        sq = sq + torch.stack(torch._foreach_norm(full)).square().sum()
+    coef = (max_norm / (sq.sqrt() + GRAD_CLIP_EPS)).clamp(max=1.0)
+    for grads in (full, shards):
+        if grads:
+            torch._foreach_mul_(grads, coef)
+
+
 def embed_projections(model: GPT) -> list[nn.Parameter]:
     """The projections of the input-side tables (bigram, value embedding): the matrices outside the blocks
     that EMBED_PROJ_OPTIMIZER hands to Muon or to Adam."""
@@ -1639,17 +2072,14 @@ def adam_groups(model: GPT, h: Hyperparameters) -> list[dict]:
             for role, params in roles.items() if params]
 
 
-def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
-                     ns_dtype: torch.dtype, orthogonalize=newton_schulz5) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, h: OptimizerSettings, rt: Runtime,
+                     orthogonalize=newton_schulz5) -> list[torch.optim.Optimizer]:
     """AdamW for the embeddings, gates and scalars; Muon for the block matrices. Each group keeps its
     configured LR as base_lr, which the schedule multiplies."""
     # fused: one kernel for all tensors, and its step counter stays a tensor (the default implementation
     # reads it with .item() every step: a host sync on CUDA).
     adam = torch.optim.AdamW(adam_groups(model, h), betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=True)
-    muon = Muon(muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
-                backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay, rank=rank,
-                world_size=world_size, ns_dtype=ns_dtype, orthogonalize=orthogonalize, ns_coeffs=h.muon_ns_coeffs,
-                row_normalize=h.muon_row_normalize)
+    muon = Muon(muon_groups(model, h), h, rt, orthogonalize)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -1690,8 +2120,6 @@ def set_step_hparams(optimizers: list[torch.optim.Optimizer], lr_mult: float, mo
 # payload holding a JSON manifest (every tensor's kind, bits, shape, dtype, storage and byte ranges)
 # and the tensor bytes.
 
-FP16_BITS = 16  # in a plan: keep the tensor as fp16
-PLAN_BITS = (5, 6, 7, 8, FP16_BITS)
 EMBEDDING_NAME = "tok_emb.weight"
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # candidate clips, as quantiles of |w| per row
 SCALE_FLOOR = torch.finfo(torch.float16).tiny  # an all-zero row still gets a positive, representable scale
@@ -1699,16 +2127,31 @@ GPTQ_DAMP_RAISE = 10.0  # on a failed Cholesky factorization the damping is mult
 GPTQ_MAX_DAMP_RAISES = 6  # ...at most this many times, then the run fails
 DEMOTE_TO = {8: 7, 7: 6, 6: 5}  # fitting a byte target lowers a tensor's bits one step at a time
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_FORMAT_VERSION = 4  # 3: the CRC covers the header fields, the manifest records the model config;
-# 4: LQER factors, per-group streams
-ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY = 22, 9, 11
-CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header
+ARTIFACT_FORMAT_VERSION = 5  # 3: the CRC covers the header fields, the manifest records the model config;
+# 4: LQER factors, per-group streams; 5: codec ids 4 (ZPAQ) and 5 (lrzip), AWQ-lite groups in the manifest
+READ_FORMAT_VERSIONS = (4, 5)  # 4 is 5 without the new codecs and AWQ groups: it loads unchanged
+# AWQ-lite (AWQ_GROUPS): groups of this many consecutive input columns, the most activation-weighted over all
+# matrices quantized below AWQ_BITS, are rounded on AWQ_BITS levels of the row's own clip inside GPTQ.
+AWQ_GROUP_COLS = 64
+AWQ_BITS = 8
+ZSTD_LEVEL, LZMA_PRESET, BROTLI_QUALITY, ZPAQ_LEVEL = 22, 9, 11, 5
+CODECS = {  # id -> (name, compress, decompress); the id is written in the artifact header (and per stream)
     1: ("zstd", lambda b: zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(b),
         lambda b: zstandard.ZstdDecompressor().decompress(b)),
     2: ("lzma", lambda b: lzma.compress(b, preset=LZMA_PRESET), lzma.decompress),
     3: ("brotli", lambda b: brotli.compress(b, quality=BROTLI_QUALITY), brotli.decompress),
+    4: ("zpaq", lambda b: optional_module(*CODEC_NEEDS["zpaq"]).compress(b, level=ZPAQ_LEVEL),
+        lambda b: optional_module(*CODEC_NEEDS["zpaq"]).decompress(b)),
+    # -T: without it lrzip stores a stream that fails its LZ4 test (every int6 group here) uncompressed
+    5: ("lrzip", lambda b: lrzip_run(b, "-z", "-L", "9", "-T"), lambda b: lrzip_run(b, "-d")),
 }
 CODEC_IDS = {name: cid for cid, (name, _, _) in CODECS.items()}
+# What a codec needs besides this file's imports: a package from requirements.txt, or (lrzip, the
+# April record's ZPAQ back end, measured no better than auto here) a program only COMPRESSOR=lrzip uses.
+CODEC_NEEDS = {"zpaq": ("zpaq", "pip install zpaq"), "lrzip": ("lrzip", "apt-get install lrzip")}
+# COMPRESSOR=auto and pergroup: the fast codecs on every stream of every layout, then the slow ones
+# (context mixing, 0.2-1 MB/s each way) on each group's chosen layout only (docs/quantization.md, "Codecs").
+FAST_CODECS, SLOW_CODECS = ("zstd", "lzma", "brotli"), ("zpaq",)
 # Header: magic, format version, codec id, byte shuffle (0/1), then a CRC-32 of those fields and the
 # decompressed payload together (brotli has no checksum of its own, a flipped bit must not load as
 # slightly different weights, and a flipped shuffle flag must not load as scrambled ones).
@@ -1739,20 +2182,6 @@ def fake_quant(w: Tensor, levels: int, soft_alpha: Tensor | None = None) -> Tens
 
 
 # ---- the plan -------------------------------------------------------------------------------------
-
-
-def parse_quant_plan(text: str) -> list[tuple[str, int]]:
-    """QUANT_PLAN "glob=bits,glob=bits" -> [(glob, bits)]; globs match state-dict names (fnmatch)."""
-    rules = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        pattern, sep, bits = (part.strip() for part in item.partition("="))
-        if not sep or not pattern or bits not in {str(b) for b in PLAN_BITS}:
-            raise ValueError(f"QUANT_PLAN entry {item!r} is invalid: expected glob=bits with bits one of "
-                             f"{', '.join(map(str, PLAN_BITS))}")
-        rules.append((pattern, int(bits)))
-    return rules
 
 
 def build_quant_plan(state: dict[str, Tensor], fp16_names=frozenset(), bits: int = Hyperparameters.quant_bits,
@@ -1804,28 +2233,14 @@ def row_quantiles(a: Tensor, quantiles: tuple[float, ...]) -> Tensor:
     return s[:, lo].T * (1 - frac[:, None]) + s[:, hi].T * frac[:, None]
 
 
-@dataclass(frozen=True)
-class ClipConfig:
-    """How each row's clip is chosen: CLIP_METHOD and the SDCLIP_* values."""
-    method: str = "percentile"
-    k_mlp: float = Hyperparameters.sdclip_k_mlp
-    k_attn: float = Hyperparameters.sdclip_k_attn
-    k_embed: float = Hyperparameters.sdclip_k_embed
-    k_other: float = Hyperparameters.sdclip_k_other
-    hessian_lambda: float = Hyperparameters.sdclip_hessian_lambda
-
-    @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "ClipConfig":
-        return cls(h.clip_method, h.sdclip_k_mlp, h.sdclip_k_attn, h.sdclip_k_embed, h.sdclip_k_other,
-                   h.sdclip_hessian_lambda)
-
-    def row_kwargs(self, name: str) -> dict:
-        """clip_scales' keyword arguments for tensor `name` ({} for the percentile search)."""
-        if self.method == "percentile":
-            return {}
-        k = (self.k_embed if name == EMBEDDING_NAME else self.k_mlp if ".mlp." in name
-             else self.k_attn if ".attn." in name else self.k_other)
-        return {"sd_k": k, "hessian_lambda": self.hessian_lambda if self.method == "sdclip_hessian" else 0.0}
+def clip_rule(q: QuantSettings, name: str) -> dict:
+    """clip_scales' keyword arguments for tensor `name` under CLIP_METHOD ({} for the percentile search):
+    SDClip's k by the tensor's class (MLP, attention, the tied embedding, anything else)."""
+    if q.clip_method == "percentile":
+        return {}
+    k = (q.sdclip_k_embed if name == EMBEDDING_NAME else q.sdclip_k_mlp if ".mlp." in name
+         else q.sdclip_k_attn if ".attn." in name else q.sdclip_k_other)
+    return {"sd_k": k, "hessian_lambda": q.sdclip_hessian_lambda if q.clip_method == "sdclip_hessian" else 0.0}
 
 
 def row_importance(w: Tensor, input_power: Tensor) -> Tensor:
@@ -1851,6 +2266,46 @@ def clip_scales(w: Tensor, bits: int, sd_k: float | None = None, input_power: Te
         if hessian_lambda > 0 and input_power is not None:
             clips = clips * (1 + hessian_lambda * (row_importance(w, input_power) - 1))
     return (clips / qmax(bits)).clamp_min(SCALE_FLOOR).half().float()
+
+
+def awq_scale(scale: Tensor, bits: int) -> Tensor:
+    """The step of an AWQ group's columns in rows of `bits` with step `scale`: the same clip width on AWQ_BITS
+    levels (clip / 127). Derived from the stored fp16 row scale, in fp32, alike in GPTQ and at loading, so
+    the artifact stores no scale for it and the round trip is exact."""
+    return scale.float() * qmax(bits) / qmax(AWQ_BITS)
+
+
+def awq_columns(starts, cols: int) -> Tensor:
+    """[cols] bool: the columns of the AWQ groups that start at `starts`."""
+    mask = torch.zeros(cols, dtype=torch.bool)
+    for start in starts:
+        mask[start:start + AWQ_GROUP_COLS] = True
+    return mask
+
+
+def awq_group_scores(w: Tensor, input_power: Tensor) -> Tensor:
+    """[groups] scores of w's consecutive AWQ_GROUP_COLS input columns (the last group may be narrower): the
+    sum over a group's columns of the input's RMS (sqrt diag H) times the column's mean |w|, the weight the
+    column carries into the layer's output (the public AWQ-lite's activation RMS x mean |W|)."""
+    col = input_power.detach().float().cpu().clamp_min(0).sqrt() * w.detach().float().cpu().abs().mean(dim=0)
+    groups = -(-col.numel() // AWQ_GROUP_COLS)
+    return F.pad(col, (0, groups * AWQ_GROUP_COLS - col.numel())).view(groups, AWQ_GROUP_COLS).sum(dim=1)
+
+
+def select_awq_groups(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor],
+                      count: int) -> dict[str, list[int]]:
+    """name -> sorted start columns of the `count` best-scored groups (awq_group_scores) over every tensor the
+    plan quantizes below AWQ_BITS that has a Hessian (ties: state order, then column). All ranks hold the same
+    weights and all-reduced Hessians, so all choose the same groups."""
+    scored = []
+    for order, name in enumerate(n for n in state if n in hessians and plan.get(n, FP16_BITS) < AWQ_BITS):
+        w = state[name].detach().reshape(state[name].size(0), -1)
+        scores = awq_group_scores(w, hessians[name].diagonal())
+        scored += [(-score, order, g * AWQ_GROUP_COLS, name) for g, score in enumerate(scores.tolist())]
+    chosen: dict[str, list[int]] = {}
+    for _, _, start, name in sorted(scored)[:count]:
+        chosen.setdefault(name, []).append(start)
+    return {name: sorted(starts) for name, starts in chosen.items()}
 
 
 def round_to_grid(w: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -1895,45 +2350,50 @@ def damped_inverse_cholesky(h: Tensor, damp: float, name: str, log) -> Tensor:
     raise RuntimeError(f"GPTQ {name}: Cholesky factorization failed even with damping {damp:g} x mean diag(H)")
 
 
-def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int) -> Tensor:
+def gptq_columns(w: Tensor, u: Tensor, scale: Tensor, bits: int, block: int, fine: Tensor | None = None) -> Tensor:
     """GPTQ on columns already in quantization order: round column j, then spread its error over the
     later columns through row j of U (upper Cholesky factor of H^-1). Within a block of columns the
     updates are applied at once; later blocks get one matrix product per block (the lazy batch update
     that keeps this fast). Returns the integer levels as floats. w [..., rows, cols], u [..., cols, cols]
     and scale [..., rows]: leading dims batch independent matrices through the same column loop, which
-    on a GPU is launch-bound (a handful of small kernels per column, whatever the batch)."""
+    on a GPU is launch-bound (a handful of small kernels per column, whatever the batch). fine [..., cols]
+    (bool, in quantization order): the AWQ columns, rounded on AWQ_BITS levels of step awq_scale."""
     w = w.clone()
     q = torch.zeros_like(w)
     cols = w.size(-1)
+    if fine is not None:
+        steps = torch.where(fine[..., None, :], awq_scale(scale, bits)[..., None], scale[..., None])
+        lims = torch.where(fine, qmax(AWQ_BITS), qmax(bits)).to(w.dtype)[..., None, :]
     for i in range(0, cols, block):
         end = min(i + block, cols)
         wb, ub = w[..., i:end], u[..., i:end, i:end]
         errs = torch.zeros_like(wb)
         for j in range(end - i):
-            q[..., i + j] = torch.clamp(torch.round(wb[..., j] / scale), -qmax(bits), qmax(bits))
-            errs[..., j] = (wb[..., j] - q[..., i + j] * scale) / ub[..., j, j, None]
+            if fine is None:
+                q[..., i + j] = torch.clamp(torch.round(wb[..., j] / scale), -qmax(bits), qmax(bits))
+                errs[..., j] = (wb[..., j] - q[..., i + j] * scale) / ub[..., j, j, None]
+            else:
+                step, lim = steps[..., i + j], lims[..., i + j]
+                q[..., i + j] = torch.minimum(torch.maximum(torch.round(wb[..., j] / step), -lim), lim)
+                errs[..., j] = (wb[..., j] - q[..., i + j] * step) / ub[..., j, j, None]
             wb[..., j:] -= errs[..., j:j + 1] * ub[..., j:j + 1, j:]
         w[..., end:] -= errs @ u[..., i:end, end:]
     return q
 
 
-def quantize_rows_gptq(w: Tensor, h: Tensor, bits: int, damp: float, block: int, name: str,
-                       log, **clip) -> tuple[Tensor, Tensor]:
-    """GPTQ with act-order (columns by decreasing diag H) combined with the clip search: GPTQ runs on
-    all candidate scales at once (rows are independent given H, so the candidates are stacked as extra
-    rows) and each row keeps the candidate with the least output error (w - q s) H (w - q s)^T. With
-    SDClip (`clip`: clip_scales' keyword arguments) there is one candidate; its Hessian-aware form
-    weighs rows by diag H."""
-    return quantize_gptq_batch([w], [h], bits, damp, block, [name], log, [clip])[0]
-
-
-def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, damp: float, block: int,
-                        names: list[str], log, clips: list[dict] | None = None) -> list[tuple[Tensor, Tensor]]:
-    """quantize_rows_gptq of several same-shape matrices, each with its own Hessian, column order and
-    clip rule (`clips`: clip_scales' keyword arguments per matrix, all of one method), through one
-    batched column loop."""
-    prepared = []
-    for w, h, name, clip in zip(ws, hs, names, clips or [{}] * len(ws)):
+def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, names: list[str], q: QuantSettings,
+                        log, groups: list[list[int]] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """GPTQ of several same-shape matrices, each with its own Hessian, column order and row clips
+    (clip_rule), through one batched column loop. Act-order: columns by decreasing diag H. Combined with
+    the clip search: GPTQ runs on all candidate scales at once (rows are independent given H, so the
+    candidates are stacked as extra rows) and each row keeps the candidate with the least output error
+    (w - q s) H (w - q s)^T. SDClip has one candidate; its Hessian-aware form weighs rows by diag H.
+    groups: each matrix's AWQ group starts (AWQ_BITS columns, the error feedback unchanged)."""
+    prepared, fine = [], None
+    if groups is not None and any(groups):
+        fine = torch.stack([awq_columns(g, ws[0].size(1)) for g in groups]).to(ws[0].device)
+    for w, h, name in zip(ws, hs, names):
+        clip = clip_rule(q, name)
         w, h = w.float().clone(), h.float().clone()
         power = h.diagonal().clone()
         dead = power == 0  # inputs that were always zero: their weights cannot matter, set them to 0
@@ -1941,14 +2401,19 @@ def quantize_gptq_batch(ws: list[Tensor], hs: list[Tensor], bits: int, damp: flo
         w[:, dead] = 0.0
         order = torch.argsort(h.diagonal(), descending=True)
         w, h, power = w[:, order], h[order][:, order], power[order]
+        if fine is not None:
+            fine[len(prepared)] = fine[len(prepared)][order]
         scales = clip_scales(w, bits, clip.get("sd_k"), power, clip.get("hessian_lambda", 0.0))
-        prepared.append((w, h, order, damped_inverse_cholesky(h, damp, name, log), scales))
+        prepared.append((w, h, order, damped_inverse_cholesky(h, q.gptq_damp, name, log), scales))
     P, R = prepared[0][4].shape
-    q = gptq_columns(torch.stack([w.repeat(P, 1) for w, *_ in prepared]), torch.stack([u for *_, u, _ in prepared]),
-                     torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, block)
+    levels = gptq_columns(torch.stack([w.repeat(P, 1) for w, *_ in prepared]),
+                          torch.stack([u for *_, u, _ in prepared]),
+                          torch.stack([scales.reshape(-1) for *_, scales in prepared]), bits, q.gptq_block, fine)
     out = []
-    for (w, h, order, _, scales), qi in zip(prepared, q.view(len(prepared), P, R, -1)):
-        e = qi * scales[:, :, None] - w
+    for i, ((w, h, order, _, scales), qi) in enumerate(zip(prepared, levels.view(len(prepared), P, R, -1))):
+        steps = scales[:, :, None] if fine is None else torch.where(fine[i], awq_scale(scales, bits)[:, :, None],
+                                                                    scales[:, :, None])
+        e = qi * steps - w
         err = ((e @ h) * e).sum(dim=2)
         qi, scale = pick_rows(err, qi, scales)
         out.append((qi[:, torch.argsort(order)], scale))
@@ -1978,41 +2443,44 @@ def quant_chunks(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[
 
 
 def quantize_chunk(state: dict[str, Tensor], names: list[str], plan: dict[str, int],
-                   hessians: dict[str, Tensor], damp: float, block: int, log, clip: ClipConfig = ClipConfig(),
-                   gptq: bool = True) -> dict[str, dict]:
-    """Entries (quantize_state_dict's) of one quant_chunks chunk. Without `gptq`, Hessians serve the
-    Hessian-aware clip only."""
+                   hessians: dict[str, Tensor], q: QuantSettings, log, awq: dict[str, list[int]] | None = None
+                   ) -> dict[str, dict]:
+    """Entries (quantize_state_dict's) of one quant_chunks chunk. Without GPTQ, Hessians serve the
+    Hessian-aware clip only. awq: name -> AWQ group starts (GPTQ tensors only; the entry keeps them)."""
+    awq = awq or {}
     bits = plan[names[0]]
     ws = [state[n].detach().reshape(state[n].size(0), -1) for n in names]
-    kws = [clip.row_kwargs(n) for n in names]
-    for n, kw in zip(names, kws):
-        if kw.get("hessian_lambda") and n not in hessians:  # e.g. a lookup table: no inputs to weigh
+    for n in names:
+        if clip_rule(q, n).get("hessian_lambda") and n not in hessians:  # e.g. a lookup table: no inputs
             log(f"clip_fallback tensor:{n} method:sdclip reason:no_hessian")
-    if gptq and names[0] in hessians:
-        results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, damp, block,
-                                      names, log, kws)
+    if q.gptq and names[0] in hessians:
+        results = quantize_gptq_batch(ws, [hessians[n].to(ws[0].device) for n in names], bits, names, q, log,
+                                      [awq.get(n, []) for n in names])
     else:
+        if any(n in awq for n in names):
+            raise ValueError(f"AWQ groups need GPTQ with a Hessian: {', '.join(n for n in names if n in awq)}")
         results = [quantize_rows_rtn(w, bits, input_power=hessians[n].diagonal().to(w.device) if n in hessians
-                                     else None, **kw) for n, w, kw in zip(names, ws, kws)]
+                                     else None, **clip_rule(q, n)) for n, w in zip(names, ws)]
     return {n: {"shape": list(state[n].shape), "dtype": str(state[n].dtype).removeprefix("torch."), "kind": "int",
-                "bits": bits, "q": q.cpu(), "scale": scale.cpu()} for n, (q, scale) in zip(names, results)}
+                "bits": bits, "q": levels.cpu(), "scale": scale.cpu(), **({"awq": list(awq[n])} if awq.get(n) else {})}
+            for n, (levels, scale) in zip(names, results)}
 
 
 def quantize_state_dict(state: dict[str, Tensor], fp16_names=frozenset(), plan: dict[str, int] | None = None,
-                        hessians: dict[str, Tensor] | None = None, damp: float = Hyperparameters.gptq_damp,
-                        block: int = Hyperparameters.gptq_block, log=print, clip: ClipConfig = ClipConfig(),
-                        gptq: bool = True) -> dict[str, dict]:
+                        hessians: dict[str, Tensor] | None = None, q: QuantSettings = QuantSettings(),
+                        log=print, awq: dict[str, list[int]] | None = None) -> dict[str, dict]:
     """name -> entry. {"kind": "int", "bits", "q" int8 [rows, cols], "scale" fp16 [rows]} for quantized
-    tensors (GPTQ when `gptq` and `hessians` has the name, batched by shape, else round-to-nearest; the
-    row clips by `clip`), {"kind": "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for
+    tensors (GPTQ when GPTQ=1 and `hessians` has the name, batched by shape, else round-to-nearest; the
+    row clips by clip_rule; "awq": the AWQ group starts of the tensors in `awq`, whose columns hold
+    AWQ_BITS levels), {"kind": "fp16", "data"} for passthrough floats, {"kind": "raw", "data"} for
     anything else; every entry keeps "shape", "dtype". plan defaults to build_quant_plan's; names in
-    fp16_names are stored as fp16 whatever the plan. Hessians given with gptq=False serve the
-    Hessian-aware clip only."""
+    fp16_names are stored as fp16 whatever the plan. Hessians given with GPTQ=0 serve the Hessian-aware
+    clip only."""
     plan = build_quant_plan(state, fp16_names) if plan is None else plan
     hessians = hessians or {}
     ints = {}
-    for chunk in quant_chunks(state, plan, hessians if gptq else {}, fp16_names):
-        ints.update(quantize_chunk(state, chunk, plan, hessians, damp, block, log, clip, gptq))
+    for chunk in quant_chunks(state, plan, hessians if q.gptq else {}, fp16_names):
+        ints.update(quantize_chunk(state, chunk, plan, hessians, q, log, awq))
     return assemble_entries(state, ints)
 
 
@@ -2036,20 +2504,6 @@ def assemble_entries(state: dict[str, Tensor], ints: dict[str, dict]) -> dict[st
 # ---- LQER: a low-rank correction of the largest quantization errors -----------------------------
 
 LQER_SCALE_STEPS = 21  # candidate scales per factor group, searched for the least squared error
-
-
-@dataclass(frozen=True)
-class LQERConfig:
-    top: int = Hyperparameters.lqer_top  # 0: off
-    rank: int = Hyperparameters.lqer_rank
-    a_bits: int = Hyperparameters.lqer_a_bits
-    b_bits: int = Hyperparameters.lqer_b_bits
-    group: int = Hyperparameters.lqer_group
-    select: str = Hyperparameters.lqer_select
-
-    @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "LQERConfig":
-        return cls(h.lqer_top, h.lqer_rank, h.lqer_a_bits, h.lqer_b_bits, h.lqer_group, h.lqer_select)
 
 
 def signed_levels(bits: int) -> tuple[int, int]:
@@ -2082,16 +2536,16 @@ def dequantize_factor(q: Tensor, scale: Tensor, group: int) -> Tensor:
     return g.reshape(-1)[:flat.numel()].reshape(q.shape)
 
 
-def lqer_factors(err: Tensor, cfg: LQERConfig) -> dict:
+def lqer_factors(err: Tensor, q: QuantSettings) -> dict:
     """Quantized rank-r factors of err ~ A B from its SVD U S V^T: A = U_r S_r on LQER_A_BITS levels
     with one scale for the tensor, B = V_r^T on LQER_B_BITS levels with a scale per LQER_GROUP values.
     (Fitting A to the rounded B by least squares was measured: 0.1% less error, not worth it.)"""
     u, sv, vh = torch.linalg.svd(err.detach().cpu().double(), full_matrices=False)
-    r = min(cfg.rank, sv.numel())
-    a, a_scale = quantize_factor(u[:, :r] * sv[:r], cfg.a_bits, u.size(0) * r)
-    b, b_scale = quantize_factor(vh[:r], cfg.b_bits, cfg.group)
-    return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "group": cfg.group,
-            "a_bits": cfg.a_bits, "b_bits": cfg.b_bits}
+    r = min(q.lqer_rank, sv.numel())
+    a, a_scale = quantize_factor(u[:, :r] * sv[:r], q.lqer_a_bits, u.size(0) * r)
+    b, b_scale = quantize_factor(vh[:r], q.lqer_b_bits, q.lqer_group)
+    return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "group": q.lqer_group,
+            "a_bits": q.lqer_a_bits, "b_bits": q.lqer_b_bits}
 
 
 def lqer_product(f: dict) -> Tensor:
@@ -2101,8 +2555,12 @@ def lqer_product(f: dict) -> Tensor:
 
 
 def int_weights(entry: dict) -> Tensor:
-    """[rows, cols] float32 weights of an "int" entry: levels times row scales, plus LQER's A B."""
+    """[rows, cols] float32 weights of an "int" entry: levels times row scales (an AWQ group's columns: times
+    awq_scale), plus LQER's A B."""
     w = entry["q"].float() * entry["scale"].float()[:, None]
+    if entry.get("awq"):
+        cols = awq_columns(entry["awq"], w.size(1))
+        w[:, cols] = entry["q"][:, cols].float() * awq_scale(entry["scale"], entry["bits"])[:, None]
     if "lqer" in entry:
         w = w + lqer_product(entry["lqer"]).float()
     return w
@@ -2113,30 +2571,30 @@ def output_error(err: Tensor, h: Tensor) -> float:
     return float(((err @ h) * err).sum())
 
 
-def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig, log=print,
+def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], q: QuantSettings, log=print,
              hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
-    """packed with LQER factors on cfg.top quantized tensors (a new dict; entries it does not touch are
+    """packed with LQER factors on q.lqer_top quantized tensors (a new dict; entries it does not touch are
     shared). LQER_SELECT=error takes those of largest ||E||_F, E = W - W_q (the record's rule);
     hessian computes the factors of every tensor with a Hessian and takes those that remove the most
     output error tr(E H E^T) - tr(R H R^T), R = E - A B: the largest ||E||_F is often a lookup table's
     error with no low-rank structure. A correction that would not lower ||E||_F is dropped."""
-    if cfg.top == 0:
+    if q.lqer_top == 0:
         return packed
     errors = {name: state[name].detach().double().cpu().reshape(e["q"].shape) - int_weights(e).double()
               for name, e in packed.items() if e["kind"] == "int"}
     norms = {name: float(err.norm()) for name, err in errors.items()}
     weighed = {name: hessians[name].detach().double().cpu() for name in errors
-               if cfg.select == "hessian" and name in (hessians or {})}
+               if q.lqer_select == "hessian" and name in (hessians or {})}
     if weighed:
-        factors = {name: lqer_factors(errors[name], cfg) for name in weighed}
+        factors = {name: lqer_factors(errors[name], q) for name in weighed}
         gain = {name: output_error(errors[name], h) - output_error(errors[name] - lqer_product(factors[name]), h)
                 for name, h in weighed.items()}
-        chosen = sorted(gain, key=gain.get, reverse=True)[:cfg.top]
+        chosen = sorted(gain, key=gain.get, reverse=True)[:q.lqer_top]
     else:
-        if cfg.select == "hessian":
+        if q.lqer_select == "hessian":
             log("lqer_fallback select:error reason:no_hessians")
-        chosen = sorted(norms, key=norms.get, reverse=True)[:cfg.top]
-        factors = {name: lqer_factors(errors[name], cfg) for name in chosen}
+        chosen = sorted(norms, key=norms.get, reverse=True)[:q.lqer_top]
+        factors = {name: lqer_factors(errors[name], q) for name in chosen}
     out, total_raw, total_entropy = dict(packed), 0, 0.0
     for name in chosen:
         f = factors[name]
@@ -2150,8 +2608,8 @@ def add_lqer(packed: dict[str, dict], state: dict[str, Tensor], cfg: LQERConfig,
         total_raw, total_entropy = total_raw + raw, total_entropy + entropy
         log(f"lqer tensor:{name} rank:{f['a'].size(1)} err_frob:{norms[name]:.6g}->{after:.6g} "
             f"bytes_raw:{raw} bytes_entropy:{entropy:.0f}")
-    log(f"lqer tensors:{sum('lqer' in e for e in out.values())} rank:{cfg.rank} a_bits:{cfg.a_bits} "
-        f"b_bits:{cfg.b_bits} group:{cfg.group} bytes_raw:{total_raw} bytes_entropy:{total_entropy:.0f}")
+    log(f"lqer tensors:{sum('lqer' in e for e in out.values())} rank:{q.lqer_rank} a_bits:{q.lqer_a_bits} "
+        f"b_bits:{q.lqer_b_bits} group:{q.lqer_group} bytes_raw:{total_raw} bytes_entropy:{total_entropy:.0f}")
     return out
 
 
@@ -2169,17 +2627,18 @@ def assign_chunks(chunks: list[list[str]], state: dict[str, Tensor], world_size:
 
 
 def quantize_distributed(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor],
-                         h: Hyperparameters, rt: Runtime, log) -> tuple[dict[str, dict] | None, list[float]]:
+                         q: QuantSettings, rt: Runtime, log, awq: dict[str, list[int]] | None = None
+                         ) -> tuple[dict[str, dict] | None, list[float]]:
     """quantize_state_dict with its chunks spread over the ranks and gathered on rank 0, which gets the
     entries (the same bytes as one process: chunks are fixed, whoever computes them); other ranks get
-    None. Also returns every rank's seconds of quantization (rank order)."""
-    chunks = quant_chunks(state, plan, hessians if h.gptq else {})
+    None. Also returns every rank's seconds of quantization (rank order). awq: as quantize_state_dict's."""
+    chunks = quant_chunks(state, plan, hessians if q.gptq else {})
     owners = assign_chunks(chunks, state, rt.world_size)
     t0 = time.perf_counter()
-    ints, clip = {}, ClipConfig.from_hparams(h)
+    ints = {}
     for chunk, owner in zip(chunks, owners):
         if owner == rt.rank:
-            ints.update(quantize_chunk(state, chunk, plan, hessians, h.gptq_damp, h.gptq_block, log, clip, h.gptq))
+            ints.update(quantize_chunk(state, chunk, plan, hessians, q, log, awq))
     rt.sync()
     mine = (ints, time.perf_counter() - t0)
     if rt.world_size == 1:
@@ -2218,14 +2677,13 @@ def full_fp32_matmul():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def calibration_batches(train_files: list[str], num_seqs: int, seq_len: int, batch_seqs: int, rank: int,
-                        world_size: int, device: torch.device):
+def calibration_batches(train_files: list[str], num_seqs: int, seq_len: int, batch_seqs: int, rt: Runtime):
     """(inputs, targets) batches of this rank's share (every world_size-th sequence) of the first
     num_seqs training sequences. Takes training shards only: validation never reaches calibration."""
     tokens = TokenStream(train_files).take(num_seqs * (seq_len + 1))
-    seqs = torch.from_numpy(tokens.astype(np.int64)).view(num_seqs, seq_len + 1)[rank::world_size]
+    seqs = torch.from_numpy(tokens.astype(np.int64)).view(num_seqs, seq_len + 1)[rt.rank::rt.world_size]
     for b in range(0, len(seqs), batch_seqs):
-        chunk = seqs[b:b + batch_seqs].to(device)
+        chunk = seqs[b:b + batch_seqs].to(rt.device)
         yield chunk[:, :-1], chunk[:, 1:]
 
 
@@ -2242,8 +2700,7 @@ def hessian_sites(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, names, autocast=contextlib.nullcontext,
-                     world_size: int = 1) -> dict[str, Tensor]:
+def collect_hessians(model: nn.Module, batches, names, rt: Runtime) -> dict[str, Tensor]:
     """H = X^T X / tokens for every weight in `names` that has a site (hessian_sites), over the batches
     of every rank (summed with an all-reduce, so all ranks return the same H)."""
     hessians, hooks = {}, []
@@ -2265,17 +2722,44 @@ def collect_hessians(model: nn.Module, batches, names, autocast=contextlib.nullc
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for x, y in batches:
-            with autocast():
+            with rt.autocast():
                 model(x, y)
             tokens += x.numel()
     finally:
         for hook in hooks:
             hook.remove()
-    if world_size > 1:
+    if rt.world_size > 1:
         dist.all_reduce(tokens)
         for h in hessians.values():
             dist.all_reduce(h)
-    return {k: h / tokens.clamp_min(1).float() for k, h in hessians.items()}
+    if tokens.item() == 0:  # no batch at all (CalibrationCut at the cap): no Hessians, not zero ones
+        return {}
+    return {k: h / tokens.float() for k, h in hessians.items()}
+
+
+class CalibrationCut:
+    """Calibration reads training data, so it must end by the training cap: wrap() stops the batches before
+    one that would end past `deadline` (on rt.clock). The next batch is expected to take the mean of those so
+    far; the first, `batch_seconds` (measured in the warm-up; 0 if not measured: the first batch then only
+    needs to start before the deadline). Each rank cuts on its own clock; collect_hessians sums what they
+    took."""
+
+    def __init__(self, rt: Runtime, deadline: float, batch_seconds: float = 0.0):
+        self.rt, self.deadline, self.batch_seconds = rt, deadline, batch_seconds
+        self.taken, self.cut = 0, False
+
+    def wrap(self, batches):
+        start = None
+        for batch in batches:
+            self.rt.sync()  # the device's time, not the host's queue
+            now = self.rt.clock()
+            start = now if start is None else start
+            expected = (now - start) / self.taken if self.taken else self.batch_seconds
+            if now + expected > self.deadline:
+                self.cut = True
+                return
+            self.taken += 1
+            yield batch
 
 
 # ---- fitting a byte target ------------------------------------------------------------------------
@@ -2288,14 +2772,31 @@ def entropy_bytes(q: Tensor) -> float:
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
 
+def awq_estimate_groups(state: dict[str, Tensor], plan: dict[str, int], count: int) -> dict[str, list[int]]:
+    """Where estimate_model_bytes charges AWQ_GROUPS before any Hessian exists: on the tensors below AWQ_BITS
+    with the most rows (the costliest groups: a group's extra bits scale with its rows), as many groups per
+    tensor as it has. An upper bound, not the choice the calibrated run makes."""
+    eligible = sorted((n for n, t in state.items() if t.is_floating_point() and t.ndim >= 2
+                       and plan.get(n, FP16_BITS) < AWQ_BITS), key=lambda n: -state[n].size(0))
+    chosen: dict[str, list[int]] = {}
+    for name in eligible:
+        cols = state[name][0].numel()
+        take = min(count - sum(map(len, chosen.values())), -(-cols // AWQ_GROUP_COLS))
+        if take <= 0:
+            break
+        chosen[name] = [g * AWQ_GROUP_COLS for g in range(take)]
+    return chosen
+
+
 @torch.no_grad()
-def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], clip: ClipConfig = ClipConfig()) -> int:
+def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], q: QuantSettings = QuantSettings()) -> int:
     """The compressed size of these weights under this plan: per quantized tensor the order-0 entropy
-    of its round-to-nearest levels (row clips by `clip`; no Hessian-aware term) plus fp16 row scales,
-    2 bytes per fp16 value, raw bytes otherwise. A quantized tensor that is all zero (at init: the bigram
-    table, output projections) counts as Gaussian values of its shape, as trained it will not stay zero
-    (a seeded generator: the run's RNG is untouched)."""
+    of its round-to-nearest levels (row clips by clip_rule; no Hessian-aware term; AWQ_GROUPS charged by
+    awq_estimate_groups) plus fp16 row scales, 2 bytes per fp16 value, raw bytes otherwise. A quantized
+    tensor that is all zero (at init: the bigram table, output projections) counts as Gaussian values of its
+    shape, as trained it will not stay zero (a seeded generator: the run's RNG is untouched)."""
     total = 0.0
+    awq = awq_estimate_groups(state, plan, q.awq_groups) if q.awq_groups else {}
     for name, t in state.items():
         bits = plan.get(name, FP16_BITS)
         if not t.is_floating_point():
@@ -2306,15 +2807,18 @@ def estimate_model_bytes(state: dict[str, Tensor], plan: dict[str, int], clip: C
             w = t.detach().reshape(t.size(0), -1)
             if not w.any():
                 w = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.device)
-            q, scale = quantize_rows_rtn(w, bits, **clip.row_kwargs(name))
-            total += entropy_bytes(q) + 2 * scale.numel()
+            levels, scale = quantize_rows_rtn(w, bits, **clip_rule(q, name))
+            if name in awq:
+                cols = awq_columns(awq[name], w.size(1))
+                levels[:, cols] = round_to_grid(w[:, cols].float(), awq_scale(scale, bits), AWQ_BITS).to(torch.int8)
+            total += entropy_bytes(levels) + 2 * scale.numel()
     return int(total)
 
 
 def log_artifact_estimate(state: dict[str, Tensor], plan: dict[str, int], code: CodeForm, h: Hyperparameters,
                           log) -> int:
     """bytes_total estimated at start-up (initial weights), with a warning when over the target."""
-    total = code.bytes_code + estimate_model_bytes(state, plan, ClipConfig.from_hparams(h))
+    total = code.bytes_code + estimate_model_bytes(state, plan, h)
     log(f"artifact_estimate bytes_total:{total} bytes_code:{code.bytes_code} cap:{ARTIFACT_CAP_BYTES} "
         f"target:{h.quant_target_bytes} basis:initial_weights")
     if h.quant_target_bytes == 0 and total >= ARTIFACT_CAP_BYTES:
@@ -2341,11 +2845,11 @@ def demotion(w: Tensor, bits: int, input_power: Tensor, **clip) -> tuple[float, 
 
 
 def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dict[str, Tensor], log,
-                   clip: ClipConfig = ClipConfig()) -> list:
+                   q: QuantSettings = QuantSettings(), awq: dict[str, list[int]] | None = None) -> list:
     """[(noise per byte saved, name, new bits, bytes saved)] for every tensor that can still be demoted,
     least harmful first. Without a Hessian (GPTQ=0, or a lookup table such as the bigram table) the
     inputs count as unit power (the tied head's inputs are RMS-normalized, so on average that is their
-    true scale) and the log says so."""
+    true scale) and the log says so. A tensor's AWQ columns (awq) stay at AWQ_BITS: they are left out."""
     ranked = []
     for name, bits in plan.items():
         if bits not in DEMOTE_TO:
@@ -2355,35 +2859,40 @@ def rank_demotions(state: dict[str, Tensor], plan: dict[str, int], hessians: dic
         else:
             log(f"quant_fit sensitivity:{name} input_power:unit reason:no_hessian")
             power = torch.ones(state[name][0].numel())
-        noise, saved = demotion(state[name].detach().cpu(), bits, power, **clip.row_kwargs(name))
+        w = state[name].detach().cpu().reshape(state[name].size(0), -1)
+        if (awq or {}).get(name):
+            rest = ~awq_columns(awq[name], w.size(1))
+            w, power = w[:, rest], power[rest]
+        noise, saved = demotion(w, bits, power, **clip_rule(q, name))
         ranked.append((noise / max(saved, 1.0), name, DEMOTE_TO[bits], saved))
     return sorted(ranked)
 
 
-def fit_byte_target(state, plan: dict[str, int], packed: dict, blob: bytes, budget: int, quantize: Callable,
-                    encode: Callable, hessians: dict[str, Tensor], log,
-                    clip: ClipConfig = ClipConfig()) -> tuple[dict[str, int], bytes]:
-    """Demote the least sensitive tensors (8 -> 7 -> 6 -> 5 bits) until the artifact fits in `budget` bytes.
+def fit_byte_target(qz: Quantizer, plan: dict[str, int], packed: dict[str, dict],
+                    finished: tuple[dict[str, dict], bytes], budget: int) -> tuple[dict[str, int], dict[str, dict], bytes]:
+    """Demote the least sensitive tensors (8 -> 7 -> 6 -> 5 bits) until the artifact fits in `budget` bytes;
+    (the plan, what the artifact stores, its bytes). finished: qz.finish(packed), already computed.
 
     Each round picks, by rank_demotions, enough demotions for the estimated savings to cover the
     excess, re-quantizes only those tensors and compresses again; the estimate is checked, not trusted."""
     plan, packed = dict(plan), dict(packed)
+    stored, blob = finished
     while len(blob) > budget:
-        excess, ranked = len(blob) - budget, rank_demotions(state, plan, hessians, log, clip)
+        excess, ranked = len(blob) - budget, rank_demotions(qz.state, plan, qz.hessians, qz.log, qz.q, qz.awq)
         if not ranked:
             raise RuntimeError(f"QUANT_TARGET_BYTES: the artifact needs {budget} bytes or fewer but is "
                                f"{len(blob)} with every quantized tensor at int5")
         saved, changed = 0.0, {}
         for _, name, bits, est in ranked:
             changed[name], saved = bits, saved + est
-            log(f"quant_fit demote:{name} bits:{plan[name]}->{bits} est_saved_bytes:{est:.0f}")
+            qz.log(f"quant_fit demote:{name} bits:{plan[name]}->{bits} est_saved_bytes:{est:.0f}")
             if saved >= excess:
                 break
         plan.update(changed)
-        packed.update(quantize({n: state[n] for n in changed}, plan=plan))
-        blob = encode(packed)
-        log(f"quant_fit bytes_model:{len(blob)} budget:{budget}")
-    return plan, blob
+        packed.update(qz.quantize(plan, changed))
+        stored, blob = qz.finish(packed)
+        qz.log(f"quant_fit bytes_model:{len(blob)} budget:{budget}")
+    return plan, stored, blob
 
 
 # ---- storage and compression ----------------------------------------------------------------------
@@ -2440,8 +2949,10 @@ def encode_payload(packed: dict[str, dict], storage: str) -> tuple[dict, bytes]:
     for name, e in packed.items():
         item = {"name": name, "kind": e["kind"], "shape": e["shape"], "dtype": e["dtype"], "parts": {}}
         if e["kind"] == "int":
-            packed6 = storage == "packed6" and e["bits"] <= 6
+            packed6 = storage == "packed6" and e["bits"] <= 6 and not e.get("awq")  # AWQ levels need a byte
             item.update(bits=e["bits"], storage="packed6" if packed6 else "byte", rows=e["q"].size(0))
+            if e.get("awq"):
+                item["awq"] = list(e["awq"])
             q = e["q"].numpy()
             parts["q"].append((item, "q", pack6(q).tobytes() if packed6 else q.tobytes()))
             parts["scale"].append((item, "scale", tensor_bytes(e["scale"])))
@@ -2482,6 +2993,8 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
             q = unpack6(raw, rows * cols) if item["storage"] == "packed6" else raw.view(np.int8)
             e.update(bits=item["bits"], q=torch.from_numpy(q.copy()).view(rows, cols),
                      scale=tensor_from_bytes(part(item, "scale"), torch.float16, [rows]))
+            if "awq" in item:
+                e["awq"] = list(item["awq"])
             if "lqer" in item:
                 lq, r = item["lqer"], item["lqer"]["rank"]
                 e["lqer"] = {"a": tensor_from_bytes(part(item, "lqer_a"), torch.int8, [rows, r]),
@@ -2497,6 +3010,62 @@ def decode_payload(manifest: dict, data: bytes, source: str) -> dict[str, dict]:
     return packed
 
 
+def optional_module(package: str, install: str):
+    """An optional package's module (a codec, the minifier); ImportError saying how to install it."""
+    try:
+        return __import__(package)
+    except ImportError:
+        raise ImportError(f"the {package} package is not installed ({install}; requirements.txt has it)") from None
+
+
+def codec_missing(name: str) -> str | None:
+    """None if codec `name` runs here, else what installs it."""
+    if name not in CODEC_NEEDS:
+        return None
+    package, install = CODEC_NEEDS[name]
+    if name == "lrzip":
+        return None if shutil.which(package) else install
+    try:
+        optional_module(package, install)
+    except ImportError:
+        return install
+    return None
+
+
+def usable_codecs(names, log=None) -> list[str]:
+    """Those of `names` that run here; each missing one logged."""
+    usable = []
+    for name in names:
+        missing = codec_missing(name)
+        if missing is None:
+            usable.append(name)
+        elif log is not None:
+            log(f"compression codec_missing:{name} install:'{missing}' (auto goes on without it)")
+    return usable
+
+
+def lrzip_run(data: bytes, *flags: str) -> bytes:
+    """The lrzip program through a pipe. -N 0: lrzip lowers its own priority by default, and on a busy
+    machine then waits for minutes."""
+    if shutil.which("lrzip") is None:
+        raise ImportError(f"the lrzip program is not installed ({CODEC_NEEDS['lrzip'][1]})")
+    proc = subprocess.run(["lrzip", *flags, "-q", "-N", "0"], input=data, capture_output=True)
+    if proc.returncode != 0:
+        raise ValueError(f"lrzip {' '.join(flags)} exited {proc.returncode}: "
+                         f"{proc.stderr.decode(errors='replace')[-300:]}")
+    return proc.stdout
+
+
+def optional_versions() -> str:
+    """" zpaq:0.3.7 python-minifier:3.4.0" for the optional packages installed here (the log's versions line,
+    from which make_record writes a record's requirements.txt)."""
+    versions = []
+    for package in ("zpaq", "python-minifier"):
+        with contextlib.suppress(ImportError):
+            versions.append(f" {package}:{__import__('importlib.metadata').metadata.version(package)}")
+    return "".join(versions)
+
+
 def compress_all(raw: bytes, names: list[str]) -> dict[str, bytes]:
     """raw compressed by each named codec, in threads (the codecs release the GIL)."""
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
@@ -2507,6 +3076,9 @@ def decompress_stream(codec_id: int, body: bytes, source: str, what: str) -> byt
     if codec_id not in CODECS:
         raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id} ({what})")
     name, _, decompress = CODECS[codec_id]
+    missing = codec_missing(name)
+    if missing is not None:
+        raise DataError(f"{source}: its {what} is compressed with {name}, which is not installed here: {missing}")
     try:
         return decompress(body)
     except Exception as e:  # each codec raises its own types for a damaged stream
@@ -2609,11 +3181,16 @@ def outside_levels(data_len: int, items: list[dict]) -> list[tuple[int, int]]:
     return list(zip(edges[0::2], edges[1::2]))
 
 
-def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None) -> tuple[bytes, list[bytes]]:
+def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=None,
+                  fast: list[str] | None = None, slow: list[str] | None = None) -> tuple[bytes, list[bytes]]:
     """(stream table + compressed streams, the uncompressed streams) of the per-group form: stream 0 is
     the manifest (with each group's role, tensors and layout) and the data outside the grouped levels;
-    then each group's one or two streams. Every stream of every layout is compressed by every codec
-    (one thread pool); each group keeps its smallest layout, each stream its smallest codec."""
+    then each group's one or two streams. Every stream of every layout goes through every `fast` codec
+    and each group keeps its smallest layout; then that layout's streams and stream 0 also go through
+    the `slow` codecs (default: FAST_CODECS and the SLOW_CODECS installed here), and each stream keeps
+    its smallest codec. One thread pool: the codecs release the GIL."""
+    fast = list(FAST_CODECS) if fast is None else fast
+    slow = usable_codecs(SLOW_CODECS) if slow is None else slow
     groups = level_groups(manifest)
     if log is not None and sort_roles - groups.keys():
         log(f"compression_pergroup sort_roles_absent:{','.join(sorted(sort_roles - groups.keys()))}")
@@ -2626,29 +3203,39 @@ def pergroup_body(manifest: dict, data: bytes, sort_roles: frozenset[str], log=N
             candidates[role] = group_layouts(levels, sortable)
         else:  # bit-packed levels: kept as they are
             candidates[role] = {"rows": [b"".join(data[a:a + n] for a, n in (it["parts"]["q"] for it in items))]}
-    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        jobs = {(role, layout, i, codec): pool.submit(CODECS[CODEC_IDS[codec]][1], raw)
-                for role, layouts in candidates.items() for layout, raws in layouts.items()
-                for i, raw in enumerate(raws) for codec in CODEC_IDS}
-        best = {}  # (role, layout, i) -> (codec, body)
-        for (role, layout, i, codec), job in jobs.items():
+    best = {}  # (role, layout, i) -> (codec, body)
+
+    def compress_into_best(pool, jobs: dict) -> None:
+        futures = {key: pool.submit(CODECS[CODEC_IDS[key[-1]]][1], raw) for key, raw in jobs.items()}
+        for (role, layout, i, codec), job in futures.items():
             body = job.result()
             if (role, layout, i) not in best or len(body) < len(best[role, layout, i][1]):
                 best[role, layout, i] = (codec, body)
+
+    chosen = {}
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        compress_into_best(pool, {(role, layout, i, codec): raw for role, layouts in candidates.items()
+                                  for layout, raws in layouts.items() for i, raw in enumerate(raws) for codec in fast})
+        for role, layouts in candidates.items():
+            sizes = {layout: sum(len(best[role, layout, i][1]) for i in range(len(raws)))
+                     for layout, raws in layouts.items()}
+            chosen[role] = (min(sizes, key=sizes.get), sizes)
+        compress_into_best(pool, {(role, chosen[role][0], i, codec): raw for role, layouts in candidates.items()
+                                  for i, raw in enumerate(layouts[chosen[role][0]]) for codec in slow})
     meta, streams = [], []
     for role, layouts in candidates.items():
-        sizes = {layout: sum(len(best[role, layout, i][1]) for i in range(len(raws)))
-                 for layout, raws in layouts.items()}
-        layout = min(sizes, key=sizes.get)
+        layout, sizes = chosen[role]
         meta.append({"role": role, "tensors": [it["name"] for it in groups[role]], "layout": layout})
         streams += [(*best[role, layout, i], raw) for i, raw in enumerate(layouts[layout])]
         if log is not None:
             log(f"compression_group role:{role} tensors:{len(groups[role])} layout:{layout} "
-                + " ".join(f"{k}:{v}" for k, v in sizes.items()))
+                + " ".join(f"{k}:{v}" for k, v in sizes.items()) + " codecs:"
+                + ",".join(f"{best[role, layout, i][0]}:{len(best[role, layout, i][1])}"
+                           for i in range(len(layouts[layout]))))
     items = [it for its in groups.values() for it in its]
     rest = b"".join(data[a:b] for a, b in outside_levels(len(data), items))
     head = manifest_bytes(dict(manifest, groups=meta, data_bytes=len(data))) + rest
-    codec, body = min(compress_all(head, list(CODEC_IDS)).items(), key=lambda kv: len(kv[1]))
+    codec, body = min(compress_all(head, fast + slow).items(), key=lambda kv: len(kv[1]))
     streams.insert(0, (codec, body, head))
     table = _STREAM_COUNT.pack(len(streams)) + b"".join(_STREAM_ENTRY.pack(CODEC_IDS[c], len(b)) for c, b, _ in streams)
     return table + b"".join(b for _, b, _ in streams), [raw for *_, raw in streams]
@@ -2689,14 +3276,15 @@ def unpack_streams(body: bytes, source: str) -> list[bytes]:
     pos = _STREAM_COUNT.size + count * _STREAM_ENTRY.size
     if pos > len(body) or count == 0:
         raise DataError(f"{source}: corrupt or truncated artifact: stream table of {count} streams")
-    streams = []
+    jobs = []
     for i in range(count):
         codec_id, size = _STREAM_ENTRY.unpack_from(body, _STREAM_COUNT.size + i * _STREAM_ENTRY.size)
         if pos + size > len(body):
             raise DataError(f"{source}: corrupt or truncated artifact: stream {i} ends past the data")
-        streams.append(decompress_stream(codec_id, body[pos:pos + size], source, f"stream {i}"))
+        jobs.append((codec_id, body[pos:pos + size], source, f"stream {i}"))
         pos += size
-    return streams
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:  # ZPAQ: ~1 MB/s a thread
+        return list(pool.map(lambda job: decompress_stream(*job), jobs))
 
 
 def manifest_bytes(manifest: dict) -> bytes:
@@ -2718,28 +3306,29 @@ def serialize_artifact(packed: dict[str, dict], config: ModelConfig | None = Non
                        storage: str = Hyperparameters.quant_storage, log=None,
                        sort_roles: frozenset[str] | str = Hyperparameters.pergroup_sort) -> bytes:
     """The artifact: header, then the compressed manifest (with the model config, when given) and tensors.
-    COMPRESSOR zstd, lzma or brotli: one stream; pergroup: the per-group streams; auto: every one of
-    them, the smallest kept and every size logged. The CRC-32 covers the header fields and every
-    uncompressed stream."""
+    COMPRESSOR naming a codec: one stream; pergroup: the per-group streams (pergroup_body), with zpaq
+    where it is installed; auto: those and one stream by each fast codec, the smallest kept and every
+    size logged. The CRC-32 covers the header fields and every uncompressed stream."""
     manifest, data = encode_payload(packed, storage)
     if config is not None:
         manifest["model"] = dataclasses.asdict(config)
     if shuffle:
         data = data[:manifest["levels_bytes"]] + byte_shuffle(data[manifest["levels_bytes"]:])
     options = {}  # name -> (codec id, body, the uncompressed streams)
-    if compressor != "pergroup":
+    single = {"auto": list(FAST_CODECS), "pergroup": []}.get(compressor, [compressor])
+    if single:
         payload = manifest_bytes(manifest) + data
-        names = list(CODEC_IDS) if compressor == "auto" else [compressor]
-        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, names).items()})
-    if compressor in ("pergroup", "auto"):
+        options.update({n: (CODEC_IDS[n], b, [payload]) for n, b in compress_all(payload, single).items()})
+    if compressor in ("auto", "pergroup"):
         roles = parse_roles(sort_roles) if isinstance(sort_roles, str) else sort_roles
-        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log))
+        slow = usable_codecs(SLOW_CODECS, log)
+        options["pergroup"] = (PERGROUP_ID, *pergroup_body(manifest, data, roles, log, list(FAST_CODECS), slow))
     best = min(options, key=lambda n: len(options[n][1]))
     if log is not None:
         log(f"compression raw_bytes:{len(data)} " + " ".join(f"{n}:{len(b)}" for n, (_, b, _) in options.items())
             + f" chosen:{best}")
     codec_id, body, streams = options[best]
-    fields = _ARTIFACT_FIELDS.pack(ARTIFACT_MAGIC, ARTIFACT_FORMAT_VERSION, codec_id, int(shuffle))
+    fields = _ARTIFACT_FIELDS.pack(ARTIFACT_MAGIC, manifest["format_version"], codec_id, int(shuffle))
     return _ARTIFACT_HEADER.pack(*_ARTIFACT_FIELDS.unpack(fields), artifact_crc(fields, streams)) + body
 
 
@@ -2757,9 +3346,9 @@ def deserialize_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict | N
     magic, version, codec_id, shuffle, crc = _ARTIFACT_HEADER.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
         raise DataError(f"{source}: not a train_gpt.py artifact (magic {magic!r})")
-    if version != ARTIFACT_FORMAT_VERSION:
-        raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads format "
-                         f"{ARTIFACT_FORMAT_VERSION}")
+    if version not in READ_FORMAT_VERSIONS:
+        raise DataError(f"{source}: artifact format {version}, but this train_gpt.py reads formats "
+                         f"{', '.join(map(str, READ_FORMAT_VERSIONS))}")
     if (codec_id not in CODECS and codec_id != PERGROUP_ID) or shuffle not in (0, 1):
         raise DataError(f"{source}: corrupt or truncated artifact: codec id {codec_id}, shuffle flag {shuffle}")
     body = blob[_ARTIFACT_HEADER.size:]
@@ -2785,36 +3374,116 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 # ---- the shipped code ------------------------------------------------------------------------------
-# A record ships this file as a two-line wrapper that decompresses (brotli, base85) and execs it
-# (scripts/compact_train_gpt.py; tests/test_compact.py). bytes_code is always that shipped size, whichever
-# form ran: the log, the fitter and the record folder count one number.
+# A record ships this file as a four-line compact file (scripts/compact_train_gpt.py): a coding line, the
+# sha256 of this readable source, and a line that decompresses the program (ZPAQ) and execs it under the
+# name train_gpt.py. The program is this source minified by python-minifier: docstrings, annotations
+# outside classes and long local and global names go, nothing else changes (tests/test_compact.py runs a
+# pipeline from both files and compares them byte for byte). The compressed bytes sit in a latin-1
+# string literal (1.3% longer than the bytes, base85: 25%). bytes_code is always that shipped size,
+# whichever form ran: the log, the fitter and the record folder count one number.
 
-COMPACT_BROTLI_QUALITY, COMPACT_BROTLI_WINDOW_BITS = 11, 24  # the largest window: the source is one context
-COMPACT_WRAPPER = ('import brotli,base64\nexec(compile(brotli.decompress(base64.b85decode("{blob}")),'
-                   '"train_gpt.py","exec"))\n')
-_COMPACT_RE = re.compile(re.escape(COMPACT_WRAPPER).replace(re.escape("{blob}"), '([^"]*)'))
+# Measured smallest (docs/quantization.md, "Code bytes"); Muon keeps its name, which the log prints.
+COMPACT_MINIFY = {"remove_literal_statements": True, "rename_globals": True, "hoist_literals": False,
+                  "preserve_globals": ["Muon"]}
+MINIFIER_NEEDS = ("python_minifier", "pip install python-minifier")
+COMPACT_WRAPPER = ('#coding:latin1\n#train_gpt.py sha256:{sha}\nimport zpaq\n'
+                   'exec(compile(zpaq.decompress("""{blob}""".encode("latin1")),"train_gpt.py","exec"))\n')
+_COMPACT_RE = re.compile(re.escape(COMPACT_WRAPPER).replace(re.escape("{sha}"), "([0-9a-f]{64})")
+                         .replace(re.escape("{blob}"), "(.*)"), re.S)
+_LITERAL_ESCAPE = re.compile(r'\\(000|0|r|\\|")')
+_LITERAL_CHAR = {"000": "\0", "0": "\0", "r": "\r", "\\": "\\", '"': '"'}
 
 
-def compact_code(source: bytes) -> str:
-    blob = brotli.compress(source, quality=COMPACT_BROTLI_QUALITY, lgwin=COMPACT_BROTLI_WINDOW_BITS)
-    return COMPACT_WRAPPER.format(blob=base64.b85encode(blob).decode("ascii"))  # base85 has no quote or backslash
+def latin1_literal(blob: bytes) -> str:
+    """blob as the inside of a triple-quoted literal in a latin-1 file: every byte is the character of
+    the same number, except the four that Python would read otherwise, escaped: NUL (refused in a
+    source file), CR (read as a newline), the backslash, and a quote that is followed by a quote or ends
+    the blob (it could close the literal)."""
+    out = []
+    for i, c in enumerate(blob):
+        after = blob[i + 1] if i + 1 < len(blob) else -1
+        if c == 0:  # before an octal digit, \0 would read as a longer octal escape
+            out.append("\\000" if 48 <= after <= 55 else "\\0")
+        elif c == 13:
+            out.append("\\r")
+        elif c == 92:
+            out.append("\\\\")
+        elif c == 34 and after in (-1, 34):
+            out.append('\\"')
+        else:
+            out.append(chr(c))
+    return "".join(out)
+
+
+def latin1_blob(literal: str) -> bytes:
+    """Inverse of latin1_literal."""
+    return _LITERAL_ESCAPE.sub(lambda m: _LITERAL_CHAR[m[1]], literal).encode("latin-1")
+
+
+def minify_code(source: str) -> str:
+    return optional_module(*MINIFIER_NEEDS).minify(source, **COMPACT_MINIFY)
+
+
+@functools.lru_cache(maxsize=8)  # every run counts its own code: a process running many pays once
+def compact_code(source: bytes) -> bytes:
+    """The compact file of a readable train_gpt.py, as bytes (latin-1). ImportError naming the package
+    when python-minifier or zpaq is missing."""
+    blob = optional_module(*CODEC_NEEDS["zpaq"]).compress(minify_code(source.decode("utf-8")).encode("utf-8"),
+                                                           level=ZPAQ_LEVEL)
+    return COMPACT_WRAPPER.format(sha=hashlib.sha256(source).hexdigest(), blob=latin1_literal(blob)).encode("latin-1")
+
+
+def compact_program(data: bytes) -> tuple[str, str] | None:
+    """(the readable source's sha256, the program) a compact file holds; None if data is not one."""
+    match = _COMPACT_RE.fullmatch(data.decode("latin-1"))
+    if match is None:
+        return None
+    return match[1], optional_module(*CODEC_NEEDS["zpaq"]).decompress(latin1_blob(match[2])).decode("utf-8")
+
+
+def code_bound(source: bytes) -> int:
+    """An upper bound of the compact file's size without python-minifier or zpaq: the older compact form
+    (brotli and base85 of the unminified source, and its wrapper), 2.5x the compact file's size here."""
+    return len(base64.b85encode(brotli.compress(source, quality=11, lgwin=24))) + 100
 
 
 @dataclass(frozen=True)
 class CodeForm:
-    """The code that runs: its readable source (embedded in the log) and the bytes it ships as."""
-    source: str
+    """The code that runs and the bytes it ships as."""
+    source: str  # the code that ran, embedded in the log: the readable source or a compact file's program
     form: str  # "readable" or "compact": which file ran
-    bytes_code: int  # the compact wrapper's size: what a record folder ships and the cap counts
+    bytes_code: int  # the compact file's size: what a record folder ships and the cap counts
+    source_sha256: str = ""  # of the readable source (a compact file names it): the code a checkpoint resumes with
+    bound_because: str = ""  # why bytes_code is only an upper bound; "" when it is the shipped size
 
 
-def code_form(text: str) -> CodeForm:
-    """The compact wrapper counts as itself, a readable file as the wrapper it would ship as."""
-    match = _COMPACT_RE.fullmatch(text)
-    if match:
-        source = brotli.decompress(base64.b85decode(match[1])).decode("utf-8")
-        return CodeForm(source, "compact", len(text.encode("utf-8")))
-    return CodeForm(text, "readable", len(compact_code(text.encode("utf-8"))))
+def compact_size(source: bytes) -> int:
+    """len(compact_code(source)), remembered in the temporary folder under the sha256 of the source, of
+    this code's compaction settings and of the tools' versions: every process of a run (and of the
+    tests) would otherwise spend seconds minifying the same source."""
+    optional_module(*MINIFIER_NEEDS), optional_module(*CODEC_NEEDS["zpaq"])  # missing: no size to remember
+    recipe = f"{COMPACT_MINIFY}{COMPACT_WRAPPER}{ZPAQ_LEVEL}{optional_versions()}".encode()
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / "train_gpt_compact" / hashlib.sha256(source + recipe).hexdigest()
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text())
+    size = len(compact_code(source))
+    with contextlib.suppress(OSError):
+        write_atomic(path, str(size).encode())
+    return size
+
+
+def code_form(data: bytes | str) -> CodeForm:
+    """A compact file counts as itself, a readable file as the compact file it would ship as; without
+    the tools that make the compact file, as an upper bound of it (code_bound), saying why."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    compact = compact_program(data)
+    if compact is not None:
+        return CodeForm(compact[1], "compact", len(data), compact[0])
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return CodeForm(data.decode("utf-8"), "readable", compact_size(data), sha)
+    except ImportError as e:
+        return CodeForm(data.decode("utf-8"), "readable", code_bound(data), sha, str(e))
 
 
 def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None) -> None:
@@ -2828,15 +3497,17 @@ def check_artifact_cap(bytes_code: int, bytes_model: int, cap: int | None = None
 # ---- export: what runs after training -----------------------------------------------------------
 
 
-def calibrates(h: Hyperparameters) -> bool:
+def calibrates(q: QuantSettings) -> bool:
     """Whether the run computes Hessians after training: for GPTQ, or for the Hessian-aware SDClip."""
-    return h.gptq or h.clip_method == "sdclip_hessian"
+    return q.gptq or q.clip_method == "sdclip_hessian"
 
 
-def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
+def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
+              cut: CalibrationCut | None = None) -> dict[str, Tensor]:
     """GPTQ Hessians of every quantized weight with a site (the linear layers and the tied embedding)
     from GPTQ_CALIB_SEQS training sequences, split over the ranks and all-reduced; {} when GPTQ=0
-    (unless CLIP_METHOD=sdclip_hessian needs their diagonals). Forward batches have the evaluation's size."""
+    (unless CLIP_METHOD=sdclip_hessian needs their diagonals). Forward batches have the evaluation's size.
+    cut: stops the batches at the training cap (fewer sequences; {} if none was taken)."""
     if not calibrates(h):
         return {}
     targets = {name for name, bits in plan.items() if bits != FP16_BITS} & hessian_sites(base_model).keys()
@@ -2844,24 +3515,29 @@ def calibrate(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Run
         return {}
     batch_seqs = h.val_batch_seqs(h.train_seq_len)
     batches = calibration_batches(find_shards(h.data_path, "train"), h.gptq_calib_seqs, h.train_seq_len,
-                                  batch_seqs, rt.rank, rt.world_size, rt.device)
+                                  batch_seqs, rt)
     mine = len(range(rt.rank, h.gptq_calib_seqs, rt.world_size))
     progress = Progress("calibration", -(-mine // batch_seqs), rt.is_main)
-    return collect_hessians(base_model, progress.wrap(batches), targets, rt.autocast, rt.world_size)
+    return collect_hessians(base_model, progress.wrap(cut.wrap(batches) if cut else batches), targets, rt)
+
+
+def calibration_batch_count(h: Hyperparameters, rt: Runtime) -> int:
+    """Forward batches of calibration on this rank (calibrate's)."""
+    return -(-len(range(rt.rank, h.gptq_calib_seqs, rt.world_size)) // h.val_batch_seqs(h.train_seq_len))
 
 
 FIT_PROBE_SEQS = 32  # training sequences on which the fitter's cost is estimated
 
 
 @torch.no_grad()
-def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, autocast) -> float:
+def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, rt: Runtime) -> float:
     """bpb of `model` with `weights` on these batches (its own weights put back): an estimate, not a score."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(weights)
     try:
         nats = nbytes = 0.0
         for x, y in batches:
-            with autocast():
+            with rt.autocast():
                 nats += model(x, y).double().sum().item()
             nbytes += luts.token_bytes(x, y).sum().item()
     finally:
@@ -2869,16 +3545,19 @@ def probe_bpb(model: GPT, weights: dict[str, Tensor], batches, luts: ByteLUTs, a
     return nats / math.log(2) / nbytes
 
 
-def log_fit_cost(base_model: GPT, packed: dict, blob: bytes, h: Hyperparameters, rt: Runtime, luts: ByteLUTs,
-                 log) -> None:
-    """The fit's cost: bpb of the unfitted and fitted weights on the first FIT_PROBE_SEQS training
-    sequences (seen in training: a relative estimate; the final evaluations measure the artifact)."""
+def log_fit_cost(base_model: GPT, unfitted: dict[str, dict], fitted: dict[str, dict], luts: ByteLUTs,
+                 ctx: RunContext) -> None:
+    """The fit's cost: bpb of the unfitted and fitted weights (each as the artifact would store it, LQER
+    included) on the first FIT_PROBE_SEQS training sequences (seen in training: a relative estimate; the
+    final evaluations measure the artifact). The bytes are the tokenizer's (probe_bytes:tokenizer): training
+    data has no byte sidecar, so on a CaseOps dataset each operator counts its 3 bytes of UTF-8 here."""
+    h, rt = ctx.h, ctx.rt
     batches = list(calibration_batches(find_shards(h.data_path, "train"), FIT_PROBE_SEQS, h.train_seq_len,
-                                       h.val_batch_seqs(h.train_seq_len), 0, 1, rt.device))
-    before = probe_bpb(base_model, dequantize_state_dict(packed), batches, luts, rt.autocast)
-    after = probe_bpb(base_model, dequantize_state_dict(deserialize_artifact(blob)[1]), batches, luts, rt.autocast)
-    log(f"quant_fit cost_est_bpb:{after - before:+.6f} probe_bpb_unfitted:{before:.6f} probe_bpb_fitted:{after:.6f} "
-        f"probe:{FIT_PROBE_SEQS}_training_seqs")
+                                       h.val_batch_seqs(h.train_seq_len), Runtime.single(rt.device)))
+    before = probe_bpb(base_model, dequantize_state_dict(unfitted), batches, luts, rt)
+    after = probe_bpb(base_model, dequantize_state_dict(fitted), batches, luts, rt)
+    ctx.log(f"quant_fit cost_est_bpb:{after - before:+.6f} probe_bpb_unfitted:{before:.6f} "
+            f"probe_bpb_fitted:{after:.6f} probe:{FIT_PROBE_SEQS}_training_seqs probe_bytes:{luts.source}")
 
 
 class ExportInputs(NamedTuple):
@@ -2893,118 +3572,163 @@ GPTQ_RESERVE_MARGIN = 1.5  # a measured reserve: this many times the warm-up's c
 GPTQ_RESERVE_SLACK_SECONDS = 1.0  # ...plus this, for jitter and damping retries
 
 
-def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
-              log) -> tuple[dict[str, dict] | None, dict[str, Tensor], dict[str, float]]:
-    """What counts as training time after training: GPTQ calibration on training shards (all ranks)
-    and quantization (chunks spread over the ranks, gathered on rank 0). Returns (rank 0's entries,
-    None elsewhere; the Hessians; timings in ms: hessian, quantize, total, and the slowest and fastest
-    rank's own quantization)."""
+def gptq_work(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime, log,
+              cut: CalibrationCut | None = None) -> tuple[dict[str, dict] | None, dict[str, Tensor], dict[str, float]]:
+    """What counts as training time after training: GPTQ calibration on training shards (all ranks; `cut`
+    stops it at the training cap), the choice of the AWQ groups and quantization (chunks spread over the
+    ranks, gathered on rank 0). Returns (rank 0's entries, None elsewhere; the Hessians; timings in ms on
+    rt.clock: hessian, quantize, total, and the slowest and fastest rank's own quantization)."""
     rt.sync()
-    t0 = time.perf_counter()
+    t0 = rt.clock()
     with full_fp32_matmul():
-        hessians = calibrate(base_model, plan, h, rt)
+        hessians = calibrate(base_model, plan, h, rt, cut)
         rt.sync()
-        t1 = time.perf_counter()
-        packed, rank_seconds = quantize_distributed(base_model.state_dict(), plan, hessians, h, rt, log)
+        t1 = rt.clock()
+        state = base_model.state_dict()
+        awq = select_awq_groups(state, plan, hessians, h.awq_groups) if h.awq_groups else {}
+        packed, rank_seconds = quantize_distributed(state, plan, hessians, h, rt, log, awq)
     rt.sync()
-    t2 = time.perf_counter()
+    t2 = rt.clock()
+    if cut is not None and cut.cut:
+        log(f"gptq_calibration_cut batches:{cut.taken}/{calibration_batch_count(h, rt)} reason:training_cap "
+            f"hessians:{len(hessians)} (GPTQ_CALIB_SEQS={h.gptq_calib_seqs} did not fit the time left: "
+            f"GPTQ_RESERVE_MEASURE=1 or a larger GPTQ_RESERVE_SECONDS keeps them all)")
     times = dict(hessian=1000 * (t1 - t0), quantize=1000 * (t2 - t1), total=1000 * (t2 - t0),
                  rank_max=1000 * max(rank_seconds, default=0.0), rank_min=1000 * min(rank_seconds, default=0.0))
     return packed, hessians, times
 
 
-def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], h: Hyperparameters, rt: Runtime,
-                         log) -> Hyperparameters:
+def measure_gptq_reserve(base_model: GPT, plan: dict[str, int], ctx: RunContext) -> None:
     """GPTQ_RESERVE_MEASURE=1 (with calibration and a wallclock cap): run gptq_work once on the initial weights,
     before the timed run (its result is discarded; only its time matters, which does not depend on the
     weights), and reserve GPTQ_RESERVE_MARGIN x that time + GPTQ_RESERVE_SLACK_SECONDS instead of
-    GPTQ_RESERVE_SECONDS. The slowest rank's time counts."""
+    GPTQ_RESERVE_SECONDS (in ctx.state). The slowest rank's time counts."""
+    h, rt = ctx.h, ctx.rt
     if not (calibrates(h) and h.gptq_reserve_measure and h.max_wallclock_seconds > 0):
-        return h
-    _, hessians, times = gptq_work(base_model, plan, h, rt, log)
+        return
+    _, hessians, times = gptq_work(base_model, plan, h, rt, ctx.log)
     if not hessians:
-        return h  # nothing to calibrate: no reserve needed beyond the fixed one
-    total = torch.tensor([times["total"]], device=rt.device)
+        return  # nothing to calibrate: no reserve needed beyond the fixed one
+    batch = times.get("hessian", 0.0) / max(1, calibration_batch_count(h, rt))
+    slowest = torch.tensor([times["total"], batch, times.get("quantize", 0.0)], device=rt.device)
     if rt.world_size > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.MAX)
-    measured = total.item() / 1000
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    measured, ctx.state.calib_batch_seconds, ctx.state.gptq_quantize_seconds = (slowest / 1000).tolist()
     reserve = GPTQ_RESERVE_MARGIN * measured + GPTQ_RESERVE_SLACK_SECONDS
-    log(f"gptq_reserve measured:{1000 * measured:.0f}ms reserve:{1000 * reserve:.0f}ms "
-        f"(x{GPTQ_RESERVE_MARGIN} + {GPTQ_RESERVE_SLACK_SECONDS:g}s; GPTQ_RESERVE_MEASURE=0 keeps "
-        f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds:g})")
+    ctx.log(f"gptq_reserve measured:{1000 * measured:.0f}ms reserve:{1000 * reserve:.0f}ms "
+            f"(x{GPTQ_RESERVE_MARGIN} + {GPTQ_RESERVE_SLACK_SECONDS:g}s; GPTQ_RESERVE_MEASURE=0 keeps "
+            f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds:g})")
     if reserve >= h.max_wallclock_seconds:
         raise SettingError(f"the measured GPTQ reserve {reserve:.1f}s leaves no training time out of "
                            f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}: lower GPTQ_CALIB_SEQS or set GPTQ=0")
-    return dataclasses.replace(h, gptq_reserve_seconds=reserve)
+    ctx.state.gptq_reserve_seconds, ctx.state.reserve_from = reserve, "measured"
 
 
-def export_model(base_model: GPT, plan: dict[str, int], code_bytes: int, h: Hyperparameters, rt: Runtime,
-                 log, hook: Callable[[ExportInputs], None] | None = None, train_ms: float = 0.0,
-                 luts: ByteLUTs | None = None) -> bytes | None:
+@dataclass
+class Quantizer:
+    """Trained weights and the rules that make them an artifact: quantize (GPTQ with these Hessians, the row
+    clips), then finish (LQER, serialization). The export and the byte fitter share one."""
+    state: dict[str, Tensor]
+    hessians: dict[str, Tensor]
+    q: QuantSettings
+    config: ModelConfig | None
+    log: Callable
+    awq: dict[str, list[int]] = field(default_factory=dict)  # the AWQ groups chosen after calibration
+
+    def quantize(self, plan: dict[str, int], names=None) -> dict[str, dict]:
+        """Entries of every tensor (or of `names` only, under the same plan; their AWQ groups kept)."""
+        state = self.state if names is None else {n: self.state[n] for n in names}
+        return quantize_state_dict(state, plan=plan, hessians=self.hessians, q=self.q, log=self.log, awq=self.awq)
+
+    def finish(self, packed: dict[str, dict]) -> tuple[dict[str, dict], bytes]:
+        """(what the artifact stores: the entries with their LQER factors, the artifact's bytes). LQER is
+        recomputed whenever fitting changes the tensors."""
+        stored = add_lqer(packed, self.state, self.q, self.log, self.hessians)
+        q = self.q
+        return stored, serialize_artifact(stored, config=self.config, compressor=q.compressor, shuffle=q.byte_shuffle,
+                                          storage=q.quant_storage, log=self.log, sort_roles=q.pergroup_sort)
+
+
+def export_model(base_model: GPT, plan: dict[str, int], train_ms: float, luts: ByteLUTs | None, ctx: RunContext,
+                 hook: Callable[[ExportInputs], None] | None = None) -> bytes | None:
     """After training: gptq_work (calibration and quantization, all ranks), then compression and
     QUANT_TARGET_BYTES fitting on rank 0, which gets the artifact bytes (other ranks get None). `hook`,
     if given, sees the quantizer's inputs on rank 0. Logs whether training (train_ms) plus calibration
     stayed inside the wallclock cap (a `legality` line) and, with luts, a fit's estimated bpb cost."""
-    packed, hessians, times = gptq_work(base_model, plan, h, rt, log)
+    h, rt, log, code_bytes = ctx.h, ctx.rt, ctx.log, ctx.code.bytes_code
+    cut = None
+    if h.max_wallclock_seconds > 0:  # Hessians by the cap, less the quantization the warm-up measured after them
+        left = h.max_wallclock_seconds - train_ms / 1000 - ctx.state.gptq_quantize_seconds
+        cut = CalibrationCut(rt, rt.clock() + left, ctx.state.calib_batch_seconds)
+    packed, hessians, times = gptq_work(base_model, plan, h, rt, log, cut)
     if not rt.is_main:
         return None
     t2 = time.perf_counter()
     state = base_model.state_dict()
     if hook is not None:
         hook(ExportInputs(state, dict(plan), hessians))
-    clip = ClipConfig.from_hparams(h)
     log(f"quantize gptq:{int(h.gptq)} hessians:{len(hessians)} calib_seqs:{h.gptq_calib_seqs if hessians else 0} "
         f"hessian_time:{times['hessian']:.0f}ms quantize_time:{times['quantize']:.0f}ms ranks:{rt.world_size} "
-        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f} clip:{clip.method}")
-    if hessians:  # everything after training that uses training data: it must fit GPTQ_RESERVE_SECONDS
-        log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * h.gptq_reserve_seconds:.0f}ms")
-        log_calibration_legality(times["total"], train_ms, h, log)
-    quantize = functools.partial(quantize_state_dict, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block,
-                                 log=log, clip=clip, gptq=h.gptq)
-    serialize = functools.partial(serialize_artifact, config=base_model.cfg, compressor=h.compressor,
-                                  shuffle=h.byte_shuffle, storage=h.quant_storage, log=log, sort_roles=h.pergroup_sort)
-    lqer = LQERConfig.from_hparams(h)
-
-    def encode(packed: dict) -> bytes:  # LQER is recomputed whenever fitting changes the tensors
-        return serialize(add_lqer(packed, state, lqer, log, hessians))
-
-    blob = encode(packed)
+        f"rank_quantize_ms:{times['rank_min']:.0f}-{times['rank_max']:.0f} clip:{h.clip_method}")
+    if hessians or (cut is not None and cut.cut):  # all work after training on training data: inside the reserve
+        log(f"gptq_calibration_time:{times['total']:.0f}ms reserve:{1000 * ctx.state.gptq_reserve_seconds:.0f}ms")
+        log_calibration_legality(times["total"], train_ms, ctx)
+    if h.awq_groups:
+        log_awq_groups(packed, state, hessians, h, log)
+    qz = Quantizer(state, hessians, h, base_model.cfg, log, {n: e["awq"] for n, e in packed.items() if e.get("awq")})
+    stored, blob = qz.finish(packed)
     if h.quant_target_bytes > 0:
         log(f"quant_fit bytes_total:{code_bytes + len(blob)} target:{h.quant_target_bytes} "
             f"fit_needed:{int(code_bytes + len(blob) > h.quant_target_bytes)}")
         with full_fp32_matmul():
-            fitted_plan, fitted = fit_byte_target(state, plan, packed, blob, h.quant_target_bytes - code_bytes,
-                                                  quantize, encode, hessians, log, clip)
-        if fitted_plan != plan and luts is not None:  # unfitted: as stored, LQER included
-            log_fit_cost(base_model, deserialize_artifact(blob)[1], fitted, h, rt, luts, log)
-        blob = fitted
+            fitted_plan, fitted, blob = fit_byte_target(qz, plan, packed, (stored, blob),
+                                                            h.quant_target_bytes - code_bytes)
+        if fitted_plan != plan and luts is not None:
+            log_fit_cost(base_model, stored, fitted, luts, ctx)
     params = sum(t.numel() for t in state.values())
     log(f"compress_time:{1000 * (time.perf_counter() - t2):.0f}ms storage:{h.quant_storage} "
         f"byte_shuffle:{int(h.byte_shuffle)} bits_per_param:{8 * len(blob) / params:.4f}")
     return blob
 
 
-def log_calibration_legality(calibration_ms: float, train_ms: float, h: Hyperparameters, log) -> None:
-    """The rule: work after training that reads training data counts as training time. With a cap, a
-    `legality` line says whether calibration fit its reserve and training plus calibration the cap."""
+def log_awq_groups(packed: dict[str, dict], state: dict[str, Tensor], hessians: dict[str, Tensor],
+                   h: Hyperparameters, log) -> None:
+    """One `awq` line per chosen group (tensor, first column, width, score, bits) and a total."""
+    chosen = {name: e for name, e in packed.items() if e.get("awq")}
+    for name, e in chosen.items():
+        w = state[name].detach().reshape(state[name].size(0), -1)
+        scores = awq_group_scores(w, hessians[name].diagonal())
+        for start in e["awq"]:
+            log(f"awq tensor:{name} start:{start} cols:{min(AWQ_GROUP_COLS, w.size(1) - start)} "
+                f"score:{scores[start // AWQ_GROUP_COLS].item():.6g} bits:{e['bits']}->{AWQ_BITS}")
+    log(f"awq groups:{sum(len(e['awq']) for e in chosen.values())} of:AWQ_GROUPS={h.awq_groups} "
+        f"tensors:{len(chosen)} cols:{AWQ_GROUP_COLS} bits:{AWQ_BITS} score:input_rms_x_mean_abs_w")
+
+
+def log_calibration_legality(calibration_ms: float, train_ms: float, ctx: RunContext) -> None:
+    """The rule: work after training that reads training data counts as training time. With a cap, the
+    `legality` line says whether training plus calibration stayed within it, and calibration within its reserve."""
+    h = ctx.h
     if h.max_wallclock_seconds <= 0:
-        log(f"legality gptq_calibration:no_cap calibration_time:{calibration_ms:.0f}ms")
+        log_legality(ctx.log, "gptq_calibration", "no_cap", calibration_time=f"{calibration_ms:.0f}ms")
         return
-    cap_ms, reserve_ms = 1000 * h.max_wallclock_seconds, 1000 * h.gptq_reserve_seconds
-    within = "within_reserve" if calibration_ms <= reserve_ms else "over_reserve"
+    cap_ms, reserve_ms = 1000 * h.max_wallclock_seconds, 1000 * ctx.state.gptq_reserve_seconds
     total = train_ms + calibration_ms
-    log(f"legality gptq_calibration:{within} calibration_time:{calibration_ms:.0f}ms reserve:{reserve_ms:.0f}ms "
-        f"train_plus_calibration:{total:.0f}ms cap:{cap_ms:.0f}ms {'within_cap' if total <= cap_ms else 'over_cap'}")
+    log_legality(ctx.log, "gptq_calibration", "within" if total <= cap_ms else "over",
+                 calibration_time=f"{calibration_ms:.0f}ms", reserve=f"{reserve_ms:.0f}ms",
+                 reserve_kept="yes" if calibration_ms <= reserve_ms else "no",
+                 train_plus_calibration=f"{total:.0f}ms", cap=f"{cap_ms:.0f}ms")
 
 
-def save_artifact(blob: bytes | None, path: Path, code_bytes: int, rt: Runtime, log) -> None:
+def save_artifact(blob: bytes | None, path: Path, ctx: RunContext) -> None:
     """Write the artifact (rank 0), log byte counts, enforce the cap."""
-    if rt.is_main:
+    if ctx.rt.is_main:
+        code_bytes = ctx.code.bytes_code
         write_atomic(path, blob)
-        log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{len(blob)} "
-            f"bytes_total:{code_bytes + len(blob)} cap:{ARTIFACT_CAP_BYTES}")
+        ctx.log(f"artifact path:{path} bytes_code:{code_bytes} bytes_model:{len(blob)} "
+                f"bytes_total:{code_bytes + len(blob)} cap:{ARTIFACT_CAP_BYTES}")
         check_artifact_cap(code_bytes, len(blob))
-    if rt.world_size > 1:
+    if ctx.rt.world_size > 1:
         dist.barrier()
 
 
@@ -3099,42 +3823,46 @@ def eval_batches(val_tokens: Tensor, spec: EvalSpec, rank: int = 0, world_size: 
 
 
 @torch.no_grad()
-def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: EvalSpec, rank: int = 0,
-                  world_size: int = 1, autocast=contextlib.nullcontext, phase: str | None = None) -> Tensor:
+def score_windows(forward: Callable, score: Callable, val_tokens: Tensor, spec: EvalSpec, rt: Runtime,
+                  phase: str | None = None) -> Tensor:
     """The one evaluation loop: out = forward(x, y) on each of this rank's batches (under autocast), then
     score(out, x, y, scored, target_pos), a 1-D float64 tensor of sums, added over batches and ranks.
     Rank 0 shows its progress under the name `phase` (default: the spec's)."""
     total = None
-    progress = Progress(phase or spec.name, num_eval_batches(len(val_tokens), spec, rank, world_size), rank == 0)
-    for x, y, scored, pos in progress.wrap(eval_batches(val_tokens, spec, rank, world_size)):
-        with autocast():
+    progress = Progress(phase or spec.name, num_eval_batches(len(val_tokens), spec, rt.rank, rt.world_size),
+                        rt.is_main)
+    for x, y, scored, pos in progress.wrap(eval_batches(val_tokens, spec, rt.rank, rt.world_size)):
+        with rt.autocast():
             out = forward(x, y)
         sums = score(out, x, y, scored, pos)
         total = sums if total is None else total + sums
-    if world_size > 1:
+    if rt.world_size > 1:
         dist.all_reduce(total)
     return total
 
 
-def bpb_sums(luts: ByteLUTs) -> Callable:
-    """score_windows' score for evaluate: [nats, tokens, bytes] of the scored targets. The scored mask
-    multiplies rather than indexes: a boolean index has a data-dependent size, which the host must wait
-    for, every batch."""
-    def nats_tokens_bytes(nll, x, y, scored, _):
+def bpb_sums(counter: ByteCounter) -> Callable:
+    """score_windows' score for evaluate: [nats, tokens, bytes] of the scored targets, the bytes as the counter
+    gives them (the tokenizer's tables, or the byte sidecar at target_pos). The scored mask multiplies rather
+    than indexes: a boolean index has a data-dependent size, which the host must wait for, every batch."""
+    def nats_tokens_bytes(nll, x, y, scored, target_pos):
         mask = scored.double()
-        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y) * mask).sum()))
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (counter.count(x, y, target_pos) * mask).sum()))
     return nats_tokens_bytes
 
 
-def evaluate(model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec, rank: int = 0,
-             world_size: int = 1, autocast=contextlib.nullcontext, phase: str | None = None) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once."""
-    nats, tokens, nbytes = score_windows(model, bpb_sums(luts), val_tokens, spec, rank, world_size,
-                                         autocast, phase).tolist()
+def evaluate(model: nn.Module, val_tokens: Tensor, counter: ByteCounter, spec: EvalSpec, rt: Runtime,
+             phase: str | None = None) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) over every target of val_tokens, each scored once; the bytes are
+    counter's (validation_byte_counter)."""
+    nats, tokens, nbytes = score_windows(model, bpb_sums(counter), val_tokens, spec, rt, phase).tolist()
     return nats / tokens, nats / math.log(2) / nbytes
 
 
-# ---- score-first test-time training (docs/ttt.md) -------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# Test-time training
+# ----------------------------------------------------------------------------------------------------
+# Score-first test-time training (docs/ttt.md).
 # The model keeps learning from validation tokens it has already scored, legally:
 #   * per document, a fresh LoRA (Q, K, V, O, a low-rank path beside the MLP, and the output head) learns
 #     chunk by chunk: each chunk of TTT_CHUNK_SIZE targets is scored with the full softmax first, then
@@ -3155,33 +3883,79 @@ TTT_H100_TFLOPS = 147.0
 EVAL_CAP_SECONDS = 600.0  # the challenge's evaluation budget on 8 x H100
 PREDICTION_WORLD_SIZE = 8
 TTT_MIN_BATCHES_PER_RANK = 4  # a phase's batches shrink until each rank gets this many (load balance)
+# A global SGD step costs at least this on 8 x H100, whatever its FLOPs: #2135 logged 288 steps of 32,768 tokens in
+# 24.5-24.6 s (gradients of every weight all-reduced each step, small eager forwards); its FLOPs alone say 6 ms.
+GLOBAL_SGD_STEP_SECONDS = 0.085
+# The TTT compile warm-up on 8 x H100 (random tokens, before the timed pass): #2135's took 91.1-94.5 s with one
+# chunk size, #2014's 136.4-149.0 s with three (chunks of 8 and 24 added): a base and a cost per added chunk size.
+TTT_COMPILE_SECONDS = 92.5
+TTT_COMPILE_SECONDS_PER_CHUNK = 25.6
+LORA_KEYS = ("q", "k", "v", "o", "mlp", "head")  # every adapter DocumentLoRA can make, in the order A is drawn
 
 
-class TTTSpec(NamedTuple):
-    """The TTT settings (the TTT_*, PHASED_TTT_* and GLOBAL_TTT_* variables)."""
-    lora_rank: int
-    chunk: int  # targets scored, then learned from, per step
-    seq_len: int  # context window inside a document
-    batch_docs: int
-    lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    prefix_docs: int  # the global phases cover the first this many documents of the stream
-    phases: int
-    global_lr: float
-    global_momentum: float
-    global_epochs: int
-    global_chunk_tokens: int  # tokens per global SGD step, all ranks together
-    global_grad_clip: float
-    micro_batch_seqs: int  # sequences per forward of the global SGD (VAL_BATCH_SIZE tokens)
-    seed: int  # the LoRAs' initial A (one draw, shared by every document)
+def parse_lora_targets(spec: str) -> tuple[str, ...]:
+    """TTT_LORA_TARGETS "k,o,mlp,head" -> the adapters that exist, in LORA_KEYS order (at least one)."""
+    keys = {k.strip().lower() for k in spec.split(",") if k.strip()}
+    if not keys or keys - set(LORA_KEYS):
+        raise ValueError(f"TTT_LORA_TARGETS={spec!r} is invalid: expected one or more of {','.join(LORA_KEYS)}, "
+                         f"comma-separated")
+    return tuple(k for k in LORA_KEYS if k in keys)
 
-    @classmethod
-    def from_hparams(cls, h: Hyperparameters) -> "TTTSpec":
-        return cls(h.ttt_lora_rank, h.ttt_chunk_size, h.ttt_eval_seq_len, h.ttt_batch_size, h.ttt_lora_lr,
-                   (h.ttt_beta1, h.ttt_beta2), h.ttt_weight_decay, h.phased_ttt_prefix_docs, h.phased_ttt_num_phases,
-                   h.global_ttt_lr, h.global_ttt_momentum, h.global_ttt_epochs, h.global_ttt_chunk_tokens,
-                   h.global_ttt_grad_clip, h.val_batch_seqs(h.ttt_eval_seq_len), h.seed)
+
+def parse_short_chunks(spec: str) -> tuple[tuple[int, int], ...]:
+    """TTT_SHORT_CHUNKS "256:8,2000:24" -> ((256, 8), (2000, 24)): (position limit, chunk size), limits rising."""
+    rules = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        limit, sep, size = item.partition(":")
+        rule = (int(limit), int(size)) if sep and limit.strip().isdigit() and size.strip().isdigit() else None
+        if rule is None or min(rule) < 1 or (rules and rule[0] <= rules[-1][0]):
+            raise ValueError(f"TTT_SHORT_CHUNKS={spec!r} is invalid: expected limit:size pairs of positive integers "
+                             f"with rising limits, e.g. 256:8,2000:24")
+        rules.append(rule)
+    return tuple(rules)
+
+
+class ChunkPlan(NamedTuple):
+    """Where a document's chunks end, by position inside the document alone, the same for every document (so
+    batch-mates stay aligned, and where a chunk ends never depends on where the document ends, which would depend
+    on whether a later token is a BOS): with TTT_SHORT_CHUNKS a chunk starting before a rule's limit has the
+    first such rule's size, every later chunk TTT_CHUNK_SIZE. Chunk k holds the targets edge(k)+1 .. edge(k+1) of
+    its document (relative to its BOS)."""
+    edges: np.ndarray  # int64: 0, then the end of each short chunk; the last is where TTT_CHUNK_SIZE chunks start
+    size: int  # TTT_CHUNK_SIZE
+
+    def edge(self, k: int) -> int:
+        short = len(self.edges) - 1
+        return int(self.edges[k]) if k <= short else int(self.edges[-1]) + (k - short) * self.size
+
+    def edge_array(self, steps: int) -> np.ndarray:
+        """edge(0) .. edge(steps) as int64."""
+        k = np.arange(steps + 1, dtype=np.int64)
+        short = len(self.edges) - 1
+        return np.where(k <= short, self.edges[np.minimum(k, short)], self.edges[-1] + (k - short) * self.size)
+
+    def counts(self, targets: np.ndarray) -> np.ndarray:
+        """Chunks (steps) of documents with these target counts: those that start before the last target."""
+        short, last = len(self.edges) - 1, self.edges[-1]
+        beyond = short + -(-(targets - last) // self.size)
+        return np.where(targets <= last, np.searchsorted(self.edges, targets, side="left"), beyond)
+
+    def sizes(self, steps: int) -> list[int]:
+        return np.diff(self.edge_array(steps)).tolist()
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_plan(spec: str, size: int) -> ChunkPlan:
+    edges, rules = [0], parse_short_chunks(spec)
+    while (rule := next((r for r in rules if edges[-1] < r[0]), None)) is not None:
+        edges.append(edges[-1] + rule[1])
+    return ChunkPlan(np.asarray(edges, dtype=np.int64), size)
+
+
+def chunk_plan(s: TTTSettings) -> ChunkPlan:
+    return _chunk_plan(s.ttt_short_chunks, s.ttt_chunk_size)
 
 
 def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
@@ -3196,35 +3970,44 @@ def document_spans(tokens: np.ndarray, bos_id: int) -> np.ndarray:
     return np.stack((starts[keep], ends[keep]), axis=1).astype(np.int64)
 
 
-def ttt_phases(num_docs: int, spec: TTTSpec) -> list[tuple[int, int, bool]]:
+def ttt_phases(num_docs: int, s: TTTSettings) -> list[tuple[int, int, bool]]:
     """Consecutive document ranges (lo, hi, global SGD after it), in stream order: the first
-    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest."""
-    prefix = min(spec.prefix_docs, num_docs) if spec.global_epochs > 0 else 0
-    cuts = sorted({prefix * (i + 1) // spec.phases for i in range(spec.phases)} - {0})
+    PHASED_TTT_PREFIX_DOCS documents in PHASED_TTT_NUM_PHASES equal parts, each followed by SGD, then the rest.
+    The cuts come from the settings alone, never from num_docs: a cut that depended on how many documents the
+    stream still holds would make earlier scores depend on later tokens (docs/challenge.md). A stream that ends
+    before a cut simply never reaches it (and SGD after its last document would teach nothing)."""
+    prefix = s.phased_ttt_prefix_docs if s.global_ttt_epochs > 0 else 0
+    cuts = sorted({prefix * (i + 1) // s.phased_ttt_num_phases for i in range(s.phased_ttt_num_phases)} - {0})
     phases, lo = [], 0
-    for cut in cuts:
-        phases.append((lo, cut, cut < num_docs))  # SGD after the last document would teach nothing
+    for cut in (c for c in cuts if c < num_docs):
+        phases.append((lo, cut, True))
         lo = cut
     if lo < num_docs:
         phases.append((lo, num_docs, False))
     return phases
 
 
-def chunk_counts(targets: np.ndarray, spec: TTTSpec) -> np.ndarray:
-    return -(-targets // spec.chunk)
+def chunk_counts(targets: np.ndarray, s: TTTSettings) -> np.ndarray:
+    return chunk_plan(s).counts(targets)
 
 
-def window_width(step: int, spec: TTTSpec) -> int:
+def window_width(step: int, s: TTTSettings) -> int:
     """Columns of step `step`'s rows: the context of a full chunk, capped at TTT_EVAL_SEQ_LEN. Every target a
-    row scores at this step lies in its last TTT_CHUNK_SIZE columns."""
-    return min((step + 1) * spec.chunk, spec.seq_len)
+    row scores at this step lies in its last chunk_size(step) columns."""
+    return min(chunk_plan(s).edge(step + 1), s.ttt_eval_seq_len)
 
 
-def document_costs(targets: np.ndarray, spec: TTTSpec) -> np.ndarray:
+def chunk_size(step: int, s: TTTSettings) -> int:
+    """Targets a full chunk of step `step` holds: TTT_CHUNK_SIZE, or a short chunk's (TTT_SHORT_CHUNKS)."""
+    plan = chunk_plan(s)
+    return plan.edge(step + 1) - plan.edge(step)
+
+
+def document_costs(targets: np.ndarray, s: TTTSettings) -> np.ndarray:
     """Token columns a document's steps process (the sum of its window widths): its share of the work."""
-    n = chunk_counts(targets, spec)
-    growing = np.minimum(n, spec.seq_len // spec.chunk)  # steps whose window is still growing
-    return spec.chunk * growing * (growing + 1) // 2 + (n - growing) * spec.seq_len
+    n = chunk_counts(targets, s)
+    widths = np.minimum(chunk_plan(s).edge_array(int(n.max(initial=0)))[1:], s.ttt_eval_seq_len)
+    return np.concatenate(([0], np.cumsum(widths)))[n]
 
 
 def assign_batches(costs: np.ndarray, world_size: int) -> list[np.ndarray]:
@@ -3240,20 +4023,20 @@ def assign_batches(costs: np.ndarray, world_size: int) -> list[np.ndarray]:
     return [np.asarray(s, dtype=np.int64) for s in shares]
 
 
-def ttt_schedule(spans: np.ndarray, spec: TTTSpec, world_size: int) -> list[list[tuple[list[np.ndarray], bool]]]:
+def ttt_schedule(spans: np.ndarray, s: TTTSettings, world_size: int) -> list[list[tuple[list[np.ndarray], bool]]]:
     """Per rank, per phase: (its batches of document indices, longest first; global SGD after the phase).
     A phase's documents are sorted by length and cut into batches of at most TTT_BATCH_SIZE documents (the
     remainder goes with the shortest), so that batch-mates finish together, and of at most a
     1/(TTT_MIN_BATCHES_PER_RANK x ranks) share of the phase's work, so that the batch of its longest
     documents does not keep one rank busy while the others wait for the global SGD; the batches are then
     spread over the ranks."""
-    costs = document_costs(spans[:, 1] - spans[:, 0], spec)
+    costs = document_costs(spans[:, 1] - spans[:, 0], s)
     plan = [[] for _ in range(world_size)]
-    for lo, hi, sgd_after in ttt_phases(len(spans), spec):
+    for lo, hi, sgd_after in ttt_phases(len(spans), s):
         cap = costs[lo:hi].sum() / (world_size * TTT_MIN_BATCHES_PER_RANK)
         batches, batch, load = [], [], 0
         for doc in lo + np.argsort(-costs[lo:hi], kind="stable"):
-            if batch and (len(batch) == spec.batch_docs or load + costs[doc] > cap):
+            if batch and (len(batch) == s.ttt_batch_size or load + costs[doc] > cap):
                 batches.append(np.asarray(batch))
                 batch, load = [], 0
             batch.append(doc)
@@ -3270,12 +4053,13 @@ class BatchedLoRA(nn.Module):
     B starts at zero (the adapted model starts as the artifact's); A from one seeded draw shared by all
     documents, so a document's result does not depend on which batch or rank it lands in."""
 
-    def __init__(self, fan_in: int, fan_out: int, rank: int, generator: torch.Generator):
+    def __init__(self, fan_in: int, fan_out: int, rank: int, generator: torch.Generator, scale: float = 1.0):
         super().__init__()
         bound = 1.0 / math.sqrt(fan_in)
         self.register_buffer("a_init", (2 * torch.rand(rank, fan_in, generator=generator) - 1) * bound)
         self.a = nn.Parameter(self.a_init[None].clone())
         self.b = nn.Parameter(torch.zeros(1, fan_out, rank))
+        self.scale = scale  # TTT_LORA_ALPHA / rank; 1: no multiplication at all (the April behaviour, bit for bit)
 
     def reset(self, rows: int) -> None:
         """Fresh adapters for `rows` documents (new parameters: an optimizer must be made for them)."""
@@ -3283,22 +4067,26 @@ class BatchedLoRA(nn.Module):
         self.b = nn.Parameter(self.b.new_zeros(rows, *self.b.shape[1:]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x @ self.a.transpose(1, 2)) @ self.b.transpose(1, 2)
+        out = (x @ self.a.transpose(1, 2)) @ self.b.transpose(1, 2)
+        return out if self.scale == 1.0 else out * self.scale
 
 
 class DocumentLoRA(nn.Module):
     """A batch of documents' adapters: per pass of the model's plan (a shared block gets one per pass) on
-    Q, K, V, O and beside the MLP (its normalized input to its output), and on the output head."""
+    Q, K, V, O and beside the MLP (its normalized input to its output), and on the output head; `adapters`
+    (TTT_LORA_TARGETS) says which exist (the model's weights alone where one does not), `scale` multiplies
+    their outputs (TTT_LORA_ALPHA / rank)."""
 
-    def __init__(self, model: GPT, rank: int, seed: int):
+    def __init__(self, model: GPT, rank: int, seed: int, adapters: tuple[str, ...] = LORA_KEYS, scale: float = 1.0):
         super().__init__()
         cfg, g = model.cfg, torch.Generator().manual_seed(seed)
         d = cfg.model_dim
         kv = cfg.num_kv_heads * (d // cfg.num_heads)
         shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
-        self.layers = nn.ModuleList(nn.ModuleDict({key: BatchedLoRA(i, o, rank, g) for key, (i, o) in shapes.items()})
+        self.layers = nn.ModuleList(nn.ModuleDict({key: BatchedLoRA(i, o, rank, g, scale)
+                                                   for key, (i, o) in shapes.items() if key in adapters})
                                     for _ in model.plan)
-        self.head = BatchedLoRA(d, cfg.vocab_size, rank, g)
+        self.head = BatchedLoRA(d, cfg.vocab_size, rank, g, scale) if "head" in adapters else None
 
     def reset(self, rows: int) -> None:
         for m in self.modules():
@@ -3322,57 +4110,75 @@ class DocumentLoRA(nn.Module):
             for p, state in opt.state.items()})
 
 
-def ttt_optimizer(lora: DocumentLoRA, spec: TTTSpec) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(lora.parameters(), lr=spec.lr, betas=spec.betas, eps=TTT_ADAM_EPS,
-                             weight_decay=spec.weight_decay)
+def document_lora(model: GPT, s: TTTSettings) -> DocumentLoRA:
+    """The adapters the settings ask for: TTT_LORA_RANK, TTT_LORA_TARGETS, TTT_LORA_ALPHA (0: the rank)."""
+    scale = s.ttt_lora_alpha / s.ttt_lora_rank if s.ttt_lora_alpha > 0 else 1.0
+    return DocumentLoRA(model, s.ttt_lora_rank, s.seed, parse_lora_targets(s.ttt_lora_targets), scale)
 
 
-def ttt_forward(model: GPT, chunk: int) -> Callable[[Tensor, DocumentLoRA], Tensor]:
-    """(rows [B, W] of single documents, their LoRAs) -> logits [B, chunk, V] of the last chunk columns, the
-    only ones a step scores or learns from (the head runs on those alone)."""
-    def forward(x: Tensor, lora: DocumentLoRA) -> Tensor:
-        return model.head(model.hidden(x, lora, rows_are_documents=True)[:, -chunk:], lora)
+def ttt_optimizer(lora: DocumentLoRA, s: TTTSettings) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(lora.parameters(), lr=s.ttt_lora_lr, betas=(s.ttt_beta1, s.ttt_beta2), eps=TTT_ADAM_EPS,
+                             weight_decay=s.ttt_weight_decay)
+
+
+def ttt_forward(model: GPT, chunk: int) -> Callable[..., Tensor]:
+    """(rows [B, W] of single documents, their LoRAs[, the step's chunk]) -> logits [B, chunk, V] of the last chunk
+    columns, the only ones a step scores or learns from (the head runs on those alone). `chunk`: TTT_CHUNK_SIZE,
+    the default; a short chunk (TTT_SHORT_CHUNKS) is passed with the call. With ASYM_LOGIT=1 the model gets its
+    two soft caps here (GPT.use_asym_logit), before anything compiles or freezes its parameters."""
+    model.use_asym_logit()
+
+    def forward(x: Tensor, lora: DocumentLoRA, cols: int = chunk) -> Tensor:
+        return model.head(model.hidden(x, lora, rows_are_documents=True)[:, -cols:], lora)
     return forward
 
 
-def logit_sums(luts: ByteLUTs) -> Callable:
+def call_forward(forward: Callable, x: Tensor, lora: DocumentLoRA, chunk: int, s: TTTSettings) -> Tensor:
+    """forward(x, lora), naming the chunk only when it is a short one: the default call stays the April one."""
+    return forward(x, lora) if chunk == s.ttt_chunk_size else forward(x, lora, chunk)
+
+
+def logit_sums(counter: ByteCounter) -> Callable:
     """A score callback on logits: [nats, tokens, bytes] over the scored targets, as float64 (no boolean
-    indexing: the mask multiplies)."""
-    def sums(logits, x, y, scored, _):
+    indexing: the mask multiplies); the bytes as bpb_sums counts them."""
+    def sums(logits, x, y, scored, target_pos):
         nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         mask = scored.double()
-        return torch.stack(((nll.double() * mask).sum(), mask.sum(), (luts.token_bytes(x, y).double() * mask).sum()))
+        return torch.stack(((nll.double() * mask).sum(), mask.sum(),
+                            (counter.count(x, y, target_pos).double() * mask).sum()))
     return sums
 
 
-def step_rows(val_tokens: Tensor, start: Tensor, targets: Tensor, step: int, spec: TTTSpec):
+def step_rows(val_tokens: Tensor, start: Tensor, targets: Tensor, step: int, s: TTTSettings):
     """Step `step` of a batch of documents (start, targets [B] on the device): the rows x_all [B, width], and
     for their last `chunk` columns the inputs x, targets y, scored and target_pos. Every row holds the same
     span of its document's positions, those before the end of chunk `step` (at most TTT_EVAL_SEQ_LEN of
     them), zero-padded past the document's end; it scores the chunk's targets, which no earlier step scored.
     The span never depends on where the document ends: the context of a target must not depend on whether
     a later token is a BOS."""
-    width, c = window_width(step, spec), spec.chunk
-    begin = (step + 1) * c - width  # relative index of the rows' first input
-    end = torch.clamp(targets, max=(step + 1) * c)  # relative index of the chunk's last target
+    plan = chunk_plan(s)
+    lo, hi = plan.edge(step), plan.edge(step + 1)  # the chunk: relative inputs lo .. hi - 1
+    width, c = window_width(step, s), hi - lo
+    begin = hi - width  # relative index of the rows' first input
+    end = torch.clamp(targets, max=hi)  # relative index of the chunk's last target
     inputs = begin + torch.arange(width, device=start.device)[None, :]
     valid = inputs < end[:, None]  # also false on every column of a finished document
     pos = (start[:, None] + inputs).clamp_max(len(val_tokens) - 2)
     x_all = torch.where(valid, val_tokens[pos].long(), 0)
     y = torch.where(valid, val_tokens[pos + 1].long(), 0)
-    scored = valid & (inputs >= step * c)
+    scored = valid & (inputs >= lo)
     last = slice(width - c, width)
     return x_all, x_all[:, last], y[:, last], scored[:, last], (pos + 1)[:, last]
 
 
 def adapt_batch(forward: Callable, lora: DocumentLoRA, score: Callable, val_tokens: Tensor, spans: np.ndarray,
-                spec: TTTSpec, autocast) -> Tensor | None:
+                s: TTTSettings, rt: Runtime) -> Tensor | None:
     """Score a batch of documents chunk by chunk, each row with its own fresh LoRA: forward, score the chunk,
     then (if the document goes on) one AdamW step on that chunk's loss. Returns the score's sums (None for
     no documents). Once half the rows' documents have ended, those rows are dropped."""
     lora.reset(len(spans))
-    opt = ttt_optimizer(lora, spec)  # fresh moments and step counts: nothing carries over between batches
-    chunks = chunk_counts(spans[:, 1] - spans[:, 0], spec)
+    opt = ttt_optimizer(lora, s)  # fresh moments and step counts: nothing carries over between batches
+    chunks = chunk_counts(spans[:, 1] - spans[:, 0], s)
     rows = np.arange(len(spans))  # the batch's documents that still have a row
     start, targets = (_to_device(torch.from_numpy(spans[:, i].copy()), val_tokens.device) for i in (0, 1))
     targets = targets - start
@@ -3383,55 +4189,55 @@ def adapt_batch(forward: Callable, lora: DocumentLoRA, score: Callable, val_toke
             keep = _to_device(torch.from_numpy(live), val_tokens.device)
             lora.keep_rows(keep, opt)
             rows, start, targets = rows[live], start[keep], targets[keep]
-        x, xl, yl, scored, pos = step_rows(val_tokens, start, targets, step, spec)
-        with autocast():
-            logits = forward(x, lora)
+        x, xl, yl, scored, pos = step_rows(val_tokens, start, targets, step, s)
+        c = chunk_size(step, s)
+        with rt.autocast():
+            logits = call_forward(forward, x, lora, c, s)
         with torch.no_grad():
             sums = score(logits.detach(), xl, yl, scored, pos)
         total = sums if total is None else total + sums
         learns = step < chunks[rows] - 1  # not the document's last chunk
         if learns.any():
             nll = F.cross_entropy(logits.flatten(0, 1).float(), yl.flatten(), reduction="none").view_as(yl)
-            per_doc = (nll * scored).sum(dim=1) / spec.chunk  # a learning row scores exactly a full chunk
+            per_doc = (nll * scored).sum(dim=1) / c  # a learning row scores exactly a full chunk
             (per_doc * _to_device(torch.from_numpy(learns), val_tokens.device)).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     return total
 
 
-def global_sgd(model: GPT, tokens: Tensor, spec: TTTSpec, rank: int, world_size: int, autocast) -> int:
+def global_sgd(model: GPT, tokens: Tensor, s: Hyperparameters, rt: Runtime) -> int:
     """GLOBAL_TTT_EPOCHS of SGD (momentum, cosine LR to 0, gradient clipping) on the whole model over
     `tokens`, the already-scored stream prefix, cut into TTT_EVAL_SEQ_LEN windows; GLOBAL_TTT_CHUNK_TOKENS
-    per step, the windows of a step split over the ranks and the gradients summed. Returns the steps."""
-    W = spec.seq_len
+    per step, the windows of a step split over the ranks, their gradients averaged and clipped as in
+    training. Returns the steps."""
+    W = s.ttt_eval_seq_len
     num_seqs = (len(tokens) - 1) // W
-    per_step = max(1, spec.global_chunk_tokens // W)
+    per_step = max(1, s.global_ttt_chunk_tokens // W)
     steps = -(-num_seqs // per_step)
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=spec.global_lr, momentum=spec.global_momentum)
-    total = steps * spec.global_epochs
+    opt = torch.optim.SGD(params, lr=s.global_ttt_lr, momentum=s.global_ttt_momentum)
+    total = steps * s.global_ttt_epochs
     cols = torch.arange(W + 1, device=tokens.device)
     for k in range(total):
         first = (k % steps) * per_step
         seqs = np.arange(first, min(first + per_step, num_seqs))
         for group in opt.param_groups:
-            group["lr"] = spec.global_lr * 0.5 * (1 + math.cos(math.pi * k / total))
-        mine = np.array_split(seqs, world_size)[rank]
-        for b in range(0, len(mine), spec.micro_batch_seqs):
-            starts = torch.from_numpy(mine[b:b + spec.micro_batch_seqs] * W).to(tokens.device)
+            group["lr"] = s.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * k / total))
+        mine = np.array_split(seqs, rt.world_size)[rt.rank]
+        for b in range(0, len(mine), s.val_batch_seqs(s.ttt_eval_seq_len)):
+            starts = torch.from_numpy(mine[b:b + s.val_batch_seqs(s.ttt_eval_seq_len)] * W).to(tokens.device)
             rows = tokens[starts[:, None] + cols].long()
-            with autocast():
+            with rt.autocast():
                 nll = model(rows[:, :-1], rows[:, 1:])
-            (nll.sum() / (len(seqs) * W)).backward()  # the step's mean over all ranks' tokens
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if world_size > 1:
-                dist.all_reduce(p.grad)
-        if spec.global_grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.global_grad_clip)
+            # The step's mean over all ranks' tokens, once the ranks' gradients are averaged (exact: the
+            # world size is a power of two).
+            (nll.sum() * rt.world_size / (len(seqs) * W)).backward()
+        average_gradients(params, rt)
+        if s.global_ttt_grad_clip > 0:
+            clip_global_norm([p.grad for p in params], [], s.global_ttt_grad_clip, rt)
         opt.step()
         opt.zero_grad(set_to_none=True)
     for p in params:
@@ -3439,125 +4245,196 @@ def global_sgd(model: GPT, tokens: Tensor, spec: TTTSpec, rank: int, world_size:
     return total
 
 
-def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, spec: TTTSpec, rank: int = 0, world_size: int = 1,
-              autocast=contextlib.nullcontext, forward: Callable | None = None, log=None) -> Tensor:
+def ttt_score(model: GPT, score: Callable, val_tokens: Tensor, s: Hyperparameters, rt: Runtime,
+              forward: Callable | None = None, log=None) -> Tensor:
     """The TTT evaluation loop: every document of val_tokens scored by score(logits, x, y, scored, target_pos)
     (as score_windows' callback, on the last chunk columns) while it adapts, phase by phase with global SGD
     in between; the float64 sums, added over batches and ranks. Changes the model's weights (global SGD):
     give it a model built for this pass from the artifact. forward: ttt_forward(model, chunk), compiled."""
-    forward = forward or ttt_forward(model, spec.chunk)
+    forward = forward or ttt_forward(model, s.ttt_chunk_size)
     spans = document_spans(val_tokens.cpu().numpy(), model.cfg.bos_id)
-    plan, phases = ttt_schedule(spans, spec, world_size)[rank], ttt_phases(len(spans), spec)
+    plan, phases = ttt_schedule(spans, s, rt.world_size)[rt.rank], ttt_phases(len(spans), s)
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = DocumentLoRA(model, spec.lora_rank, spec.seed).to(val_tokens.device)
+    lora = document_lora(model, s).to(val_tokens.device)
     total, t0 = None, time.perf_counter()
-    progress = Progress("ttt", sum(len(docs) for batches, _ in plan for docs in batches), rank == 0, unit="doc")
+    progress = Progress("ttt", sum(len(docs) for batches, _ in plan for docs in batches), rt.is_main, unit="doc")
     for k, ((batches, sgd_after), (lo, hi, _)) in enumerate(zip(plan, phases)):
         for docs in batches:
-            sums = adapt_batch(forward, lora, score, val_tokens, spans[docs], spec, autocast)
+            sums = adapt_batch(forward, lora, score, val_tokens, spans[docs], s, rt)
             total = sums if total is None else total + sums
             progress.update(len(docs))
         line = f"ttt_phase {k + 1}/{len(phases)} docs:{lo}-{hi} rank0_batches:{len(batches)}"
         if sgd_after:
             prefix = val_tokens[:spans[hi - 1, 1] + 1]  # every target here is scored already, on every rank
             t1 = time.perf_counter()
-            steps = global_sgd(model, prefix, spec, rank, world_size, autocast)
+            steps = global_sgd(model, prefix, s, rt)
             line += f" global_sgd_tokens:{len(prefix)} steps:{steps} sgd_time:{1000 * (time.perf_counter() - t1):.0f}ms"
+            if model.use_asym_logit():  # what the phase made of the two soft caps (ASYM_LOGIT=1)
+                line += f" softcap_pos:{model.softcap_pos.item():.7f} softcap_neg:{model.softcap_neg.item():.7f}"
         if log is not None:
             log(line + f" elapsed:{1000 * (time.perf_counter() - t0):.0f}ms")
     progress.close()
     if total is None:  # no document came to this rank: its sums are zeros of the score's shape
         lora.reset(1)
-        x = torch.zeros(1, spec.chunk + 1, dtype=torch.long, device=val_tokens.device)
-        with torch.no_grad(), autocast():
+        x = torch.zeros(1, s.ttt_chunk_size + 1, dtype=torch.long, device=val_tokens.device)
+        with torch.no_grad(), rt.autocast():
             logits = forward(x[:, :-1], lora)
         total = score(logits, x[:, :-1], x[:, 1:], torch.zeros_like(x[:, 1:], dtype=torch.bool), x[:, 1:])
-    if world_size > 1:
+    if rt.world_size > 1:
         dist.all_reduce(total)
     return total
 
 
-def ttt_evaluate(model: GPT, val_tokens: Tensor, luts: ByteLUTs, spec: TTTSpec, rank: int = 0, world_size: int = 1,
-                 autocast=contextlib.nullcontext, forward: Callable | None = None, log=None) -> tuple[float, float]:
-    """(val_loss, val_bpb) of score-first TTT over every target of val_tokens, each scored once."""
-    nats, tokens, nbytes = ttt_score(model, logit_sums(luts), val_tokens, spec, rank, world_size, autocast,
-                                     forward, log).tolist()
-    return nats / tokens, nats / math.log(2) / nbytes
+class Scores(NamedTuple):
+    """A final evaluation's numbers: val_loss (nats per target) and val_bpb; with the n-gram tilt, the tilted
+    ones and the share of scored targets the tilt fired on (else None)."""
+    val_loss: float
+    val_bpb: float
+    tilted_loss: float | None = None
+    tilted_bpb: float | None = None
+    fired: float | None = None
+
+    @classmethod
+    def from_sums(cls, sums: list[float]) -> "Scores":
+        """From [nats, tokens, bytes] (logit_sums), or [..., tilted nats, tilted targets] (ngram_tilt_sums)."""
+        nats, tokens, nbytes = sums[:3]
+        if len(sums) == 3:
+            return cls(nats / tokens, nats / math.log(2) / nbytes)
+        return cls(nats / tokens, nats / math.log(2) / nbytes, sums[3] / tokens, sums[3] / math.log(2) / nbytes,
+                   sums[4] / tokens)
 
 
-def ttt_warm_up(forward: Callable, model: GPT, spec: TTTSpec, device: torch.device, autocast) -> None:
-    """Compile the TTT step on random tokens (never validation tokens), at the first and the widest window,
-    then drop what it learned: the LoRAs it trains are its own, and the model's weights stay frozen."""
-    g = torch.Generator(device="cpu").manual_seed(spec.seed)
-    lora = DocumentLoRA(model, spec.lora_rank, spec.seed).to(device)
-    lora.reset(spec.batch_docs)
-    opt = ttt_optimizer(lora, spec)
+def ttt_evaluate(model: GPT, val_tokens: Tensor, counter: ByteCounter, ctx: RunContext, forward: Callable | None = None,
+                 hints: NgramHints | None = None) -> Scores:
+    """Score-first TTT over every target of val_tokens, each scored once; with the token n-gram hints, its scores
+    tilted as well (TTT itself learns from the untilted loss: the tilt only touches what is scored)."""
+    score = logit_sums(counter) if hints is None else ngram_tilt_sums(counter, hints, ctx.h)
+    return Scores.from_sums(ttt_score(model, score, val_tokens, ctx.h, ctx.rt, forward, ctx.log).tolist())
+
+
+def warm_up_shapes(s: TTTSettings) -> list[tuple[int, int]]:
+    """(chunk, window width) of each kind of step the TTT loop compiles: per chunk size, the first width it meets
+    and TTT_EVAL_SEQ_LEN (or the widest it reaches, for a short chunk), in order of width."""
+    plan = chunk_plan(s)
+    widths = {}
+    for step in range(len(plan.edges) + s.ttt_eval_seq_len // s.ttt_chunk_size + 1):
+        widths.setdefault(chunk_size(step, s), set()).add(window_width(step, s))
+    return sorted(((c, w) for c, ws in widths.items() for w in {min(ws), max(ws)}), key=lambda cw: (cw[1], cw[0]))
+
+
+def ttt_warm_up(forward: Callable, model: GPT, s: Hyperparameters, rt: Runtime) -> None:
+    """Compile the TTT step on random tokens (never validation tokens), at the first and the widest window of
+    each chunk size, then drop what it learned: the LoRAs it trains are its own, and the model's weights stay
+    frozen."""
+    g = torch.Generator(device="cpu").manual_seed(s.seed)
+    lora = document_lora(model, s).to(rt.device)
+    lora.reset(s.ttt_batch_size)
+    opt = ttt_optimizer(lora, s)
     for p in model.parameters():
         p.requires_grad_(False)
-    for width in sorted({window_width(0, spec), spec.seq_len}):
-        x = torch.randint(0, model.cfg.vocab_size, (spec.batch_docs, width + 1), generator=g).to(device)
-        with autocast():
-            logits = forward(x[:, :-1], lora)
-        F.cross_entropy(logits.flatten(0, 1).float(), x[:, -spec.chunk:].flatten()).backward()
+    for chunk, width in warm_up_shapes(s):
+        x = torch.randint(0, model.cfg.vocab_size, (s.ttt_batch_size, width + 1), generator=g).to(rt.device)
+        with rt.autocast():
+            logits = call_forward(forward, x[:, :-1], lora, chunk, s)
+        F.cross_entropy(logits.flatten(0, 1).float(), x[:, -chunk:].flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
 
 def ttt_step_flops(cfg: ModelConfig, lora_rank: int, rows: int, width: int, head_cols: int,
-                   backward: str) -> tuple[float, float]:
+                   backward: str, adapters: tuple[str, ...] = LORA_KEYS) -> tuple[float, float]:
     """(matrix-product FLOPs, attention FLOPs) of one step on `rows` rows of `width` tokens, the head on their
-    last head_cols columns: the forward (2 per weight and token, the LoRAs' too; causal attention 2 x 2 x
-    MODEL_DIM per query and key), then the backward: "none"; "lora" (TTT: input gradients through the frozen
-    weights, 1x their forward, and the LoRAs' own gradients, 2x theirs); "model" (global SGD: no LoRAs,
-    every weight's gradient, 2x). Attention's backward is 2x its forward."""
+    last head_cols columns: the forward (2 per weight and token, the LoRAs' too, those in `adapters`; causal
+    attention 2 x 2 x MODEL_DIM per query and key), then the backward: "none"; "lora" (TTT: input gradients
+    through the frozen weights, 1x their forward, and the LoRAs' own gradients, 2x theirs); "model" (global SGD:
+    no LoRAs, every weight's gradient, 2x). Attention's backward is 2x its forward."""
     d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
     passes = len(layer_plan(cfg, True))
     frozen = width * (2 * passes * (2 * d * d + 2 * d * kv + 2 * cfg.mlp_mult * d * d)
                       + (2 * cfg.bigram_dim * d if cfg.bigram_buckets else 0)) + head_cols * 2 * d * cfg.vocab_size
+    fans = {"q": d + d, "k": d + kv, "v": d + kv, "o": d + d, "mlp": d + d}  # A's and B's widths of each adapter
     lora = 0 if backward == "model" else lora_rank * (
-        width * 2 * passes * (2 * d + 2 * (d + kv) + 2 * d + 2 * d)  # q, k, v, o, mlp
-        + head_cols * 2 * (d + cfg.vocab_size))  # the head
+        width * 2 * passes * sum(fans[key] for key in adapters if key in fans)
+        + (head_cols * 2 * (d + cfg.vocab_size) if "head" in adapters else 0))
     attention = passes * 2 * d * width * (width + 1)
     grad = {"none": (0, 0, 0), "lora": (1, 2, 2), "model": (2, 0, 2)}[backward]
     return rows * ((1 + grad[0]) * frozen + (1 + grad[1]) * lora), rows * (1 + grad[2]) * attention
 
 
-def ttt_batch_flops(cfg: ModelConfig, spec: TTTSpec, targets: np.ndarray, public_loop: bool = False) -> float:
+def ttt_batch_flops(cfg: ModelConfig, s: TTTSettings, targets: np.ndarray, public_loop: bool = False) -> float:
     """FLOPs of adapt_batch on documents with these target counts: each step on the rows it keeps, the head
     on the chunk's columns, with its backward on the steps that learn. public_loop: the public records' loop
     instead, which keeps every row to the end and runs the head on every column."""
-    chunks, rows, total = chunk_counts(targets, spec), len(targets), 0.0
+    chunks, rows, total = chunk_counts(targets, s), len(targets), 0.0
+    adapters = parse_lora_targets(s.ttt_lora_targets)
     for step in range(int(chunks.max(initial=0))):
         live = int((chunks > step).sum())
         rows = live if not public_loop and 2 * live <= rows else rows
         backward = "lora" if (chunks > step + 1).any() else "none"
-        width = window_width(step, spec)
-        total += sum(ttt_step_flops(cfg, spec.lora_rank, rows, width, width if public_loop else spec.chunk, backward))
+        width = window_width(step, s)
+        head_cols = width if public_loop else chunk_size(step, s)
+        total += sum(ttt_step_flops(cfg, s.ttt_lora_rank, rows, width, head_cols, backward, adapters))
     return total
 
 
-def ttt_flops(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec,
+def ttt_flops(cfg: ModelConfig, spans: np.ndarray, s: TTTSettings,
               world_size: int) -> tuple[list[list[float]], list[float]]:
     """(FLOPs of each phase's LoRA pass on each rank, FLOPs of the global SGD after each phase), on the schedule
     the loop runs."""
     targets = spans[:, 1] - spans[:, 0]
-    schedule = ttt_schedule(spans, spec, world_size)
-    phases = ttt_phases(len(spans), spec)
-    lora = [[sum(ttt_batch_flops(cfg, spec, targets[docs]) for docs in schedule[r][k][0]) for r in range(world_size)]
+    schedule = ttt_schedule(spans, s, world_size)
+    phases = ttt_phases(len(spans), s)
+    lora = [[sum(ttt_batch_flops(cfg, s, targets[docs]) for docs in schedule[r][k][0]) for r in range(world_size)]
             for k in range(len(phases))]
-    sgd = [spec.global_epochs * sum(ttt_step_flops(cfg, 0, spans[hi - 1, 1] // spec.seq_len, spec.seq_len, spec.seq_len,
+    sgd = [s.global_ttt_epochs * sum(ttt_step_flops(cfg, 0, spans[hi - 1, 1] // s.ttt_eval_seq_len, s.ttt_eval_seq_len, s.ttt_eval_seq_len,
                                                    "model")) if sgd_after else 0.0 for lo, hi, sgd_after in phases]
     return lora, sgd
 
 
-def predict_ttt_seconds(cfg: ModelConfig, spans: np.ndarray, spec: TTTSpec, world_size: int = PREDICTION_WORLD_SIZE,
+def predict_ttt_seconds(cfg: ModelConfig, spans: np.ndarray, s: TTTSettings, world_size: int = PREDICTION_WORLD_SIZE,
                         tflops: float = TTT_H100_TFLOPS) -> tuple[float, float]:
     """(predicted seconds of the TTT pass on world_size H100s, its total FLOPs) at the calibrated throughput:
     each phase lasts as long as its busiest rank (the global SGD waits for all), then its SGD, shared."""
-    lora, sgd = ttt_flops(cfg, spans, spec, world_size)
+    lora, sgd = ttt_flops(cfg, spans, s, world_size)
     busiest = sum(max(ranks) for ranks in lora) + sum(sgd) / world_size
     return busiest / (tflops * 1e12), sum(map(sum, lora)) + sum(sgd)
+
+
+def global_sgd_steps(num_tokens: int, s: TTTSettings) -> int:
+    """The steps global_sgd takes on a scored prefix of num_tokens tokens (its TTT_EVAL_SEQ_LEN windows,
+    GLOBAL_TTT_CHUNK_TOKENS per step, GLOBAL_TTT_EPOCHS times)."""
+    windows, per_step = (num_tokens - 1) // s.ttt_eval_seq_len, max(1, s.global_ttt_chunk_tokens // s.ttt_eval_seq_len)
+    return -(-windows // per_step) * s.global_ttt_epochs
+
+
+class EvalBudget(NamedTuple):
+    """The evaluation's predicted seconds on 8 x H100, by part (predict_eval_seconds)."""
+    ttt: float  # the TTT pass: its LoRA phases (each as long as its busiest rank) and its global SGD
+    sgd: float  # ... of which the global SGD
+    sgd_steps: int
+    flops: float  # the TTT pass's FLOPs (LoRA passes and global SGD)
+    ngram: float  # the n-gram hints' precompute (NGRAM_TILT=token), inside the timed pass
+    compile: float  # the TTT compile warm-up on random tokens, before it
+
+
+def predict_eval_seconds(cfg: ModelConfig, spans: np.ndarray, s: Hyperparameters,
+                         world_size: int = PREDICTION_WORLD_SIZE, tflops: float = TTT_H100_TFLOPS) -> EvalBudget:
+    """The TTT evaluation's parts on world_size H100s: the LoRA phases by their FLOPs at the calibrated throughput
+    (predict_ttt_seconds); each global SGD phase at least GLOBAL_SGD_STEP_SECONDS a step (it is not FLOP-bound:
+    one phase instead of three shows here); the token n-gram precompute on one CPU core; the compile warm-up,
+    a calibrated base plus a share per added chunk size (TTT_SHORT_CHUNKS). The tilt itself (a gather and a
+    log1p per scored target, on the GPU) is below this resolution and counted as nothing."""
+    lora, sgd = ttt_flops(cfg, spans, s, world_size)
+    phases = ttt_phases(len(spans), s)
+    steps = [global_sgd_steps(int(spans[hi - 1, 1]) + 1, s) if sgd_after else 0 for _, hi, sgd_after in phases]
+    sgd_s = sum(max(n * GLOBAL_SGD_STEP_SECONDS, f / world_size / (tflops * 1e12)) for n, f in zip(steps, sgd))
+    ttt = sum(max(ranks) for ranks in lora) / (tflops * 1e12) + sgd_s
+    num_tokens = int(spans[-1, 1]) + 1 if len(spans) else 0
+    ngram = num_tokens / NGRAM_HINT_TOKENS_PER_S if s.ngram_tilt == "token" else 0.0
+    chunk_sizes = len({c for c, _ in warm_up_shapes(s)})
+    compile_s = TTT_COMPILE_SECONDS + TTT_COMPILE_SECONDS_PER_CHUNK * (chunk_sizes - 1) if s.compile else 0.0
+    return EvalBudget(ttt, sgd_s, sum(steps), sum(map(sum, lora)) + sum(sgd), ngram, compile_s)
 
 
 def predict_window_eval_seconds(cfg: ModelConfig, num_tokens: int, spec: EvalSpec,
@@ -3568,6 +4445,147 @@ def predict_window_eval_seconds(cfg: ModelConfig, num_tokens: int, spec: EvalSpe
     windows = 1 + max(0, -(-(num_tokens - 1 - spec.seq_len) // spec.stride))
     rows = -(-windows // world_size)
     return sum(ttt_step_flops(cfg, 0, rows, spec.seq_len, spec.seq_len, "none")) / (tflops * 1e12)
+
+
+# ---- the token n-gram tilt (NGRAM_TILT=token, docs/ngram.md) -------------------------------------------
+# One online expert, the public "token 16-gram": at each position, the continuation that most often followed the
+# same 15 tokens earlier in the stream is the hint h, its share of them the confidence. The scored distribution
+# is tilted towards h, p'(a) = p(a) e^(beta [a == h]) / (1 + q (e^beta - 1)) with q = p(h): normalized for any h.
+# Everything that decides the tilt at target t (h, the confidence, whether it fires) comes from the tokens before
+# t and the model's own distribution, never from the target; the other two public experts (within-word,
+# word-start) stay out (they gated on the target itself: docs/ngram.md). TTT learns from the untilted loss.
+
+NGRAM_TOKEN_CONTEXT = 15  # the token expert's context: the previous 15 tokens (a 16-gram)
+# token_ngram_hints' speed on one core, the budget's precompute term: measured 3.0-3.3 M tokens per CPU second
+# on 20 M-token streams whose 16-grams rarely repeat (as in text: #2135 hinted 1.3% of FineWeb's positions), 1.0 M
+# on one 78% hinted (docs/ngram.md); 2 M assumed: about 31 s for the sp1024 split, where the public C pass took 200 s.
+NGRAM_HINT_TOKENS_PER_S = 2.0e6
+# Odd 64-bit multipliers of the context fingerprint, tried in turn until no two different contexts share one
+# (checked on every pair the sort brings together): the hints are exact whatever the hash does.
+NGRAM_HASH_MULTIPLIERS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
+
+
+def _context_keys(tokens: np.ndarray, context: int, multiplier: int) -> np.ndarray:
+    """uint64 [N - context]: a fingerprint (a polynomial mod 2^64) of tokens[j : j + context], for each j."""
+    t, m = tokens.astype(np.uint64), len(tokens) - context
+    key, mult = np.zeros(m, dtype=np.uint64), np.uint64(multiplier)
+    for i in range(context):
+        key *= mult
+        key += t[i:i + m]
+    return key
+
+
+def _group_contexts(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """(j sorted by the context tokens[j : j + context], then by j; whether each sorted j has the previous one's
+    context), exactly: a fingerprint shared by two different contexts is caught and the next multiplier tried."""
+    for multiplier in NGRAM_HASH_MULTIPLIERS:
+        key = _context_keys(tokens, context, multiplier)
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        same = key[1:] == key[:-1]
+        a, b = order[:-1][same], order[1:][same]
+        equal = np.ones(len(a), dtype=bool)
+        for i in range(context):
+            equal &= tokens[a + i] == tokens[b + i]
+        if equal.all():
+            return order, same
+    raise RuntimeError("every n-gram context fingerprint collided: add a multiplier to NGRAM_HASH_MULTIPLIERS")
+
+
+def token_ngram_hints(tokens: np.ndarray, context: int = NGRAM_TOKEN_CONTEXT) -> tuple[np.ndarray, np.ndarray]:
+    """(hint int32 [N], -1: none; confidence float32 [N]) of the token expert at every position t of the stream,
+    from tokens[:t] alone: among the earlier positions whose previous `context` tokens are t's, the token that
+    followed most often (ties: the first to reach the count) and its share of them. Equal to
+    online_ngram.reference_hints' token expert (tests/test_ngram.py), computed by sorting rather than one
+    position at a time: each context's positions in stream order, the running count of each continuation, the
+    running maximum of those counts and the position that first reached it."""
+    tokens = np.asarray(tokens)
+    n = len(tokens)
+    hint, conf = np.full(n, -1, dtype=np.int32), np.zeros(n, dtype=np.float32)
+    if n - context < 2:
+        return hint, conf
+    order, same = _group_contexts(tokens, context)
+    first = np.concatenate(([True], ~same))  # a sorted position that starts its context's group
+    group = np.cumsum(first) - 1
+    keep = np.bincount(group)[group] > 1  # a context seen once hints nothing and is hinted nothing
+    order, first = order[keep], first[keep]
+    group = np.cumsum(first) - 1
+    idx = np.arange(len(order))
+    y = tokens[order + context].astype(np.int64)  # the token that followed this occurrence of the context
+    pair = group * (int(y.max(initial=0)) + 1) + y
+    by_pair = np.argsort(pair, kind="stable")  # (context, continuation) runs, each in stream order
+    run_first = np.concatenate(([True], pair[by_pair][1:] != pair[by_pair][:-1]))
+    occ = np.empty(len(order), dtype=np.int64)
+    occ[by_pair] = idx - np.maximum.accumulate(np.where(run_first, idx, 0)) + 1  # count so far, itself included
+    offset = group * (len(order) + 1)  # keeps the running maximum inside each group
+    best = np.maximum.accumulate(occ + offset) - offset
+    record = first | (best > np.concatenate(([0], best[:-1])))  # a count above every earlier one: a new best
+    holder = np.maximum.accumulate(np.where(record, idx, 0))
+    group_start = np.maximum.accumulate(np.where(first, idx, 0))
+    i = idx[~first]  # hinted: the state after the group's previous occurrence
+    pos = order[i] + context
+    hint[pos] = y[holder[i - 1]]
+    conf[pos] = (best[i - 1] / (i - group_start[i])).astype(np.float32)
+    return hint, conf
+
+
+class NgramHints(NamedTuple):
+    """The token expert's hints for every position of the validation stream, on the scoring device."""
+    hint: Tensor  # int32 [N]: the hinted token for target position t, -1: none
+    conf: Tensor  # float32 [N]: its confidence
+    seconds: float  # the precompute's wall time (rank 0's build and the broadcast)
+
+
+def ngram_hints(val_np: np.ndarray, rt: Runtime) -> NgramHints:
+    """Rank 0 builds the hints over the whole stream once and broadcasts them; each rank tilts its own targets."""
+    t0 = time.perf_counter()
+    hint = torch.empty(len(val_np), dtype=torch.int32, device=rt.device)
+    conf = torch.empty(len(val_np), dtype=torch.float32, device=rt.device)
+    if rt.is_main:
+        h, c = token_ngram_hints(val_np)
+        hint.copy_(torch.from_numpy(h))
+        conf.copy_(torch.from_numpy(c))
+    if rt.world_size > 1:
+        dist.broadcast(hint, 0)
+        dist.broadcast(conf, 0)
+    rt.sync()
+    return NgramHints(hint, conf, time.perf_counter() - t0)
+
+
+def token_tilt(logp_hint: Tensor, hint: Tensor, conf: Tensor, s: EvalSettings) -> tuple[Tensor, Tensor]:
+    """(fires, log Z) at each position, Z = 1 + q (e^beta - 1), q = exp(logp_hint) the model's probability of the
+    hint: it fires where there is a hint whose confidence reaches NGRAM_TOKEN_THRESHOLD and whose expected gain
+    confidence x beta - log Z is positive (the public tilt skipped the gain test: it tilted even where the model
+    already gave the hint most of its mass, and lost on average there)."""
+    log_z = torch.log1p(logp_hint.exp() * math.expm1(s.ngram_token_boost))
+    fires = (hint >= 0) & (conf >= s.ngram_token_threshold) & (conf * s.ngram_token_boost - log_z > 0)
+    return fires, log_z
+
+
+def tilt_log_probs(logp: Tensor, hint: Tensor, conf: Tensor, s: EvalSettings) -> Tensor:
+    """The tilted log-distribution [..., V] over the whole vocabulary, from the model's logp [..., V] (what
+    ngram_tilt_sums scores at the target; the tests check it sums to 1)."""
+    h = hint.clamp_min(0).long()[..., None]
+    fires, log_z = token_tilt(logp.gather(-1, h)[..., 0], hint, conf, s)
+    boost = torch.zeros_like(logp).scatter(-1, h, s.ngram_token_boost)
+    return torch.where(fires[..., None], logp + boost - log_z[..., None], logp)
+
+
+def ngram_tilt_sums(counter: ByteCounter, hints: NgramHints, s: EvalSettings) -> Callable:
+    """A score callback on logits: logit_sums' [nats, tokens, bytes] (the same numbers, from the same
+    cross-entropy), then the tilted nats and the number of targets the tilt fired on."""
+    plain = logit_sums(counter)
+
+    def sums(logits, x, y, scored, pos):
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        hint, conf = hints.hint[pos], hints.conf[pos]
+        logp_hint = torch.log_softmax(logits.float(), dim=-1).gather(-1, hint.clamp_min(0).long()[..., None])[..., 0]
+        fires, log_z = token_tilt(logp_hint, hint, conf, s)
+        tilted = nll + torch.where(fires, log_z - s.ngram_token_boost * (y == hint), 0.0)
+        mask = scored.double()
+        extra = torch.stack(((tilted.double() * mask).sum(), (fires.double() * mask).sum()))
+        return torch.cat((plain(logits, x, y, scored, pos), extra))
+    return sums
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3599,28 +4617,49 @@ class StepSettings:
     repeats_on: bool  # mini recurrence
     ema_decay: float  # the EMA update after this step
     swa_take: bool  # after this step, its weights join the SWA average
+    seq_len: int = 0  # tokens per row (TRAIN_SEQ_SCHEDULE); 0, in settings built by hand: TRAIN_SEQ_LEN
+    seq_start: bool = False  # this step starts a TRAIN_SEQ_SCHEDULE stage (its first step included)
 
 
 class Schedule:
     """The one place that decides what changes during training, from the step number and the training time
     so far: LR warmdown, Muon momentum warmup, QAT (on for good from the first step under
-    QAT_LR_THRESHOLD, then the soft-round ramp), mini recurrence, weight averaging, and when to stop.
+    QAT_LR_THRESHOLD, then the soft-round ramp), mini recurrence, the sequence length (TRAIN_SEQ_SCHEDULE,
+    with the LR re-ramp after each switch), weight averaging, and when to stop.
 
-    The run ends at ITERATIONS or at the training budget (the cap minus GPTQ_RESERVE_SECONDS, kept for the
+    The run ends at ITERATIONS or at the training budget (the cap minus the GPTQ reserve, kept for the
     calibration after training, which reads training data and so counts as training), whichever comes
-    first; progress follows the same limit, so a step-limited run warms down too."""
+    first; progress follows the same limit, so a step-limited run warms down too. `at` is called once per
+    step, in order: the length switches are found as the steps go (state_dict keeps them for a resume)."""
 
-    def __init__(self, h: Hyperparameters):
-        self.h = h
+    def __init__(self, h: Hyperparameters, reserve_seconds: float | None = None):
+        """reserve_seconds: the GPTQ reserve of the run (RunState); GPTQ_RESERVE_SECONDS by default."""
+        reserve_seconds = h.gptq_reserve_seconds if reserve_seconds is None else reserve_seconds
+        self.h, self.reserve_seconds = h, reserve_seconds
         capped = h.max_wallclock_seconds > 0
-        self.budget_ms = 1000.0 * (h.max_wallclock_seconds - h.gptq_reserve_seconds) if capped else 0.0
+        self.budget_ms = 1000.0 * (h.max_wallclock_seconds - reserve_seconds) if capped else 0.0
+        self.stages = h.seq_stages()
         self.qat_start: int | None = None  # the step QAT switched on
+        self.seq_len: int | None = None  # the length of the last step decided
+        self.seq_switch: int | None = None  # the step the length last changed (not step 0): the LR re-ramps from it
 
     def state_dict(self) -> dict:
-        return {"qat_start": self.qat_start}
+        return {"qat_start": self.qat_start, "seq_len": self.seq_len, "seq_switch": self.seq_switch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.qat_start = state["qat_start"]
+        self.qat_start, self.seq_len, self.seq_switch = state["qat_start"], state["seq_len"], state["seq_switch"]
+
+    def seq_len_at(self, progress: float) -> int:
+        """The length of the first stage whose end is at or past `progress` (the last one after its end)."""
+        return next((length for length, end in self.stages if progress <= end), self.stages[-1][0])
+
+    def seq_ramp(self, step: int) -> float:
+        """The LR factor of the re-ramp: (k + 1) / N on the k-th step after a switch, for N =
+        SEQ_CHANGE_WARMUP_STEPS steps; 1 elsewhere and from step 0 (the LR warm-up is the optimizers')."""
+        n = self.h.seq_change_warmup_steps
+        if self.seq_switch is None or n == 0 or step - self.seq_switch >= n:
+            return 1.0
+        return (step - self.seq_switch + 1) / n
 
     def progress(self, step: int, elapsed_ms: float) -> float:
         """Steps of ITERATIONS or time of the budget, whichever is further along (ends the run first)."""
@@ -3639,9 +4678,15 @@ class Schedule:
         # weights; the ramp makes the EMA span about (EMA_WARMUP_STEPS + t) / 9 steps until that is longer.
         ema_decay = min(h.ema_decay, (1 + step) / (EMA_WARMUP_STEPS + step))
         swa_take = h.final_weights == "swa" and lr_mult < 1.0 and (step + 1) % h.swa_every == 0
-        return StepSettings(progress, lr_mult, muon_momentum_at(step, h), qat_on,
+        seq_len = self.seq_len_at(progress)
+        seq_start = seq_len != self.seq_len
+        if seq_start and self.seq_len is not None:
+            self.seq_switch = step
+        self.seq_len = seq_len
+        # The re-ramp scales the LR only: QAT and SWA follow the warmdown, which it does not move.
+        return StepSettings(progress, lr_mult * self.seq_ramp(step), muon_momentum_at(step, h), qat_on,
                             self.qat_alpha(step) if qat_on else 1.0, progress >= h.mini_recur_start_frac,
-                            ema_decay, swa_take)
+                            ema_decay, swa_take, seq_len, seq_start)
 
     def qat_alpha(self, step: int) -> float:
         h = self.h
@@ -3655,49 +4700,30 @@ class Schedule:
 
     def describe(self) -> str:
         h = self.h
-        return (f"schedule train_budget:{self.budget_ms:.0f}ms gptq_reserve:{1000 * h.gptq_reserve_seconds:.0f}ms "
+        return (f"schedule train_budget:{self.budget_ms:.0f}ms gptq_reserve:{1000 * self.reserve_seconds:.0f}ms "
                 f"iterations:{h.iterations} ends:first_of_iterations_and_budget warmdown_frac:{h.warmdown_frac} "
                 f"warmdown_floor:{h.warmdown_floor} min_lr:{h.min_lr} "
                 f"momentum:{h.muon_momentum_warmup_start}->{h.muon_momentum} "
                 f"momentum_warmup_steps:{h.muon_momentum_warmup_steps} qat:{h.qat} "
                 f"qat_below_lr_mult:{h.qat_lr_threshold} final_weights:{h.final_weights} ema_decay:{h.ema_decay} "
                 f"ema_warmup:(1+t)/({EMA_WARMUP_STEPS}+t) swa_every:{h.swa_every} "
-                f"mini_recur_start_frac:{h.mini_recur_start_frac}")
+                f"mini_recur_start_frac:{h.mini_recur_start_frac} "
+                f"train_seq:{','.join(f'{length}@{end:g}' for length, end in self.stages)} "
+                f"seq_change_warmup_steps:{h.seq_change_warmup_steps}")
 
 
-@dataclass
-class Runtime:
-    """Where and how this process runs; everything derived from the environment, not from flags."""
-    rank: int
-    world_size: int
-    device: torch.device
-    grad_accum: int
-    autocast: Callable
-    ns_dtype: torch.dtype
-    threads_from: str = ""  # how torch's CPU thread count was chosen (choose_cpu_threads)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-
-GRAD_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
-
-
-def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime) -> Tensor:
-    """One optimizer step over the global batch; returns the mean micro-batch loss on this rank."""
-    x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
+def train_step(model: nn.Module, optimizers: list, loader, h: Hyperparameters, rt: Runtime,
+               seq_len: int = 0) -> Tensor:
+    """One optimizer step over the global batch of TRAIN_BATCH_TOKENS in rows of seq_len tokens (0:
+    TRAIN_SEQ_LEN); returns the mean micro-batch loss on this rank."""
+    x, y = loader.next_batch(h.train_batch_tokens, seq_len or h.train_seq_len)
     total = torch.zeros((), device=rt.device)
     for xm, ym in zip(x.chunk(rt.grad_accum), y.chunk(rt.grad_accum)):
         with rt.autocast():
             loss = model(xm, ym).mean()
         (loss / rt.grad_accum).backward()
         total += loss.detach()
-    optimizer_step(optimizers, h, rt.world_size)
+    optimizer_step(optimizers, h, rt)
     return total / rt.grad_accum
 
 
@@ -3706,7 +4732,7 @@ def is_compiled(model: nn.Module) -> bool:
     return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
 
 
-def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) -> None:
+def optimizer_step(optimizers: list, h: OptimizerSettings, rt: Runtime) -> None:
     """Average the gradients over the ranks, clip their global norm, step every optimizer, drop the
     gradients. Muon's reduce-scatter is in flight while the other gradients are all-reduced, its
     all-gather while Adam steps. Nothing here waits for the device."""
@@ -3715,12 +4741,12 @@ def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) ->
     for opt in muons:
         opt.launch_reduce_scatter()
     params = [p for opt in others for group in opt.param_groups for p in group["params"]]
-    if world_size > 1:
-        average_gradients(params, world_size)
+    if rt.world_size > 1:
+        average_gradients(params, rt)
     grads = [p.grad for p in params if p.grad is not None]
     shards = [shard for opt in muons for shard in opt.wait_reduce_scatter()]
     if h.grad_clip_norm > 0:
-        clip_global_norm(grads, shards, h.grad_clip_norm, world_size)
+        clip_global_norm(grads, shards, h.grad_clip_norm, rt)
     for opt in muons:
         opt.launch_all_gather()
     for opt in others:
@@ -3731,47 +4757,60 @@ def optimizer_step(optimizers: list, h: Hyperparameters, world_size: int = 1) ->
         opt.zero_grad(set_to_none=True)
 
 
-def average_gradients(params: list[Tensor], world_size: int) -> None:
-    """Replace every gradient by its mean over the ranks: one all-reduce of one flat buffer. A missing
-    gradient counts as zero, so every rank reduces the same layout."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world_size
-    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
-        p.grad = g
-
-
-def clip_global_norm(full: list[Tensor], shards: list[Tensor], max_norm: float, world_size: int) -> None:
-    """torch.nn.utils.clip_grad_norm_ of the whole averaged gradient, where `full` gradients are whole on
-    every rank and `shards` are disjoint slices, one per rank (Muon's): the slices' squares are summed
-    over the ranks. The coefficient stays on the device."""
-    device = (full or shards)[0].device
-    sq = torch.zeros((), device=device)
-    if shards:
-        sq = torch.stack(torch._foreach_norm(shards)).square().sum()
-    if world_size > 1:
-        dist.all_reduce(sq)
-    if full:
-        sq = sq + torch.stack(torch._foreach_norm(full)).square().sum()
-    coef = (max_norm / (sq.sqrt() + GRAD_CLIP_EPS)).clamp(max=1.0)
-    torch._foreach_mul_(full, coef)
-    torch._foreach_mul_(shards, coef)
-
-
 def graph_states(h: Hyperparameters) -> list[tuple[bool, bool]]:
     """(QAT on, mini-recurrence repeats on) of every training graph the timed run will use: each is a
-    separate compiled graph, so prime_kernels visits them all."""
+    separate compiled graph, so prime_kernels visits them all (with each sequence length, train_shapes)."""
     qat = (False, True) if h.qat != "off" else (False,)
     repeats = (False, True) if h.mini_recur_repeats and h.mini_recur_start_frac > 0 else (True,)
     return [(q, r) for q in qat for r in repeats]
 
 
-def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Runtime, log) -> None:
-    """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every graph_states state
-    so that no switch in the timed run compiles, then restore the initial weights, optimizer state and
-    switches, so the timed run starts from step 0 exactly as without priming. Where nothing compiles
-    (CPU, COMPILE=0) there is nothing to prime: the steps would only cost time."""
+def train_shapes(h: Hyperparameters) -> list[tuple[int, bool]]:
+    """(sequence length, repeats on) of every pair the timed run meets: a TRAIN_SEQ_SCHEDULE stage, which
+    covers the progress (previous end, its end], runs without the repeats if it starts before
+    MINI_RECUR_START_FRAC and with them if it ends at or after it. Without a schedule, TRAIN_SEQ_LEN with
+    each graph_states repeats state."""
+    looped = h.mini_recur_repeats and h.mini_recur_start_frac > 0
+    pairs, start = [], 0.0
+    for length, end in h.seq_stages():
+        if not looped:
+            pairs.append((length, True))
+        else:
+            pairs += [(length, on) for on in (False, True) if (start < h.mini_recur_start_frac if not on
+                                                                 else end >= h.mini_recur_start_frac)]
+        start = end
+    return list(dict.fromkeys(pairs))
+
+
+def warmup_graphs(h: Hyperparameters) -> list[tuple[int, bool, bool]]:
+    """(sequence length, QAT on, repeats on) of every training graph the timed run may compile (QAT with every
+    shape: priming one it never meets costs only warm-up time, missing one costs a compile in the timed run)."""
+    return [(length, q, r) for q in dict.fromkeys(q for q, _ in graph_states(h)) for length, r in train_shapes(h)]
+
+
+def graph_name(h: Hyperparameters, graph: tuple[int, bool, bool]) -> str:
+    length, q, r = graph
+    return (f"seq{length}_" if h.train_seq_schedule else "") + f"qat{int(q)}_repeats{int(r)}"
+
+
+# Dynamo's default recompile limit (graphs per frame), which the graphs of a run without TRAIN_SEQ_SCHEDULE
+# fit; past it a frame runs eagerly with only a warning, so each further length's graphs raise it.
+DYNAMO_RECOMPILE_LIMIT = 8
+
+
+def prime_kernels(trainee: Trainee, ctx: RunContext) -> None:
+    """Run WARMUP_STEPS real steps to compile and warm kernels, spread over every warmup_graphs graph
+    (sequence length, QAT, repeats) so that no switch in the timed run compiles, then restore the initial
+    weights, optimizer state and switches, so the timed run starts from step 0 exactly as without priming.
+    Where nothing compiles (CPU, COMPILE=0) there is nothing to prime: the steps would only cost time."""
+    (model, base_model, optimizers), h, rt, log = trainee, ctx.h, ctx.rt, ctx.log
+    states = warmup_graphs(h)
+    needed = DYNAMO_RECOMPILE_LIMIT + len(states) - len(graph_states(h))  # room for the schedule's lengths too
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    if is_compiled(model) and getattr(config, limit) < needed:
+        log(f"dynamo {limit}:{getattr(config, limit)}->{needed} training_graphs:{len(states)}")
+        setattr(config, limit, needed)
     if h.warmup_steps == 0:
         return
     if not is_compiled(model):
@@ -3781,15 +4820,14 @@ def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Ru
     model_state = copy.deepcopy(base_model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     plan, layers = base_model.plan, [m for m in base_model.modules() if isinstance(m, CastedLinear)]
-    loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
+    loader = make_train_loader(h, rt)
     set_step_hparams(optimizers, 1.0, muon_momentum_at(0, h))
-    states = graph_states(h)
-    t0 = time.perf_counter()
+    t0 = rt.clock()
     for i in Progress("warmup", h.warmup_steps, rt.is_main, unit="step").wrap(range(h.warmup_steps)):
-        qat_on, repeats_on = states[i * len(states) // h.warmup_steps]
+        seq_len, qat_on, repeats_on = states[i * len(states) // h.warmup_steps]
         set_qat(layers, qat_on)
         base_model.set_mini_recurrence(repeats_on)
-        train_step(model, optimizers, loader, h, rt)
+        train_step(model, optimizers, loader, h, rt, seq_len)
     rt.sync()
     set_qat(layers, False)
     base_model.plan = plan
@@ -3797,9 +4835,9 @@ def prime_kernels(model, optimizers, base_model: GPT, h: Hyperparameters, rt: Ru
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
     primed = {i * len(states) // h.warmup_steps for i in range(h.warmup_steps)}
-    names = [f"qat{int(q)}_repeats{int(r)}" for q, r in states]
+    names = [graph_name(h, g) for g in states]
     log(f"warmup steps:{h.warmup_steps} graphs:{','.join(names[i] for i in sorted(primed))} "
-        f"time:{1000 * (time.perf_counter() - t0):.0f}ms (weights reset)")
+        f"time:{1000 * (rt.clock() - t0):.0f}ms (weights reset)")
     if len(primed) < len(states):
         log(f"warning: WARMUP_STEPS={h.warmup_steps} leaves graphs unprimed: "
             f"{','.join(n for i, n in enumerate(names) if i not in primed)} compile during the timed run")
@@ -3922,7 +4960,8 @@ def set_qat(layers, on: bool, alpha: float = 1.0) -> None:
 
 
 class StopVote:
-    """Whether every rank stops after this step, for each reason (the wallclock budget, a signal),
+    """Whether every rank stops after this step, for each reason (the wallclock budget; a signal, voted as
+    its number so that every rank names the same one),
     decided alike on all of them without stalling the device. Each step's local votes (from host time
     and the signal handler) are max-reduced over the ranks on the device, copied to pinned host memory
     without blocking, and read one step later, after waiting for that copy only: the host waits for
@@ -3942,7 +4981,7 @@ class StopVote:
         t = torch.zeros(self.reasons, dtype=torch.int32, device=self.rt.device)
         for i, vote in enumerate(votes):
             if vote:
-                t[i].fill_(1)  # a kernel, not a copy from pageable host memory (which would wait)
+                t[i].fill_(int(vote))  # a kernel, not a copy from pageable host memory (which would wait)
         if self.rt.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         host, done = self.host[self.step % 2], None
@@ -3956,7 +4995,7 @@ class StopVote:
             return (False,) * self.reasons
         if previous[1] is not None:
             previous[1].synchronize()
-        return tuple(bool(v) for v in previous[0].tolist())  # a host tensor: no device sync
+        return tuple(previous[0].tolist())  # a host tensor: no device sync
 
 
 STOP_LOOKAHEAD = 2  # a vote read one step late stops one step later: it must see two steps ahead
@@ -3971,6 +5010,21 @@ def any_rank(flag: bool, rt: Runtime) -> bool:
     return bool(t.item())
 
 
+class Trainee(NamedTuple):
+    """What training updates: the model it calls (compiled on CUDA), the module that owns the weights (saved,
+    averaged, checkpointed) and the optimizers."""
+    model: nn.Module
+    base: GPT
+    optimizers: list
+
+
+class LoopPosition(NamedTuple):
+    """Where the training loop stands: steps done, training time so far, the step the budget stops it at."""
+    step: int
+    train_ms: float
+    stop_at: int | None
+
+
 @dataclass
 class TrainResult:
     val_loss: float  # the raw weights after the last step
@@ -3981,12 +5035,20 @@ class TrainResult:
 
 
 # ---- interrupts, checkpoints and resume -------------------------------------------------------------
-# SIGINT (Ctrl-C) or SIGTERM (a scheduler; torchrun passes its own on to the workers) during training
-# stops the run after the current step, once all ranks agree, and writes a checkpoint from which
-# RESUME_FROM continues the run exactly; outside the training loop they end the run at once. Either way
-# the run says what was kept.
+# SIGINT (Ctrl-C) or SIGTERM (a scheduler at the time limit; torchrun passes its own on to the workers and
+# kills them 30 s later) gets one answer per phase of the run, and is never dropped (docs/resume.md):
+#   start-up (settings, data, model, compile warm-up)   at once
+#   training steps                                      after the next step, all ranks together: a checkpoint,
+#                                                       from which RESUME_FROM continues the run exactly
+#   the end of training (its last evaluation, the       once the artifact is written, all ranks together:
+#     final weights, calibration, quantization, export)   a few seconds, and the trained model is kept
+#   the final evaluations (round trip, sliding, TTT)    at once: the artifact is written already
+# "At once" acts on every rank that receives the signal (torchrun forwards it to all of them; a rank it
+# did not reach is stopped by torchrun when its peers exit). A second signal always stops at once. Either
+# way the run says what was kept and exits with 128 + the signal number.
 
 SIGNAL_REPEAT_GRACE_S = 2.0  # Ctrl-C under torchrun reaches a worker twice (terminal, then torchrun)
+AT_ONCE, AFTER_STEP, AT_ARTIFACT = "at once", "after the next step", "once the artifact is written"
 CHECKPOINT_VERSION = 1
 
 
@@ -3997,15 +5059,17 @@ class RunInterrupted(Exception):
 
 
 class Interrupts:
-    """The SIGINT/SIGTERM handler. While `deferring` (the training loop) a signal only sets `received`,
-    which the ranks' StopVote carries (read one step late: the run stops after the next step); elsewhere it raises RunInterrupted at once. A signal repeated after
-    SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a checkpoint being written).
-    `kept` lists what the run has written so far, for the message when it stops."""
+    """The SIGINT/SIGTERM handler. The run names each phase it enters and that phase's answer (enter): where
+    the answer is AT_ONCE a signal raises RunInterrupted there and then; elsewhere it only sets `received`,
+    which the phase's end acts on (training: the ranks' StopVote; the end of training: agreed_signal after the
+    artifact). A signal repeated after SIGNAL_REPEAT_GRACE_S always raises (a second Ctrl-C stops even a
+    checkpoint being written). `kept` lists what the run has written so far, for the message when it stops."""
 
     def __init__(self, verbose: bool = True):
         self.received: int | None = None
         self.first_at = 0.0
-        self.deferring, self.verbose, self.kept, self.previous = False, verbose, [], {}
+        self.phase, self.answer, self.note = "start-up", AT_ONCE, ""
+        self.verbose, self.kept, self.previous = verbose, [], {}
         self.log = None  # the run's Logger, once it has one
 
     def install(self) -> None:
@@ -4017,22 +5081,39 @@ class Interrupts:
             signal.signal(sig, handler)
         self.previous = {}
 
+    def enter(self, phase: str, answer: str, note: str = "") -> None:
+        """From now on the run is in `phase`, where a signal is answered `answer` (note: what it waits for).
+        Entering an AT_ONCE phase with a request still pending acts on it: a request is never dropped."""
+        self.phase, self.answer, self.note = phase, answer, note
+        if answer == AT_ONCE and self.received is not None:
+            raise RunInterrupted(self.received)
+
     def handle(self, signum: int, frame) -> None:
         now = time.monotonic()
         if self.received is not None and now - self.first_at < SIGNAL_REPEAT_GRACE_S:
             return  # the same stop request, delivered twice
         first = self.received is None
         self.received, self.first_at = signum, now if first else self.first_at
-        if self.deferring and first:
+        if self.answer != AT_ONCE and first:
             if self.verbose:
-                print(f"{signal.Signals(signum).name}: stopping after the next step to write a checkpoint "
+                print(f"{signal.Signals(signum).name} during {self.phase}: stopping {self.answer}{self.note} "
                       f"(send it again to stop at once)", flush=True)
             return
         raise RunInterrupted(signum)
 
 
-def checkpoint_path(h: Hyperparameters) -> Path:
-    return Path(h.out_dir) / f"{h.run_id}.ckpt"
+def agreed_signal(interrupts: Interrupts, rt: Runtime) -> int | None:
+    """The signal some rank received (the largest number if several), the same on every rank, or None: the
+    ranks decide together at the end of a phase whose answer waited for it (one blocking all-reduce)."""
+    if rt.world_size == 1:
+        return interrupts.received
+    t = torch.tensor([interrupts.received or 0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
+def checkpoint_path(h: Hyperparameters, state: RunState) -> Path:
+    return Path(h.out_dir) / f"{state.run_id}.ckpt"
 
 
 def rng_state() -> dict:
@@ -4092,7 +5173,7 @@ def read_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict, dict]:
 RESUME_FREE_SETTINGS = ("resume_from", "cpu_threads")
 
 
-def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_size: int) -> Hyperparameters:
+def resumed_hparams(h: Hyperparameters, env, shared: dict, source_sha256: str, world_size: int) -> Hyperparameters:
     """The checkpoint's settings; a setting the environment gives another value, other code or another
     number of processes would not continue the same run, and is refused."""
     saved = shared["hparams"]
@@ -4102,7 +5183,7 @@ def resumed_hparams(h: Hyperparameters, env, shared: dict, source: str, world_si
     if differ:
         raise SettingError(f"RESUME_FROM={h.resume_from}: the checkpoint's run has other settings: "
                           f"{', '.join(differ)}; unset them (the checkpoint's are used)")
-    if shared["code_sha256"] != hashlib.sha256(source.encode("utf-8")).hexdigest():
+    if shared["code_sha256"] != source_sha256:  # of the readable source: either form of one code resumes
         raise SettingError(f"RESUME_FROM={h.resume_from}: train_gpt.py changed since the checkpoint was written; "
                           f"a run resumes with its own code")
     if shared["world_size"] != world_size:
@@ -4122,32 +5203,34 @@ class RunControl:
     resume: tuple[dict, dict] | None = None
 
 
-def restore_training(resume: tuple[dict, dict], base_model: GPT, optimizers: list, parts: dict) -> tuple:
-    """Load a checkpoint into the model, optimizers and the loop's parts; (step, train_ms, stop_at)."""
+def restore_training(resume: tuple[dict, dict], trainee: Trainee, parts: dict) -> LoopPosition:
+    """Load a checkpoint into the model, optimizers and the loop's parts; where the loop stood."""
     shared, own = resume
-    base_model.load_state_dict(shared["model"])
-    for opt, state in zip(optimizers, own["optimizers"], strict=True):
+    trainee.base.load_state_dict(shared["model"])
+    for opt, state in zip(trainee.optimizers, own["optimizers"], strict=True):
         opt.load_state_dict(state)
     for name, part in parts.items():
         part.load_state_dict(shared["parts"][name])
     set_rng_state(own["rng"])
-    return shared["step"], shared["train_ms"], shared["stop_at"]
+    return LoopPosition(shared["step"], shared["train_ms"], shared["stop_at"])
 
 
-def stop_with_checkpoint(signum: int, step: int, train_ms: float, stop_at: int | None, base_model: GPT,
-                         optimizers: list, parts: dict, control: RunControl, h: Hyperparameters, rt: Runtime, log):
-    """Write the checkpoint of the state after `step` and end the run, saying how to resume it."""
+def stop_with_checkpoint(signum: int, at: LoopPosition, trainee: Trainee, parts: dict, control: RunControl,
+                         ctx: RunContext):
+    """Write the checkpoint of the state after step `at.step` and end the run, saying how to resume it."""
+    h, rt = ctx.h, ctx.rt
     name = signal.Signals(signum).name
-    log(f"interrupted signal:{name} step:{step}/{h.iterations} train_time:{train_ms:.0f}ms checkpoint:{control.path}")
-    shared = {"version": CHECKPOINT_VERSION, "hparams": dataclasses.asdict(h), "world_size": rt.world_size,
-              "code_sha256": control.code_sha256, "step": step, "train_ms": train_ms, "stop_at": stop_at,
-              "signal": name, "model": base_model.state_dict(),
+    ctx.log(f"interrupted signal:{name} step:{at.step}/{h.iterations} train_time:{at.train_ms:.0f}ms "
+            f"checkpoint:{control.path}")
+    shared = {"version": CHECKPOINT_VERSION, "hparams": dataclasses.asdict(h), "run_state": dataclasses.asdict(ctx.state),
+              "world_size": rt.world_size, "code_sha256": control.code_sha256, "step": at.step, "train_ms": at.train_ms,
+              "stop_at": at.stop_at, "signal": name, "model": trainee.base.state_dict(),
               "parts": {k: part.state_dict() for k, part in parts.items()},
               "log": control.log_path.read_text(encoding="utf-8") if control.log_path else ""}
-    own = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state()}
+    own = {"optimizers": [opt.state_dict() for opt in trainee.optimizers], "rng": rng_state()}
     write_checkpoint(control.path, shared, own, rt)
     control.interrupts.kept.append(f"the checkpoint {control.path} (weights, optimizer state, averages, schedule, "
-                                   f"data position, RNG, after step {step}/{h.iterations})")
+                                   f"data position, RNG, after step {at.step}/{h.iterations})")
     raise RunInterrupted(signum, f"resume with: {resume_command(control.path, rt.world_size)}")
 
 
@@ -4157,64 +5240,72 @@ def resume_command(path: Path, world_size: int) -> str:
     return f"RESUME_FROM={path} {launcher}"
 
 
-def train(model, optimizers, base_model: GPT, eval_fn: Callable, h: Hyperparameters, rt: Runtime,
-          log, control: RunControl | None = None) -> TrainResult:
+def train(trainee: Trainee, eval_fn: Callable, ctx: RunContext, control: RunControl | None = None) -> TrainResult:
     """The timed loop; the Schedule decides every step's settings and when to stop. A signal stops it after
     the step it interrupts (a checkpoint, then RunInterrupted); control.resume continues a stopped run."""
-    loader = make_train_loader(h, rt.rank, rt.world_size, rt.device)
-    schedule, average, qat = Schedule(h), WeightAverage(base_model, h), QATSwitch(base_model, log)
+    (model, base_model, optimizers), h, rt, log = trainee, ctx.h, ctx.rt, ctx.log
+    loader = make_train_loader(h, rt)
+    schedule, average = Schedule(h, ctx.state.gptq_reserve_seconds), WeightAverage(base_model, h)
+    qat = QATSwitch(base_model, log)
     log(schedule.describe())
     train_ms, step, stop_at, stop_vote = 0.0, 0, None, StopVote(rt)
     parts = {"loader": loader, "average": average, "schedule": schedule, "qat": qat}  # a checkpoint holds their state
-    control = control or RunControl(Interrupts(verbose=False), checkpoint_path(h), "", None)
+    control = control or RunControl(Interrupts(verbose=False), checkpoint_path(h, ctx.state), "", None)
     if control.resume is not None:
-        step, train_ms, stop_at = restore_training(control.resume, base_model, optimizers, parts)
-    control.interrupts.deferring = True  # a signal now stops the run after the current step
+        step, train_ms, stop_at = restore_training(control.resume, trainee, parts)
+    control.interrupts.enter("training", AFTER_STEP, " to write a checkpoint")
     rt.sync()
-    t0 = time.perf_counter()
+    t0 = rt.clock()
+
+    def stop(signum: int) -> None:
+        stop_with_checkpoint(signum, LoopPosition(step, train_ms + 1000 * (rt.clock() - t0), stop_at), trainee,
+                             parts, control, ctx)
+
     while True:
         last = step == h.iterations or step == stop_at
-        if last and any_rank(control.interrupts.received is not None, rt):  # a signal whose vote was not read
-            stop_with_checkpoint(control.interrupts.received or signal.SIGTERM, step,
-                                 train_ms + 1000 * (time.perf_counter() - t0), stop_at, base_model, optimizers,
-                                 parts, control, h, rt, log)
+        if last and (signum := agreed_signal(control.interrupts, rt)):  # a signal whose vote was not read yet
+            stop(signum)
+        if last:  # no step follows: a signal from here on waits for the artifact (run)
+            control.interrupts.enter("the end of training", AT_ARTIFACT,
+                                     f" (its last evaluation, the final weights' and the export, whose calibration "
+                                     f"and quantization take about {ctx.state.gptq_reserve_seconds:.0f} s)")
         if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
             rt.sync()
-            train_ms += 1000 * (time.perf_counter() - t0)  # evaluation does not count as training
+            train_ms += 1000 * (rt.clock() - t0)  # evaluation does not count as training
             with qat.paused():
                 val_loss, val_bpb = eval_fn()
             log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             rt.sync()
-            t0 = time.perf_counter()
+            t0 = rt.clock()
         if last:
             break
-        s = schedule.at(step, train_ms + 1000 * (time.perf_counter() - t0))
+        s = schedule.at(step, train_ms + 1000 * (rt.clock() - t0))
         set_step_hparams(optimizers, s.lr_mult, s.momentum)
         qat.apply(step, s)
         if base_model.set_mini_recurrence(s.repeats_on):  # a compiled model recompiles once per state
             log(f"mini_recurrence:{'on' if s.repeats_on else 'off'} step:{step} progress:{s.progress:.4f}")
-        loss = train_step(model, optimizers, loader, h, rt)
+        if s.seq_start and h.train_seq_schedule:
+            log(f"train_seq_len:{s.seq_len} step:{step} progress:{s.progress:.4f} "
+                f"lr_ramp_steps:{h.seq_change_warmup_steps if step else 0}")
+        loss = train_step(model, optimizers, loader, h, rt, s.seq_len)
         step += 1
         average.update(s)
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        elapsed = train_ms + 1000 * (rt.clock() - t0)
         if h.train_log_every > 0 and (step % h.train_log_every == 0 or step <= 10):
             if rt.world_size > 1:  # gloo has no AVG reduction
                 dist.all_reduce(loss)
                 loss /= rt.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mult:{s.lr_mult:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms")
-        overruns, interrupted = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
-                                          control.interrupts.received is not None)
+        overruns, signum = stop_vote(schedule.next_step_overruns(elapsed, step, STOP_LOOKAHEAD),
+                                     control.interrupts.received or 0)
         if stop_at is None and overruns:
             stop_at = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{h.iterations}")
-        if interrupted:
+        if signum:
             rt.sync()
-            stop_with_checkpoint(control.interrupts.received or signal.SIGTERM, step,
-                                 train_ms + 1000 * (time.perf_counter() - t0), stop_at, base_model, optimizers,
-                                 parts, control, h, rt, log)
-    control.interrupts.deferring = False
+            stop(signum)
     qat.switch_off()  # the final evaluations and the artifact use the plain weights
     return TrainResult(val_loss, val_bpb, step, train_ms, average)
 
@@ -4283,21 +5374,25 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
     return Runtime(rank, world_size, device, accum, autocast, ns_dtype, threads_from)
 
 
-def shared_run_id(h: Hyperparameters, rt: Runtime) -> Hyperparameters:
+def shared_run_id(h: Hyperparameters, rt: Runtime) -> str:
+    """RUN_ID, or a fresh id drawn on rank 0 and shared with every rank."""
     if h.run_id:
-        return h
+        return h.run_id
     ids = [time.strftime("%Y%m%d_%H%M%S") + "_" + uuid.uuid4().hex[:6]]
     if rt.world_size > 1:
         dist.broadcast_object_list(ids, src=0)
-    return dataclasses.replace(h, run_id=ids[0])
+    return ids[0]
 
 
-def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env) -> None:
+def log_preamble(ctx: RunContext, env) -> None:
+    log, h, rt = ctx.log, ctx.h, ctx.rt
     log("=" * 40 + " source: train_gpt.py " + "=" * 40, console=False)
-    log(source, console=False)
+    log(ctx.code.source, console=False)
     log("=" * 100, console=False)
     for f in dataclasses.fields(h):
         log(f"hparam {f.name}:{getattr(h, f.name)}")
+    log(f"run_state run_id:{ctx.state.run_id} gptq_reserve_seconds:{ctx.state.gptq_reserve_seconds:g} "
+        f"reserve_from:{ctx.state.reserve_from}")
     log(describe_preset(h.preset, env))
     with rt.autocast():
         activations = str(activation_dtype(torch.zeros((), device=rt.device))).removeprefix("torch.")
@@ -4305,7 +5400,8 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
         f"activations:{activations} ns_dtype:{rt.ns_dtype} cpu_threads:{torch.get_num_threads()} "
         f"cpu_threads_from:{rt.threads_from}")
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}")
+        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__} brotli:{brotli.__version__}"
+        + optional_versions())
     names = {f.name.upper() for f in dataclasses.fields(h)} | set(LOGGED_ENV)
     log("env " + " ".join(f"{k}:{env[k]}" for k in sorted(names) if k in env))
     if rt.device.type == "cuda":
@@ -4315,8 +5411,9 @@ def log_preamble(log: Logger, h: Hyperparameters, rt: Runtime, source: str, env)
 
 
 def describe_preset(name: str, env) -> str:
-    """One log line: the preset, the variables it set, and those of its variables the environment set instead."""
-    preset = PRESETS[name]
+    """One log line: the preset, the variables it set, and those of its variables the environment set instead
+    (its DATA_VARIANT's paths count as its own unless the environment sets DATA_VARIANT)."""
+    preset = PRESETS[name] | ({} if "DATA_VARIANT" in env else variant_paths(PRESETS[name].get("DATA_VARIANT", "")))
     applied = ",".join(f"{k}={v}" for k, v in preset.items() if k not in env) or "none"
     return f"preset name:{name} set:{applied} overridden:{','.join(k for k in preset if k in env) or 'none'}"
 
@@ -4356,76 +5453,114 @@ def compile_for_training(base: GPT, plan: dict[str, int], h: Hyperparameters, rt
     return compiled, compiled, orthogonalize
 
 
-def timed_eval(label: str, eval_model: nn.Module, val_tokens: Tensor, luts: ByteLUTs, spec: EvalSpec,
-               rt: Runtime, log) -> tuple[float, float]:
+def timed_eval(label: str, model: nn.Module, val_tokens: Tensor, counter: ByteCounter, spec: EvalSpec,
+               ctx: RunContext) -> tuple[float, float]:
+    rt = ctx.rt
     rt.sync()
-    t0 = time.perf_counter()
-    loss, bpb = evaluate(eval_model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast, phase=label)
+    t0 = rt.clock()
+    loss, bpb = evaluate(model, val_tokens, counter, spec, rt, phase=label)
     rt.sync()
-    log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval:{spec.name} seq_len:{spec.seq_len} "
-        f"stride:{spec.stride} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    ctx.log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval:{spec.name} seq_len:{spec.seq_len} "
+            f"stride:{spec.stride} eval_time:{1000 * (rt.clock() - t0):.0f}ms")
     return loss, bpb
 
 
 def log_ttt_budget(cfg: ModelConfig, val_tokens: np.ndarray, h: Hyperparameters, log, windows: bool = True) -> None:
-    """Before training: the TTT pass's FLOPs and its predicted time on 8 x H100, and whether the evaluation
-    (with windows: the round trip's and the sliding window's passes before TTT) fits the budget (a `legality`
-    line), so that a run that could not be submitted says so at once. Compile warm-ups are not counted."""
-    spec = TTTSpec.from_hparams(h)
+    """Before training: the TTT pass's FLOPs and its predicted time on 8 x H100, and whether the evaluation fits
+    the budget (a `legality` line), so that a run that could not be submitted says so at once: the TTT pass (its
+    LoRA phases with their context and chunks, the global SGD by its steps), with windows the round trip's and the
+    sliding window's passes before it, the n-gram precompute (NGRAM_TILT=token) and the TTT compile warm-up, and
+    the margin left to the cap (predict_eval_seconds)."""
     spans = document_spans(val_tokens, cfg.bos_id)
-    seconds, flops = predict_ttt_seconds(cfg, spans, spec)
-    log(f"ttt_budget docs:{len(spans)} flops:{flops:.4g} assumed_tflops_per_gpu:{TTT_H100_TFLOPS:g} "
-        f"predicted_{PREDICTION_WORLD_SIZE}xh100:{seconds:.1f}s")
+    b = predict_eval_seconds(cfg, spans, h)
+    log(f"ttt_budget docs:{len(spans)} flops:{b.flops:.4g} assumed_tflops_per_gpu:{TTT_H100_TFLOPS:g} "
+        f"predicted_{PREDICTION_WORLD_SIZE}xh100:{b.ttt:.1f}s")
     before = sum(predict_window_eval_seconds(cfg, len(val_tokens), s) for s in (EvalSpec.plain(h), EvalSpec.sliding(h))
                  ) if windows else 0.0
-    total = seconds + before
-    verdict = "within" if total <= EVAL_CAP_SECONDS else \
-        "over (set TTT=0, or raise TTT_CHUNK_SIZE / lower TTT_EVAL_SEQ_LEN or PHASED_TTT_PREFIX_DOCS)"
-    log(f"legality ttt_eval predicted_{PREDICTION_WORLD_SIZE}xh100:{seconds:.1f}s windows:{before:.1f}s "
-        f"total:{total:.1f}s cap:{EVAL_CAP_SECONDS:.0f}s verdict:{verdict}")
+    total = b.ttt + before + b.ngram + b.compile
+    advice = "" if total <= EVAL_CAP_SECONDS else \
+        " (set TTT=0, or raise TTT_CHUNK_SIZE / lower TTT_EVAL_SEQ_LEN or PHASED_TTT_PREFIX_DOCS)"
+    log_legality(log, "ttt_eval", ("within" if total <= EVAL_CAP_SECONDS else "over") + advice,
+                 **{f"predicted_{PREDICTION_WORLD_SIZE}xh100": f"{b.ttt:.1f}s", "global_sgd": f"{b.sgd:.1f}s",
+                    "sgd_steps": b.sgd_steps, "windows": f"{before:.1f}s", "ngram": f"{b.ngram:.1f}s",
+                    "compile": f"{b.compile:.1f}s", "total": f"{total:.1f}s",
+                    "margin": f"{EVAL_CAP_SECONDS - total:.1f}s", "cap": f"{EVAL_CAP_SECONDS:.0f}s"})
 
 
-def compile_ttt_forward(model: GPT, spec: TTTSpec, h: Hyperparameters, rt: Runtime, log) -> Callable:
+def compile_ttt_forward(model: GPT, ctx: RunContext) -> Callable:
     """The TTT step's forward, compiled on CUDA (one graph with dynamic shapes: widths and row counts vary)
     and warmed up on random tokens; eager elsewhere, or if compiling fails (logged)."""
-    forward = ttt_forward(model, spec.chunk)
+    h, rt = ctx.h, ctx.rt
+    forward = ttt_forward(model, h.ttt_chunk_size)
     if rt.device.type != "cuda" or not h.compile:
         return forward
-    t0 = time.perf_counter()
+    t0 = rt.clock()
     compiled = torch.compile(forward, dynamic=True)
     try:
-        ttt_warm_up(compiled, model, spec, rt.device, rt.autocast)
+        ttt_warm_up(compiled, model, h, rt)
     except Exception as e:  # noqa: BLE001 (any compiler failure): the eager step computes the same thing
-        log(f"ttt_compile failed:{type(e).__name__} running:eager ({str(e).splitlines()[0][:200] if str(e) else ''})")
+        ctx.log(f"ttt_compile failed:{type(e).__name__} running:eager "
+                f"({str(e).splitlines()[0][:200] if str(e) else ''})")
         return forward
     rt.sync()
-    log(f"ttt_compile warm_up:random_tokens time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    ctx.log(f"ttt_compile warm_up:random_tokens time:{1000 * (rt.clock() - t0):.0f}ms")
     return compiled
 
 
-def run_ttt(artifact: Path, val_tokens: Tensor, luts: ByteLUTs, h: Hyperparameters, rt: Runtime, log,
+def run_ttt(cfg: ModelConfig, weights: dict[str, Tensor], val_tokens: Tensor, counter: ByteCounter, ctx: RunContext,
             windows_s: float = 0.0) -> None:
-    """final_ttt_exact: score-first TTT on a model rebuilt from the artifact file, so what adapts is the
-    quantized model as shipped (the training model is left as it is: the earlier lines stay valid).
+    """final_ttt_exact: score-first TTT on a model of its own built from the artifact's weights, so what adapts
+    is the quantized model as shipped (the model the earlier lines scored is left as it is).
     windows_s: the evaluation time before it (the window passes), judged with it against the cap."""
-    cfg, state = load_artifact(artifact)
+    h, rt = ctx.h, ctx.rt
     model = build_model(cfg, rt.device)
-    model.load_state_dict(state)
-    spec = TTTSpec.from_hparams(h)
-    t0 = time.perf_counter()
-    forward = compile_ttt_forward(model, spec, h, rt, log)
-    t1 = time.perf_counter()
-    loss, bpb = ttt_evaluate(model, val_tokens, luts, spec, rt.rank, rt.world_size, rt.autocast, forward, log)
+    model.load_state_dict(weights)
+    t0 = rt.clock()
+    forward = compile_ttt_forward(model, ctx)
+    t1 = rt.clock()
+    # The n-gram hints are built inside the timed pass, after the warm-up (which saw random tokens only).
+    hints = ngram_hints(val_tokens.cpu().numpy(), rt) if h.ngram_tilt == "token" else None
+    if hints is not None:
+        ctx.log(f"ngram_hints expert:token context:{NGRAM_TOKEN_CONTEXT} tokens:{len(hints.hint)} "
+                f"time:{1000 * hints.seconds:.0f}ms")
+    scores = ttt_evaluate(model, val_tokens, counter, ctx, forward, hints)
     rt.sync()
-    seconds = time.perf_counter() - t1
-    log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * seconds:.0f}ms "
-        f"compile_time:{1000 * (t1 - t0):.0f}ms chunk:{spec.chunk} seq_len:{spec.seq_len} lora_rank:{spec.lora_rank}")
+    seconds = rt.clock() - t1
+    ctx.log(f"final_ttt_exact val_loss:{scores.val_loss:.8f} val_bpb:{scores.val_bpb:.8f} "
+            f"eval_time:{1000 * seconds:.0f}ms compile_time:{1000 * (t1 - t0):.0f}ms chunk:{h.ttt_chunk_size} "
+            f"seq_len:{h.ttt_eval_seq_len} lora_rank:{h.ttt_lora_rank}")
+    if hints is not None:  # its time is final_ttt_exact's (one pass scores both)
+        log_ngram_final("final_ttt_ngram_exact", scores, h, ctx.log)
     on = f"{rt.world_size}x{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'}"
     judged = rt.world_size == PREDICTION_WORLD_SIZE and "H100" in on
     total = seconds + t1 - t0 + windows_s
     verdict = ("within" if total <= EVAL_CAP_SECONDS else "over") if judged else "not_8xh100"
-    log(f"legality ttt_eval measured:{seconds + t1 - t0:.1f}s windows:{windows_s:.1f}s total:{total:.1f}s "
-        f"on:{on.replace(' ', '_')} cap:{EVAL_CAP_SECONDS:.0f}s verdict:{verdict}")
+    log_legality(ctx.log, "ttt_eval", verdict, measured=f"{seconds + t1 - t0:.1f}s", windows=f"{windows_s:.1f}s",
+                 total=f"{total:.1f}s", on=on.replace(" ", "_"), cap=f"{EVAL_CAP_SECONDS:.0f}s")
+
+
+def log_ngram_final(label: str, scores: Scores, h: Hyperparameters, log) -> None:
+    """The tilted score's own final line, after the untilted one of the same pass (it carries no eval_time: the
+    pass's time is on that line already)."""
+    log(f"{label} val_loss:{scores.tilted_loss:.8f} val_bpb:{scores.tilted_bpb:.8f} expert:token "
+        f"threshold:{h.ngram_token_threshold:g} boost:{h.ngram_token_boost:g} fired:{scores.fired:.6f}")
+
+
+def run_ngram_windows(model: GPT, val_tokens: Tensor, counter: ByteCounter, ctx: RunContext) -> float:
+    """NGRAM_TILT=token with TTT=0: the sliding window's scores tilted (final_sliding_window_ngram_exact), one more
+    sliding pass on the model's logits, its hints built inside it. Returns its seconds."""
+    rt = ctx.rt
+    t0 = rt.clock()
+    hints = ngram_hints(val_tokens.cpu().numpy(), rt)
+    spec = EvalSpec.sliding(ctx.h)
+    sums = score_windows(lambda x, y: model.logits(x), ngram_tilt_sums(counter, hints, ctx.h), val_tokens, spec, rt,
+                         phase="ngram_sliding")
+    rt.sync()
+    seconds = rt.clock() - t0
+    ctx.log(f"ngram_hints expert:token context:{NGRAM_TOKEN_CONTEXT} tokens:{len(hints.hint)} "
+            f"time:{1000 * hints.seconds:.0f}ms ngram_sliding_time:{1000 * seconds:.0f}ms")
+    log_ngram_final("final_sliding_window_ngram_exact", Scores.from_sums(sums.tolist()), ctx.h, ctx.log)
+    return seconds
 
 
 def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) -> None:
@@ -4454,23 +5589,31 @@ def main(env=None, export_hook: Callable[[ExportInputs], None] | None = None) ->
 
 
 def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = None, export_hook=None) -> None:
+    """Settings -> data -> model -> train -> export -> reload -> evaluate -> TTT (docs/architecture.md)."""
     interrupts = interrupts or Interrupts(verbose=False)
-    code = code_form(Path(__file__).read_text(encoding="utf-8"))  # the readable source, whichever form ran
+    code = code_form(Path(__file__).read_bytes())  # the code that ran and its shipped size, whichever form ran
     resume = read_checkpoint(h.resume_from, rt.rank) if h.resume_from else None
     if resume is not None:
-        h = resumed_hparams(h, env, resume[0], code.source, rt.world_size)
-    h = shared_run_id(h, rt)
+        h = resumed_hparams(h, env, resume[0], code.source_sha256, rt.world_size)
+        state = RunState(**resume[0]["run_state"])  # the run id and reserve of the run's first start
+    else:
+        state = RunState(shared_run_id(h, rt), h.gptq_reserve_seconds)
     out_dir = Path(h.out_dir)
-    log = Logger(out_dir / f"{h.run_id}.txt" if rt.is_main else None, resume[0]["log"] if resume else "")
+    log = Logger(out_dir / f"{state.run_id}.txt" if rt.is_main else None, resume[0]["log"] if resume else "")
+    ctx = RunContext(h, rt, state, log, code)
     interrupts.log = log
     if log.path is not None:
         interrupts.kept.append(f"the log {log.path}")
     if resume is None:
-        log_preamble(log, h, rt, code.source, env)
+        log_preamble(ctx, env)
     else:  # the log so far came with the checkpoint: it goes on as one run's log, saying where it resumed
         log(f"resume from:{h.resume_from} step:{resume[0]['step']} train_time:{resume[0]['train_ms']:.0f}ms "
             f"signal:{resume[0]['signal']} world_size:{rt.world_size} cpu_threads:{torch.get_num_threads()}")
-    log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))}")
+    log(f"code form:{code.form} bytes_code:{code.bytes_code} bytes_source:{len(code.source.encode('utf-8'))} "
+        f"source_sha256:{code.source_sha256}")
+    if code.bound_because:
+        log(f"warning: bytes_code:{code.bytes_code} is an upper bound of the shipped train_gpt.py, which this "
+            f"machine cannot make ({code.bound_because}): the byte target leaves the model fewer bytes than it could")
     seed_everything(h.seed)
 
     sp = load_tokenizer(h.tokenizer_path)
@@ -4479,6 +5622,8 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     val_tokens = torch.from_numpy(val_np.astype(np.int32)).to(rt.device)
     log(f"data train_shards:{len(find_shards(h.data_path, 'train'))} val_tokens:{len(val_tokens)} "
         f"tokenizer_pieces:{sp.vocab_size()}")
+    val_bytes = validation_byte_counter(luts, sp, h.data_path, h.bos_id).to(rt.device)
+    log(describe_byte_counter(val_bytes, val_tokens))
     if rt.is_main:
         log_dataset(dataset_provenance(h.data_path, h.tokenizer_path), log)
     if h.ttt:
@@ -4491,20 +5636,18 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
     if rt.is_main:
         log_artifact_estimate(base.state_dict(), plan, code, h, log)
     model, eval_model, orthogonalize = compile_for_training(base, plan, h, rt, log)
-    optimizers = build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
-    for line in describe_optimizers(optimizers):
+    trainee = Trainee(model, base, build_optimizers(base, h, rt, orthogonalize))
+    for line in describe_optimizers(trainee.optimizers):
         log(line)
 
     def eval_fn():
-        return evaluate(eval_model, val_tokens, luts, EvalSpec.plain(h), rt.rank, rt.world_size, rt.autocast,
-                        phase="val")
+        return evaluate(eval_model, val_tokens, val_bytes, EvalSpec.plain(h), rt, phase="val")
 
-    prime_kernels(model, optimizers, base, h, rt, log)
-    if resume is None:  # a resumed run's settings already hold the reserve its first start measured
-        h = measure_gptq_reserve(base, plan, h, rt, log)
-    control = RunControl(interrupts, checkpoint_path(h), hashlib.sha256(code.source.encode("utf-8")).hexdigest(),
-                         log.path, resume)
-    result = train(model, optimizers, base, eval_fn, h, rt, log, control)
+    prime_kernels(trainee, ctx)
+    if resume is None:  # a resumed run keeps the reserve its first start measured (in its run state)
+        measure_gptq_reserve(base, plan, ctx)
+    control = RunControl(interrupts, checkpoint_path(h, state), code.source_sha256, log.path, resume)
+    result = train(trainee, eval_fn, ctx, control)
     log(f"raw_float_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} steps:{result.steps} "
         f"train_time:{result.train_ms:.0f}ms")
     weights = select_final_weights(result.average, h, log)
@@ -4514,28 +5657,41 @@ def run(h: Hyperparameters, rt: Runtime, env, interrupts: Interrupts | None = No
         log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() >> 20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")
 
-    artifact = out_dir / f"{h.run_id}.ptz"
-    blob = export_model(base, plan, code.bytes_code, h, rt, log, export_hook, result.train_ms, luts)
-    save_artifact(blob, artifact, code.bytes_code, rt, log)
+    artifact = out_dir / f"{state.run_id}.ptz"
+    blob = export_model(base, plan, result.train_ms, luts, ctx, export_hook)
+    save_artifact(blob, artifact, ctx)
     interrupts.kept.append(f"the artifact {artifact} (score it: ARTIFACT_PATH={artifact} "
                            f"python eval_ngram_on_checkpoint.py)")
-    _, state = load_artifact(artifact)  # the config it records is base.cfg (tests check the round trip)
-    base.load_state_dict(state)
-    t0 = time.perf_counter()
-    timed_eval("final_roundtrip_exact", eval_model, val_tokens, luts, EvalSpec.plain(h), rt, log)
-    timed_eval("final_sliding_window_exact", eval_model, val_tokens, luts, EvalSpec.sliding(h), rt, log)
+    if signum := agreed_signal(interrupts, rt):  # a signal during the end of training: acted on now
+        raise RunInterrupted(signum)
+    interrupts.enter("the final evaluations", AT_ONCE)
+    cfg, shipped = load_artifact(artifact)  # read once: what the file holds is what every final line scores
+    base.load_state_dict(shipped)
+    t0 = rt.clock()
+    timed_eval("final_roundtrip_exact", eval_model, val_tokens, val_bytes, EvalSpec.plain(h), ctx)
+    timed_eval("final_sliding_window_exact", eval_model, val_tokens, val_bytes, EvalSpec.sliding(h), ctx)
     if h.ttt:
-        run_ttt(artifact, val_tokens, luts, h, rt, log, windows_s=time.perf_counter() - t0)
+        run_ttt(cfg, shipped, val_tokens, val_bytes, ctx, windows_s=rt.clock() - t0)
+    elif h.ngram_tilt == "token":
+        run_ngram_windows(base, val_tokens, val_bytes, ctx)
 
 
 def cli() -> None:
     """main() for the command line: a wrong setting or missing or corrupt data ends the run with one line
-    (on stderr, exit status 2) instead of a traceback; anything else keeps its traceback."""
+    (on stderr, exit status 2) instead of a traceback; anything else keeps its traceback. A finished worker
+    of several (torchrun) leaves without the interpreter's finalization: its process group is destroyed
+    already, and a finished 2-process gloo worker was seen to abort there under load ("terminate called
+    without an active exception", SIGABRT: a C++ thread still joinable at teardown; once in about 100 runs),
+    which fails the whole torchrun job after the run has written everything."""
     try:
         main()
     except (SettingError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,16 @@ keyed by name, shard counts may sit directly on the dataset entry, a tokenizer e
 single "path", and a dataset without a tokenizer_name gets the tokenizer whose name or files
 mention its vocabulary (fineweb_1024_bpe for sp1024).
 
+CaseOps (data/caseops.py): --variant sp8192_lossless_caps_caseops_v1_reserved fetches the public CaseOps
+export from romeerp/parameter-golf-caseops-v1 (the default --repo-id for that variant), same layout and
+checks. Its dataset entry names "val_bytes_glob", so the validation byte sidecar
+fineweb_val_bytes_NNNNNN.bin comes with each validation shard (the same size: one uint16 per token), is
+checked against the shards, and dataset_manifest.json records it ("val_bytes") and the tokenizer's
+"text_transform". A variant whose tokenizer names a text transform but that has no sidecar is refused.
+
 Run:
-    python data/cached_challenge_fineweb.py --variant sp1024 --train-shards 10
+    python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 10
+    python3 data/cached_challenge_fineweb.py --variant sp8192_lossless_caps_caseops_v1_reserved --train-shards 80
 """
 
 from __future__ import annotations
@@ -60,9 +68,16 @@ if __package__ in (None, ""):
     # Run as a script (python data/cached_challenge_fineweb.py): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train_gpt import DATASET_MANIFEST, SHARD_HEADER_BYTES, Progress, sha256_files  # noqa: E402
+from data.progress import Progress  # noqa: E402
+from data.shards import (BYTE_SIDECAR_SPLIT, DATASET_MANIFEST, HEADER_BYTES, TOKEN_DTYPE, ShardError,  # noqa: E402
+                         load_byte_sidecar, sha256_files)
 
 REPO_ID = "willdepueoai/parameter-golf"
+# Variants published outside the challenge's repo, in its layout: the default --repo-id for them.
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
+VARIANT_REPOS = {CASEOPS_VARIANT: "romeerp/parameter-golf-caseops-v1"}
+IDENTITY_TRANSFORM = "identity"
+BOS_ID = 1  # every published tokenizer's BOS (the public CaseOps manifest also states it per dataset)
 REPO_TYPE = "dataset"
 REMOTE_ROOT = "datasets"
 MANIFEST_NAME = "manifest.json"
@@ -143,7 +158,7 @@ def expected_shard_bytes(manifest: dict, dataset: dict, split: str, index: int) 
         return None
     shard = int(manifest.get("shard_size") or DEFAULT_SHARD_TOKENS)
     count = shard if index < int(files) - 1 else int(tokens) - shard * (int(files) - 1)
-    return SHARD_HEADER_BYTES + 2 * count
+    return HEADER_BYTES + TOKEN_DTYPE.itemsize * count
 
 
 def _vocab_tag(variant: str) -> str:
@@ -182,8 +197,31 @@ def manifest_file(data_dir: Path) -> FileToFetch:
     return FileToFetch(f"{REMOTE_ROOT}/{MANIFEST_NAME}", data_dir / MANIFEST_NAME)
 
 
+def text_transform(manifest: dict, variant: str) -> str:
+    """The transform the variant's text went through before its tokenizer ("identity" for the challenge's
+    own variants, "lossless_caps_caseops_v1" for CaseOps), as the manifest's tokenizer entry names it."""
+    dataset = find_dataset(manifest, variant)
+    return str(find_tokenizer(manifest, dataset, variant).get("text_transform") or IDENTITY_TRANSFORM)
+
+
+def has_byte_sidecar(manifest: dict, variant: str) -> bool:
+    """Whether the variant publishes a validation byte sidecar (its dataset entry names val_bytes_glob, as
+    the public CaseOps export does). A variant whose text was transformed must have one: its tokens' own
+    bytes are not the original text's, so a score without it would divide by the wrong bytes."""
+    dataset = find_dataset(manifest, variant)
+    if dataset.get("val_bytes_glob"):
+        return True
+    transform = text_transform(manifest, variant)
+    if transform != IDENTITY_TRANSFORM:
+        raise ValueError(f"variant {variant!r} was tokenized after the text transform {transform!r} but the "
+                         f"manifest lists no validation byte sidecar (val_bytes_glob): its bits per byte could "
+                         f"not count the original text's bytes")
+    return False
+
+
 def plan_downloads(manifest: dict, variant: str, train_shards: int, data_dir: Path) -> list[FileToFetch]:
-    """Every file to fetch for variant: all val shards, the first train_shards, the tokenizer."""
+    """Every file to fetch for variant: all val shards (and their byte sidecars, for a variant that has
+    them), the first train_shards, the tokenizer."""
     if train_shards < 0:
         raise ValueError(f"--train-shards must be non-negative, got {train_shards}")
     dataset = find_dataset(manifest, variant)
@@ -195,9 +233,14 @@ def plan_downloads(manifest: dict, variant: str, train_shards: int, data_dir: Pa
     name = dataset["name"] if str(dataset["name"]).startswith(DATASET_PREFIX) else DATASET_PREFIX + variant
     remote_dir = f"{REMOTE_ROOT}/datasets/{name}"
     local_dir = data_dir / "datasets" / name
-    shards = [("val", i) for i in range(n_val)] + [("train", i) for i in range(train_shards)]
+    shards = [("val", i) for i in range(n_val)]
+    if has_byte_sidecar(manifest, variant):
+        # One count per validation token: the same size as validation shard i.
+        shards += [(BYTE_SIDECAR_SPLIT, i) for i in range(n_val)]
+    shards += [("train", i) for i in range(train_shards)]
     plan = [FileToFetch(f"{remote_dir}/fineweb_{split}_{i:06d}.bin", local_dir / f"fineweb_{split}_{i:06d}.bin",
-                        expected_shard_bytes(manifest, dataset, split, i), split) for split, i in shards]
+                        expected_shard_bytes(manifest, dataset, split.removesuffix("_bytes"), i), split)
+            for split, i in shards]
     for path in tokenizer_files(find_tokenizer(manifest, dataset, variant)):
         relative = PurePosixPath(path.lstrip("/"))
         plan.append(FileToFetch(f"{REMOTE_ROOT}/{relative}", data_dir / "tokenizers" / relative.name,
@@ -270,6 +313,8 @@ def download_variant(
             hub_sha256[item.remote] = sha
     check_present_hashes([i for i in plan if i.local in skipped and i.role != "train"], hub_sha256,
                          remote_hashes, log)
+    if any(i.role == BYTE_SIDECAR_SPLIT for i in plan):
+        check_byte_sidecar(plan[0].local.parent, int(find_dataset(manifest, variant).get("bos_id", BOS_ID)))
     record = dataset_record(manifest, variant, plan, hub_sha256, repo_id)
     path = plan[0].local.parent / DATASET_MANIFEST
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -307,16 +352,27 @@ def _file_entry(item: FileToFetch, hub_sha256: dict[str, str], with_hash: bool) 
     return entry
 
 
+def check_byte_sidecar(data_dir: Path, bos_id: int) -> None:
+    """The sidecar must fit the validation shards file by file and count 0 at every BOS (a DownloadError
+    otherwise, naming the file)."""
+    try:
+        load_byte_sidecar(data_dir, bos_id)
+    except ShardError as e:
+        raise DownloadError(str(e)) from None
+
+
 def dataset_record(manifest: dict, variant: str, plan: list[FileToFetch], hub_sha256: dict[str, str],
                    repo_id: str) -> dict:
     """dataset_manifest.json for downloaded challenge data (see train_gpt.dataset_provenance)."""
     stats = find_dataset(manifest, variant).get("stats") or {}
     val = [i for i in plan if i.role == "val"]
+    val_bytes = [i for i in plan if i.role == BYTE_SIDECAR_SPLIT]
     train = [i for i in plan if i.role == "train"]
     model = next((i for i in plan if i.role == "tokenizer" and i.local.suffix == ".model"),
                  next(i for i in plan if i.role == "tokenizer"))
-    return {
+    record = {
         "source": "challenge", "repo_id": repo_id, "variant": variant, "dataset": val[0].local.parent.name,
+        "text_transform": text_transform(manifest, variant),
         "written_by": "data/cached_challenge_fineweb.py",
         "written_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "checked": "each shard's size against the manifest's token counts; sha256 against the hub's where it has one",
@@ -327,6 +383,10 @@ def dataset_record(manifest: dict, variant: str, plan: list[FileToFetch], hub_sh
         "train": {"docs_in_full_export": stats.get("docs_train"), "files_in_full_export": stats.get("files_train"),
                   "files": [_file_entry(i, hub_sha256, False) for i in train]},
     }
+    if val_bytes:
+        record["val_bytes"] = {"sha256": sha256_files([i.local for i in val_bytes]),
+                               "files": [_file_entry(i, hub_sha256, True) for i in val_bytes]}
+    return record
 
 
 class HubDownloader:
@@ -368,10 +428,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="number of training shards (100 M tokens each) to fetch")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
                         help="local root holding datasets/ and tokenizers/")
-    parser.add_argument("--repo-id", default=REPO_ID,
-                        help="Hugging Face dataset repo with the challenge's layout (e.g. kevclark/parameter-golf "
-                             "for sp4096 and sp8192)")
-    return parser.parse_args(argv)
+    parser.add_argument("--repo-id", default=None,
+                        help=f"Hugging Face dataset repo with the challenge's layout (default {REPO_ID}, or "
+                             f"{VARIANT_REPOS[CASEOPS_VARIANT]} for --variant {CASEOPS_VARIANT}; "
+                             f"kevclark/parameter-golf for sp4096 and sp8192)")
+    args = parser.parse_args(argv)
+    args.repo_id = args.repo_id or VARIANT_REPOS.get(args.variant, REPO_ID)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,10 @@ their text looked like before normalization; near-duplicates (one word changed) 
 
     python3 data/check_disjoint.py data/datasets/fineweb10B_sp1024       # exit status 1 on any overlap
 
+A CaseOps dataset (data/caseops.py) is checked the same way: both splits are in one tokenizer's ids. Its
+validation byte sidecar is checked too (one count per validation token, file by file, 0 at every BOS):
+a sidecar that does not fit the validation shards fails, naming the file.
+
 data/build_dataset.py runs the same check on what it wrote, after leaving out every training document
 whose tokens equal a validation document's.
 """
@@ -26,7 +30,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train_gpt import find_shards, load_data_shard  # noqa: E402
+from data.shards import find_byte_sidecars, find_shards, load_byte_sidecar, read_shard  # noqa: E402
 
 BOS_ID = 1  # the challenge tokenizer's BOS: every document starts with it
 DIGEST_BYTES = 16
@@ -43,7 +47,7 @@ def documents(files: Iterable[str | Path], bos_id: int = BOS_ID) -> Iterator[np.
     document of their own."""
     carry = np.zeros(0, dtype=np.uint16)
     for f in files:
-        tokens = np.concatenate([carry, load_data_shard(f)])
+        tokens = np.concatenate([carry, read_shard(f)])
         starts = np.flatnonzero(tokens == bos_id)
         if len(starts) == 0:
             carry = tokens
@@ -78,8 +82,16 @@ def find_overlap(val_files: list, train_files: list, bos_id: int = BOS_ID) -> di
 
 
 def check_dataset(data_path: str | Path, bos_id: int = BOS_ID) -> dict:
-    path = str(data_path)
-    return find_overlap(find_shards(path, "val"), find_shards(path, "train"), bos_id)
+    return find_overlap(find_shards(data_path, "val"), find_shards(data_path, "train"), bos_id)
+
+
+def check_sidecar(data_path: str | Path, bos_id: int = BOS_ID) -> str | None:
+    """A line describing the validation byte sidecar after checking it, or None when there is none."""
+    sidecar = load_byte_sidecar(data_path, bos_id)
+    if sidecar is None:
+        return None
+    return (f"byte_sidecar files:{len(find_byte_sidecars(data_path))} tokens:{len(sidecar)} "
+            f"original_bytes:{int(sidecar.sum(dtype=np.int64))}")
 
 
 def describe(result: dict) -> str:
@@ -99,9 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         result = check_dataset(args.data_path, args.bos_id)
+        sidecar = check_sidecar(args.data_path, args.bos_id)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(describe(result))
+    if sidecar:
+        print(sidecar)
     if result["train_docs_in_val"]:
         raise SystemExit(f"error: {len(result['train_docs_in_val'])} training documents are validation "
                          f"documents: the validation split leaks into training")

@@ -34,7 +34,7 @@ from train_gpt import PRESETS, find_shards, load_validation_tokens  # noqa: E402
 # (the record's 3..5 of 11: the middle), lanes from layer 4 (the record's 8: the last third), U-Net 3 + 3.
 SMALL_APRIL = {**SMALL, "NUM_LAYERS": 6, "TRAIN_LOG_EVERY": 100}
 LAYER_IDS = dict(PARALLEL_START_LAYER=4, MINI_RECUR_FIRST=2, MINI_RECUR_LAST=3)
-ARCHITECTURE = {"VOCAB_SIZE", "DATA_PATH", "TOKENIZER_PATH", "MLP_MULT", "BIGRAM_BUCKETS", "SMEAR_GATE_FORM",
+ARCHITECTURE = {"VOCAB_SIZE", "DATA_VARIANT", "DATA_PATH", "TOKENIZER_PATH", "MLP_MULT", "BIGRAM_BUCKETS", "SMEAR_GATE_FORM",
                 "ATTN_OUT_GATE", "ATTN_GATE_SCALE", "PARALLEL_START_LAYER", "MINI_RECUR_REPEATS", "MINI_RECUR_FIRST",
                 "MINI_RECUR_LAST", "MINI_RECUR_START_FRAC", "MINI_RECUR_UNET", "MUON_ROW_NORMALIZE", "MUON_NS_COEFFS"}  # and the Muon parts
 PARTS = {  # each on top of the seed stack

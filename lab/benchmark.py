@@ -23,6 +23,7 @@ predicted where both exist.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -152,11 +153,17 @@ def saved_activation_bytes(h: tg.Hyperparameters, seqs: int) -> dict[str, float]
     return out
 
 
+def rank0_of(world_size: int) -> tg.Runtime:
+    """Rank 0 of world_size GPUs, for planning only (no process group: nothing here communicates)."""
+    return tg.Runtime(0, world_size, torch.device("cpu"), tg.grad_accum_steps(world_size), contextlib.nullcontext,
+                      torch.bfloat16)
+
+
 def communication_bytes(model: tg.GPT, h: tg.Hyperparameters, world_size: int) -> dict[str, float]:
     """What one optimizer step moves per GPU: the tensor each collective reduces or gathers ("payload";
     Muon's stacks padded to whole slices), and the bytes a ring sends per GPU ("bus": all-reduce
     2 (W-1)/W of its payload, reduce-scatter and all-gather (W-1)/W)."""
-    muon = tg.build_optimizers(model, h, 0, world_size, torch.bfloat16)[1]
+    muon = tg.build_optimizers(model, h, rank0_of(world_size))[1]
     stacks = muon._build_stacks()
     adam = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.matrix_params())
     payload = dict(adam_all_reduce=4.0 * adam,
@@ -172,7 +179,7 @@ def state_bytes(model: tg.GPT, h: tg.Hyperparameters, world_size: int) -> float:
     world_size (rank 0, which owns the most matrices)."""
     params = sum(p.numel() for p in model.parameters())
     matrices = sum(p.numel() for p in model.matrix_params())
-    muon = tg.build_optimizers(model, h, 0, world_size, torch.bfloat16)[1]
+    muon = tg.build_optimizers(model, h, rank0_of(world_size))[1]
     stacks = muon._build_stacks()
     owned = sum(st.params[i].numel() for st in stacks for i in st.owned(0))
     buffers = sum(t.numel() * t.element_size() for st in stacks for t in (st.grads, st.shard, st.mine, st.updates))
@@ -274,7 +281,7 @@ def step_phases(model, optimizers, loader, h: tg.Hyperparameters, rt: tg.Runtime
             loss = model(x, y).mean()
         loss.backward()
 
-    return timed(forward_backward, rt), timed(lambda: tg.optimizer_step(optimizers, h, rt.world_size), rt)
+    return timed(forward_backward, rt), timed(lambda: tg.optimizer_step(optimizers, h, rt), rt)
 
 
 def eval_speed(eval_model, h: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -> float:
@@ -284,7 +291,7 @@ def eval_speed(eval_model, h: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -
     luts = tg.ByteLUTs(ones, torch.zeros_like(ones, dtype=torch.bool), torch.zeros_like(ones, dtype=torch.bool))
     luts = luts.to(rt.device)
     def run():
-        tg.evaluate(eval_model, val, luts, tg.EvalSpec.sliding(h), autocast=rt.autocast)
+        tg.evaluate(eval_model, val, luts, tg.EvalSpec.sliding(h), rt)
     run()
     return (tokens - 1) / timed(run, rt)
 
@@ -302,7 +309,7 @@ def benchmark(h: tg.Hyperparameters, steps: int, warmup: int, eval_tokens: int) 
     base = tg.build_model(tg.ModelConfig.from_hparams(h), rt.device)
     plan = tg.plan_from_hparams(base.state_dict(), h, base.fp16_param_names())
     model, eval_model, orthogonalize = tg.compile_for_training(base, plan, h, rt, log_nothing)
-    optimizers = tg.build_optimizers(base, h, rt.rank, rt.world_size, rt.ns_dtype, orthogonalize)
+    optimizers = tg.build_optimizers(base, h, rt, orthogonalize)
     loader = RandomLoader(h.vocab_size, rt.device, h.seed)
     compiles = rt.device.type == "cuda" and h.compile
     first = sum(step_phases(model, optimizers, loader, h, rt))

@@ -191,13 +191,17 @@ def dtype_probe(model: tg.GPT):
     def on_input(*roles):
         return lambda module, args: [note(role, a) for role, a in zip(roles, args)] and None
 
+    def on_block_input(module, args):  # Block(x, PassInputs): the stream, and x0 inside the inputs
+        note("stream", args[0])
+        note("x0", args[1].x0)
+
     def on_output(role):
         return lambda module, args, out: note(role, out)
 
     hooks = []
     for m in model.modules():
         if isinstance(m, tg.Block):
-            hooks += [m.register_forward_pre_hook(on_input("stream", "x0")),
+            hooks += [m.register_forward_pre_hook(on_block_input),
                       m.register_forward_hook(on_output("stream"))]
         elif isinstance(m, tg.CausalSelfAttention):
             hooks.append(m.register_forward_hook(on_output("attention_output")))

@@ -80,7 +80,7 @@ def preset_table() -> list[str]:
            "`PRESET=seed` (the default) is the table above. Any other preset sets the variables below unless the "
            "environment sets them itself: a variable set explicitly always wins. The log shows every resulting "
            "value (`hparam ...`) and one line `preset name:<preset> set:<what it set> overridden:<what the "
-           "environment set instead>`. [april.md](april.md) describes `PRESET=april`.", "",
+           "environment set instead>`. [april.md](april.md) describes `PRESET=april`, [may.md](may.md) `PRESET=may`.", "",
            "| variable | seed (default) | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for k in sorted(keys, key=list(defaults).index):
         out.append(f"| `{k}` | {shown(defaults[k])} | " + " | ".join(tg.PRESETS[n].get(k, "") for n in names) + " |")

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "lab"))
 
 import parity_benchmark as pb  # noqa: E402
+import train_gpt as tg  # noqa: E402  (ours first: load_record puts the record's folder, with its own train_gpt.py, first on the path)
 
 # The March parity benchmark's size (docs/parity.md) and the record's command line at that depth.
 SIZE = pb.SIZES["march"]
@@ -51,18 +52,14 @@ def reference_model(script: Path):
 
 
 def our_model():
-    import train_gpt as tg
-
     env = {**pb.common_env(SIZE, ROOT, ROOT, 1337), **pb.ours_env(SIZE), "VOCAB_SIZE": "1024"}
     h = tg.Hyperparameters.from_env({k: v for k, v in env.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")})
-    return tg, h, tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+    return h, tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
 
 
 def luts(vocab: int):
     """Byte tables of a made-up vocabulary (2 bytes a piece, a leading space on every other one): the same for
     both loops, and their time does not depend on the values."""
-    import train_gpt as tg
-
     base = torch.full((vocab,), 2, dtype=torch.int32)
     space = torch.arange(vocab) % 2 == 0
     boundary = torch.zeros(vocab, dtype=torch.bool)
@@ -87,12 +84,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(0)
     rec, ra, ref = reference_model(args.reference.resolve())
-    tg, h, ours = our_model()
+    h, ours = our_model()
     ref.eval()
     ours.eval()
     tokens = torch.randint(4, 1024, (args.tokens + 1,), dtype=torch.int64)
     lut = luts(1024)
     seq = SIZE.seq_len
+    rt = tg.Runtime.single("cpu")  # fp32, one process: what the benchmark's CPU runs use
     print(f"size: {SIZE}; tokens: {args.tokens}; stride {args.stride}; threads {torch.get_num_threads()}")
     print(f"params: reference {sum(p.numel() for p in ref.parameters())}, ours {sum(p.numel() for p in ours.parameters())}")
 
@@ -102,14 +100,14 @@ def main(argv=None) -> None:
 
     def ours_sliding(batch: int = 16, model=None):
         spec = tg.EvalSpec("sliding", seq, args.stride, batch)
-        return tg.evaluate(model or ours, tokens.to(torch.int32), lut, spec)
+        return tg.evaluate(model or ours, tokens.to(torch.int32), lut, spec, rt)
 
     def reference_plain():  # VAL_BATCH_SIZE 8 x 16 x seq over its 8 micro-batches: 16 sequences a forward
         return rec.eval_val(ra, ref, 0, 1, torch.device("cpu"), 8, tokens, lut.base_bytes, lut.has_leading_space,
                             lut.is_boundary, eval_seq_len=seq)
 
     def ours_plain():
-        return tg.evaluate(ours, tokens.to(torch.int32), lut, tg.EvalSpec("plain", seq, seq, 16))
+        return tg.evaluate(ours, tokens.to(torch.int32), lut, tg.EvalSpec("plain", seq, seq, 16), rt)
 
     rows = [("reference eval_val (plain), 16 sequences a forward", reference_plain),
             ("ours evaluate(plain), 16 sequences a forward", ours_plain),

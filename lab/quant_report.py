@@ -9,6 +9,8 @@ bytes per compressor, byte shuffle and storage, and the speed of the 6-bit packi
     python3 lab/quant_report.py sizes                        # the default 27 M model, random init
     python3 lab/quant_report.py frontier DIR/float.pt        # SDClip, int7, LQER, per-group: bpb, bytes
     python3 lab/quant_report.py sizes --frontier             # their bytes on the default 27 M model
+    python3 lab/quant_report.py codecs --checkpoint DIR/float.pt  # per-group bytes and seconds per codec
+    python3 lab/quant_report.py code-bytes                   # the shipped code: minifier, codec, embedding
     PRESET=april python3 lab/quant_report.py sizes --frontier  # ... on the April model (36 M)
 
 `train` runs train_gpt.main() unchanged (model and data come from the usual variables: DATA_PATH,
@@ -66,6 +68,12 @@ def train(out: Path) -> None:
     print(f"saved {out / 'float.pt'} tensors:{len(captured['state'])} hessians:{len(captured['hessians'])}")
 
 
+def gptq_only(h: tg.Hyperparameters) -> tg.QuantSettings:
+    """GPTQ with the run's damping and block, every other quantizer setting at its default (the
+    percentile clip, no LQER): the baseline the reports compare against."""
+    return tg.QuantSettings(gptq_damp=h.gptq_damp, gptq_block=h.gptq_block)
+
+
 def load_checkpoint(path: Path) -> tuple[dict, tg.Hyperparameters]:
     ckpt = torch.load(path, weights_only=True)
     return ckpt, tg.Hyperparameters.from_env(ckpt["env"])
@@ -78,7 +86,7 @@ def build_model(h: tg.Hyperparameters) -> tg.GPT:
 def val_bpb(model: tg.GPT, state: dict, h: tg.Hyperparameters, val_tokens, luts) -> float:
     """Plain evaluation (non-overlapping windows of TRAIN_SEQ_LEN), the final_roundtrip_exact number."""
     model.load_state_dict(state)
-    _, bpb = tg.evaluate(model, val_tokens, luts, tg.EvalSpec.plain(h))
+    _, bpb = tg.evaluate(model, val_tokens, luts, tg.EvalSpec.plain(h), tg.Runtime.single())
     return bpb
 
 
@@ -133,7 +141,7 @@ def gptq_report(path: Path, breakdown_bits: int) -> None:
 
     def row(label: str, plan: dict[str, int]) -> None:
         for method, hs in (("round-to-nearest", None), ("GPTQ", hessians)):
-            packed = tg.quantize_state_dict(state, plan=plan, hessians=hs, damp=h.gptq_damp, block=h.gptq_block)
+            packed = tg.quantize_state_dict(state, plan=plan, hessians=hs, q=gptq_only(h))
             weights = tg.dequantize_state_dict(packed)
             bpb = val_bpb(model, weights, h, val_tokens, luts)
             first = sum(float((grads[n] * (weights[n].float() - state[n].float())).sum())
@@ -184,7 +192,7 @@ def sizes_report(checkpoint: Path | None) -> None:
         state, plan, what = ckpt["state"], ckpt["plan"], f"trained ({checkpoint})"
         model = build_model(h)
         hessians = complete_hessians(model, state, ckpt["hessians"], plan, h)
-    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians, damp=h.gptq_damp, block=h.gptq_block)
+    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians, q=gptq_only(h))
     params = sum(t.numel() for t in state.values())
     bits = {}
     for name, b in plan.items():
@@ -194,7 +202,7 @@ def sizes_report(checkpoint: Path | None) -> None:
     print("| storage | byte shuffle | codec | bytes | bits/param | seconds |\n|---|---|---|---|---|---|")
     for storage in ("byte", "packed6"):
         for shuffle in (False, True):
-            for codec in tg.CODEC_IDS:
+            for codec in tg.installed_codecs():
                 t0 = time.perf_counter()
                 blob = tg.serialize_artifact(packed, compressor=codec, shuffle=shuffle, storage=storage)
                 print(f"| {storage} | {int(shuffle)} | {codec} | {len(blob):,} | {8 * len(blob) / params:.4f} | "
@@ -239,10 +247,8 @@ def quantize_like_a_run(state: dict, hessians: dict, fp16_names, h: tg.Hyperpara
     """What export_model would store for these weights and Hessians (no byte-target fitting)."""
     plan = tg.plan_from_hparams(state, h, fp16_names)
     quiet = lambda *_: None  # noqa: E731
-    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians if (h.gptq or h.clip_method ==
-                                    "sdclip_hessian") else {}, damp=h.gptq_damp, block=h.gptq_block, log=quiet,
-                                    clip=tg.ClipConfig.from_hparams(h), gptq=h.gptq)
-    return tg.add_lqer(packed, state, tg.LQERConfig.from_hparams(h), quiet, hessians)
+    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians if tg.calibrates(h) else {}, q=h, log=quiet)
+    return tg.add_lqer(packed, state, h, quiet, hessians)
 
 
 def variant_encoder(state: dict, hessians: dict, fp16_names, h: tg.Hyperparameters, overrides: dict):
@@ -318,6 +324,194 @@ def frontier_sizes(checkpoint: Path | None, only: list[str]) -> None:
               f"{time.perf_counter() - t0:.0f} |", flush=True)
 
 
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def codecs_report(checkpoint: Path | None, codecs: list[str]) -> None:
+    """Per-group compression codec by codec, on a checkpoint quantized like its run (or the default model
+    at random init): for every group (and the stream of everything else) its bytes, compression and
+    decompression seconds under each codec (best layout for that codec; one thread, one stream at a
+    time), then the model bytes under each choice: one stream per codec, per-group streams all in one
+    codec, and COMPRESSOR=auto as a run does it (threads), with and without zpaq."""
+    if checkpoint is None:
+        state, h, _ = random_default_state()
+        hessians, fp16_names, what = {}, build_model(h).fp16_param_names(), "random init"
+    else:
+        ckpt, h = load_checkpoint(checkpoint)
+        state, model = ckpt["state"], build_model(h)
+        fp16_names, what = model.fp16_param_names(), str(checkpoint)
+        hessians = complete_hessians(model, state, ckpt["hessians"], ckpt["plan"], h)
+    packed = quantize_like_a_run(state, hessians, fp16_names, h)
+    manifest, data = tg.encode_payload(packed, h.quant_storage)
+    if h.byte_shuffle:
+        data = data[:manifest["levels_bytes"]] + tg.byte_shuffle(data[manifest["levels_bytes"]:])
+    params = sum(t.numel() for t in state.values())
+    print(f"model {what} params:{params} raw_bytes:{len(data)} codecs:{','.join(codecs)} "
+          f"torch_threads:{torch.get_num_threads()}")
+    groups = tg.level_groups(manifest)
+    roles = tg.parse_roles(h.pergroup_sort)
+    streams = {}  # (group, layout) -> raw streams
+    for role, items in groups.items():
+        levels = [np.frombuffer(data, np.int8, math.prod(it["shape"]), it["parts"]["q"][0]).reshape(it["rows"], -1)
+                  for it in items]
+        for layout, raws in tg.group_layouts(levels, role in roles).items():
+            streams[role, layout] = raws
+    grouped = [it for its in groups.values() for it in its]
+    rest = b"".join(data[a:b] for a, b in tg.outside_levels(len(data), grouped))
+    streams["(manifest, scales, fp16)", "rows"] = [tg.manifest_bytes(dict(manifest, groups=[])) + rest]
+    # (group, layout, codec) -> (bytes, compress s, decompress s), each stream checked to decode exactly
+    result = {}
+    for (group, layout), raws in streams.items():
+        for codec in codecs:
+            _, compress, decompress = tg.CODECS[tg.CODEC_IDS[codec]]
+            size = tc = td = 0.0
+            for raw in raws:
+                body, dt = timed(compress, raw)
+                try:
+                    back, dd = timed(decompress, body)
+                except Exception as e:  # noqa: BLE001 (a codec that fails to decode is a finding)
+                    back, dd = repr(e), 0.0
+                if back != raw:
+                    print(f"DECODE FAILURE: {codec} on {group} {layout}: {str(back)[:80]}", flush=True)
+                size, tc, td = size + len(body), tc + dt, td + dd
+            result[group, layout, codec] = (int(size), tc, td)
+            print(f"  ({group} {layout} {codec}: {int(size)} {tc:.1f}s {td:.1f}s)", file=sys.stderr, flush=True)
+    names = list(dict.fromkeys(g for g, _ in streams))
+    print(f"| group | raw bytes | {' | '.join(codecs)} | smallest |\n|---|---|{'---|' * (len(codecs) + 1)}")
+    best_of = {}
+    for g in names:
+        layouts = [lay for gg, lay in streams if gg == g]
+        cells, sizes = [], {}
+        for codec in codecs:
+            lay = min(layouts, key=lambda x: result[g, x, codec][0])
+            size, tc, td = result[g, lay, codec]
+            sizes[codec] = (size, lay)
+            cells.append(f"{size:,} ({lay}, {tc:.1f} / {td:.1f} s)")
+        best_of[g] = sizes
+        raw = sum(len(r) for r in streams[g, "rows"])
+        smallest = min(sizes, key=lambda c: sizes[c][0])
+        print(f"| {g} | {raw:,} | {' | '.join(cells)} | {smallest} |")
+    print("\n| choice | bytes_model | vs brotli one stream | compress s | decompress s |\n|---|---|---|---|---|")
+    single = {}
+    for codec in codecs:
+        payload = tg.manifest_bytes(manifest) + data
+        _, compress, decompress = tg.CODECS[tg.CODEC_IDS[codec]]
+        body, tc = timed(compress, payload)
+        _, td = timed(decompress, body)
+        single[codec] = (len(body), tc, td)
+    base = single.get("brotli", next(iter(single.values())))[0]
+    rows = [(f"one stream, {c}", *single[c]) for c in codecs]
+
+    def pergroup(allowed: list[str]) -> tuple[int, float, float]:
+        size = tc = td = 0.0
+        for g in names:
+            codec = min(allowed, key=lambda c: best_of[g][c][0])
+            s_, c_, d_ = result[g, best_of[g][codec][1], codec]
+            size, tc, td = size + s_, tc + c_, td + d_
+        return int(size), tc, td
+
+    rows += [(f"per-group, {c} only", *pergroup([c])) for c in codecs]
+    if "lrzip" in codecs:
+        rows.append((f"per-group, smallest of {', '.join(codecs)}", *pergroup(codecs)))
+    for label, hide in (("COMPRESSOR=auto (zstd, lzma, brotli; zpaq on the chosen layouts)", False),
+                        ("COMPRESSOR=auto without zpaq (before this change)", True)):
+        saved = sys.modules.get("zpaq")
+        if hide:
+            sys.modules["zpaq"] = None  # import fails: auto goes on without it
+        try:
+            blob, tc = timed(lambda: tg.serialize_artifact(packed, compressor="auto", shuffle=h.byte_shuffle,
+                                                           storage=h.quant_storage, sort_roles=h.pergroup_sort))
+            _, td = timed(tg.deserialize_artifact, blob)
+        finally:
+            sys.modules["zpaq"] = saved
+        rows.append((label + ", threads", len(blob) - tg._ARTIFACT_HEADER.size, tc, td))
+    for label, size, tc, td in rows:
+        print(f"| {label} | {size:,} | {size - base:+,} ({(size - base) / base:+.1%}) | {tc:.1f} | {td:.1f} |")
+    print("(per-group rows: the groups' compressed streams plus the stream of everything else, without the "
+          "stream table; seconds: one thread, summed over the streams; auto rows: the artifact less its header, "
+          "wall seconds with the run's threads)")
+
+
+# python-minifier settings compared for the shipped code (COMPACT_MINIFY is the smallest)
+MINIFY_VARIANTS = {
+    "none (the source as it is)": None,
+    "python-minifier defaults": {},
+    "+ remove docstrings (remove_literal_statements)": {"remove_literal_statements": True},
+    "+ no literal hoisting": {"remove_literal_statements": True, "hoist_literals": False},
+    "+ rename globals": {"remove_literal_statements": True, "rename_globals": True},
+    "+ rename globals, no hoisting (Muon kept: COMPACT_MINIFY)": tg.COMPACT_MINIFY,
+}
+
+
+def section_costs(source: str, program: str, compressed: int) -> None:
+    """What each section of the readable source costs in the compact file: its functions and classes
+    cut from the minified program (which keeps them in the same order), the ZPAQ bytes that saves."""
+    import ast
+    import re
+
+    import zpaq
+    lines, heads = source.splitlines(), []
+    for i, line in enumerate(lines):
+        if m := re.match(r"^# ---- (.+?) -+$", line):
+            heads.append((i + 1, m[1]))
+        elif re.match(r"^# -{90,}$", line) and i + 2 < len(lines) and re.match(r"^# -{90,}$", lines[i + 2]):
+            heads.append((i + 2, lines[i + 1][2:].strip().upper()))
+    defs = [[n for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+            for text in (source, program)]
+    if len(defs[0]) != len(defs[1]):  # the names differ (renamed), their order does not
+        raise SystemExit("the minified program's definitions do not follow the source's")
+    cut: dict[str, list[tuple[int, int]]] = {}
+    for readable, minified in zip(*defs):
+        section = next((h for start, h in reversed(heads) if start <= readable.lineno), "(top)")
+        first = (minified.decorator_list[0] if minified.decorator_list else minified).lineno - 1
+        cut.setdefault(section, []).append((first, minified.end_lineno))
+    program_lines = program.splitlines(keepends=True)
+    print("| section | definitions | minified chars | compact bytes it costs |\n|---|---|---|---|")
+    for section, spans in cut.items():
+        gone = {i for a, b in spans for i in range(a, b)}
+        rest = "".join(line for i, line in enumerate(program_lines) if i not in gone).encode()
+        chars = sum(len(program_lines[i]) for i in gone)
+        saved = compressed - len(zpaq.compress(rest, level=tg.ZPAQ_LEVEL))
+        print(f"| {section} | {len(spans)} | {chars:,} | {saved:,} |", flush=True)
+
+
+def code_bytes_report(path: Path) -> None:
+    """The shipped code's bytes by minifier setting and codec, and by how the compressed bytes sit in a
+    Python file (base85 text, or the latin-1 literal that compact_code writes)."""
+    import base64
+    import lzma
+
+    import brotli
+    import zpaq
+    source = path.read_text(encoding="utf-8")
+    print(f"{path}: {len(source.encode()):,} bytes, compact file {len(tg.compact_code(source.encode())):,} bytes")
+    raw_lzma = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0,
+                 "nice_len": 273}]
+    codecs = {"brotli q11 w24": lambda b: brotli.compress(b, quality=11, lgwin=24),
+              "lzma 9e": lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME),
+              "lzma raw lc3 lp0 pb0": lambda b: lzma.compress(b, format=lzma.FORMAT_RAW, filters=raw_lzma),
+              "zstd 22": tg.CODECS[tg.CODEC_IDS["zstd"]][1],
+              "ZPAQ 4": lambda b: zpaq.compress(b, level=4), "ZPAQ 5": lambda b: zpaq.compress(b, level=5)}
+    print(f"| minifier | program bytes | {' | '.join(codecs)} |\n|---|---|{'---|' * len(codecs)}")
+    chosen = b""
+    for label, options in MINIFY_VARIANTS.items():
+        program = (source if options is None else tg.optional_module(*tg.MINIFIER_NEEDS).minify(source, **options))
+        program = program.encode("utf-8")
+        print(f"| {label} | {len(program):,} | " + " | ".join(f"{len(c(program)):,}" for c in codecs.values()) + " |",
+              flush=True)
+        chosen = program
+    blob = zpaq.compress(chosen, level=tg.ZPAQ_LEVEL)
+    latin1 = len(tg.latin1_literal(blob).encode("latin-1"))
+    print(f"\nembedding {len(blob):,} compressed bytes: base85 {len(base64.b85encode(blob)):,} "
+          f"(+{len(base64.b85encode(blob)) / len(blob) - 1:.1%}), latin-1 literal {latin1:,} "
+          f"(+{latin1 / len(blob) - 1:.1%}); the wrapper's own lines: "
+          f"{len(tg.COMPACT_WRAPPER.format(sha='0' * 64, blob='').encode())} bytes\n")
+    section_costs(source, chosen.decode("utf-8"), len(blob))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -338,8 +532,18 @@ def main() -> None:
     front.add_argument("--variant", action="append", default=[],
                        help='extra variant "label:FIELD=value,..." (e.g. "k x1.5:clip_method=sdclip,sdclip_k_mlp=17")')
     front.add_argument("--only", action="append", default=[], help="run only the variants with these labels")
+    codec = sub.add_parser("codecs", help="per-group bytes and seconds of every codec (and lrzip)")
+    codec.add_argument("--checkpoint", type=Path, help="default: the default model at random init")
+    codec.add_argument("--codec", action="append", default=[],
+                       help="codecs to measure (default: every installed one, lrzip too)")
+    code = sub.add_parser("code-bytes", help="the shipped code's bytes by minifier setting, codec and embedding")
+    code.add_argument("source", type=Path, nargs="?", default=Path(tg.__file__))
     args = parser.parse_args()
-    if args.command == "pack-bench":
+    if args.command == "code-bytes":
+        code_bytes_report(args.source)
+    elif args.command == "codecs":
+        codecs_report(args.checkpoint, args.codec or [c for c in tg.CODEC_IDS if tg.codec_missing(c) is None])
+    elif args.command == "pack-bench":
         pack_bench(args.values)
     elif args.command == "train":
         train(args.out)

@@ -70,7 +70,7 @@ def document_lengths(run: PublicRun, batch_docs: int) -> list[np.ndarray]:
     return [np.rint(np.linspace(lo, hi, size)).astype(np.int64) for lo, hi, size in zip(lows, highs, sizes)]
 
 
-def public_config(s: dict[str, str]) -> tuple[tg.ModelConfig, tg.TTTSpec]:
+def public_config(s: dict[str, str]) -> tuple[tg.ModelConfig, tg.Hyperparameters]:
     """The record's architecture as far as FLOPs go (its loop of layers LOOP_START..LOOP_END, NUM_LOOPS extra
     times, is our mini recurrence), and its TTT settings."""
     loops = int(s.get("num_loops", 0))
@@ -78,11 +78,10 @@ def public_config(s: dict[str, str]) -> tuple[tg.ModelConfig, tg.TTTSpec]:
                          num_heads=int(s["num_heads"]), num_kv_heads=int(s["num_kv_heads"]),
                          mlp_mult=int(float(s["mlp_mult"])), bigram_buckets=0, mini_recur_repeats=loops,
                          mini_recur_first=int(s.get("loop_start", 0)), mini_recur_last=int(s.get("loop_end", 0)))
-    h = tg.Hyperparameters()
-    spec = tg.TTTSpec.from_hparams(dataclasses.replace(
-        h, ttt_lora_rank=int(s["ttt_lora_rank"]), ttt_chunk_size=int(s["ttt_chunk_size"]),
-        ttt_eval_seq_len=int(s["ttt_eval_seq_len"]), ttt_batch_size=int(s["ttt_batch_size"]), phased_ttt_prefix_docs=0))
-    return cfg, spec
+    ttt = tg.Hyperparameters(ttt_lora_rank=int(s["ttt_lora_rank"]), ttt_chunk_size=int(s["ttt_chunk_size"]),
+                             ttt_eval_seq_len=int(s["ttt_eval_seq_len"]), ttt_batch_size=int(s["ttt_batch_size"]),
+                             phased_ttt_prefix_docs=0)
+    return cfg, ttt
 
 
 def main() -> None:
@@ -94,7 +93,7 @@ def main() -> None:
     run = read_logs(args.logs)
     cfg, spec = public_config(run.settings)
     world = int(run.settings.get("world_size", tg.PREDICTION_WORLD_SIZE))
-    lengths = document_lengths(run, spec.batch_docs)
+    lengths = document_lengths(run, spec.ttt_batch_size)
     flops = sum(tg.ttt_batch_flops(cfg, spec, docs - 1, public_loop=True) for docs in lengths)  # targets: length - 1
     seconds = float(np.mean(run.seconds))
     tflops = flops / world / seconds / 1e12
@@ -113,13 +112,32 @@ def main() -> None:
     ends = np.cumsum(targets)
     spans = np.stack((ends - targets, ends), axis=1)
     ours = tg.Hyperparameters()
-    our_cfg, our_spec = tg.ModelConfig.from_hparams(ours), tg.TTTSpec.from_hparams(ours)
+    our_cfg, our_spec = tg.ModelConfig.from_hparams(ours), ours
     for label, value in (("calibrated", tflops), ("in train_gpt.py", tg.TTT_H100_TFLOPS)):
         secs, total = tg.predict_ttt_seconds(our_cfg, spans, our_spec, tflops=value)
         lora, sgd = tg.ttt_flops(our_cfg, spans, our_spec, tg.PREDICTION_WORLD_SIZE)
         phases = " ".join(f"{max(r):.3g}/{min(r):.3g}" for r in lora)
         print(f"train_gpt.py defaults, {args.tokens} tokens, 8 x H100 at {value:.1f} TFLOP/s ({label}): {secs:.1f} s "
               f"({total:.4g} FLOPs; per phase busiest/least busy rank {phases}; global SGD {sum(sgd):.4g})")
+    # The whole evaluation as the `legality ttt_eval` line predicts it (train_gpt.predict_eval_seconds), for the
+    # defaults and for each May evaluation part on top of them (docs/may.md).
+    windows = sum(tg.predict_window_eval_seconds(our_cfg, int(spans[-1, 1]) + 1, s)
+                  for s in (tg.EvalSpec.plain(ours), tg.EvalSpec.sliding(ours)))
+    variants = {"defaults": {}, "1 global phase": dict(phased_ttt_num_phases=1),
+                "no_qv targets": dict(ttt_lora_targets="k,o,mlp,head"),
+                "short chunks": dict(ttt_short_chunks="256:8,2000:24"), "token tilt": dict(ngram_tilt="token"),
+                "context 2560": dict(ttt_eval_seq_len=2560, eval_seq_len=2560)}
+    variants["all of them"] = {k: v for d in variants.values() for k, v in d.items()}
+    for label, overrides in variants.items():
+        h = dataclasses.replace(ours, **overrides)
+        b = tg.predict_eval_seconds(our_cfg, spans, h)
+        win = windows if "eval_seq_len" not in overrides else sum(
+            tg.predict_window_eval_seconds(our_cfg, int(spans[-1, 1]) + 1, s)
+            for s in (tg.EvalSpec.plain(h), tg.EvalSpec.sliding(h)))
+        total = b.ttt + win + b.ngram + b.compile
+        print(f"budget {label}: ttt {b.ttt:.1f} s (global SGD {b.sgd:.1f} s, {b.sgd_steps} steps), windows {win:.1f} s, "
+              f"n-gram {b.ngram:.1f} s, compile {b.compile:.1f} s: total {total:.1f} s, margin "
+              f"{tg.EVAL_CAP_SECONDS - total:.1f} s")
 
 
 if __name__ == "__main__":

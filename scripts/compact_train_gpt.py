@@ -1,11 +1,13 @@
-"""Write a compact, self-extracting train_gpt.py for a record folder.
+"""Write the compact train_gpt.py for a record folder.
 
-The code's bytes count against the 16,000,000-byte cap, so a record ships the readable train_gpt.py
-compressed with brotli (quality 11: about 5% smaller than LZMA on this source, and train_gpt.py needs
-brotli anyway), base85-encoded in a two-line wrapper that decompresses it and execs it under the name
-train_gpt.py (tracebacks keep the readable line numbers). The format is train_gpt.compact_code, which
-train_gpt.py also uses to log the shipped size of its own code (bytes_code) whichever form runs.
-The wrapper runs exactly the readable source: tests/test_compact.py checks it byte for byte.
+The code's bytes count against the 16,000,000-byte cap, so a record ships train_gpt.py minified
+(python-minifier: docstrings, annotations outside classes and long names go; the program is the same),
+compressed with ZPAQ and held in a latin-1 string literal of a four-line file that decompresses it and
+execs it under the name train_gpt.py; its second line names the sha256 of the readable source. The
+format is train_gpt.compact_code, which train_gpt.py also uses to log the shipped size of its own code
+(bytes_code) whichever form runs. The compact file runs the same program as the readable one:
+tests/test_compact.py runs both and compares them byte for byte. It needs the zpaq package to run
+(requirements.txt); making it also needs python-minifier.
 
     python3 scripts/compact_train_gpt.py train_gpt.py records/track_10min_16mb/DATE_Name/train_gpt.py
 """
@@ -23,19 +25,15 @@ if __package__ in (None, ""):
 from train_gpt import compact_code  # noqa: E402
 
 
-def compact_source(source: bytes) -> str:
-    return compact_code(source)
-
-
 def write_compact(src_path: str | Path, dst_path: str | Path) -> int:
-    """Write the self-extracting version of src_path to dst_path; returns its size in bytes."""
+    """Write the compact version of src_path to dst_path; returns its size in bytes."""
     src_path, dst_path = Path(src_path), Path(dst_path)
     if not src_path.is_file():
         raise FileNotFoundError(f"{src_path}: no such source file")
-    text = compact_code(src_path.read_bytes())
+    data = compact_code(src_path.read_bytes())
     dst_path.parent.mkdir(parents=True, exist_ok=True)
-    dst_path.write_text(text, encoding="ascii")
-    return len(text)
+    dst_path.write_bytes(data)
+    return len(data)
 
 
 def main() -> None:

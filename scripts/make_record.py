@@ -5,7 +5,7 @@
 
 writes records/track_10min_16mb/<date>_<Name>/ (docs/challenge.md; records/README.md) with README.md
 (results, checks, significance, the exact command, timings, byte counts), submission.json (the fields
-the challenge's records use), train_gpt.py (the compact self-extracting form of the code the logs ran:
+the challenge's records use), train_gpt.py (the compact form of the code the logs ran:
 the file whose bytes count), train_gpt_readable.py (the same code, readable: not counted), every
 seed's log as train_seed<S>.log, requirements.txt (the package versions the logs name) and
 train_curves.png. Every number comes from the logs; every byte count is the shipped files'.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import re
 import shlex
@@ -44,6 +45,7 @@ from scripts.compact_train_gpt import write_compact  # noqa: E402
 from scripts.runlog import RunLog, common_value, load_runs  # noqa: E402
 from scripts.summarize import (MIN_IMPROVEMENT_NATS, SIGNIFICANCE_P, WelchTest, describe_test,  # noqa: E402
                                markdown_table, mean_std, seed_table, welch_one_sided)
+from train_gpt import compact_program  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS_ROOT = ROOT / "records"
@@ -60,6 +62,7 @@ PUBLISHED_DATA_REPOS = ("willdepueoai/parameter-golf", "kevclark/parameter-golf"
 # Set by the launcher (torchrun) or per seed by the sweep: not part of the command a reader reruns.
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SEED", "RUN_ID", "OUT_DIR")
 PLOT_NAME = "train_curves.png"
+PLAN_FILE = "plan.json"  # scripts/plan.py --json, which scripts/sweep.py writes into the sweep's folder
 SHIPPED, READABLE = "train_gpt.py", "train_gpt_readable.py"
 
 
@@ -86,7 +89,7 @@ class Check:
 
 def ship_train_gpt(src: Path, dst: Path) -> None:
     """The one place that decides the form of the shipped train_gpt.py, whose bytes count against the
-    cap: the self-extracting compact form of the source the logs ran (brotli + base85 + exec)."""
+    cap: the compact form of the source the logs ran (minified, ZPAQ, exec: train_gpt.compact_code)."""
     write_compact(src, dst)
 
 
@@ -176,6 +179,35 @@ def requirements_text(runs: list[RunLog]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def find_plan(logs: list[str | Path]) -> dict | None:
+    """The plan scripts/plan.py wrote beside the logs (a sweep folder's plan.json), or None."""
+    for p in map(Path, logs):
+        path = (p if p.is_dir() else p.parent) / PLAN_FILE
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def plan_section(runs: list[RunLog], plan: dict | None, totals: dict[int, int]) -> str:
+    """The plan beside what the logs measured: a line or two of the README."""
+    if plan is None:
+        return (f"No `{PLAN_FILE}` beside the logs: the run was not planned (`python3 scripts/plan.py --json "
+                f"{PLAN_FILE}`; scripts/sweep.py writes one).")
+    differ = sorted(k for k in runs[0].configuration() if k in plan["h"] and str(plan["h"][k]) != runs[0].hparams[k])
+    ms = sum(r.train_time_ms / r.steps for r in runs) / len(runs)
+    steps = sum(r.steps for r in runs) / len(runs)
+    planned_ms = 1000 * plan["train"]["train_s"] / max(1, plan["train"]["steps"])
+    seconds = max(r.eval_time_ms for r in runs) / 1000
+    total = max(totals.values())
+    text = (f"Planned (scripts/plan.py) against measured: {planned_ms:.3g} against {ms:.3g} ms/step, "
+            f"{plan['train']['steps']:,} against {steps:,.0f} steps, bytes_total {plan['artifact']['bytes_total']:,} "
+            f"against {total:,} (largest seed), evaluation {plan['evaluation']['total_s']:.0f} against {seconds:.0f} s "
+            f"(longest seed). The plan predicts 8 x H100.")
+    if differ:
+        text += f" The plan was made for other settings: {', '.join(differ)} differ from the logs'."
+    return text
+
+
 @dataclass(frozen=True)
 class Record:
     """Everything the folder says, computed before anything is written."""
@@ -184,11 +216,13 @@ class Record:
     baseline: list[float] | None
     test: WelchTest | None
     code_bytes: int  # of the shipped train_gpt.py
+    readable_bytes: int  # of the readable train_gpt.py it is made from (not counted)
     totals: dict[int, int]  # seed -> shipped bytes_total
     checks: list[Check]
     command: str
     requirements: str
     track: str  # "record" or "non-record"
+    plan: dict | None = None  # scripts/plan.py's prediction for the sweep, when it wrote one
 
     def failed(self, record_only: bool | None = None) -> list[Check]:
         return [c for c in self.checks if not c.ok and (record_only is None or c.record_only == record_only)]
@@ -237,12 +271,14 @@ def code_section(rec: Record) -> str:
     return f"""## The code: which file counts
 
 `{SHIPPED}` ({rec.code_bytes:,} bytes) is the file that runs and the one whose bytes count against the cap:
-a two-line wrapper that decompresses (brotli, base85) and executes `{READABLE}` under the name
-`train_gpt.py`. `{READABLE}` ({len(rec.runs[0].source.encode('utf-8')):,} bytes, not counted) is the same
-code to read: the source every log embeds at its top. To check that they are the same code:
+`{READABLE}` minified (python-minifier), compressed (ZPAQ) and executed under the name `train_gpt.py`
+(it needs the `zpaq` package: requirements.txt). `{READABLE}` ({rec.readable_bytes:,} bytes, not
+counted) is the same code to read; its sha256 is the second line of `{SHIPPED}`. To check that
+`{SHIPPED}` is exactly what `{READABLE}` compacts to (with python-minifier and zpaq of
+requirements.txt's versions):
 
 ```bash
-python3 -c "import re,base64,brotli; t=open('{SHIPPED}').read(); b=re.search(r'b85decode[(]\\"([^\\"]+)', t)[1]; print(brotli.decompress(base64.b85decode(b)) == open('{READABLE}','rb').read())"
+python3 -c "import train_gpt_readable as t; print(t.compact_code(open('{READABLE}','rb').read()) == open('{SHIPPED}','rb').read())"
 ```
 
 Every byte count here (README, submission.json) is the shipped files': `bytes_total` = {rec.code_bytes:,}
@@ -299,6 +335,8 @@ sample std.
 {markdown_table(*seed_table(runs, rec.totals))}
 
 {resumed_text(runs)}
+
+{plan_section(runs, rec.plan, rec.totals)}
 
 ## Significance
 
@@ -358,19 +396,43 @@ def plot_curves(runs: list[RunLog], path: Path) -> None:
     plt.close(fig)
 
 
+def readable_source(run: RunLog, source: Path | None) -> bytes:
+    """The readable train_gpt.py the logs ran. The log of a readable run embeds it; the log of a compact
+    run embeds the minified program it ran and names the readable source's sha256, which `source`
+    (default: this repository's train_gpt.py) must have."""
+    if run.code.get("form") != "compact":
+        return run.source.encode("utf-8")
+    path = source or ROOT / "train_gpt.py"
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != run.code_hash:
+        raise RecordError(f"the logs ran a compact train_gpt.py made from a readable source with sha256 "
+                          f"{run.code_hash[:16]}..., and {path} is another file: give that source with --source")
+    return data
+
+
+def check_shipped_program(run: RunLog, shipped: Path) -> None:
+    """A compact run's log embeds the program it ran: the shipped file must hold exactly that program
+    (another python-minifier version may minify the same source differently)."""
+    if run.code.get("form") == "compact" and compact_program(shipped.read_bytes())[1] != run.source:
+        raise RecordError("the compact train_gpt.py made here holds another program than the one the logs ran "
+                          "(python-minifier's version differs from the run's? the logs' `versions` line has it)")
+
+
 def prepare(logs: list[str | Path], meta: Meta, baseline: list[float] | None, shipped: Path,
-            track: str = "record") -> Record:
-    """Read and check the sweep; ship train_gpt.py (from the logs' embedded source) to `shipped`, with
-    the readable source beside it."""
+            track: str = "record", source: Path | None = None) -> Record:
+    """Read and check the sweep; ship train_gpt.py (the compact form of the readable source the logs
+    ran) to `shipped`, with the readable source beside it."""
     runs = load_runs(logs)
     readable = shipped.with_name(READABLE)
-    readable.write_text(runs[0].source, encoding="utf-8")
+    readable.write_bytes(readable_source(runs[0], source))
     ship_train_gpt(readable, shipped)
+    check_shipped_program(runs[0], shipped)
     code_bytes = shipped.stat().st_size
     totals = shipped_totals(runs, code_bytes)
     test = welch_one_sided([r.submission.val_loss for r in runs], baseline) if baseline else None
-    return Record(runs, meta, baseline, test, code_bytes, totals, record_checks(runs, totals, test),
-                  launch_line(runs), requirements_text(runs), track)
+    return Record(runs, meta, baseline, test, code_bytes, readable.stat().st_size, totals,
+                  record_checks(runs, totals, test), launch_line(runs), requirements_text(runs), track,
+                  find_plan(logs))
 
 
 def write_record(rec: Record, shipped: Path, folder: Path) -> None:
@@ -386,7 +448,7 @@ def write_record(rec: Record, shipped: Path, folder: Path) -> None:
 
 
 def make_record(logs: list[str | Path], meta: Meta, baseline: list[float] | None,
-                records_root: Path = RECORDS_ROOT, non_record: bool = False) -> Path:
+                records_root: Path = RECORDS_ROOT, non_record: bool = False, source: Path | None = None) -> Path:
     """Check the sweep, then write the folder (under records_root/<track folder>/) and return it;
     writes nothing if a check the track needs fails."""
     track = "non-record" if non_record else "record"
@@ -395,7 +457,7 @@ def make_record(logs: list[str | Path], meta: Meta, baseline: list[float] | None
         raise RecordError(f"{folder} already exists: remove it to write it again")
     with tempfile.TemporaryDirectory() as tmp:
         shipped = Path(tmp) / SHIPPED
-        rec = prepare(logs, meta, baseline, shipped, track)
+        rec = prepare(logs, meta, baseline, shipped, track, source)
         failed = rec.failed() if track == "record" else rec.failed(record_only=False)
         if failed:
             hint = ("" if non_record or any(not c.record_only for c in failed) else
@@ -421,10 +483,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="write to records/track_non_record_16mb/: only the artifact cap must hold")
     parser.add_argument("--records-root", type=Path, default=RECORDS_ROOT,
                         help="the folder holding the track folders")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="logs of the compact train_gpt.py: the readable source it was made from "
+                             "(default: this repository's train_gpt.py; its sha256 must match the logs')")
     args = parser.parse_args(argv)
     meta = Meta(args.name, args.author, args.github_id, args.blurb, args.date or timestamp(None))
     try:
-        folder = make_record(args.logs, meta, args.baseline_val_loss, args.records_root, args.non_record)
+        folder = make_record(args.logs, meta, args.baseline_val_loss, args.records_root, args.non_record, args.source)
         print(f"make_record: wrote {folder}")
     except (RecordError, ValueError) as e:  # ValueError: bad logs (LogError) or too few values for the test
         sys.exit(f"make_record: {e}")

@@ -7,7 +7,8 @@ The log contract (train_gpt.py's Logger and log_preamble; README "Reading the lo
     runtime world_size:.. / versions ..:.. / env KEY:value ... / gpu name:..
     step:N/M train_loss:.. ... train_time:..ms, step:N/M val_loss:.. val_bpb:.. train_time:..ms
     final_<name> val_loss:.. val_bpb:.. [eval_time:..ms] [compile_time:..ms]  every final evaluation, any name
-    code form:.. bytes_code:.. bytes_source:..  the shipped (compact) size and the embedded source's size
+    code form:.. bytes_code:.. bytes_source:.. source_sha256:..  the shipped (compact) size, the embedded
+                                               source's size, the readable source's sha256
     dataset name:.. source:.. val_sha256:.. tokenizer_sha256:..     which data the run trained and scored on
     artifact path:.. bytes_code:.. bytes_model:.. bytes_total:..
     resume from:.. step:N train_time:..ms signal:..  where a run stopped by a signal went on from its checkpoint
@@ -15,7 +16,8 @@ The log contract (train_gpt.py's Logger and log_preamble; README "Reading the lo
 Final evaluations are read generically (every `final_<name>` line with val_loss and val_bpb), so new
 evaluations need no change here. A log is complete (its run finished) when it has a step line, the
 artifact line and the submission line (final_ttt_exact when the run has TTT on, else
-final_sliding_window_exact). Shared by scripts/sweep.py, scripts/summarize.py and
+final_sliding_window_exact; with NGRAM_TILT=token their tilted forms, final_ttt_ngram_exact or
+final_sliding_window_ngram_exact). Shared by scripts/sweep.py, scripts/summarize.py and
 scripts/make_record.py; this module has no command line.
 """
 
@@ -31,6 +33,7 @@ SOURCE_OPEN = re.compile(r"^=+ source: train_gpt\.py =+$")
 SOURCE_CLOSE = "=" * 100
 SUBMISSION_METRIC = "final_sliding_window_exact"  # without test-time training
 TTT_SUBMISSION_METRIC = "final_ttt_exact"  # with it (TTT=1): score-first TTT after the sliding window
+NGRAM_SUFFIX = "_ngram"  # NGRAM_TILT=token: the tilted line of the same pass (final_ttt_ngram_exact, ...)
 # Settings that name one seed's run inside a sweep; every other hparam must agree between seeds.
 PER_SEED_HPARAMS = ("seed", "run_id", "out_dir")
 
@@ -71,7 +74,9 @@ class RunLog:
 
     @property
     def code_hash(self) -> str:
-        return source_hash(self.source)
+        """sha256 of the readable train_gpt.py: the code line names it (a compact run embeds its minified
+        program, not the readable source); older logs embed the readable source."""
+        return self.code.get("source_sha256") or source_hash(self.source)
 
     @property
     def seed(self) -> int:
@@ -84,8 +89,9 @@ class RunLog:
 
     @property
     def submission_metric(self) -> str:
-        """The line a run submits: TTT's when the run has TTT on (its `hparam ttt:True`), else the sliding window's."""
-        return TTT_SUBMISSION_METRIC if self.hparams.get("ttt") == "True" else SUBMISSION_METRIC
+        """The line a run submits: TTT's when the run has TTT on (its `hparam ttt:True`), else the sliding window's;
+        their tilted form when it has the n-gram tilt on (`hparam ngram_tilt:token`)."""
+        return submission_metric_for(self.hparams)
 
     @property
     def submission(self) -> FinalEval:
@@ -93,6 +99,11 @@ class RunLog:
 
     def configuration(self) -> dict[str, str]:
         return {k: v for k, v in self.hparams.items() if k not in PER_SEED_HPARAMS}
+
+
+def submission_metric_for(hparams: dict[str, str]) -> str:
+    metric = TTT_SUBMISSION_METRIC if hparams.get("ttt") == "True" else SUBMISSION_METRIC
+    return metric.replace("_exact", f"{NGRAM_SUFFIX}_exact") if hparams.get("ngram_tilt") == "token" else metric
 
 
 def source_hash(source: str) -> str:
@@ -227,7 +238,7 @@ def common_value(runs: list[RunLog], what: str, get: Callable[[RunLog], Hashable
 
 def check_one_experiment(runs: list[RunLog]) -> None:
     """Seeds of one experiment: same code, same settings but the seed, the same final evaluations."""
-    checks = [("the code (sha256 of the embedded train_gpt.py)", lambda r: r.code_hash[:16]),
+    checks = [("the code (sha256 of the readable train_gpt.py)", lambda r: r.code_hash[:16]),
               ("the final evaluations", lambda r: " ".join(r.finals))]
     names = sorted({name for run in runs for name in run.configuration()})
     checks += [(f"hparam {n}", lambda r, n=n: r.hparams.get(n, "(no line)")) for n in names]

@@ -5,7 +5,7 @@
 
 Reads the logs, never the console. Refuses logs that are not seeds of one experiment (different
 code or settings) or that did not finish. The submission number is final_ttt_exact when the runs have TTT on, else
-final_sliding_window_exact.
+final_sliding_window_exact (with NGRAM_TILT=token: final_ttt_ngram_exact, final_sliding_window_ngram_exact).
 
 The test (docs/challenge.md): a new record must beat the current one by at least 0.005 nats of val_loss
 at p < 0.01. H0: mean(baseline) - mean(ours) <= 0.005; H1: it is larger. One-sided Welch t-test

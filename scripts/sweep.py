@@ -8,7 +8,10 @@ SEED, RUN_ID=seed_<seed> and OUT_DIR=<out-dir>, so seed S writes <out-dir>/seed_
 <out-dir>/seed_S.ptz (its artifact), and launches
     python -m torch.distributed.run --standalone --nproc_per_node=N train_gpt.py   (N > 1)
     python train_gpt.py                                                            (N = 1)
-A seed whose log has its final lines is skipped. Ctrl-C (or SIGTERM) stops the running seed after
+Before any seed runs, scripts/plan.py plans the configuration on this machine (its block is printed and
+saved as <out-dir>/plan.json, which scripts/make_record.py compares with the logs); a limit it predicts over
+stops the sweep before it spends anything (--skip-plan runs it anyway). A seed whose log has its final lines
+is skipped. Ctrl-C (or SIGTERM) stops the running seed after
 its current step with a checkpoint <out-dir>/seed_S.ckpt; rerunning the same command resumes that
 seed from it (RESUME_FROM) and then runs the rest. A seed whose log stops early without a checkpoint
 (a crash, a lost machine) runs again from the start. Finished logs from another version of
@@ -34,6 +37,8 @@ from scripts.runlog import PER_SEED_HPARAMS, is_complete, parse_log, source_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "train_gpt.py"
+PLAN_SCRIPT = ROOT / "scripts" / "plan.py"
+PLAN_FILE = "plan.json"  # in the sweep's folder: what scripts/plan.py predicted for it
 DEFAULT_SEEDS = (1337, 42, 2025)
 
 
@@ -98,6 +103,17 @@ def check_resumable(logs: list[Path], env: dict) -> None:
                              f"Use another --out-dir, or delete that log to rerun its seed")
 
 
+def check_plan(out_dir: Path, env: dict) -> None:
+    """scripts/plan.py on the sweep's configuration before any seed runs; its plan saved in the sweep's folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    status = subprocess.run([sys.executable, str(PLAN_SCRIPT), "--json", str(out_dir / PLAN_FILE)], env=env).returncode
+    if status == 1:
+        raise SweepError("scripts/plan.py predicts a limit over (its `plan over:` line above names it): change the "
+                         "settings, or rerun with --skip-plan to run anyway")
+    if status:
+        raise SweepError(f"scripts/plan.py failed with exit status {status} (see above)")
+
+
 def run_sweep(seeds: list[int], out_dir: Path, nproc: int, env: dict) -> dict[int, str]:
     """Run every seed whose log is not finished; returns {seed: 'ran' or 'skipped'}."""
     out_dir = out_dir.resolve()
@@ -134,11 +150,16 @@ def main(argv: list[str] | None = None, env: dict | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, required=True, help="the sweep's folder (logs and artifacts)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs): 1, 2, 4 or 8")
+    parser.add_argument("--skip-plan", action="store_true", help="run without planning first (scripts/plan.py)")
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed")
+    env = dict(os.environ if env is None else env)
     try:
-        run_sweep(args.seeds, args.out_dir, args.nproc, dict(os.environ if env is None else env))
+        out_dir = args.out_dir.resolve()
+        if not args.skip_plan and not all(is_complete(seed_log(out_dir, s)) for s in args.seeds):
+            check_plan(out_dir, seed_env(env, out_dir, args.seeds[0]))
+        run_sweep(args.seeds, args.out_dir, args.nproc, env)
     except (SweepError, ValueError) as e:  # ValueError: a bad setting, named by train_gpt.py
         sys.exit(f"sweep: {e}")
 

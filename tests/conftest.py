@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,28 @@ def tiny_data(tmp_path_factory) -> dict:
     return result
 
 
+def vary_case(text: str, rng: random.Random) -> str:
+    """Web-like capitalization: some words all caps, some capitalized, a few mixed."""
+    words = text.split(" ")
+    for i, w in enumerate(words):
+        r = rng.random()
+        words[i] = w.upper() if r < 0.08 else w.capitalize() if r < 0.2 else w[:1] + w[1:].title() if r < 0.23 else w
+    return " ".join(words)
+
+
+def stable_docs(n: int, seed: int) -> list[str]:
+    """Synthetic documents with web-like case whose bytes sentencepiece's nmt_nfkc normalization keeps (no
+    whitespace runs, no compatibility characters; a newline becomes a space, byte for byte), so the
+    tokenizer's own byte count and the original text's agree (CaseOps tests: tests/test_caseops.py, test_bpb.py)."""
+    from data.synthetic_text import generate_documents
+    rng = random.Random(seed)
+    docs = []
+    for doc in generate_documents(n, seed=seed):
+        doc = "".join(ch for ch in doc.replace("\n\n", "\n") if unicodedata.normalize("NFKC", ch) == ch)
+        docs.append(vary_case(doc, rng).strip())  # the normalizer drops leading and trailing whitespace
+    return docs
+
+
 def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:
     """Environment for a run of train_gpt.py that takes seconds on a CPU."""
     env = bare_env()
@@ -46,6 +70,34 @@ def tiny_env(data: dict, out_dir: Path, **overrides) -> dict:
     )
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+def cpu_runtime(rank: int = 0, world_size: int = 1):
+    """train_gpt.Runtime of one CPU process (or rank `rank` of `world_size` gloo processes)."""
+    import contextlib
+
+    import torch
+
+    import train_gpt
+    return train_gpt.Runtime(rank, world_size, torch.device("cpu"), train_gpt.grad_accum_steps(world_size),
+                             contextlib.nullcontext, torch.float32)
+
+
+def run_context(h=None, log=print, rt=None, run_id: str = "test"):
+    """train_gpt.RunContext for calling a phase of a run directly: the settings (defaults if None), a CPU
+    runtime, the run state of a fresh start, the readable source as its code."""
+    import train_gpt
+    h = h or train_gpt.Hyperparameters()
+    code = train_gpt.CodeForm("", "readable", 0)
+    return train_gpt.RunContext(h, rt or cpu_runtime(), train_gpt.RunState(run_id, h.gptq_reserve_seconds), log, code)
+
+
+def gptq_one(w, h, bits: int = 6, damp: float = 0.01, block: int = 32, name: str = "w", **quant):
+    """GPTQ of one matrix with Hessian h: quantize_gptq_batch on a batch of one (quant: QuantSettings fields,
+    e.g. clip_method="sdclip", sdclip_k_other=12.85 for a matrix named "w")."""
+    import train_gpt
+    q = train_gpt.QuantSettings(gptq_damp=damp, gptq_block=block, **quant)
+    return train_gpt.quantize_gptq_batch([w], [h], bits, [name], q, print)[0]
 
 
 def bare_env() -> dict:

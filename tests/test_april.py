@@ -1,7 +1,9 @@
 """The April parts (docs/april.md) and the presets: each part keeps the model causal, changes what it computes
 and adds exactly its parameters; parallel residuals keep attention and the MLP on their own lanes; the gates
 start where the public run starts them; the input SmearGate stops at documents; PRESET=april sets the
-record's values under the explicit ones, logs what it set, and runs end to end on 1 and 2 processes."""
+record's values under the explicit ones, logs what it set, and runs end to end on 1 and 2 processes; PRESET=may
+is April plus the settings of the May leaderboard's best run, and runs end to end with TTT; every length of a
+TRAIN_SEQ_SCHEDULE is compiled in the warm-up."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, assert_env_error, tiny_env
+from conftest import ROOT, assert_env_error, cpu_runtime, run_context, tiny_env
 from test_architecture import BASELINE, BOS, assert_causal, DIM, HEADS, LAYERS, RECORD, VOCAB, config, model, tokens
 
 WINDOW = 6
@@ -266,7 +268,7 @@ def test_input_smear_gate_acts_before_the_embedding_norm():
     ({"SMEAR_GATE": "0", "SMEAR_GATE_FORM": "input"}, ["SMEAR_GATE_FORM=input", "SMEAR_GATE=1"]),
     ({"PRESET": "april", "SMEAR_GATE": "0"}, ["SMEAR_GATE_FORM=input", "SMEAR_GATE=1"]),
     ({"ATTN_OUT_GATE": "1", "GATE_WINDOW": "600"}, ["GATE_WINDOW=600", "MODEL_DIM=512"]),
-    ({"PRESET": "may"}, ["PRESET", "seed, april"]),
+    ({"PRESET": "june"}, ["PRESET", "seed, april, may"]),
     ({"PRESET": "april", "NUM_LAYERS": "6"}, ["PARALLEL_START_LAYER=8", "NUM_LAYERS=6"]),
 ])
 def test_bad_settings_name_the_variables(env, words):
@@ -293,6 +295,32 @@ def test_april_preset_sets_its_values_and_explicit_settings_win():
         assert getattr(april, f.name) == tg._parse_env_value(key, raw, f.default, f.metadata), key
 
 
+def test_april_trains_on_the_caseops_variant_and_the_plain_sp8192_is_one_variable_away(tmp_path):
+    """PRESET=april's data is where `data/cached_challenge_fineweb.py --variant <v>` puts variant v (its own plan
+    of the files, on a manifest of the public layout); DATA_VARIANT=sp8192 is the plain sp8192; an explicit
+    DATA_PATH or TOKENIZER_PATH wins over either."""
+    from pathlib import Path
+
+    import data.cached_challenge_fineweb as dl
+    for env, variant in (({"PRESET": "april"}, dl.CASEOPS_VARIANT), ({"PRESET": "april", "DATA_VARIANT": "sp8192"},
+                                                                     "sp8192"), ({"DATA_VARIANT": "sp1024"}, "sp1024")):
+        manifest = {"datasets": [{"name": f"fineweb10B_{variant}", "tokenizer_name": "tok", "val_bytes_glob": "x",
+                                  "stats": {"files_train": 1, "files_val": 1}}],
+                    "tokenizers": [{"name": "tok", "model_path": f"tokenizers/fineweb_{variant[2:6]}_bpe"
+                                    f"{variant[6:]}.model"}]}
+        if variant == dl.CASEOPS_VARIANT:  # the public manifest's own names (tests/test_caseops.py's fake hub)
+            assert manifest["tokenizers"][0]["model_path"] == \
+                "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+        plan = dl.plan_downloads(manifest, variant, 1, Path("data"))
+        h = tg.Hyperparameters.from_env(env)
+        assert (h.data_variant, Path(h.data_path), Path(h.tokenizer_path)) == (
+            variant, plan[0].local.parent, next(i.local for i in plan if i.role == "tokenizer"))
+    assert tg.Hyperparameters.from_env({"DATA_VARIANT": "sp1024"}).data_path == tg.Hyperparameters().data_path
+    h = tg.Hyperparameters.from_env({"PRESET": "april", "DATA_PATH": "/d", "TOKENIZER_PATH": "/t.model"})
+    assert (h.data_path, h.tokenizer_path) == ("/d", "/t.model")
+    assert_env_error({"DATA_VARIANT": "fineweb"}, ["DATA_VARIANT='fineweb'", "sp<vocab>"])
+
+
 def test_describe_preset_names_what_it_set_and_what_was_overridden():
     line = tg.describe_preset("april", {"MATRIX_LR": "0.03"})
     assert line.startswith("preset name:april set:VOCAB_SIZE=8192,")
@@ -301,9 +329,10 @@ def test_describe_preset_names_what_it_set_and_what_was_overridden():
 
 
 def april_tiny_env(data, out, **overrides):
-    """PRESET=april at the tiny test size: the sizes and data come from tiny_env (explicit, so they win),
-    the layer ids of the parts shrink with the depth."""
-    return tiny_env(data, out, PRESET="april", NUM_LAYERS="4", PARALLEL_START_LAYER="3", MINI_RECUR_FIRST="1",
+    """PRESET=april (or another preset on top of it) at the tiny test size: the sizes and data come from
+    tiny_env (explicit, so they win), the layer ids of the parts shrink with the depth."""
+    overrides.setdefault("PRESET", "april")
+    return tiny_env(data, out, NUM_LAYERS="4", PARALLEL_START_LAYER="3", MINI_RECUR_FIRST="1",
                     MINI_RECUR_LAST="2", GATE_WINDOW="8", VAL_LOSS_EVERY="0", EVAL_STRIDE="32", **overrides)
 
 
@@ -361,12 +390,12 @@ def test_april_loop_graphs_are_both_compiled_in_warm_up(tiny_data, tmp_path):
     base = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
     counter = CompileCounter()  # traces with dynamo, runs eagerly: checks the guards, not codegen
     compiled = torch.compile(base, backend=counter, dynamic=False, fullgraph=True)
-    optimizers = tg.build_optimizers(base, h, 0, 1, torch.float32)
-    rt = tg.Runtime(0, 1, torch.device("cpu"), tg.grad_accum_steps(1), contextlib.nullcontext, torch.float32)
+    rt = cpu_runtime()
+    optimizers = tg.build_optimizers(base, h, rt)
     logs = []
-    tg.prime_kernels(compiled, optimizers, base, h, rt, logs.append)
+    tg.prime_kernels(tg.Trainee(compiled, base, optimizers), run_context(h, logs.append, rt))
     assert counter.frame_count == 2 and "graphs:qat0_repeats0,qat0_repeats1 " in logs[0]
-    schedule, loader = tg.Schedule(h), tg.make_train_loader(h, 0, 1, rt.device)
+    schedule, loader = tg.Schedule(h, h.gptq_reserve_seconds), tg.make_train_loader(h, rt)
     states = []
     for step in range(h.iterations):
         states.append(schedule.at(step, 0.0).repeats_on)
@@ -374,3 +403,71 @@ def test_april_loop_graphs_are_both_compiled_in_warm_up(tiny_data, tmp_path):
         assert torch.isfinite(tg.train_step(compiled, optimizers, loader, h, rt))
     assert states[0] is False and states[-1] is True  # the run crossed the switch
     assert counter.frame_count == 2  # and compiled nothing more
+
+
+def test_every_sequence_length_is_compiled_in_warm_up(tiny_data, tmp_path):
+    """TRAIN_SEQ_SCHEDULE with the loop: the warm-up traces each (length, loop) pair the run meets (dynamic=False:
+    one graph per shape), so neither a length switch nor the loop switch compiles in the timed run."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    h = tg.Hyperparameters.from_env(april_tiny_env(tiny_data, tmp_path, WARMUP_STEPS="4",
+                                                   TRAIN_SEQ_SCHEDULE="16@0.2,32@0.5,64@1.0", SEQ_CHANGE_WARMUP_STEPS="2"))
+    base = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+    counter = CompileCounter()
+    compiled = torch.compile(base, backend=counter, dynamic=False, fullgraph=True)
+    rt = cpu_runtime()
+    optimizers = tg.build_optimizers(base, h, rt)
+    logs = []
+    tg.prime_kernels(tg.Trainee(compiled, base, optimizers), run_context(h, logs.append, rt))
+    assert counter.frame_count == 4
+    assert torch._dynamo.config.recompile_limit >= 8 + 2  # room for the two graphs the schedule adds
+    assert logs[-1].startswith("warmup steps:4 graphs:seq16_qat0_repeats0,seq32_qat0_repeats0,"
+                               "seq32_qat0_repeats1,seq64_qat0_repeats1 ")
+    schedule, loader = tg.Schedule(h, h.gptq_reserve_seconds), tg.make_train_loader(h, rt)
+    met = []
+    for step in range(h.iterations):
+        s = schedule.at(step, 0.0)
+        base.set_mini_recurrence(s.repeats_on)
+        met.append((s.seq_len, s.repeats_on))
+        assert torch.isfinite(tg.train_step(compiled, optimizers, loader, h, rt, s.seq_len))
+    assert list(dict.fromkeys(met)) == tg.train_shapes(h)  # the run met every primed pair
+    assert counter.frame_count == 4  # and compiled nothing more
+
+
+MAY_OVER_APRIL = {"EVAL_SEQ_LEN": "2560", "TTT_EVAL_SEQ_LEN": "2560", "PHASED_TTT_NUM_PHASES": "1",
+                  "TTT_LORA_LR": "8e-5", "TTT_WEIGHT_DECAY": "2.0", "MATRIX_LR": "0.028", "MATRIX_LR_LATE": "0.028",
+                  "LQER_GROUP": "32", "GPTQ_CALIB_SEQS": "1536"}
+
+
+def test_may_preset_is_april_plus_the_best_may_run_and_explicit_settings_win():
+    assert tg.PRESETS["may"] == {**tg.PRESETS["april"], **MAY_OVER_APRIL}
+    h = tg.Hyperparameters.from_env({"PRESET": "may", "LQER_GROUP": "64"})
+    assert (h.eval_seq_len, h.ttt_eval_seq_len, h.phased_ttt_num_phases, h.phased_ttt_prefix_docs) == (2560, 2560, 1, 2500)
+    assert (h.ttt_lora_lr, h.ttt_weight_decay, h.matrix_lr, h.matrix_lr_late, h.gptq_calib_seqs) == (
+        8e-5, 2.0, 0.028, 0.028, 1536)
+    assert h.lqer_group == 64 and h.vocab_size == 8192 and h.parallel_start_layer == 8  # explicit wins; April under it
+    # The parts each public May run added beside #2135 stay off (the CPU ablation decides): docs/may.md.
+    assert (h.awq_groups, h.train_seq_schedule) == (0, "")
+    fields = {f.name.upper(): f for f in tg.dataclasses.fields(tg.Hyperparameters)}
+    may = tg.Hyperparameters.from_env({"PRESET": "may"})
+    for key, raw in tg.PRESETS["may"].items():
+        f = fields[key]
+        assert getattr(may, f.name) == tg._parse_env_value(key, raw, f.default, f.metadata), key
+
+
+def test_may_preset_runs_end_to_end_with_one_global_ttt_phase(tiny_data, tmp_path):
+    env = april_tiny_env(tiny_data, tmp_path, PRESET="may", RUN_ID="may", ITERATIONS="6", TTT="1",
+                         TTT_EVAL_SEQ_LEN="64", TTT_CHUNK_SIZE="16", TTT_LORA_RANK="4", TTT_BATCH_SIZE="8",
+                         PHASED_TTT_PREFIX_DOCS="12", GLOBAL_TTT_CHUNK_TOKENS="512")  # TTT at 2,560: minutes here
+    tg.main(env)
+    log = (tmp_path / "may.txt").read_text()
+    assert [m[0] for m in FINAL.findall(log)] == ["final_float_exact", "final_roundtrip_exact",
+                                                  "final_sliding_window_exact", "final_ttt_exact"]
+    for line in ("hparam preset:may", "hparam phased_ttt_num_phases:1", "hparam ttt_weight_decay:2.0",
+                 "hparam matrix_lr:0.028", "hparam lqer_group:32", "hparam gptq_calib_seqs:64"):
+        assert line + "\n" in log
+    preset = re.search(r"^preset name:may set:(\S+) overridden:(\S+)$", log, re.M)
+    assert "PHASED_TTT_NUM_PHASES=1" in preset[1] and {"GPTQ_CALIB_SEQS", "TTT_EVAL_SEQ_LEN"} <= set(preset[2].split(","))
+    assert len(re.findall(r"^ttt_phase .* global_sgd_tokens:", log, re.M)) == 1  # one global phase
+    assert re.search(r"^lqer tensors:\d+ rank:4 a_bits:2 b_bits:4 group:32 ", log, re.M)

@@ -24,6 +24,8 @@ from lab import cuda_trace as ct
 
 BF16, FP32 = torch.bfloat16, torch.float32
 REAL = ct.real_cuda()
+# One process on the first CUDA device (fake or real), bf16 autocast where the test allows it.
+CUDA_RT = tg.Runtime(0, 1, ct.CUDA, tg.grad_accum_steps(1), ct.cuda_autocast, BF16)
 # The per-GPU micro-batch of the record run (786,432 tokens / 8 GPUs / 2048) costs nothing on fake tensors.
 SEQS, SEQ_LEN = (2, 256) if REAL else (48, 2048)
 SMALL = dict(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2, rope_dims=4,
@@ -167,7 +169,7 @@ def test_gptq_calibration_meets_the_contract_and_sums_in_fp32(device_mode):
     names = set(tg.hessian_sites(model))
     batches = [(x, x) for x in (tokens(64, 2, 64), tokens(64, 2, 64))]
     with ct.cuda_autocast_allowed(), ct.dtype_probe(model) as seen:
-        hessians = tg.collect_hessians(model, batches, names, ct.cuda_autocast)
+        hessians = tg.collect_hessians(model, batches, names, CUDA_RT)
     assert_activations_bf16(seen)
     assert_attention_checked(2 * plan_passes(model))
     assert hessians.keys() == names
@@ -189,8 +191,7 @@ def test_evaluation_meets_the_contract_without_host_syncs(device_mode, monkeypat
     ones = torch.ones(64, dtype=torch.int32)
     luts = tg.ByteLUTs(ones, ones == 0, ones == 0).to(ct.CUDA)
     with ct.cuda_autocast_allowed(), ct.dtype_probe(model) as seen:
-        sums = tg.score_windows(model, tg.bpb_sums(luts), val, tg.EvalSpec("sliding", 64, 32, 4),
-                                autocast=ct.cuda_autocast)
+        sums = tg.score_windows(model, tg.bpb_sums(luts), val, tg.EvalSpec("sliding", 64, 32, 4), CUDA_RT)
     windows = len(tg.sliding_window_plan(len(val) - 1, 64, 32)[0])
     assert_attention_checked(-(-windows // 4) * plan_passes(model))  # padded to whole batches
     assert_activations_bf16(seen)
@@ -262,8 +263,8 @@ def test_real_gpu_training_step_has_no_host_sync():
     h = tg.Hyperparameters(qat="hard", train_seq_len=256, train_batch_tokens=256 * 8 * 4)
     model = tg.GPT(tg.ModelConfig.from_hparams(h)).to(ct.CUDA)
     tg.configure_qat(model, h.qat)
-    optimizers = tg.build_optimizers(model, h, 0, 1, BF16)
-    rt = tg.Runtime(0, 1, ct.CUDA, 1, ct.cuda_autocast, BF16)
+    rt = CUDA_RT
+    optimizers = tg.build_optimizers(model, h, rt)
 
     class Loader:
         def next_batch(self, global_tokens, seq_len):
@@ -287,18 +288,16 @@ def test_real_gpu_training_step_has_no_host_sync():
 def test_ttt_step_meets_the_contract_with_fp32_adapters(device_mode):
     """Score-first TTT's step (docs/ttt.md): the frozen model plus each document's LoRAs, forward under CUDA
     autocast (the backward runs through the same stand-in's autograd, checked for training above)."""
-    spec = tg.TTTSpec(lora_rank=4, chunk=8, seq_len=32, batch_docs=3, lr=1e-2, betas=(0.0, 0.99), weight_decay=0.5,
-                      prefix_docs=0, phases=1, global_lr=1e-2, global_momentum=0.9, global_epochs=1,
-                      global_chunk_tokens=64, global_grad_clip=1.0, micro_batch_seqs=4, seed=1)
+    s = tg.Hyperparameters(ttt_lora_rank=4, ttt_chunk_size=8, ttt_eval_seq_len=32, ttt_batch_size=3, seed=1)
     model = small_model(device_mode)
     with _outside(device_mode):
-        lora = tg.DocumentLoRA(model, spec.lora_rank, spec.seed)
+        lora = tg.DocumentLoRA(model, s.ttt_lora_rank, s.seed)
     lora = ct.to_device(lora, device_mode)
-    lora.reset(spec.batch_docs)
-    x = tokens(64, spec.batch_docs, spec.seq_len)
+    lora.reset(s.ttt_batch_size)
+    x = tokens(64, s.ttt_batch_size, s.ttt_eval_seq_len)
     with ct.cuda_autocast_allowed(), ct.dtype_probe(model) as seen, ct.cuda_autocast():
-        logits = tg.ttt_forward(model, spec.chunk)(x, lora)
+        logits = tg.ttt_forward(model, s.ttt_chunk_size)(x, lora)
     assert_activations_bf16(seen)
     assert_attention_checked(plan_passes(model))
-    assert logits.dtype == FP32 and logits.shape == (spec.batch_docs, spec.chunk, 64)  # the head on the chunk only
+    assert logits.dtype == FP32 and logits.shape == (s.ttt_batch_size, s.ttt_chunk_size, 64)  # the head on the chunk only
     assert {p.dtype for p in lora.parameters()} == {FP32} and {p.device.type for p in lora.parameters()} == {"cuda"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,72 @@ def test_write_shard_rejects_tokens_that_do_not_fit(tmp_path, bad):
     np.testing.assert_array_equal(read_shard(path), [5, 6])  # the old file is untouched
 
 
+def test_data_shard_reader_and_constants_are_train_gpts(tmp_path):
+    """data/ and train_gpt.py keep their own copies of the shard format and the manifest's name (neither
+    imports the other): they must agree."""
+    import train_gpt as tg
+    from data import shards
+    assert (shards.SHARD_MAGIC, shards.SHARD_VERSION, shards.HEADER_INTS, shards.HEADER_BYTES) == (
+        tg.SHARD_MAGIC, tg.SHARD_VERSION, tg.SHARD_HEADER_INTS, tg.SHARD_HEADER_BYTES)
+    assert shards.DATASET_MANIFEST == tg.DATASET_MANIFEST
+    path = tmp_path / "fineweb_val_000000.bin"
+    write_shard(path, np.arange(1000) * 61 % 65536)
+    np.testing.assert_array_equal(shards.read_shard(path), tg.load_data_shard(path))
+    assert shards.sha256_files([path, path]) == tg.sha256_files([path, path])
+    assert shards.find_shards(tmp_path, "val") == [path]
+    path.write_bytes(path.read_bytes()[:-2])  # both refuse a shard whose size does not match its header
+    with pytest.raises(ValueError, match="header says 1000 tokens"):
+        shards.read_shard(path)
+    with pytest.raises(ValueError, match="header says 1000 tokens"):
+        tg.load_data_shard(path)
+
+
+def test_find_shards_never_takes_a_byte_sidecar_for_tokens(tmp_path):
+    """data/'s find_shards and train_gpt.py's pick the same files: a byte sidecar (fineweb_val_bytes_*.bin,
+    which the glob fineweb_val_*.bin also matches) is neither read as tokens nor hashed as validation data."""
+    import train_gpt as tg
+    from data.shards import find_byte_sidecars, find_shards
+    for name in ("fineweb_val_000001.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin",
+                 "fineweb_train_000000.bin", "fineweb_val_000000.bin.tmp", "fineweb_val_x.bin"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in find_shards(tmp_path, "val")] == ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+    assert [Path(p).name for p in tg.find_shards(str(tmp_path), "val")] == ["fineweb_val_000000.bin",
+                                                                            "fineweb_val_000001.bin"]
+    assert [p.name for p in find_byte_sidecars(tmp_path)] == ["fineweb_val_bytes_000000.bin"]
+    with pytest.raises(FileNotFoundError, match="no test shards"):
+        find_shards(tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match="no test shards"):
+        tg.find_shards(str(tmp_path), "test")
+
+
+DATA_TOOLS = ["build_dataset", "cached_challenge_fineweb", "caseops", "check_disjoint", "progress", "shards",
+              "synthetic_text", "token_stats"]
+
+
+def test_data_tools_import_neither_torch_nor_train_gpt():
+    """Downloading or building data needs numpy, sentencepiece, tqdm and huggingface_hub, not torch (issue
+    22): every data/ module, imported one after the other, leaves both out of sys.modules."""
+    assert sorted(p.stem for p in (REPO_ROOT / "data").glob("*.py") if p.stem != "__init__") == DATA_TOOLS
+    check = "; ".join(f"import data.{m}; assert not {{'torch', 'train_gpt'}} & set(sys.modules), {m!r}"
+                      for m in DATA_TOOLS)
+    proc = subprocess.run([sys.executable, "-c", f"import sys; {check}"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("tool", ["build_dataset", "cached_challenge_fineweb", "check_disjoint", "token_stats",
+                                  "synthetic_text"])
+def test_data_tools_run_where_torch_cannot_be_imported(tool, tmp_path):
+    """As a script, from another directory, with a torch that fails to import."""
+    blocker = tmp_path / "blocked" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "data" / f"{tool}.py"), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataset builder
 
@@ -147,9 +214,9 @@ def test_tokenizer_trainer_is_handed_train_text_only(tmp_path, monkeypatch):
     seen = []
     real_train = bd.train_tokenizer
 
-    def spy(texts, prefix, vocab_size):
+    def spy(texts, prefix, vocab_size, *rest):
         seen.extend(texts)
-        return real_train(texts, prefix, vocab_size)
+        return real_train(texts, prefix, vocab_size, *rest)
 
     monkeypatch.setattr(bd, "train_tokenizer", spy)
     bd.build_dataset(train, val, tmp_path / "ds", tmp_path / "tok", vocab_size=400, tokenizer_train_chars=30_000)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, tiny_env
+from conftest import ROOT, cpu_runtime, run_context, tiny_env
 
 
 class Clock:
@@ -24,7 +24,7 @@ class Clock:
 
 def test_progress_lines_say_done_total_and_time_left():
     clock, out = Clock(), io.StringIO()
-    progress = tg.Progress("sliding_eval", 4, every_s=30, bar=False, out=out, clock=clock)
+    progress = tg.Progress("sliding_eval", 4, sink=tg.ProgressSink(30, False, out, clock))
     clock.now += 10
     progress.update()  # 10 s since the start: no line yet
     clock.now += 20
@@ -39,10 +39,10 @@ def test_progress_lines_say_done_total_and_time_left():
 
 def test_progress_is_silent_when_disabled_and_counts_wrapped_items():
     out = io.StringIO()
-    items = list(tg.Progress("x", 3, enabled=False, every_s=0, bar=False, out=out).wrap(range(3)))
+    items = list(tg.Progress("x", 3, enabled=False, sink=tg.ProgressSink(0, False, out)).wrap(range(3)))
     assert items == [0, 1, 2] and out.getvalue() == ""
     out = io.StringIO()
-    assert list(tg.Progress("x", 3, every_s=0, bar=False, out=out).wrap("abc")) == ["a", "b", "c"]
+    assert list(tg.Progress("x", 3, sink=tg.ProgressSink(0, False, out)).wrap("abc")) == ["a", "b", "c"]
     assert [line.split()[2] for line in out.getvalue().splitlines()] == ["done:1/3", "done:2/3"]
 
 
@@ -72,13 +72,13 @@ def test_evaluation_reports_progress_on_rank_0_only(monkeypatch, capsys):
     monkeypatch.setattr(tg.sys.stderr, "isatty", lambda: False)
     val = torch.arange(600) % 50
     spec = tg.EvalSpec("sliding", 32, 8, 4)
-    tg.evaluate(Uniform(), val, luts_for(50), spec, phase="sliding_eval")
+    tg.evaluate(Uniform(), val, luts_for(50), spec, cpu_runtime(), phase="sliding_eval")
     lines = capsys.readouterr().out.splitlines()
     total = tg.num_eval_batches(600, spec)
     assert lines[0].startswith(f"progress phase:sliding_eval done:1/{total} unit:batch")
     assert len(lines) == total - 1
     monkeypatch.setattr(tg.dist, "all_reduce", lambda t: None)  # rank 1's share, without a process group
-    tg.evaluate(Uniform(), val, luts_for(50), spec, rank=1, world_size=2)
+    tg.evaluate(Uniform(), val, luts_for(50), spec, cpu_runtime(1, 2))
     assert capsys.readouterr().out == ""
 
 
@@ -112,13 +112,14 @@ def test_priming_restores_the_initial_state_when_it_runs(tiny_data, monkeypatch)
     h = tg.Hyperparameters.from_env(env)
     rt = tg.setup_runtime(h, env)
     model = tg.GPT(tg.ModelConfig.from_hparams(h))
-    optimizers = tg.build_optimizers(model, h, 0, 1, torch.float32)
+    optimizers = tg.build_optimizers(model, h, rt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     logged = []
-    tg.prime_kernels(model, optimizers, model, h, rt, logged.append)
+    trainee, ctx = tg.Trainee(model, model, optimizers), run_context(h, logged.append, rt)
+    tg.prime_kernels(trainee, ctx)
     assert logged == ["warmup steps:0 skipped:WARMUP_STEPS=2 reason:nothing compiles (cpu run)"]
     monkeypatch.setattr(tg, "is_compiled", lambda m: True)  # as if compiled: the steps run, then are undone
-    tg.prime_kernels(model, optimizers, model, h, rt, logged.append)
+    tg.prime_kernels(trainee, ctx)
     assert re.fullmatch(r"warmup steps:2 graphs:\S+ time:\d+ms \(weights reset\)", logged[-1])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not opt.state for opt in optimizers)
@@ -145,7 +146,7 @@ def test_the_fitter_brings_a_run_under_its_target_and_logs_the_cost(tiny_data, t
     assert re.search(rf"^quant_fit bytes_total:\d+ target:{target} fit_needed:1$", log, re.M)
     assert re.search(r"^quant_fit demote:\S+ bits:\d->\d est_saved_bytes:\d+$", log, re.M)
     cost = re.search(r"^quant_fit cost_est_bpb:([+-]\d+\.\d+) probe_bpb_unfitted:(\d+\.\d+) "
-                     r"probe_bpb_fitted:(\d+\.\d+) probe:32_training_seqs$", log, re.M)
+                     r"probe_bpb_fitted:(\d+\.\d+) probe:32_training_seqs probe_bytes:tokenizer$", log, re.M)
     assert cost and float(cost[1]) == pytest.approx(float(cost[3]) - float(cost[2]), abs=2e-6)
     total = int(re.search(r"^artifact .*bytes_total:(\d+)", log, re.M)[1])
     assert total <= target

@@ -32,4 +32,4 @@ def test_a_cpu_dry_run_goes_through_every_part(tiny_data, tmp_path):
     assert "attention_backend sdpa" in (out / "env.txt").read_text()
     assert json.loads((out / "results.jsonl").read_text())["config"]["num_layers"] == 2
     train = (out / "train.txt").read_text()
-    assert "final_sliding_window_exact" in train and "legality gptq_calibration:" in train
+    assert "final_sliding_window_exact" in train and "legality gptq_calibration verdict:" in train

@@ -87,7 +87,7 @@ def test_newton_schulz_approximates_the_polar_factor(shape):
 def test_muon_update_has_the_expected_scale():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.zeros(48, 16))
-    opt = tg.Muon([p], lr=0.1, momentum=0.0, backend_steps=5, ns_dtype=torch.float32)
+    opt = tg.Muon([p], tg.Hyperparameters(matrix_lr=0.1, muon_momentum=0.0), tg.Runtime.single())
     p.grad = torch.randn(48, 16)
     opt.step()
     # Orthogonal update of a 48x16 matrix scaled by sqrt(48/16): Frobenius norm ~ lr*sqrt(16*3).
@@ -140,7 +140,7 @@ def test_batched_eval_matches_the_reference(n, seq_len, stride, batch):
     with torch.no_grad():
         ref_loss, ref_bpb, count = reference_eval(model, tokens, seq_len, stride, luts)
     assert count == n
-    loss, bpb = tg.evaluate(model, tokens, luts, tg.EvalSpec("sliding", seq_len, stride, batch))
+    loss, bpb = tg.evaluate(model, tokens, luts, tg.EvalSpec("sliding", seq_len, stride, batch), tg.Runtime.single())
     assert abs(loss - ref_loss) < 1e-5 and abs(bpb - ref_bpb) < 1e-5
 
 
@@ -156,8 +156,8 @@ def test_sliding_window_sees_more_context_than_chunks():
     pattern = torch.randint(0, 64, (20,))
     tokens = pattern.repeat(40).to(torch.int32)
     luts = _luts(64)
-    plain, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("plain", 32, 32, 4))
-    sliding, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("sliding", 32, 4, 4))
+    plain, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("plain", 32, 32, 4), tg.Runtime.single())
+    sliding, _ = tg.evaluate(CopyBack(), tokens, luts, tg.EvalSpec("sliding", 32, 4, 4), tg.Runtime.single())
     assert sliding < plain / 5
 
 
@@ -222,10 +222,11 @@ def test_cap_failure_gives_both_byte_counts():
 
 def test_over_cap_run_keeps_the_artifact_and_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "ARTIFACT_CAP_BYTES", 5000)
-    rt = tg.Runtime(0, 1, torch.device("cpu"), 8, None, torch.float32)
     logged = []
+    ctx = tg.RunContext(tg.Hyperparameters(), tg.Runtime.single(), tg.RunState("big", 0.0), logged.append,
+                        tg.CodeForm("", "readable", 4000))
     path = tmp_path / "big.ptz"
     blob = tg.serialize_artifact(tg.quantize_state_dict(tiny_model().state_dict()), compressor="zstd")
     with pytest.raises(RuntimeError, match="over the cap"):
-        tg.save_artifact(blob, path, code_bytes=4000, rt=rt, log=logged.append)
+        tg.save_artifact(blob, path, ctx)
     assert path.exists() and any("bytes_total" in line for line in logged)

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.distributed as dist
 
 import train_gpt as tg
+from conftest import cpu_runtime
 from test_model_eval import tiny_model
 from test_step_speed import STEPS, reference_step, run_steps
 
@@ -65,7 +66,7 @@ def hparams(variant: str) -> tg.Hyperparameters:
 
 
 def reference_optimizers(model, h):
-    adam = tg.build_optimizers(model, h, 0, 1, torch.float32)[0]
+    adam = tg.build_optimizers(model, h, cpu_runtime())[0]
     muon = ReferenceMuon(tg.muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
                          backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay,
                          coeffs=tg.NS_COEFF_SETS[h.muon_ns_coeffs], row_normalize=h.muon_row_normalize)
@@ -84,8 +85,8 @@ def reference_weights(h) -> dict[str, torch.Tensor]:
 def test_stacked_muon_variant_matches_the_reference(variant):
     h = hparams(variant)
     model = tiny_model()
-    optimizers = tg.build_optimizers(model, h, 0, 1, torch.float32)
-    run_steps(model, optimizers, lambda opts: tg.optimizer_step(opts, h))
+    optimizers = tg.build_optimizers(model, h, cpu_runtime())
+    run_steps(model, optimizers, lambda opts: tg.optimizer_step(opts, h, cpu_runtime()))
     muon = optimizers[1]
     assert any(any(st.transposed) for st in muon.stacks)  # a wide matrix's rows are its stack's columns
     expected = reference_weights(h)
@@ -101,8 +102,8 @@ def _worker(rank: int, world_size: int, init_file: str, out: str, variant: str) 
     try:
         h = hparams(variant)
         model = tiny_model()
-        optimizers = tg.build_optimizers(model, h, rank, world_size, torch.float32)
-        run_steps(model, optimizers, lambda opts: tg.optimizer_step(opts, h, world_size), rank, world_size)
+        optimizers = tg.build_optimizers(model, h, cpu_runtime(rank, world_size))
+        run_steps(model, optimizers, lambda opts: tg.optimizer_step(opts, h, cpu_runtime(rank, world_size)), rank, world_size)
         torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()

@@ -371,3 +371,158 @@ def test_the_tilted_score_counts_the_evaluation_code_bytes(trained, tmp_path, mo
     monkeypatch.setattr(tg, "ARTIFACT_CAP_BYTES", shipped_train + artifact.stat().st_size + 1)
     with pytest.raises(RuntimeError, match=f"bytes_code:{code} \\+ bytes_model"):
         run_eval({**env, "OUT_DIR": str(tmp_path)})
+
+
+# ---- train_gpt.py's own token tilt (NGRAM_TILT=token) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab, seed", [(2, 0), (12, 1), (40, 2), (300, 3), (1024, 4)])
+def test_train_gpt_token_expert_equals_the_reference(vocab, seed):
+    tokens = repetitive_stream(6000, vocab, seed)
+    hint, conf = tg.token_ngram_hints(tokens)
+    ref_hint, ref_conf = ng.reference_hints(tokens, random_tables(max(vocab, 4), seed))
+    np.testing.assert_array_equal(hint, ref_hint[0])
+    np.testing.assert_array_equal(conf, ref_conf[0])
+    assert (hint >= 0).mean() > 0.2 and ((conf > 0) & (conf < 1)).any()  # hints, with mixed counts
+    rand = np.random.default_rng(seed).integers(0, vocab, 3000).astype(np.uint16)  # few repeats (none: vocab 300+)
+    np.testing.assert_array_equal(tg.token_ngram_hints(rand)[0], ng.reference_hints(rand, random_tables(
+        max(vocab, 4), seed))[0][0])
+
+
+def test_train_gpt_token_expert_equals_the_c_pass_on_real_text(real):
+    tokens, tables = real
+    hints = ng.hint_pass(tokens, tables)
+    hint, conf = tg.token_ngram_hints(tokens)
+    np.testing.assert_array_equal(hint, hints.hint[0])
+    np.testing.assert_array_equal(conf, hints.conf[0])
+    assert (conf >= 0.8).sum() > 50
+
+
+def test_train_gpt_token_expert_survives_fingerprint_collisions(monkeypatch):
+    """A multiplier of 0 gives every context the same fingerprint: caught, and the next one is used."""
+    tokens = repetitive_stream(3000, 12, 5)
+    expected = tg.token_ngram_hints(tokens)
+    monkeypatch.setattr(tg, "NGRAM_HASH_MULTIPLIERS", (0, 2, *tg.NGRAM_HASH_MULTIPLIERS))
+    got = tg.token_ngram_hints(tokens)
+    np.testing.assert_array_equal(got[0], expected[0]) and np.testing.assert_array_equal(got[1], expected[1])
+    monkeypatch.setattr(tg, "NGRAM_HASH_MULTIPLIERS", (0,))
+    with pytest.raises(RuntimeError, match="collided"):
+        tg.token_ngram_hints(tokens)
+
+
+def test_train_gpt_token_hints_at_t_come_from_tokens_before_t():
+    tokens = repetitive_stream(4000, 30, 6)
+    hint, conf = tg.token_ngram_hints(tokens)
+    later = 0
+    for t in (15, 16, 500, 2222, 3999):
+        changed = tokens.copy()
+        changed[t] = (changed[t] + 7) % 30
+        hint2, conf2 = tg.token_ngram_hints(changed)
+        np.testing.assert_array_equal(hint2[:t + 1], hint[:t + 1])  # t's own hint too: it reads tokens before t
+        np.testing.assert_array_equal(conf2[:t + 1], conf[:t + 1])
+        later += not (np.array_equal(hint2[t + 1:], hint[t + 1:]) and np.array_equal(conf2[t + 1:], conf[t + 1:]))
+    assert later >= 3
+
+
+def tilt_settings(**overrides) -> tg.Hyperparameters:
+    return tg.Hyperparameters(ngram_tilt="token", **overrides)
+
+
+def test_train_gpt_tilt_is_normalized_for_any_hint():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(2000, 50, generator=g, dtype=torch.float64) * 3, -1)
+    hint = torch.randint(-1, 50, (2000,), generator=g)
+    conf = torch.rand(2000, generator=g, dtype=torch.float64)
+    for s in (tilt_settings(), tilt_settings(ngram_token_threshold=0.0, ngram_token_boost=20.0)):
+        tilted = tg.tilt_log_probs(logp, hint, conf, s)
+        assert torch.allclose(tilted.exp().sum(-1), torch.ones(2000, dtype=torch.float64), rtol=0, atol=1e-9)
+        fired = (tilted != logp).any(-1)
+        q = logp.gather(1, hint.clamp_min(0)[:, None])[:, 0].exp()
+        gain = conf * s.ngram_token_boost - torch.log1p(q * math.expm1(s.ngram_token_boost))
+        assert torch.equal(fired, (hint >= 0) & (conf >= s.ngram_token_threshold) & (gain > 0))
+        assert fired.float().mean() > 0.05
+
+
+def test_train_gpt_tilt_sums_keep_the_plain_sums_and_score_the_tilted_distribution():
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(3, 7, 40, generator=g) * 4, torch.randint(0, 40, (3, 7), generator=g)
+    pos = torch.arange(21).view(3, 7) + 1
+    scored = torch.rand(3, 7, generator=g) < 0.8
+    hints = tg.NgramHints(torch.randint(-1, 40, (30,), generator=g, dtype=torch.int32), torch.rand(30, generator=g),
+                          0.0)
+    hints.hint[pos[0, :3]] = y[0, :3].int()  # a few right hints
+    luts = tg.ByteLUTs(torch.ones(40, dtype=torch.int32), torch.zeros(40, dtype=torch.bool),
+                       torch.zeros(40, dtype=torch.bool))
+    s = tilt_settings(ngram_token_threshold=0.3)
+    sums = tg.ngram_tilt_sums(luts, hints, s)(logits, y, y, scored, pos)
+    assert torch.equal(sums[:3], tg.logit_sums(luts)(logits, y, y, scored, pos))  # the untilted numbers as they were
+    tilted = tg.tilt_log_probs(torch.log_softmax(logits, -1), hints.hint[pos], hints.conf[pos], s)
+    expected = -(tilted.gather(-1, y[..., None])[..., 0] * scored).sum()
+    assert float(sums[3]) == pytest.approx(float(expected), rel=1e-6)
+    fired = (tilted != torch.log_softmax(logits, -1)).any(-1)
+    assert float(sums[4]) == float((fired & scored).sum()) > 0
+
+
+def _repeated_documents() -> torch.Tensor:
+    """Documents that repeat a motif, so that 16-grams recur and the tilt fires (vocabulary 64, BOS 1)."""
+    rng = np.random.default_rng(3)
+    motif = rng.integers(2, 64, 40)
+    toks = np.concatenate([np.concatenate(([1], motif[:n], rng.integers(2, 64, 5))) for n in (40, 33, 40, 21, 40, 38)])
+    return torch.from_numpy(toks.astype(np.int32))
+
+
+def _tilted_distributions(val: torch.Tensor, s: tg.Hyperparameters) -> tuple[dict, torch.Tensor, np.ndarray]:
+    """TTT with the tilt: target position -> the tilted log-distribution it was scored with; the sums; counts."""
+    import test_ttt as tt
+    hint, conf = tg.token_ngram_hints(val.numpy())
+    hints = tg.NgramHints(torch.from_numpy(hint), torch.from_numpy(conf), 0.0)
+    rows, counts, tilt = {}, np.zeros(len(val), dtype=np.int64), tg.ngram_tilt_sums(tt._unit_bytes(), hints, s)
+
+    def score(logits, x, y, scored, pos):
+        tilted = tg.tilt_log_probs(torch.log_softmax(logits.double(), -1), hints.hint[pos], hints.conf[pos].double(), s)
+        for b, j in scored.nonzero().tolist():
+            rows[int(pos[b, j])] = tilted[b, j]
+            counts[int(pos[b, j])] += 1
+        return tilt(logits, x, y, scored, pos)
+    sums = tg.ttt_score(tt.model(), score, val, s, tt.CPU)
+    return rows, sums, counts
+
+
+def test_ttt_with_the_tilt_is_causal_normalized_and_learns_from_the_untilted_loss():
+    import test_ttt as tt
+    val = _repeated_documents()
+    s = tt.spec(ngram_tilt="token", ttt_short_chunks="6:2", ttt_lora_targets="k,o,mlp,head")
+    base, sums, counts = _tilted_distributions(val, s)
+    assert counts[0] == 0 and (counts[1:] == 1).all()  # every target once
+    assert sums[4] > 20  # the tilt fired
+    stacked = torch.stack([base[p] for p in sorted(base)])
+    assert torch.allclose(stacked.exp().sum(-1), torch.ones(len(base), dtype=torch.float64), atol=1e-9)
+    plain = tg.ttt_score(tt.model(), tg.logit_sums(tt._unit_bytes()), val, s, tt.CPU)
+    assert torch.equal(sums[:3], plain)  # TTT itself never saw the tilt
+    for t in (30, 90, 150, len(val) - 2):
+        changed = val.clone()
+        changed[t] = (int(val[t]) - 2 + 5) % 62 + 2
+        after = _tilted_distributions(changed, s)[0]
+        assert all(torch.equal(after[p], base[p]) for p in range(1, t + 1)), t
+
+
+def test_the_sliding_window_tilt_equals_the_tools_token_expert(trained, tmp_path):
+    """NGRAM_TILT=token with TTT=0: train_gpt.py's final_sliding_window_ngram_exact is the evaluation tool's tilt
+    with the token expert alone (the word experts' boosts and the agreement boost at 0)."""
+    from conftest import run_context
+    env, finals = trained
+    _, log = run_eval(env, NGRAM_WITHIN_BOOST=0, NGRAM_WORD_BOOST=0, NGRAM_AGREE_BOOST=0)
+    tool = {m[0]: (float(m[1]), float(m[2])) for m in FINAL.findall(log)}
+    h = tg.Hyperparameters.from_env({**{k: v for k, v in env.items() if k != "ARTIFACT_PATH"}, "NGRAM_TILT": "token"})
+    cfg, state = tg.load_artifact(env["ARTIFACT_PATH"])
+    model = tg.build_model(cfg, torch.device("cpu"))
+    model.load_state_dict(state)
+    lines = []
+    val = torch.from_numpy(tg.load_validation_tokens(h.data_path).astype(np.int32))
+    luts = tg.build_byte_luts(tg.load_tokenizer(h.tokenizer_path), cfg.vocab_size)
+    tg.run_ngram_windows(model, val, luts, run_context(h, lines.append))
+    ours = {m[0]: (float(m[1]), float(m[2])) for m in FINAL.findall("\n".join(lines))}
+    assert ours["final_sliding_window_ngram_exact"] == pytest.approx(tool["ngram_eval_tilted"], abs=2e-7)
+    assert ours["final_sliding_window_ngram_exact"] != tool["ngram_eval_plain"]
+    assert re.search(r"^final_sliding_window_ngram_exact .* expert:token threshold:0.8 boost:2.625 fired:0\.\d{6}$",
+                     "\n".join(lines), re.M)

@@ -3,6 +3,7 @@ run; one process and two gloo processes give the same losses for the same global
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 import train_gpt as tg
-from conftest import ROOT, tiny_env
+from conftest import ROOT, cpu_runtime, run_context, tiny_env
 
 FINAL = re.compile(r"^(final_\w+) val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})", re.M)
 TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\d+\.\d+)", re.M)
@@ -72,19 +73,42 @@ def test_other_seed_other_run(tiny_data, tmp_path, tiny_run):
     assert TRAIN.findall(log)[:3] != TRAIN.findall(tiny_run[1])[:3]
 
 
-def test_wallclock_cap_stops_the_run(tiny_data, tmp_path):
-    env = tiny_env(tiny_data, tmp_path, RUN_ID="capped", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="1.5",
+class DeviceTime:
+    """An injected clock in which only training steps take time: STEP_S each, whatever the machine does."""
+    STEP_S = 1 / 64  # 15.625 ms: exact in binary, so the budget arithmetic is exact too
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_wallclock_cap_stops_the_run(tiny_data, monkeypatch):
+    """MAX_WALLCLOCK_SECONDS=1.5 with a 1 s GPTQ reserve: 500 ms of training. The loop stops at the last
+    step that ends inside the budget, timed by its runtime's clock (here an injected one)."""
+    env = tiny_env(tiny_data, tiny_data["output_dir"], ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="1.5",
                    GPTQ_RESERVE_SECONDS="1", GPTQ_RESERVE_MEASURE="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0")
-    log = run_in_process(env)
-    assert "schedule train_budget:500ms gptq_reserve:1000ms" in log  # the reserve is not training time
-    stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", log, re.M)
-    assert stop and int(stop[2]) < 100000
-    # Stopped by the rule below: with less than one average step left (plus one slow step at most).
-    train_ms, steps = int(stop[1]), int(stop[2])
-    assert train_ms + train_ms / steps > 500 and train_ms < 500 + 2 * train_ms / steps
-    assert "final_sliding_window_exact" in log
-    assert re.search(r"^legality gptq_calibration:(within|over)_reserve calibration_time:\d+ms reserve:1000ms "
-                     r"train_plus_calibration:\d+ms cap:1500ms (within|over)_cap$", log, re.M)
+    h = tg.Hyperparameters.from_env(env)
+    clock = DeviceTime()
+    real_step = tg.train_step
+
+    def timed_step(*args):
+        loss = real_step(*args)
+        clock.now += DeviceTime.STEP_S
+        return loss
+
+    monkeypatch.setattr(tg, "train_step", timed_step)
+    rt = dataclasses.replace(cpu_runtime(), clock=clock)
+    lines = []
+    model = tg.GPT(tg.ModelConfig.from_hparams(h))
+    trainee = tg.Trainee(model, model, tg.build_optimizers(model, h, rt))
+    result = tg.train(trainee, lambda: (0.0, 0.0), run_context(h, lines.append, rt))
+    assert "schedule train_budget:500ms gptq_reserve:1000ms" in lines[0]  # the reserve is not training time
+    # The vote after step 31 (484.4 ms) sees that two more steps would end past 500 ms; it is read one step
+    # late, after step 32, which ends exactly at the budget: the run stops there.
+    assert "stopping_early: wallclock_cap train_time:500ms step:32/100000" in lines
+    assert result.steps == 32 and result.train_ms == 500.0
 
 
 def test_the_run_stops_before_a_step_would_cross_the_budget():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import assert_env_error, tiny_env
+from conftest import assert_env_error, gptq_one, tiny_env
 from test_quantization import assert_same_packed, correlated_layer, output_error
 
 # ---- SDClip -------------------------------------------------------------------------------------
@@ -31,13 +31,15 @@ def test_sdclip_scale_is_k_std_over_qmax():
 
 
 def test_sdclip_k_follows_the_tensor_class():
-    clip = tg.ClipConfig("sdclip", k_mlp=1.0, k_attn=2.0, k_embed=3.0, k_other=4.0, hessian_lambda=0.5)
-    k = {n: clip.row_kwargs(n) for n in ("blocks.0.mlp.fc.weight", "blocks.3.attn.c_k.weight",
+    q = tg.QuantSettings(clip_method="sdclip", sdclip_k_mlp=1.0, sdclip_k_attn=2.0, sdclip_k_embed=3.0,
+                         sdclip_k_other=4.0, sdclip_hessian_lambda=0.5)
+    k = {n: tg.clip_rule(q, n) for n in ("blocks.0.mlp.fc.weight", "blocks.3.attn.c_k.weight",
                                          "tok_emb.weight", "bigram.proj.weight")}
     assert [v["sd_k"] for v in k.values()] == [1.0, 2.0, 3.0, 4.0]
     assert all(v["hessian_lambda"] == 0.0 for v in k.values())  # plain sdclip ignores the Hessian
-    assert tg.ClipConfig("sdclip_hessian", hessian_lambda=0.5).row_kwargs("x.weight")["hessian_lambda"] == 0.5
-    assert tg.ClipConfig().row_kwargs("blocks.0.mlp.fc.weight") == {}  # percentile search
+    hessian = tg.QuantSettings(clip_method="sdclip_hessian", sdclip_hessian_lambda=0.5)
+    assert tg.clip_rule(hessian, "x.weight")["hessian_lambda"] == 0.5
+    assert tg.clip_rule(tg.QuantSettings(), "blocks.0.mlp.fc.weight") == {}  # percentile search
 
 
 def test_hessian_aware_sdclip_widens_the_rows_that_carry_strong_inputs():
@@ -64,10 +66,10 @@ def test_sdclip_is_coarser_and_smaller_than_the_percentile_search():
 def test_gptq_with_sdclip_keeps_the_sdclip_scales_and_beats_round_to_nearest():
     w, x, h = correlated_layer()
     q_rtn, s_rtn = tg.quantize_rows_rtn(w, 6, sd_k=12.85)
-    q, s = tg.quantize_rows_gptq(w, h, 6, 0.01, 32, "w", print, sd_k=12.85)
+    q, s = gptq_one(w, h, clip_method="sdclip", sdclip_k_other=12.85)
     assert torch.equal(s, s_rtn)
     assert output_error(w, q, s, x) < 0.5 * output_error(w, q_rtn, s_rtn, x)
-    q_h, s_h = tg.quantize_rows_gptq(w, h, 6, 0.01, 32, "w", print, sd_k=12.85, hessian_lambda=0.175)
+    q_h, s_h = gptq_one(w, h, clip_method="sdclip_hessian", sdclip_k_other=12.85, sdclip_hessian_lambda=0.175)
     assert not torch.equal(s_h, s)
 
 
@@ -76,10 +78,10 @@ def test_round_to_nearest_uses_hessians_only_for_the_clip_and_logs_a_missing_one
     state = {"a.weight": w, "table.weight": w.clone()}
     plan = {"a.weight": 6, "table.weight": 6}
     logged = []
-    packed = tg.quantize_state_dict(state, plan=plan, hessians={"a.weight": h}, log=logged.append,
-                                    clip=tg.ClipConfig("sdclip_hessian"), gptq=False)
-    ref_q, ref_s = tg.quantize_rows_rtn(w, 6, sd_k=tg.ClipConfig().k_other, input_power=h.diagonal(),
-                                        hessian_lambda=tg.ClipConfig().hessian_lambda)
+    q = tg.QuantSettings(clip_method="sdclip_hessian", gptq=False)
+    packed = tg.quantize_state_dict(state, plan=plan, hessians={"a.weight": h}, q=q, log=logged.append)
+    ref_q, ref_s = tg.quantize_rows_rtn(w, 6, sd_k=q.sdclip_k_other, input_power=h.diagonal(),
+                                        hessian_lambda=q.sdclip_hessian_lambda)
     assert torch.equal(packed["a.weight"]["q"], ref_q) and torch.equal(packed["a.weight"]["scale"], ref_s)
     assert not torch.equal(packed["table.weight"]["scale"], ref_s)
     assert logged == ["clip_fallback tensor:table.weight method:sdclip reason:no_hessian"]
@@ -143,7 +145,7 @@ def test_lqer_lowers_the_error_within_the_rank_bound_and_picks_the_largest_error
     plan = {n: 5 if n != "bias" else tg.FP16_BITS for n in state}
     packed = tg.quantize_state_dict(state, plan=plan)
     logged = []
-    cfg = tg.LQERConfig(top=2, rank=4, a_bits=2, b_bits=4, group=64)
+    cfg = tg.QuantSettings(lqer_top=2, lqer_rank=4, lqer_a_bits=2, lqer_b_bits=4, lqer_group=64)
     corrected = tg.add_lqer(packed, state, cfg, logged.append)
     assert [n for n, e in corrected.items() if "lqer" in e] == ["blocks.1.mlp.fc.weight", "blocks.2.mlp.fc.weight"]
     assert packed["blocks.2.mlp.fc.weight"].get("lqer") is None  # the input is not modified
@@ -179,15 +181,16 @@ def test_lqer_hessian_selection_prefers_a_correctable_error_to_a_larger_noisy_on
     hessians = {"noisy.weight": torch.eye(64), "low_rank.weight": torch.eye(64)}
     assert errors["table.weight"].norm() > errors["noisy.weight"].norm() > errors["low_rank.weight"].norm()
     logged = []
-    by_error = tg.add_lqer(packed, state, tg.LQERConfig(top=1, rank=1, select="error"), logged.append, hessians)
-    by_output = tg.add_lqer(packed, state, tg.LQERConfig(top=1, rank=1, select="hessian"), logged.append, hessians)
+    by_error = tg.add_lqer(packed, state, tg.QuantSettings(lqer_top=1, lqer_rank=1, lqer_select="error"), logged.append, hessians)
+    by_output = tg.add_lqer(packed, state, tg.QuantSettings(lqer_top=1, lqer_rank=1, lqer_select="hessian"), logged.append,
+                            hessians)
     assert [n for n, e in by_error.items() if "lqer" in e] == ["table.weight"]
     assert [n for n, e in by_output.items() if "lqer" in e] == ["low_rank.weight"]
     left = {n: (state[n] - tg.int_weights(e)).norm() / errors[n].norm()
             for d in (by_error, by_output) for n, e in d.items() if "lqer" in e}
     assert left["low_rank.weight"] < 0.5 and left["table.weight"] > 0.9
     assert not any("fallback" in x for x in logged)
-    fallback = tg.add_lqer(packed, state, tg.LQERConfig(top=1, rank=1, select="hessian"), logged.append)
+    fallback = tg.add_lqer(packed, state, tg.QuantSettings(lqer_top=1, lqer_rank=1, lqer_select="hessian"), logged.append)
     assert "lqer" in fallback["table.weight"] and "lqer_fallback select:error reason:no_hessians" in logged
 
 
@@ -195,7 +198,7 @@ def test_lqer_hessian_selection_prefers_a_correctable_error_to_a_larger_noisy_on
 def test_lqer_round_trips_exactly_through_the_artifact(compressor, tmp_path):
     state = lqer_state()
     packed = tg.add_lqer(tg.quantize_state_dict(state, plan={n: 6 for n in state if n != "bias"} | {"bias": 16}),
-                         state, tg.LQERConfig(top=3, rank=3, group=50), lambda _: None)
+                         state, tg.QuantSettings(lqer_top=3, lqer_rank=3, lqer_group=50), lambda _: None)
     path = tmp_path / "lqer.ptz"
     tg.write_atomic(path, tg.serialize_artifact(packed, compressor=compressor))
     restored = tg.deserialize_artifact(path.read_bytes(), str(path))[1]
@@ -253,6 +256,25 @@ def grouped_model():
     return tg.quantize_state_dict(state, plan=plan)
 
 
+def test_each_stream_keeps_its_smallest_codec_zpaq_included():
+    packed = grouped_model()
+    # learned gains near 1 (fp16, byte-shuffled): the stream of everything but the levels is where ZPAQ
+    # beats the fast codecs on a trained model
+    gains = (torch.randn(16384, generator=torch.Generator().manual_seed(1)) * 0.02 + 1).half()
+    packed["blocks.0.gain"] = {"kind": "fp16", "shape": [16384], "dtype": "float32", "data": gains}
+    manifest, data = tg.encode_payload(packed, "byte")
+    data = data[:manifest["levels_bytes"]] + tg.byte_shuffle(data[manifest["levels_bytes"]:])
+    body, raws = tg.pergroup_body(manifest, data, frozenset({"mlp.fc.weight"}))
+    (count,) = tg._STREAM_COUNT.unpack_from(body)
+    ids = [tg._STREAM_ENTRY.unpack_from(body, tg._STREAM_COUNT.size + i * tg._STREAM_ENTRY.size)[0]
+           for i in range(count)]
+    assert tg.usable_codecs(tg.SLOW_CODECS) == ["zpaq"]  # requirements.txt installs it
+    for codec_id, raw in zip(ids, raws):
+        sizes = [len(tg.CODECS[tg.CODEC_IDS[c]][1](raw)) for c in (*tg.FAST_CODECS, *tg.SLOW_CODECS)]
+        assert len(tg.CODECS[codec_id][1](raw)) == min(sizes)
+    assert ids[0] == tg.CODEC_IDS["zpaq"] and tg.CODEC_IDS["brotli"] in ids
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("storage", ["byte", "packed6"])
 def test_pergroup_round_trips_exactly(shuffle, storage):
@@ -290,8 +312,8 @@ def test_each_group_keeps_its_smallest_layout():
     q[1::2] = torch.randint(-20, 21, (1, q.size(1)), dtype=torch.int8)
     logged = []
     tg.serialize_artifact(packed, compressor="pergroup", log=logged.append, sort_roles="mlp.fc.weight")
-    lines = {m[1]: m for m in (re.fullmatch(r"compression_group role:(\S+) tensors:(\d+) layout:(\w+) (.*)", x)
-                               for x in logged) if m}
+    lines = {m[1]: m for m in (re.fullmatch(r"compression_group role:(\S+) tensors:(\d+) layout:(\w+) (.*) codecs:\S+",
+                                            x) for x in logged) if m}
     assert set(lines) == {"attn.c_q.weight", "mlp.fc.weight", "tok_emb.weight"}
     for role, m in lines.items():
         sizes = {k: int(v) for k, v in (kv.split(":") for kv in m[4].split())}
@@ -327,5 +349,148 @@ def test_a_run_with_every_addition(tiny_data, tmp_path):
     assert re.search(r"^quant_plan int6_params:\d+ int7_params:12288 fp16_params:\d+", log, re.M)
     assert len(re.findall(r"^lqer tensor:\S+ rank:4 ", log, re.M)) == 2
     assert re.search(r"^compression raw_bytes:\d+ pergroup:\d+ chosen:pergroup$", log, re.M)
+    floats = dict(re.findall(r"^(final_float_exact|final_roundtrip_exact) val_loss:\S+ val_bpb:(\S+)", log, re.M))
+    assert abs(float(floats["final_roundtrip_exact"]) - float(floats["final_float_exact"])) < 0.05
+
+
+# ---- AWQ-lite (AWQ_GROUPS) ----------------------------------------------------------------------
+
+
+def assert_same_entries(a, b):
+    """assert_same_packed, into the LQER factors too."""
+    assert list(a) == list(b)
+    for name in a:
+        assert sorted(a[name]) == sorted(b[name]), name
+        for key, va in a[name].items():
+            vb = b[name][key]
+            if key == "lqer":
+                assert_same_entries({"f": va}, {"f": vb})
+            else:
+                assert (torch.equal(va, vb) and va.dtype == vb.dtype) if isinstance(va, torch.Tensor) else va == vb
+
+
+def awq_model(seed=3):
+    """Three int6 matrices with Hessians from correlated inputs, an int8 one and a lookup table without a Hessian."""
+    g = torch.Generator().manual_seed(seed)
+    state, hessians = {}, {}
+    for i, cols in enumerate((192, 128, 128)):
+        w, _, h = correlated_layer(rows=48, cols=cols, tokens=2048, seed=seed + i)
+        state[f"blocks.{i}.mlp.fc.weight"], hessians[f"blocks.{i}.mlp.fc.weight"] = w, h
+    state["tok_emb.weight"] = torch.randn(80, 128, generator=g) * 0.05
+    hessians["tok_emb.weight"] = torch.eye(128)
+    state["bigram.table.weight"] = torch.randn(64, 128, generator=g)
+    state["blocks.0.scale"] = torch.ones(128)
+    plan = {n: 6 for n in state} | {"tok_emb.weight": 8, "blocks.0.scale": tg.FP16_BITS}
+    return state, hessians, plan
+
+
+def test_awq_scores_and_chooses_the_most_activation_weighted_groups():
+    state, hessians, plan = awq_model()
+    w, h = state["blocks.1.mlp.fc.weight"], hessians["blocks.1.mlp.fc.weight"]
+    col = h.diagonal().sqrt() * w.abs().mean(dim=0)
+    assert torch.allclose(tg.awq_group_scores(w, h.diagonal()), torch.stack([col[:64].sum(), col[64:].sum()]))
+    narrow = tg.awq_group_scores(state["blocks.0.mlp.fc.weight"][:, :100], hessians["blocks.0.mlp.fc.weight"][:100, :100].diagonal())
+    assert narrow.numel() == 2  # the last group is the 36 columns left
+    boosted = dict(hessians)
+    boosted["blocks.2.mlp.fc.weight"] = hessians["blocks.2.mlp.fc.weight"] * torch.linspace(1, 100, 128)  # columns 64..127
+    boosted["tok_emb.weight"] = torch.eye(128) * 1e6  # int8 already: never a candidate
+    chosen = tg.select_awq_groups(state, plan, boosted, 1)
+    assert chosen == {"blocks.2.mlp.fc.weight": [64]}
+    every = tg.select_awq_groups(state, plan, boosted, 100)
+    assert every == {"blocks.0.mlp.fc.weight": [0, 64, 128], "blocks.1.mlp.fc.weight": [0, 64],
+                     "blocks.2.mlp.fc.weight": [0, 64]}  # no int8 tensor, no tensor without a Hessian
+
+
+def test_an_awq_group_is_rounded_on_int8_inside_gptq_with_less_error():
+    w, x, h = correlated_layer()
+    q = tg.QuantSettings(gptq_block=32)
+    plain = tg.quantize_gptq_batch([w], [h], 6, ["w"], q, print)[0]
+    assert all(torch.equal(a, b) for a, b in zip(plain, tg.quantize_gptq_batch([w], [h], 6, ["w"], q, print, [[]])[0]))
+    levels, scale = tg.quantize_gptq_batch([w], [h], 6, ["w"], q, print, [[64]])[0]
+    kept = slice(64, 128)
+    assert levels[:, :64].abs().max() <= 31 and 31 < levels[:, kept].abs().max() <= 127
+    awq = tg.int_weights({"q": levels, "scale": scale, "bits": 6, "awq": [64]})
+    before = tg.int_weights({"q": plain[0], "scale": plain[1], "bits": 6})
+    assert torch.equal(awq[:, kept], levels[:, kept].float() * (scale.float() * 31 / 127)[:, None])
+    # GPTQ moves the kept columns to absorb earlier columns' errors, so their own error falls less than the
+    # grid's (31/127)^2; the layer output gains too.
+    assert ((awq - w)[:, kept] ** 2).sum() < 0.5 * ((before - w)[:, kept] ** 2).sum()
+    assert (((awq - w) @ x.T) ** 2).sum() < (((before - w) @ x.T) ** 2).sum()
+    # Uncorrelated inputs (diagonal H): no error feedback, each column's error is its rounding alone.
+    diag = torch.diag(torch.linspace(2.0, 1.0, 128))
+    alone = tg.quantize_gptq_batch([w], [diag], 6, ["w"], q, print)[0]
+    kept_levels = tg.quantize_gptq_batch([w], [diag], 6, ["w"], q, print, [[64]])[0]
+    err = {k: ((tg.int_weights({"q": lv, "scale": sc, "bits": 6, **extra}) - w)[:, kept] ** 2).sum()
+           for k, (lv, sc), extra in (("int6", alone, {}), ("int8", kept_levels, {"awq": [64]}))}
+    assert err["int8"] < 0.1 * err["int6"]  # about (31/127)^2 = 0.06
+
+
+@pytest.mark.parametrize("compressor, storage", [("zstd", "packed6"), ("pergroup", "byte")])
+def test_awq_groups_round_trip_exactly_through_the_artifact(compressor, storage, tmp_path):
+    state, hessians, plan = awq_model()
+    awq = tg.select_awq_groups(state, plan, hessians, 2)
+    q = tg.QuantSettings(lqer_top=2)
+    packed = tg.add_lqer(tg.quantize_state_dict(state, plan=plan, hessians=hessians, q=q, log=print, awq=awq),
+                         state, q, lambda _: None)
+    assert {n: e["awq"] for n, e in packed.items() if "awq" in e} == awq
+    blob = tg.serialize_artifact(packed, compressor=compressor, storage=storage)
+    assert blob[5] == tg.ARTIFACT_FORMAT_VERSION == 5  # an artifact with AWQ groups is format 5
+    restored = tg.deserialize_artifact(blob)[1]
+    assert_same_entries(restored, packed)
+    a, b = tg.dequantize_state_dict(packed), tg.dequantize_state_dict(restored)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_awq_off_changes_nothing():
+    state, hessians, plan = awq_model()
+    packed = tg.quantize_state_dict(state, plan=plan, hessians=hessians)
+    assert not any("awq" in e for e in packed.values())
+    assert_same_packed(tg.quantize_state_dict(state, plan=plan, hessians=hessians, awq={}), packed)
+    manifest, _ = tg.encode_payload(packed, "byte")
+    assert not any("awq" in item for item in manifest["tensors"])  # the manifest is what it was without AWQ
+    assert tg.select_awq_groups(state, plan, hessians, 0) == {}
+
+
+def test_the_estimate_and_the_fitter_account_for_awq_groups():
+    state, hessians, plan = awq_model()
+    assert tg.awq_estimate_groups(state, plan, 4) == {"bigram.table.weight": [0, 64], "blocks.0.mlp.fc.weight": [0, 64]}
+    plain = tg.estimate_model_bytes(state, plan, tg.QuantSettings())
+    assert tg.estimate_model_bytes(state, plan, tg.QuantSettings(awq_groups=4)) > plain + 4 * 48 * 64 / 8
+    # Rank the demotions with the groups left out; fit to a budget that forces one: the groups stay int8.
+    awq = tg.select_awq_groups(state, plan, hessians, 2)
+    ranked = {n: saved for _, n, _, saved in tg.rank_demotions(state, plan, hessians, print, tg.QuantSettings(), awq)}
+    alone = {n: saved for _, n, _, saved in tg.rank_demotions(state, plan, hessians, print)}
+    assert all(ranked[n] < alone[n] for n in awq) and all(ranked[n] == alone[n] for n in ranked if n not in awq)
+    qz = tg.Quantizer(state, hessians, tg.QuantSettings(compressor="zstd", lqer_top=0), None, lambda _: None, awq)
+    packed = qz.quantize(plan)
+    finished = qz.finish(packed)
+    fitted_plan, stored, blob = tg.fit_byte_target(qz, plan, packed, finished, len(finished[1]) - 200)
+    assert fitted_plan != plan and len(blob) <= len(finished[1]) - 200
+    assert {n: e["awq"] for n, e in stored.items() if "awq" in e} == awq
+    for name, starts in awq.items():
+        e = stored[name]
+        kept = tg.awq_columns(starts, e["q"].size(1))
+        assert e["q"][:, ~kept].abs().max() <= tg.qmax(fitted_plan[name]) and e["q"][:, kept].abs().max() > 31
+    assert_same_entries(tg.deserialize_artifact(blob)[1], stored)
+
+
+def test_awq_settings_are_validated():
+    assert_env_error({"AWQ_GROUPS": "1", "GPTQ": "0"}, ["AWQ_GROUPS=1", "GPTQ=1"])
+    assert_env_error({"AWQ_GROUPS": "-1"}, ["AWQ_GROUPS", "[0, 10000]"])
+
+
+def test_a_run_with_awq_groups_logs_them_and_ships_them(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS="4", VAL_LOSS_EVERY="0", AWQ_GROUPS="3", GPTQ_CALIB_SEQS="16")
+    tg.main(env)
+    log = (tmp_path / "tiny.txt").read_text()
+    groups = re.findall(r"^awq tensor:(\S+) start:(\d+) cols:(\d+) score:\S+ bits:6->8$", log, re.M)
+    # MODEL_DIM=32: a matrix reading the residual stream has one group of 32 columns, the MLP's output
+    # projection (64 inputs) one of 64
+    assert len(groups) == 3 and {cols for _, _, cols in groups} <= {"32", "64"}
+    assert re.search(r"^awq groups:3 of:AWQ_GROUPS=3 tensors:\d cols:64 bits:8 ", log, re.M)
+    blob = (tmp_path / "tiny.ptz").read_bytes()
+    assert blob[5] == 5
+    shipped = {n: e["awq"] for n, e in tg.deserialize_artifact(blob)[1].items() if "awq" in e}
+    assert sorted((n, int(s)) for n, s, _ in groups) == sorted((n, s) for n, starts in shipped.items() for s in starts)
     floats = dict(re.findall(r"^(final_float_exact|final_roundtrip_exact) val_loss:\S+ val_bpb:(\S+)", log, re.M))
     assert abs(float(floats["final_roundtrip_exact"]) - float(floats["final_float_exact"])) < 0.05

@@ -16,7 +16,7 @@ import torch._dynamo.testing
 from torch import nn
 
 import train_gpt as tg
-from conftest import assert_env_error, tiny_env
+from conftest import cpu_runtime, assert_env_error, tiny_env
 from test_config_and_data import _positional_shards
 from test_model_eval import tiny_model
 from test_pipeline import run_in_process
@@ -90,12 +90,129 @@ def test_contradictory_recipe_settings_are_errors(env, words):
     assert_env_error(env, words)
 
 
+# ---- progressive training context (TRAIN_SEQ_SCHEDULE) ------------------------------------------
+
+PUBLIC_SEQ = dict(train_seq_schedule="1024@0.1,2048@0.7,3072@1.0", train_seq_len=3072)
+
+
+def test_the_sequence_length_follows_the_progress_and_the_lr_re_ramps_after_each_switch():
+    h = hparams(**PUBLIC_SEQ, seq_change_warmup_steps=4, iterations=100, max_wallclock_seconds=0, warmdown_frac=0.2,
+                qat="hard", qat_lr_threshold=0.3)
+    schedule = tg.Schedule(h)
+    steps = [schedule.at(step, 0.0) for step in range(100)]
+    lengths = [s.seq_len for s in steps]
+    # The first stage whose end is at or past the progress: step 10 is progress 0.1 exactly, still 1024.
+    assert lengths[:11] == [1024] * 11 and lengths[11:71] == [2048] * 60 and lengths[71:] == [3072] * 29
+    assert [i for i, s in enumerate(steps) if s.seq_start] == [0, 11, 71]
+    base = [tg.lr_multiplier(s.progress, 0.2) for s in steps]
+    ramp = {11: 0.25, 12: 0.5, 13: 0.75, 71: 0.25, 72: 0.5, 73: 0.75}  # (k + 1) / 4, never at step 0
+    for i, s in enumerate(steps):
+        assert s.lr_mult == pytest.approx(base[i] * ramp.get(i, 1.0)), i
+    # The re-ramp takes the LR under QAT_LR_THRESHOLD at step 11, but QAT follows the warmdown alone.
+    assert not steps[11].qat_on and schedule.qat_start == next(i for i, b in enumerate(base) if b < 0.3)
+
+
+def test_a_resumed_schedule_continues_the_re_ramp():
+    h = hparams(**PUBLIC_SEQ, seq_change_warmup_steps=8, iterations=100, max_wallclock_seconds=0)
+    whole, first = tg.Schedule(h), tg.Schedule(h)
+    expected = [whole.at(step, 0.0) for step in range(100)]
+    for step in range(13):  # stopped 2 steps into the ramp that starts at step 11
+        first.at(step, 0.0)
+    resumed = tg.Schedule(h)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert [resumed.at(step, 0.0) for step in range(13, 100)] == expected[13:]
+
+
+def test_a_wallclock_run_switches_by_its_training_time():
+    schedule = tg.Schedule(hparams(**PUBLIC_SEQ, iterations=10**6, max_wallclock_seconds=110,
+                                   gptq_reserve_seconds=10))
+    assert [schedule.at(step, ms).seq_len for step, ms in enumerate([0, 10_000, 10_001, 70_000, 70_001])] == [
+        1024, 1024, 2048, 2048, 3072]
+
+
+def test_the_schedule_is_logged_with_the_rest():
+    assert "train_seq:2048@1 seq_change_warmup_steps:0" in tg.Schedule(hparams()).describe()
+    line = tg.Schedule(hparams(**PUBLIC_SEQ, seq_change_warmup_steps=32)).describe()
+    assert line.endswith(" train_seq:1024@0.1,2048@0.7,3072@1 seq_change_warmup_steps:32")
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"TRAIN_SEQ_SCHEDULE": "4096@0.5,2048@1.0"}, ["TRAIN_SEQ_LEN=2048", "TRAIN_SEQ_SCHEDULE", "(4096)"]),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,3072@1.0"}, ["TRAIN_SEQ_LEN=2048", "longest", "(3072)"]),
+    ({"TRAIN_SEQ_SCHEDULE": "1000@0.5,2048@1.0"}, ["TRAIN_BATCH_TOKENS=786432", "TRAIN_SEQ_SCHEDULE", "256000"]),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.7,2048@0.5"}, ["TRAIN_SEQ_SCHEDULE", "rise"]),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,2048@0.9"}, ["TRAIN_SEQ_SCHEDULE", "last must be 1.0"]),
+    ({"TRAIN_SEQ_SCHEDULE": "1024:0.5,2048@1"}, ["TRAIN_SEQ_SCHEDULE", "'1024:0.5'", "length@end"]),
+    ({"SEQ_CHANGE_WARMUP_STEPS": "32"}, ["SEQ_CHANGE_WARMUP_STEPS=32", "TRAIN_SEQ_SCHEDULE"]),
+])
+def test_bad_sequence_schedules_name_the_variables(env, words):
+    assert_env_error(env, words)
+
+
+def test_public_schedule_is_valid_at_the_public_batch():
+    h = hparams(**PUBLIC_SEQ, seq_change_warmup_steps=32)  # 786,432 / 8 = 98,304 = 16 x 6144
+    assert h.seq_stages() == ((1024, 0.1), (2048, 0.7), (3072, 1.0)) and h.train_block_len() == 6144
+    assert hparams().train_block_len() == 2048 and hparams().seq_stages() == ((2048, 1.0),)
+
+
+def test_the_warm_up_covers_each_length_with_the_loop_states_it_meets():
+    h = hparams(**PUBLIC_SEQ, mini_recur_repeats=2, mini_recur_start_frac=0.35, qat="off")
+    assert tg.train_shapes(h) == [(1024, False), (2048, False), (2048, True), (3072, True)]
+    assert [tg.graph_name(h, g) for g in tg.warmup_graphs(h)] == [
+        "seq1024_qat0_repeats0", "seq2048_qat0_repeats0", "seq2048_qat0_repeats1", "seq3072_qat0_repeats1"]
+    assert len(tg.warmup_graphs(dataclasses.replace(h, qat="hard"))) == 8  # QAT with every shape
+    assert tg.train_shapes(dataclasses.replace(h, mini_recur_repeats=0)) == [(1024, True), (2048, True), (3072, True)]
+    plain = hparams(qat="hard")  # no schedule: the graphs (and their names) of before
+    assert [tg.graph_name(plain, g) for g in tg.warmup_graphs(plain)] == ["qat0_repeats1", "qat1_repeats1"]
+
+
+def test_coprime_loader_cuts_each_block_into_rows_of_the_steps_length(tmp_path):
+    files = _positional_shards(tmp_path, [1000, 1601, 300])
+    cpu = torch.device("cpu")
+    full, cut = (tg.CoprimeLoader(files, 0, 1, cpu, 32, seed=5) for _ in range(2))
+    for _ in range(3):
+        x32, y32 = full.next_batch(32 * 16, 32)
+        x16, y16 = cut.next_batch(32 * 16, 16)
+        assert x16.shape == (32, 16)
+        # The same blocks in the same order, each cut into two consecutive rows: the tokens of the step, and
+        # every input's target, do not depend on the length.
+        assert torch.equal(x16.reshape(16, 32), x32) and torch.equal(y16.reshape(16, 32), y32)
+    ranks = [tg.CoprimeLoader(files, r, 2, cpu, 32, seed=5) for r in range(2)]
+    single = tg.CoprimeLoader(files, 0, 1, cpu, 32, seed=5)
+    x, _ = single.next_batch(32 * 16, 8)
+    assert torch.equal(torch.cat([loader.next_batch(32 * 16, 8)[0] for loader in ranks]), x)
+    with pytest.raises(ValueError, match="rows of 24"):
+        single.next_batch(32 * 16, 24)
+
+
+def test_a_scheduled_run_logs_each_switch_and_trains_on_each_length(tiny_data, tmp_path, one_thread):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="seq", TRAIN_SEQ_SCHEDULE="16@0.25,32@0.5,64@1.0",
+                   SEQ_CHANGE_WARMUP_STEPS="2", VAL_LOSS_EVERY="0", EVAL_STRIDE="64")
+    seen = []
+    real = tg.CoprimeLoader.next_batch
+
+    def watched(self, global_tokens, seq_len):
+        x, y = real(self, global_tokens, seq_len)
+        seen.append(tuple(x.shape))
+        return x, y
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg.CoprimeLoader, "next_batch", watched)
+        log = run_in_process(env)
+    assert seen == [(64, 16)] * 4 + [(32, 32)] * 3 + [(16, 64)] * 5  # 1,024 tokens each step
+    assert re.findall(r"^train_seq_len:(\d+) step:(\d+) progress:\S+ lr_ramp_steps:(\d+)$", log, re.M) == [
+        ("16", "0", "0"), ("32", "4", "2"), ("64", "7", "2")]
+    lr = {int(s): float(m) for s, m in re.findall(r"^step:(\d+)/12 train_loss:\S+ lr_mult:(\S+)", log, re.M)}
+    assert lr[5] == pytest.approx(0.5) and lr[6] == pytest.approx(1.0) and lr[8] == pytest.approx(0.5 * 5 / 6, abs=1e-4)
+    assert "train_seq:16@0.25,32@0.5,64@1 seq_change_warmup_steps:2" in log
+    assert re.search(r"^final_roundtrip_exact val_loss:\d", log, re.M)
+
+
 # ---- Muon ---------------------------------------------------------------------------------------
 
 
 def muon_step(model: tg.GPT, grads: dict, h: tg.Hyperparameters, lr_scale: dict | None = None) -> dict:
     """Weight change of every Muon matrix after one step with the given grads (layer -> LR factor)."""
-    muon = tg.build_optimizers(model, h, 0, 1, torch.float32)[1]
+    muon = tg.build_optimizers(model, h, cpu_runtime())[1]
     for group in muon.param_groups:
         group["base_lr"] *= (lr_scale or {}).get(group["name"], 1.0)
     tg.set_step_hparams([muon], 1.0, tg.muon_momentum_at(0, h))
@@ -128,7 +245,7 @@ def test_halving_a_layers_lr_halves_its_update_but_scaling_its_gradient_does_not
 
 def test_default_split_lr_is_per_layer():
     model = tiny_model(layers=7)
-    muon = tg.build_optimizers(model, hparams(), 0, 1, torch.float32)[1]
+    muon = tg.build_optimizers(model, hparams(), cpu_runtime())[1]
     lrs = {g["name"]: g["lr"] for g in muon.param_groups}
     # The bigram projection is the one Muon matrix outside the blocks: group "other" at MATRIX_LR.
     assert lrs == {**{f"layer{i}": 0.025 if i < 5 else 0.030 for i in range(7)}, "other": 0.025}
@@ -147,7 +264,7 @@ def test_muon_weight_decay_is_decoupled():
     for wd in (0.0, 0.5):
         p = nn.Parameter(w0.clone())
         p.grad = grad.clone()
-        tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=wd, ns_dtype=torch.float32).step()
+        tg.Muon([p], tg.Hyperparameters(matrix_lr=0.1, muon_momentum=0.9, muon_weight_decay=wd), cpu_runtime()).step()
         out.append(p.detach())
     # W <- W (1 - lr wd) - lr U: the decay is the only difference, and it does not go through Newton-Schulz.
     assert torch.allclose(out[1], out[0] - 0.1 * 0.5 * w0, atol=1e-6)
@@ -157,7 +274,7 @@ def test_momentum_warms_up_then_holds():
     h = hparams()
     assert [tg.muon_momentum_at(s, h) for s in (0, 750, 1500, 6000)] == pytest.approx([0.92, 0.955, 0.99, 0.99])
     assert tg.muon_momentum_at(0, hparams(muon_momentum_warmup_steps=0)) == 0.99
-    adam, muon = tg.build_optimizers(tiny_model(), h, 0, 1, torch.float32)
+    adam, muon = tg.build_optimizers(tiny_model(), h, cpu_runtime())
     tg.set_step_hparams([adam, muon], 0.5, 0.95)
     assert all(g["momentum"] == 0.95 and g["lr"] == g["base_lr"] * 0.5 for g in muon.param_groups)
     assert all("momentum" not in g and g["lr"] == g["base_lr"] * 0.5 for g in adam.param_groups)
@@ -169,7 +286,7 @@ def test_momentum_warms_up_then_holds():
 def test_adam_groups_follow_parameter_roles():
     model = tiny_model()  # the record model: a bigram table with projection and scale, and gates
     h = hparams(embed_lr=0.02, gate_lr=0.01, embed_weight_decay=0.01)  # scalars: the default decay, 0.04
-    adam, muon = tg.build_optimizers(model, h, 0, 1, torch.float32)
+    adam, muon = tg.build_optimizers(model, h, cpu_runtime())
     groups = {g["name"]: g for g in adam.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     members = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
@@ -190,7 +307,7 @@ def test_adam_groups_follow_parameter_roles():
 def test_embedding_projections_move_to_adam_with_the_scalar_decay():
     model = tiny_model()
     h = hparams(embed_proj_optimizer="adam", scalar_weight_decay=0.02)
-    adam, muon = tg.build_optimizers(model, h, 0, 1, torch.float32)
+    adam, muon = tg.build_optimizers(model, h, cpu_runtime())
     groups = {g["name"]: g for g in adam.param_groups}
     projections = {id(model.bigram.proj.weight), id(model.value_embed.proj.weight)}
     assert {id(p) for p in groups["embed_proj"]["params"]} == projections

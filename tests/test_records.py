@@ -19,7 +19,6 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from scripts.compact_train_gpt import compact_source
 from scipy import stats
 
 from conftest import ROOT, tiny_env
@@ -29,6 +28,8 @@ from scripts.runlog import LogError, load_runs
 from scripts.summarize import welch_one_sided
 from scripts.summarize import main as summarize_main
 from scripts.sweep import DEFAULT_SEEDS, SweepError, launch_command, run_sweep
+import train_gpt as tg
+from train_gpt import compact_code
 
 SWEEP_SETTINGS = dict(ITERATIONS=4, VAL_LOSS_EVERY=4, WARMUP_STEPS=0, EVAL_STRIDE=32, VAL_BATCH_SIZE=4096)
 FINAL = re.compile(r"^(final_\w+) val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})", re.M)
@@ -173,7 +174,7 @@ def test_sweep_refuses_to_resume_another_experiment(sweep, tmp_path):
     out = copy_logs(sweep, tmp_path / "sweep")
     with pytest.raises(SweepError, match=r"hparam num_layers: 2 in the log, 3 now.*another --out-dir"):
         run_sweep(list(DEFAULT_SEEDS), out, 1, dict(sweep.env, NUM_LAYERS="3"))
-    out = copy_logs(sweep, tmp_path / "edited", lambda s, t: t.replace("Parameter Golf", "Parameter Gulf", 1))
+    out = copy_logs(sweep, tmp_path / "edited", lambda s, t: other_code(t))
     with pytest.raises(SweepError, match="train_gpt.py changed since it ran"):
         run_sweep(list(DEFAULT_SEEDS), out, 1, sweep.env)
     assert not list(out.glob("*.ptz"))  # refused before running anything
@@ -223,9 +224,9 @@ def test_record_folder(sweep, tmp_path, capsys):
     numbers = {seed: log_numbers(text) for seed, text in sweep.logs.items()}
     for seed, text in record_logs.items():
         assert (folder / f"train_seed{seed}.log").read_text() == text
-    # The compact self-extracting form of exactly the source that ran, and that source beside it.
-    shipped = (folder / "train_gpt.py").read_text()
-    assert shipped == compact_source((ROOT / "train_gpt.py").read_bytes())
+    # The compact form of exactly the source that ran, and that source beside it.
+    shipped = (folder / "train_gpt.py").read_bytes()
+    assert shipped == compact_code((ROOT / "train_gpt.py").read_bytes())
     assert len(shipped) < len((ROOT / "train_gpt.py").read_bytes()) / 2
     assert (folder / "train_gpt_readable.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
     assert re.search(r"^torch==\S+", (folder / "requirements.txt").read_text(), re.M)
@@ -278,6 +279,28 @@ def test_record_folder(sweep, tmp_path, capsys):
 
     with pytest.raises(RecordError, match="already exists"):
         make_record([logs], META, baseline, tmp_path / "records")
+
+
+def as_compact_run(seed: int, text: str) -> str:
+    """The log as a run of the compact train_gpt.py would write it: the minified program embedded, the
+    code line saying form:compact (the program's size) and naming the readable source."""
+    readable = (ROOT / "train_gpt.py").read_text()
+    program = tg.minify_code(readable)
+    text = text.replace(readable, program, 1)
+    return re.sub(r"^code form:readable (bytes_code:\d+) bytes_source:\d+ ",
+                  rf"code form:compact \1 bytes_source:{len(program.encode())} ", text, count=1, flags=re.M)
+
+
+def test_a_compact_run_ships_the_readable_source_its_log_names(sweep, tmp_path):
+    baseline = baseline_behind(sweep, 0.2)
+    logs = copy_logs(sweep, tmp_path / "logs", then(as_record_run, as_compact_run))
+    folder = make_record([logs], META, baseline, tmp_path / "records")
+    assert (folder / "train_gpt.py").read_bytes() == compact_code((ROOT / "train_gpt.py").read_bytes())
+    assert (folder / "train_gpt_readable.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    other = tmp_path / "other.py"
+    other.write_bytes((ROOT / "train_gpt.py").read_bytes() + b"\n")
+    with pytest.raises(RecordError, match=f"and {other} is another file: give that source with --source"):
+        make_record([logs], META, baseline, tmp_path / "records2", source=other)
 
 
 def test_a_cpu_run_on_built_data_is_refused_as_a_record_and_written_as_a_non_record(sweep, tmp_path):
@@ -346,6 +369,11 @@ def test_record_refuses_failed_checks(sweep, tmp_path, edit, behind, failed):
     assert not (tmp_path / "records").exists()
 
 
+def other_code(text: str) -> str:
+    """The log of a run of another train_gpt.py: the code line names another source's sha256."""
+    return re.sub(r"(?m)^(code form:.* source_sha256:)[0-9a-f]{8}", r"\g<1>00000000", text, count=1)
+
+
 def only_seed(seed: int, edit):
     return lambda s, text: edit(text) if s == seed else text
 
@@ -353,8 +381,8 @@ def only_seed(seed: int, edit):
 @pytest.mark.parametrize("edit, error", [
     (only_seed(42, lambda t: t.replace("hparam num_layers:2\n", "hparam num_layers:3\n")),
      r"not seeds of one experiment:\n  hparam num_layers: .*seed_1337.txt: 2; .*seed_42.txt: 3"),
-    (only_seed(42, lambda t: t.replace("Parameter Golf", "Parameter Gulf", 1)),
-     r"not seeds of one experiment:\n  the code \(sha256 of the embedded train_gpt.py\)"),
+    (only_seed(42, other_code),
+     r"not seeds of one experiment:\n  the code \(sha256 of the readable train_gpt.py\)"),
     (only_seed(2025, lambda t: t[:t.rindex("final_sliding_window_exact")]),
      r"seed_2025.txt: no `final_sliding_window_exact` line: the run did not finish"),
     (only_seed(2025, lambda t: t[:t.rindex("artifact path:")]),

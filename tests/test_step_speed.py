@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as tg
+from conftest import cpu_runtime
 from test_model_eval import tiny_model
 
 
@@ -78,7 +79,7 @@ def reference_step(model, optimizers, h) -> None:
 
 
 def reference_optimizers(model, h):
-    adam = tg.build_optimizers(model, h, 0, 1, torch.float32)[0]
+    adam = tg.build_optimizers(model, h, cpu_runtime())[0]
     muon = ReferenceMuon(tg.muon_groups(model, h), lr=h.matrix_lr, momentum=h.muon_momentum,
                          backend_steps=h.muon_backend_steps, weight_decay=h.muon_weight_decay)
     for group in muon.param_groups:
@@ -113,8 +114,8 @@ def test_stacked_muon_matches_the_reference_in_one_process():
     h = hparams()
     ref, new = tiny_model(), tiny_model()
     run_steps(ref, reference_optimizers(ref, h), lambda opts: reference_step(ref, opts, h))
-    optimizers = tg.build_optimizers(new, h, 0, 1, torch.float32)
-    run_steps(new, optimizers, lambda opts: tg.optimizer_step(opts, h))
+    optimizers = tg.build_optimizers(new, h, cpu_runtime())
+    run_steps(new, optimizers, lambda opts: tg.optimizer_step(opts, h, cpu_runtime()))
     muon = optimizers[1]
     assert len(muon.stacks) < len(new.matrix_params())  # matrices really were batched
     for (name, a), b in zip(ref.named_parameters(), new.parameters()):
@@ -134,8 +135,8 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out: str) ->
     try:
         h = hparams()
         model = tiny_model()
-        optimizers = tg.build_optimizers(model, h, rank, world_size, torch.float32)
-        run_steps(model, optimizers, lambda opts: tg.optimizer_step(opts, h, world_size), rank, world_size)
+        optimizers = tg.build_optimizers(model, h, cpu_runtime(rank, world_size))
+        run_steps(model, optimizers, lambda opts: tg.optimizer_step(opts, h, cpu_runtime(rank, world_size)), rank, world_size)
         torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -183,7 +184,7 @@ def test_training_step_compiles_whole_and_recompiles_once_for_qat():
     ns_graphs = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(model, backend=model_graphs, dynamic=False, fullgraph=True)
     orthogonalize = torch.compile(tg.newton_schulz5, backend=ns_graphs, dynamic=False, fullgraph=True)
-    optimizers = tg.build_optimizers(model, h, 0, 1, torch.float32, orthogonalize)
+    optimizers = tg.build_optimizers(model, h, cpu_runtime(), orthogonalize)
     loader, rt = RandomLoader(64, 4, 16), runtime()
     layers = [m for m in model.modules() if isinstance(m, tg.CastedLinear)]
     for qat_on in (False, False, True, True, False, True):
@@ -225,7 +226,7 @@ def test_a_training_step_never_reads_the_device():
     h = tg.Hyperparameters(qat="hard", train_seq_len=16, train_batch_tokens=16 * 8)
     model = tiny_model().train()
     tg.configure_qat(model, h.qat)
-    optimizers = tg.build_optimizers(model, h, 0, 1, torch.float32)
+    optimizers = tg.build_optimizers(model, h, cpu_runtime())
     loader, rt = RandomLoader(64, 4, 16), runtime()
     tg.set_step_hparams(optimizers, 0.5, 0.95)
     tg.train_step(model, optimizers, loader, h, rt)  # the first step creates the optimizer state
@@ -243,11 +244,15 @@ def test_an_evaluation_reads_the_device_once_at_the_end():
     luts = tg.ByteLUTs(ones, ones == 0, ones == 0)
     spec = tg.EvalSpec("sliding", 32, 8, 3)
     with HostReads() as reads:
-        sums = tg.score_windows(model, tg.bpb_sums(luts), val, spec)
+        sums = tg.score_windows(model, tg.bpb_sums(luts), val, spec, runtime())
     assert reads.ops == [] and sums.shape == (3,)
     with HostReads() as reads:
-        tg.evaluate(model, val, luts, spec)
+        tg.evaluate(model, val, luts, spec, runtime())
     assert reads.ops == [], reads.ops  # .tolist() of the sums: one copy, no per-element reads
+    sidecar = tg.SidecarBytes(torch.randint(0, 5, (200,), dtype=torch.int32), 1)  # the bytes of a CaseOps dataset
+    with HostReads() as reads:
+        tg.evaluate(model, val, sidecar, spec, runtime())
+    assert reads.ops == [], reads.ops
 
 
 def test_the_stop_vote_is_read_one_step_late_and_agreed():

@@ -835,7 +835,8 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     size = replace(SIZES[kind], **{f.name: getattr(args, f.name) for f in fields(Size)
                                    if getattr(args, f.name) is not None})
-    data, tok = args.data.resolve(), args.tokenizer.resolve()
+    # absolute: each run's working directory is its own folder, and the April data folders are made under --out
+    data, tok, args.out = args.data.resolve(), args.tokenizer.resolve(), args.out.resolve()
     ref_data, ttt_prefix = data, 0
     if kind == "april":
         data, ref_data = run_data(data, tok, args.out, size.val_tokens or 2**62, size.seq_len)

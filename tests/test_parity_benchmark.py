@@ -352,10 +352,10 @@ def test_short_documents_keep_the_text_in_pieces_of_the_target_length():
     assert "".join(pieces).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(" ", "")
 
 
-def test_april_path_end_to_end_on_stand_ins(tiny_data, tmp_path, capsys):
+def test_april_path_end_to_end_on_stand_ins(tiny_data, tmp_path, capsys, monkeypatch):
     """The April comparison's wiring with both scripts as stand-ins (seconds): the data folders (the same
     validation tokens cut to whole evaluation batches, the record's byte sidecar = our byte tables), the
-    settings each side gets, and the table."""
+    settings each side gets, and the table. --out is relative: each run works in its own folder."""
     import numpy as np
     import sentencepiece as spm
     import train_gpt
@@ -366,8 +366,9 @@ def test_april_path_end_to_end_on_stand_ins(tiny_data, tmp_path, capsys):
     ours = tmp_path / "ours.py"
     ours.write_text(OURS_APRIL_STAND_IN)
     out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
     argv = ["--reference", str(record), "--ours", str(ours), "--data", str(tiny_data["output_dir"]),
-            "--tokenizer", str(tiny_data["tokenizer_model"]), "--seeds", "7", "--out", str(out),
+            "--tokenizer", str(tiny_data["tokenizer_model"]), "--seeds", "7", "--out", "out",
             "--seq-len", "64", "--batch-tokens", "4096", "--steps", "4", "--val-tokens", "2000",
             "--variant", "mlp0:MLP_PROJ_INIT=zero"]
     os.environ["EXPECT_VOCAB"] = str(TINY_VOCAB)

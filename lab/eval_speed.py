@@ -9,6 +9,11 @@ Hyperparameters from the same variables the parity benchmark gives it) and evalu
 eval_val_sliding; ours is built by build_model and evaluated by evaluate(). Both models are at their random
 init: evaluation time does not depend on the weights' values. The tokens are random ids (no BOS), which
 changes nothing either script computes per token.
+
+With the 2026-04-27 record (recognised from its text, as the parity benchmark does), the April comparison's
+size instead (parity_benchmark.SIZES["april"]): the record's model at that size (loop on, as it evaluates)
+scored by its own eval_val, which attends within documents, against ours with PRESET=april scored by
+evaluate(), plain windows; the tokens hold a BOS every APRIL_DOC_TOKENS (the benchmark's documents' mean).
 """
 
 from __future__ import annotations
@@ -67,6 +72,73 @@ def luts(vocab: int):
     return tg.ByteLUTs(base, space, boundary)
 
 
+APRIL_DOC_TOKENS = 152  # the April benchmark's validation: 32,769 tokens in 216 documents
+BOS = 1
+
+
+def april_models(script: Path):
+    """The April record module, its settings and its model at SIZES["april"] (loop on, eval mode), and ours
+    with PRESET=april at the same size: as the parity benchmark configures each."""
+    size = pb.SIZES["april"]
+    # the shape and evaluation settings both share (the April TTT settings play no part here; the April kind
+    # would read the vocabulary from a tokenizer, and these tokens are random ids)
+    common = pb.common_env(size, ROOT, ROOT, 1337)
+    set_env({**common, **pb.reference_env(size, "april"), "VOCAB_SIZE": "1024"})
+    rec = pb.load_record(script)
+    rec.BOS_ID = BOS  # its loaders set the global; eval_val reads it
+    a = rec.Hyperparameters()
+    ref = rec.GPT(a).float()
+    ref.looping_active = True
+    env = {**common, **pb.ours_env(size, "april"), "VOCAB_SIZE": "1024"}
+    h = tg.Hyperparameters.from_env({k: v for k, v in env.items()
+                                     if k not in ("DATA_PATH", "TOKENIZER_PATH", "OMP_NUM_THREADS")})
+    ours = tg.build_model(tg.ModelConfig.from_hparams(h), torch.device("cpu"))
+    return rec, a, ref.eval(), ours.eval(), size
+
+
+def april_main(args) -> None:
+    """Interleaved tries of the record's eval_val and ours' plain evaluate() on the same tokens."""
+    import types
+
+    rec, a, ref, ours, size = april_models(args.reference.resolve())
+    tokens = torch.randint(2, 1024, (args.tokens + 1,), dtype=torch.int64)
+    tokens[::APRIL_DOC_TOKENS] = BOS
+    val = types.SimpleNamespace(val_tokens=tokens, val_bytes=torch.ones(len(tokens), dtype=torch.int32),
+                                caseops_enabled=True)  # its evaluation counts bytes from the sidecar
+    rt, lut, seq = tg.Runtime.single("cpu"), luts(1024), size.seq_len
+    rows = [("reference eval_val (plain, within documents), 16 sequences a forward",
+             lambda: rec.eval_val(a, torch.device("cpu"), val, ref)),
+            ("ours evaluate(plain), 16 sequences a forward",
+             lambda: tg.evaluate(ours, tokens.to(torch.int32), lut, tg.EvalSpec("plain", seq, seq, 16), rt))]
+    print(f"size: {size}; tokens: {args.tokens}; a BOS every {APRIL_DOC_TOKENS}; threads {torch.get_num_threads()}")
+    print(f"params: reference {sum(p.numel() for p in ref.parameters())}, ours {sum(p.numel() for p in ours.parameters())}")
+    report(rows, args)
+
+
+def report(rows, args, profiled=(0, 1)) -> None:
+    """Each row's loop args.repeats times, interleaved; the best and every try; with --profile, torch.profiler's
+    table of the rows `profiled`."""
+    times = {label: [] for label, _ in rows}
+    losses = {}
+    for _ in range(args.repeats):  # interleaved, so that no row gets the warm caches or a quiet minute alone
+        for label, fn in rows:
+            with torch.inference_mode() if "inference_mode" in label else contextlib.nullcontext():
+                seconds, (losses[label], _) = timed(fn)
+            times[label].append(seconds)
+    print("| loop | best s | us/token (best) | every try, s | loss |\n|---|---|---|---|---|")
+    for label, _ in rows:
+        best = min(times[label])
+        print(f"| {label} | {best:.2f} | {1e6 * best / args.tokens:.0f} | "
+              f"{', '.join(f'{t:.2f}' for t in times[label])} | {losses[label]:.4f} |")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for label, fn in (rows[i] for i in profiled):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"\n== {label} ==")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
 def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
@@ -75,7 +147,7 @@ def timed(fn) -> tuple[float, object]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reference", type=Path, required=True, help="the 2026-03-29 record's train_gpt.py")
+    p.add_argument("--reference", type=Path, required=True, help="the 2026-03-29 or 2026-04-27 record's train_gpt.py")
     p.add_argument("--tokens", type=int, default=32_768, help="validation tokens scored (random ids)")
     p.add_argument("--stride", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="tries of each loop, interleaved; the best is reported")
@@ -83,6 +155,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(0)
+    if pb.record_kind(args.reference) == "april":
+        april_main(args)
+        return
     rec, ra, ref = reference_model(args.reference.resolve())
     h, ours = our_model()
     ref.eval()
@@ -116,25 +191,7 @@ def main(argv=None) -> None:
             ("ours evaluate(sliding), 16 windows a forward (the benchmark's VAL_BATCH_SIZE)", lambda: ours_sliding(16)),
             ("ours evaluate(sliding), 32 windows a forward", lambda: ours_sliding(32)),
             ("ours, 32 windows, under inference_mode", lambda: ours_sliding(32))]
-    times = {label: [] for label, _ in rows}
-    losses = {}
-    for _ in range(args.repeats):  # interleaved, so that no row gets the warm caches or a quiet minute alone
-        for label, fn in rows:
-            with torch.inference_mode() if "inference_mode" in label else contextlib.nullcontext():
-                seconds, (losses[label], _) = timed(fn)
-            times[label].append(seconds)
-    print("| loop | best s | us/token (best) | every try, s | loss |\n|---|---|---|---|---|")
-    for label, _ in rows:
-        best = min(times[label])
-        print(f"| {label} | {best:.2f} | {1e6 * best / args.tokens:.0f} | "
-              f"{', '.join(f'{t:.2f}' for t in times[label])} | {losses[label]:.4f} |")
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        for label, fn in (("reference", lambda: reference_sliding(32)), ("ours", lambda: ours_sliding(32))):
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                fn()
-            print(f"\n== {label} ==")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    report(rows, args, profiled=(2, 5))  # the two sliding loops at 32 windows a forward
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Why our sliding-window evaluation is slower than the 2026-03-29 record script's on CPU (issue 28): the same
+"""Whether our evaluation is slower per token than the record scripts' on CPU (issue 28; docs/parity.md): the same
 model size, the same tokens, both evaluation loops timed in one process, one after the other, then variants
 of ours that each change one thing, and a torch.profiler table of where the time goes.
 

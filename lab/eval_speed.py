@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "lab"))
 
 import parity_benchmark as pb  # noqa: E402
-import train_gpt as tg  # noqa: E402  (ours first: load_record puts the record's folder, with its own train_gpt.py, first on the path)
+# ours first: load_record puts the record's folder, with its own train_gpt.py, first on the path
+import train_gpt as tg  # noqa: E402
 
 # The March parity benchmark's size (docs/parity.md) and the record's command line at that depth.
 SIZE = pb.SIZES["march"]
@@ -111,7 +112,8 @@ def april_main(args) -> None:
             ("ours evaluate(plain), 16 sequences a forward",
              lambda: tg.evaluate(ours, tokens.to(torch.int32), lut, tg.EvalSpec("plain", seq, seq, 16), rt))]
     print(f"size: {size}; tokens: {args.tokens}; a BOS every {APRIL_DOC_TOKENS}; threads {torch.get_num_threads()}")
-    print(f"params: reference {sum(p.numel() for p in ref.parameters())}, ours {sum(p.numel() for p in ours.parameters())}")
+    params = [sum(p.numel() for p in m.parameters()) for m in (ref, ours)]
+    print(f"params: reference {params[0]}, ours {params[1]}")
     report(rows, args)
 
 

@@ -194,6 +194,8 @@ PRESETS: dict[str, dict[str, str]] = {
         "EMBED_WEIGHT_DECAY": "0.085", "SCALAR_WEIGHT_DECAY": "0.02", "BETA2": "0.99", "EMA_DECAY": "0.9965",
         "WARMDOWN_FRAC": "0.85", "MIN_LR": "0.1", "QAT": "off",
         "CLIP_METHOD": "sdclip", "QUANT_EMBED_BITS": "7",  # the record's quantizer (LQER is on by default)
+        # Its attention within documents (varlen): -0.010 bpb on both seeds of the CPU side-by-side (docs/parity.md)
+        "DOC_MASKED_ATTENTION": "1",
     },
 }
 # PRESET=may: the best audited run of the final leaderboard (challenge PR #2135, 1.05651) on top of April, as far as

@@ -35,7 +35,8 @@ PUBLIC_AS_OURS = {
         missing=["parameter banking and its parallel Muon (speed only)", "SWA collected beside the EMA"]),
     "2026-04-09": dict(
         code_class="compiled",
-        env=dict(PRESET="april", PARALLEL_START_LAYER="7", QK_GAIN_INIT="5.25", ATTN_OUT_GATE="0", SMEAR_GATE="0",
+        env=dict(PRESET="april", DOC_MASKED_ATTENTION="0", PARALLEL_START_LAYER="7", QK_GAIN_INIT="5.25",
+                 ATTN_OUT_GATE="0", SMEAR_GATE="0",
                  SMEAR_GATE_FORM="channel", MATRIX_LR="0.022", MATRIX_LR_LATE="0.022", MUON_MOMENTUM="0.99",
                  MUON_NS_COEFFS="quintic", WARMDOWN_FRAC="0.72", MIN_LR="0", QUANT_EMBED_BITS="8",
                  SDCLIP_K_EMBED="20", SDCLIP_K_MLP="12.85", SDCLIP_K_ATTN="12.85", LQER_TOP="0", COMPRESSOR="brotli",

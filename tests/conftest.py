@@ -160,3 +160,10 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+def run_in_process(env: dict) -> str:
+    """train_gpt.main(env) in this process: the run's log."""
+    import train_gpt as tg
+    tg.main(env)
+    return open(os.path.join(env["OUT_DIR"], f"{env['RUN_ID']}.txt"), encoding="utf-8").read()
+

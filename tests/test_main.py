@@ -14,16 +14,20 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, cpu_runtime, run_context, tiny_env
+from conftest import ROOT, cpu_runtime, run_context, run_in_process, tiny_env
 
 FINAL = re.compile(r"^(final_\w+) val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})", re.M)
 TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\d+\.\d+)", re.M)
 VAL = re.compile(r"^step:(\d+)/\d+ val_loss:(\d+\.\d+) val_bpb:(\d+\.\d+)", re.M)
 
 
-def run_in_process(env: dict) -> str:
-    tg.main(env)
-    return open(os.path.join(env["OUT_DIR"], f"{env['RUN_ID']}.txt"), encoding="utf-8").read()
+def torchrun_two(env: dict, cwd) -> str:
+    """train_gpt.py under torchrun with 2 gloo processes: the log of the run env names."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_gpt.py")]
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return (cwd / f"{env['RUN_ID']}.txt").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +127,7 @@ def test_the_run_stops_before_a_step_would_cross_the_budget():
 
 
 def test_two_gloo_processes_match_one(tiny_data, tmp_path, tiny_run):
-    env = tiny_env(tiny_data, tmp_path, RUN_ID="ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_gpt.py")]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = (tmp_path / "ddp.txt").read_text()
+    log = torchrun_two(tiny_env(tiny_data, tmp_path, RUN_ID="ddp"), tmp_path)
     assert "runtime world_size:2 grad_accum_steps:4" in log
     one, two = TRAIN.findall(tiny_run[1]), TRAIN.findall(log)
     assert [s for s, _ in one] == [s for s, _ in two]
@@ -196,12 +195,7 @@ def test_april_preset_runs_end_to_end_and_logs_every_value(april_run):
 
 
 def test_april_preset_on_two_gloo_processes_matches_one(tiny_data, tmp_path, april_run):
-    env = april_tiny_env(tiny_data, tmp_path, RUN_ID="april_ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_gpt.py")]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = (tmp_path / "april_ddp.txt").read_text()
+    log = torchrun_two(april_tiny_env(tiny_data, tmp_path, RUN_ID="april_ddp"), tmp_path)
     assert "runtime world_size:2" in log and "preset name:april" in log
     one, two = TRAIN.findall(april_run[1]), TRAIN.findall(log)
     assert [s for s, _ in one] == [s for s, _ in two]

@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as tg
-from conftest import assert_env_error, cpu_runtime, env_settings, run_context, tiny_env, tiny_model
-from test_main import april_tiny_env, run_in_process
+from conftest import assert_env_error, cpu_runtime, env_settings, run_context, run_in_process, tiny_env, tiny_model
+from test_main import april_tiny_env
 
 
 # ---- graphs ---------------------------------------------------------------------------------------

@@ -14,17 +14,12 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import tiny_env
+from conftest import run_in_process, tiny_env
 
 FINAL = re.compile(r"^(final_\w+) val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})", re.M)
 TTT_SETTINGS = dict(TTT="1", TTT_EVAL_SEQ_LEN="64", TTT_CHUNK_SIZE="16", TTT_LORA_RANK="4", TTT_BATCH_SIZE="8",
                     TTT_LORA_LR="0.003", PHASED_TTT_PREFIX_DOCS="12", PHASED_TTT_NUM_PHASES="2",
                     GLOBAL_TTT_CHUNK_TOKENS="512", ITERATIONS="6", VAL_LOSS_EVERY="0")
-
-
-def run(env: dict) -> str:
-    tg.main(env)
-    return open(os.path.join(env["OUT_DIR"], f"{env['RUN_ID']}.txt"), encoding="utf-8").read()
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +38,15 @@ def ttt_run(tiny_data, tmp_path_factory):
         return result
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tg, "ttt_evaluate", watched)
-        log = run(env)
+        log = run_in_process(env)
     return env, log, seen
 
 
 @pytest.fixture(scope="module")
 def plain_run(tiny_data, tmp_path_factory):
     """The same run without TTT."""
-    return run(tiny_env(tiny_data, tmp_path_factory.mktemp("plain"), RUN_ID="plain", **{**TTT_SETTINGS, "TTT": "0"}))
+    env = tiny_env(tiny_data, tmp_path_factory.mktemp("plain"), RUN_ID="plain", **{**TTT_SETTINGS, "TTT": "0"})
+    return run_in_process(env)
 
 
 def test_final_ttt_line_follows_the_sliding_window_line(ttt_run, plain_run):
@@ -103,7 +99,7 @@ def test_ngram_tilt_on_top_of_ttt(ttt_run):
 
 def test_document_masked_training_is_recorded_and_logged(tiny_data, tmp_path, plain_run):
     env = tiny_env(tiny_data, tmp_path, RUN_ID="masked", DOC_MASKED_ATTENTION="1", **{**TTT_SETTINGS, "TTT": "0"})
-    log = run(env)
+    log = run_in_process(env)
     assert "hparam doc_masked_attention:True" in log and " doc_masked_attention:sdpa_mask" in log
     assert " doc_masked_attention:off" in plain_run
     cfg, _ = tg.load_artifact(tmp_path / "masked.ptz")
@@ -134,7 +130,7 @@ def test_the_may_evaluation_parts_together(ttt_run, tiny_data, tmp_path):
     SGD phase and absent from the artifact; the budget line with the n-gram precompute."""
     _, april, _ = ttt_run
     env = tiny_env(tiny_data, tmp_path, RUN_ID="may", **{**TTT_SETTINGS, **MAY_SETTINGS})
-    log = run(env)
+    log = run_in_process(env)
     names = [m[0] for m in FINAL.findall(log)]
     assert names == ["final_float_exact", "final_roundtrip_exact", "final_sliding_window_exact", "final_ttt_exact",
                      "final_ttt_ngram_exact"]

@@ -15,7 +15,7 @@ just enough to be a meaningful stand-in:
 Document i of seed s depends only on (s, i), so a shorter run is a prefix of a longer one.
 
 Run:
-    python data/synthetic_text.py --docs 3000 --seed 0 --out /tmp/syn.jsonl
+    python data/synthetic_text.py --docs 3000 --seed 0 --out syn.jsonl
 """
 
 from __future__ import annotations

@@ -26,9 +26,8 @@ import sentencepiece as spm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data.shards import write_shard  # noqa: E402
-from lab.ablate_architecture import FINAL, PARAMS, SMALL, run_variant  # noqa: E402
-from train_gpt import PRESETS, find_shards, load_validation_tokens  # noqa: E402
+from lab.ablate_architecture import FINAL, PARAMS, SMALL, prepare_data, run_variant  # noqa: E402
+from train_gpt import PRESETS  # noqa: E402
 
 # The small model of the architecture ablation, 6 layers deep so that the April shape fits: layers 2..3 loop
 # (the record's 3..5 of 11: the middle), lanes from layer 4 (the record's 8: the last third), U-Net 3 + 3.
@@ -52,24 +51,6 @@ PARTS = {  # each on top of the seed stack
 }
 SEEDS = (1337, 42)
 STEP_AVG = re.compile(r"^step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:\d+ms step_avg:(\S+)ms", re.M)
-
-
-def prepare_data(data: Path, out: Path, val_docs: int) -> Path:
-    """A dataset folder: links to the training shards and the first val_docs documents of the validation split."""
-    folder = out / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in find_shards(str(data), "train"):
-        link = folder / Path(f).name
-        if not link.exists():
-            link.symlink_to(Path(f).resolve())
-    val = folder / "fineweb_val_000000.bin"
-    if not val.exists():
-        tokens = load_validation_tokens(str(data))
-        starts = np.flatnonzero(tokens == 1)  # every document starts with BOS (id 1)
-        if len(starts) <= val_docs:
-            raise SystemExit(f"{data}: the validation split has {len(starts)} documents, --val-docs is {val_docs}")
-        write_shard(val, tokens[:starts[val_docs]])
-    return folder
 
 
 def runs(vocab: int) -> dict[str, dict]:
@@ -99,7 +80,7 @@ def main() -> None:
             continue
         a = copy.copy(args)
         a.out, a.tokenizer = args.out / label if label else args.out, tok
-        data = prepare_data(data_dir, a.out, args.val_docs)
+        data = prepare_data(data_dir, a.out, val_docs=args.val_docs)
         vocab = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
         variants = runs(vocab) if not label else {f"PRESET=april, sp{vocab}": runs(vocab)["PRESET=april"]}
         if label:

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -71,8 +73,9 @@ def variants(small: dict[str, str]) -> dict[str, dict]:
     return runs
 
 
-def prepare_data(data: Path, out: Path, val_tokens: int) -> Path:
-    """A dataset folder: links to the training shards and the first val_tokens validation tokens."""
+def prepare_data(data: Path, out: Path, val_tokens: int = 0, val_docs: int = 0) -> Path:
+    """A dataset folder for the lab's ablations: links to the training shards and the start of the validation
+    split, its first val_tokens tokens or its first val_docs whole documents (each starts with BOS, id 1)."""
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)
     for f in find_shards(str(data), "train"):
@@ -81,7 +84,13 @@ def prepare_data(data: Path, out: Path, val_tokens: int) -> Path:
             link.symlink_to(Path(f).resolve())
     val = folder / "fineweb_val_000000.bin"
     if not val.exists():
-        write_shard(val, load_validation_tokens(str(data))[:val_tokens])
+        tokens = load_validation_tokens(str(data))
+        if val_docs:
+            starts = np.flatnonzero(tokens == 1)
+            if len(starts) <= val_docs:
+                raise SystemExit(f"{data}: the validation split has {len(starts)} documents, --val-docs is {val_docs}")
+            val_tokens = starts[val_docs]
+        write_shard(val, tokens[:val_tokens])
     return folder
 
 

@@ -34,7 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lab.ablate_april import LAYER_IDS, SMALL_APRIL, prepare_data  # noqa: E402
+from lab.ablate_april import LAYER_IDS, SMALL_APRIL  # noqa: E402
+from lab.ablate_architecture import prepare_data  # noqa: E402
 from lab.ablate_architecture import FINAL, run_variant  # noqa: E402
 
 SEEDS = (1337, 42)
@@ -212,7 +213,7 @@ def seed_runs(seed: int, vocab: int, small: dict, args, data: Path) -> dict[str,
 
 def ablate(args) -> None:
     import sentencepiece as spm
-    data = prepare_data(args.data, args.out, args.val_docs)
+    data = prepare_data(args.data, args.out, val_docs=args.val_docs)
     vocab = spm.SentencePieceProcessor(model_file=str(args.tokenizer)).vocab_size()
     small = {k: str(v) for k, v in SMALL_MAY.items()}
     small["PHASED_TTT_PREFIX_DOCS"] = str(args.val_docs // 2)

@@ -74,3 +74,19 @@ def test_stream_of_holds_every_document():
     assert am.stream_of(12, spans, 1).tolist() == [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0]
     longer = am.stream_of(10, spans, 1)  # rounded synthetic lengths may sum past the count: every document stays
     assert len(longer) == 12 and (tg.document_spans(longer, 1)[:, 0] == spans[:, 0]).all()
+
+
+def test_the_labs_data_preparation_cuts_validation_by_tokens_or_whole_documents(tmp_path):
+    from data.shards import write_shard
+    from lab.ablate_architecture import prepare_data
+    src = tmp_path / "src"
+    src.mkdir()
+    write_shard(src / "fineweb_train_000000.bin", np.arange(2, 50, dtype=np.uint16))
+    write_shard(src / "fineweb_val_000000.bin", np.array([1, 5, 6, 1, 7, 1, 8, 9, 9], dtype=np.uint16))
+    by_docs = prepare_data(src, tmp_path / "docs", val_docs=2)
+    assert tg.load_validation_tokens(str(by_docs)).tolist() == [1, 5, 6, 1, 7]  # two whole documents
+    assert (by_docs / "fineweb_train_000000.bin").resolve() == (src / "fineweb_train_000000.bin").resolve()
+    by_tokens = prepare_data(src, tmp_path / "tokens", val_tokens=4)
+    assert tg.load_validation_tokens(str(by_tokens)).tolist() == [1, 5, 6, 1]
+    with pytest.raises(SystemExit, match="has 3 documents, --val-docs is 3"):
+        prepare_data(src, tmp_path / "few", val_docs=3)

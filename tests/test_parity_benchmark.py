@@ -82,11 +82,16 @@ def test_shim_runs_a_cuda_script_on_cpu_in_fp32(stand_in, tmp_path):
     assert (r.raw, r.float, r.quant, r.sliding, r.steps, r.step_ms) == (1.5, 1.4, 1.41, 1.38, 4, 100.0)
 
 
+def run_shim(script) -> subprocess.CompletedProcess:
+    """`parity_benchmark.py shim SCRIPT`: the script run under the CPU shims."""
+    return subprocess.run([sys.executable, str(ROOT / "lab" / "parity_benchmark.py"), "shim", str(script)],
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_shim_failure_is_the_scripts_own_error(tmp_path):
     bad = tmp_path / "train_gpt.py"
     bad.write_text("import torch\nraise SystemExit('record stopped: ' + str(torch.device('cuda', 1)))\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "lab" / "parity_benchmark.py"), "shim", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_shim(bad)
     assert proc.returncode == 1 and "record stopped: cpu" in proc.stderr
 
 
@@ -339,8 +344,7 @@ def test_shim_runs_an_april_stand_in(tmp_path):
 def test_an_unshimmed_triton_launch_fails_loudly(tmp_path):
     script = tmp_path / "train_gpt.py"
     script.write_text("import triton\n@triton.jit\ndef k(x):\n    pass\ndef main():\n    k[(1,)](0)\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "lab" / "parity_benchmark.py"), "shim", str(script)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_shim(script)
     assert proc.returncode == 1 and "Triton kernel k launched on CPU" in proc.stderr
 
 

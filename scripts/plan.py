@@ -33,25 +33,17 @@ sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 from lab import predict as pr  # noqa: E402
 
-def settings(env: dict) -> tuple[tg.Hyperparameters, str, str]:
-    """(settings, the sequence-length schedule, a note): train_gpt's parser on env."""
-    h = tg.Hyperparameters.from_env(dict(env))
-    return h, h.train_seq_schedule, ""
-
-
 def gib(x: float) -> str:
     return f"{x:.1f}GiB"
 
 
-def block(plan: pr.Plan, seconds: float, note: str) -> list[str]:
+def block(plan: pr.Plan, seconds: float) -> list[str]:
     h, t, m, a, c, e = plan.h, plan.train, plan.memory, plan.artifact, plan.calibration, plan.evaluation
     lines = [f"plan config preset:{h.preset} params:{plan.params:,} passes:{plan.passes[0]}"
              + (f"->{plan.passes[1]}" if plan.passes[1] != plan.passes[0] else "")
              + f" vocab:{h.vocab_size} model_dim:{h.model_dim} seq_len:{h.train_seq_len} "
                f"batch_tokens:{h.train_batch_tokens:,} on:{pr.WORLD}xH100 code_class:{plan.code_class} "
                f"mfu:{plan.mfu:.3f}"]
-    if note:
-        lines.append(f"plan note {note}")
     for s in t.segments:
         lines.append(f"plan train_segment share:{s.start:.2f}-{s.end:.2f} loop:{'on' if s.repeats_on else 'off'} "
                      f"seq_len:{s.seq_len} flops_per_token:{s.flops_per_token / 1e6:.1f}M ms_per_step:{s.ms_per_step:.1f}")
@@ -97,12 +89,12 @@ def main(argv: list[str] | None = None, env: dict | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        h, schedule, note = settings(dict(os.environ if env is None else env))
-        plan = pr.make_plan(h, schedule, args.val_tokens)
+        h = tg.Hyperparameters.from_env(dict(os.environ if env is None else env))
+        plan = pr.make_plan(h, h.train_seq_schedule, args.val_tokens)
     except (tg.SettingError, pr.PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    lines = block(plan, time.perf_counter() - t0, note)
+    lines = block(plan, time.perf_counter() - t0)
     print("\n".join(lines), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

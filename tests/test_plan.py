@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -142,11 +143,12 @@ def test_a_bad_sequence_schedule_is_refused(text):
         pr.parse_seq_schedule(text, 2048)
 
 
-def test_the_schedule_variable_is_train_gpts_own_setting():
+def test_the_schedule_variable_is_train_gpts_own_setting(capsys):
     env = dict(bare_env(), TRAIN_SEQ_SCHEDULE="1024@0.5,2048@1.0")
-    h, schedule, note = plan_script.settings(env)
-    assert schedule == h.train_seq_schedule == "1024@0.5,2048@1.0" and note == ""
-    assert pr.parse_seq_schedule(schedule, h.train_seq_len) == [(0.0, 1024), (0.5, 2048)]
+    assert pr.parse_seq_schedule(env["TRAIN_SEQ_SCHEDULE"], 2048) == [(0.0, 1024), (0.5, 2048)]
+    plan_script.main([], env)
+    shares = re.findall(r"^plan train_segment share:(\S+) loop:\S+ seq_len:(\d+)", capsys.readouterr().out, re.M)
+    assert [n for _, n in shares][:1] == ["1024"] and "2048" in [n for _, n in shares]  # planned from the setting
 
 
 def test_a_step_limited_run_takes_its_iterations():
